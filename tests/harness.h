@@ -1,0 +1,46 @@
+/* The small test harness every test in tests/ uses: checks that count and report, a seeded
+ * random source (seed printed so a failure can be replayed), and bounded waits on conditions. */
+#ifndef SEMOE_TEST_HARNESS_H
+#define SEMOE_TEST_HARNESS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+extern int test_failures;
+extern int test_checks;
+
+/* Records a check; prints file:line and the formatted reason when it fails. */
+#define CHECK(cond, ...)                                                        \
+    do {                                                                        \
+        test_checks++;                                                          \
+        if (!(cond)) {                                                          \
+            test_failures++;                                                    \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);     \
+            fprintf(stderr, __VA_ARGS__);                                       \
+            fprintf(stderr, "\n");                                              \
+        }                                                                       \
+    } while (0)
+
+/* Like CHECK but ends the test at once (for checks later steps depend on). */
+#define REQUIRE(cond, ...)                                                      \
+    do {                                                                        \
+        CHECK(cond, __VA_ARGS__);                                               \
+        if (!(cond))                                                            \
+            return test_finish();                                               \
+    } while (0)
+
+/* Seeds the test's random source from SEMOE_TEST_SEED or the clock, and prints the seed. */
+void test_init(const char *name);
+/* Prints "N passed, M failed" and returns the process exit code (0 when all passed). */
+int test_finish(void);
+/* xorshift64* random numbers from the test seed. */
+uint64_t test_rand(void);
+/* Uniform in [0, n). */
+uint64_t test_rand_below(uint64_t n);
+double test_rand_unit(void);
+
+/* Polls cond(arg) every few ms until it returns true or timeout_ms passes; true if it held. */
+bool test_wait_for(bool (*cond)(void *arg), void *arg, int timeout_ms);
+
+#endif
