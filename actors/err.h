@@ -5,6 +5,7 @@
 #define SEMOE_ERR_H
 
 #include <stdarg.h>
+#include <stddef.h>
 
 typedef enum {
     SEMOE_OK = 0,

@@ -49,10 +49,25 @@ typedef struct {
     size_t json_len;
 } model_job_t;
 
-/* Reads and checks a job spec file. On success *job is the caller's (model_job_destroy). */
+/* The defaults every section starts from (DESIGN.md): the small byte-level model of
+ * model_config_defaults, seq_len 128, global batch 32, cosine schedule, heartbeat 1000 ms,
+ * liveness 3, no data paths. Allocates nothing (paths and json are NULL). */
+void model_job_defaults(model_job_t *job);
+
+/* Reads and checks a job spec file; relative paths in it (a "model" config.json) are relative to
+ * the file's directory. On success *job is the caller's (model_job_destroy). Messages start with
+ * path. */
 semoe_rc model_job_load(const char *path, model_job_t **job);
-/* Same from text; origin names it in messages ("job.json"). */
+/* Same from text[0..len) (no NUL needed); origin names it in messages ("job.json") and, read as
+ * a path, anchors a relative "model" path (its directory, or the working directory). */
 semoe_rc model_job_parse(const char *text, size_t len, const char *origin, model_job_t **job);
+/* Frees the job and everything it holds; nulls *self_p. NULL and *self_p NULL are fine. */
 void model_job_destroy(model_job_t **self_p);
+
+/* The job as a self-contained spec: every field of every section, the model inlined even when
+ * it came from a config.json. model_job_parse reads it back to an equal job (json aside), so it is
+ * what a coordinator can hand to workers that cannot see the spec's files. Caller frees the
+ * NUL-terminated text with free(). */
+char *model_job_to_json(const model_job_t *job);
 
 #endif
