@@ -17,7 +17,7 @@ for spec in "$@"; do
   [ "$host" != "$spec" ] || { echo "ssh-launch: $spec: want HOST:DEVICE" >&2; kill $coord; exit 2; }
   # -tt: the remote worker dies with the ssh session, so nothing outlives the launcher.
   ssh -tt "$host" semoe-worker --coordinator "$control" --device "$dev" --id "$host-$dev" \
-      --advertise "$host" --data-bind 'tcp://*:0' &
+      --advertise "$host" --data-bind 'tcp://*:*' &
   pids="$pids $!"
 done
 trap 'kill $pids $coord 2>/dev/null; wait' INT TERM
