@@ -10,24 +10,28 @@
 extern int test_failures;
 extern int test_checks;
 
-/* Records a check; prints file:line and the formatted reason when it fails. */
-#define CHECK(cond, ...)                                                        \
+/* Records a check; prints file:line, the expression and the formatted reason when it fails. */
+#define CHECK(cond, ...) CHECK_HELD((cond), #cond, __VA_ARGS__)
+
+/* Like CHECK but ends the test at once (for checks later steps depend on). The condition is
+ * evaluated once, so it may have effects (send a signal, start a process). */
+#define REQUIRE(cond, ...)                                                      \
+    do {                                                                        \
+        bool held_ = (cond);                                                    \
+        CHECK_HELD(held_, #cond, __VA_ARGS__);                                  \
+        if (!held_)                                                             \
+            return test_finish();                                               \
+    } while (0)
+
+#define CHECK_HELD(held, text, ...)                                             \
     do {                                                                        \
         test_checks++;                                                          \
-        if (!(cond)) {                                                          \
+        if (!(held)) {                                                          \
             test_failures++;                                                    \
-            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);     \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, text);      \
             fprintf(stderr, __VA_ARGS__);                                       \
             fprintf(stderr, "\n");                                              \
         }                                                                       \
-    } while (0)
-
-/* Like CHECK but ends the test at once (for checks later steps depend on). */
-#define REQUIRE(cond, ...)                                                      \
-    do {                                                                        \
-        CHECK(cond, __VA_ARGS__);                                               \
-        if (!(cond))                                                            \
-            return test_finish();                                               \
     } while (0)
 
 /* Seeds the test's random source from SEMOE_TEST_SEED or the clock, and prints the seed. */

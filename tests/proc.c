@@ -141,9 +141,12 @@ static void s_cleanup(void)
     if (left)
         fprintf(stderr, "%s: killed %d child process%s still running at exit\n", s_name, left,
                 left == 1 ? "" : "es");
+    const char *keep = getenv("SEMOE_TEST_KEEP");
     if (test_failures > 0) {
         proc_dump_logs(NULL, 25);
         fprintf(stderr, "%s: logs kept in %s\n", s_name, s_tmp);
+    } else if (keep && *keep && strcmp(keep, "0") != 0) {
+        fprintf(stderr, "%s: logs kept in %s (SEMOE_TEST_KEEP)\n", s_name, s_tmp);
     } else if (s_tmp[0]) {
         nftw(s_tmp, s_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     }
@@ -260,9 +263,18 @@ proc_t *proc_startv(const char *label, const char *bin, int argc, const char *co
     }
 
     fflush(NULL);
+    /* Block our handled signals across fork, so that the child cannot run s_on_signal (and kill
+     * its siblings) before it has reset the handlers. */
+    sigset_t block, saved;
+    sigemptyset(&block);
+    int sigs[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT};
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        sigaddset(&block, sigs[i]);
+    sigprocmask(SIG_BLOCK, &block, &saved);
     pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0) {
+        sigprocmask(SIG_SETMASK, &saved, NULL);
         fprintf(stderr, "%s: fork: %s\n", s_name, strerror(errno));
         goto fail;
     }
@@ -276,9 +288,9 @@ proc_t *proc_startv(const char *label, const char *bin, int argc, const char *co
         dup2(err_fd, 2);
         for (int fd = 3; fd < 1024; fd++)
             close(fd);
-        int sigs[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD};
-        for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-            signal(sigs[i], SIG_DFL);
+        int dfl[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD};
+        for (size_t i = 0; i < sizeof dfl / sizeof dfl[0]; i++)
+            signal(dfl[i], SIG_DFL);
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
@@ -286,14 +298,15 @@ proc_t *proc_startv(const char *label, const char *bin, int argc, const char *co
         dprintf(2, "exec %s: %s\n", path, strerror(errno));
         _exit(127);
     }
-    close(out_fd);
-    close(err_fd);
-    close(null_fd);
-    free(av);
     p->pid = pid;
     s_procs[s_nprocs] = p;
     s_pids[s_nprocs] = pid;
     s_nprocs++;
+    sigprocmask(SIG_SETMASK, &saved, NULL);
+    close(out_fd);
+    close(err_fd);
+    close(null_fd);
+    free(av);
     return p;
 
 fail:

@@ -1,0 +1,835 @@
+/* The coordinator server (coord.h). Everything runs on one libuv loop: the control ROUTER and
+ * the status socket are watched through zloop, heartbeats and liveness run on a timer, and a plan
+ * timer turns a burst of membership changes into one new generation and PLAN once the control
+ * socket has been drained. */
+#include "coordinator/coord.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <uv.h>
+#include <zmq.h>
+
+#include "actors/log.h"
+#include "actors/zloop.h"
+#include "coordinator/members.h"
+#include "coordinator/metrics.h"
+#include "coordinator/plan.h"
+#include "coordinator/status.h"
+#include "proto/msg.h"
+
+/* A plan waits until the control socket is drained and no membership change came for a
+ * moment, so that 1000 JOINs arriving together (over many connections, which ZeroMQ hands over
+ * one at a time) make one generation; but it waits no longer than the most, so that a flood
+ * cannot postpone it for ever. */
+#define S_PLAN_QUIET_US 1000
+#define S_PLAN_DEFER_MAX_US 50000
+/* While workers still apply the last PLAN, a new one waits for their ACKs (so that a join
+ * storm makes a few generations, each paced by how fast workers take them, not hundreds that
+ * bury them), but no longer than this after the last PLAN went out. */
+#define S_PLAN_ACK_WAIT_US 500000
+/* After STOP: how long to wait for the workers to go, whatever the liveness settings say. */
+#define S_STOP_WAIT_MIN_MS 1000
+#define S_STOP_WAIT_MAX_MS 15000
+/* At exit after a STOP, the control socket gets this long to deliver the last messages. */
+#define S_STOP_LINGER_MS 500
+/* Pending connections a listening socket queues (the kernel caps it at somaxconn). */
+#define S_BACKLOG 4096
+/* Frames of one status request (routing envelope, delimiter, body) we accept. */
+#define S_STATUS_MAX_FRAMES 16
+/* Weight of a new sample in an expert's smoothed load when the job sets no window. */
+#define S_LOAD_ALPHA_DEFAULT 0.3
+
+struct coord {
+    uv_loop_t loop;
+    bool loop_open, handles_open;
+    void *ctx, *control, *status;
+    zloop_watch_t *control_watch, *status_watch;
+    metrics_t *metrics;
+    uv_timer_t heartbeat_timer, stop_timer;
+    uv_timer_t plan_timer; // runs while a plan is due
+    uv_signal_t sigterm, sigint;
+
+    model_job_t *job;
+    uint32_t L, E;      // MoE layers, experts per layer
+    uint64_t n_total;   // L * E
+    uint32_t heartbeat_ms, liveness;
+    double load_alpha;
+
+    members_t *members;
+    plan_t *plan;
+    double *load;        // (n_total) smoothed tokens per step
+    uint32_t world;      // workers in the current plan
+    uint64_t run_id, generation, seq;
+    uint32_t pending_acks; // workers in the current plan that have not acked it
+    bool dirty;            // membership changed since the last plan
+    int64_t dirty_us;      // when it first changed since the last plan
+    int64_t last_change_us; // when it last changed
+    int64_t plan_us;        // when the last PLAN went out
+    int64_t change_us;     // when the reconfiguration under way began (0: none)
+    double last_reconfig_ms;
+    uint32_t joined, left, died, expelled; // since the last plan, for its log line
+    status_counters_t counters;
+    uint64_t step;
+    int64_t start_ms;
+    bool stopping;
+};
+
+/* --- sending ----------------------------------------------------------------------------------- */
+
+static proto_header_t s_header(coord_t *self, proto_type_t type)
+{
+    return (proto_header_t){.type = type, .run_id = self->run_id,
+                            .generation = self->generation, .seq = ++self->seq};
+}
+
+/* Sends msg to a routing id. Failures are logged only: the ROUTER drops what it cannot route,
+ * and the peer's liveness takes care of the rest. */
+static void s_send(coord_t *self, const void *rid, size_t rid_len, proto_msg_t *msg)
+{
+    if (proto_send(self->control, rid, rid_len, msg) != SEMOE_OK)
+        log_debug("sending %s: %s", proto_type_name(msg->hdr.type), semoe_err_msg());
+}
+
+static void __attribute__((format(printf, 5, 6)))
+s_send_error(coord_t *self, const void *rid, size_t rid_len, uint32_t code, const char *fmt, ...)
+{
+    proto_msg_t msg = {.hdr = s_header(self, PROTO_ERROR)};
+    msg.error.code = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg.error.text, sizeof msg.error.text, fmt, ap);
+    va_end(ap);
+    s_send(self, rid, rid_len, &msg);
+}
+
+/* --- membership changes ------------------------------------------------------------------------ */
+
+static void s_quit(coord_t *self) { uv_stop(&self->loop); }
+
+static void s_on_plan_timer(uv_timer_t *timer);
+
+/* Notes a membership change; the plan follows once the changes stop coming. */
+static void s_changed(coord_t *self)
+{
+    if (self->stopping)
+        return;
+    int64_t now = clock_mono_us();
+    self->last_change_us = now;
+    if (!self->dirty) {
+        self->dirty = true;
+        self->dirty_us = now;
+        uv_timer_start(&self->plan_timer, s_on_plan_timer, S_PLAN_QUIET_US / 1000, 0);
+    }
+    if (!self->change_us)
+        self->change_us = now;
+}
+
+/* Removes m (fence: ignore its connection until it JOINs again). */
+static void s_remove(coord_t *self, member_t *m, bool fence)
+{
+    if (m->placed && m->state == MEMBER_SYNCING && self->pending_acks > 0)
+        self->pending_acks--;
+    if (fence)
+        members_fence(self->members, m->rid, m->rid_len);
+    members_remove(self->members, m);
+    s_changed(self);
+    if (self->stopping && members_count(self->members) == 0) {
+        log_info("every worker is gone: exiting");
+        s_quit(self);
+    }
+}
+
+/* A member broke protocol: tell it why, remove it, ignore its connection until it JOINs. */
+static void __attribute__((format(printf, 3, 4)))
+s_break(coord_t *self, member_t *m, const char *fmt, ...)
+{
+    char text[PROTO_MAX_TEXT + 1];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    self->counters.protocol_errors++;
+    s_send_error(self, m->rid, m->rid_len, PROTO_ERR_UNEXPECTED, "%s", text);
+    log_warn("worker %s: %s: removed", m->id, text);
+    self->expelled++;
+    s_remove(self, m, true);
+}
+
+static void s_reconfig_done(coord_t *self)
+{
+    if (!self->change_us)
+        return;
+    self->last_reconfig_ms = (double)(clock_mono_us() - self->change_us) / 1000.0;
+    self->change_us = 0;
+    log_info("generation %" PRIu64 ": all %u workers acked; reconfiguration took %.1f ms",
+             self->generation, self->world, self->last_reconfig_ms);
+}
+
+/* --- plans ------------------------------------------------------------------------------------- */
+
+/* Opens a new generation for the current members and sends each its PLAN. */
+static void s_plan(coord_t *self)
+{
+    self->dirty = false;
+    uv_timer_stop(&self->plan_timer);
+    uint32_t n;
+    uint64_t moved;
+    if (plan_place(self->plan, self->members, &n, &moved) != SEMOE_OK) {
+        log_error("placement: %s", semoe_err_msg()); // a bug: the inputs come from us
+        return;
+    }
+    self->generation++;
+    self->counters.generations++;
+    self->world = n;
+    log_info("generation %" PRIu64 ": %u workers (%u joined, %u left, %u died, %u removed), %" PRIu64
+             " of %" PRIu64 " experts placed anew",
+             self->generation, n, self->joined, self->left, self->died, self->expelled, moved,
+             self->n_total);
+    self->joined = self->left = self->died = self->expelled = 0;
+    self->pending_acks = n;
+    if (n == 0) {
+        self->change_us = 0;
+        return;
+    }
+    proto_header_t hdr = {.type = PROTO_PLAN, .run_id = self->run_id,
+                          .generation = self->generation, .seq = self->seq};
+    self->plan_us = clock_mono_us();
+    if (plan_send(self->plan, self->members, self->control, &hdr, self->step,
+                  self->job->train.global_batch) != SEMOE_OK)
+        log_error("generation %" PRIu64 ": cannot encode the PLAN: %s", self->generation,
+                  semoe_err_msg());
+    self->seq = hdr.seq;
+}
+
+static bool s_control_pending(coord_t *self)
+{
+    int events = 0;
+    size_t len = sizeof events;
+    return zmq_getsockopt(self->control, ZMQ_EVENTS, &events, &len) == 0 &&
+           (events & ZMQ_POLLIN);
+}
+
+/* Plans once membership has changed and settled: the control socket drained, no change for
+ * S_PLAN_QUIET_US (or the first change S_PLAN_DEFER_MAX_US old), and the last PLAN acked by
+ * everyone (or sent S_PLAN_ACK_WAIT_US ago). */
+static void s_on_plan_timer(uv_timer_t *timer)
+{
+    coord_t *self = timer->data;
+    if (!self->dirty || self->stopping) {
+        self->dirty = false;
+        return;
+    }
+    int64_t now = clock_mono_us();
+    bool settling = (now - self->last_change_us < S_PLAN_QUIET_US || s_control_pending(self)) &&
+                    now - self->dirty_us < S_PLAN_DEFER_MAX_US;
+    bool acking = self->pending_acks > 0 && now - self->plan_us < S_PLAN_ACK_WAIT_US;
+    if (settling || acking) {
+        uv_timer_start(&self->plan_timer, s_on_plan_timer, 1, 0);
+        return;
+    }
+    s_plan(self);
+}
+
+/* --- messages from workers and admins ---------------------------------------------------------- */
+
+static void s_stop(coord_t *self, const void *rid, size_t rid_len, uint32_t checkpoint);
+
+static bool s_printable(const char *s, bool spaces)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < (spaces ? 0x20 : 0x21) || (unsigned char)*s > 0x7e)
+            return false;
+    return true;
+}
+
+/* JOIN from rid; m is the member on that connection, if any. */
+static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *m,
+                      const proto_join_t *j)
+{
+    if (self->stopping) {
+        s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED, "the coordinator is stopping");
+        return;
+    }
+    // Names end up in logs and status JSON: printable ASCII only.
+    const char *bad = !j->id[0]                          ? "id is empty"
+                      : !s_printable(j->id, false)        ? "id must be printable ASCII, no spaces"
+                      : strcmp(j->device_kind, "cpu") != 0 &&
+                                strcmp(j->device_kind, "cuda") != 0
+                          ? "device_kind must be cpu or cuda"
+                      : !j->data_endpoint[0] ? "data_endpoint is empty"
+                      : !s_printable(j->data_endpoint, false) || !s_printable(j->host, true) ||
+                              !s_printable(j->device_name, true)
+                          ? "host, device_name and data_endpoint must be printable ASCII"
+                          : NULL;
+    if (bad) {
+        log_warn("JOIN refused: %s", bad);
+        s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED, "JOIN refused: %s", bad);
+        return;
+    }
+    member_t *other = members_by_id(self->members, j->id);
+    if (other && other != m) {
+        log_debug("JOIN as %s refused: a live member has that id", j->id);
+        s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED,
+                     "worker id '%s' belongs to a live member; retry once it has left or died",
+                     j->id);
+        return;
+    }
+    bool dup = m && strcmp(m->id, j->id) == 0;
+    if (dup) {
+        // The same worker on the same connection lost track (an ERROR or a reply it missed):
+        // no membership change; it gets WELCOME and the current PLAN again.
+        log_debug("worker %s sent JOIN again", m->id);
+        if (m->placed && m->state == MEMBER_ACTIVE) {
+            m->state = MEMBER_SYNCING;
+            self->pending_acks++;
+        }
+    } else if (m) { // the connection now speaks for another worker
+        log_info("worker %s joins again as %s", m->id, j->id);
+        members_rename(self->members, m, j->id);
+        if (m->placed && m->state == MEMBER_SYNCING && self->pending_acks > 0)
+            self->pending_acks--;
+        m->placed = false;
+        m->state = MEMBER_SYNCING;
+        m->acked_gen = 0;
+        m->has_step = m->has_load = false;
+        members_set_experts(m, NULL, 0);
+    } else {
+        m = members_add(self->members, rid, rid_len, j->id);
+        if (!m) {
+            s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED, "the job has %u workers already",
+                         members_count(self->members));
+            return;
+        }
+        log_info("worker %s joined from %s (pid %u, %s %s, data %s)", j->id, j->host, j->pid,
+                 j->device_kind, j->device_name, j->data_endpoint);
+    }
+    if (!dup) {
+        self->counters.joins++;
+        self->joined++;
+    }
+    snprintf(m->host, sizeof m->host, "%s", j->host);
+    snprintf(m->device_kind, sizeof m->device_kind, "%s", j->device_kind);
+    snprintf(m->device_name, sizeof m->device_name, "%s", j->device_name);
+    snprintf(m->data_endpoint, sizeof m->data_endpoint, "%s", j->data_endpoint);
+    m->pid = j->pid;
+    m->device_index = j->device_index;
+    m->mem_total[PROTO_TIER_HBM] = j->mem_hbm;
+    m->mem_total[PROTO_TIER_HOST] = j->mem_host;
+    m->mem_total[PROTO_TIER_SSD] = j->mem_ssd;
+    memset(m->mem_used, 0, sizeof m->mem_used);
+    m->last_seen_ms = clock_mono_ms();
+    proto_msg_t msg = {.hdr = s_header(self, PROTO_WELCOME)};
+    snprintf(msg.welcome.worker_id, sizeof msg.welcome.worker_id, "%s", m->id);
+    msg.welcome.heartbeat_ms = self->heartbeat_ms;
+    msg.welcome.liveness = self->liveness;
+    msg.welcome.job = (proto_bytes_t){(const uint8_t *)self->job->json,
+                                      (uint32_t)self->job->json_len};
+    s_send(self, rid, rid_len, &msg);
+    if (dup) { // nothing if it is not placed yet: the plan on its way includes it
+        proto_header_t hdr = {.run_id = self->run_id, .generation = self->generation,
+                              .seq = self->seq};
+        plan_resend(self->plan, m, self->control, &hdr);
+        self->seq = hdr.seq;
+    } else {
+        s_changed(self);
+    }
+}
+
+static void s_on_heartbeat(coord_t *self, member_t *m, const proto_msg_t *msg)
+{
+    const proto_heartbeat_t *h = &msg->heartbeat;
+    if (msg->hdr.generation > self->generation) {
+        s_break(self, m, "HEARTBEAT of generation %" PRIu64 ", the current one is %" PRIu64,
+                msg->hdr.generation, self->generation);
+        return;
+    }
+    self->counters.heartbeats++;
+    m->mem_used[PROTO_TIER_HBM] = h->mem_hbm;
+    m->mem_used[PROTO_TIER_HOST] = h->mem_host;
+    m->mem_used[PROTO_TIER_SSD] = h->mem_ssd;
+    m->step = h->step;
+    m->step_time_us = h->step_time_us;
+    m->has_step = true;
+    if (h->step > self->step)
+        self->step = h->step;
+    // A worker reports the tokens its experts took in its last step: fold them in once per
+    // step, and only from the current plan (an older one's loads belong to other holders).
+    if (msg->hdr.generation != self->generation || !m->placed || h->load.count != self->n_total ||
+        (m->has_load && m->load_step == h->step))
+        return;
+    for (uint32_t i = 0; i < m->n_experts; i++) {
+        uint32_t e = m->experts[i];
+        double x = proto_u32_at(h->load, e), *l = &self->load[e];
+        *l = *l == 0 ? x : self->load_alpha * x + (1 - self->load_alpha) * *l;
+    }
+    m->has_load = true;
+    m->load_step = h->step;
+}
+
+static void s_on_ack(coord_t *self, member_t *m, const proto_msg_t *msg)
+{
+    uint64_t g = msg->hdr.generation;
+    if (g > self->generation) {
+        s_break(self, m, "ACK of generation %" PRIu64 ", the current one is %" PRIu64, g,
+                self->generation);
+        return;
+    }
+    if (msg->ack.acked_type != PROTO_PLAN || g < self->generation || !m->placed ||
+        m->state == MEMBER_ACTIVE)
+        return; // an older generation's ACK crossed the new PLAN: life, nothing more
+    if (msg->ack.status != 0)
+        log_warn("worker %s: applying the PLAN of generation %" PRIu64 " returned %u", m->id, g,
+                 msg->ack.status);
+    m->state = MEMBER_ACTIVE;
+    m->acked_gen = g;
+    if (self->pending_acks > 0 && --self->pending_acks == 0)
+        s_reconfig_done(self);
+}
+
+/* A valid message other than JOIN from a connection that is not a member. */
+static void s_from_stranger(coord_t *self, const void *rid, size_t rid_len, const proto_msg_t *msg)
+{
+    uint32_t type = msg->hdr.type;
+    if (type == PROTO_STOP) {
+        s_stop(self, rid, rid_len, msg->stop.checkpoint);
+        return;
+    }
+    if (type == PROTO_LEAVE) // it has gone already
+        return;
+    self->counters.protocol_errors++;
+    // Fenced connections are ignored; an ERROR is never answered (no ping-pong).
+    if (type == PROTO_ERROR || members_fenced(self->members, rid, rid_len))
+        return;
+    s_send_error(self, rid, rid_len, PROTO_ERR_NOT_MEMBER, "%s from a non-member: send JOIN",
+                 proto_type_name(type));
+}
+
+/* One message (identity and body) from the control socket. */
+static void s_handle(coord_t *self, const uint8_t *rid, size_t rid_len, const void *data,
+                     size_t len)
+{
+    member_t *m = members_by_rid(self->members, rid, rid_len);
+    proto_msg_t msg;
+    proto_result_t r = proto_decode(data, len, &msg);
+    if (r != PROTO_OK) {
+        self->counters.protocol_errors++;
+        if (!m && members_fenced(self->members, rid, rid_len))
+            return;
+        s_send_error(self, rid, rid_len, PROTO_ERR_MALFORMED, "malformed message: %s",
+                     proto_result_str(r));
+        if (m) {
+            log_warn("worker %s: malformed message (%s): removed", m->id, proto_result_str(r));
+            self->expelled++;
+            s_remove(self, m, true);
+        }
+        return;
+    }
+    if (msg.hdr.type == PROTO_JOIN) {
+        s_on_join(self, rid, rid_len, m, &msg.join);
+        return;
+    }
+    if (!m) {
+        s_from_stranger(self, rid, rid_len, &msg);
+        return;
+    }
+    m->last_seen_ms = clock_mono_ms();
+    if (msg.hdr.run_id != self->run_id && msg.hdr.run_id != 0) {
+        s_break(self, m, "%s of run %016" PRIx64 ", this run is %016" PRIx64,
+                proto_type_name(msg.hdr.type), msg.hdr.run_id, self->run_id);
+        return;
+    }
+    switch (msg.hdr.type) {
+    case PROTO_HEARTBEAT:
+        s_on_heartbeat(self, m, &msg);
+        break;
+    case PROTO_ACK:
+        s_on_ack(self, m, &msg);
+        break;
+    case PROTO_LEAVE:
+        log_info("worker %s left: %s", m->id, msg.leave.reason[0] ? msg.leave.reason : "-");
+        self->counters.leaves++;
+        self->left++;
+        s_remove(self, m, false);
+        break;
+    case PROTO_STOP:
+        s_stop(self, rid, rid_len, msg.stop.checkpoint);
+        break;
+    case PROTO_COMM: // relayed by a later stage; for now it is life
+        break;
+    case PROTO_ERROR:
+        log_warn("worker %s reports error %u: %s", m->id, msg.error.code, msg.error.text);
+        break;
+    default: // WELCOME, PLAN, PAUSE, RESUME: the coordinator's to send
+        s_break(self, m, "%s is not a worker's message", proto_type_name(msg.hdr.type));
+        break;
+    }
+}
+
+/* zloop callback: receives one whole message from the control ROUTER. Anything but an
+ * identity and one body frame is counted and dropped. */
+static void s_on_control(void *sock, void *arg)
+{
+    coord_t *self = arg;
+    zmq_msg_t id, body;
+    zmq_msg_init(&id);
+    zmq_msg_init(&body);
+    int frames = 0;
+    if (zmq_msg_recv(&id, sock, ZMQ_DONTWAIT) >= 0) {
+        frames = 1;
+        if (zmq_msg_more(&id) && zmq_msg_recv(&body, sock, ZMQ_DONTWAIT) >= 0) {
+            frames = 2;
+            if (zmq_msg_more(&body)) {
+                zmq_msg_t extra;
+                zmq_msg_init(&extra);
+                do {
+                    frames++;
+                } while (zmq_msg_recv(&extra, sock, ZMQ_DONTWAIT) >= 0 && zmq_msg_more(&extra));
+                zmq_msg_close(&extra);
+            }
+        }
+    }
+    size_t rid_len = zmq_msg_size(&id);
+    if (frames == 2 && rid_len > 0 && rid_len <= MEMBERS_MAX_RID) {
+        s_handle(self, zmq_msg_data(&id), rid_len, zmq_msg_data(&body), zmq_msg_size(&body));
+    } else if (frames > 0) {
+        self->counters.protocol_errors++;
+        log_debug("control: dropped a message of %d frames", frames);
+    }
+    zmq_msg_close(&body);
+    zmq_msg_close(&id);
+}
+
+/* --- heartbeats, stop, signals ------------------------------------------------------------------ */
+
+/* Every heartbeat interval: declare the silent dead, send every other member a HEARTBEAT. */
+static void s_on_heartbeat_timer(uv_timer_t *timer)
+{
+    coord_t *self = timer->data;
+    int64_t now = clock_mono_ms(), limit = (int64_t)self->liveness * self->heartbeat_ms;
+    for (member_t *m = members_first(self->members), *next; m; m = next) {
+        next = m->next;
+        int64_t silent = now - m->last_seen_ms;
+        if (silent > limit) {
+            log_warn("worker %s: silent for %" PRId64 " ms (%u x %u ms): dead", m->id, silent,
+                     self->liveness, self->heartbeat_ms);
+            self->counters.deaths++;
+            self->died++;
+            s_remove(self, m, false);
+            continue;
+        }
+        proto_msg_t msg = {.hdr = s_header(self, PROTO_HEARTBEAT)};
+        msg.heartbeat.step = self->step;
+        s_send(self, m->rid, m->rid_len, &msg);
+    }
+}
+
+static void s_on_stop_timeout(uv_timer_t *timer)
+{
+    coord_t *self = timer->data;
+    log_warn("%u workers still there after STOP: exiting anyway", members_count(self->members));
+    s_quit(self);
+}
+
+/* STOP from anyone: ack it, tell every worker to stop, and exit once they are gone. */
+static void s_stop(coord_t *self, const void *rid, size_t rid_len, uint32_t checkpoint)
+{
+    proto_msg_t ack = {.hdr = s_header(self, PROTO_ACK)};
+    ack.ack.acked_type = PROTO_STOP;
+    s_send(self, rid, rid_len, &ack);
+    if (self->stopping)
+        return;
+    self->stopping = true;
+    self->dirty = false;
+    uv_timer_stop(&self->plan_timer);
+    uint32_t n = members_count(self->members);
+    log_info("STOP%s: stopping %u workers", checkpoint ? " with checkpoint" : "", n);
+    for (member_t *m = members_first(self->members); m; m = m->next) {
+        proto_msg_t msg = {.hdr = s_header(self, PROTO_STOP)};
+        msg.stop.checkpoint = checkpoint;
+        s_send(self, m->rid, m->rid_len, &msg);
+    }
+    if (n == 0) {
+        s_quit(self);
+        return;
+    }
+    uint64_t wait = (uint64_t)(self->liveness + 1) * self->heartbeat_ms;
+    wait = wait < S_STOP_WAIT_MIN_MS ? S_STOP_WAIT_MIN_MS
+           : wait > S_STOP_WAIT_MAX_MS ? S_STOP_WAIT_MAX_MS
+                                       : wait;
+    uv_timer_start(&self->stop_timer, s_on_stop_timeout, wait, 0);
+}
+
+static void s_on_signal(uv_signal_t *handle, int signum)
+{
+    coord_t *self = handle->data;
+    log_info("%s: exiting", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    s_quit(self);
+}
+
+/* --- status and metrics ------------------------------------------------------------------------ */
+
+static void s_view(coord_t *self, status_view_t *v)
+{
+    uint32_t n = members_count(self->members);
+    const char *state = self->stopping                                          ? "stopping"
+                        : n == 0 || n < self->job->cluster.expected_workers     ? "waiting"
+                        : self->pending_acks > 0 || self->dirty ? "reconfiguring"
+                                                                : "running";
+    uint64_t slowest_us = 0;
+    for (const member_t *m = members_first(self->members); m; m = m->next)
+        if (m->step_time_us > slowest_us)
+            slowest_us = m->step_time_us;
+    double tokens = (double)self->job->train.global_batch * self->job->train.seq_len;
+    int64_t now = clock_mono_ms();
+    *v = (status_view_t){
+        .run_id = self->run_id, .generation = self->generation, .state = state,
+        .step = self->step, .loss = NAN,
+        .tokens_per_s = slowest_us ? tokens * 1e6 / (double)slowest_us : 0.0,
+        .uptime_ms = now - self->start_ms, .now_ms = now,
+        .heartbeat_ms = self->heartbeat_ms, .liveness = self->liveness,
+        .num_layers = self->L, .num_experts = self->E,
+        .top_k = self->job->model.num_experts_per_tok,
+        .global_batch = self->job->train.global_batch, .world = self->world,
+        .last_reconfig_ms = self->last_reconfig_ms, .pending_acks = self->pending_acks,
+        .counters = self->counters, .members = self->members, .load = self->load,
+    };
+}
+
+/* zloop callback: one request on the status socket. It is a ROUTER speaking REP's envelope
+ * rules (a REQ client sees a REP): a REP socket wedges for good on some garbage (a frame
+ * without the envelope delimiter from a peer that hangs up), a ROUTER just passes it to us.
+ * Request: routing frames, an empty delimiter, one body frame. The body "status" (a trailing
+ * newline or NUL is forgiven) gets the status JSON, anything else {"error": ...}; a message
+ * without a delimiter is not a request and is dropped. */
+static void s_on_status(void *sock, void *arg)
+{
+    coord_t *self = arg;
+    zmq_msg_t frames[S_STATUS_MAX_FRAMES], extra;
+    int n = 0, total = 0;
+    for (bool more = true; more;) {
+        zmq_msg_t *f = n < S_STATUS_MAX_FRAMES ? &frames[n] : &extra; // the rest: read, drop
+        zmq_msg_init(f);
+        if (zmq_msg_recv(f, sock, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(f);
+            break;
+        }
+        more = zmq_msg_more(f);
+        total++;
+        if (f == &extra)
+            zmq_msg_close(f);
+        else
+            n++;
+    }
+    int delim = -1;
+    for (int i = 1; i < n && delim < 0; i++)
+        if (zmq_msg_size(&frames[i]) == 0)
+            delim = i;
+    if (delim > 0 && total <= S_STATUS_MAX_FRAMES) {
+        const char *text = delim + 1 < n ? zmq_msg_data(&frames[delim + 1]) : "";
+        size_t len = delim + 1 < n ? zmq_msg_size(&frames[delim + 1]) : 0;
+        while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == '\r' || text[len - 1] == 0))
+            len--;
+        char *reply;
+        if (n == delim + 2 && len == 6 && memcmp(text, "status", 6) == 0) {
+            status_view_t v;
+            s_view(self, &v);
+            reply = status_json(&v, &len);
+        } else {
+            reply = status_error_json("unknown request: send the string \"status\"", &len);
+        }
+        bool ok = true;
+        for (int i = 0; ok && i <= delim; i++)
+            ok = zmq_send(sock, zmq_msg_data(&frames[i]), zmq_msg_size(&frames[i]),
+                          ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0;
+        if (!ok || zmq_send(sock, reply, len, ZMQ_DONTWAIT) < 0)
+            log_debug("status: reply: %s", zmq_strerror(zmq_errno()));
+        free(reply);
+    } else {
+        log_debug("status: dropped a message of %d frames that is not a request", total);
+    }
+    for (int i = 0; i < n; i++)
+        zmq_msg_close(&frames[i]);
+}
+
+static char *s_render_metrics(void *arg, size_t *len)
+{
+    status_view_t v;
+    s_view(arg, &v);
+    return metrics_format(&v, len);
+}
+
+/* --- life cycle -------------------------------------------------------------------------------- */
+
+/* Creates and binds a ZeroMQ socket into *out; flag names the endpoint in messages. An
+ * endpoint that does not parse is SEMOE_EINVAL, one that cannot be bound SEMOE_EIO. */
+static semoe_rc s_socket(coord_t *self, int type, const char *endpoint, const char *flag,
+                         void **out)
+{
+    void *sock = zmq_socket(self->ctx, type);
+    if (!sock)
+        return semoe_err(SEMOE_EIO, "%s: zmq_socket: %s", flag, zmq_strerror(zmq_errno()));
+    // Unroutable replies are dropped (MANDATORY off), and the listen backlog takes a thousand
+    // workers connecting at once: at ZeroMQ's default of 100, the SYNs beyond it are dropped
+    // and their senders retry after 1, 3, 7, 15 s...
+    int off = 0, backlog = S_BACKLOG;
+    semoe_rc rc = proto_socket_setup(sock);
+    if (rc == SEMOE_OK && (zmq_setsockopt(sock, ZMQ_ROUTER_MANDATORY, &off, sizeof off) != 0 ||
+                           zmq_setsockopt(sock, ZMQ_BACKLOG, &backlog, sizeof backlog) != 0))
+        rc = semoe_err(SEMOE_EIO, "%s: socket options: %s", flag, zmq_strerror(zmq_errno()));
+    if (rc == SEMOE_OK && zmq_bind(sock, endpoint) != 0) {
+        int e = zmq_errno();
+        bool bad = e == EINVAL || e == EPROTONOSUPPORT || e == ENOCOMPATPROTO || e == ENODEV;
+        rc = semoe_err(bad ? SEMOE_EINVAL : SEMOE_EIO, "%s %s: %s%s", flag, endpoint,
+                       bad ? "not a usable endpoint: " : "cannot bind: ", zmq_strerror(e));
+    }
+    if (rc != SEMOE_OK) {
+        zmq_close(sock);
+        return rc;
+    }
+    *out = sock;
+    return SEMOE_OK;
+}
+
+static uint64_t s_run_id(void)
+{
+    uint64_t id = 0;
+    while (id == 0)
+        if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)
+            id = (uint64_t)clock_wall_ms() * 0x9E3779B97F4A7C15ull ^ (uint64_t)clock_mono_us();
+    return id;
+}
+
+semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p)
+{
+    semoe_rc rc = SEMOE_EINVAL;
+    *self_p = NULL;
+    coord_t *self = semoe_xcalloc(1, sizeof *self);
+    self->job = *job;
+    *job = NULL;
+    const model_job_t *j = self->job;
+    self->L = j->model.num_hidden_layers;
+    self->E = j->model.num_local_experts;
+    self->n_total = (uint64_t)self->L * self->E;
+    self->heartbeat_ms = j->cluster.heartbeat_ms ? j->cluster.heartbeat_ms : 1000;
+    self->liveness = j->cluster.liveness ? j->cluster.liveness : 3;
+    self->load_alpha = j->elastic.window ? 2.0 / (j->elastic.window + 1.0) : S_LOAD_ALPHA_DEFAULT;
+    self->last_reconfig_ms = -1;
+    if (self->n_total == 0 || self->n_total > PROTO_MAX_EXPERTS || self->L > 65536 ||
+        self->E > 65536) {
+        semoe_err(SEMOE_EINVAL, "job: model.num_hidden_layers=%u x model.num_local_experts=%u: "
+                  "need 1 to %u experts in all", self->L, self->E, PROTO_MAX_EXPERTS);
+        goto fail;
+    }
+    if (self->heartbeat_ms > 3600000 || self->liveness > 1000) {
+        semoe_err(SEMOE_EINVAL, "job: cluster.heartbeat_ms=%u, cluster.liveness=%u: need at most "
+                  "3600000 ms and 1000 intervals", self->heartbeat_ms, self->liveness);
+        goto fail;
+    }
+    if (j->json_len > PROTO_MAX_MSG / 2) {
+        semoe_err(SEMOE_EINVAL, "job: the spec is %zu bytes; at most %d fit in a WELCOME",
+                  j->json_len, PROTO_MAX_MSG / 2);
+        goto fail;
+    }
+    self->run_id = s_run_id();
+    self->members = members_new();
+    self->load = semoe_xcalloc(self->n_total, sizeof *self->load);
+    self->plan = plan_new(self->L, self->E);
+    if (uv_loop_init(&self->loop) != 0) {
+        rc = semoe_err(SEMOE_ESYS, "uv_loop_init failed");
+        goto fail;
+    }
+    self->loop_open = true;
+    self->ctx = zmq_ctx_new();
+    if (!self->ctx) {
+        rc = semoe_err(SEMOE_EIO, "zmq_ctx_new: %s", zmq_strerror(zmq_errno()));
+        goto fail;
+    }
+    SEMOE_CHECK_GOTO(s_socket(self, ZMQ_ROUTER, opts->control, "--bind", &self->control), rc,
+                     fail);
+    SEMOE_CHECK_GOTO(s_socket(self, ZMQ_ROUTER, opts->status, "--status", &self->status), rc,
+                     fail);
+    rc = SEMOE_EIO;
+    self->control_watch = zloop_watch_new(&self->loop, self->control, s_on_control, self);
+    self->status_watch = self->control_watch
+                             ? zloop_watch_new(&self->loop, self->status, s_on_status, self)
+                             : NULL;
+    if (!self->status_watch)
+        goto fail;
+    if (opts->metrics && opts->metrics[0] && strcmp(opts->metrics, "none") != 0) {
+        SEMOE_CHECK_GOTO(metrics_new(&self->loop, opts->metrics, s_render_metrics, self,
+                                     &self->metrics),
+                         rc, fail);
+    }
+    uv_timer_init(&self->loop, &self->heartbeat_timer);
+    uv_timer_init(&self->loop, &self->stop_timer);
+    uv_timer_init(&self->loop, &self->plan_timer);
+    uv_signal_init(&self->loop, &self->sigterm);
+    uv_signal_init(&self->loop, &self->sigint);
+    self->handles_open = true;
+    self->heartbeat_timer.data = self->stop_timer.data = self->plan_timer.data = self;
+    self->sigterm.data = self->sigint.data = self;
+    uv_timer_start(&self->heartbeat_timer, s_on_heartbeat_timer, self->heartbeat_ms,
+                   self->heartbeat_ms);
+    uv_signal_start(&self->sigterm, s_on_signal, SIGTERM);
+    uv_signal_start(&self->sigint, s_on_signal, SIGINT);
+    self->start_ms = clock_mono_ms();
+    log_info("run %016" PRIx64 ": control %s, status %s, metrics %s; %u layers x %u experts, "
+             "heartbeat %u ms x %u", self->run_id, opts->control, opts->status,
+             self->metrics ? opts->metrics : "off", self->L, self->E, self->heartbeat_ms,
+             self->liveness);
+    *self_p = self;
+    return SEMOE_OK;
+fail:
+    coord_destroy(&self);
+    return rc;
+}
+
+semoe_rc coord_run(coord_t *self)
+{
+    uv_run(&self->loop, UV_RUN_DEFAULT);
+    return SEMOE_OK;
+}
+
+void coord_destroy(coord_t **self_p)
+{
+    coord_t *self = *self_p;
+    if (!self)
+        return;
+    zloop_watch_destroy(&self->control_watch);
+    zloop_watch_destroy(&self->status_watch);
+    metrics_destroy(&self->metrics);
+    if (self->handles_open) {
+        uv_close((uv_handle_t *)&self->heartbeat_timer, NULL);
+        uv_close((uv_handle_t *)&self->stop_timer, NULL);
+        uv_close((uv_handle_t *)&self->plan_timer, NULL);
+        uv_close((uv_handle_t *)&self->sigterm, NULL);
+        uv_close((uv_handle_t *)&self->sigint, NULL);
+    }
+    if (self->loop_open) {
+        // Closing handles finish on the next turns; a bounded number of them is plenty.
+        for (int i = 0; i < 100 && uv_loop_close(&self->loop) == UV_EBUSY; i++)
+            uv_run(&self->loop, UV_RUN_NOWAIT);
+    }
+    if (self->control) {
+        int linger = self->stopping ? S_STOP_LINGER_MS : 0;
+        zmq_setsockopt(self->control, ZMQ_LINGER, &linger, sizeof linger);
+        zmq_close(self->control);
+    }
+    if (self->status)
+        zmq_close(self->status);
+    if (self->ctx)
+        zmq_ctx_term(self->ctx);
+    members_destroy(&self->members);
+    free(self->load);
+    plan_destroy(&self->plan);
+    model_job_destroy(&self->job);
+    free(self);
+    *self_p = NULL;
+}

@@ -1,0 +1,36 @@
+/* The coordinator server: one single-threaded libuv loop that owns the control ROUTER (JOIN,
+ * HEARTBEAT, ACK, LEAVE, STOP from workers and admins), the status socket, the /metrics
+ * HTTP listener, the heartbeat timer and the membership table; it opens a generation and sends
+ * a PLAN whenever membership changes, coalescing all the changes of a loop turn into one. */
+#ifndef SEMOE_COORDINATOR_COORD_H
+#define SEMOE_COORDINATOR_COORD_H
+
+#include "actors/err.h"
+#include "model/job.h"
+
+#define COORD_DEFAULT_CONTROL "tcp://127.0.0.1:5555"
+#define COORD_DEFAULT_STATUS "tcp://127.0.0.1:5556"
+#define COORD_DEFAULT_METRICS "127.0.0.1:5557"
+
+typedef struct {
+    const char *control; /* ZeroMQ endpoint the control ROUTER binds */
+    const char *status;  /* ZeroMQ endpoint the status socket binds (REQ clients) */
+    const char *metrics; /* HTTP "HOST:PORT", or "none" for no metrics listener */
+} coord_opts_t;
+
+typedef struct coord coord_t;
+
+/* Binds every endpoint and takes *job (nulled, even on failure); *self_p gets the coordinator,
+ * the caller's (coord_destroy). Fails with SEMOE_EINVAL for an endpoint or job the coordinator
+ * cannot use (the message names the flag or field), SEMOE_EIO when an endpoint cannot be bound
+ * (in use, say). */
+semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p);
+
+/* Serves until a STOP has been carried out (every worker gone, or a bounded wait ran out) or
+ * SIGTERM/SIGINT arrives. Returns SEMOE_OK in both cases. */
+semoe_rc coord_run(coord_t *self);
+
+/* Closes sockets and handles, frees everything, nulls *self_p. */
+void coord_destroy(coord_t **self_p);
+
+#endif

@@ -1,0 +1,133 @@
+/* semoe-coordinator: reads the flags and the job spec, then runs the coordinator until a STOP
+ * has been carried out or SIGTERM/SIGINT arrives. Exit codes: 0 done, 1 an endpoint could not
+ * be bound, 2 a bad flag or job spec (one line on stderr naming it). */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "actors/log.h"
+#include "coordinator/coord.h"
+#include "model/job.h"
+#include "semoe_config.h"
+
+#define S_NAME "semoe-coordinator"
+
+static const char s_usage[] =
+    "usage: " S_NAME " --config JOB.json [options]\n"
+    "\n"
+    "The coordinator of one semoe job: workers join it, it decides which worker holds which\n"
+    "experts (a new generation and PLAN whenever membership changes), and it answers `semoe\n"
+    "status` and Prometheus.\n"
+    "\n"
+    "  -c, --config JOB.json    the job spec (required)\n"
+    "  -b, --bind ENDPOINT      control socket for workers and `semoe stop` (ZeroMQ ROUTER)\n"
+    "                           [" COORD_DEFAULT_CONTROL "]\n"
+    "  -s, --status ENDPOINT    status socket: send \"status\" from a ZeroMQ REQ, get JSON\n"
+    "                           [" COORD_DEFAULT_STATUS "]\n"
+    "  -m, --metrics HOST:PORT  HTTP GET /metrics in Prometheus text format, or \"none\"\n"
+    "                           [" COORD_DEFAULT_METRICS "]\n"
+    "  -l, --log-level LEVEL    error, warn, info or debug [info]\n"
+    "  -h, --help               this text\n"
+    "  -V, --version            the version\n"
+    "\n"
+    "Everything binds to loopback unless told otherwise; binding beyond it is an explicit\n"
+    "choice. Heartbeat interval and liveness come from the job's cluster section.\n"
+    "Exits 0 after a STOP (every worker told to stop) or on SIGTERM/SIGINT, 1 when an endpoint\n"
+    "cannot be bound, 2 on a bad flag or job spec.\n";
+
+/* The flag getopt stopped at, for messages ("--bnid", "-x"). */
+static const char *s_flag(char **argv, char *buf, size_t n)
+{
+    if (optopt) {
+        snprintf(buf, n, "-%c", optopt);
+        return buf;
+    }
+    return argv[optind - 1];
+}
+
+int main(int argc, char **argv)
+{
+    coord_opts_t opts = {.control = COORD_DEFAULT_CONTROL, .status = COORD_DEFAULT_STATUS,
+                         .metrics = COORD_DEFAULT_METRICS};
+    const char *config = NULL;
+    int level = LOG_INFO;
+    static const struct option longopts[] = {
+        {"config", required_argument, NULL, 'c'},   {"bind", required_argument, NULL, 'b'},
+        {"status", required_argument, NULL, 's'},   {"metrics", required_argument, NULL, 'm'},
+        {"log-level", required_argument, NULL, 'l'}, {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},        {NULL, 0, NULL, 0},
+    };
+    char flag[8];
+    opterr = 0; // our own one-line messages
+    int c;
+    while ((c = getopt_long(argc, argv, ":c:b:s:m:l:hV", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            config = optarg;
+            break;
+        case 'b':
+            opts.control = optarg;
+            break;
+        case 's':
+            opts.status = optarg;
+            break;
+        case 'm':
+            opts.metrics = optarg;
+            break;
+        case 'l':
+            level = log_level_parse(optarg);
+            if (level < 0) {
+                fprintf(stderr, S_NAME ": --log-level %s: want error, warn, info or debug\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        case 'h':
+            fputs(s_usage, stdout);
+            return 0;
+        case 'V':
+            printf(S_NAME " %s\n", SEMOE_VERSION);
+            return 0;
+        case ':':
+            fprintf(stderr, S_NAME ": %s needs a value (see --help)\n",
+                    s_flag(argv, flag, sizeof flag));
+            return 2;
+        default:
+            fprintf(stderr, S_NAME ": unknown flag %s (see --help)\n",
+                    s_flag(argv, flag, sizeof flag));
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, S_NAME ": unexpected argument '%s' (see --help)\n", argv[optind]);
+        return 2;
+    }
+    if (!config) {
+        fprintf(stderr, S_NAME ": --config JOB.json is required (see --help)\n");
+        return 2;
+    }
+    log_init("coordinator", (log_level_t)level);
+    signal(SIGPIPE, SIG_IGN); // a metrics client that hangs up must not end us
+
+    model_job_t *job = NULL;
+    if (model_job_load(config, &job) != SEMOE_OK) {
+        fprintf(stderr, S_NAME ": %s\n", semoe_err_msg());
+        return 2;
+    }
+    coord_t *coord = NULL;
+    semoe_rc rc = coord_new(&opts, &job, &coord);
+    if (rc != SEMOE_OK) {
+        fprintf(stderr, S_NAME ": %s\n", semoe_err_msg());
+        return rc == SEMOE_EINVAL ? 2 : 1;
+    }
+    rc = coord_run(coord);
+    coord_destroy(&coord);
+    if (rc != SEMOE_OK) {
+        fprintf(stderr, S_NAME ": %s\n", semoe_err_msg());
+        return 1;
+    }
+    log_info("stopped");
+    return 0;
+}

@@ -1,0 +1,91 @@
+/* The membership table: who is in the job, found by ZeroMQ routing id or by worker id in
+ * constant time (hash tables seeded at random, so crafted names cannot pile into one bucket),
+ * kept in join order so that ranks are dense 0..n-1; and the fence, a bounded set of routing
+ * ids whose messages are ignored until they JOIN again. */
+#ifndef SEMOE_COORDINATOR_MEMBERS_H
+#define SEMOE_COORDINATOR_MEMBERS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "proto/msg.h"
+
+#define MEMBERS_MAX_RID 255   /* ZeroMQ routing ids are 1..255 bytes */
+#define MEMBERS_FENCE_MAX 4096 /* fenced routing ids remembered; the oldest is forgotten first */
+
+typedef enum { MEMBER_SYNCING = 0, MEMBER_ACTIVE } member_state_t;
+
+/* One worker. The table owns it; a pointer stays valid until members_remove. */
+typedef struct member {
+    char id[PROTO_MAX_NAME + 1];
+    uint8_t rid[MEMBERS_MAX_RID];
+    uint8_t rid_len;
+    /* capabilities, from JOIN */
+    char host[PROTO_MAX_HOST + 1];
+    uint32_t pid;
+    char device_kind[9];
+    char device_name[PROTO_MAX_NAME + 1];
+    uint32_t device_index;
+    char data_endpoint[PROTO_MAX_ENDPOINT + 1];
+    uint64_t mem_total[PROTO_TIERS]; /* bytes offered per tier */
+    /* liveness and progress, from HEARTBEAT */
+    uint64_t mem_used[PROTO_TIERS];
+    uint64_t step, step_time_us;
+    bool has_step;          /* a HEARTBEAT was seen */
+    bool has_load;          /* a load of the current plan was taken from it */
+    uint64_t load_step;     /* the step of that load: a load counts once per step */
+    int64_t last_seen_ms;   /* any message counts */
+    /* the plan */
+    uint32_t rank;          /* dense 0..n-1 in join order, set by members_renumber */
+    member_state_t state;   /* ACTIVE once it acked the current generation's PLAN */
+    uint64_t acked_gen;     /* the last generation it acked (0: none) */
+    bool placed;            /* holds the experts of the current plan (false after a (re)JOIN) */
+    uint32_t *experts;      /* (n_experts) global expert ids it holds, ascending */
+    uint32_t n_experts;
+    /* the table's links */
+    struct member *prev, *next;
+    uint64_t join_seq;
+} member_t;
+
+typedef struct members members_t;
+
+/* An empty table; the caller owns it. */
+members_t *members_new(void);
+/* Frees the table, its members and the fence; nulls *self_p. */
+void members_destroy(members_t **self_p);
+
+/* Live members. */
+uint32_t members_count(const members_t *self);
+/* The member with this routing id, or NULL. */
+member_t *members_by_rid(const members_t *self, const void *rid, size_t rid_len);
+/* The member with this worker id, or NULL. */
+member_t *members_by_id(const members_t *self, const char *id);
+
+/* Adds a member with this routing id (1..MEMBERS_MAX_RID bytes) and worker id (neither may be
+ * in the table), last in join order, SYNCING, everything else zero; lifts any fence on the
+ * routing id. The caller fills in the capabilities. Returns NULL when the table holds
+ * PROTO_MAX_WORKERS members already. */
+member_t *members_add(members_t *self, const void *rid, size_t rid_len, const char *id);
+/* Gives m another worker id (not in the table); keeps its place in join order. */
+void members_rename(members_t *self, member_t *m, const char *id);
+/* Removes m and frees it; m is invalid afterwards. */
+void members_remove(members_t *self, member_t *m);
+
+/* Iterates in join order: for (m = members_first(t); m; m = m->next). To remove while
+ * iterating, take m->next first. */
+member_t *members_first(const members_t *self);
+
+/* Gives ranks 0..n-1 in join order and returns n. */
+uint32_t members_renumber(members_t *self);
+
+/* Sets m's experts (copied). */
+void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n);
+
+/* The fence: a routing id that broke protocol is ignored until it JOINs. */
+void members_fence(members_t *self, const void *rid, size_t rid_len);
+bool members_fenced(const members_t *self, const void *rid, size_t rid_len);
+void members_unfence(members_t *self, const void *rid, size_t rid_len);
+uint32_t members_fence_count(const members_t *self);
+
+#endif

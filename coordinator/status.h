@@ -1,0 +1,48 @@
+/* What the coordinator tells people: the status reply (JSON, in the shape docs/control-plane.md
+ * shows) and the counters and gauges that /metrics exports, built from one view of the
+ * coordinator's state that the coordinator fills in per request. */
+#ifndef SEMOE_COORDINATOR_STATUS_H
+#define SEMOE_COORDINATOR_STATUS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "coordinator/members.h"
+
+typedef struct {
+    uint64_t heartbeats;      /* HEARTBEATs received from members */
+    uint64_t protocol_errors; /* messages refused or dropped as malformed or out of order */
+    uint64_t joins, leaves, deaths;
+    uint64_t generations;     /* PLANs generations opened */
+} status_counters_t;
+
+/* The coordinator's state at one moment; everything borrowed from the coordinator. */
+typedef struct {
+    uint64_t run_id;
+    uint64_t generation;
+    const char *state;         /* "waiting", "reconfiguring" or "running" */
+    uint64_t step;             /* the last step any worker reported done */
+    double loss;               /* NAN: unknown (JSON null) */
+    double tokens_per_s;
+    int64_t uptime_ms;
+    int64_t now_ms;            /* monotonic, for heartbeat ages */
+    uint32_t heartbeat_ms, liveness;
+    uint32_t num_layers, num_experts, top_k;
+    uint32_t global_batch;
+    uint32_t world;            /* workers in the current plan */
+    double last_reconfig_ms;   /* < 0: none finished yet (JSON null) */
+    uint32_t pending_acks;
+    status_counters_t counters;
+    const members_t *members;
+    const double *load;        /* (num_layers * num_experts) smoothed tokens per step */
+} status_view_t;
+
+/* The status reply. Returns the JSON text (caller frees) and its length in *len. */
+char *status_json(const status_view_t *v, size_t *len);
+/* {"error": text}; caller frees. */
+char *status_error_json(const char *text, size_t *len);
+/* Workers of a state (MEMBER_SYNCING or MEMBER_ACTIVE), counting members not yet placed as
+ * syncing. */
+uint32_t status_workers_in(const status_view_t *v, member_state_t state);
+
+#endif
