@@ -1,7 +1,6 @@
-/* The coordinator server (coord.h). Everything runs on one libuv loop: the control ROUTER and
- * the status socket are watched through zloop, heartbeats and liveness run on a timer, and a plan
- * timer turns a burst of membership changes into one new generation and PLAN once the control
- * socket has been drained. */
+/* The coordinator server (coord.h): ZeroMQ sockets watched through zloop, heartbeats and
+ * liveness on a timer, and a plan timer that turns a burst of membership changes into one
+ * generation once the control socket has been drained and the last PLAN acked. */
 #include "coordinator/coord.h"
 
 #include <errno.h>
@@ -12,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-#include <time.h>
 #include <uv.h>
 #include <zmq.h>
 
@@ -41,8 +39,6 @@
 #define S_STOP_LINGER_MS 500
 /* Pending connections a listening socket queues (the kernel caps it at somaxconn). */
 #define S_BACKLOG 4096
-/* Frames of one status request (routing envelope, delimiter, body) we accept. */
-#define S_STATUS_MAX_FRAMES 16
 /* Weight of a new sample in an expert's smoothed load when the job sets no window. */
 #define S_LOAD_ALPHA_DEFAULT 0.3
 
@@ -57,6 +53,7 @@ struct coord {
     uv_signal_t sigterm, sigint;
 
     model_job_t *job;
+    char *job_json;     // the job as workers get it in WELCOME: the model written out in full
     uint32_t L, E;      // MoE layers, experts per layer
     uint64_t n_total;   // L * E
     uint32_t heartbeat_ms, liveness;
@@ -78,6 +75,7 @@ struct coord {
     status_counters_t counters;
     uint64_t step;
     int64_t start_ms;
+    int64_t tick_ms;       // the last heartbeat tick
     bool stopping;
 };
 
@@ -241,14 +239,6 @@ static void s_on_plan_timer(uv_timer_t *timer)
 
 static void s_stop(coord_t *self, const void *rid, size_t rid_len, uint32_t checkpoint);
 
-static bool s_printable(const char *s, bool spaces)
-{
-    for (; *s; s++)
-        if ((unsigned char)*s < (spaces ? 0x20 : 0x21) || (unsigned char)*s > 0x7e)
-            return false;
-    return true;
-}
-
 /* JOIN from rid; m is the member on that connection, if any. */
 static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *m,
                       const proto_join_t *j)
@@ -257,19 +247,9 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED, "the coordinator is stopping");
         return;
     }
-    // Names end up in logs and status JSON: printable ASCII only.
-    const char *bad = !j->id[0]                          ? "id is empty"
-                      : !s_printable(j->id, false)        ? "id must be printable ASCII, no spaces"
-                      : strcmp(j->device_kind, "cpu") != 0 &&
-                                strcmp(j->device_kind, "cuda") != 0
-                          ? "device_kind must be cpu or cuda"
-                      : !j->data_endpoint[0] ? "data_endpoint is empty"
-                      : !s_printable(j->data_endpoint, false) || !s_printable(j->host, true) ||
-                              !s_printable(j->device_name, true)
-                          ? "host, device_name and data_endpoint must be printable ASCII"
-                          : NULL;
+    const char *bad = members_join_invalid(j);
     if (bad) {
-        log_warn("JOIN refused: %s", bad);
+        log_debug("JOIN refused: %s", bad);
         s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED, "JOIN refused: %s", bad);
         return;
     }
@@ -314,23 +294,14 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         self->counters.joins++;
         self->joined++;
     }
-    snprintf(m->host, sizeof m->host, "%s", j->host);
-    snprintf(m->device_kind, sizeof m->device_kind, "%s", j->device_kind);
-    snprintf(m->device_name, sizeof m->device_name, "%s", j->device_name);
-    snprintf(m->data_endpoint, sizeof m->data_endpoint, "%s", j->data_endpoint);
-    m->pid = j->pid;
-    m->device_index = j->device_index;
-    m->mem_total[PROTO_TIER_HBM] = j->mem_hbm;
-    m->mem_total[PROTO_TIER_HOST] = j->mem_host;
-    m->mem_total[PROTO_TIER_SSD] = j->mem_ssd;
-    memset(m->mem_used, 0, sizeof m->mem_used);
+    members_set_caps(m, j);
     m->last_seen_ms = clock_mono_ms();
     proto_msg_t msg = {.hdr = s_header(self, PROTO_WELCOME)};
     snprintf(msg.welcome.worker_id, sizeof msg.welcome.worker_id, "%s", m->id);
     msg.welcome.heartbeat_ms = self->heartbeat_ms;
     msg.welcome.liveness = self->liveness;
-    msg.welcome.job = (proto_bytes_t){(const uint8_t *)self->job->json,
-                                      (uint32_t)self->job->json_len};
+    msg.welcome.job = (proto_bytes_t){(const uint8_t *)self->job_json,
+                                      (uint32_t)strlen(self->job_json)};
     s_send(self, rid, rid_len, &msg);
     if (dup) { // nothing if it is not placed yet: the plan on its way includes it
         proto_header_t hdr = {.run_id = self->run_id, .generation = self->generation,
@@ -342,6 +313,28 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
     }
 }
 
+/* COMM: the new rank 0 sends its communicator id up; it goes to every member of the
+ * generation (the sender too, as the acknowledgement that all have it on the way). A COMM of
+ * an older generation crossed a PLAN and is dropped; one from another rank breaks protocol. */
+static void s_on_comm(coord_t *self, member_t *m, const proto_msg_t *msg)
+{
+    if (msg->hdr.generation < self->generation)
+        return;
+    if (msg->hdr.generation > self->generation || !m->placed || m->rank != 0 ||
+        msg->comm.world != self->world) {
+        s_break(self, m, "COMM of generation %" PRIu64 " (world %u) from rank %u; expected "
+                "generation %" PRIu64 " (world %u) from rank 0", msg->hdr.generation,
+                msg->comm.world, m->rank, self->generation, self->world);
+        return;
+    }
+    proto_msg_t relay = {.hdr = s_header(self, PROTO_COMM), .comm = msg->comm};
+    for (member_t *w = members_first(self->members); w; w = w->next)
+        if (w->placed)
+            s_send(self, w->rid, w->rid_len, &relay);
+    log_info("generation %" PRIu64 ": relayed the communicator id of %s (%u bytes) to %u workers",
+             self->generation, m->id, msg->comm.comm_id.size, self->world);
+}
+
 static void s_on_heartbeat(coord_t *self, member_t *m, const proto_msg_t *msg)
 {
     const proto_heartbeat_t *h = &msg->heartbeat;
@@ -351,12 +344,7 @@ static void s_on_heartbeat(coord_t *self, member_t *m, const proto_msg_t *msg)
         return;
     }
     self->counters.heartbeats++;
-    m->mem_used[PROTO_TIER_HBM] = h->mem_hbm;
-    m->mem_used[PROTO_TIER_HOST] = h->mem_host;
-    m->mem_used[PROTO_TIER_SSD] = h->mem_ssd;
-    m->step = h->step;
-    m->step_time_us = h->step_time_us;
-    m->has_step = true;
+    members_set_progress(m, h);
     if (h->step > self->step)
         self->step = h->step;
     // A worker reports the tokens its experts took in its last step: fold them in once per
@@ -461,7 +449,8 @@ static void s_handle(coord_t *self, const uint8_t *rid, size_t rid_len, const vo
     case PROTO_STOP:
         s_stop(self, rid, rid_len, msg.stop.checkpoint);
         break;
-    case PROTO_COMM: // relayed by a later stage; for now it is life
+    case PROTO_COMM:
+        s_on_comm(self, m, &msg);
         break;
     case PROTO_ERROR:
         log_warn("worker %s reports error %u: %s", m->id, msg.error.code, msg.error.text);
@@ -508,15 +497,21 @@ static void s_on_control(void *sock, void *arg)
 
 /* --- heartbeats, stop, signals ------------------------------------------------------------------ */
 
-/* Every heartbeat interval: declare the silent dead, send every other member a HEARTBEAT. */
+/* Every heartbeat interval: declare the silent dead, send every other member a HEARTBEAT.
+ * Silence is only held against a worker when we were listening: not when this tick comes a
+ * whole interval late (the loop itself stalled), and, up to twice the limit, not while
+ * messages wait unread on the control socket (its heartbeat may be among them). */
 static void s_on_heartbeat_timer(uv_timer_t *timer)
 {
     coord_t *self = timer->data;
     int64_t now = clock_mono_ms(), limit = (int64_t)self->liveness * self->heartbeat_ms;
+    bool stalled = self->tick_ms && now - self->tick_ms > 2 * (int64_t)self->heartbeat_ms;
+    bool backlog = s_control_pending(self);
+    self->tick_ms = now;
     for (member_t *m = members_first(self->members), *next; m; m = next) {
         next = m->next;
         int64_t silent = now - m->last_seen_ms;
-        if (silent > limit) {
+        if (silent > limit && !stalled && (!backlog || silent > 2 * limit)) {
             log_warn("worker %s: silent for %" PRId64 " ms (%u x %u ms): dead", m->id, silent,
                      self->liveness, self->heartbeat_ms);
             self->counters.deaths++;
@@ -575,8 +570,9 @@ static void s_on_signal(uv_signal_t *handle, int signum)
 
 /* --- status and metrics ------------------------------------------------------------------------ */
 
-static void s_view(coord_t *self, status_view_t *v)
+static void s_view(void *arg, status_view_t *v)
 {
+    coord_t *self = arg;
     uint32_t n = members_count(self->members);
     const char *state = self->stopping                                          ? "stopping"
                         : n == 0 || n < self->job->cluster.expected_workers     ? "waiting"
@@ -602,61 +598,8 @@ static void s_view(coord_t *self, status_view_t *v)
     };
 }
 
-/* zloop callback: one request on the status socket. It is a ROUTER speaking REP's envelope
- * rules (a REQ client sees a REP): a REP socket wedges for good on some garbage (a frame
- * without the envelope delimiter from a peer that hangs up), a ROUTER just passes it to us.
- * Request: routing frames, an empty delimiter, one body frame. The body "status" (a trailing
- * newline or NUL is forgiven) gets the status JSON, anything else {"error": ...}; a message
- * without a delimiter is not a request and is dropped. */
-static void s_on_status(void *sock, void *arg)
-{
-    coord_t *self = arg;
-    zmq_msg_t frames[S_STATUS_MAX_FRAMES], extra;
-    int n = 0, total = 0;
-    for (bool more = true; more;) {
-        zmq_msg_t *f = n < S_STATUS_MAX_FRAMES ? &frames[n] : &extra; // the rest: read, drop
-        zmq_msg_init(f);
-        if (zmq_msg_recv(f, sock, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(f);
-            break;
-        }
-        more = zmq_msg_more(f);
-        total++;
-        if (f == &extra)
-            zmq_msg_close(f);
-        else
-            n++;
-    }
-    int delim = -1;
-    for (int i = 1; i < n && delim < 0; i++)
-        if (zmq_msg_size(&frames[i]) == 0)
-            delim = i;
-    if (delim > 0 && total <= S_STATUS_MAX_FRAMES) {
-        const char *text = delim + 1 < n ? zmq_msg_data(&frames[delim + 1]) : "";
-        size_t len = delim + 1 < n ? zmq_msg_size(&frames[delim + 1]) : 0;
-        while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == '\r' || text[len - 1] == 0))
-            len--;
-        char *reply;
-        if (n == delim + 2 && len == 6 && memcmp(text, "status", 6) == 0) {
-            status_view_t v;
-            s_view(self, &v);
-            reply = status_json(&v, &len);
-        } else {
-            reply = status_error_json("unknown request: send the string \"status\"", &len);
-        }
-        bool ok = true;
-        for (int i = 0; ok && i <= delim; i++)
-            ok = zmq_send(sock, zmq_msg_data(&frames[i]), zmq_msg_size(&frames[i]),
-                          ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0;
-        if (!ok || zmq_send(sock, reply, len, ZMQ_DONTWAIT) < 0)
-            log_debug("status: reply: %s", zmq_strerror(zmq_errno()));
-        free(reply);
-    } else {
-        log_debug("status: dropped a message of %d frames that is not a request", total);
-    }
-    for (int i = 0; i < n; i++)
-        zmq_msg_close(&frames[i]);
-}
+/* zloop callback: one request on the status socket. */
+static void s_on_status(void *sock, void *arg) { status_serve(sock, s_view, arg); }
 
 static char *s_render_metrics(void *arg, size_t *len)
 {
@@ -714,6 +657,8 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     self->job = *job;
     *job = NULL;
     const model_job_t *j = self->job;
+    /* Not the spec's own text: its "model" may name a config.json only this host has. */
+    self->job_json = model_job_to_json(j);
     self->L = j->model.num_hidden_layers;
     self->E = j->model.num_local_experts;
     self->n_total = (uint64_t)self->L * self->E;
@@ -830,6 +775,7 @@ void coord_destroy(coord_t **self_p)
     free(self->load);
     plan_destroy(&self->plan);
     model_job_destroy(&self->job);
+    free(self->job_json);
     free(self);
     *self_p = NULL;
 }

@@ -1,7 +1,6 @@
-/* The coordinator server: one single-threaded libuv loop that owns the control ROUTER (JOIN,
- * HEARTBEAT, ACK, LEAVE, STOP from workers and admins), the status socket, the /metrics
- * HTTP listener, the heartbeat timer and the membership table; it opens a generation and sends
- * a PLAN whenever membership changes, coalescing all the changes of a loop turn into one. */
+/* The coordinator server: one single-threaded libuv loop with the control socket (workers and
+ * admins), the status socket, /metrics, heartbeats and the membership table; every membership
+ * change, or burst of them, opens a generation and sends its PLAN. */
 #ifndef SEMOE_COORDINATOR_COORD_H
 #define SEMOE_COORDINATOR_COORD_H
 

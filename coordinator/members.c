@@ -281,6 +281,54 @@ uint32_t members_renumber(members_t *self)
     return r;
 }
 
+static bool s_printable(const char *s, bool spaces)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < (spaces ? 0x20 : 0x21) || (unsigned char)*s > 0x7e)
+            return false;
+    return true;
+}
+
+const char *members_join_invalid(const proto_join_t *j)
+{
+    if (!j->id[0])
+        return "id is empty";
+    if (!s_printable(j->id, false))
+        return "id must be printable ASCII, no spaces";
+    if (strcmp(j->device_kind, "cpu") != 0 && strcmp(j->device_kind, "cuda") != 0)
+        return "device_kind must be cpu or cuda";
+    if (!j->data_endpoint[0])
+        return "data_endpoint is empty";
+    if (!s_printable(j->data_endpoint, false) || !s_printable(j->host, true) ||
+        !s_printable(j->device_name, true))
+        return "host, device_name and data_endpoint must be printable ASCII";
+    return NULL;
+}
+
+void members_set_caps(member_t *m, const proto_join_t *j)
+{
+    snprintf(m->host, sizeof m->host, "%s", j->host);
+    snprintf(m->device_kind, sizeof m->device_kind, "%s", j->device_kind);
+    snprintf(m->device_name, sizeof m->device_name, "%s", j->device_name);
+    snprintf(m->data_endpoint, sizeof m->data_endpoint, "%s", j->data_endpoint);
+    m->pid = j->pid;
+    m->device_index = j->device_index;
+    m->mem_total[PROTO_TIER_HBM] = j->mem_hbm;
+    m->mem_total[PROTO_TIER_HOST] = j->mem_host;
+    m->mem_total[PROTO_TIER_SSD] = j->mem_ssd;
+    memset(m->mem_used, 0, sizeof m->mem_used);
+}
+
+void members_set_progress(member_t *m, const proto_heartbeat_t *h)
+{
+    m->mem_used[PROTO_TIER_HBM] = h->mem_hbm;
+    m->mem_used[PROTO_TIER_HOST] = h->mem_host;
+    m->mem_used[PROTO_TIER_SSD] = h->mem_ssd;
+    m->step = h->step;
+    m->step_time_us = h->step_time_us;
+    m->has_step = true;
+}
+
 void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n)
 {
     m->experts = semoe_xrealloc(m->experts, (n ? n : 1) * sizeof *m->experts);
@@ -319,5 +367,3 @@ void members_unfence(members_t *self, const void *rid, size_t rid_len)
     s_map_del(&self->fenced, rid, rid_len);
     f->len = 0;
 }
-
-uint32_t members_fence_count(const members_t *self) { return self->fenced.count; }

@@ -1,7 +1,6 @@
-/* The membership table: who is in the job, found by ZeroMQ routing id or by worker id in
- * constant time (hash tables seeded at random, so crafted names cannot pile into one bucket),
- * kept in join order so that ranks are dense 0..n-1; and the fence, a bounded set of routing
- * ids whose messages are ignored until they JOIN again. */
+/* The membership table: workers in join order (ranks dense 0..n-1), found by routing id or
+ * worker id in constant time (randomly seeded hash maps); and the fence, a bounded set of
+ * routing ids that broke protocol, ignored until they JOIN again. */
 #ifndef SEMOE_COORDINATOR_MEMBERS_H
 #define SEMOE_COORDINATOR_MEMBERS_H
 
@@ -79,6 +78,14 @@ member_t *members_first(const members_t *self);
 /* Gives ranks 0..n-1 in join order and returns n. */
 uint32_t members_renumber(members_t *self);
 
+/* Why a JOIN cannot be accepted ("id is empty", ...), or NULL when it can. Names end up in
+ * logs and status JSON, so they must be printable ASCII (ids and endpoints without spaces). */
+const char *members_join_invalid(const proto_join_t *j);
+/* Copies a JOIN's capabilities into m (and clears the memory in use). */
+void members_set_caps(member_t *m, const proto_join_t *j);
+/* Copies a HEARTBEAT's progress into m: memory in use, step, step time. */
+void members_set_progress(member_t *m, const proto_heartbeat_t *h);
+
 /* Sets m's experts (copied). */
 void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n);
 
@@ -86,6 +93,5 @@ void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n);
 void members_fence(members_t *self, const void *rid, size_t rid_len);
 bool members_fenced(const members_t *self, const void *rid, size_t rid_len);
 void members_unfence(members_t *self, const void *rid, size_t rid_len);
-uint32_t members_fence_count(const members_t *self);
 
 #endif

@@ -1,8 +1,6 @@
-/* /metrics: a small HTTP/1.x server on the coordinator's libuv loop that answers
- * GET /metrics with the Prometheus text format and anything else with 404. Requests are
- * bounded in size and time, one reply per connection, then the connection is closed; garbage
- * and slow clients cost a few kilobytes and a timer each, and at most a fixed number of
- * connections are served at once. */
+/* /metrics: a small HTTP/1.x server on the coordinator's libuv loop: GET /metrics gets the
+ * Prometheus text format, anything else 404; one bounded request per connection, answered,
+ * then closed, so garbage and slow clients cost a buffer and a timer each, for a while. */
 #ifndef SEMOE_COORDINATOR_METRICS_H
 #define SEMOE_COORDINATOR_METRICS_H
 
@@ -13,7 +11,7 @@
 
 #define METRICS_MAX_REQUEST 8192 /* bytes of request line and headers */
 #define METRICS_TIMEOUT_MS 5000  /* a connection must send its request and go within this */
-#define METRICS_MAX_CONNS 64
+#define METRICS_MAX_CONNS 64      /* beyond: a new one displaces the oldest still sending */
 
 typedef struct metrics metrics_t;
 

@@ -1,8 +1,6 @@
-/* Balanced sticky placement (placement.h). In each layer r = E mod n workers get one expert
- * more than the others; which ones is chosen for all layers at once by a min-cost flow, so
- * that those slots are spread evenly over workers and go, wherever possible, to survivors that
- * already hold more than q experts of that layer. Then each layer keeps what fits and deals
- * the rest out by rank. */
+/* Balanced sticky placement (placement.h): which r = E mod n workers get one expert more in
+ * each layer is chosen for all layers at once by a min-cost flow (slots spread evenly, given to
+ * survivors that hold more where possible); then each layer keeps what fits, deals the rest. */
 #include "coordinator/placement.h"
 
 #include <stdbool.h>
@@ -212,8 +210,9 @@ static int64_t s_min_cost_flow(s_graph_t *g, uint32_t s, uint32_t t, int64_t nee
 
 /* Chooses, for every layer, the r workers that get q + 1 experts (slots[l * r + i]), each
  * worker in floor(L r / n) or ceil(L r / n) layers, maximising the number of choices where the
- * worker already holds more than q surviving experts of that layer (held: L x n counts). */
-static void s_choose_flow(uint32_t L, uint32_t n, uint32_t q, uint32_t r, const uint32_t *held,
+ * worker already holds more than q surviving experts of that layer (held: L x n counts).
+ * Returns false if the flow fell short, which the proof in the caller rules out. */
+static bool s_choose_flow(uint32_t L, uint32_t n, uint32_t q, uint32_t r, const uint32_t *held,
                           uint32_t *slots)
 {
     uint64_t total = (uint64_t)L * r;
@@ -238,20 +237,24 @@ static void s_choose_flow(uint32_t L, uint32_t n, uint32_t q, uint32_t r, const 
     }
     if (extra > 0)
         s_edge(&g, pool, t, (int32_t)extra, 0);
-    // The cyclic dealing below proves a flow of value L r exists, so the flow reaches it.
-    s_min_cost_flow(&g, s, t, (int64_t)total);
-    for (uint32_t l = 0; l < L; l++) {
+    // s_choose_cyclic proves a flow of value L r exists, so the flow reaches it.
+    bool ok = s_min_cost_flow(&g, s, t, (int64_t)total) == (int64_t)total;
+    for (uint32_t l = 0; ok && l < L; l++) {
         uint32_t i = 0;
         for (int32_t e = g.head[layer0 + l]; e != -1; e = g.next[e]) {
             uint32_t v = g.to[e];
             if ((e & 1) == 0 && v >= worker0 && v < worker0 + n && g.cap[e] == 0 && i < r)
                 slots[(size_t)l * r + i++] = v - worker0;
         }
+        ok = i == r;
     }
     s_graph_free(&g);
+    return ok;
 }
 
-/* Deals the extra slots cyclically: layer l's go to ranks (l r + i) mod n. */
+/* Deals the extra slots cyclically: layer l's go to ranks (l r + i) mod n. Over all layers
+ * that gives every worker floor(L r / n) or ceil(L r / n) slots: proof that a balanced choice
+ * always exists. */
 static void s_choose_cyclic(uint32_t L, uint32_t n, uint32_t r, uint32_t *slots)
 {
     for (uint32_t l = 0; l < L; l++)
@@ -319,8 +322,10 @@ semoe_rc placement_compute(uint32_t num_layers, uint32_t num_experts, uint32_t n
         for (uint64_t e = 0; e < total; e++)
             if (prev[e] != PLACEMENT_NONE)
                 held[(e / E) * n + prev[e]]++;
-        s_choose_flow(L, n, q, r, held, slots);
+        bool ok = s_choose_flow(L, n, q, r, held, slots);
         free(held);
+        if (!ok) // cannot happen (a flow of L r exists); stay balanced if it ever does
+            s_choose_cyclic(L, n, r, slots);
     } else if (r > 0) {
         s_choose_cyclic(L, n, r, slots);
     }

@@ -53,8 +53,6 @@ void plan_destroy(plan_t **self_p)
     *self_p = NULL;
 }
 
-const uint32_t *plan_holders(const plan_t *self) { return self->holder; }
-
 /* Gives each member its experts from self->holder, ascending. */
 static void s_assign(plan_t *self, members_t *members, uint32_t n)
 {

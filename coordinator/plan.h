@@ -20,9 +20,6 @@ void plan_destroy(plan_t **self_p);
  * placed and SYNCING. *world gets n, *moved the experts whose holder changed or that had none. */
 semoe_rc plan_place(plan_t *self, members_t *members, uint32_t *world, uint64_t *moved);
 
-/* The current placement: holder rank of expert e (PLACEMENT_NONE before any worker). */
-const uint32_t *plan_holders(const plan_t *self);
-
 /* Encodes the PLAN of the last plan_place (step and global_batch go into its body) and sends
  * every member its copy over sock (a ROUTER): hdr gives the run id and generation, and its seq
  * is advanced per message. A member the PLAN cannot be sent to is logged and skipped (its

@@ -1,6 +1,6 @@
-/* What the coordinator tells people: the status reply (JSON, in the shape docs/control-plane.md
- * shows) and the counters and gauges that /metrics exports, built from one view of the
- * coordinator's state that the coordinator fills in per request. */
+/* What the coordinator tells people: the status reply (JSON, as docs/control-plane.md shows it)
+ * served on the status socket, and the counters /metrics exports, all from one view of the
+ * coordinator's state that it fills in per request. */
 #ifndef SEMOE_COORDINATOR_STATUS_H
 #define SEMOE_COORDINATOR_STATUS_H
 
@@ -41,6 +41,17 @@ typedef struct {
 char *status_json(const status_view_t *v, size_t *len);
 /* {"error": text}; caller frees. */
 char *status_error_json(const char *text, size_t *len);
+/* Fills *v with the state now (the coordinator's side of status_serve). */
+typedef void(status_view_fn)(void *arg, status_view_t *v);
+
+/* Serves one request waiting on sock (call it from the socket's zloop callback). sock is a
+ * ROUTER that answers REQ clients as a REP would: a REP socket wedges for good on some garbage
+ * (a frame without the envelope delimiter from a peer that hangs up), a ROUTER hands us
+ * whatever comes. A request is routing frames, an empty delimiter and one body frame: the body
+ * "status" (a trailing newline or NUL forgiven) gets status_json of view(arg), anything else
+ * {"error": ...}; a message without a delimiter is no request and is dropped. */
+void status_serve(void *sock, status_view_fn *view, void *arg);
+
 /* Workers of a state (MEMBER_SYNCING or MEMBER_ACTIVE), counting members not yet placed as
  * syncing. */
 uint32_t status_workers_in(const status_view_t *v, member_state_t state);

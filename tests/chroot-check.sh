@@ -4,14 +4,18 @@
 # the raw transcript (commands, commit, date, full output) to tests/logs/chroot-<date>.log.
 # Outside CI: needs root, debootstrap, and network access to the Debian mirror apt uses here.
 #
-# Usage: tests/chroot-check.sh [DIR]      (default /var/tmp/semoe-chroot)
+# Usage: tests/chroot-check.sh [--worktree] [DIR]      (default DIR: /var/tmp/semoe-chroot)
+#   --worktree                check the working tree as it is (tracked and untracked files that
+#                             git does not ignore) instead of a clone of HEAD: a rehearsal before
+#                             committing; its transcript says so and is not the one to commit
 #   SEMOE_CHROOT_MIRROR=URL   use this mirror instead of the one in the apt sources
 #   SEMOE_CHROOT_KEEP=1       leave DIR in place afterwards (it is always unmounted)
 #
 # The base system is debootstrap's minbase plus make and ca-certificates: what a person has after
 # `apt install make` on a fresh Debian 12. Everything else must come from `make demo` itself
 # (deploy/install-deps.sh). CUDA is not in the chroot, so the build there runs with it
-# auto-disabled. Only committed work is checked: uncommitted changes are not in the clone.
+# auto-disabled. Without --worktree only committed work is checked: uncommitted changes are not
+# in the clone.
 set -eu
 
 die() { echo "chroot-check: $*" >&2; exit 1; }
@@ -23,6 +27,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(git -C "$here" rev-parse --show-toplevel) || die "$here is not inside a git checkout"
 shared="$repo/../shared"
 [ -d "$shared" ] || die "$shared not found: the developer checkout needs ../shared beside it"
+worktree=0
+if [ "${1:-}" = "--worktree" ]; then worktree=1; shift; fi
+case "${1:-}" in -*) die "unknown option $1 (usage: tests/chroot-check.sh [--worktree] [DIR])" ;; esac
 root=${1:-/var/tmp/semoe-chroot}
 case "$root" in
   /*) ;;
@@ -60,7 +67,9 @@ touch "$marker"
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$repo/tests/logs"
-log="$repo/tests/logs/chroot-$stamp.log"
+if [ "$worktree" = 1 ]; then log="$repo/tests/logs/chroot-worktree-$stamp.log"
+else log="$repo/tests/logs/chroot-$stamp.log"
+fi
 bootlog="$root.debootstrap.log"
 commit=$(git -C "$repo" rev-parse HEAD)
 
@@ -86,7 +95,10 @@ say "# commit: $commit"
 say "# date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 say "# host: $(uname -srm), $(nproc) cpus"
 say "# chroot: $root, mirror $mirror"
-if [ -n "$(git -C "$repo" status --porcelain --untracked-files=no)" ]; then
+if [ "$worktree" = 1 ]; then
+  say "# source: the working tree (--worktree): commit $commit plus these uncommitted changes:"
+  git -C "$repo" status --short | sed 's/^/#   /' | tee -a "$log"
+elif [ -n "$(git -C "$repo" status --porcelain --untracked-files=no)" ]; then
   say "# note: the working tree has uncommitted changes; the chroot checks commit $commit only"
 fi
 
@@ -101,10 +113,18 @@ fi
 touch "$marker"
 say "# debootstrap: $(( $(date +%s) - t0 )) s"
 
-# The clone (HEAD only, no hard links into the host repository) and ../shared beside it.
-mkdir -p "$root/root/semoe"
-git clone -q --no-hardlinks "$repo" "$root/root/semoe/main"
-git -C "$root/root/semoe/main" checkout -q "$commit"
+# The clone (HEAD only, no hard links into the host repository), or with --worktree the files
+# git would commit, and ../shared beside it.
+mkdir -p "$root/root/semoe/main"
+if [ "$worktree" = 1 ]; then
+  (cd "$repo" && git ls-files -z --cached --others --exclude-standard |
+     grep -zv '^tests/logs/chroot-' |
+     tar --null --no-recursion --ignore-failed-read -T - -cf -) |
+    tar -xf - -C "$root/root/semoe/main"
+else
+  git clone -q --no-hardlinks "$repo" "$root/root/semoe/main"
+  git -C "$root/root/semoe/main" checkout -q "$commit"
+fi
 cp -a "$shared" "$root/root/semoe/shared"
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 

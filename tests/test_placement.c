@@ -330,6 +330,26 @@ static void s_large(void)
     free(c.holder);
 }
 
+/* Past the flow's size limit (layers x workers) the extra slots are dealt cyclically: still
+ * balanced, still keeping what fits, not move-minimal. */
+static void s_beyond_flow(void)
+{
+    uint32_t L = 40, E = 3, n = 30000;
+    size_t total = (size_t)L * E;
+    uint32_t *prev = malloc(total * sizeof *prev), *out = malloc(total * sizeof *out);
+    for (size_t e = 0; e < total; e++)
+        prev[e] = PLACEMENT_NONE;
+    CHECK(placement_compute(L, E, n, prev, out) == SEMOE_OK, "beyond the flow: fresh");
+    s_check(L, E, n, prev, out);
+    uint32_t dead = out[0]; // a holder dies: ranks above it shift down
+    for (size_t e = 0; e < total; e++)
+        prev[e] = out[e] == dead ? PLACEMENT_NONE : out[e] > dead ? out[e] - 1 : out[e];
+    CHECK(placement_compute(L, E, n - 1, prev, out) == SEMOE_OK, "beyond the flow: death");
+    s_check(L, E, n - 1, prev, out);
+    free(prev);
+    free(out);
+}
+
 int main(void)
 {
     test_init("placement");
@@ -348,5 +368,6 @@ int main(void)
     fprintf(stderr, "placement: %llu moves above the lower bound in all churn\n",
             (unsigned long long)over);
     s_large();
+    s_beyond_flow();
     return test_finish();
 }
