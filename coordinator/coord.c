@@ -41,6 +41,8 @@
 #define S_BACKLOG 4096
 /* Weight of a new sample in an expert's smoothed load when the job sets no window. */
 #define S_LOAD_ALPHA_DEFAULT 0.3
+/* HEARTBEATs go out in this many slices of the interval, one slice per tick. */
+#define S_HEARTBEAT_SLICES 8
 
 struct coord {
     uv_loop_t loop;
@@ -76,6 +78,7 @@ struct coord {
     uint64_t step;
     int64_t start_ms;
     int64_t tick_ms;       // the last heartbeat tick
+    uint64_t ticks;        // heartbeat ticks so far: members are served by slices
     bool stopping;
 };
 
@@ -497,16 +500,19 @@ static void s_on_control(void *sock, void *arg)
 
 /* --- heartbeats, stop, signals ------------------------------------------------------------------ */
 
-/* Every heartbeat interval: declare the silent dead, send every other member a HEARTBEAT.
- * Silence is only held against a worker when we were listening: not when this tick comes a
- * whole interval late (the loop itself stalled), and, up to twice the limit, not while
- * messages wait unread on the control socket (its heartbeat may be among them). */
+/* Every slice of the heartbeat interval: declare the silent dead, and send a HEARTBEAT to the
+ * members of this slice, so that each member gets one per interval and a thousand of them do
+ * not leave in one burst (status queries would queue behind it). Silence is only held against
+ * a worker when we were listening: not when this tick comes two intervals late (the loop
+ * itself stalled), and, up to twice the limit, not while messages wait unread on the control
+ * socket (its heartbeat may be among them). */
 static void s_on_heartbeat_timer(uv_timer_t *timer)
 {
     coord_t *self = timer->data;
     int64_t now = clock_mono_ms(), limit = (int64_t)self->liveness * self->heartbeat_ms;
     bool stalled = self->tick_ms && now - self->tick_ms > 2 * (int64_t)self->heartbeat_ms;
     bool backlog = s_control_pending(self);
+    uint64_t slice = self->ticks++ % S_HEARTBEAT_SLICES;
     self->tick_ms = now;
     for (member_t *m = members_first(self->members), *next; m; m = next) {
         next = m->next;
@@ -519,6 +525,8 @@ static void s_on_heartbeat_timer(uv_timer_t *timer)
             s_remove(self, m, false);
             continue;
         }
+        if (m->join_seq % S_HEARTBEAT_SLICES != slice)
+            continue;
         proto_msg_t msg = {.hdr = s_header(self, PROTO_HEARTBEAT)};
         msg.heartbeat.step = self->step;
         s_send(self, m->rid, m->rid_len, &msg);
@@ -720,8 +728,8 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     self->handles_open = true;
     self->heartbeat_timer.data = self->stop_timer.data = self->plan_timer.data = self;
     self->sigterm.data = self->sigint.data = self;
-    uv_timer_start(&self->heartbeat_timer, s_on_heartbeat_timer, self->heartbeat_ms,
-                   self->heartbeat_ms);
+    uint64_t tick = self->heartbeat_ms / S_HEARTBEAT_SLICES;
+    uv_timer_start(&self->heartbeat_timer, s_on_heartbeat_timer, tick ? tick : 1, tick ? tick : 1);
     uv_signal_start(&self->sigterm, s_on_signal, SIGTERM);
     uv_signal_start(&self->sigint, s_on_signal, SIGINT);
     self->start_ms = clock_mono_ms();
