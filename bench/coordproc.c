@@ -21,6 +21,7 @@
 #include <zmq.h>
 
 #include "actors/log.h"
+#include "actors/procfs.h"
 
 struct coordproc {
     pid_t pid;
@@ -288,19 +289,7 @@ void coordproc_cpu(const coordproc_t *self, coordproc_cpu_t *cpu)
         cpu->ticks = ut + stt;
 }
 
-uint64_t coordproc_peak_rss_kb(const coordproc_t *self)
-{
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)self->pid);
-    FILE *f = fopen(path, "r");
-    unsigned long long kb = 0;
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "VmHWM: %llu kB", &kb) == 1)
-            break;
-    if (f)
-        fclose(f);
-    return kb;
-}
+uint64_t coordproc_peak_rss_kb(const coordproc_t *self) { return procfs_peak_rss_kb(self->pid); }
 
 void coordproc_remove_dir(const char *dir)
 {

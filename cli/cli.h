@@ -1,10 +1,13 @@
 /* The `semoe` command's subcommands and the pieces they share: asking the coordinator's status
- * socket for its JSON, printing it as tables, and sending STOP to its control socket. */
+ * socket for its JSON, printing it as tables, sending STOP to its control socket, checking flags
+ * (cli/flags.c) and waiting on a socket with a deadline (cli/wait.c). */
 #ifndef SEMOE_CLI_H
 #define SEMOE_CLI_H
 
 #include <cjson/cJSON.h>
+#include <signal.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "actors/err.h"
@@ -38,10 +41,37 @@ semoe_rc cli_stop_send(void *ctx, const char *endpoint, int timeout_ms, bool *ac
 double cli_json_num(const cJSON *obj, const char *key, double def);
 const char *cli_json_str(const cJSON *obj, const char *key, const char *def);
 
+/* --- flags (cli/flags.c) ------------------------------------------------------------------- */
+
 /* "tcp://HOST:PORT" with PORT 1..65535, or ipc://PATH. */
 bool cli_endpoint_ok(const char *endpoint);
 
 /* Milliseconds as an int flag value within [lo, hi]; false when it is not one. */
 bool cli_parse_int(const char *s, long lo, long hi, long *out);
+
+/* The four below serve a subcommand's getopt_long loop (optstring ":h", --help mapped to 'h');
+ * cmd is the subcommand's name ("status"), and each message goes to stderr as "semoe CMD: ...".
+ *
+ * What the loop does not handle itself, c as getopt_long returned it: 'h' prints usage to
+ * stdout and returns 0; ':' (a flag without its value) or anything else (an unknown flag)
+ * says so and returns CLI_EXIT_USAGE. */
+int cli_flags_other(const char *cmd, int c, char **argv, const char *usage);
+/* After the loop: true when no argument is left, else false after naming the first. */
+bool cli_flags_end(const char *cmd, int argc, char **argv);
+/* --timeout-ms value: 1..3600000 into *ms, or false after saying what is expected. */
+bool cli_flag_timeout_ms(const char *cmd, const char *value, long *ms);
+/* --endpoint: true when cli_endpoint_ok, or false after saying what is expected. */
+bool cli_flag_endpoint(const char *cmd, const char *endpoint);
+
+/* --- bounded waits (cli/wait.c) ------------------------------------------------------------ */
+
+/* Monotonic milliseconds. */
+int64_t cli_now_ms(void);
+
+/* Polls sock for events (ZMQ_POLLIN, ZMQ_POLLOUT) until cli_now_ms() reaches deadline_ms.
+ * Returns 1 when the socket is ready, 0 at the deadline, -1 when zmq_poll failed: zmq_errno()
+ * is EINTR when a signal came and *interrupted was set; a signal with interrupted NULL or
+ * *interrupted 0 only resumes the wait. */
+int cli_wait(void *sock, short events, int64_t deadline_ms, volatile sig_atomic_t *interrupted);
 
 #endif

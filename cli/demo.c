@@ -57,13 +57,6 @@ static void s_on_signal(int sig)
     s_interrupted = 1;
 }
 
-static int64_t s_now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
-}
-
 static void s_sleep_ms(int ms)
 {
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000};
@@ -241,9 +234,9 @@ static void s_kill_all(s_demo_t *d)
     for (int i = 0; i < d->n_child; i++)
         if (d->child[i].running)
             kill(d->child[i].pid, SIGTERM);
-    int64_t until = s_now_ms() + 3000;
+    int64_t until = cli_now_ms() + 3000;
     bool any = true;
-    while (any && s_now_ms() < until) {
+    while (any && cli_now_ms() < until) {
         s_reap(d);
         any = false;
         for (int i = 0; i < d->n_child; i++)
@@ -337,7 +330,7 @@ static s_view_t s_view(const cJSON *st, const char *absent)
 static cJSON *s_wait_placed(s_demo_t *d, int want, double min_gen, const char *absent,
                             int timeout_ms)
 {
-    int64_t until = s_now_ms() + timeout_ms;
+    int64_t until = cli_now_ms() + timeout_ms;
     char last[256] = "no answer from the status socket yet";
     while (!s_interrupted) {
         s_child_t *died = s_reap(d);
@@ -361,7 +354,7 @@ static cJSON *s_wait_placed(s_demo_t *d, int want, double min_gen, const char *a
         } else if (semoe_err_msg()[0]) {
             snprintf(last, sizeof last, "%s", semoe_err_msg());
         }
-        if (s_now_ms() >= until) {
+        if (cli_now_ms() >= until) {
             s_fail(d, "gave up after %d s waiting for %d active workers holding every expert; "
                    "last status: %s", timeout_ms / 1000, want, last);
             d->failure_log = d->child[0].log;
@@ -440,12 +433,12 @@ static bool s_run(s_demo_t *d)
     s_say("2. Starting %d CPU workers: w1%s%s", d->n_workers, d->n_workers > 2 ? " .. " : " ",
           names[d->n_workers - 1]);
 
-    int64_t t0 = s_now_ms();
+    int64_t t0 = cli_now_ms();
     cJSON *before = s_wait_placed(d, d->n_workers, 0, NULL, S_JOIN_WAIT_MS);
     if (!before)
         return false;
     s_say("   All %d workers joined and every expert has a worker (generation %.0f, %.1f s).",
-          d->n_workers, cli_json_num(before, "generation", 0), (s_now_ms() - t0) / 1000.0);
+          d->n_workers, cli_json_num(before, "generation", 0), (cli_now_ms() - t0) / 1000.0);
     s_say("%s", "");
     cli_status_print(before, stdout);
     s_say("%s", "");
@@ -458,7 +451,7 @@ static bool s_run(s_demo_t *d)
           victim->name, (int)victim->pid);
     s_say("   notices when it misses %.0f heartbeats (%.0f ms apart) and gives its experts to "
           "the others.", liveness, hb);
-    int64_t t_kill = s_now_ms();
+    int64_t t_kill = cli_now_ms();
     kill(victim->pid, SIGKILL);
     waitpid(victim->pid, &victim->status, 0);
     victim->running = false;
@@ -469,7 +462,7 @@ static bool s_run(s_demo_t *d)
         return false;
     }
     s_say("   Done after %.1f s: generation %.0f -> %.0f, %d worker%s. %s's experts went to:",
-          (s_now_ms() - t_kill) / 1000.0, cli_json_num(before, "generation", 0),
+          (cli_now_ms() - t_kill) / 1000.0, cli_json_num(before, "generation", 0),
           cli_json_num(after, "generation", 0), d->n_workers - 1, d->n_workers > 2 ? "s" : "",
           victim->name);
     s_print_moves(before, after, victim->name);
@@ -483,7 +476,7 @@ static bool s_run(s_demo_t *d)
     bool acked = false;
     if (cli_stop_send(d->ctx, d->control, 5000, &acked) != SEMOE_OK)
         return s_fail(d, "semoe stop: %s", semoe_err_msg());
-    int64_t until = s_now_ms() + S_EXIT_WAIT_MS;
+    int64_t until = cli_now_ms() + S_EXIT_WAIT_MS;
     int left = 0;
     do {
         s_reap(d);
@@ -492,7 +485,7 @@ static bool s_run(s_demo_t *d)
             left += d->child[i].running;
         if (left && !s_interrupted)
             s_sleep_ms(20);
-    } while (left && !s_interrupted && s_now_ms() < until);
+    } while (left && !s_interrupted && cli_now_ms() < until);
     if (s_interrupted)
         return s_fail(d, "interrupted");
     for (int i = 0; i < d->n_child; i++) {
@@ -528,12 +521,12 @@ static const char s_usage[] =
 
 int cli_demo_main(int argc, char **argv)
 {
-    enum { O_WORKERS = 1, O_BUILD, O_JOB, O_HELP };
+    enum { O_WORKERS = 1, O_BUILD, O_JOB };
     static const struct option opts[] = {
         {"workers", required_argument, 0, O_WORKERS},
         {"build", required_argument, 0, O_BUILD},
         {"job", required_argument, 0, O_JOB},
-        {"help", no_argument, 0, O_HELP},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     long workers = 4;
@@ -552,23 +545,11 @@ int cli_demo_main(int argc, char **argv)
             break;
         case O_BUILD: build = optarg; break;
         case O_JOB: job = optarg; break;
-        case 'h':
-        case O_HELP: fputs(s_usage, stdout); return 0;
-        case ':':
-            fprintf(stderr, "semoe demo: %s needs a value (see semoe demo --help)\n",
-                    argv[optind - 1]);
-            return CLI_EXIT_USAGE;
-        default:
-            fprintf(stderr, "semoe demo: unknown flag %s (see semoe demo --help)\n",
-                    argv[optind - 1]);
-            return CLI_EXIT_USAGE;
+        default: return cli_flags_other("demo", c, argv, s_usage);
         }
     }
-    if (optind < argc) {
-        fprintf(stderr, "semoe demo: unexpected argument %s (see semoe demo --help)\n",
-                argv[optind]);
+    if (!cli_flags_end("demo", argc, argv))
         return CLI_EXIT_USAGE;
-    }
 
     static s_demo_t demo; /* big (paths per child): static, not on the stack */
     s_demo_t *d = &demo;

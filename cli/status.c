@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "actors/fmt.h"
 #include "cli/cli.h"
 
 #define S_MAX_REPLY ((int64_t)64 << 20) /* a status reply of 65536 workers is a few MB */
@@ -24,7 +25,7 @@ static void s_on_signal(int sig)
     s_interrupted = 1;
 }
 
-/* --- small shared helpers ------------------------------------------------------------------ */
+/* --- reading a reply ----------------------------------------------------------------------- */
 
 double cli_json_num(const cJSON *obj, const char *key, double def)
 {
@@ -36,30 +37,6 @@ const char *cli_json_str(const cJSON *obj, const char *key, const char *def)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     return cJSON_IsString(v) && v->valuestring ? v->valuestring : def;
-}
-
-bool cli_endpoint_ok(const char *ep)
-{
-    if (strncmp(ep, "ipc://", 6) == 0)
-        return ep[6] != 0;
-    if (strncmp(ep, "tcp://", 6) != 0)
-        return false;
-    const char *host = ep + 6, *colon = strrchr(host, ':');
-    if (!colon || colon == host)
-        return false;
-    long port;
-    return cli_parse_int(colon + 1, 1, 65535, &port);
-}
-
-bool cli_parse_int(const char *s, long lo, long hi, long *out)
-{
-    if (!s || !*s || strspn(s, "0123456789") != strlen(s) || strlen(s) > 9)
-        return false;
-    long v = strtol(s, NULL, 10);
-    if (v < lo || v > hi)
-        return false;
-    *out = v;
-    return true;
 }
 
 /* --- asking -------------------------------------------------------------------------------- */
@@ -91,27 +68,16 @@ semoe_rc cli_status_fetch(void *ctx, const char *endpoint, int timeout_ms, cJSON
         rc = semoe_err(SEMOE_EIO, "%s: send: %s", endpoint, zmq_strerror(zmq_errno()));
         goto done;
     }
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (;;) {
-        struct timespec t;
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        long spent = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
-        zmq_pollitem_t item = {req, 0, ZMQ_POLLIN, 0};
-        int n = zmq_poll(&item, 1, spent < timeout_ms ? timeout_ms - spent : 0);
-        if (n == -1 && zmq_errno() == EINTR) {
-            if (s_interrupted) {
-                rc = semoe_err(SEMOE_ESTOPPED, "interrupted");
-                goto done;
-            }
-            continue;
-        }
-        if (n == -1) {
-            rc = semoe_err(SEMOE_EIO, "%s: %s", endpoint, zmq_strerror(zmq_errno()));
-            goto done;
-        }
-        if (n > 0)
-            break;
+    int n = cli_wait(req, ZMQ_POLLIN, cli_now_ms() + timeout_ms, &s_interrupted);
+    if (n == -1 && zmq_errno() == EINTR) {
+        rc = semoe_err(SEMOE_ESTOPPED, "interrupted");
+        goto done;
+    }
+    if (n == -1) {
+        rc = semoe_err(SEMOE_EIO, "%s: %s", endpoint, zmq_strerror(zmq_errno()));
+        goto done;
+    }
+    if (n == 0) {
         rc = semoe_err(SEMOE_ETIMEDOUT, "no answer from %s: is semoe-coordinator running?",
                        endpoint);
         goto done;
@@ -196,22 +162,8 @@ static void s_expert_list(const cJSON *arr, char *buf, size_t n)
             ids[k++] = (uint32_t)v->valuedouble;
     qsort(ids, (size_t)k, sizeof *ids, s_cmp_u32);
     size_t len = (size_t)snprintf(buf, n, "%d%s", k, k ? ": " : "");
-    for (int i = 0; i < k && len < n;) {
-        int j = i;
-        while (j + 1 < k && ids[j + 1] == ids[j] + 1)
-            j++;
-        char run[32];
-        if (j == i)
-            snprintf(run, sizeof run, "%s%u", i ? "," : "", ids[i]);
-        else
-            snprintf(run, sizeof run, "%s%u-%u", i ? "," : "", ids[i], ids[j]);
-        if (len + strlen(run) + 4 >= n) {
-            snprintf(buf + len, n - len, ",...");
-            break;
-        }
-        len += (size_t)snprintf(buf + len, n - len, "%s", run);
-        i = j + 1;
-    }
+    if (len < n)
+        fmt_ranges(ids, (size_t)k, buf + len, n - len);
     free(ids);
 }
 
@@ -416,13 +368,13 @@ static const char s_usage[] =
 
 int cli_status_main(int argc, char **argv)
 {
-    enum { O_ENDPOINT = 1, O_JSON, O_WATCH, O_TIMEOUT, O_HELP };
+    enum { O_ENDPOINT = 1, O_JSON, O_WATCH, O_TIMEOUT };
     static const struct option opts[] = {
         {"endpoint", required_argument, 0, O_ENDPOINT},
         {"json", no_argument, 0, O_JSON},
         {"watch", no_argument, 0, O_WATCH},
         {"timeout-ms", required_argument, 0, O_TIMEOUT},
-        {"help", no_argument, 0, O_HELP},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *endpoint = CLI_STATUS_ENDPOINT;
@@ -447,34 +399,14 @@ int cli_status_main(int argc, char **argv)
             }
             break;
         case O_TIMEOUT:
-            if (!cli_parse_int(optarg, 1, 3600000, &timeout_ms)) {
-                fprintf(stderr, "semoe status: --timeout-ms %s: expected milliseconds, "
-                        "1..3600000\n", optarg);
+            if (!cli_flag_timeout_ms("status", optarg, &timeout_ms))
                 return CLI_EXIT_USAGE;
-            }
             break;
-        case 'h':
-        case O_HELP: fputs(s_usage, stdout); return 0;
-        case ':':
-            fprintf(stderr, "semoe status: %s needs a value (see semoe status --help)\n",
-                    argv[optind - 1]);
-            return CLI_EXIT_USAGE;
-        default:
-            fprintf(stderr, "semoe status: unknown flag %s (see semoe status --help)\n",
-                    argv[optind - 1]);
-            return CLI_EXIT_USAGE;
+        default: return cli_flags_other("status", c, argv, s_usage);
         }
     }
-    if (optind < argc) {
-        fprintf(stderr, "semoe status: unexpected argument %s (see semoe status --help)\n",
-                argv[optind]);
+    if (!cli_flags_end("status", argc, argv) || !cli_flag_endpoint("status", endpoint))
         return CLI_EXIT_USAGE;
-    }
-    if (!cli_endpoint_ok(endpoint)) {
-        fprintf(stderr, "semoe status: --endpoint %s: expected tcp://HOST:PORT or ipc://PATH\n",
-                endpoint);
-        return CLI_EXIT_USAGE;
-    }
     if (watch) { /* Ctrl-C ends the watch with exit 0 */
         struct sigaction sa = {0};
         sa.sa_handler = s_on_signal;

@@ -1,23 +1,13 @@
 /* `semoe stop`: sends STOP to the coordinator's control socket. The coordinator then sends STOP
  * to every worker; they exit 0, and so does it (docs/control-plane.md). */
-#include <errno.h>
 #include <getopt.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <zmq.h>
 
 #include "cli/cli.h"
 #include "proto/msg.h"
 
 #define S_LINGER_MS 2000 /* how long the STOP may wait in the socket after we close it */
-
-static long s_since(const struct timespec *t0)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (t.tv_sec - t0->tv_sec) * 1000 + (t.tv_nsec - t0->tv_nsec) / 1000000;
-}
 
 semoe_rc cli_stop_send(void *ctx, const char *endpoint, int timeout_ms, bool *acked)
 {
@@ -38,20 +28,8 @@ semoe_rc cli_stop_send(void *ctx, const char *endpoint, int timeout_ms, bool *ac
         return rc;
     }
 
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    bool connected = false;
-    while (!connected) {
-        long left = timeout_ms - s_since(&t0);
-        zmq_pollitem_t item = {dealer, 0, ZMQ_POLLOUT, 0};
-        int n = zmq_poll(&item, 1, left > 0 ? left : 0);
-        if (n == -1 && zmq_errno() == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        connected = true;
-    }
-    if (!connected) {
+    int64_t deadline = cli_now_ms() + timeout_ms;
+    if (cli_wait(dealer, ZMQ_POLLOUT, deadline, NULL) != 1) {
         zmq_close(dealer);
         return semoe_err(SEMOE_ETIMEDOUT, "could not reach %s within %d ms: is "
                          "semoe-coordinator running?", endpoint, timeout_ms);
@@ -67,14 +45,7 @@ semoe_rc cli_stop_send(void *ctx, const char *endpoint, int timeout_ms, bool *ac
         return rc;
     }
     /* The coordinator answers ACK (acked_type STOP), or ERROR when it refuses. */
-    while (!*acked && rc == SEMOE_OK) {
-        long left = timeout_ms - s_since(&t0);
-        zmq_pollitem_t item = {dealer, 0, ZMQ_POLLIN, 0};
-        int n = zmq_poll(&item, 1, left > 0 ? left : 0);
-        if (n == -1 && zmq_errno() == EINTR)
-            continue;
-        if (n <= 0)
-            break;
+    while (!*acked && rc == SEMOE_OK && cli_wait(dealer, ZMQ_POLLIN, deadline, NULL) == 1) {
         zmq_msg_t m;
         zmq_msg_init(&m);
         proto_msg_t reply;
@@ -105,11 +76,11 @@ static const char s_usage[] =
 
 int cli_stop_main(int argc, char **argv)
 {
-    enum { O_ENDPOINT = 1, O_TIMEOUT, O_HELP };
+    enum { O_ENDPOINT = 1, O_TIMEOUT };
     static const struct option opts[] = {
         {"endpoint", required_argument, 0, O_ENDPOINT},
         {"timeout-ms", required_argument, 0, O_TIMEOUT},
-        {"help", no_argument, 0, O_HELP},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
     const char *endpoint = CLI_CONTROL_ENDPOINT;
@@ -121,34 +92,14 @@ int cli_stop_main(int argc, char **argv)
         switch (c) {
         case O_ENDPOINT: endpoint = optarg; break;
         case O_TIMEOUT:
-            if (!cli_parse_int(optarg, 1, 3600000, &timeout_ms)) {
-                fprintf(stderr, "semoe stop: --timeout-ms %s: expected milliseconds, "
-                        "1..3600000\n", optarg);
+            if (!cli_flag_timeout_ms("stop", optarg, &timeout_ms))
                 return CLI_EXIT_USAGE;
-            }
             break;
-        case 'h':
-        case O_HELP: fputs(s_usage, stdout); return 0;
-        case ':':
-            fprintf(stderr, "semoe stop: %s needs a value (see semoe stop --help)\n",
-                    argv[optind - 1]);
-            return CLI_EXIT_USAGE;
-        default:
-            fprintf(stderr, "semoe stop: unknown flag %s (see semoe stop --help)\n",
-                    argv[optind - 1]);
-            return CLI_EXIT_USAGE;
+        default: return cli_flags_other("stop", c, argv, s_usage);
         }
     }
-    if (optind < argc) {
-        fprintf(stderr, "semoe stop: unexpected argument %s (see semoe stop --help)\n",
-                argv[optind]);
+    if (!cli_flags_end("stop", argc, argv) || !cli_flag_endpoint("stop", endpoint))
         return CLI_EXIT_USAGE;
-    }
-    if (!cli_endpoint_ok(endpoint)) {
-        fprintf(stderr, "semoe stop: --endpoint %s: expected tcp://HOST:PORT or ipc://PATH\n",
-                endpoint);
-        return CLI_EXIT_USAGE;
-    }
     void *ctx = zmq_ctx_new();
     bool acked = false;
     semoe_rc rc = cli_stop_send(ctx, endpoint, (int)timeout_ms, &acked);

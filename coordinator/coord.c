@@ -41,6 +41,8 @@
 #define S_BACKLOG 4096
 /* Weight of a new sample in an expert's smoothed load when the job sets no window. */
 #define S_LOAD_ALPHA_DEFAULT 0.3
+/* Control messages handled per drain before other sockets and timers get a turn. */
+#define S_CONTROL_BUDGET 32
 /* HEARTBEATs go out in this many slices of the interval, one slice per tick. */
 #define S_HEARTBEAT_SLICES 8
 
@@ -715,6 +717,9 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
                              : NULL;
     if (!self->status_watch)
         goto fail;
+    /* A burst of a thousand ACKs or heartbeats is drained in small bites so that a status
+     * query waiting beside it is answered within a bite, not after the whole burst. */
+    zloop_watch_set_budget(self->control_watch, S_CONTROL_BUDGET);
     if (opts->metrics && opts->metrics[0] && strcmp(opts->metrics, "none") != 0) {
         SEMOE_CHECK_GOTO(metrics_new(&self->loop, opts->metrics, s_render_metrics, self,
                                      &self->metrics),

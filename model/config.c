@@ -307,32 +307,5 @@ semoe_rc model_config_load_hf(const char *path, model_config_t *cfg)
 
 cJSON *model_config_to_json(const model_config_t *cfg)
 {
-    cJSON *o = cJSON_CreateObject();
-    if (!o)
-        abort();
-    for (size_t i = 0; i < S_NFIELDS; i++) {
-        const model_spec_field_t *f = &s_fields[i];
-        const char *p = (const char *)cfg + f->offset;
-        cJSON *v = NULL;
-        switch (f->kind) {
-        case MODEL_SPEC_U32: {
-            uint32_t u = *(const uint32_t *)p;
-            v = f->nullable && u == 0 ? cJSON_CreateNull() : cJSON_CreateNumber(u);
-            break;
-        }
-        case MODEL_SPEC_F64:
-            v = cJSON_CreateNumber(*(const double *)p);
-            break;
-        case MODEL_SPEC_BOOL:
-            v = cJSON_CreateBool(*(const bool *)p);
-            break;
-        case MODEL_SPEC_STR:
-            v = cJSON_CreateString(p);
-            break;
-        default:
-            break;
-        }
-        model_spec_put(o, f->key, v);
-    }
-    return o;
+    return model_spec_to_json(s_fields, S_NFIELDS, cfg);
 }

@@ -351,60 +351,14 @@ semoe_rc model_job_load(const char *path, model_job_t **out)
     return rc;
 }
 
-/* A count as a JSON number when exact, else as a decimal string (which BYTES fields read). */
-static cJSON *s_u64(uint64_t v, bool as_string_if_large)
-{
-    if (v <= MODEL_SPEC_MAX_EXACT || !as_string_if_large)
-        return cJSON_CreateNumber((double)v);
-    char text[24];
-    snprintf(text, sizeof text, "%llu", (unsigned long long)v);
-    return cJSON_CreateString(text);
-}
-
-/* Every field of a table whose kind is not OTHER, from job. */
-static cJSON *s_table_json(const model_spec_field_t *fields, size_t n, const model_job_t *job)
-{
-    cJSON *o = cJSON_CreateObject();
-    if (!o)
-        abort();
-    for (size_t i = 0; i < n; i++) {
-        const char *p = (const char *)job + fields[i].offset;
-        cJSON *v = NULL;
-        switch (fields[i].kind) {
-        case MODEL_SPEC_U32:
-            v = cJSON_CreateNumber(*(const uint32_t *)p);
-            break;
-        case MODEL_SPEC_U64:
-            v = s_u64(*(const uint64_t *)p, false);
-            break;
-        case MODEL_SPEC_BYTES:
-            v = s_u64(*(const uint64_t *)p, true);
-            break;
-        case MODEL_SPEC_F64:
-            v = cJSON_CreateNumber(*(const double *)p);
-            break;
-        case MODEL_SPEC_BOOL:
-            v = cJSON_CreateBool(*(const bool *)p);
-            break;
-        case MODEL_SPEC_STR:
-            v = cJSON_CreateString(p);
-            break;
-        case MODEL_SPEC_OTHER:
-            continue;
-        }
-        model_spec_put(o, fields[i].key, v);
-    }
-    return o;
-}
-
 char *model_job_to_json(const model_job_t *job)
 {
     cJSON *root = cJSON_CreateObject();
     if (!root)
         abort();
     model_spec_put(root, "model", model_config_to_json(&job->model));
-    model_spec_put(root, "train", s_table_json(s_train, S_LEN(s_train), job));
-    cJSON *data = s_table_json(s_data, S_LEN(s_data), job);
+    model_spec_put(root, "train", model_spec_to_json(s_train, S_LEN(s_train), job));
+    cJSON *data = model_spec_to_json(s_data, S_LEN(s_data), job);
     if (job->data.n_paths) {
         cJSON *paths = cJSON_CreateArray();
         if (!paths)
@@ -415,9 +369,9 @@ char *model_job_to_json(const model_job_t *job)
         model_spec_put(data, "paths", paths);
     }
     model_spec_put(root, "data", data);
-    model_spec_put(root, "cluster", s_table_json(s_cluster, S_LEN(s_cluster), job));
-    model_spec_put(root, "elastic", s_table_json(s_elastic, S_LEN(s_elastic), job));
-    model_spec_put(root, "storage", s_table_json(s_storage, S_LEN(s_storage), job));
+    model_spec_put(root, "cluster", model_spec_to_json(s_cluster, S_LEN(s_cluster), job));
+    model_spec_put(root, "elastic", model_spec_to_json(s_elastic, S_LEN(s_elastic), job));
+    model_spec_put(root, "storage", model_spec_to_json(s_storage, S_LEN(s_storage), job));
     char *printed = cJSON_Print(root);
     cJSON_Delete(root);
     if (!printed)

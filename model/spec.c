@@ -1,6 +1,6 @@
-/* Reading JSON objects into C structs through a table of fields (model/spec.h): every value
- * type- and range-checked, unknown and repeated keys refused when strict, and every message one
- * line that starts with the origin, whatever bytes the user's file holds. */
+/* Reading JSON objects into C structs through a table of fields (model/spec.h), and writing
+ * them back: every value type- and range-checked, unknown and repeated keys refused when strict,
+ * and every message one line that starts with the origin, whatever bytes the user's file holds. */
 #include "model/spec.h"
 
 #include <errno.h>
@@ -547,4 +547,52 @@ void model_spec_put(cJSON *obj, const char *key, cJSON *item)
         fprintf(stderr, "semoe: out of memory building JSON\n");
         abort();
     }
+}
+
+/* A count as a JSON number when exact, else as a decimal string (which BYTES fields read). */
+static cJSON *s_u64_json(uint64_t v, bool as_string_if_large)
+{
+    if (v <= MODEL_SPEC_MAX_EXACT || !as_string_if_large)
+        return cJSON_CreateNumber((double)v);
+    char text[24];
+    snprintf(text, sizeof text, "%llu", (unsigned long long)v);
+    return cJSON_CreateString(text);
+}
+
+cJSON *model_spec_to_json(const model_spec_field_t *fields, size_t n, const void *base)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        abort();
+    for (size_t i = 0; i < n; i++) {
+        const model_spec_field_t *f = &fields[i];
+        const char *p = (const char *)base + f->offset;
+        cJSON *v = NULL;
+        switch (f->kind) {
+        case MODEL_SPEC_U32: {
+            uint32_t u = *(const uint32_t *)p;
+            v = f->nullable && u == 0 ? cJSON_CreateNull() : cJSON_CreateNumber(u);
+            break;
+        }
+        case MODEL_SPEC_U64:
+            v = s_u64_json(*(const uint64_t *)p, false);
+            break;
+        case MODEL_SPEC_BYTES:
+            v = s_u64_json(*(const uint64_t *)p, true);
+            break;
+        case MODEL_SPEC_F64:
+            v = cJSON_CreateNumber(*(const double *)p);
+            break;
+        case MODEL_SPEC_BOOL:
+            v = cJSON_CreateBool(*(const bool *)p);
+            break;
+        case MODEL_SPEC_STR:
+            v = cJSON_CreateString(p);
+            break;
+        case MODEL_SPEC_OTHER:
+            continue;
+        }
+        model_spec_put(o, f->key, v);
+    }
+    return o;
 }

@@ -1,6 +1,6 @@
 /* Reading JSON objects into C structs through a table of fields, strictly (a job spec: unknown
- * and duplicate keys are errors) or leniently (a config.json transformers wrote), and the one
- * line every model/ error is: "ORIGIN: SECTION.KEY=VALUE: FIX", user text escaped. */
+ * and duplicate keys are errors) or leniently (a config.json transformers wrote), and back to
+ * JSON; the one line every model/ error is: "ORIGIN: SECTION.KEY=VALUE: FIX", user text escaped. */
 #ifndef SEMOE_MODEL_SPEC_H
 #define SEMOE_MODEL_SPEC_H
 
@@ -84,5 +84,10 @@ bool model_spec_parse_bytes(const char *s, uint64_t *out);
 
 /* Adds item to obj under key; aborts when cJSON cannot allocate (out of memory). */
 void model_spec_put(cJSON *obj, const char *key, cJSON *item);
+
+/* The fields[0..n) of base as a new JSON object (caller's, cJSON_Delete), what model_spec_read
+ * reads back: a nullable U32 that is 0 as null, a BYTES count above MODEL_SPEC_MAX_EXACT as a
+ * decimal string, OTHER fields left out (the caller adds them). Aborts when out of memory. */
+cJSON *model_spec_to_json(const model_spec_field_t *fields, size_t n, const void *base);
 
 #endif

@@ -1,11 +1,9 @@
 /* Process helpers for multi-process tests: start the real daemons from the build tree with
  * their output in a per-test temp dir, signal them, wait for them with bounds, and kill every
- * child at exit or on a signal so nothing is left behind; free loopback ports; and a status
- * client that asks a coordinator's status socket and reads the reply's fields. */
+ * child at exit or on a signal so nothing is left behind; free loopback ports. */
 #ifndef SEMOE_TEST_PROC_H
 #define SEMOE_TEST_PROC_H
 
-#include <cjson/cJSON.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -15,6 +13,8 @@
 #define PROC_COORDINATOR "coordinator/semoe-coordinator"
 #define PROC_WORKER "worker/semoe-worker"
 #define PROC_CLI "cli/semoe"
+/* Children a test may start in all. */
+#define PROC_MAX 128
 
 typedef struct proc proc_t;
 
@@ -28,6 +28,8 @@ void proc_init(const char *test_name);
  * unset. */
 const char *proc_build_dir(void);
 const char *proc_src_dir(void);
+/* The test's name as given to proc_init ("test" before). */
+const char *proc_name(void);
 /* The test's temp dir, and a path name inside it (into buf; returns buf). */
 const char *proc_tmp_dir(void);
 char *proc_tmp_path(char *buf, size_t n, const char *name);
@@ -100,68 +102,5 @@ proc_t *proc_start_coordinator(const char *label, const char *job, const proc_po
 /* Starts semoe-worker --id id --device cpu against pp's control endpoint; reconnect_max_ms > 0
  * adds --reconnect-max-ms. The label is the id. */
 proc_t *proc_start_worker(const char *id, const proc_ports_t *pp, int reconnect_max_ms);
-
-/* --- status client -------------------------------------------------------------------- */
-
-/* Sends "status" on a fresh REQ socket to endpoint and returns the parsed reply (caller owns,
- * cJSON_Delete), or NULL when there is no reply within timeout_ms or it is not JSON
- * (test_status_error says why). Never blocks longer than about timeout_ms. */
-cJSON *test_status_query(const char *endpoint, int timeout_ms);
-const char *test_status_error(void);
-
-/* Polls the status endpoint (every poll_ms) until pred(status, arg) holds or timeout_ms
- * passes. Returns the status that satisfied it (caller owns) or NULL; on a timeout prints
- * what was last seen and, if not NULL, the reason pred last wrote into why. */
-typedef bool (*test_status_pred)(const cJSON *st, void *arg, char *why, size_t why_n);
-cJSON *test_status_wait(const char *endpoint, test_status_pred pred, void *arg, int timeout_ms,
-                        int poll_ms);
-
-/* Fields of a status reply. Numbers read as -1 and strings as NULL when missing. */
-long long test_status_num(const cJSON *obj, const char *key);
-const char *test_status_str(const cJSON *obj, const char *key);
-long long test_status_generation(const cJSON *st);
-const char *test_status_run_id(const cJSON *st);
-const char *test_status_state(const cJSON *st);     /* the job's state */
-long long test_status_counter(const cJSON *st, const char *name); /* counters.name */
-int test_status_num_layers(const cJSON *st);
-int test_status_num_experts(const cJSON *st);        /* per layer */
-/* The workers array and one worker by id (NULL if absent). */
-const cJSON *test_status_workers(const cJSON *st);
-int test_status_worker_count(const cJSON *st);
-const cJSON *test_status_worker(const cJSON *st, const char *id);
-const char *test_status_worker_id(const cJSON *w);
-const char *test_status_worker_state(const cJSON *w);
-long long test_status_worker_rank(const cJSON *w);
-/* Copies up to n of the worker's expert ids into out; returns how many it has (-1: none). */
-int test_status_worker_experts(const cJSON *w, int *out, int n);
-/* Workers in state "active". */
-int test_status_active_count(const cJSON *st);
-/* The holder of expert id (layer * E + j) if exactly one worker holds it, else NULL. */
-const char *test_status_expert_holder(const cJSON *st, int id);
-
-/* Checks the placement against the contract: every expert 0..L*E-1 listed once, held by
- * exactly one worker, that worker listed in workers and listing the expert back; per layer
- * and over all layers max - min <= 1 expert per worker. Returns true, or false with the first
- * problem in why. */
-bool test_status_placement_ok(const cJSON *st, char *why, size_t why_n);
-/* Checks ranks dense 0..n-1 and, where a worker shows "batch", the contract's split of
- * global_batch by rank. */
-bool test_status_ranks_ok(const cJSON *st, char *why, size_t why_n);
-/* What test_status_settled waits for: exactly n workers, all active, the job running, every
- * id in ids[0..n_ids) present and `absent` (if not NULL) not, generation > min_gen, run_id
- * different from not_run_id (if not NULL), placement and ranks as the contract says. */
-typedef struct {
-    int n;
-    const char *const *ids;
-    int n_ids;
-    const char *absent;
-    long long min_gen;
-    const char *not_run_id;
-} test_status_want_t;
-/* A test_status_pred over a test_status_want_t. */
-bool test_status_settled(const cJSON *st, void *want, char *why, size_t why_n);
-
-/* A one-line summary ("gen=3 state=running workers=[w1:active:r0:4e ...]") into buf. */
-char *test_status_summary(const cJSON *st, char *buf, size_t n);
 
 #endif

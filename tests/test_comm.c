@@ -11,6 +11,7 @@
 #include "proto/msg.h"
 #include "tests/harness.h"
 #include "tests/proc.h"
+#include "tests/status_client.h"
 
 typedef struct {
     void *sock;

@@ -2,6 +2,7 @@
  * semoe-coordinator (or semoe-worker) exit 2 with one line on stderr naming the field, the flag
  * or the file; --help prints usage and exits 0; `semoe status` against nothing fails in bounded
  * time. The bad specs are random variations of tests/jobs/small.json written to a temp dir. */
+#include <cjson/cJSON.h>
 #include <dirent.h>
 #include <limits.h>
 #include <stdio.h>

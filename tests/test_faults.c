@@ -10,6 +10,7 @@
 
 #include "tests/harness.h"
 #include "tests/proc.h"
+#include "tests/status_client.h"
 
 #define NW 4
 #define SETTLE_MS 30000
@@ -70,15 +71,6 @@ static bool s_listed(const cJSON *st, void *arg, char *why, size_t n)
     return true;
 }
 
-static bool s_replies(const cJSON *st, void *arg, char *why, size_t n)
-{
-    (void)st;
-    (void)arg;
-    (void)why;
-    (void)n;
-    return true;
-}
-
 int main(void)
 {
     test_init("faults");
@@ -87,13 +79,9 @@ int main(void)
     proc_src_path(job, sizeof job, "tests/jobs/small.json");
 
     proc_ports_t pp;
-    /* REQUIRE evaluates its condition twice: never a call with an effect inside it. */
-    bool ok = proc_ports_pick(&pp);
-    REQUIRE(ok, "no free loopback ports");
-    proc_t *coord = proc_start_coordinator("coordinator", job, &pp, NULL);
-    REQUIRE(coord, "cannot start the coordinator");
-    cJSON *st = test_status_wait(pp.status_ep, s_replies, NULL, 15000, 50);
-    REQUIRE(st, "the coordinator's status socket does not answer");
+    proc_t *coord;
+    cJSON *st = test_status_start_coordinator(job, &pp, &coord);
+    REQUIRE(st, "no coordinator answering on its status socket");
     long long hb = test_status_num(st, "heartbeat_ms"), liveness = test_status_num(st, "liveness");
     if (hb <= 0 || liveness <= 0) {
         CHECK(false, "status has no heartbeat_ms/liveness");
@@ -119,7 +107,7 @@ int main(void)
     int k = s_pick_live();
     fprintf(stderr, "  SIGKILL %s\n", s_ids[k]);
     int64_t t0 = proc_now_ms();
-    ok = proc_kill(s_workers[k]);
+    bool ok = proc_kill(s_workers[k]);
     REQUIRE(ok, "cannot kill %s", s_ids[k]);
     s_alive[k] = false;
     n = s_live_ids(ids, -1);

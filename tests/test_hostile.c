@@ -17,9 +17,12 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "actors/procfs.h"
 #include "proto/msg.h"
 #include "tests/harness.h"
+#include "tests/hostile_client.h"
 #include "tests/proc.h"
+#include "tests/status_client.h"
 
 #define S_WORKERS 3
 #define S_HEARTBEAT_MS 200
@@ -30,8 +33,6 @@
 #define S_FUZZ_SENDS 12000
 #define S_SYNC_EVERY 500
 #define S_RSS_LIMIT_KB (256 * 1024)
-#define S_REPLY_MS 3000
-#define S_MAX_EXPERTS 4096
 
 /* Under AddressSanitizer every freed block waits in a quarantine (256 MB by default) before it
  * is reused, so the daemons' RSS measures the sanitizer, not them: a sanitizer build starts them
@@ -46,62 +47,28 @@
 
 static const char *const s_ids[S_WORKERS] = {"w1", "w2", "w3"};
 
-typedef struct {
-    void *sock;
-    long sent;
-} s_client_t;
-
-/* Replies the hostile clients got. */
-typedef struct {
-    long total, undecodable, not_error, by_code[8];
-} s_tally_t;
-
 static struct {
-    void *ctx;
+    hostile_t h;       /* the job under attack, and the clients' counts */
     proc_ports_t ports;
     proc_t *coord;
-    uint64_t run_id;   /* the coordinator's, from status */
-    uint64_t gen;      /* generation of the settled job before the attack */
-    uint32_t layers, experts;
-    s_client_t clients[S_CLIENTS];
-    s_tally_t tally;
-    long sends, dropped;
+    hostile_client_t clients[S_CLIENTS];
     bool phase_a_broken; /* a status snapshot during phase A already failed; say it once */
 } S;
-
-static uint32_t s_zeros[S_MAX_EXPERTS];
-static uint32_t s_offsets[S_MAX_EXPERTS + 1];
-static const uint32_t s_batch[2] = {0, 8};
-static const char *const s_peer_ids[1] = {"hx"};
-static const char *const s_peer_eps[1] = {"tcp://127.0.0.1:9"};
-static uint8_t s_comm_id[128];
 
 /* --- status ----------------------------------------------------------------------------- */
 
 static cJSON *s_status(void) { return test_status_query(S.ports.status_ep, 3000); }
 
-static uint64_t s_vmhwm_kb(void)
-{
-    char path[64], line[256];
-    snprintf(path, sizeof path, "/proc/%d/status", (int)proc_pid(S.coord));
-    FILE *f = fopen(path, "r");
-    unsigned long long kb = 0;
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "VmHWM: %llu kB", &kb) == 1)
-            break;
-    if (f)
-        fclose(f);
-    return kb;
-}
+static uint64_t s_vmhwm_kb(void) { return procfs_peak_rss_kb(proc_pid(S.coord)); }
 
 /* The live workers as they were: all three listed and active, the generation unchanged. */
 static bool s_untouched(const cJSON *st, char *why, size_t n)
 {
     if (!st)
         return snprintf(why, n, "no status answer: %s", test_status_error()), false;
-    if ((uint64_t)test_status_generation(st) != S.gen)
+    if ((uint64_t)test_status_generation(st) != S.h.gen)
         return snprintf(why, n, "generation %lld, was %" PRIu64, test_status_generation(st),
-                        S.gen), false;
+                        S.h.gen), false;
     for (int i = 0; i < S_WORKERS; i++) {
         const cJSON *w = test_status_worker(st, s_ids[i]);
         const char *state = w ? test_status_worker_state(w) : NULL;
@@ -113,418 +80,7 @@ static bool s_untouched(const cJSON *st, char *why, size_t n)
     return true;
 }
 
-/* --- messages --------------------------------------------------------------------------- */
-
-/* A valid message of type (never STOP: from anyone it stops the job, by contract). PAUSE and
- * RESUME carry a step above 1 so that no mutation of their type byte makes a valid STOP. */
-static void s_valid(uint32_t type, uint64_t run, uint64_t gen, proto_msg_t *m)
-{
-    uint32_t ne = S.layers * S.experts;
-    memset(m, 0, sizeof *m);
-    m->hdr = (proto_header_t){.type = type, .run_id = run, .generation = gen,
-                              .seq = test_rand_below(1000)};
-    switch (type) {
-    case PROTO_JOIN:
-        snprintf(m->join.id, sizeof m->join.id, "hostile%04u", (unsigned)test_rand_below(10000));
-        snprintf(m->join.host, sizeof m->join.host, "127.0.0.1");
-        m->join.pid = 1;
-        snprintf(m->join.device_kind, sizeof m->join.device_kind, "cpu");
-        snprintf(m->join.device_name, sizeof m->join.device_name, "cpu");
-        snprintf(m->join.data_endpoint, sizeof m->join.data_endpoint, "tcp://127.0.0.1:9");
-        break;
-    case PROTO_WELCOME:
-        snprintf(m->welcome.worker_id, sizeof m->welcome.worker_id, "w1");
-        m->welcome.heartbeat_ms = S_HEARTBEAT_MS;
-        m->welcome.liveness = 3;
-        m->welcome.job = (proto_bytes_t){.data = (const uint8_t *)"{}", .size = 2};
-        break;
-    case PROTO_HEARTBEAT:
-        m->heartbeat.step = test_rand_below(100);
-        m->heartbeat.load = PROTO_U32S(s_zeros, ne);
-        break;
-    case PROTO_PLAN:
-        m->plan.rank = 0;
-        m->plan.world = 1;
-        m->plan.num_layers = S.layers;
-        m->plan.num_experts = S.experts;
-        m->plan.global_batch = 8;
-        m->plan.batch_offsets = PROTO_U32S(s_batch, 2);
-        m->plan.holder_offsets = PROTO_U32S(s_offsets, ne + 1);
-        m->plan.holders = PROTO_U32S(s_zeros, ne);
-        m->plan.peers = PROTO_PEERS(s_peer_ids, s_peer_eps, 1);
-        break;
-    case PROTO_COMM:
-        m->comm.world = 1;
-        m->comm.comm_id = (proto_bytes_t){.data = s_comm_id, .size = sizeof s_comm_id};
-        break;
-    case PROTO_ACK:
-        m->ack.acked_type = PROTO_PLAN;
-        break;
-    case PROTO_PAUSE:
-        m->pause.step = 2 + test_rand_below(1000);
-        break;
-    case PROTO_RESUME:
-        m->resume.step = 2 + test_rand_below(1000);
-        break;
-    case PROTO_LEAVE:
-        snprintf(m->leave.reason, sizeof m->leave.reason, "hostile");
-        break;
-    case PROTO_ERROR:
-        m->error.code = PROTO_ERR_MALFORMED;
-        snprintf(m->error.text, sizeof m->error.text, "hostile");
-        break;
-    default:
-        break;
-    }
-}
-
-/* Encodes m into sb (initialised here; the caller destroys it). */
-static bool s_encode(const proto_msg_t *m, msgpack_sbuffer *sb)
-{
-    msgpack_sbuffer_init(sb);
-    semoe_rc rc = proto_encode(m, sb);
-    CHECK(rc == SEMOE_OK, "proto_encode %s: %s", proto_type_name(m->hdr.type), semoe_err_msg());
-    return rc == SEMOE_OK;
-}
-
-/* Any type a hostile client may send valid (all but JOIN, which would make it a member, and
- * STOP). */
-static uint32_t s_rand_nonjoin_type(void)
-{
-    static const uint32_t types[] = {PROTO_WELCOME, PROTO_HEARTBEAT, PROTO_PLAN,  PROTO_COMM,
-                                     PROTO_ACK,     PROTO_PAUSE,     PROTO_RESUME, PROTO_LEAVE,
-                                     PROTO_ERROR};
-    return types[test_rand_below(sizeof types / sizeof types[0])];
-}
-
-/* The six header values, with an array header claiming n elements. */
-static void s_pack_header(msgpack_packer *pk, uint32_t n, uint64_t magic, uint64_t version,
-                          uint64_t type, uint64_t gen)
-{
-    msgpack_pack_array(pk, n);
-    msgpack_pack_uint64(pk, magic);
-    msgpack_pack_uint64(pk, version);
-    msgpack_pack_uint64(pk, type);
-    msgpack_pack_uint64(pk, S.run_id);
-    msgpack_pack_uint64(pk, gen);
-    msgpack_pack_uint64(pk, test_rand_below(100));
-}
-
-/* A HEARTBEAT body after the given header values. */
-static void s_pack_heartbeat(msgpack_sbuffer *sb, uint64_t magic, uint64_t version, uint64_t type)
-{
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    s_pack_header(&pk, 12, magic, version, type, S.gen);
-    for (int i = 0; i < 5; i++)
-        msgpack_pack_uint64(&pk, 0);
-    uint32_t bytes = 4 * S.layers * S.experts;
-    msgpack_pack_bin(&pk, bytes);
-    msgpack_pack_bin_body(&pk, s_zeros, bytes);
-}
-
-/* --- clients ---------------------------------------------------------------------------- */
-
-static void s_client_open(s_client_t *c, const void *routing_id, size_t id_len)
-{
-    int linger = 0, sndtimeo = 200;
-    c->sock = zmq_socket(S.ctx, ZMQ_DEALER);
-    if (!c->sock) {
-        CHECK(false, "zmq_socket: %s", zmq_strerror(zmq_errno()));
-        return;
-    }
-    zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo);
-    if (routing_id)
-        zmq_setsockopt(c->sock, ZMQ_ROUTING_ID, routing_id, id_len);
-    CHECK(zmq_connect(c->sock, S.ports.control_ep) == 0, "connect %s: %s", S.ports.control_ep,
-          zmq_strerror(zmq_errno()));
-    c->sent = 0;
-}
-
-static void s_client_close(s_client_t *c)
-{
-    if (c->sock)
-        zmq_close(c->sock);
-    c->sock = NULL;
-}
-
-/* Queues one frame (flags: ZMQ_SNDMORE for a part); a full queue drops it (counted). */
-static void s_client_send(s_client_t *c, const void *buf, size_t len, int flags)
-{
-    if (!c->sock)
-        return;
-    if (zmq_send(c->sock, buf, len, flags) < 0)
-        S.dropped++;
-    else if (!(flags & ZMQ_SNDMORE))
-        c->sent++;
-    S.sends++;
-}
-
-/* Receives one reply if one comes within timeout_ms; tallies it. Returns its decoded type
- * (0: none or undecodable) and *code for an ERROR. */
-static uint32_t s_client_recv(s_client_t *c, int timeout_ms, uint32_t *code)
-{
-    zmq_pollitem_t it = {.socket = c->sock, .events = ZMQ_POLLIN};
-    if (!c->sock || zmq_poll(&it, 1, timeout_ms) <= 0)
-        return 0;
-    zmq_msg_t msg;
-    zmq_msg_init(&msg);
-    uint32_t type = 0;
-    if (zmq_msg_recv(&msg, c->sock, ZMQ_DONTWAIT) >= 0) {
-        proto_msg_t m;
-        bool more = zmq_msg_more(&msg);
-        S.tally.total++;
-        if (more || proto_decode(zmq_msg_data(&msg), zmq_msg_size(&msg), &m) != PROTO_OK) {
-            S.tally.undecodable++;
-        } else {
-            type = m.hdr.type;
-            if (type == PROTO_ERROR) {
-                S.tally.by_code[m.error.code < 8 ? m.error.code : 0]++;
-                if (code)
-                    *code = m.error.code;
-            } else {
-                S.tally.not_error++;
-            }
-        }
-        while (more && zmq_msg_recv(&msg, c->sock, ZMQ_DONTWAIT) >= 0)
-            more = zmq_msg_more(&msg);
-    }
-    zmq_msg_close(&msg);
-    return type;
-}
-
-static void s_client_drain(s_client_t *c)
-{
-    while (s_client_recv(c, 0, NULL))
-        ;
-}
-
-/* Sends a valid HEARTBEAT and waits for the ERROR that a non-member gets: the coordinator has
- * then handled everything this client sent before it. */
-static bool s_client_sync(s_client_t *c)
-{
-    proto_msg_t m;
-    msgpack_sbuffer sb;
-    s_valid(PROTO_HEARTBEAT, S.run_id, S.gen, &m);
-    if (!s_encode(&m, &sb))
-        return false;
-    s_client_drain(c);
-    s_client_send(c, sb.data, sb.size, 0);
-    msgpack_sbuffer_destroy(&sb);
-    int64_t end = proc_now_ms() + S_REPLY_MS;
-    uint32_t code = 0;
-    while (proc_now_ms() < end)
-        if (s_client_recv(c, 50, &code) == PROTO_ERROR && code == PROTO_ERR_NOT_MEMBER)
-            return true;
-    return false;
-}
-
-/* Sends one valid message and returns the type of the first reply (0: none in S_REPLY_MS). */
-static uint32_t s_ask(s_client_t *c, const proto_msg_t *m, uint32_t *code)
-{
-    msgpack_sbuffer sb;
-    if (!s_encode(m, &sb))
-        return 0;
-    s_client_drain(c);
-    s_client_send(c, sb.data, sb.size, 0);
-    msgpack_sbuffer_destroy(&sb);
-    return s_client_recv(c, S_REPLY_MS, code);
-}
-
-/* A LEAVE from a non-member, then a HEARTBEAT: the only reply may be the HEARTBEAT's
- * NOT_MEMBER (or one for the LEAVE too). */
-static void s_leave_then_sync(s_client_t *c, const char *what)
-{
-    proto_msg_t m;
-    msgpack_sbuffer sb;
-    s_valid(PROTO_LEAVE, S.run_id, S.gen, &m);
-    if (!s_encode(&m, &sb))
-        return;
-    s_client_drain(c);
-    long other = S.tally.total - S.tally.by_code[PROTO_ERR_NOT_MEMBER];
-    s_client_send(c, sb.data, sb.size, 0);
-    msgpack_sbuffer_destroy(&sb);
-    CHECK(s_client_sync(c), "%s: no NOT_MEMBER reply to the HEARTBEAT after it", what);
-    s_client_drain(c);
-    CHECK(S.tally.total - S.tally.by_code[PROTO_ERR_NOT_MEMBER] == other,
-          "%s: a reply other than ERROR NOT_MEMBER", what);
-}
-
 /* --- attacks ---------------------------------------------------------------------------- */
-
-typedef struct {
-    const char *name;
-    const char *hex;
-} s_bomb_t;
-
-/* Containers and strings that claim far more than the bytes behind them. */
-static const s_bomb_t s_bombs[] = {
-    {"array32 of 4G elements", "ddffffffff"},
-    {"array32 of 4G, 96 GB to msgpack-c", "ddff000000"},
-    {"array16 of 64K elements", "dcffff"},
-    {"str32 of 4 GB", "dbffffffff41"},
-    {"bin32 of 4 GB", "c6ffffffff00"},
-    {"ext32 of 4 GB", "c9ffffffff01"},
-    {"map32 of 4G pairs", "dfffffffff"},
-    {"map16 of 64K pairs", "deffff"},
-    {"str16 of 64 KB", "daffff41"},
-    {"bin16 of 64 KB", "c5ffff00"},
-    {"str8 of 255 B", "d9ff"},
-    {"fixarray 15, empty", "9f"},
-    {"never-used byte", "c1"},
-};
-
-static size_t s_hex(const char *hex, uint8_t *out)
-{
-    size_t n = 0;
-    for (; hex[0] && hex[1]; hex += 2) {
-        unsigned v;
-        sscanf(hex, "%2x", &v);
-        out[n++] = (uint8_t)v;
-    }
-    return n;
-}
-
-/* Nested arrays (91 91 ... ) or maps of arrays (81 91 81 91 ...), depth deep. */
-static void s_nest(msgpack_sbuffer *sb, int depth, bool maps)
-{
-    for (int i = 0; i < depth; i++) {
-        uint8_t b[2] = {0x81, 0x91};
-        msgpack_sbuffer_write(sb, maps ? (const char *)b : (const char *)b + 1, maps ? 2 : 1);
-    }
-}
-
-/* A bomb alone, or inside a valid-looking header after k valid u32 fields, or as the header's
- * own array count. */
-static void s_build_bomb(msgpack_sbuffer *sb)
-{
-    msgpack_packer pk;
-    msgpack_sbuffer_init(sb);
-    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    int where = (int)test_rand_below(4);
-    if (where == 1 || where == 2) {
-        uint32_t type = s_rand_nonjoin_type();
-        if (test_rand_below(2))
-            type = PROTO_JOIN; /* a bomb where the id goes can never make a valid JOIN */
-        uint32_t k = (uint32_t)test_rand_below(10);
-        s_pack_header(&pk, 6 + k + 1 + (uint32_t)test_rand_below(4), PROTO_MAGIC, PROTO_VERSION,
-                      type, S.gen);
-        for (uint32_t i = 0; i < k; i++)
-            msgpack_pack_uint32(&pk, 0);
-    } else if (where == 3) {
-        /* The message's own array claims 4G elements, then a valid-looking header. */
-        uint8_t b[5] = {0xdd, 0xff, 0xff, 0xff, 0xff};
-        msgpack_sbuffer_write(sb, (const char *)b, sizeof b);
-        msgpack_pack_uint32(&pk, PROTO_MAGIC);
-        msgpack_pack_uint32(&pk, PROTO_VERSION);
-        msgpack_pack_uint32(&pk, PROTO_HEARTBEAT);
-    }
-    uint64_t pick = test_rand_below(sizeof s_bombs / sizeof s_bombs[0] + 2);
-    if (pick < sizeof s_bombs / sizeof s_bombs[0]) {
-        uint8_t b[16];
-        size_t n = s_hex(s_bombs[pick].hex, b);
-        msgpack_sbuffer_write(sb, (const char *)b, n);
-        /* Sometimes a few real bytes follow, as if the claim were being honoured. */
-        for (uint64_t i = 0, extra = test_rand_below(64); i < extra; i++) {
-            char x = (char)test_rand();
-            msgpack_sbuffer_write(sb, &x, 1);
-        }
-    } else {
-        s_nest(sb, 10000 + (int)test_rand_below(1000), pick % 2);
-    }
-}
-
-/* Wrong magic, version or type around a valid HEARTBEAT body, or the magic as a string. */
-static void s_build_bad_header(msgpack_sbuffer *sb)
-{
-    static const uint64_t magics[] = {0, PROTO_MAGIC ^ 1, 0x454f4d53u, UINT64_MAX};
-    static const uint64_t versions[] = {0, PROTO_VERSION + 1, 255, 1ull << 32};
-    static const uint64_t types[] = {0, PROTO_TYPE_END, 255, (1ull << 32) + PROTO_HEARTBEAT,
-                                     UINT64_MAX};
-    msgpack_sbuffer_init(sb);
-    switch (test_rand_below(4)) {
-    case 0:
-        s_pack_heartbeat(sb, magics[test_rand_below(4)], PROTO_VERSION, PROTO_HEARTBEAT);
-        break;
-    case 1:
-        s_pack_heartbeat(sb, PROTO_MAGIC, versions[test_rand_below(4)], PROTO_HEARTBEAT);
-        break;
-    case 2:
-        s_pack_heartbeat(sb, PROTO_MAGIC, PROTO_VERSION, types[test_rand_below(5)]);
-        break;
-    default: {
-        msgpack_packer pk;
-        msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-        msgpack_pack_array(&pk, 12);
-        msgpack_pack_str_with_body(&pk, "SMOE", 4);
-        break;
-    }
-    }
-}
-
-/* A valid non-JOIN message with random byte changes, insertions or a cut. */
-static void s_build_mutant(msgpack_sbuffer *sb)
-{
-    proto_msg_t m;
-    s_valid(s_rand_nonjoin_type(), S.run_id, S.gen, &m);
-    if (!s_encode(&m, sb))
-        return;
-    for (uint64_t i = 0, n = 1 + test_rand_below(4); i < n && sb->size; i++) {
-        size_t at = (size_t)test_rand_below(sb->size);
-        switch (test_rand_below(3)) {
-        case 0:
-            sb->data[at] = (char)test_rand();
-            break;
-        case 1:
-            sb->data[at] = (char)(0x80 | (test_rand() & 0x7f)); /* a container or a long header */
-            break;
-        default:
-            sb->size = at;
-            break;
-        }
-    }
-}
-
-/* Valid non-JOIN messages with stale, current and future generations and right, zero and
- * wrong run ids: from a non-member all are refused with ERROR. */
-static void s_build_generation(msgpack_sbuffer *sb)
-{
-    uint64_t gens[] = {0, S.gen ? S.gen - 1 : 0, S.gen, S.gen + 1, S.gen + 1000, UINT64_MAX};
-    uint64_t runs[] = {S.run_id, 0, S.run_id ^ 0x5a5a5a5a5a5a5a5aull, test_rand()};
-    proto_msg_t m;
-    s_valid(s_rand_nonjoin_type(), runs[test_rand_below(4)], gens[test_rand_below(6)], &m);
-    s_encode(&m, sb);
-}
-
-static void s_build_random(msgpack_sbuffer *sb)
-{
-    uint64_t r = test_rand_below(100);
-    size_t len = r < 70 ? test_rand_below(64) : r < 95 ? test_rand_below(4096)
-                                                        : test_rand_below(65536);
-    msgpack_sbuffer_init(sb);
-    for (size_t i = 0; i < len; i++) {
-        char x = (char)test_rand();
-        if (i == 0 && test_rand_below(4) == 0)
-            x = (char)(0x90 | (test_rand() & 0x0f)); /* looks like a message's array */
-        msgpack_sbuffer_write(sb, &x, 1);
-    }
-}
-
-/* 3 to 8 frames: garbage, or a valid non-JOIN message followed by garbage. */
-static void s_send_multipart(s_client_t *c)
-{
-    int frames = 3 + (int)test_rand_below(6);
-    for (int f = 0; f < frames; f++) {
-        msgpack_sbuffer sb;
-        if (f == 0 && test_rand_below(2))
-            s_build_generation(&sb);
-        else
-            s_build_random(&sb);
-        s_client_send(c, sb.data, sb.size, f + 1 < frames ? ZMQ_SNDMORE : 0);
-        msgpack_sbuffer_destroy(&sb);
-    }
-}
 
 /* Every prefix of a valid encoding of every type a client may send (JOIN too: no prefix of
  * it is a message). */
@@ -533,27 +89,27 @@ static void s_truncation_sweep(void)
     static const uint32_t types[] = {PROTO_JOIN,  PROTO_WELCOME, PROTO_HEARTBEAT, PROTO_PLAN,
                                      PROTO_COMM,  PROTO_ACK,     PROTO_PAUSE,     PROTO_RESUME,
                                      PROTO_LEAVE, PROTO_ERROR,   PROTO_STOP};
-    long before = S.sends;
+    long before = S.h.sends;
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
         proto_msg_t m;
         msgpack_sbuffer sb;
-        s_valid(types[t], S.run_id, S.gen, &m);
+        hostile_valid(types[t], S.h.run_id, S.h.gen, &m);
         if (types[t] == PROTO_STOP)
             m.stop.checkpoint = 0;
-        if (!s_encode(&m, &sb))
+        if (!hostile_encode(&m, &sb))
             continue;
-        s_client_t *c = &S.clients[t % S_CLIENTS];
+        hostile_client_t *c = &S.clients[t % S_CLIENTS];
         for (size_t len = 0; len < sb.size; len++) {
-            s_client_send(c, sb.data, len, 0);
+            hostile_client_send(c, sb.data, len, 0);
             if (len % 64 == 63)
-                s_client_drain(c);
+                hostile_client_drain(c);
         }
         msgpack_sbuffer_destroy(&sb);
     }
     for (int i = 0; i < S_CLIENTS; i++)
-        CHECK(s_client_sync(&S.clients[i]), "client %d: no NOT_MEMBER reply after the truncation "
+        CHECK(hostile_client_sync(&S.clients[i]), "client %d: no NOT_MEMBER reply after the truncation "
               "sweep (coordinator stuck?)", i);
-    printf("truncation sweep: %ld prefixes sent\n", S.sends - before);
+    printf("truncation sweep: %ld prefixes sent\n", S.h.sends - before);
 }
 
 /* Status after the coordinator handled a batch: the live workers untouched. */
@@ -574,45 +130,45 @@ static void s_check_phase_a(const char *when)
 
 static void s_fuzz(void)
 {
-    long before = S.sends;
+    long before = S.h.sends;
     for (int i = 0; i < S_FUZZ_SENDS; i++) {
-        s_client_t *c = &S.clients[test_rand_below(S_CLIENTS)];
+        hostile_client_t *c = &S.clients[test_rand_below(S_CLIENTS)];
         if (test_rand_below(50) == 0) { /* reconnect with a fresh identity */
-            s_client_close(c);
-            s_client_open(c, NULL, 0);
+            hostile_client_close(c);
+            hostile_client_open(c, NULL, 0);
         }
         msgpack_sbuffer sb = {0};
         bool single = true;
         switch (test_rand_below(7)) {
-        case 0: s_build_random(&sb); break;
-        case 1: s_build_bomb(&sb); break;
-        case 2: s_build_bad_header(&sb); break;
-        case 3: s_build_mutant(&sb); break;
-        case 4: s_build_generation(&sb); break;
+        case 0: hostile_build_random(&sb); break;
+        case 1: hostile_build_bomb(&sb); break;
+        case 2: hostile_build_bad_header(&sb); break;
+        case 3: hostile_build_mutant(&sb); break;
+        case 4: hostile_build_generation(&sb); break;
         case 5: {
             proto_msg_t m;
-            s_valid(s_rand_nonjoin_type(), S.run_id, S.gen, &m);
-            if (s_encode(&m, &sb))
+            hostile_valid(hostile_rand_nonjoin_type(), S.h.run_id, S.h.gen, &m);
+            if (hostile_encode(&m, &sb))
                 sb.size = (size_t)test_rand_below(sb.size);
             break;
         }
         default:
-            s_send_multipart(c);
+            hostile_send_multipart(c);
             single = false;
             break;
         }
         if (single)
-            s_client_send(c, sb.data ? sb.data : "", sb.size, 0);
+            hostile_client_send(c, sb.data ? sb.data : "", sb.size, 0);
         msgpack_sbuffer_destroy(&sb);
-        s_client_drain(c);
+        hostile_client_drain(c);
         if (i % S_SYNC_EVERY == S_SYNC_EVERY - 1) {
-            CHECK(s_client_sync(c), "fuzz %d: no NOT_MEMBER reply to a valid HEARTBEAT", i);
+            CHECK(hostile_client_sync(c), "fuzz %d: no NOT_MEMBER reply to a valid HEARTBEAT", i);
             s_check_phase_a("fuzz");
         }
     }
     for (int i = 0; i < S_CLIENTS; i++)
-        s_client_drain(&S.clients[i]);
-    printf("fuzz: %ld messages sent (%ld dropped on a full queue)\n", S.sends - before, S.dropped);
+        hostile_client_drain(&S.clients[i]);
+    printf("fuzz: %ld messages sent (%ld dropped on a full queue)\n", S.h.sends - before, S.h.dropped);
 }
 
 /* Above PROTO_MAX_MSG: libzmq on the coordinator (ZMQ_MAXMSGSIZE) drops the connection. The
@@ -621,19 +177,19 @@ static void s_oversized(void)
 {
     static const size_t sizes[] = {(size_t)PROTO_MAX_MSG + 1, (size_t)48 << 20};
     for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
-        s_client_t c = {0};
+        hostile_client_t c = {0};
         char mon_ep[64];
-        s_client_open(&c, NULL, 0);
+        hostile_client_open(&c, NULL, 0);
         snprintf(mon_ep, sizeof mon_ep, "inproc://hostile-monitor-%zu", k);
         if (zmq_socket_monitor(c.sock, mon_ep, ZMQ_EVENT_CONNECTED | ZMQ_EVENT_DISCONNECTED) != 0) {
             CHECK(false, "zmq_socket_monitor: %s", zmq_strerror(zmq_errno()));
-            s_client_close(&c);
+            hostile_client_close(&c);
             return;
         }
-        void *mon = zmq_socket(S.ctx, ZMQ_PAIR);
+        void *mon = zmq_socket(S.h.ctx, ZMQ_PAIR);
         zmq_connect(mon, mon_ep);
         /* First a valid message, so we know the connection is up and served. */
-        CHECK(s_client_sync(&c), "oversized: no reply before the big message");
+        CHECK(hostile_client_sync(&c), "oversized: no reply before the big message");
         zmq_msg_t big;
         zmq_msg_init_size(&big, sizes[k]);
         memset(zmq_msg_data(&big), 0xdd, sizes[k]);
@@ -663,7 +219,7 @@ static void s_oversized(void)
               PROTO_MAX_MSG);
         zmq_socket_monitor(c.sock, NULL, 0);
         zmq_close(mon);
-        s_client_close(&c);
+        hostile_client_close(&c);
     }
     printf("after oversized frames: coordinator VmHWM %" PRIu64 " kB\n", s_vmhwm_kb());
     /* Frames each under the limit, together far above it. libzmq delivers a multipart message
@@ -671,23 +227,23 @@ static void s_oversized(void)
      * SEMOE_HOSTILE_BIG_FRAMES=24 shows what more does. */
     const char *env = getenv("SEMOE_HOSTILE_BIG_FRAMES");
     int frames = env && atoi(env) > 0 ? atoi(env) : 6;
-    s_client_t c = {0};
-    s_client_open(&c, NULL, 0);
+    hostile_client_t c = {0};
+    hostile_client_open(&c, NULL, 0);
     size_t frame = (size_t)15 << 20;
     char *buf = malloc(frame);
     if (!buf) {
-        s_client_close(&c);
+        hostile_client_close(&c);
         return;
     }
     memset(buf, 0x91, frame);
     for (int f = 0; f < frames; f++)
-        s_client_send(&c, buf, frame, f + 1 < frames ? ZMQ_SNDMORE : 0);
+        hostile_client_send(&c, buf, frame, f + 1 < frames ? ZMQ_SNDMORE : 0);
     free(buf);
-    CHECK(s_client_sync(&c), "multipart of %d x 15 MB: no reply to a valid HEARTBEAT after it",
+    CHECK(hostile_client_sync(&c), "multipart of %d x 15 MB: no reply to a valid HEARTBEAT after it",
           frames);
     printf("after the multipart of %d x 15 MB: coordinator VmHWM %" PRIu64 " kB\n", frames,
            s_vmhwm_kb());
-    s_client_close(&c);
+    hostile_client_close(&c);
     s_check_phase_a("oversized");
 }
 
@@ -699,21 +255,21 @@ static void s_wrong_order(void)
     static const uint32_t types[] = {PROTO_HEARTBEAT, PROTO_ACK,    PROTO_PLAN,  PROTO_WELCOME,
                                      PROTO_COMM,      PROTO_PAUSE,  PROTO_RESUME, PROTO_LEAVE};
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
-        s_client_t c = {0};
-        s_client_open(&c, NULL, 0);
+        hostile_client_t c = {0};
+        hostile_client_open(&c, NULL, 0);
         proto_msg_t m;
         uint32_t code = 0;
-        s_valid(types[t], S.run_id, S.gen, &m);
+        hostile_valid(types[t], S.h.run_id, S.h.gen, &m);
         if (types[t] == PROTO_LEAVE) {
-            s_leave_then_sync(&c, "LEAVE before JOIN");
+            hostile_leave_then_sync(&c, "LEAVE before JOIN");
         } else {
-            uint32_t got = s_ask(&c, &m, &code);
+            uint32_t got = hostile_ask(&c, &m, &code);
             CHECK(got == PROTO_ERROR && code == PROTO_ERR_NOT_MEMBER,
                   "%s before JOIN: reply %s code %u, want ERROR NOT_MEMBER (%d)",
                   proto_type_name(types[t]), got ? proto_type_name(got) : "(none)", code,
                   PROTO_ERR_NOT_MEMBER);
         }
-        s_client_close(&c);
+        hostile_client_close(&c);
     }
 }
 
@@ -723,20 +279,20 @@ static void s_steal_ids(void)
 {
     for (int i = 0; i < S_WORKERS; i++) {
         for (int variant = 0; variant < 2; variant++) {
-            s_client_t c = {0};
-            s_client_open(&c, variant ? s_ids[i] : NULL, variant ? strlen(s_ids[i]) : 0);
+            hostile_client_t c = {0};
+            hostile_client_open(&c, variant ? s_ids[i] : NULL, variant ? strlen(s_ids[i]) : 0);
             proto_msg_t m;
             uint32_t code = 0;
-            s_valid(PROTO_JOIN, 0, 0, &m);
+            hostile_valid(PROTO_JOIN, 0, 0, &m);
             snprintf(m.join.id, sizeof m.join.id, "%s", s_ids[i]);
-            uint32_t got = s_ask(&c, &m, &code);
+            uint32_t got = hostile_ask(&c, &m, &code);
             CHECK(got == PROTO_ERROR && code == PROTO_ERR_REFUSED,
                   "JOIN as live %s%s: reply %s code %u, want ERROR REFUSED (%d)", s_ids[i],
                   variant ? " (routing id set to it)" : "", got ? proto_type_name(got) : "(none)",
                   code, PROTO_ERR_REFUSED);
             /* Then a LEAVE on that connection: it is not the member, nothing may happen. */
-            s_leave_then_sync(&c, "LEAVE after a refused JOIN");
-            s_client_close(&c);
+            hostile_leave_then_sync(&c, "LEAVE after a refused JOIN");
+            hostile_client_close(&c);
         }
     }
     s_check_phase_a("JOIN with live ids");
@@ -746,60 +302,28 @@ static void s_steal_ids(void)
  * nobody may join this way. */
 static void s_multipart_join(void)
 {
-    s_client_t c = {0};
-    s_client_open(&c, NULL, 0);
+    hostile_client_t c = {0};
+    hostile_client_open(&c, NULL, 0);
     proto_msg_t m;
     msgpack_sbuffer sb;
-    s_valid(PROTO_JOIN, 0, 0, &m);
+    hostile_valid(PROTO_JOIN, 0, 0, &m);
     snprintf(m.join.id, sizeof m.join.id, "mpjoin");
-    if (s_encode(&m, &sb)) {
-        s_client_send(&c, sb.data, sb.size, ZMQ_SNDMORE);
-        s_client_send(&c, "x", 1, ZMQ_SNDMORE);
-        s_client_send(&c, "", 0, 0);
+    if (hostile_encode(&m, &sb)) {
+        hostile_client_send(&c, sb.data, sb.size, ZMQ_SNDMORE);
+        hostile_client_send(&c, "x", 1, ZMQ_SNDMORE);
+        hostile_client_send(&c, "", 0, 0);
         msgpack_sbuffer_destroy(&sb);
     }
-    CHECK(s_client_sync(&c), "multipart JOIN: no NOT_MEMBER reply to the HEARTBEAT after it "
+    CHECK(hostile_client_sync(&c), "multipart JOIN: no NOT_MEMBER reply to the HEARTBEAT after it "
           "(did the coordinator take the first frame as a JOIN?)");
     cJSON *st = s_status();
     CHECK(st && !test_status_worker(st, "mpjoin"),
           "a 3-frame message starting with a JOIN made 'mpjoin' a member");
     cJSON_Delete(st);
-    s_client_close(&c);
+    hostile_client_close(&c);
 }
 
 /* --- phase B: a hostile member ---------------------------------------------------------- */
-
-/* Joins as id, takes WELCOME and PLAN; returns the PLAN's generation (0 if it never came). */
-static uint64_t s_intruder_join(s_client_t *c, const char *id, uint64_t *run)
-{
-    proto_msg_t m;
-    msgpack_sbuffer sb;
-    s_valid(PROTO_JOIN, 0, 0, &m);
-    snprintf(m.join.id, sizeof m.join.id, "%s", id);
-    if (!s_encode(&m, &sb))
-        return 0;
-    s_client_send(c, sb.data, sb.size, 0);
-    msgpack_sbuffer_destroy(&sb);
-    int64_t end = proc_now_ms() + 5000;
-    while (proc_now_ms() < end) {
-        zmq_pollitem_t it = {.socket = c->sock, .events = ZMQ_POLLIN};
-        if (zmq_poll(&it, 1, 100) <= 0)
-            continue;
-        zmq_msg_t msg;
-        zmq_msg_init(&msg);
-        uint64_t gen = 0;
-        if (zmq_msg_recv(&msg, c->sock, 0) >= 0 &&
-            proto_decode(zmq_msg_data(&msg), zmq_msg_size(&msg), &m) == PROTO_OK) {
-            *run = m.hdr.run_id;
-            if (m.hdr.type == PROTO_PLAN)
-                gen = m.hdr.generation;
-        }
-        zmq_msg_close(&msg);
-        if (gen)
-            return gen;
-    }
-    return 0;
-}
 
 static bool s_settled_without(const char *absent, uint64_t min_gen)
 {
@@ -814,67 +338,59 @@ static bool s_settled_without(const char *absent, uint64_t min_gen)
  * types a worker must not send. It is removed; the live workers stay members throughout. */
 static void s_phase_b(void)
 {
-    s_client_t c = {0};
+    hostile_client_t c = {0};
     uint64_t run = 0;
     proto_msg_t m;
     uint32_t code = 0;
-    s_client_open(&c, NULL, 0);
-    uint64_t g1 = s_intruder_join(&c, "intruder1", &run);
+    hostile_client_open(&c, NULL, 0);
+    uint64_t g1 = hostile_join(&c, "intruder1", &run);
     if (!g1) {
         CHECK(false, "intruder1: no WELCOME and PLAN after a valid JOIN");
-        s_client_close(&c);
+        hostile_client_close(&c);
         return;
     }
     /* An ACK of the generation before: stale, ignored (no ERROR); then the real one. */
-    s_valid(PROTO_ACK, run, g1 - 1, &m);
-    uint32_t got = s_ask(&c, &m, &code);
+    hostile_valid(PROTO_ACK, run, g1 - 1, &m);
+    uint32_t got = hostile_ask(&c, &m, &code);
     CHECK(got != PROTO_ERROR, "a stale ACK (generation %" PRIu64 " < %" PRIu64 ") got ERROR %u",
           g1 - 1, g1, code);
-    s_valid(PROTO_ACK, run, g1, &m);
-    s_ask(&c, &m, &code);
+    hostile_valid(PROTO_ACK, run, g1, &m);
+    hostile_ask(&c, &m, &code);
     /* A stale heartbeat: life, nothing else. */
-    s_valid(PROTO_HEARTBEAT, run, 0, &m);
-    s_ask(&c, &m, &code);
+    hostile_valid(PROTO_HEARTBEAT, run, 0, &m);
+    hostile_ask(&c, &m, &code);
     /* A type only the coordinator sends: ERROR UNEXPECTED, and out. */
     code = 0;
-    s_valid(PROTO_PLAN, run, g1, &m);
-    bool error = false;
-    got = s_ask(&c, &m, &code);
-    for (int64_t end = proc_now_ms() + S_REPLY_MS; got && !error && proc_now_ms() < end;)
-        if (!(error = got == PROTO_ERROR))
-            got = s_client_recv(&c, 100, &code); /* heartbeats may come first */
+    hostile_valid(PROTO_PLAN, run, g1, &m);
+    bool error = hostile_ask_error(&c, &m, &code, &got);
     CHECK(error && code == PROTO_ERR_UNEXPECTED, "intruder1 sent a PLAN: reply %s code %u, "
           "want ERROR UNEXPECTED (%d)", got ? proto_type_name(got) : "(none)", code,
           PROTO_ERR_UNEXPECTED);
     CHECK(s_settled_without("intruder1", g1), "after intruder1 was removed the job did not settle "
           "with w1..w3");
-    s_client_close(&c);
+    hostile_client_close(&c);
 
     /* The second ACKs a future generation: ERROR, and out. */
-    s_client_open(&c, NULL, 0);
-    uint64_t g2 = s_intruder_join(&c, "intruder2", &run);
+    hostile_client_open(&c, NULL, 0);
+    uint64_t g2 = hostile_join(&c, "intruder2", &run);
     CHECK(g2 > g1, "intruder2: no PLAN after a valid JOIN");
-    s_valid(PROTO_ACK, run, g2 + 1000, &m);
-    error = false;
-    got = s_ask(&c, &m, &code);
-    for (int64_t end = proc_now_ms() + S_REPLY_MS; got && !error && proc_now_ms() < end;)
-        if (!(error = got == PROTO_ERROR))
-            got = s_client_recv(&c, 100, &code);
+    hostile_valid(PROTO_ACK, run, g2 + 1000, &m);
+    error = hostile_ask_error(&c, &m, &code, &got);
     CHECK(error, "intruder2 ACKed a future generation: no ERROR");
     CHECK(s_settled_without("intruder2", g2), "after intruder2 was removed the job did not settle "
           "with w1..w3");
-    s_client_close(&c);
+    hostile_client_close(&c);
 
     /* The third sends another run's heartbeat, then falls silent: out either way (ERROR now,
      * or dead after the liveness window). */
-    s_client_open(&c, NULL, 0);
-    uint64_t g3 = s_intruder_join(&c, "intruder3", &run);
+    hostile_client_open(&c, NULL, 0);
+    uint64_t g3 = hostile_join(&c, "intruder3", &run);
     CHECK(g3 > g2, "intruder3: no PLAN after a valid JOIN");
-    s_valid(PROTO_HEARTBEAT, run ^ 0xffff, g3, &m);
-    s_ask(&c, &m, &code);
+    hostile_valid(PROTO_HEARTBEAT, run ^ 0xffff, g3, &m);
+    hostile_ask(&c, &m, &code);
     CHECK(s_settled_without("intruder3", g3), "after intruder3 was removed the job did not settle "
           "with w1..w3");
-    s_client_close(&c);
+    hostile_client_close(&c);
 }
 
 /* --- /metrics --------------------------------------------------------------------------- */
@@ -973,17 +489,16 @@ int main(void)
     test_status_want_t want = {.n = S_WORKERS, .ids = s_ids, .n_ids = S_WORKERS, .min_gen = 0};
     cJSON *st0 = test_status_wait(S.ports.status_ep, test_status_settled, &want, 20000, 20);
     REQUIRE(st0, "the job never settled with w1..w3");
-    S.gen = (uint64_t)test_status_generation(st0);
+    S.h.gen = (uint64_t)test_status_generation(st0);
     const char *run = test_status_run_id(st0);
-    S.run_id = run ? strtoull(run, NULL, 16) : 0;
-    S.layers = (uint32_t)test_status_num_layers(st0);
-    S.experts = (uint32_t)test_status_num_experts(st0);
-    REQUIRE(S.layers * S.experts > 0 && S.layers * S.experts <= S_MAX_EXPERTS,
-            "model %u x %u experts", S.layers, S.experts);
-    for (uint32_t i = 0; i <= S_MAX_EXPERTS; i++)
-        s_offsets[i] = i;
-    for (size_t i = 0; i < sizeof s_comm_id; i++)
-        s_comm_id[i] = (uint8_t)test_rand();
+    S.h.run_id = run ? strtoull(run, NULL, 16) : 0;
+    S.h.layers = (uint32_t)test_status_num_layers(st0);
+    S.h.experts = (uint32_t)test_status_num_experts(st0);
+    REQUIRE(S.h.layers * S.h.experts > 0 && S.h.layers * S.h.experts <= HOSTILE_MAX_EXPERTS,
+            "model %u x %u experts", S.h.layers, S.h.experts);
+    S.h.control_ep = S.ports.control_ep;
+    S.h.heartbeat_ms = S_HEARTBEAT_MS;
+    hostile_init(&S.h);
     long long joins0 = test_status_counter(st0, "joins");
     long long leaves0 = test_status_counter(st0, "leaves");
     long long deaths0 = test_status_counter(st0, "deaths");
@@ -995,15 +510,15 @@ int main(void)
     printf("settled: %s\n", test_status_summary(st0, sum, sizeof sum));
     cJSON_Delete(st0);
 
-    S.ctx = zmq_ctx_new();
+    S.h.ctx = zmq_ctx_new();
     for (int i = 0; i < S_CLIENTS; i++) {
         /* Two of them with routing ids of their own choosing. */
         char rid[16];
         snprintf(rid, sizeof rid, "hostile-%d", i);
-        s_client_open(&S.clients[i], i < 2 ? rid : NULL, i < 2 ? strlen(rid) : 0);
+        hostile_client_open(&S.clients[i], i < 2 ? rid : NULL, i < 2 ? strlen(rid) : 0);
     }
     for (int i = 0; i < S_CLIENTS; i++)
-        REQUIRE(s_client_sync(&S.clients[i]), "client %d: no NOT_MEMBER reply to a valid "
+        REQUIRE(hostile_client_sync(&S.clients[i]), "client %d: no NOT_MEMBER reply to a valid "
                 "HEARTBEAT before any attack", i);
 
     /* Phase A: non-members only. Nothing may change for the job. */
@@ -1036,12 +551,12 @@ int main(void)
     cJSON_Delete(st);
     printf("phase A: %ld sends, protocol_errors %lld -> %lld, replies %ld (ERROR: not_member "
            "%ld, malformed %ld, refused %ld, unexpected %ld), other %ld, undecodable %ld\n",
-           S.sends, perr0, perr1, S.tally.total, S.tally.by_code[PROTO_ERR_NOT_MEMBER],
-           S.tally.by_code[PROTO_ERR_MALFORMED], S.tally.by_code[PROTO_ERR_REFUSED],
-           S.tally.by_code[PROTO_ERR_UNEXPECTED], S.tally.not_error, S.tally.undecodable);
-    CHECK(S.tally.not_error == 0, "non-members got %ld replies other than ERROR",
-          S.tally.not_error);
-    CHECK(S.tally.undecodable == 0, "%ld replies did not decode", S.tally.undecodable);
+           S.h.sends, perr0, perr1, S.h.tally.total, S.h.tally.by_code[PROTO_ERR_NOT_MEMBER],
+           S.h.tally.by_code[PROTO_ERR_MALFORMED], S.h.tally.by_code[PROTO_ERR_REFUSED],
+           S.h.tally.by_code[PROTO_ERR_UNEXPECTED], S.h.tally.not_error, S.h.tally.undecodable);
+    CHECK(S.h.tally.not_error == 0, "non-members got %ld replies other than ERROR",
+          S.h.tally.not_error);
+    CHECK(S.h.tally.undecodable == 0, "%ld replies did not decode", S.h.tally.undecodable);
 
     /* Phase B: a hostile member. */
     s_phase_b();
@@ -1077,8 +592,8 @@ int main(void)
           perr1);
 
     for (int i = 0; i < S_CLIENTS; i++)
-        s_client_close(&S.clients[i]);
-    zmq_ctx_term(S.ctx);
+        hostile_client_close(&S.clients[i]);
+    zmq_ctx_term(S.h.ctx);
     printf("hostile: %.1f s\n", (double)(proc_now_ms() - t_start) / 1000.0);
     return test_finish();
 }

@@ -10,6 +10,7 @@
 
 #include "tests/harness.h"
 #include "tests/proc.h"
+#include "tests/status_client.h"
 
 #define NW 5          /* workers started in all */
 #define SETTLE_MS 30000
@@ -51,15 +52,6 @@ static bool s_gone(const cJSON *st, void *arg, char *why, size_t n)
     return true;
 }
 
-static bool s_replies(const cJSON *st, void *arg, char *why, size_t n)
-{
-    (void)st;
-    (void)arg;
-    (void)why;
-    (void)n;
-    return true;
-}
-
 int main(void)
 {
     test_init("membership");
@@ -68,13 +60,9 @@ int main(void)
     proc_src_path(job, sizeof job, "tests/jobs/small.json");
 
     proc_ports_t pp;
-    /* REQUIRE evaluates its condition twice: never a call with an effect inside it. */
-    bool ok = proc_ports_pick(&pp);
-    REQUIRE(ok, "no free loopback ports");
-    proc_t *coord = proc_start_coordinator("coordinator", job, &pp, NULL);
-    REQUIRE(coord, "cannot start the coordinator");
-    cJSON *st = test_status_wait(pp.status_ep, s_replies, NULL, 15000, 50);
-    REQUIRE(st, "the coordinator's status socket does not answer");
+    proc_t *coord;
+    cJSON *st = test_status_start_coordinator(job, &pp, &coord);
+    REQUIRE(st, "no coordinator answering on its status socket");
     long long hb = test_status_num(st, "heartbeat_ms"), liveness = test_status_num(st, "liveness");
     CHECK(hb == 200 && liveness == 3, "status heartbeat_ms=%lld liveness=%lld, small.json says "
           "200 and 3", hb, liveness);
@@ -136,7 +124,7 @@ int main(void)
     const char *victim = s_ids[v];
     fprintf(stderr, "  SIGTERM %s\n", victim);
     int64_t t0 = proc_now_ms();
-    ok = proc_signal(s_workers[v], SIGTERM);
+    bool ok = proc_signal(s_workers[v], SIGTERM);
     REQUIRE(ok, "cannot signal %s", victim);
     cJSON *gone = test_status_wait(pp.status_ep, s_gone, (void *)victim, SETTLE_MS, 10);
     int64_t took = proc_now_ms() - t0;

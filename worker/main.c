@@ -15,6 +15,7 @@
 #include <zmq.h>
 
 #include "actors/actor.h"
+#include "actors/fmt.h"
 #include "actors/log.h"
 #include "worker/control.h"
 #include "worker/device.h"
@@ -68,16 +69,11 @@ static int s_usage_error(const char *fmt, ...)
  * when binding) or ipc://PATH. */
 static bool s_endpoint_ok(const char *ep, bool bind)
 {
-    if (strlen(ep) > PROTO_MAX_ENDPOINT)
+    const char *port;
+    if (strlen(ep) > PROTO_MAX_ENDPOINT || !fmt_endpoint_split(ep, &port))
         return false;
-    if (strncmp(ep, "ipc://", 6) == 0)
-        return ep[6] != 0;
-    if (strncmp(ep, "tcp://", 6) != 0)
-        return false;
-    const char *host = ep + 6, *colon = strrchr(host, ':');
-    if (!colon || colon == host)
-        return false;
-    const char *port = colon + 1;
+    if (!port) /* ipc:// */
+        return true;
     if (bind && strcmp(port, "*") == 0)
         return true;
     if (!*port || strlen(port) > 5 || strspn(port, "0123456789") != strlen(port))

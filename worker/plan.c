@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "actors/fmt.h"
 #include "actors/log.h"
 
 const char *worker_plan_check(const proto_plan_t *p, uint32_t num_layers, uint32_t num_experts)
@@ -89,28 +90,10 @@ void worker_plan_take(worker_plan_t *plan, uint64_t gen, const proto_plan_t *p)
 
 void worker_plan_ids_str(const uint32_t *ids, uint32_t n, char *buf, size_t size)
 {
-    size_t len = 0;
-    buf[0] = 0;
-    if (n == 0) {
+    if (n == 0)
         snprintf(buf, size, "none");
-        return;
-    }
-    for (uint32_t i = 0; i < n;) {
-        uint32_t j = i;
-        while (j + 1 < n && ids[j + 1] == ids[j] + 1)
-            j++;
-        char run[32];
-        if (i == j)
-            snprintf(run, sizeof run, "%s%u", i ? "," : "", ids[i]);
-        else
-            snprintf(run, sizeof run, "%s%u-%u", i ? "," : "", ids[i], ids[j]);
-        if (len + strlen(run) + 4 >= size) {
-            snprintf(buf + len, size - len, ",...");
-            return;
-        }
-        len += (size_t)snprintf(buf + len, size - len, "%s", run);
-        i = j + 1;
-    }
+    else
+        fmt_ranges(ids, n, buf, size);
 }
 
 void worker_plan_log(const worker_plan_t *plan)
