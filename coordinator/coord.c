@@ -42,9 +42,9 @@
 /* Weight of a new sample in an expert's smoothed load when the job sets no window. */
 #define S_LOAD_ALPHA_DEFAULT 0.3
 /* Control messages handled per drain before other sockets and timers get a turn. */
-#define S_CONTROL_BUDGET 32
+#define S_CONTROL_BUDGET 16
 /* HEARTBEATs go out in this many slices of the interval, one slice per tick. */
-#define S_HEARTBEAT_SLICES 8
+#define S_HEARTBEAT_SLICES 32
 
 struct coord {
     uv_loop_t loop;
