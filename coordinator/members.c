@@ -202,6 +202,7 @@ void members_destroy(members_t **self_p)
     for (member_t *m = self->head, *next; m; m = next) {
         next = m->next;
         free(m->experts);
+        free(m->status_part);
         free(m);
     }
     s_map_free(&self->by_rid);
@@ -268,6 +269,7 @@ void members_remove(members_t *self, member_t *m)
         self->tail = m->prev;
     self->count--;
     free(m->experts);
+    free(m->status_part);
     free(m);
 }
 
@@ -317,6 +319,8 @@ void members_set_caps(member_t *m, const proto_join_t *j)
     m->mem_total[PROTO_TIER_HOST] = j->mem_host;
     m->mem_total[PROTO_TIER_SSD] = j->mem_ssd;
     memset(m->mem_used, 0, sizeof m->mem_used);
+    free(m->status_part);
+    m->status_part = NULL;
 }
 
 void members_set_progress(member_t *m, const proto_heartbeat_t *h)
@@ -335,6 +339,8 @@ void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n)
     if (n)
         memcpy(m->experts, experts, n * sizeof *experts);
     m->n_experts = n;
+    free(m->status_part);
+    m->status_part = NULL;
 }
 
 /* --- the fence --------------------------------------------------------------------------------- */

@@ -42,6 +42,12 @@ typedef struct member {
     bool placed;            /* holds the experts of the current plan (false after a (re)JOIN) */
     uint32_t *experts;      /* (n_experts) global expert ids it holds, ascending */
     uint32_t n_experts;
+    /* status.c's memo: this member's part of the status reply that changes only with its
+     * capabilities or the plan, written for status_part_gen; NULL when it must be rewritten
+     * (members_set_caps and members_set_experts drop it) */
+    char *status_part;
+    size_t status_part_len;
+    uint64_t status_part_gen;
     /* the table's links */
     struct member *prev, *next;
     uint64_t join_seq;
