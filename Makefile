@@ -32,7 +32,10 @@ test:
 	ninja -C $(ASAN)
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	    meson test -C $(ASAN) --print-errorlogs --suite unit --suite proto --suite net
-	@echo "make test: all suites passed"
+	@a=$$(grep -c '"result": "OK"' $(BUILD)/meson-logs/testlog.json); \
+	 b=$$(grep -c '"result": "OK"' $(ASAN)/meson-logs/testlog.json); \
+	 echo "make test: $$a tests in the normal build and $$b in the sanitizer build, all OK"; \
+	 echo "semoe: $$((a + b)) passed, 0 failed"
 
 bench: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
