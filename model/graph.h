@@ -1,0 +1,148 @@
+/* The Mixtral model's forward and backward pass on one process, over a backend table
+ * (model/backend.h), for float (_f32) and double (_f64), in the shape of llm.c's
+ * gpt2_forward/gpt2_backward: activations in one slab with a pointer table, weights and
+ * gradients in params-shaped slabs (model/params.h's layout, in T), and the MoE block's expert
+ * rows travelling through an exchange (model_exchange_<S>) so that expert parallelism can route
+ * them to other workers.
+ *
+ * Every buffer named here except the host fields of model_acts_<S> comes from the backend's
+ * alloc and may live on a device; the graph reaches it only through the table. */
+#ifndef SEMOE_MODEL_GRAPH_H
+#define SEMOE_MODEL_GRAPH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "actors/err.h"
+#include "model/backend.h"
+#include "model/params.h"
+
+/* The losses of one forward pass: loss = ce + router_aux_loss_coef * aux. */
+typedef struct {
+    double loss;
+    double ce;  /* mean cross-entropy over the B*T targets */
+    double aux; /* load_balancing_loss_func over every layer's router probs (top-k counts) */
+} model_loss_t;
+
+#define MODEL_GRAPH_DECLARE(T, S)                                                              \
+    /* The expert exchange of an MoE layer: rows grouped by expert go out to whoever holds    \
+     * the experts (dispatch) and the experts' outputs come back (combine). Both are          \
+     * permutations of rows, each the other's transpose, which is how backward uses them:    \
+     * the gradient of combine travels by dispatch and the gradient of dispatch by combine.  \
+     * Counts are host arrays of E entries (one per expert of the layer). */                  \
+    typedef struct {                                                                           \
+        void *state;                                                                           \
+        /* send (sum send_counts, D): this process's token rows for layer `layer`, grouped   \
+         * by expert 0..E-1. Writes recv (R, D): the rows for the experts this process holds \
+         * (from every process), grouped by expert 0..E-1, and recv_counts (E; 0 for experts \
+         * not held here); R = sum recv_counts must be <= recv_cap, else an error. A         \
+         * distributed exchange remembers per layer how the rows were split among peers. */ \
+        semoe_rc (*dispatch)(void *state, int layer, int E, int D, const T *send,             \
+                             const int32_t *send_counts, T *recv, int32_t *recv_counts,       \
+                             int recv_cap);                                                    \
+        /* The reverse of layer `layer`'s dispatch: send (R, D) grouped as that dispatch's   \
+         * recv (send_counts = its recv_counts); writes recv grouped as its send (recv_counts \
+         * = its send_counts). */                                                             \
+        semoe_rc (*combine)(void *state, int layer, int E, int D, const T *send,              \
+                            const int32_t *send_counts, T *recv, const int32_t *recv_counts); \
+    } model_exchange_##S;                                                                      \
+                                                                                               \
+    /* The activation pointer table, llm.c style: every field points into one slab. Shapes:  \
+     * N = B*T tokens, L layers, Q = H*hd, KV = KVH*hd, NK = N*K routed rows, R the expert   \
+     * rows this process may receive (model_acts_new's expert_rows). */                       \
+    typedef struct {                                                                           \
+        T *encoded;   /* (N, D) embedding: layer 0's input */                                 \
+        T *ln1;       /* (L, N, D) input_layernorm output */                                  \
+        T *ln1_rstd;  /* (L, N) */                                                            \
+        T *q;         /* (L, N, Q) q_proj output, before RoPE */                              \
+        T *k;         /* (L, N, KV) */                                                        \
+        T *v;         /* (L, N, KV) */                                                        \
+        T *qr;        /* (L, N, Q) after RoPE */                                              \
+        T *kr;        /* (L, N, KV) after RoPE */                                             \
+        T *att;       /* (L, N, Q) attention output, before o_proj */                         \
+        T *att_probs; /* (L, B, H, T, T) */                                                   \
+        T *attproj;   /* (L, N, D) o_proj output */                                           \
+        T *res1;      /* (L, N, D) layer input + attproj */                                   \
+        T *ln2;       /* (L, N, D) post_attention_layernorm output */                         \
+        T *ln2_rstd;  /* (L, N) */                                                            \
+        T *rlogits;   /* (L, N, E) router (gate) logits */                                    \
+        T *rprobs;    /* (L, N, E) softmax; contiguous over layers for the aux loss */        \
+        T *rw;        /* (L, N, K) renormalised top-k weights */                              \
+        T *xs;        /* (L, NK, D) token rows grouped by expert (sent) */                    \
+        T *xr;        /* (L, R, D) rows received for the experts held here */                 \
+        T *ea;        /* (L, R, F) x w1^T */                                                  \
+        T *eb;        /* (L, R, F) x w3^T */                                                  \
+        T *eh;        /* (L, R, F) silu(ea) * eb */                                           \
+        T *yr;        /* (L, R, D) h w2^T: the experts' outputs (sent back) */                \
+        T *ys;        /* (L, NK, D) the outputs back, grouped as xs */                        \
+        T *moe;       /* (L, N, D) weighted sum of the experts' outputs */                    \
+        T *res2;      /* (L, N, D) res1 + moe: layer l+1's input */                           \
+        T *lnf;       /* (N, D) model.norm output */                                          \
+        T *lnf_rstd;  /* (N) */                                                               \
+        T *logits;    /* (N, V) */                                                            \
+        T *losses;    /* (N) per-token cross-entropy */                                       \
+    } model_actbufs_##S;                                                                       \
+                                                                                               \
+    typedef struct {                                                                           \
+        const model_backend_##S##_t *be;                                                      \
+        const model_params_t *params;                                                         \
+        int B, Tn, N, L, D, H, KVH, hd, E, K, F, V, R;                                        \
+        model_actbufs_##S a; /* forward activations */                                        \
+        model_actbufs_##S d; /* their gradients (written by backward) */                      \
+        /* backend int32 buffers */                                                           \
+        int32_t *inputs;  /* (N) tokens[:, :T] */                                             \
+        int32_t *targets; /* (N) tokens[:, 1:] */                                             \
+        int32_t *pos;     /* (N) position within the sequence, 0..T-1 */                      \
+        int32_t *ridx;    /* (L, N, K) top-k expert ids; contiguous for the aux loss */       \
+        int32_t *rows;    /* (L, NK) token of each routed row, grouped by expert */           \
+        int32_t *slots;   /* (L, NK) its index token * K + k into rw */                       \
+        /* host */                                                                            \
+        int32_t *send_counts; /* (L, E) routed rows per expert, this process's tokens */      \
+        int32_t *recv_counts; /* (L, E) rows received per expert held here */                 \
+        int32_t *h_idx, *h_rows, *h_slots; /* (NK) scratch for the routing plan */           \
+        uint64_t *off;    /* element offsets of the tensors in a params-shaped slab */        \
+        void *mem, *dmem; /* the two slabs (backend memory) */                                \
+    } model_acts_##S;                                                                          \
+                                                                                               \
+    /* Allocates the activations (and their gradients) for B sequences of Tn tokens under   \
+     * params' config; expert_rows is the capacity R for rows received by the exchange (0:   \
+     * N*K, what the local exchange needs). The acts keep be and params (not owned). */      \
+    semoe_rc model_acts_new_##S(const model_backend_##S##_t *be, const model_params_t *params, \
+                                int B, int Tn, int expert_rows, model_acts_##S **out);         \
+    /* Frees; nulls *self_p; NULL is a no-op. */                                               \
+    void model_acts_destroy_##S(model_acts_##S **self_p);                                     \
+                                                                                               \
+    /* A params-shaped slab of T in the backend's memory (model_params_slab_floats(params)  \
+     * elements, the held tensors at their params offsets), zeroed: gradients, or weights   \
+     * (model_slab_load_##S fills it from the params' float slab). Free with                 \
+     * model_slab_destroy_##S, which nulls *slab_p. */                                         \
+    T *model_slab_new_##S(const model_backend_##S##_t *be, const model_params_t *params);     \
+    void model_slab_load_##S(const model_backend_##S##_t *be, const model_params_t *params,   \
+                             T *slab);                                                         \
+    void model_slab_destroy_##S(const model_backend_##S##_t *be, T **slab_p);                 \
+    /* Zeroes a gradient slab (call before each backward: backward accumulates). */           \
+    void model_zero_grad_##S(const model_backend_##S##_t *be, const model_params_t *params,   \
+                             T *grads);                                                        \
+                                                                                               \
+    /* The exchange for a process that holds every expert: dispatch and combine copy. */     \
+    model_exchange_##S model_exchange_local_##S(const model_backend_##S##_t *be);             \
+                                                                                               \
+    /* Forward pass. w: a params-shaped weight slab in T (for f32 on the CPU,                \
+     * model_params_slab(params) itself); tokens (B, T+1) on the host: inputs tokens[:, :T], \
+     * targets tokens[:, 1:], each in [0, V). ex NULL: the local exchange. Fills acts and   \
+     * *loss. Errors: a token out of range, an exchange failure, rows for an expert not held.\
+     */                                                                                        \
+    semoe_rc model_forward_##S(const model_backend_##S##_t *be, const model_params_t *params, \
+                               const T *w, model_acts_##S *acts, const int32_t *tokens,        \
+                               const model_exchange_##S *ex, model_loss_t *loss);              \
+    /* Backward of the last forward on acts (same be, params, w, ex): ACCUMULATES d loss /   \
+     * d w into grads (params-shaped; zero it first with model_zero_grad), for the held     \
+     * tensors. */                                                                             \
+    semoe_rc model_backward_##S(const model_backend_##S##_t *be, const model_params_t *params,\
+                                const T *w, T *grads, model_acts_##S *acts,                    \
+                                const model_exchange_##S *ex);
+
+MODEL_GRAPH_DECLARE(float, f32)
+MODEL_GRAPH_DECLARE(double, f64)
+
+#endif
