@@ -131,7 +131,7 @@ typedef struct {
      * model_params_slab(params) itself); tokens (B, T+1) on the host: inputs tokens[:, :T], \
      * targets tokens[:, 1:], each in [0, V). ex NULL: the local exchange. Fills acts and   \
      * *loss. Errors: a token out of range, an exchange failure, rows for an expert not held.\
-     */                                                                                        \
+     * router_jitter_noise is not applied (the pass is deterministic). */                    \
     semoe_rc model_forward_##S(const model_backend_##S##_t *be, const model_params_t *params, \
                                const T *w, model_acts_##S *acts, const int32_t *tokens,        \
                                const model_exchange_##S *ex, model_loss_t *loss);              \

@@ -255,8 +255,8 @@ static semoe_rc G(s_experts_fwd)(const BE_T *be, const ACTS_T *s, const T *w, in
     return SEMOE_OK;
 }
 
-/* Backward of s_experts_fwd: from dyr, accumulates dxr and the held experts' gradients;
- * dea, deb, deh are zeroed scratch of the same shapes as ea, eb, eh. */
+/* Backward of s_experts_fwd for layer l: from d->yr, accumulates d->xr and the held experts'
+ * gradients into g (d->ea, d->eb, d->eh were zeroed with the rest of d). */
 static void G(s_experts_bwd)(const BE_T *be, const ACTS_T *s, const T *w, T *g, int l,
                              const BUFS_T *a, BUFS_T *d)
 {
