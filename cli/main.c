@@ -1,4 +1,4 @@
-/* semoe: the command a person types. Dispatches to a subcommand (status, stop, demo); each
+/* semoe: the command a person types. Dispatches to a subcommand (status, stop, demo, eval); each
  * lives in its own file in cli/ and takes its own flags. */
 #include <stdio.h>
 #include <string.h>
@@ -13,6 +13,7 @@ static const char s_usage[] =
     "  status   show the coordinator's workers, plan and experts (--json, --watch)\n"
     "  stop     ask the coordinator to stop the job: it stops its workers, then itself\n"
     "  demo     start a coordinator and 4 CPU workers here, kill one, watch the reassignment\n"
+    "  eval     cross-entropy (and logits) of a text under a checkpoint\n"
     "  help     this text; `semoe <command> --help` for a command's flags\n"
     "\n"
     "The daemons are semoe-coordinator and semoe-worker (each has --help).\n";
@@ -30,6 +31,8 @@ int main(int argc, char **argv)
         return cli_stop_main(argc - 1, argv + 1);
     if (strcmp(cmd, "demo") == 0)
         return cli_demo_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "eval") == 0)
+        return cli_eval_main(argc - 1, argv + 1);
     if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
         fputs(s_usage, stdout);
         return 0;
@@ -38,6 +41,6 @@ int main(int argc, char **argv)
         printf("semoe %s\n", SEMOE_VERSION);
         return 0;
     }
-    fprintf(stderr, "semoe: unknown command '%s' (commands: status, stop, demo, help)\n", cmd);
+    fprintf(stderr, "semoe: unknown command '%s' (commands: status, stop, demo, eval, help)\n", cmd);
     return CLI_EXIT_USAGE;
 }

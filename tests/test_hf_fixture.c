@@ -1,7 +1,8 @@
 /* The transformers fixture (tests/fixtures/tiny_mixtral, written by tests/hf/make_fixture.py
  * with transformers' MixtralForCausalLM, fp32, eager attention): its config.json and sharded
  * safetensors load through model/, and our forward pass on the CPU backend reproduces its
- * logits (norm-wise < 1e-5, in double and in float), its cross-entropy and its aux loss. */
+ * logits (norm-wise < 1e-5, in double and in float), its cross-entropy and its aux loss; so
+ * does `semoe eval --checkpoint DIR --text TEXT --logits FILE`. */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 #include "model/params.h"
 #include "model/safetensors.h"
 #include "tests/harness.h"
+#include "tests/proc.h"
 
 static char s_dir[4096];
 
@@ -133,6 +135,41 @@ int main(void)
         printf("cross-entropy %.9f (transformers %.9f); transformers' loss with aux %.9f\n",
                loss.ce, ce, with_aux);
     }
+
+    /* The command a person runs. */
+    proc_init("hf_fixture");
+    char bin[4200], out[4200];
+    snprintf(bin, sizeof bin, "%s/cli/semoe", proc_build_dir());
+    proc_tmp_path(out, sizeof out, "logits.f32");
+    const char *text = cJSON_GetObjectItemCaseSensitive(meta, "text")->valuestring;
+    proc_t *ev = NULL;
+    int code = proc_run(&ev, 60000, "eval", bin, "eval", "--checkpoint", s_dir, "--text", text,
+                        "--logits", out, (char *)NULL);
+    CHECK(code == 0, "semoe eval exited %d", code);
+    size_t olen = 0, elen = 0;
+    char *said = ev ? proc_read_file(proc_out_path(ev), &olen) : NULL;
+    double ce = NAN;
+    const char *line = said ? strstr(said, "\ncross-entropy ") : NULL; /* after the command */
+    CHECK(line && sscanf(line + 1, "cross-entropy %lf", &ce) == 1, "semoe eval said: %s",
+          said ? said : "(nothing)");
+    CHECK(fabs(ce - s_num(meta, "cross_entropy")) < 1e-5, "semoe eval: cross-entropy %.6f vs %.6f",
+          ce, s_num(meta, "cross_entropy"));
+    float *written = (float *)proc_read_file(out, &elen);
+    CHECK(written && elen == flen, "semoe eval --logits wrote %zu bytes, want %zu", elen, flen);
+    if (written && elen == flen) {
+        double *w64 = malloc((size_t)n_tok * V * sizeof *w64);
+        for (size_t i = 0; i < (size_t)n_tok * V; i++)
+            w64[i] = written[i];
+        double e = s_relerr(w64, ref, (size_t)n_tok * V);
+        CHECK(e < 1e-5, "semoe eval --logits vs transformers: %.3g", e);
+        free(w64);
+    }
+    free(written);
+    free(said);
+    /* A checkpoint that is not there: a one-line error and exit 2. */
+    code = proc_run(&ev, 60000, "eval-missing", bin, "eval", "--checkpoint", "/nonexistent",
+                    "--text", "ab", (char *)NULL);
+    CHECK(code == 2, "semoe eval of a missing checkpoint exited %d", code);
 
     free(logits);
     free(ref);
