@@ -309,3 +309,40 @@ cJSON *model_config_to_json(const model_config_t *cfg)
 {
     return model_spec_to_json(s_fields, S_NFIELDS, cfg);
 }
+
+/* A real number that a strict reader takes as a float: integral values keep a ".0" (cJSON
+ * would print 0.0 as 0, which transformers' config validation refuses for a float field),
+ * others the shortest form that reads back exactly. */
+static cJSON *s_real(double x)
+{
+    char buf[40];
+    if (x == floor(x) && fabs(x) < 1e15) {
+        snprintf(buf, sizeof buf, "%.1f", x);
+    } else {
+        for (int prec = 1; prec <= 17; prec++) {
+            snprintf(buf, sizeof buf, "%.*g", prec, x);
+            if (strtod(buf, NULL) == x)
+                break;
+        }
+    }
+    return cJSON_CreateRaw(buf);
+}
+
+char *model_config_hf_json(const model_config_t *cfg)
+{
+    cJSON *j = model_config_to_json(cfg);
+    for (size_t i = 0; i < S_NFIELDS; i++)
+        if (s_fields[i].kind == MODEL_SPEC_F64)
+            cJSON_ReplaceItemInObjectCaseSensitive(
+                j, s_fields[i].key, s_real(*(const double *)((const char *)cfg + s_fields[i].offset)));
+    cJSON *arch = cJSON_CreateArray();
+    cJSON_AddItemToArray(arch, cJSON_CreateString("MixtralForCausalLM"));
+    cJSON_AddItemToObject(j, "architectures", arch);
+    cJSON_AddStringToObject(j, "model_type", "mixtral");
+    cJSON_AddStringToObject(j, "torch_dtype", "float32");
+    char *text = cJSON_Print(j);
+    cJSON_Delete(j);
+    if (!text)
+        abort(); /* cJSON fails only when out of memory */
+    return text;
+}

@@ -67,4 +67,8 @@ semoe_rc model_config_validate(const model_config_t *cfg, const char *where);
  * owns the object (cJSON_Delete). */
 cJSON *model_config_to_json(const model_config_t *cfg);
 
+/* The config.json of a Hugging Face Mixtral checkpoint (model_type, architectures, float
+ * fields written as floats), as text the caller frees. */
+char *model_config_hf_json(const model_config_t *cfg);
+
 #endif

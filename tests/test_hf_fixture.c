@@ -7,6 +7,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cpu/ops.h"
 #include "model/config.h"
@@ -75,7 +76,43 @@ static double s_relerr(const double *a, const float *b, size_t n)
     return sqrt(num / den);
 }
 
-int main(void)
+/* `test_hf_fixture --write-ours DIR`: a random model of the fixture's config written by our
+ * own checkpoint code (config.json + sharded safetensors) with our float logits of the fixture
+ * text beside it (our_logits.f32), for tests/hf/check_ours.py to load with transformers'
+ * MixtralForCausalLM.from_pretrained and compare on the GPU machine. */
+static int s_write_ours(const char *out, const model_config_t *cfg, const int32_t *tokens, int n)
+{
+    model_params_t *p = NULL;
+    if (model_params_new(cfg, NULL, 0, &p) != SEMOE_OK)
+        return 1;
+    model_params_init(p, 20261128);
+    mkdir(out, 0755);
+    char *text = model_config_hf_json(cfg), path[4200];
+    snprintf(path, sizeof path, "%s/config.json", out);
+    FILE *f = fopen(path, "w");
+    bool ok = f && fputs(text, f) >= 0;
+    if (f)
+        fclose(f);
+    free(text);
+    ok = ok && model_st_save(out, p, 1) == SEMOE_OK;
+    double *logits = malloc((size_t)n * cfg->vocab_size * sizeof *logits);
+    model_loss_t loss;
+    ok = ok && s_run_f32(p, tokens, n, logits, &loss);
+    snprintf(path, sizeof path, "%s/our_logits.f32", out);
+    f = ok ? fopen(path, "wb") : NULL;
+    for (size_t i = 0; f && i < (size_t)n * cfg->vocab_size; i++) {
+        float x = (float)logits[i];
+        fwrite(&x, sizeof x, 1, f);
+    }
+    if (f)
+        fclose(f);
+    printf("%s: %s\n", out, ok && f ? "written" : semoe_err_msg());
+    free(logits);
+    model_params_destroy(&p);
+    return ok && f ? 0 : 1;
+}
+
+int main(int argc, char **argv)
 {
     test_init("hf_fixture");
     const char *src = getenv("SEMOE_SRC");
@@ -98,6 +135,10 @@ int main(void)
     model_config_t cfg;
     REQUIRE(model_config_load_hf(path, &cfg) == SEMOE_OK, "config: %s", semoe_err_msg());
     model_params_t *p = NULL;
+    if (argc == 3 && strcmp(argv[1], "--write-ours") == 0) {
+        tokens[n_tok] = 0;
+        return s_write_ours(argv[2], &cfg, tokens, n_tok);
+    }
     REQUIRE(model_params_new(&cfg, NULL, 0, &p) == SEMOE_OK, "params: %s", semoe_err_msg());
     REQUIRE(model_st_load(s_dir, p) == SEMOE_OK, "load: %s", semoe_err_msg());
 
