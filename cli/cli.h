@@ -21,6 +21,7 @@ int cli_status_main(int argc, char **argv);
 int cli_stop_main(int argc, char **argv);
 int cli_demo_main(int argc, char **argv);
 int cli_eval_main(int argc, char **argv);
+int cli_generate_main(int argc, char **argv);
 
 /* Sends "status" to the REP socket at endpoint and waits at most timeout_ms for the reply.
  * On success *reply is the parsed JSON object (caller's, cJSON_Delete) and, when text is not

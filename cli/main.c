@@ -1,5 +1,5 @@
-/* semoe: the command a person types. Dispatches to a subcommand (status, stop, demo, eval); each
- * lives in its own file in cli/ and takes its own flags. */
+/* semoe: the command a person types. Dispatches to a subcommand (status, stop, demo, eval,
+ * generate); each lives in its own file in cli/ and takes its own flags. */
 #include <stdio.h>
 #include <string.h>
 
@@ -14,6 +14,7 @@ static const char s_usage[] =
     "  stop     ask the coordinator to stop the job: it stops its workers, then itself\n"
     "  demo     start a coordinator and 4 CPU workers here, kill one, watch the reassignment\n"
     "  eval     cross-entropy (and logits) of a text under a checkpoint\n"
+    "  generate sample bytes from a checkpoint, continuing a prompt\n"
     "  help     this text; `semoe <command> --help` for a command's flags\n"
     "\n"
     "The daemons are semoe-coordinator and semoe-worker (each has --help).\n";
@@ -33,6 +34,8 @@ int main(int argc, char **argv)
         return cli_demo_main(argc - 1, argv + 1);
     if (strcmp(cmd, "eval") == 0)
         return cli_eval_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "generate") == 0)
+        return cli_generate_main(argc - 1, argv + 1);
     if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
         fputs(s_usage, stdout);
         return 0;
@@ -41,6 +44,7 @@ int main(int argc, char **argv)
         printf("semoe %s\n", SEMOE_VERSION);
         return 0;
     }
-    fprintf(stderr, "semoe: unknown command '%s' (commands: status, stop, demo, eval, help)\n", cmd);
+    fprintf(stderr, "semoe: unknown command '%s' (commands: status, stop, demo, eval, generate, "
+                    "help)\n", cmd);
     return CLI_EXIT_USAGE;
 }

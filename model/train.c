@@ -1,0 +1,306 @@
+/* One training step on one process (model/train.h): micro-batch gradient accumulation scaled to
+ * the global batch's mean loss, global-norm clipping and AdamW with decoupled weight decay on
+ * the matrices, over the float backend table. */
+#include "model/train.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* A run of held tensors contiguous in the slab that share a weight-decay rule and a kind:
+ * AdamW and the sum of squares go run by run (few calls, even on a device). */
+typedef struct {
+    size_t off, len;
+    int decay;  /* matrices: 1; RMSNorm weights (1-D): 0 */
+    int expert; /* MODEL_PARAM_EXPERT: summed apart for reduce_sumsq */
+} s_run_t;
+
+struct model_train {
+    const model_backend_f32_t *be;
+    model_params_t *params;
+    const model_job_t *job;
+    uint32_t mb, seq, gb;
+    size_t n;         /* floats per slab */
+    float *w, *g, *m, *v;
+    float *gtmp;      /* one micro-batch's gradient, before scaling into g */
+    model_acts_f32 *acts;  /* micro_batch x seq_len */
+    model_acts_f32 *tail;  /* a shorter last micro-batch, made on demand */
+    int32_t *tok;     /* (micro_batch, seq_len + 1) host tokens for the graph */
+    s_run_t *runs;
+    size_t n_runs;
+    int t;            /* AdamW step count */
+};
+
+static double s_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+double model_train_lr(const model_job_t *job, uint64_t step)
+{
+    double lr = job->train.lr, min_lr = job->train.min_lr;
+    uint64_t warm = job->train.warmup_steps, steps = job->train.steps;
+    if (step < warm)
+        return lr * (double)step / (double)warm;
+    if (strcmp(job->train.schedule, "constant") == 0)
+        return lr;
+    double p = steps > warm ? (double)(step - warm) / (double)(steps - warm) : 1.0;
+    if (p > 1.0)
+        p = 1.0;
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + cos(M_PI * p));
+}
+
+semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
+                         const model_job_t *job, model_train_t **out)
+{
+    *out = NULL;
+    uint32_t mb = job->train.micro_batch, seq = job->train.seq_len, gb = job->train.global_batch;
+    if (mb == 0 || seq == 0 || gb == 0)
+        return semoe_err(SEMOE_EINVAL,
+                         "model train: micro_batch=%u seq_len=%u global_batch=%u: each must be "
+                         ">= 1",
+                         mb, seq, gb);
+    if (strcmp(job->train.schedule, "cosine") != 0 && strcmp(job->train.schedule, "constant") != 0)
+        return semoe_err(SEMOE_EINVAL,
+                         "model train: schedule=\"%s\": use \"cosine\" or \"constant\"",
+                         job->train.schedule);
+    model_train_t *tr = semoe_xcalloc(1, sizeof *tr);
+    tr->be = be;
+    tr->params = params;
+    tr->job = job;
+    tr->mb = mb;
+    tr->seq = seq;
+    tr->gb = gb;
+    tr->n = (size_t)model_params_slab_floats(params);
+    semoe_rc rc = model_acts_new_f32(be, params, (int)mb, (int)seq, 0, &tr->acts);
+    if (rc != SEMOE_OK) {
+        free(tr);
+        return rc;
+    }
+    tr->w = model_slab_new_f32(be, params);
+    tr->g = model_slab_new_f32(be, params);
+    tr->gtmp = model_slab_new_f32(be, params);
+    tr->m = model_slab_new_f32(be, params);
+    tr->v = model_slab_new_f32(be, params);
+    if (!tr->w || !tr->g || !tr->gtmp || !tr->m || !tr->v) {
+        size_t n = tr->n;
+        model_train_destroy(&tr);
+        return semoe_err(SEMOE_ENOMEM, "model train: cannot allocate 5 slabs of %zu floats", n);
+    }
+    model_slab_load_f32(be, params, tr->w);
+    tr->tok = semoe_xcalloc((size_t)mb * (seq + 1), sizeof *tr->tok);
+
+    size_t count = model_params_count(params);
+    tr->runs = semoe_xcalloc(count ? count : 1, sizeof *tr->runs);
+    for (size_t i = 0; i < count; i++) {
+        const model_param_t *p = model_params_at(params, i);
+        if (!p->data)
+            continue;
+        int decay = p->ndim >= 2, expert = p->kind == MODEL_PARAM_EXPERT;
+        s_run_t *last = tr->n_runs ? &tr->runs[tr->n_runs - 1] : NULL;
+        if (last && last->off + last->len == p->offset && last->decay == decay &&
+            last->expert == expert) {
+            last->len += (size_t)p->numel;
+        } else {
+            tr->runs[tr->n_runs++] = (s_run_t){(size_t)p->offset, (size_t)p->numel, decay, expert};
+        }
+    }
+    *out = tr;
+    return SEMOE_OK;
+}
+
+void model_train_destroy(model_train_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    model_train_t *tr = *self_p;
+    free(tr->runs);
+    free(tr->tok);
+    model_slab_destroy_f32(tr->be, &tr->v);
+    model_slab_destroy_f32(tr->be, &tr->m);
+    model_slab_destroy_f32(tr->be, &tr->gtmp);
+    model_slab_destroy_f32(tr->be, &tr->g);
+    model_slab_destroy_f32(tr->be, &tr->w);
+    model_acts_destroy_f32(&tr->tail);
+    model_acts_destroy_f32(&tr->acts);
+    free(tr);
+    *self_p = NULL;
+}
+
+/* The activations for a micro-batch of rows (<= micro_batch) rows, with its tokens widened
+ * into tr->tok. */
+static semoe_rc s_prepare(model_train_t *tr, const uint8_t *tokens, uint32_t rows,
+                          model_acts_f32 **acts)
+{
+    for (size_t i = 0; i < (size_t)rows * (tr->seq + 1); i++)
+        tr->tok[i] = tokens[i];
+    if (rows == tr->mb) {
+        *acts = tr->acts;
+        return SEMOE_OK;
+    }
+    if (!tr->tail || tr->tail->B != (int)rows) {
+        model_acts_destroy_f32(&tr->tail);
+        semoe_rc rc = model_acts_new_f32(tr->be, tr->params, (int)rows, (int)tr->seq, 0,
+                                         &tr->tail);
+        if (rc != SEMOE_OK)
+            return rc;
+    }
+    *acts = tr->tail;
+    return SEMOE_OK;
+}
+
+semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_rows,
+                          uint64_t step, const model_train_hooks_t *hooks,
+                          model_train_report_t *report)
+{
+    static const model_train_hooks_t none = {0};
+    const model_backend_f32_t *be = tr->be;
+    if (!hooks)
+        hooks = &none;
+    if (n_rows == 0 || n_rows > tr->gb)
+        return semoe_err(SEMOE_EINVAL, "model train: step %llu: %u rows: need 1 to "
+                         "global_batch=%u", (unsigned long long)step, n_rows, tr->gb);
+    model_train_report_t r = {0};
+    size_t row_len = (size_t)tr->seq + 1;
+    double tf = 0, tb = 0, t0;
+    model_zero_grad_f32(be, tr->params, tr->g);
+    /* One micro-batch that is the whole global batch needs no scaling: backward straight
+     * into g. Otherwise each micro-batch's gradient lands in gtmp and goes into g times
+     * rows / global_batch. */
+    int direct = n_rows <= tr->mb && n_rows == tr->gb;
+    for (uint32_t first = 0; first < n_rows; first += tr->mb) {
+        uint32_t rows = n_rows - first < tr->mb ? n_rows - first : tr->mb;
+        model_acts_f32 *acts;
+        SEMOE_CHECK(s_prepare(tr, tokens + (size_t)first * row_len, rows, &acts));
+        model_loss_t loss;
+        t0 = s_now();
+        SEMOE_CHECK(model_forward_f32(be, tr->params, tr->w, acts, tr->tok, hooks->ex, &loss));
+        tf += s_now() - t0;
+        t0 = s_now();
+        if (direct) {
+            SEMOE_CHECK(model_backward_f32(be, tr->params, tr->w, tr->g, acts, hooks->ex));
+        } else {
+            model_zero_grad_f32(be, tr->params, tr->gtmp);
+            SEMOE_CHECK(model_backward_f32(be, tr->params, tr->w, tr->gtmp, acts, hooks->ex));
+            be->axpy(tr->g, (float)((double)rows / tr->gb), tr->gtmp, tr->n);
+        }
+        tb += s_now() - t0;
+        double share = (double)rows / n_rows;
+        r.loss += share * loss.loss;
+        r.ce += share * loss.ce;
+        r.aux += share * loss.aux;
+    }
+
+    t0 = s_now();
+    if (hooks->reduce_grads)
+        SEMOE_CHECK(hooks->reduce_grads(hooks->arg, tr->g, tr->n));
+    double dense = 0, expert = 0, global;
+    for (size_t i = 0; i < tr->n_runs; i++) {
+        double s = be->sumsq(tr->g + tr->runs[i].off, tr->runs[i].len);
+        if (tr->runs[i].expert)
+            expert += s;
+        else
+            dense += s;
+    }
+    if (hooks->reduce_sumsq)
+        SEMOE_CHECK(hooks->reduce_sumsq(hooks->arg, dense, expert, &global));
+    else
+        global = dense + expert;
+    double norm = sqrt(global), clip = tr->job->train.grad_clip;
+    if (!isfinite(norm))
+        return semoe_err(SEMOE_EINVAL, "model train: step %llu: gradient norm %g: not finite "
+                         "(lower train.lr or set train.grad_clip)", (unsigned long long)step,
+                         norm);
+    double scale = clip > 0 && norm + 1e-6 > clip ? clip / (norm + 1e-6) : 1.0;
+    double lr = model_train_lr(tr->job, step);
+    int t = tr->t + 1;
+    const model_job_t *job = tr->job;
+    for (size_t i = 0; i < tr->n_runs; i++) {
+        const s_run_t *run = &tr->runs[i];
+        be->adamw(tr->w + run->off, tr->g + run->off, tr->m + run->off, tr->v + run->off,
+                  run->len, lr, job->train.beta1, job->train.beta2, job->train.eps,
+                  run->decay ? job->train.weight_decay : 0.0, t, scale);
+    }
+    tr->t = t;
+    double to = s_now() - t0;
+
+    if (report) {
+        r.grad_norm = norm;
+        r.clip_scale = scale;
+        r.lr = lr;
+        r.tokens = (uint64_t)n_rows * tr->seq;
+        r.adam_step = t;
+        r.t_forward = tf;
+        r.t_backward = tb;
+        r.t_optimizer = to;
+        *report = r;
+    }
+    return SEMOE_OK;
+}
+
+semoe_rc model_train_eval(model_train_t *tr, const uint8_t *tokens, uint32_t n_rows,
+                          const model_exchange_f32 *ex, double *ce)
+{
+    size_t row_len = (size_t)tr->seq + 1;
+    double sum = 0;
+    if (n_rows == 0)
+        return semoe_err(SEMOE_EINVAL, "model train: eval over 0 rows");
+    for (uint32_t first = 0; first < n_rows; first += tr->mb) {
+        uint32_t rows = n_rows - first < tr->mb ? n_rows - first : tr->mb;
+        model_acts_f32 *acts;
+        SEMOE_CHECK(s_prepare(tr, tokens + (size_t)first * row_len, rows, &acts));
+        model_loss_t loss;
+        SEMOE_CHECK(model_forward_f32(tr->be, tr->params, tr->w, acts, tr->tok, ex, &loss));
+        sum += loss.ce * rows;
+    }
+    *ce = sum / n_rows;
+    return SEMOE_OK;
+}
+
+size_t model_train_slab_floats(const model_train_t *tr)
+{
+    return tr->n;
+}
+
+float *model_train_weights(model_train_t *tr)
+{
+    return tr->w;
+}
+
+float *model_train_grads(model_train_t *tr)
+{
+    return tr->g;
+}
+
+float *model_train_m(model_train_t *tr)
+{
+    return tr->m;
+}
+
+float *model_train_v(model_train_t *tr)
+{
+    return tr->v;
+}
+
+int model_train_adam_step(const model_train_t *tr)
+{
+    return tr->t;
+}
+
+void model_train_set_adam_step(model_train_t *tr, int t)
+{
+    tr->t = t;
+}
+
+void model_train_weights_to_params(model_train_t *tr)
+{
+    tr->be->to_host(model_params_slab(tr->params), tr->w, tr->n * sizeof(float));
+}
+
+void model_train_weights_from_params(model_train_t *tr)
+{
+    model_slab_load_f32(tr->be, tr->params, tr->w);
+}

@@ -1,0 +1,105 @@
+/* One training step on one process, float path (DESIGN.md "The model": AdamW with fp32 master
+ * weights): gradient accumulation over micro-batches, global gradient-norm clipping and AdamW
+ * with decoupled weight decay, plus the learning-rate schedule and a held-out evaluation. The
+ * distributed trainer wraps it through hooks (gradient all-reduce, global sum of squares, the
+ * expert exchange); with no hooks it is the whole single-process trainer. */
+#ifndef SEMOE_MODEL_TRAIN_H
+#define SEMOE_MODEL_TRAIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "actors/err.h"
+#include "model/backend.h"
+#include "model/graph.h"
+#include "model/job.h"
+#include "model/params.h"
+
+typedef struct model_train model_train_t;
+
+/* What the distributed version plugs in; a zeroed struct (or NULL) is the single process. */
+typedef struct {
+    void *arg; /* passed to every hook */
+    /* Called once per step after the last backward, before clipping: grads (n floats, the
+     * params-shaped gradient slab in the backend's memory) hold this process's share of the
+     * gradient of the global batch's mean loss; the hook makes them the whole of it (sums
+     * over workers; the scaling by rows / global_batch is already done). NULL: nothing. */
+    semoe_rc (*reduce_grads)(void *arg, float *grads, size_t n);
+    /* The global sum of squares of the (reduced) gradient, from this process's sums over the
+     * dense tensors and over the expert tensors it holds, kept apart so that a wrapper can
+     * count replicated tensors once. NULL: *global = dense + expert. */
+    semoe_rc (*reduce_sumsq)(void *arg, double dense, double expert, double *global);
+    /* The expert exchange for forward and backward; NULL: the local one (every expert held). */
+    const model_exchange_f32 *ex;
+} model_train_hooks_t;
+
+/* One step's account. Losses are this process's means over its rows (micro-batches weighted by
+ * their rows); a wrapper averages them over workers by rows. */
+typedef struct {
+    double loss, ce, aux;   /* loss = ce + router_aux_loss_coef * aux */
+    double grad_norm;       /* global, before clipping */
+    double clip_scale;      /* the factor applied to the gradient (1: not clipped) */
+    double lr;              /* model_train_lr(job, step) */
+    uint64_t tokens;        /* targets processed here: n_rows * seq_len */
+    int adam_step;          /* AdamW's step count t after this step (1 after the first) */
+    double t_forward, t_backward, t_optimizer; /* seconds (host clock; a device backend's
+                                                * numbers include only what it synchronises) */
+} model_train_report_t;
+
+/* The learning rate of step (0-based): linear warmup from 0 at step 0 to train.lr at
+ * warmup_steps, then for "cosine" min_lr + (lr - min_lr) (1 + cos(pi p)) / 2 with
+ * p = (step - warmup) / (steps - warmup) clamped to [0, 1] (min_lr at and after `steps`), or
+ * lr for "constant". As transformers' get_cosine_schedule_with_warmup, with a floor. Pure. */
+double model_train_lr(const model_job_t *job, uint64_t step);
+
+/* A trainer for params on backend be under job->train (micro_batch, seq_len, global_batch and
+ * the optimizer's settings; job->model is not read: params' config is the model). Allocates the
+ * fp32 weights (a params-shaped slab in the backend's memory, loaded from params' slab), the
+ * gradients, AdamW's m and v (zeroed, adam step 0) and the activations for micro_batch x
+ * seq_len. be, params and job must outlive the trainer (not owned). Caller owns *out
+ * (model_train_destroy). */
+semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
+                         const model_job_t *job, model_train_t **out);
+/* Frees everything the trainer allocated; nulls *self_p; NULL and *self_p NULL are fine. */
+void model_train_destroy(model_train_t **self_p);
+
+/* Step `step` (0-based: it picks the learning rate) over this process's rows of the global
+ * batch: tokens (n_rows, seq_len + 1) bytes as model_data_batch fills them. Zeroes the
+ * gradients; runs forward + backward per micro-batch of micro_batch rows (a last shorter one
+ * when n_rows is not a multiple), accumulating d/dw of (rows / global_batch) * that
+ * micro-batch's loss, so that over all workers the sum is the gradient of the mean loss of the
+ * global batch; hooks->reduce_grads; the global norm (hooks->reduce_sumsq) and the clip scale
+ * min(1, grad_clip / (norm + 1e-6)) (grad_clip <= 0: none); AdamW (step count t + 1, bias
+ * corrected) with decoupled weight decay on the matrices only: RMSNorm weights (every 1-D
+ * tensor) are not decayed, as in transformers' and most Mixtral recipes (no biases here).
+ * A non-finite gradient norm is an error (SEMOE_EINVAL) and leaves weights, moments and the
+ * step count as they were. hooks may be NULL; report may be NULL. */
+semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_rows,
+                          uint64_t step, const model_train_hooks_t *hooks,
+                          model_train_report_t *report);
+
+/* Forward only over tokens (n_rows, seq_len + 1) in micro-batches: *ce the mean cross-entropy
+ * over every target (aux not included). ex NULL: the local exchange. */
+semoe_rc model_train_eval(model_train_t *tr, const uint8_t *tokens, uint32_t n_rows,
+                          const model_exchange_f32 *ex, double *ce);
+
+/* --- state, for checkpoints and tests ------------------------------------------------------ */
+
+/* Floats in each params-shaped slab (model_params_slab_floats). */
+size_t model_train_slab_floats(const model_train_t *tr);
+/* The slabs, in the backend's memory, at params' offsets: weights (the fp32 master copy),
+ * gradients (as the last step left them: reduced, not clipped), AdamW's first and second
+ * moments. Owned by the trainer; a checkpoint copies them out (be->to_host) and back. */
+float *model_train_weights(model_train_t *tr);
+float *model_train_grads(model_train_t *tr);
+float *model_train_m(model_train_t *tr);
+float *model_train_v(model_train_t *tr);
+/* AdamW's step count t (0 before the first step; bias correction uses t after the update). */
+int model_train_adam_step(const model_train_t *tr);
+void model_train_set_adam_step(model_train_t *tr, int t);
+/* Copies the weights to params' host slab (before saving them with model_st_save), or back
+ * from it (after loading them into params). */
+void model_train_weights_to_params(model_train_t *tr);
+void model_train_weights_from_params(model_train_t *tr);
+
+#endif
