@@ -55,29 +55,24 @@ static char *s_slurp(const char *path, size_t *len)
     return buf;
 }
 
-/* One forward pass over tokens[0..n) in T = S (the last target is a dummy: neither the logits
- * nor the loss we report use it); logits (n, V) copied out as double. */
-#define S_FORWARD(T, S)                                                                        \
-    static semoe_rc s_forward_##S(const model_params_t *p, const int32_t *tokens, int n,      \
-                                  double *logits)                                              \
+/* The logits (n, V) of tokens[0..n) in T = S, widened to double. */
+#define S_LOGITS(T, S)                                                                         \
+    static semoe_rc s_logits_##S(const model_params_t *p, const int32_t *tokens, int n,       \
+                                 double *logits)                                               \
     {                                                                                          \
         const model_backend_##S##_t *be = &cpu_backend_##S;                                   \
-        model_acts_##S *acts = NULL;                                                          \
-        T *w = model_slab_new_##S(be, p);                                                     \
+        size_t count = (size_t)n * model_params_config(p)->vocab_size;                        \
+        T *w = model_slab_new_##S(be, p), *out = semoe_xmalloc(count * sizeof *out);          \
         model_slab_load_##S(be, p, w);                                                        \
-        model_loss_t loss;                                                                     \
-        semoe_rc rc = model_acts_new_##S(be, p, 1, n, 0, &acts);                              \
-        if (rc == SEMOE_OK)                                                                    \
-            rc = model_forward_##S(be, p, w, acts, tokens, NULL, &loss);                      \
-        if (rc == SEMOE_OK)                                                                    \
-            for (size_t i = 0; i < (size_t)n * acts->V; i++)                                  \
-                logits[i] = acts->a.logits[i];                                                \
-        model_acts_destroy_##S(&acts);                                                        \
+        semoe_rc rc = model_logits_##S(be, p, w, tokens, n, out);                             \
+        for (size_t i = 0; rc == SEMOE_OK && i < count; i++)                                  \
+            logits[i] = out[i];                                                                \
+        free(out);                                                                             \
         model_slab_destroy_##S(be, &w);                                                       \
         return rc;                                                                             \
     }
-S_FORWARD(float, f32)
-S_FORWARD(double, f64)
+S_LOGITS(float, f32)
+S_LOGITS(double, f64)
 
 int cli_eval_main(int argc, char **argv)
 {
@@ -124,8 +119,6 @@ int cli_eval_main(int argc, char **argv)
         text = owned;
     }
     int rc = 1;
-    char cfg_path[4096];
-    snprintf(cfg_path, sizeof cfg_path, "%s/config.json", dir);
     model_config_t cfg;
     model_params_t *p = NULL;
     int32_t *tokens = NULL;
@@ -135,14 +128,13 @@ int cli_eval_main(int argc, char **argv)
         rc = CLI_EXIT_USAGE;
         goto done;
     }
-    if (model_config_load_hf(cfg_path, &cfg) != SEMOE_OK ||
-        model_params_new(&cfg, NULL, 0, &p) != SEMOE_OK || model_st_load(dir, p) != SEMOE_OK) {
+    if (model_st_load_model(dir, &cfg, &p) != SEMOE_OK) {
         fprintf(stderr, "semoe eval: %s\n", semoe_err_msg());
         rc = CLI_EXIT_USAGE;
         goto done;
     }
     int n = (int)len, V = (int)cfg.vocab_size;
-    tokens = semoe_xcalloc((size_t)n + 1, sizeof *tokens);
+    tokens = semoe_xcalloc((size_t)n, sizeof *tokens);
     for (int i = 0; i < n; i++) {
         tokens[i] = (unsigned char)text[i];
         if (tokens[i] >= V) {
@@ -153,7 +145,7 @@ int cli_eval_main(int argc, char **argv)
         }
     }
     logits = semoe_xmalloc((size_t)n * V * sizeof *logits);
-    semoe_rc frc = dbl ? s_forward_f64(p, tokens, n, logits) : s_forward_f32(p, tokens, n, logits);
+    semoe_rc frc = dbl ? s_logits_f64(p, tokens, n, logits) : s_logits_f32(p, tokens, n, logits);
     if (frc != SEMOE_OK) {
         fprintf(stderr, "semoe eval: %s\n", semoe_err_msg());
         goto done;

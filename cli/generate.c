@@ -169,24 +169,20 @@ int cli_generate_main(int argc, char **argv)
     }
 
     const model_backend_f32_t *be = &cpu_backend_f32;
-    char cfg_path[4096];
-    snprintf(cfg_path, sizeof cfg_path, "%s/config.json", dir);
     model_config_t cfg;
     model_params_t *p = NULL;
-    model_acts_f32 *acts = NULL;
-    float *w = NULL;
+    float *w = NULL, *logits = NULL;
     int32_t *tokens = NULL;
     int *order = NULL;
     double *prob = NULL;
     int rc = CLI_EXIT_USAGE;
-    if (model_config_load_hf(cfg_path, &cfg) != SEMOE_OK ||
-        model_params_new(&cfg, NULL, 0, &p) != SEMOE_OK || model_st_load(dir, p) != SEMOE_OK) {
+    if (model_st_load_model(dir, &cfg, &p) != SEMOE_OK) {
         fprintf(stderr, "semoe generate: %s\n", semoe_err_msg());
         goto done;
     }
     int V = (int)cfg.vocab_size;
     size_t total = plen + (size_t)n_new;
-    tokens = semoe_xcalloc(total + 1, sizeof *tokens); /* + 1: the forward's dummy target */
+    tokens = semoe_xcalloc(total, sizeof *tokens);
     for (size_t i = 0; i < plen; i++) {
         tokens[i] = (unsigned char)prompt[i];
         if (tokens[i] >= V) {
@@ -197,6 +193,7 @@ int cli_generate_main(int argc, char **argv)
     }
     w = model_slab_new_f32(be, p);
     model_slab_load_f32(be, p, w);
+    logits = semoe_xmalloc(total * (size_t)V * sizeof *logits);
     order = semoe_xmalloc((size_t)V * sizeof *order);
     prob = semoe_xmalloc((size_t)V * sizeof *prob);
     uint64_t rng = seed;
@@ -204,15 +201,11 @@ int cli_generate_main(int argc, char **argv)
     fflush(stdout);
     rc = 1;
     for (size_t n = plen; n < total; n++) {
-        model_loss_t loss;
-        model_acts_destroy_f32(&acts);
-        tokens[n] = 0; /* the dummy target of the last position */
-        if (model_acts_new_f32(be, p, 1, (int)n, 0, &acts) != SEMOE_OK ||
-            model_forward_f32(be, p, w, acts, tokens, NULL, &loss) != SEMOE_OK) {
+        if (model_logits_f32(be, p, w, tokens, (int)n, logits) != SEMOE_OK) {
             fprintf(stderr, "\nsemoe generate: %s\n", semoe_err_msg());
             goto done;
         }
-        const float *last = acts->a.logits + (n - 1) * (size_t)V;
+        const float *last = logits + (n - 1) * (size_t)V;
         int next = s_sample(last, V, temperature, (int)top_k, &rng, order, prob);
         tokens[n] = next;
         if (next < 256)
@@ -226,7 +219,7 @@ int cli_generate_main(int argc, char **argv)
 done:
     free(prob);
     free(order);
-    model_acts_destroy_f32(&acts);
+    free(logits);
     model_slab_destroy_f32(be, &w);
     free(tokens);
     model_params_destroy(&p);

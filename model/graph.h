@@ -140,7 +140,12 @@ typedef struct {
      * tensors. */                                                                             \
     semoe_rc model_backward_##S(const model_backend_##S##_t *be, const model_params_t *params,\
                                 const T *w, T *grads, model_acts_##S *acts,                    \
-                                const model_exchange_##S *ex);
+                                const model_exchange_##S *ex);                                 \
+                                                                                               \
+    /* The logits (n, V) of one sequence of n tokens (host int32 ids) under the weights w,    \
+     * copied to the host into logits (caller's, n * V); for eval and generation. */         \
+    semoe_rc model_logits_##S(const model_backend_##S##_t *be, const model_params_t *params,  \
+                              const T *w, const int32_t *tokens, int n, T *logits);
 
 MODEL_GRAPH_DECLARE(float, f32)
 MODEL_GRAPH_DECLARE(double, f64)

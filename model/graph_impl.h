@@ -452,6 +452,28 @@ semoe_rc G(model_backward)(const BE_T *be, const model_params_t *params, const T
     return SEMOE_OK;
 }
 
+semoe_rc G(model_logits)(const BE_T *be, const model_params_t *params, const T *w,
+                         const int32_t *tokens, int n, T *logits)
+{
+    if (n < 1)
+        return semoe_err(SEMOE_EINVAL, "logits: need at least one token, not %d", n);
+    /* the forward pass wants a target for every position: the last one's is a dummy that
+     * neither the logits nor the caller see */
+    int32_t *seq = semoe_xmalloc(((size_t)n + 1) * sizeof *seq);
+    memcpy(seq, tokens, (size_t)n * sizeof *seq);
+    seq[n] = 0;
+    ACTS_T *acts = NULL;
+    model_loss_t loss;
+    semoe_rc rc = G(model_acts_new)(be, params, 1, n, 0, &acts);
+    if (rc == SEMOE_OK)
+        rc = G(model_forward)(be, params, w, acts, seq, NULL, &loss);
+    if (rc == SEMOE_OK)
+        be->to_host(logits, acts->a.logits, (size_t)n * (size_t)acts->V * sizeof(T));
+    G(model_acts_destroy)(&acts);
+    free(seq);
+    return rc;
+}
+
 #undef W_AT
 #undef W_EMB
 #undef W_NORM

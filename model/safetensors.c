@@ -989,3 +989,21 @@ out:
     free(ipath);
     return rc;
 }
+
+semoe_rc model_st_load_model(const char *dir, model_config_t *cfg, model_params_t **out)
+{
+    *out = NULL;
+    char *path = s_join(dir, "config.json");
+    semoe_rc rc = model_config_load_hf(path, cfg);
+    free(path);
+    SEMOE_CHECK(rc);
+    model_params_t *p = NULL;
+    SEMOE_CHECK(model_params_new(cfg, NULL, 0, &p));
+    if ((rc = model_st_load(dir, p)) != SEMOE_OK) {
+        model_params_destroy(&p);
+        semoe_err_trace(__FILE__, __LINE__);
+        return rc;
+    }
+    *out = p;
+    return SEMOE_OK;
+}

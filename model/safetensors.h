@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "actors/err.h"
+#include "model/config.h"
 #include "model/params.h"
 
 #define MODEL_ST_MAX_DIMS 8
@@ -79,5 +80,9 @@ semoe_rc model_st_save(const char *dir, const model_params_t *p, uint32_t layers
  * name: every tensor of p's table must be present with its shape, nothing else may be; only the
  * tensors p holds are read. Errors name the file and tensor(s) at fault. */
 semoe_rc model_st_load(const char *dir, model_params_t *p);
+
+/* Opens a model folder as transformers writes it: dir/config.json (read leniently) into *cfg
+ * and every tensor (all experts) into a new params object, the caller's (*out). */
+semoe_rc model_st_load_model(const char *dir, model_config_t *cfg, model_params_t **out);
 
 #endif
