@@ -319,9 +319,15 @@ void comm_destroy(comm_t **comm_p)
     comm_t *c = *comm_p;
     if (!c)
         return;
+    /* A rank may finish a collective before its last messages have left (its peers still wait
+     * for them): a healthy comm lets them go for up to COMM_LINGER_MS in the background; a
+     * broken one drops them at once. */
+    int linger = c->broken || atomic_load(&c->aborted) ? 0 : COMM_LINGER_MS;
     for (uint32_t r = 0; r < c->world; r++)
-        if (c->dealers[r])
+        if (c->dealers[r]) {
+            zmq_setsockopt(c->dealers[r], ZMQ_LINGER, &linger, sizeof linger);
             zmq_close(c->dealers[r]);
+        }
     if (c->port && c->port->comm == c)
         c->port->comm = NULL;
     s_queue_clear(&c->pending);

@@ -33,6 +33,7 @@
 #define COMM_MAX_FRAME (COMM_CHUNK_BYTES + 64) /* ZMQ_MAXMSGSIZE on the data ROUTER */
 #define COMM_STASH_MAX_BYTES ((size_t)256 << 20) /* newer-generation bytes kept for later */
 #define COMM_POLL_SLICE_MS 10 /* how often a waiting call checks comm_abort's flag */
+#define COMM_LINGER_MS 2000   /* comm_destroy: how long queued sends may still go out */
 
 typedef struct comm_port comm_port_t;
 typedef struct comm comm_t;
@@ -56,13 +57,16 @@ const char *comm_port_endpoint(const comm_port_t *port);
 void comm_port_destroy(comm_port_t **port_p);
 
 /* The communicator of generation `gen`: this worker is `rank` of `world`; endpoints[r] is rank
- * r's data endpoint (endpoints[rank] is not used). Connects one DEALER per peer (linger 0,
- * unbounded send queue: a collective queues at most its own payload, so a send never blocks).
+ * r's data endpoint (endpoints[rank] is not used). Connects one DEALER per peer (linger 0
+ * until comm_destroy, unbounded send queue: a collective queues at most its own payload, so a send never blocks).
  * Messages of `gen` kept on the port are taken over; older ones are dropped. One comm per port
  * at a time; `port` must outlive it. The caller owns *out. */
 semoe_rc comm_new(comm_port_t *port, uint64_t gen, uint32_t rank, uint32_t world,
                   const char *const *endpoints, comm_t **out);
-/* Closes the DEALERs (queued messages are dropped) and frees; nulls *comm_p. */
+/* Closes the DEALERs and frees; nulls *comm_p. Sends still queued (this rank may finish a
+ * collective before its last messages have left) get COMM_LINGER_MS to go out in the background
+ * (zmq_ctx_term waits for them at most that long); a comm broken by an error or comm_abort drops
+ * them at once (linger 0). */
 void comm_destroy(comm_t **comm_p);
 
 uint32_t comm_rank(const comm_t *c);
