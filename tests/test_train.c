@@ -233,7 +233,7 @@ static void s_check_adamw(bool clip)
     for (size_t i = 0; i < n; i++)
         w[i] = w0[i];
     uint8_t tok[8 * 13];
-    double worst = 0, worst_m = 0;
+    double worst = 0, worst_m = 0; /* worst_m: norm-wise, ||m - ref|| / ||ref|| per step */
     for (int step = 0; step < 3; step++) {
         s_tokens(tok, sizeof tok, 32);
         if (clip) {
@@ -270,15 +270,20 @@ static void s_check_adamw(bool clip)
         CHECK(r.lr == model_train_lr(&job, (uint64_t)step), "lr %g", r.lr);
         s_ref_adamw(p, w, m, v, g, &job, r.lr, step + 1, s);
         const float *tw = model_train_weights(tr), *tm = model_train_m(tr);
+        /* Element-wise relative error of m is meaningless where m nearly cancels (opposite
+         * gradients over steps): compare m norm-wise, float rounding bounds it near 1e-7. */
+        double dm = 0, nm = 0;
         for (size_t i = 0; i < n; i++) {
             worst = fmax(worst, fabs(tw[i] - w[i]));
-            worst_m = fmax(worst_m, fabs(tm[i] - m[i]) / (fabs(m[i]) + 1e-6));
+            dm += (tm[i] - m[i]) * (tm[i] - m[i]);
+            nm += m[i] * m[i];
         }
+        worst_m = fmax(worst_m, sqrt(dm / nm));
     }
-    printf("adamw%s: 3 steps, every parameter: max |w - ref| %.3g, max rel |m - ref| %.3g\n",
+    printf("adamw%s: 3 steps, every parameter: max |w - ref| %.3g, ||m - ref|| / ||ref|| %.3g\n",
            clip ? " with clipping" : "", worst, worst_m);
     CHECK(worst < 2e-6, "weights off the reference AdamW by %.3g", worst);
-    CHECK(worst_m < 1e-4, "first moment off the reference by %.3g (relative)", worst_m);
+    CHECK(worst_m < 1e-5, "first moment off the reference by %.3g (norm-wise)", worst_m);
     /* the norms were not decayed: with a zero gradient a norm weight would not move at all,
      * so test the rule itself: a reference that decays them is far off */
     if (!clip) {
