@@ -775,6 +775,9 @@ fail:
 static bool s_safe_fname(const char *s)
 {
     size_t n = strlen(s), suf = strlen(".safetensors");
+    for (const unsigned char *c = (const unsigned char *)s; *c; c++)
+        if (*c < 0x20 || *c == 0x7f) /* it ends up in messages: one printable line */
+            return false;
     return n > suf && n < 256 && s[0] != '.' && !strchr(s, '/') && !strchr(s, '\\') &&
            strcmp(s + n - suf, ".safetensors") == 0;
 }
