@@ -12,6 +12,10 @@
 #include "model/params.h"
 #include "tests/harness.h"
 
+/* Below these gradient norms a tensor's gradient counts as zero up to rounding (see uses). */
+#define S_GRAD_FLOOR 1e-4
+#define S_GRAD_FLOOR_F32 1e-3
+
 static double s_unif(double a)
 {
     return a * (2.0 * test_rand_unit() - 1.0);
@@ -182,7 +186,11 @@ static void s_check_model(int which, int B, int Tn)
             nfd++;
         }
         double den = fmax(sqrt(gg), sqrt(ff));
-        double rel = den > 0 ? sqrt(dd) / den : 0;
+        /* A gradient can be zero up to rounding (top-1 routing with perfectly balanced
+         * counts leaves the gate only the aux term, which then cancels): there the finite
+         * differences are noise of ~1e-11 per entry, so the error is taken relative to at
+         * least S_GRAD_FLOOR, i.e. checked absolutely for such tensors. */
+        double rel = sqrt(dd) / fmax(den, S_GRAD_FLOOR);
         ntensors++;
         zero_tensors += den == 0;
         /* zero exactly for the experts no token was routed to */
@@ -230,7 +238,8 @@ static void s_check_model(int which, int B, int Tn)
             dd += d * d;
             gg += g[t->offset + e] * g[t->offset + e];
         }
-        double rel = gg > 0 ? sqrt(dd / gg) : sqrt(dd);
+        /* float rounding of a gradient that is zero up to rounding: relative to a floor */
+        double rel = sqrt(dd) / fmax(sqrt(gg), S_GRAD_FLOOR_F32);
         if (rel > fworst) {
             fworst = rel;
             fworst_name = t->name;
