@@ -22,6 +22,8 @@ typedef struct {
     double loss;
     double ce;  /* mean cross-entropy over the B*T targets */
     double aux; /* load_balancing_loss_func over every layer's router probs (top-k counts) */
+    int64_t tokens; /* the targets the means are over: N, or the global count when the
+                     * exchange has reduce_stats */
 } model_loss_t;
 
 #define MODEL_GRAPH_DECLARE(T, S)                                                              \
@@ -45,6 +47,14 @@ typedef struct {
          * = its send_counts). */                                                             \
         semoe_rc (*combine)(void *state, int layer, int E, int D, const T *send,              \
                             const int32_t *send_counts, T *recv, const int32_t *recv_counts); \
+        /* Optional (NULL: this process's batch is the whole batch). buf[i] = the sum over   \
+         * every process of its buf[i], i < n, the same bits on every process (a collective: \
+         * every process calls it at the same point with the same n). With it the forward   \
+         * pass reports the losses of the GLOBAL batch (ce: mean over every process's       \
+         * targets; aux: from every process's routed counts and router probs over the global \
+         * token count) and backward computes this process's share of their gradient, so   \
+         * that the sum over processes is the gradient of the global loss. */               \
+        semoe_rc (*reduce_stats)(void *state, double *buf, size_t n);                        \
     } model_exchange_##S;                                                                      \
                                                                                                \
     /* The activation pointer table, llm.c style: every field points into one slab. Shapes:  \
@@ -100,6 +110,10 @@ typedef struct {
         int32_t *send_counts; /* (L, E) routed rows per expert, this process's tokens */      \
         int32_t *recv_counts; /* (L, E) rows received per expert held here */                 \
         int32_t *h_idx, *h_rows, *h_slots; /* (NK) scratch for the routing plan */           \
+        T *h_probs;       /* (L, N, E) router probs on the host, for the global aux loss */  \
+        int global;       /* the last forward reduced its losses (ex->reduce_stats) */       \
+        double ce_scale;  /* then: N / global targets, d loss / d (local mean ce) */          \
+        double *aux_coef; /* (E) then: d aux / d probs[m, e] over the global batch */        \
         uint64_t *off;    /* element offsets of the tensors in a params-shaped slab */        \
         void *mem, *dmem; /* the two slabs (backend memory) */                                \
     } model_acts_##S;                                                                          \

@@ -101,6 +101,8 @@ semoe_rc G(model_acts_new)(const BE_T *be, const model_params_t *params, int B, 
     s->h_idx = semoe_xcalloc(NK, sizeof(int32_t));
     s->h_rows = semoe_xcalloc(NK, sizeof(int32_t));
     s->h_slots = semoe_xcalloc(NK, sizeof(int32_t));
+    s->h_probs = semoe_xcalloc(L * N * (size_t)s->E, sizeof(T));
+    s->aux_coef = semoe_xcalloc((size_t)s->E, sizeof(double));
     *out = s;
     return SEMOE_OK;
 }
@@ -117,6 +119,8 @@ void G(model_acts_destroy)(ACTS_T **self_p)
     free(s->h_idx);
     free(s->h_rows);
     free(s->h_slots);
+    free(s->h_probs);
+    free(s->aux_coef);
     free(s->off);
     free(s);
     *self_p = NULL;
@@ -281,6 +285,53 @@ static void G(s_experts_bwd)(const BE_T *be, const ACTS_T *s, const T *w, T *g, 
     }
 }
 
+/* The losses of the global batch through ex->reduce_stats: one sum over processes of
+ * [routed rows per expert (E), router prob sums per expert (E), ce sum, targets], every layer's
+ * tokens pooled as load_balancing_loss_func pools them. aux = E sum_e f_e P_e with
+ * f_e = count_e / M, P_e = psum_e / M, M = L * global targets; d aux / d probs[m, e] =
+ * E f_e / M, kept in s->aux_coef for backward, with s->ce_scale = N / global targets. */
+static semoe_rc G(s_global_losses)(const BE_T *be, ACTS_T *s, const EX_T *ex, double coef,
+                                   T ce, model_loss_t *loss)
+{
+    int N = s->N, L = s->L, E = s->E;
+    size_t n = 2 * (size_t)E + 2;
+    double *st = semoe_xcalloc(n, sizeof(double));
+    for (int l = 0; l < L; l++)
+        for (int e = 0; e < E; e++)
+            st[e] += s->send_counts[(size_t)l * E + e];
+    size_t M = (size_t)L * N;
+    be->to_host(s->h_probs, s->a.rprobs, M * E * sizeof(T));
+    for (size_t m = 0; m < M; m++)
+        for (int e = 0; e < E; e++)
+            st[E + e] += (double)s->h_probs[m * E + e];
+    st[2 * E] = (double)ce * N;
+    st[2 * E + 1] = N;
+    semoe_rc rc = ex->reduce_stats(ex->state, st, n);
+    if (rc != SEMOE_OK) {
+        free(st);
+        return rc;
+    }
+    double tokens = st[2 * E + 1];
+    if (!(tokens >= 1)) {
+        free(st);
+        return semoe_err(SEMOE_EPROTO, "reduce_stats: %g targets over the global batch",
+                         tokens);
+    }
+    double Mg = tokens * L, aux = 0;
+    for (int e = 0; e < E; e++) {
+        aux += (st[e] / Mg) * (st[E + e] / Mg);
+        s->aux_coef[e] = E * (st[e] / Mg) / Mg;
+    }
+    aux *= E;
+    s->ce_scale = N / tokens;
+    loss->ce = st[2 * E] / tokens;
+    loss->aux = aux;
+    loss->loss = loss->ce + coef * aux;
+    loss->tokens = (int64_t)tokens;
+    free(st);
+    return SEMOE_OK;
+}
+
 semoe_rc G(model_forward)(const BE_T *be, const model_params_t *params, const T *w,
                           ACTS_T *s, const int32_t *tokens, const EX_T *ex, model_loss_t *loss)
 {
@@ -365,11 +416,16 @@ semoe_rc G(model_forward)(const BE_T *be, const model_params_t *params, const T 
     be->rmsnorm_fwd(a->lnf, a->lnf_rstd, x, W_NORM(w), N, D, eps);
     be->linear_fwd(a->logits, a->lnf, W_LM(w), N, D, V);
     T ce = be->crossentropy_fwd(a->losses, a->logits, s->targets, N, V);
-    T aux = be->auxloss_fwd(a->rprobs, s->ridx, L * N, E, K);
-    loss->ce = (double)ce;
-    loss->aux = (double)aux;
-    loss->loss = (double)(ce + (T)cfg->router_aux_loss_coef * aux);
-    return SEMOE_OK;
+    s->global = ex->reduce_stats != NULL;
+    if (!s->global) {
+        T aux = be->auxloss_fwd(a->rprobs, s->ridx, L * N, E, K);
+        loss->ce = (double)ce;
+        loss->aux = (double)aux;
+        loss->loss = (double)(ce + (T)cfg->router_aux_loss_coef * aux);
+        loss->tokens = N;
+        return SEMOE_OK;
+    }
+    return G(s_global_losses)(be, s, ex, (double)cfg->router_aux_loss_coef, ce, loss);
 }
 
 semoe_rc G(model_backward)(const BE_T *be, const model_params_t *params, const T *w, T *g,
@@ -389,8 +445,19 @@ semoe_rc G(model_backward)(const BE_T *be, const model_params_t *params, const T
     be->zero(s->dmem, G(s_point)(d, NULL, s) * sizeof(T));
 
     /* the losses: d loss / d ce = 1, d loss / d aux = router_aux_loss_coef */
-    be->crossentropy_bwd(d->logits, a->logits, s->targets, (T)1, N, V);
-    be->auxloss_bwd(d->rprobs, s->ridx, (T)cfg->router_aux_loss_coef, L * N, E, K);
+    if (!s->global) {
+        be->crossentropy_bwd(d->logits, a->logits, s->targets, (T)1, N, V);
+        be->auxloss_bwd(d->rprobs, s->ridx, (T)cfg->router_aux_loss_coef, L * N, E, K);
+    } else {
+        /* this process's share of the global losses' gradient (d was zeroed: a plain
+         * write of the aux term is its accumulation) */
+        be->crossentropy_bwd(d->logits, a->logits, s->targets, (T)s->ce_scale, N, V);
+        size_t M = (size_t)L * N;
+        for (size_t m = 0; m < M; m++)
+            for (int e = 0; e < E; e++)
+                s->h_probs[m * E + e] = (T)(cfg->router_aux_loss_coef * s->aux_coef[e]);
+        be->to_device(d->rprobs, s->h_probs, M * E * sizeof(T));
+    }
 
     const T *xlast = L > 0 ? a->res2 + (size_t)(L - 1) * ND : a->encoded;
     T *dxlast = L > 0 ? d->res2 + (size_t)(L - 1) * ND : d->encoded;

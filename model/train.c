@@ -30,6 +30,7 @@ struct model_train {
     s_run_t *runs;
     size_t n_runs;
     int t;            /* AdamW step count */
+    int R;            /* expert rows an exchange may deliver per micro-batch (0: local) */
 };
 
 static double s_now(void)
@@ -143,7 +144,7 @@ static semoe_rc s_prepare(model_train_t *tr, const uint8_t *tokens, uint32_t row
     }
     if (!tr->tail || tr->tail->B != (int)rows) {
         model_acts_destroy_f32(&tr->tail);
-        semoe_rc rc = model_acts_new_f32(tr->be, tr->params, (int)rows, (int)tr->seq, 0,
+        semoe_rc rc = model_acts_new_f32(tr->be, tr->params, (int)rows, (int)tr->seq, tr->R,
                                          &tr->tail);
         if (rc != SEMOE_OK)
             return rc;
@@ -169,8 +170,11 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
     model_zero_grad_f32(be, tr->params, tr->g);
     /* One micro-batch that is the whole global batch needs no scaling: backward straight
      * into g. Otherwise each micro-batch's gradient lands in gtmp and goes into g times
-     * rows / global_batch. */
-    int direct = n_rows <= tr->mb && n_rows == tr->gb;
+     * rows / global_batch. With an exchange that reduces the losses (reduce_stats) the
+     * micro-batch's loss is already that of every worker's rows together, and backward gives
+     * this worker's share of its gradient: the factor is the global rows / global_batch. */
+    int glob = hooks->ex && hooks->ex->reduce_stats;
+    double wsum = 0;
     for (uint32_t first = 0; first < n_rows; first += tr->mb) {
         uint32_t rows = n_rows - first < tr->mb ? n_rows - first : tr->mb;
         model_acts_f32 *acts;
@@ -180,20 +184,32 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
         SEMOE_CHECK(model_forward_f32(be, tr->params, tr->w, acts, tr->tok, hooks->ex, &loss));
         tf += s_now() - t0;
         t0 = s_now();
+        double scale = glob ? (double)loss.tokens / ((double)tr->seq * tr->gb)
+                              : (double)rows / tr->gb;
+        int direct = n_rows <= tr->mb && scale == 1.0;
         if (direct) {
             SEMOE_CHECK(model_backward_f32(be, tr->params, tr->w, tr->g, acts, hooks->ex));
         } else {
             model_zero_grad_f32(be, tr->params, tr->gtmp);
             SEMOE_CHECK(model_backward_f32(be, tr->params, tr->w, tr->gtmp, acts, hooks->ex));
-            be->axpy(tr->g, (float)((double)rows / tr->gb), tr->gtmp, tr->n);
+            be->axpy(tr->g, (float)scale, tr->gtmp, tr->n);
         }
         tb += s_now() - t0;
         double share = (double)rows / n_rows;
+        if (glob) { /* weighted by the global targets; normalised after the loop */
+            share = (double)loss.tokens;
+            wsum += share;
+        }
         r.loss += share * loss.loss;
         r.ce += share * loss.ce;
         r.aux += share * loss.aux;
     }
 
+    if (glob && wsum > 0) {
+        r.loss /= wsum;
+        r.ce /= wsum;
+        r.aux /= wsum;
+    }
     t0 = s_now();
     if (hooks->reduce_grads)
         SEMOE_CHECK(hooks->reduce_grads(hooks->arg, tr->g, tr->n));
@@ -245,7 +261,7 @@ semoe_rc model_train_eval(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
                           const model_exchange_f32 *ex, double *ce)
 {
     size_t row_len = (size_t)tr->seq + 1;
-    double sum = 0;
+    double sum = 0, wsum = 0;
     if (n_rows == 0)
         return semoe_err(SEMOE_EINVAL, "model train: eval over 0 rows");
     for (uint32_t first = 0; first < n_rows; first += tr->mb) {
@@ -254,9 +270,25 @@ semoe_rc model_train_eval(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
         SEMOE_CHECK(s_prepare(tr, tokens + (size_t)first * row_len, rows, &acts));
         model_loss_t loss;
         SEMOE_CHECK(model_forward_f32(tr->be, tr->params, tr->w, acts, tr->tok, ex, &loss));
-        sum += loss.ce * rows;
+        /* with reduce_stats the micro-batch's ce is the global one: weigh by its targets */
+        double wt = ex && ex->reduce_stats ? (double)loss.tokens : (double)rows;
+        sum += loss.ce * wt;
+        wsum += wt;
     }
-    *ce = sum / n_rows;
+    *ce = sum / wsum;
+    return SEMOE_OK;
+}
+
+semoe_rc model_train_set_expert_rows(model_train_t *tr, int rows)
+{
+    if (rows < 0)
+        return semoe_err(SEMOE_EINVAL, "model train: expert_rows=%d: need >= 0", rows);
+    model_acts_f32 *acts = NULL;
+    SEMOE_CHECK(model_acts_new_f32(tr->be, tr->params, (int)tr->mb, (int)tr->seq, rows, &acts));
+    model_acts_destroy_f32(&tr->acts);
+    model_acts_destroy_f32(&tr->tail);
+    tr->acts = acts;
+    tr->R = rows;
     return SEMOE_OK;
 }
 

@@ -34,7 +34,9 @@ typedef struct {
 } model_train_hooks_t;
 
 /* One step's account. Losses are this process's means over its rows (micro-batches weighted by
- * their rows); a wrapper averages them over workers by rows. */
+ * their rows); a wrapper averages them over workers by rows. With an exchange that has
+ * reduce_stats they are already the global batch's (micro-batches weighted by their global
+ * targets), the same on every worker. */
 typedef struct {
     double loss, ce, aux;   /* loss = ce + router_aux_loss_coef * aux */
     double grad_norm;       /* global, before clipping */
@@ -68,7 +70,8 @@ void model_train_destroy(model_train_t **self_p);
  * gradients; runs forward + backward per micro-batch of micro_batch rows (a last shorter one
  * when n_rows is not a multiple), accumulating d/dw of (rows / global_batch) * that
  * micro-batch's loss, so that over all workers the sum is the gradient of the mean loss of the
- * global batch; hooks->reduce_grads; the global norm (hooks->reduce_sumsq) and the clip scale
+ * global batch (with hooks->ex->reduce_stats: the global rows of the micro-step / global_batch
+ * times the share of the global micro-step loss's gradient backward gives); hooks->reduce_grads; the global norm (hooks->reduce_sumsq) and the clip scale
  * min(1, grad_clip / (norm + 1e-6)) (grad_clip <= 0: none); AdamW (step count t + 1, bias
  * corrected) with decoupled weight decay on the matrices only: RMSNorm weights (every 1-D
  * tensor) are not decayed, as in transformers' and most Mixtral recipes (no biases here).
@@ -77,6 +80,12 @@ void model_train_destroy(model_train_t **self_p);
 semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_rows,
                           uint64_t step, const model_train_hooks_t *hooks,
                           model_train_report_t *report);
+
+/* Reallocates the activations so that the exchange may deliver up to `rows` expert rows per
+ * micro-batch (0: micro_batch * seq_len * num_experts_per_tok, all a local exchange needs). An
+ * expert-parallel worker receives rows from every worker for the experts it holds: the global
+ * micro-batch's tokens * K is always enough. */
+semoe_rc model_train_set_expert_rows(model_train_t *tr, int rows);
 
 /* Forward only over tokens (n_rows, seq_len + 1) in micro-batches: *ce the mean cross-entropy
  * over every target (aux not included). ex NULL: the local exchange. */

@@ -1,0 +1,440 @@
+/* Expert parallelism (worker/exchange.c) against one process: W ranks as threads on loopback,
+ * each holding a share of the experts and of the batch, must give the single process's global
+ * loss and gradients (dense ones after an all-reduce, expert ones on their holder), receive
+ * exactly the rows the routing implies, and train to the same losses over several AdamW steps. */
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "model/backend.h"
+#include "model/graph.h"
+#include "model/job.h"
+#include "model/params.h"
+#include "model/train.h"
+#include "tests/harness.h"
+#include "worker/comm.h"
+#include "worker/exchange.h"
+
+#define MAXW 4
+#define T_TIMEOUT 30000
+#define B_SEQ 6     /* sequences in the global batch */
+#define T_SEQ 16    /* tokens per sequence */
+#define N_STEPS 5
+#define TOL 1e-5
+
+static pthread_mutex_t s_lock = PTHREAD_MUTEX_INITIALIZER;
+#define TCHECK(cond, ...)                                                       \
+    do {                                                                        \
+        bool held_ = (cond);                                                    \
+        pthread_mutex_lock(&s_lock);                                            \
+        CHECK_HELD(held_, #cond, __VA_ARGS__);                                  \
+        pthread_mutex_unlock(&s_lock);                                          \
+    } while (0)
+
+static const model_backend_f32_t *be = &cpu_backend_f32;
+
+/* What every rank compares with: the single process's results (read-only in the threads). */
+typedef struct {
+    model_job_t job;
+    model_params_t *full;          /* every expert, perturbed weights */
+    int32_t tok[B_SEQ * (T_SEQ + 1)];          /* the batch of the gradient check */
+    uint8_t steps_tok[N_STEPS][B_SEQ * (T_SEQ + 1)]; /* the batches of the training steps */
+    model_loss_t loss;
+    float *grads;                  /* params-shaped, full */
+    int32_t *routed;               /* (L, E) rows routed to each expert over the batch */
+    double step_loss[N_STEPS], step_norm[N_STEPS];
+    /* per world size */
+    uint32_t world;
+    int32_t owner[64];             /* (L, E) */
+    double max_loss_err, max_dense_err, max_expert_err, max_step_err;
+} s_ref_t;
+
+static double s_unif(double a)
+{
+    return a * (2.0 * test_rand_unit() - 1.0);
+}
+
+static void s_job(model_job_t *job)
+{
+    model_job_defaults(job);
+    model_config_t *c = &job->model;
+    c->vocab_size = 64;
+    c->hidden_size = 32;
+    c->intermediate_size = 48;
+    c->num_hidden_layers = 2;
+    c->num_attention_heads = 4;
+    c->num_key_value_heads = 2;
+    c->head_dim = 8;
+    c->num_local_experts = 8;
+    c->num_experts_per_tok = 2;
+    c->max_position_embeddings = 64;
+    c->router_aux_loss_coef = 0.1; /* large enough that a wrong aux shows */
+    c->tie_word_embeddings = false;
+    job->train.seq_len = T_SEQ;
+    job->train.global_batch = B_SEQ;
+    job->train.micro_batch = B_SEQ;
+    job->train.lr = 1e-2;
+    job->train.min_lr = 1e-3;
+    job->train.warmup_steps = 1;
+    snprintf(job->train.schedule, sizeof job->train.schedule, "cosine");
+    job->train.weight_decay = 0.1;
+    job->train.beta1 = 0.9;
+    job->train.beta2 = 0.95;
+    job->train.eps = 1e-8;
+    job->train.grad_clip = 1.0;
+    job->train.steps = 10;
+}
+
+/* ||a - b|| / ||b|| over n floats (0 when both are zero). */
+static double s_rel(const float *a, const float *b, size_t n)
+{
+    double d = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        r += (double)b[i] * b[i];
+    }
+    return r > 0 ? sqrt(d / r) : sqrt(d);
+}
+
+static void s_max(double *m, double v)
+{
+    pthread_mutex_lock(&s_lock);
+    if (v > *m || isnan(v))
+        *m = v;
+    pthread_mutex_unlock(&s_lock);
+}
+
+/* A params object holding rank's experts, its tensors copied from the full one. */
+static model_params_t *s_rank_params(const s_ref_t *ref, uint32_t rank)
+{
+    const model_config_t *cfg = &ref->job.model;
+    int L = (int)cfg->num_hidden_layers, E = (int)cfg->num_local_experts;
+    uint32_t ids[64];
+    size_t n = 0;
+    for (int i = 0; i < L * E; i++)
+        if (ref->owner[i] == (int32_t)rank)
+            ids[n++] = (uint32_t)i;
+    model_params_t *p = NULL;
+    if (model_params_new(cfg, ids, n, &p) != SEMOE_OK)
+        return NULL;
+    for (size_t i = 0; i < model_params_count(p); i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->data)
+            memcpy(t->data, model_params_at(ref->full, i)->data, t->numel * sizeof(float));
+    }
+    return p;
+}
+
+/* The held dense tensors of a params-shaped slab, for comm_allreduce_buckets. */
+static int s_dense(const model_params_t *p, float *slab, float **bufs, size_t *lens)
+{
+    int n = 0;
+    for (size_t i = 0; i < model_params_count(p); i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->data && t->kind == MODEL_PARAM_DENSE) {
+            bufs[n] = slab + t->offset;
+            lens[n++] = (size_t)t->numel;
+        }
+    }
+    return n;
+}
+
+/* --- one rank ------------------------------------------------------------------------------ */
+
+typedef struct {
+    const s_ref_t *ref;
+    s_ref_t *out; /* the error maxima */
+    uint32_t rank;
+    comm_port_t *port;
+    const char *const *eps;
+    pthread_t th;
+} s_rank_t;
+
+typedef struct {
+    comm_t *comm;
+    worker_exchange_t *x;
+    model_params_t *p;
+} s_hook_t;
+
+static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
+{
+    (void)n;
+    s_hook_t *h = arg;
+    size_t count = model_params_count(h->p);
+    float **bufs = calloc(count, sizeof *bufs);
+    size_t *lens = calloc(count, sizeof *lens);
+    int nb = s_dense(h->p, grads, bufs, lens);
+    semoe_rc rc = comm_allreduce_buckets(h->comm, bufs, lens, nb, (size_t)1 << 16, T_TIMEOUT);
+    free(bufs);
+    free(lens);
+    return rc;
+}
+
+/* Dense gradients are replicated after the all-reduce: counted once; expert ones summed. */
+static semoe_rc s_reduce_sumsq(void *arg, double dense, double expert, double *global)
+{
+    s_hook_t *h = arg;
+    model_exchange_f32 ex = worker_exchange_f32(h->x);
+    SEMOE_CHECK(ex.reduce_stats(ex.state, &expert, 1));
+    *global = dense + expert;
+    return SEMOE_OK;
+}
+
+static void s_rank_body(s_rank_t *me, comm_t *comm)
+{
+    const s_ref_t *ref = me->ref;
+    const model_config_t *cfg = &ref->job.model;
+    uint32_t W = ref->world, r = me->rank;
+    int L = (int)cfg->num_hidden_layers, E = (int)cfg->num_local_experts;
+    int K = (int)cfg->num_experts_per_tok;
+    int b0 = (int)(r * B_SEQ / W), b1 = (int)((r + 1) * B_SEQ / W), nb = b1 - b0;
+    int R = B_SEQ * T_SEQ * K; /* every routed row of the global batch: always enough */
+    model_params_t *p = s_rank_params(ref, r);
+    worker_exchange_t *x = NULL;
+    model_acts_f32 *acts = NULL;
+    float *grads = NULL;
+    model_train_t *tr = NULL;
+    TCHECK(p != NULL, "rank %u: params", r);
+    semoe_rc rc = worker_exchange_new(comm, be, L, E, ref->owner, T_TIMEOUT, &x);
+    TCHECK(rc == SEMOE_OK, "rank %u: exchange: %s", r, semoe_err_msg());
+    if (!p || rc != SEMOE_OK)
+        goto done;
+    model_exchange_f32 ex = worker_exchange_f32(x);
+
+    /* forward + backward over this rank's rows, dense gradients summed over ranks */
+    rc = model_acts_new_f32(be, p, nb, T_SEQ, R, &acts);
+    TCHECK(rc == SEMOE_OK, "rank %u: acts: %s", r, semoe_err_msg());
+    if (rc != SEMOE_OK)
+        goto done;
+    model_loss_t loss = {0};
+    rc = model_forward_f32(be, p, model_params_slab(p), acts,
+                           ref->tok + (size_t)b0 * (T_SEQ + 1), &ex, &loss);
+    TCHECK(rc == SEMOE_OK, "W %u rank %u: forward: %s", W, r, semoe_err_msg());
+    if (rc != SEMOE_OK)
+        goto done;
+    grads = model_slab_new_f32(be, p);
+    rc = model_backward_f32(be, p, model_params_slab(p), grads, acts, &ex);
+    TCHECK(rc == SEMOE_OK, "W %u rank %u: backward: %s", W, r, semoe_err_msg());
+    if (rc != SEMOE_OK)
+        goto done;
+    s_hook_t hook = {comm, x, p};
+    rc = s_reduce_grads(&hook, grads, 0);
+    TCHECK(rc == SEMOE_OK, "W %u rank %u: all-reduce: %s", W, r, semoe_err_msg());
+    if (rc != SEMOE_OK)
+        goto done;
+
+    double el = fabs(loss.loss - ref->loss.loss) / fabs(ref->loss.loss);
+    double ea = fabs(loss.aux - ref->loss.aux) / fabs(ref->loss.aux);
+    double ec = fabs(loss.ce - ref->loss.ce) / fabs(ref->loss.ce);
+    TCHECK(el < TOL && ea < TOL && ec < TOL,
+           "W %u rank %u: loss %.9g ce %.9g aux %.9g, one process %.9g %.9g %.9g", W, r,
+           loss.loss, loss.ce, loss.aux, ref->loss.loss, ref->loss.ce, ref->loss.aux);
+    TCHECK(loss.tokens == B_SEQ * T_SEQ, "W %u rank %u: loss over %lld targets", W, r,
+           (long long)loss.tokens);
+    s_max(&me->out->max_loss_err, fmax(el, fmax(ea, ec)));
+    for (size_t i = 0; i < model_params_count(p); i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (!t->data)
+            continue;
+        double e = s_rel(grads + t->offset, ref->grads + model_params_at(ref->full, i)->offset,
+                         (size_t)t->numel);
+        TCHECK(e < TOL, "W %u rank %u: gradient of %s differs by %.3g (norm-wise)", W, r,
+               t->name, e);
+        s_max(t->kind == MODEL_PARAM_DENSE ? &me->out->max_dense_err
+                                           : &me->out->max_expert_err, e);
+    }
+    /* each held expert received exactly the rows routed to it; nothing else arrived */
+    for (int l = 0; l < L; l++)
+        for (int j = 0; j < E; j++) {
+            int held = ref->owner[l * E + j] == (int32_t)r;
+            int64_t got = worker_exchange_received(x, l, j);
+            int64_t want = held ? ref->routed[l * E + j] : 0;
+            TCHECK(got == want && acts->recv_counts[l * E + j] == want,
+                   "W %u rank %u: layer %d expert %d: %lld rows received (graph %d), want %lld",
+                   W, r, l, j, (long long)got, acts->recv_counts[l * E + j], (long long)want);
+            TCHECK(model_params_holds_expert(p, (uint32_t)l, (uint32_t)j) == held,
+                   "W %u rank %u: holds expert (%d, %d)", W, r, l, j);
+        }
+
+    /* training: the same AdamW steps as one process */
+    rc = model_train_new(be, p, &ref->job, &tr);
+    TCHECK(rc == SEMOE_OK, "rank %u: trainer: %s", r, semoe_err_msg());
+    if (rc == SEMOE_OK)
+        rc = model_train_set_expert_rows(tr, R);
+    TCHECK(rc == SEMOE_OK, "rank %u: expert rows: %s", r, semoe_err_msg());
+    if (rc != SEMOE_OK)
+        goto done;
+    model_train_hooks_t hooks = {.arg = &hook, .reduce_grads = s_reduce_grads,
+                                 .reduce_sumsq = s_reduce_sumsq, .ex = &ex};
+    for (int step = 0; step < N_STEPS; step++) {
+        model_train_report_t rep;
+        rc = model_train_step(tr, ref->steps_tok[step] + (size_t)b0 * (T_SEQ + 1),
+                              (uint32_t)nb, (uint64_t)step, &hooks, &rep);
+        TCHECK(rc == SEMOE_OK, "W %u rank %u step %d: %s", W, r, step, semoe_err_msg());
+        if (rc != SEMOE_OK)
+            break;
+        double e = fabs(rep.loss - ref->step_loss[step]) / fabs(ref->step_loss[step]);
+        double en = fabs(rep.grad_norm - ref->step_norm[step]) / ref->step_norm[step];
+        TCHECK(e < TOL && en < TOL,
+               "W %u rank %u step %d: loss %.9g norm %.9g, one process %.9g %.9g", W, r, step,
+               rep.loss, rep.grad_norm, ref->step_loss[step], ref->step_norm[step]);
+        s_max(&me->out->max_step_err, fmax(e, en));
+    }
+done:
+    model_train_destroy(&tr);
+    model_slab_destroy_f32(be, &grads);
+    model_acts_destroy_f32(&acts);
+    worker_exchange_destroy(&x);
+    model_params_destroy(&p);
+}
+
+static void *s_rank_main(void *arg)
+{
+    s_rank_t *me = arg;
+    comm_t *c = NULL;
+    semoe_rc rc = comm_new(me->port, 1, me->rank, me->ref->world, me->eps, &c);
+    TCHECK(rc == SEMOE_OK, "comm_new rank %u: %s", me->rank, semoe_err_msg());
+    if (rc != SEMOE_OK)
+        return NULL;
+    s_rank_body(me, c);
+    comm_destroy(&c);
+    return NULL;
+}
+
+/* Places the L * E experts on W ranks: a random permutation dealt out round robin. */
+static void s_place(s_ref_t *ref, uint32_t W)
+{
+    int LE = (int)(ref->job.model.num_hidden_layers * ref->job.model.num_local_experts);
+    int perm[64];
+    for (int i = 0; i < LE; i++)
+        perm[i] = i;
+    for (int i = LE - 1; i > 0; i--) {
+        int j = (int)test_rand_below((uint64_t)i + 1), t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    for (int i = 0; i < LE; i++)
+        ref->owner[perm[i]] = (int32_t)(i % (int)W);
+    ref->world = W;
+}
+
+static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W)
+{
+    s_place(ref, W);
+    ref->max_loss_err = ref->max_dense_err = ref->max_expert_err = ref->max_step_err = 0;
+    comm_port_t *ports[MAXW] = {0};
+    char ep_text[MAXW][256];
+    const char *eps[MAXW];
+    for (uint32_t r = 0; r < W; r++) {
+        if (comm_port_new(ctx, "tcp://127.0.0.1:*", &ports[r]) != SEMOE_OK) {
+            fprintf(stderr, "comm_port_new: %s\n", semoe_err_msg());
+            exit(1);
+        }
+        snprintf(ep_text[r], sizeof ep_text[r], "%s", comm_port_endpoint(ports[r]));
+        eps[r] = ep_text[r];
+    }
+    s_rank_t ranks[MAXW];
+    for (uint32_t r = 0; r < W; r++) {
+        ranks[r] = (s_rank_t){.ref = ref, .out = ref, .rank = r, .port = ports[r], .eps = eps};
+        pthread_create(&ranks[r].th, NULL, s_rank_main, &ranks[r]);
+    }
+    for (uint32_t r = 0; r < W; r++)
+        pthread_join(ranks[r].th, NULL);
+    for (uint32_t r = 0; r < W; r++)
+        comm_port_destroy(&ports[r]);
+    printf("W=%u: relative errors: loss %.2e, dense grads %.2e, expert grads %.2e, 5 steps "
+           "%.2e\n", W, ref->max_loss_err, ref->max_dense_err, ref->max_expert_err,
+           ref->max_step_err);
+}
+
+/* A local exchange with an identity reduce_stats must give the NULL exchange's results: the
+ * global-loss path of the graph against the backend's aux op. */
+static semoe_rc s_identity(void *state, double *buf, size_t n)
+{
+    (void)state;
+    (void)buf;
+    (void)n;
+    return SEMOE_OK;
+}
+
+int main(void)
+{
+    test_init("ep");
+    static s_ref_t ref;
+    s_job(&ref.job);
+    const model_config_t *cfg = &ref.job.model;
+    int L = (int)cfg->num_hidden_layers, E = (int)cfg->num_local_experts;
+    REQUIRE(model_params_new(cfg, NULL, 0, &ref.full) == SEMOE_OK, "params: %s",
+            semoe_err_msg());
+    model_params_init(ref.full, test_rand());
+    for (size_t i = 0; i < model_params_count(ref.full); i++) {
+        const model_param_t *t = model_params_at(ref.full, i);
+        for (uint64_t e = 0; e < t->numel; e++)
+            t->data[e] = t->ndim == 1 ? (float)(1.0 + s_unif(0.3))
+                                      : t->data[e] + (float)s_unif(0.3);
+    }
+    for (size_t i = 0; i < sizeof ref.tok / sizeof ref.tok[0]; i++)
+        ref.tok[i] = (int32_t)test_rand_below(cfg->vocab_size);
+    for (int s = 0; s < N_STEPS; s++)
+        for (size_t i = 0; i < sizeof ref.steps_tok[s]; i++)
+            ref.steps_tok[s][i] = (uint8_t)test_rand_below(cfg->vocab_size);
+
+    /* the reference: one process, every expert, the whole batch */
+    model_acts_f32 *acts = NULL;
+    REQUIRE(model_acts_new_f32(be, ref.full, B_SEQ, T_SEQ, 0, &acts) == SEMOE_OK, "acts: %s",
+            semoe_err_msg());
+    float *w = model_params_slab(ref.full);
+    REQUIRE(model_forward_f32(be, ref.full, w, acts, ref.tok, NULL, &ref.loss) == SEMOE_OK,
+            "forward: %s", semoe_err_msg());
+    ref.grads = model_slab_new_f32(be, ref.full);
+    REQUIRE(model_backward_f32(be, ref.full, w, ref.grads, acts, NULL) == SEMOE_OK,
+            "backward: %s", semoe_err_msg());
+    ref.routed = calloc((size_t)L * E, sizeof(int32_t));
+    memcpy(ref.routed, acts->send_counts, (size_t)L * E * sizeof(int32_t));
+    CHECK(ref.loss.aux > 0.5 && ref.loss.tokens == B_SEQ * T_SEQ, "aux %g tokens %lld",
+          ref.loss.aux, (long long)ref.loss.tokens);
+
+    /* the global-loss path with a one-process "sum" equals the backend's ops */
+    model_exchange_f32 idx = model_exchange_local_f32(be);
+    idx.reduce_stats = s_identity;
+    model_loss_t l2;
+    float *g2 = model_slab_new_f32(be, ref.full);
+    REQUIRE(model_forward_f32(be, ref.full, w, acts, ref.tok, &idx, &l2) == SEMOE_OK,
+            "forward: %s", semoe_err_msg());
+    REQUIRE(model_backward_f32(be, ref.full, w, g2, acts, &idx) == SEMOE_OK, "backward: %s",
+            semoe_err_msg());
+    size_t nf = (size_t)model_params_slab_floats(ref.full);
+    double eg = s_rel(g2, ref.grads, nf);
+    CHECK(fabs(l2.loss - ref.loss.loss) < 1e-6 * fabs(ref.loss.loss) &&
+              fabs(l2.aux - ref.loss.aux) < 1e-6 * ref.loss.aux && eg < 1e-6,
+          "global path on one process: loss %.9g aux %.9g vs %.9g %.9g, grads %.3g", l2.loss,
+          l2.aux, ref.loss.loss, ref.loss.aux, eg);
+    model_slab_destroy_f32(be, &g2);
+    model_acts_destroy_f32(&acts);
+
+    /* the reference training run */
+    model_train_t *tr = NULL;
+    REQUIRE(model_train_new(be, ref.full, &ref.job, &tr) == SEMOE_OK, "trainer: %s",
+            semoe_err_msg());
+    for (int s = 0; s < N_STEPS; s++) {
+        model_train_report_t rep;
+        REQUIRE(model_train_step(tr, ref.steps_tok[s], B_SEQ, (uint64_t)s, NULL, &rep) ==
+                    SEMOE_OK,
+                "step %d: %s", s, semoe_err_msg());
+        ref.step_loss[s] = rep.loss;
+        ref.step_norm[s] = rep.grad_norm;
+    }
+    model_train_destroy(&tr);
+
+    void *ctx = zmq_ctx_new();
+    for (uint32_t W = 2; W <= MAXW; W++)
+        s_run_world(&ref, ctx, W);
+    zmq_ctx_term(ctx);
+
+    free(ref.routed);
+    model_slab_destroy_f32(be, &ref.grads);
+    model_params_destroy(&ref.full);
+    return test_finish();
+}

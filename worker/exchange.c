@@ -1,0 +1,322 @@
+/* Expert parallelism over the CPU collectives (worker/exchange.h): dispatch and combine of an
+ * MoE layer's expert rows as one comm_alltoallv each, messages [E int32 counts][rows], and the
+ * global sum of the loss statistics. */
+#include "worker/exchange.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct worker_exchange {
+    comm_t *comm;
+    const model_backend_f32_t *be;
+    int L, E, W, me, timeout_ms;
+    int32_t *owner;   /* (L, E) rank holding each expert */
+    int32_t *cnt;     /* (L, W, E) rows of expert j from rank s in layer l's last dispatch */
+    int32_t *sent;    /* (L, E) this rank's send_counts in layer l's last dispatch */
+    float *rows;      /* host copy of the rows handed in by the graph */
+    size_t rows_cap;  /* bytes */
+    float *out;       /* host rows regrouped for the graph */
+    size_t out_cap;
+    uint8_t *smsg, *rmsg; /* packed messages, in rank order */
+    size_t smsg_cap, rmsg_cap;
+    size_t *sbytes, *rbytes; /* (W) */
+};
+
+static void *s_reserve(void *p, size_t *cap, size_t need)
+{
+    if (need <= *cap && p)
+        return p;
+    free(p);
+    *cap = need > *cap * 2 ? need : *cap * 2;
+    return semoe_xmalloc(*cap ? *cap : 1);
+}
+
+semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L, int E,
+                             const int32_t *owner, int timeout_ms, worker_exchange_t **out)
+{
+    *out = NULL;
+    int W = (int)comm_world(comm);
+    if (L < 0 || E < 1)
+        return semoe_err(SEMOE_EINVAL, "exchange: %d layers of %d experts: need E >= 1", L, E);
+    for (int i = 0; i < L * E; i++)
+        if (owner[i] < 0 || owner[i] >= W)
+            return semoe_err(SEMOE_EINVAL,
+                             "exchange: expert %d of layer %d placed on rank %d: the world "
+                             "has ranks 0..%d",
+                             i % E, i / E, owner[i], W - 1);
+    worker_exchange_t *x = semoe_xcalloc(1, sizeof *x);
+    x->comm = comm;
+    x->be = be;
+    x->L = L;
+    x->E = E;
+    x->W = W;
+    x->me = (int)comm_rank(comm);
+    x->timeout_ms = timeout_ms;
+    size_t le = (size_t)L * E;
+    x->owner = semoe_xcalloc(le ? le : 1, sizeof(int32_t));
+    memcpy(x->owner, owner, le * sizeof(int32_t));
+    x->cnt = semoe_xcalloc(le * W + 1, sizeof(int32_t));
+    x->sent = semoe_xcalloc(le + 1, sizeof(int32_t));
+    x->sbytes = semoe_xcalloc((size_t)W, sizeof(size_t));
+    x->rbytes = semoe_xcalloc((size_t)W, sizeof(size_t));
+    *out = x;
+    return SEMOE_OK;
+}
+
+void worker_exchange_destroy(worker_exchange_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    worker_exchange_t *x = *self_p;
+    free(x->owner);
+    free(x->cnt);
+    free(x->sent);
+    free(x->rows);
+    free(x->out);
+    free(x->smsg);
+    free(x->rmsg);
+    free(x->sbytes);
+    free(x->rbytes);
+    free(x);
+    *self_p = NULL;
+}
+
+int64_t worker_exchange_received(const worker_exchange_t *x, int layer, int j)
+{
+    if (layer < 0 || layer >= x->L || j < 0 || j >= x->E)
+        return 0;
+    int64_t n = 0;
+    for (int s = 0; s < x->W; s++)
+        n += x->cnt[((size_t)layer * x->W + s) * x->E + j];
+    return n;
+}
+
+static semoe_rc s_check_call(const worker_exchange_t *x, const char *what, int layer, int E,
+                             int D, const int32_t *counts)
+{
+    if (layer < 0 || layer >= x->L || E != x->E || D < 1)
+        return semoe_err(SEMOE_EINVAL,
+                         "exchange %s: layer %d of %d, %d experts (placement has %d), D %d",
+                         what, layer, x->L, E, x->E, D);
+    for (int e = 0; e < E; e++)
+        if (counts[e] < 0)
+            return semoe_err(SEMOE_EINVAL, "exchange %s: layer %d: %d rows for expert %d",
+                             what, layer, counts[e], e);
+    return SEMOE_OK;
+}
+
+/* Moves the packed messages; afterwards rmsg holds rbytes[s] bytes from each rank s. */
+static semoe_rc s_alltoallv(worker_exchange_t *x, size_t recv_cap)
+{
+    x->rmsg = s_reserve(x->rmsg, &x->rmsg_cap, recv_cap);
+    return comm_alltoallv(x->comm, x->smsg, x->sbytes, x->rmsg, x->rbytes, recv_cap,
+                          x->timeout_ms);
+}
+
+/* The header of rank s's message in rmsg (at byte offset off), checked: at least the header,
+ * then exactly the rows it announces. */
+static semoe_rc s_header(const worker_exchange_t *x, const char *what, int layer, int s,
+                         size_t off, int D, int32_t *counts, int64_t *rows)
+{
+    size_t hb = (size_t)x->E * sizeof(int32_t);
+    if (x->rbytes[s] < hb)
+        return semoe_err(SEMOE_EPROTO, "exchange %s: layer %d: %zu bytes from rank %d: less "
+                         "than the %zu-byte header", what, layer, x->rbytes[s], s, hb);
+    memcpy(counts, x->rmsg + off, hb);
+    int64_t n = 0;
+    for (int e = 0; e < x->E; e++) {
+        if (counts[e] < 0)
+            return semoe_err(SEMOE_EPROTO, "exchange %s: layer %d: rank %d announces %d rows "
+                             "of expert %d", what, layer, s, counts[e], e);
+        n += counts[e];
+    }
+    if (x->rbytes[s] != hb + (size_t)n * D * sizeof(float))
+        return semoe_err(SEMOE_EPROTO, "exchange %s: layer %d: rank %d sent %zu bytes for %lld "
+                         "rows of %d floats", what, layer, s, x->rbytes[s], (long long)n, D);
+    *rows = n;
+    return SEMOE_OK;
+}
+
+static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *send,
+                           const int32_t *send_counts, float *recv, int32_t *recv_counts,
+                           int recv_cap)
+{
+    worker_exchange_t *x = state;
+    SEMOE_CHECK(s_check_call(x, "dispatch", layer, E, D, send_counts));
+    int W = x->W;
+    const int32_t *own = x->owner + (size_t)layer * E;
+    size_t rowb = (size_t)D * sizeof(float), hb = (size_t)E * sizeof(int32_t);
+    size_t start[E];
+    size_t n = 0;
+    for (int e = 0; e < E; e++) {
+        start[e] = n;
+        n += (size_t)send_counts[e];
+    }
+    x->rows = s_reserve(x->rows, &x->rows_cap, n * rowb);
+    x->be->to_host(x->rows, send, n * rowb);
+
+    /* pack: to rank r its experts' rows in expert order, after the counts */
+    x->smsg = s_reserve(x->smsg, &x->smsg_cap, (size_t)W * hb + n * rowb);
+    size_t off = 0;
+    for (int r = 0; r < W; r++) {
+        size_t begin = off;
+        int32_t *hdr = (int32_t *)(x->smsg + off);
+        off += hb;
+        for (int e = 0; e < E; e++) {
+            hdr[e] = own[e] == r ? send_counts[e] : 0;
+            if (hdr[e] == 0)
+                continue;
+            memcpy(x->smsg + off, x->rows + start[e] * D, (size_t)hdr[e] * rowb);
+            off += (size_t)hdr[e] * rowb;
+        }
+        x->sbytes[r] = off - begin;
+    }
+    SEMOE_CHECK(s_alltoallv(x, (size_t)W * hb + (size_t)(recv_cap > 0 ? recv_cap : 0) * rowb));
+
+    /* unpack: counts per (sender, expert), checked against the placement */
+    int32_t *cnt = x->cnt + (size_t)layer * W * E;
+    size_t moff[W];
+    int64_t total = 0;
+    off = 0;
+    for (int s = 0; s < W; s++) {
+        int64_t rows;
+        moff[s] = off;
+        SEMOE_CHECK(s_header(x, "dispatch", layer, s, off, D, cnt + (size_t)s * E, &rows));
+        for (int e = 0; e < E; e++)
+            if (cnt[(size_t)s * E + e] > 0 && own[e] != x->me)
+                return semoe_err(SEMOE_EPROTO, "exchange dispatch: layer %d: rank %d sent %d "
+                                 "rows of expert %d, which rank %d holds", layer, s,
+                                 cnt[(size_t)s * E + e], e, own[e]);
+        total += rows;
+        off += x->rbytes[s];
+    }
+    if (total > recv_cap)
+        return semoe_err(SEMOE_EINVAL, "exchange dispatch: layer %d: %lld rows arrived, the "
+                         "receive capacity is %d: allocate the activations with expert_rows "
+                         ">= %lld", layer, (long long)total, recv_cap, (long long)total);
+
+    /* regroup: by expert, then by sender in rank order */
+    x->out = s_reserve(x->out, &x->out_cap, (size_t)total * rowb);
+    size_t at = 0;
+    for (int e = 0; e < E; e++) {
+        recv_counts[e] = 0;
+        for (int s = 0; s < W; s++) {
+            const int32_t *c = cnt + (size_t)s * E;
+            size_t before = 0;
+            for (int k = 0; k < e; k++)
+                before += (size_t)c[k];
+            memcpy(x->out + at * D, x->rmsg + moff[s] + hb + before * rowb, (size_t)c[e] * rowb);
+            at += (size_t)c[e];
+            recv_counts[e] += c[e];
+        }
+    }
+    x->be->to_device(recv, x->out, (size_t)total * rowb);
+    memcpy(x->sent + (size_t)layer * E, send_counts, hb);
+    return SEMOE_OK;
+}
+
+static semoe_rc s_combine(void *state, int layer, int E, int D, const float *send,
+                          const int32_t *send_counts, float *recv, const int32_t *recv_counts)
+{
+    worker_exchange_t *x = state;
+    SEMOE_CHECK(s_check_call(x, "combine", layer, E, D, send_counts));
+    int W = x->W;
+    const int32_t *own = x->owner + (size_t)layer * E;
+    const int32_t *cnt = x->cnt + (size_t)layer * W * E, *sent = x->sent + (size_t)layer * E;
+    size_t rowb = (size_t)D * sizeof(float), hb = (size_t)E * sizeof(int32_t);
+    size_t rstart[E], start[E];
+    size_t nr = 0, n = 0;
+    for (int e = 0; e < E; e++) {
+        int64_t got = 0;
+        for (int s = 0; s < W; s++)
+            got += cnt[(size_t)s * E + e];
+        if (send_counts[e] != got || recv_counts[e] != sent[e])
+            return semoe_err(SEMOE_EINVAL, "exchange combine: layer %d, expert %d: %d rows in "
+                             "and %d out, but the last dispatch received %lld and sent %d",
+                             layer, e, send_counts[e], recv_counts[e], (long long)got, sent[e]);
+        rstart[e] = nr;
+        nr += (size_t)send_counts[e];
+        start[e] = n;
+        n += (size_t)sent[e];
+    }
+    x->rows = s_reserve(x->rows, &x->rows_cap, nr * rowb);
+    x->be->to_host(x->rows, send, nr * rowb);
+
+    /* pack: to rank s the outputs of the rows it sent, expert by expert */
+    x->smsg = s_reserve(x->smsg, &x->smsg_cap, (size_t)W * hb + nr * rowb);
+    size_t off = 0;
+    for (int s = 0; s < W; s++) {
+        size_t begin = off;
+        memcpy(x->smsg + off, cnt + (size_t)s * E, hb);
+        off += hb;
+        for (int e = 0; e < E; e++) {
+            size_t c = (size_t)cnt[(size_t)s * E + e];
+            if (c == 0)
+                continue;
+            size_t before = 0;
+            for (int k = 0; k < s; k++)
+                before += (size_t)cnt[(size_t)k * E + e];
+            memcpy(x->smsg + off, x->rows + (rstart[e] + before) * D, c * rowb);
+            off += c * rowb;
+        }
+        x->sbytes[s] = off - begin;
+    }
+    SEMOE_CHECK(s_alltoallv(x, (size_t)W * hb + n * rowb));
+
+    /* unpack: from rank r the rows of its experts, back where the dispatch took them */
+    x->out = s_reserve(x->out, &x->out_cap, n * rowb);
+    off = 0;
+    for (int r = 0; r < W; r++) {
+        int32_t c[E];
+        int64_t rows;
+        SEMOE_CHECK(s_header(x, "combine", layer, r, off, D, c, &rows));
+        size_t at = off + hb;
+        for (int e = 0; e < E; e++) {
+            int32_t want = own[e] == r ? sent[e] : 0;
+            if (c[e] != want)
+                return semoe_err(SEMOE_EPROTO, "exchange combine: layer %d: rank %d returned "
+                                 "%d rows of expert %d, %d were sent", layer, r, c[e], e,
+                                 want);
+            memcpy(x->out + start[e] * D, x->rmsg + at, (size_t)c[e] * rowb);
+            at += (size_t)c[e] * rowb;
+        }
+        off += x->rbytes[r];
+    }
+    x->be->to_device(recv, x->out, n * rowb);
+    return SEMOE_OK;
+}
+
+/* Every rank's vector goes to every rank (an all-gather through alltoallv) and each sums them
+ * in rank order in double: the same bits everywhere, no float rounding of the statistics. */
+static semoe_rc s_reduce_stats(void *state, double *buf, size_t n)
+{
+    worker_exchange_t *x = state;
+    int W = x->W;
+    size_t b = n * sizeof(double);
+    x->smsg = s_reserve(x->smsg, &x->smsg_cap, (size_t)W * b);
+    for (int r = 0; r < W; r++) {
+        memcpy(x->smsg + (size_t)r * b, buf, b);
+        x->sbytes[r] = b;
+    }
+    SEMOE_CHECK(s_alltoallv(x, (size_t)W * b));
+    for (int r = 0; r < W; r++)
+        if (x->rbytes[r] != b)
+            return semoe_err(SEMOE_EPROTO, "exchange reduce_stats: %zu bytes from rank %d, "
+                             "want %zu (%zu values)", x->rbytes[r], r, b, n);
+    for (size_t i = 0; i < n; i++) {
+        double s = 0;
+        for (int r = 0; r < W; r++) {
+            double v;
+            memcpy(&v, x->rmsg + (size_t)r * b + i * sizeof(double), sizeof v);
+            s += v;
+        }
+        buf[i] = s;
+    }
+    return SEMOE_OK;
+}
+
+model_exchange_f32 worker_exchange_f32(worker_exchange_t *self)
+{
+    return (model_exchange_f32){.state = self, .dispatch = s_dispatch, .combine = s_combine,
+                                .reduce_stats = s_reduce_stats};
+}

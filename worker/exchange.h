@@ -1,0 +1,47 @@
+/* Expert parallelism over the CPU collectives: a model_exchange_f32 (model/graph.h) whose
+ * dispatch sends each MoE layer's expert rows to the rank that holds the expert and whose
+ * combine brings the outputs back, both through one comm_alltoallv (worker/comm.h), plus
+ * reduce_stats, the sum over ranks that makes the losses those of the global batch.
+ *
+ * Placement: owner[l * E + j] is the rank holding expert j of layer l (one owner per expert).
+ * Every rank of the comm must build its exchange with the same placement and call the graph
+ * in lockstep (each dispatch, combine and reduce_stats is a collective).
+ *
+ * Wire. The message from rank s to rank r in a dispatch or combine is [E int32 counts][rows]:
+ * counts[j] is the number of rows of expert j in it (0 unless r holds j for a dispatch, s
+ * holds j for a combine), then those rows (D floats each) in expert order; the counts travel
+ * with the data, so one alltoallv per call and the receiver checks every size against them.
+ * Dispatch regroups what arrived by expert (expert order; within an expert the senders in rank
+ * order, each sender's rows in its order) and remembers, per layer, how many rows of each
+ * expert every peer sent: combine (and backward, which calls the layers in reverse order,
+ * dispatch then combine on each) sends each peer's rows back from that record. */
+#ifndef SEMOE_WORKER_EXCHANGE_H
+#define SEMOE_WORKER_EXCHANGE_H
+
+#include <stdint.h>
+
+#include "actors/err.h"
+#include "model/backend.h"
+#include "model/graph.h"
+#include "worker/comm.h"
+
+typedef struct worker_exchange worker_exchange_t;
+
+/* An exchange over comm (this rank's, not owned; must outlive the exchange) for L layers of E
+ * experts placed by owner (L * E ranks in [0, world), copied). be (not owned) moves rows
+ * between the graph's buffers and the host (the messages are host memory). timeout_ms bounds
+ * every collective. An owner out of range is an error. Caller owns *out. */
+semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L, int E,
+                             const int32_t *owner, int timeout_ms, worker_exchange_t **out);
+/* Frees; nulls *self_p; NULL is a no-op. */
+void worker_exchange_destroy(worker_exchange_t **self_p);
+
+/* The exchange table for the graph and model_train_hooks_t.ex: state is self (which must
+ * outlive its use); dispatch, combine and reduce_stats as described above. */
+model_exchange_f32 worker_exchange_f32(worker_exchange_t *self);
+
+/* Rows of expert j of layer l this rank received from every rank in the layer's last
+ * dispatch (0 for experts held elsewhere, or before any dispatch); for tests and metrics. */
+int64_t worker_exchange_received(const worker_exchange_t *self, int layer, int j);
+
+#endif
