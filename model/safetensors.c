@@ -48,8 +48,7 @@ size_t model_st_dtype_size(model_st_dtype dt)
 
 /* semoe_err with the message made one printable line: names come from untrusted files and may
  * hold newlines or other control bytes, which become '?'. */
-static semoe_rc s_fail(semoe_rc code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static semoe_rc s_fail(semoe_rc code, const char *fmt, ...)
+semoe_rc model_st_fail(semoe_rc code, const char *fmt, ...)
 {
     char msg[2048];
     va_list ap;
@@ -64,12 +63,7 @@ static semoe_rc s_fail(semoe_rc code, const char *fmt, ...)
 
 /* ---- a growing string ---------------------------------------------------------------------- */
 
-typedef struct {
-    char *p;
-    size_t len, cap;
-} s_buf_t;
-
-static void s_buf_add(s_buf_t *b, const char *s, size_t n)
+void model_st_buf_add(model_st_buf_t *b, const char *s, size_t n)
 {
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
@@ -83,33 +77,32 @@ static void s_buf_add(s_buf_t *b, const char *s, size_t n)
     b->p[b->len] = '\0';
 }
 
-static void s_buf_printf(s_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void s_buf_printf(s_buf_t *b, const char *fmt, ...)
+void model_st_buf_printf(model_st_buf_t *b, const char *fmt, ...)
 {
     char tmp[128];
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    s_buf_add(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
+    model_st_buf_add(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
 }
 
 /* A JSON string literal for s. */
-static void s_buf_json_str(s_buf_t *b, const char *s)
+void model_st_buf_json_str(model_st_buf_t *b, const char *s)
 {
-    s_buf_add(b, "\"", 1);
+    model_st_buf_add(b, "\"", 1);
     for (; *s; s++) {
         unsigned char c = (unsigned char)*s;
         if (c == '"' || c == '\\') {
             char e[2] = {'\\', (char)c};
-            s_buf_add(b, e, 2);
+            model_st_buf_add(b, e, 2);
         } else if (c < 0x20) {
-            s_buf_printf(b, "\\u%04x", c);
+            model_st_buf_printf(b, "\\u%04x", c);
         } else {
-            s_buf_add(b, (const char *)&c, 1);
+            model_st_buf_add(b, (const char *)&c, 1);
         }
     }
-    s_buf_add(b, "\"", 1);
+    model_st_buf_add(b, "\"", 1);
 }
 
 /* ---- atomic file writes -------------------------------------------------------------------- */
@@ -148,17 +141,12 @@ static void s_sync_dir(const char *path)
     }
 }
 
-typedef struct {
-    const void *p;
-    size_t n;
-} s_piece_t;
-
 /* Writes the pieces to path.tmp, fsyncs, renames onto path. */
-static semoe_rc s_write_atomic(const char *path, const s_piece_t *pieces, size_t n)
+semoe_rc model_st_write_atomic(const char *path, const model_st_piece_t *pieces, size_t n)
 {
     char tmp[4096];
     if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp)
-        return s_fail(SEMOE_EINVAL, "%s: path too long", path);
+        return model_st_fail(SEMOE_EINVAL, "%s: path too long", path);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0)
         return semoe_err_errno(SEMOE_EIO, "%s: open", tmp);
@@ -183,59 +171,60 @@ static semoe_rc s_write_atomic(const char *path, const s_piece_t *pieces, size_t
 
 semoe_rc model_st_write(const char *path, const model_st_tensor_t *tensors, size_t n)
 {
-    s_buf_t h = {0};
-    s_buf_add(&h, "{\"__metadata__\":{\"format\":\"pt\"}", 31);
+    model_st_buf_t h = {0};
+    model_st_buf_add(&h, "{\"__metadata__\":{\"format\":\"pt\"}", 31);
     uint64_t off = 0;
     semoe_rc rc = SEMOE_OK;
     for (size_t i = 0; i < n; i++) {
         const model_st_tensor_t *t = &tensors[i];
         if (!t->name || !*t->name || strcmp(t->name, "__metadata__") == 0) {
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %zu: empty or reserved name", path, i);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %zu: empty or reserved name", path, i);
             goto fail;
         }
         for (size_t j = 0; j < i; j++)
             if (strcmp(tensors[j].name, t->name) == 0) {
-                rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: named twice", path, t->name);
+                rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: named twice", path, t->name);
                 goto fail;
             }
         if (t->ndim > MODEL_ST_MAX_DIMS) {
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: %u dims, at most %d", path, t->name,
-                           t->ndim, MODEL_ST_MAX_DIMS);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: %u dims, at most %d", path, t->name,
+                               t->ndim, MODEL_ST_MAX_DIMS);
             goto fail;
         }
         uint64_t numel = 1;
         for (uint32_t d = 0; d < t->ndim; d++)
             if (__builtin_mul_overflow(numel, t->shape[d], &numel)) {
-                rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: shape overflows", path, t->name);
+                rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape overflows", path, t->name);
                 goto fail;
             }
         if (numel > SIZE_MAX / 4 || (numel && !t->data)) {
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: no data or too large", path, t->name);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: no data or too large", path, t->name);
             goto fail;
         }
-        s_buf_add(&h, ",", 1);
-        s_buf_json_str(&h, t->name);
-        s_buf_add(&h, ":{\"dtype\":\"F32\",\"shape\":[", 25);
+        model_st_buf_add(&h, ",", 1);
+        model_st_buf_json_str(&h, t->name);
+        model_st_buf_add(&h, ":{\"dtype\":\"F32\",\"shape\":[", 25);
         for (uint32_t d = 0; d < t->ndim; d++)
-            s_buf_printf(&h, "%s%" PRIu64, d ? "," : "", t->shape[d]);
-        s_buf_printf(&h, "],\"data_offsets\":[%" PRIu64 ",%" PRIu64 "]}", off, off + numel * 4);
+            model_st_buf_printf(&h, "%s%" PRIu64, d ? "," : "", t->shape[d]);
+        model_st_buf_printf(&h, "],\"data_offsets\":[%" PRIu64 ",%" PRIu64 "]}", off,
+                            off + numel * 4);
         off += numel * 4;
     }
-    s_buf_add(&h, "}", 1);
+    model_st_buf_add(&h, "}", 1);
     while (h.len % 8)
-        s_buf_add(&h, " ", 1);
+        model_st_buf_add(&h, " ", 1);
 
     uint64_t hlen = h.len; /* little-endian host: the bytes are the format's */
-    s_piece_t *pieces = semoe_xcalloc(n + 2, sizeof *pieces);
-    pieces[0] = (s_piece_t){&hlen, 8};
-    pieces[1] = (s_piece_t){h.p, h.len};
+    model_st_piece_t *pieces = semoe_xcalloc(n + 2, sizeof *pieces);
+    pieces[0] = (model_st_piece_t){&hlen, 8};
+    pieces[1] = (model_st_piece_t){h.p, h.len};
     for (size_t i = 0; i < n; i++) {
         uint64_t numel = 1;
         for (uint32_t d = 0; d < tensors[i].ndim; d++)
             numel *= tensors[i].shape[d];
-        pieces[i + 2] = (s_piece_t){tensors[i].data, (size_t)numel * 4};
+        pieces[i + 2] = (model_st_piece_t){tensors[i].data, (size_t)numel * 4};
     }
-    rc = s_write_atomic(path, pieces, n + 2);
+    rc = model_st_write_atomic(path, pieces, n + 2);
     free(pieces);
 fail:
     free(h.p);
@@ -258,7 +247,7 @@ struct model_st_file {
 };
 
 /* A JSON number that is a non-negative integer below 2^53 (exact in a double). */
-static bool s_json_u64(const cJSON *j, uint64_t *out)
+bool model_st_json_u64(const cJSON *j, uint64_t *out)
 {
     if (!cJSON_IsNumber(j))
         return false;
@@ -269,7 +258,7 @@ static bool s_json_u64(const cJSON *j, uint64_t *out)
     return true;
 }
 
-static bool s_utf8_valid(const uint8_t *s, size_t n)
+bool model_st_utf8_valid(const uint8_t *s, size_t n)
 {
     size_t i = 0;
     while (i < n) {
@@ -303,7 +292,7 @@ static bool s_utf8_valid(const uint8_t *s, size_t n)
     return true;
 }
 
-static void s_shape_str(char *buf, size_t cap, const uint64_t *shape, uint32_t ndim)
+void model_st_shape_str(char *buf, size_t cap, const uint64_t *shape, uint32_t ndim)
 {
     size_t o = (size_t)snprintf(buf, cap, "[");
     for (uint32_t d = 0; d < ndim && o < cap; d++)
@@ -318,9 +307,9 @@ static semoe_rc s_parse_entry(const char *path, const cJSON *e, model_st_info_t 
     const char *name = e->string;
     t->name = name;
     if (!*name)
-        return s_fail(SEMOE_EINVAL, "%s: a tensor has an empty name", path);
+        return model_st_fail(SEMOE_EINVAL, "%s: a tensor has an empty name", path);
     if (!cJSON_IsObject(e))
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: entry is not an object", path, name);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: entry is not an object", path, name);
     const cJSON *dt = NULL, *shape = NULL, *offs = NULL, *f;
     cJSON_ArrayForEach(f, e) {
         const cJSON **slot = strcmp(f->string, "dtype") == 0          ? &dt
@@ -328,59 +317,59 @@ static semoe_rc s_parse_entry(const char *path, const cJSON *e, model_st_info_t 
                              : strcmp(f->string, "data_offsets") == 0 ? &offs
                                                                       : NULL;
         if (!slot)
-            return s_fail(SEMOE_EINVAL, "%s: tensor %s: unknown key \"%.40s\"", path, name,
-                             f->string);
+            return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: unknown key \"%.40s\"", path, name,
+                                 f->string);
         if (*slot)
-            return s_fail(SEMOE_EINVAL, "%s: tensor %s: key %s given twice", path, name,
-                             f->string);
+            return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: key %s given twice", path, name,
+                                 f->string);
         *slot = f;
     }
     if (!dt || !shape || !offs)
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: needs dtype, shape and data_offsets",
-                         path, name);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: needs dtype, shape and data_offsets",
+                             path, name);
     if (!cJSON_IsString(dt))
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: dtype is not a string", path, name);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: dtype is not a string", path, name);
     size_t k = 0;
     while (k < S_NDTYPES && strcmp(s_dtypes[k].name, dt->valuestring) != 0)
         k++;
     if (k == S_NDTYPES)
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: unknown dtype \"%.20s\"", path, name,
-                         dt->valuestring);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: unknown dtype \"%.20s\"", path, name,
+                             dt->valuestring);
     t->dtype = (model_st_dtype)k;
     if (!cJSON_IsArray(shape))
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: shape is not an array", path, name);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape is not an array", path, name);
     int nd = cJSON_GetArraySize(shape);
     if (nd > MODEL_ST_MAX_DIMS)
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: shape has %d dims, at most %d", path,
-                         name, nd, MODEL_ST_MAX_DIMS);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape has %d dims, at most %d", path,
+                             name, nd, MODEL_ST_MAX_DIMS);
     t->ndim = (uint32_t)nd;
     uint64_t numel = 1, bytes;
     int d = 0;
     cJSON_ArrayForEach(f, shape) {
-        if (!s_json_u64(f, &t->shape[d]))
-            return s_fail(SEMOE_EINVAL, "%s: tensor %s: shape[%d] is not a non-negative "
-                             "integer", path, name, d);
+        if (!model_st_json_u64(f, &t->shape[d]))
+            return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape[%d] is not a non-negative "
+                                 "integer", path, name, d);
         if (__builtin_mul_overflow(numel, t->shape[d], &numel))
-            return s_fail(SEMOE_EINVAL, "%s: tensor %s: shape overflows", path, name);
+            return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape overflows", path, name);
         d++;
     }
     t->numel = numel;
     if (!cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2 ||
-        !s_json_u64(cJSON_GetArrayItem(offs, 0), &t->begin) ||
-        !s_json_u64(cJSON_GetArrayItem(offs, 1), &t->end))
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets is not [begin, end] of "
-                         "non-negative integers", path, name);
+        !model_st_json_u64(cJSON_GetArrayItem(offs, 0), &t->begin) ||
+        !model_st_json_u64(cJSON_GetArrayItem(offs, 1), &t->end))
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets is not [begin, end] of "
+                             "non-negative integers", path, name);
     if (t->end < t->begin)
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
-                         "] end before begin", path, name, t->begin, t->end);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
+                             "] end before begin", path, name, t->begin, t->end);
     char sh[160];
-    s_shape_str(sh, sizeof sh, t->shape, t->ndim);
+    model_st_shape_str(sh, sizeof sh, t->shape, t->ndim);
     if (__builtin_mul_overflow(numel, (uint64_t)s_dtypes[k].size, &bytes))
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: shape %s overflows", path, name, sh);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape %s overflows", path, name, sh);
     if (bytes != t->end - t->begin)
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
-                         "] do not match shape %s x %s (%" PRIu64 " bytes)", path, name,
-                         t->begin, t->end, sh, s_dtypes[k].name, bytes);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
+                             "] do not match shape %s x %s (%" PRIu64 " bytes)", path, name,
+                             t->begin, t->end, sh, s_dtypes[k].name, bytes);
     return SEMOE_OK;
 }
 
@@ -412,8 +401,8 @@ static semoe_rc s_check_layout(model_st_file_t *self)
     qsort(v, self->n, sizeof *v, s_cmp_ptr_name);
     for (size_t i = 1; i < self->n; i++)
         if (strcmp(v[i - 1]->name, v[i]->name) == 0) {
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: named twice in the header", path,
-                           v[i]->name);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: named twice in the header", path,
+                               v[i]->name);
             goto out;
         }
     qsort(v, self->n, sizeof *v, s_cmp_ptr_offset);
@@ -421,29 +410,29 @@ static semoe_rc s_check_layout(model_st_file_t *self)
     for (size_t i = 0; i < self->n; i++) {
         const model_st_info_t *t = v[i];
         if (t->end > self->data_size) {
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
-                           "] run past the data section (%" PRIu64 " bytes)", path, t->name,
-                           t->begin, t->end, self->data_size);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
+                               "] run past the data section (%" PRIu64 " bytes)", path, t->name,
+                               t->begin, t->end, self->data_size);
             goto out;
         }
         if (t->begin < at) {
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
-                           "] overlap tensor %s", path, t->name, t->begin, t->end,
-                           v[i - 1]->name);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
+                               "] overlap tensor %s", path, t->name, t->begin, t->end,
+                               v[i - 1]->name);
             goto out;
         }
         if (t->begin > at) {
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
-                           "] leave a hole of %" PRIu64 " bytes before it", path, t->name,
-                           t->begin, t->end, t->begin - at);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: data_offsets [%" PRIu64 ", %" PRIu64
+                               "] leave a hole of %" PRIu64 " bytes before it", path, t->name,
+                               t->begin, t->end, t->begin - at);
             goto out;
         }
         at = t->end;
     }
     if (at != self->data_size)
-        rc = s_fail(SEMOE_EINVAL, "%s: %" PRIu64 " bytes after the last tensor's data "
-                       "(data section %" PRIu64 " bytes, tensors end at %" PRIu64 ")", path,
-                       self->data_size - at, self->data_size, at);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: %" PRIu64 " bytes after the last tensor's data "
+                           "(data section %" PRIu64 " bytes, tensors end at %" PRIu64 ")", path,
+                           self->data_size - at, self->data_size, at);
 out:
     free(v);
     return rc;
@@ -467,13 +456,13 @@ semoe_rc model_st_open(const char *path, model_st_file_t **out)
         goto fail;
     }
     if (!S_ISREG(st.st_mode)) {
-        rc = s_fail(SEMOE_EINVAL, "%s: not a regular file", path);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: not a regular file", path);
         goto fail;
     }
     self->size = (size_t)st.st_size;
     if (self->size < 8) {
-        rc = s_fail(SEMOE_EINVAL, "%s: %zu bytes: too short for the 8-byte header length",
-                       path, self->size);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: %zu bytes: too short for the 8-byte header length",
+                           path, self->size);
         goto fail;
     }
     self->map = mmap(NULL, self->size, PROT_READ, MAP_PRIVATE, self->fd, 0);
@@ -485,40 +474,40 @@ semoe_rc model_st_open(const char *path, model_st_file_t **out)
     uint64_t hlen;
     memcpy(&hlen, self->map, 8);
     if (hlen > MODEL_ST_MAX_HEADER) {
-        rc = s_fail(SEMOE_EINVAL, "%s: header length %" PRIu64 " exceeds the %u-byte limit",
-                       path, hlen, MODEL_ST_MAX_HEADER);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: header length %" PRIu64 " exceeds the %u-byte limit",
+                           path, hlen, MODEL_ST_MAX_HEADER);
         goto fail;
     }
     if (hlen > self->size - 8) {
-        rc = s_fail(SEMOE_EINVAL, "%s: header length %" PRIu64 " points past the end of the "
-                       "file (%zu bytes)", path, hlen, self->size);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: header length %" PRIu64 " points past the end of the "
+                           "file (%zu bytes)", path, hlen, self->size);
         goto fail;
     }
     const uint8_t *h = self->map + 8;
     if (hlen < 2 || h[0] != '{') {
-        rc = s_fail(SEMOE_EINVAL, "%s: header does not start with a JSON object", path);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: header does not start with a JSON object", path);
         goto fail;
     }
-    if (memchr(h, 0, hlen) || !s_utf8_valid(h, hlen)) {
-        rc = s_fail(SEMOE_EINVAL, "%s: header is not valid UTF-8 text", path);
+    if (memchr(h, 0, hlen) || !model_st_utf8_valid(h, hlen)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: header is not valid UTF-8 text", path);
         goto fail;
     }
     const char *end = NULL;
     self->header = cJSON_ParseWithLengthOpts((const char *)h, hlen, &end, false);
     if (!self->header) {
         size_t at = end ? (size_t)(end - (const char *)h) : 0;
-        rc = s_fail(SEMOE_EINVAL, "%s: header is not valid JSON (near byte %zu of %" PRIu64
-                       ")", path, at, hlen);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: header is not valid JSON (near byte %zu of %" PRIu64
+                           ")", path, at, hlen);
         goto fail;
     }
     for (const char *c = end; c < (const char *)h + hlen; c++)
         if (*c != ' ' && *c != '\t' && *c != '\n' && *c != '\r') {
-            rc = s_fail(SEMOE_EINVAL, "%s: header has bytes after its JSON object (at byte "
-                           "%zu)", path, (size_t)(c - (const char *)h));
+            rc = model_st_fail(SEMOE_EINVAL, "%s: header has bytes after its JSON object (at byte "
+                               "%zu)", path, (size_t)(c - (const char *)h));
             goto fail;
         }
     if (!cJSON_IsObject(self->header)) {
-        rc = s_fail(SEMOE_EINVAL, "%s: header is not a JSON object", path);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: header is not a JSON object", path);
         goto fail;
     }
     self->data = self->map + 8 + hlen;
@@ -530,18 +519,18 @@ semoe_rc model_st_open(const char *path, model_st_file_t **out)
     cJSON_ArrayForEach(e, self->header) {
         if (strcmp(e->string, "__metadata__") == 0) {
             if (self->meta) {
-                rc = s_fail(SEMOE_EINVAL, "%s: __metadata__ given twice", path);
+                rc = model_st_fail(SEMOE_EINVAL, "%s: __metadata__ given twice", path);
                 goto fail;
             }
             if (!cJSON_IsObject(e)) {
-                rc = s_fail(SEMOE_EINVAL, "%s: __metadata__ is not an object", path);
+                rc = model_st_fail(SEMOE_EINVAL, "%s: __metadata__ is not an object", path);
                 goto fail;
             }
             const cJSON *m;
             cJSON_ArrayForEach(m, e) {
                 if (!cJSON_IsString(m)) {
-                    rc = s_fail(SEMOE_EINVAL, "%s: __metadata__.%.40s is not a string",
-                                   path, m->string);
+                    rc = model_st_fail(SEMOE_EINVAL, "%s: __metadata__.%.40s is not a string",
+                                       path, m->string);
                     goto fail;
                 }
             }
@@ -634,8 +623,8 @@ semoe_rc model_st_read_f32(const model_st_file_t *self, const model_st_info_t *t
                            uint64_t n)
 {
     if (n != t->numel)
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: %" PRIu64 " elements, the destination "
-                         "holds %" PRIu64, self->path, t->name, t->numel, n);
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: %" PRIu64 " elements, the destination "
+                             "holds %" PRIu64, self->path, t->name, t->numel, n);
     const uint8_t *src = self->data + t->begin;
     switch (t->dtype) {
     case MODEL_ST_F32:
@@ -657,356 +646,7 @@ semoe_rc model_st_read_f32(const model_st_file_t *self, const model_st_info_t *t
         }
         return SEMOE_OK;
     default:
-        return s_fail(SEMOE_EINVAL, "%s: tensor %s: dtype %s cannot be read as floats (F32, "
+        return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: dtype %s cannot be read as floats (F32, "
                          "BF16 or F16 needed)", self->path, t->name, model_st_dtype_name(t->dtype));
     }
-}
-
-/* ---- sharded checkpoints ------------------------------------------------------------------- */
-
-static char *s_join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = semoe_xmalloc(n);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
-static bool s_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
-/* Appends a name to a list of at most 4 shown names, counting the rest. */
-typedef struct {
-    s_buf_t b;
-    size_t n;
-} s_names_t;
-
-static void s_names_add(s_names_t *l, const char *name)
-{
-    if (l->n < 4) {
-        if (l->n)
-            s_buf_add(&l->b, ", ", 2);
-        s_buf_add(&l->b, name, strlen(name) < 200 ? strlen(name) : 200);
-    }
-    l->n++;
-}
-
-static const char *s_names_str(s_names_t *l)
-{
-    if (l->n > 4)
-        s_buf_printf(&l->b, " (and %zu more)", l->n - 4);
-    return l->b.p ? l->b.p : "";
-}
-
-semoe_rc model_st_save(const char *dir, const model_params_t *p, uint32_t layers_per_shard)
-{
-    const model_config_t *c = model_params_config(p);
-    size_t n = model_params_count(p);
-    if (layers_per_shard == 0)
-        return s_fail(SEMOE_EINVAL, "%s: layers_per_shard=0: need at least 1", dir);
-    for (size_t i = 0; i < n; i++)
-        if (!model_params_at(p, i)->data)
-            return s_fail(SEMOE_EINVAL, "%s: tensor %s: not held here; a checkpoint needs "
-                             "every expert", dir, model_params_at(p, i)->name);
-    uint32_t L = c->num_hidden_layers;
-    uint32_t nshards = (L + layers_per_shard - 1) / layers_per_shard;
-    if (nshards == 0)
-        nshards = 1;
-    model_st_tensor_t *ts = semoe_xcalloc(n, sizeof *ts);
-    cJSON *index = cJSON_CreateObject();
-    cJSON *meta = cJSON_AddObjectToObject(index, "metadata");
-    cJSON *wmap = cJSON_AddObjectToObject(index, "weight_map");
-    uint64_t total = 0;
-    semoe_rc rc = SEMOE_OK;
-    char *path = NULL;
-    for (uint32_t k = 0; k < nshards; k++) {
-        char fname[64];
-        if (nshards == 1)
-            snprintf(fname, sizeof fname, "%s", MODEL_ST_SINGLE);
-        else
-            snprintf(fname, sizeof fname, "model-%05u-of-%05u.safetensors", k + 1, nshards);
-        size_t m = 0;
-        for (size_t i = 0; i < n; i++) {
-            const model_param_t *t = model_params_at(p, i);
-            uint32_t shard = t->layer >= 0 ? (uint32_t)t->layer / layers_per_shard
-                             : strcmp(t->name, "model.embed_tokens.weight") == 0 ? 0
-                                                                                 : nshards - 1;
-            if (shard != k)
-                continue;
-            ts[m] = (model_st_tensor_t){.name = t->name, .ndim = t->ndim, .data = t->data};
-            memcpy(ts[m].shape, t->shape, sizeof t->shape);
-            m++;
-            total += t->numel * 4;
-            cJSON_AddStringToObject(wmap, t->name, fname);
-        }
-        path = s_join(dir, fname);
-        SEMOE_CHECK_GOTO(model_st_write(path, ts, m), rc, fail);
-        free(path);
-        path = NULL;
-    }
-    /* One layout per directory: the other form, left from an earlier save, would shadow or
-     * contradict this one (transformers prefers model.safetensors when both exist). */
-    path = s_join(dir, nshards == 1 ? MODEL_ST_INDEX : MODEL_ST_SINGLE);
-    if (unlink(path) != 0 && errno != ENOENT) {
-        rc = semoe_err_errno(SEMOE_EIO, "%s: unlink", path);
-        goto fail;
-    }
-    free(path);
-    path = NULL;
-    if (nshards > 1) {
-        cJSON_AddNumberToObject(meta, "total_size", (double)total);
-        char *text = cJSON_Print(index);
-        path = s_join(dir, MODEL_ST_INDEX);
-        s_piece_t pieces[2] = {{text, strlen(text)}, {"\n", 1}};
-        rc = s_write_atomic(path, pieces, 2);
-        free(text);
-    }
-fail:
-    free(path);
-    cJSON_Delete(index);
-    free(ts);
-    return rc;
-}
-
-/* A shard name an index may give: a plain file in the same directory. */
-static bool s_safe_fname(const char *s)
-{
-    size_t n = strlen(s), suf = strlen(".safetensors");
-    for (const unsigned char *c = (const unsigned char *)s; *c; c++)
-        if (*c < 0x20 || *c == 0x7f) /* it ends up in messages: one printable line */
-            return false;
-    return n > suf && n < 256 && s[0] != '.' && !strchr(s, '/') && !strchr(s, '\\') &&
-           strcmp(s + n - suf, ".safetensors") == 0;
-}
-
-/* Reads and checks dir's index.json: an object with a weight_map of tensor name -> shard file
- * and an optional metadata object (total_size a non-negative integer when given). */
-static semoe_rc s_read_index(const char *path, cJSON **out)
-{
-    *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return semoe_err_errno(SEMOE_EIO, "%s: open", path);
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MODEL_ST_MAX_HEADER) {
-        close(fd);
-        return s_fail(SEMOE_EINVAL, "%s: not a regular file of at most %u bytes", path,
-                         MODEL_ST_MAX_HEADER);
-    }
-    size_t size = (size_t)st.st_size, got = 0;
-    char *text = semoe_xmalloc(size + 1);
-    while (got < size) {
-        ssize_t r = read(fd, text + got, size - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-    }
-    close(fd);
-    text[got] = '\0';
-    if (memchr(text, 0, got) || !s_utf8_valid((const uint8_t *)text, got)) {
-        free(text);
-        return s_fail(SEMOE_EINVAL, "%s: not valid UTF-8 text", path);
-    }
-    const char *end = NULL;
-    cJSON *j = cJSON_ParseWithLengthOpts(text, got, &end, false);
-    bool trailing = false;
-    for (const char *c = j ? end : text + got; c < text + got; c++)
-        trailing = trailing || (*c != ' ' && *c != '\t' && *c != '\n' && *c != '\r');
-    free(text);
-    if (!j || trailing) {
-        cJSON_Delete(j);
-        return s_fail(SEMOE_EINVAL, "%s: not valid JSON", path);
-    }
-    semoe_rc rc = SEMOE_OK;
-    const cJSON *wmap = cJSON_GetObjectItemCaseSensitive(j, "weight_map");
-    const cJSON *meta = cJSON_GetObjectItemCaseSensitive(j, "metadata");
-    const cJSON *e;
-    uint64_t u;
-    if (!cJSON_IsObject(j)) {
-        rc = s_fail(SEMOE_EINVAL, "%s: not a JSON object", path);
-    } else if (!cJSON_IsObject(wmap)) {
-        rc = s_fail(SEMOE_EINVAL, "%s: weight_map missing or not an object", path);
-    } else if (meta && !cJSON_IsObject(meta)) {
-        rc = s_fail(SEMOE_EINVAL, "%s: metadata is not an object", path);
-    } else if (meta && cJSON_GetObjectItemCaseSensitive(meta, "total_size") &&
-               !s_json_u64(cJSON_GetObjectItemCaseSensitive(meta, "total_size"), &u)) {
-        rc = s_fail(SEMOE_EINVAL, "%s: metadata.total_size is not a non-negative integer",
-                       path);
-    } else {
-        cJSON_ArrayForEach(e, wmap) {
-            if (!cJSON_IsString(e)) {
-                rc = s_fail(SEMOE_EINVAL, "%s: weight_map: tensor %.200s: shard is not a "
-                               "string", path, e->string);
-                break;
-            }
-            if (!s_safe_fname(e->valuestring)) {
-                rc = s_fail(SEMOE_EINVAL, "%s: weight_map: tensor %.200s: shard \"%.100s\" "
-                               "is not a .safetensors file in the same directory", path,
-                               e->string, e->valuestring);
-                break;
-            }
-        }
-    }
-    if (rc != SEMOE_OK) {
-        cJSON_Delete(j);
-        return rc;
-    }
-    *out = j;
-    return SEMOE_OK;
-}
-
-/* Checks every tensor of one shard file against p's table and the index, and reads the held
- * ones. shard_of[i]: the file the index names for table tensor i; found[i] set here. */
-static semoe_rc s_load_file(const char *dir, const char *fname, const char *const *shard_of,
-                            uint8_t *found, model_params_t *p)
-{
-    char *path = s_join(dir, fname);
-    model_st_file_t *f = NULL;
-    s_names_t extra = {0};
-    semoe_rc rc = model_st_open(path, &f);
-    if (rc != SEMOE_OK) {
-        semoe_err_trace(__FILE__, __LINE__);
-        goto out;
-    }
-    for (size_t k = 0; k < model_st_count(f) && rc == SEMOE_OK; k++) {
-        const model_st_info_t *t = model_st_at(f, k);
-        long i = model_params_index(p, t->name);
-        if (i < 0) {
-            s_names_add(&extra, t->name);
-            continue;
-        }
-        const model_param_t *q = model_params_at(p, (size_t)i);
-        if (strcmp(shard_of[i], fname) != 0) {
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: the index maps it to %s", path,
-                           t->name, shard_of[i]);
-            break;
-        }
-        if (t->ndim != q->ndim || memcmp(t->shape, q->shape, q->ndim * sizeof q->shape[0])) {
-            char have[160], want[160];
-            s_shape_str(have, sizeof have, t->shape, t->ndim);
-            s_shape_str(want, sizeof want, q->shape, q->ndim);
-            rc = s_fail(SEMOE_EINVAL, "%s: tensor %s: shape %s, the model config needs %s",
-                           path, t->name, have, want);
-            break;
-        }
-        found[i] = 1;
-        if (q->data)
-            rc = model_st_read_f32(f, t, q->data, q->numel);
-    }
-    if (rc == SEMOE_OK && extra.n)
-        rc = s_fail(SEMOE_EINVAL, "%s: %zu tensors this model does not have: %s", path,
-                       extra.n, s_names_str(&extra));
-out:
-    free(extra.b.p);
-    model_st_close(&f);
-    free(path);
-    return rc;
-}
-
-semoe_rc model_st_load(const char *dir, model_params_t *p)
-{
-    size_t n = model_params_count(p);
-    char *ipath = s_join(dir, MODEL_ST_INDEX), *spath = s_join(dir, MODEL_ST_SINGLE);
-    const char **shard_of = semoe_xcalloc(n ? n : 1, sizeof *shard_of);
-    const char **files = semoe_xcalloc(n ? n : 1, sizeof *files);
-    uint8_t *found = semoe_xcalloc(n ? n : 1, 1);
-    size_t nfiles = 0;
-    cJSON *index = NULL;
-    s_names_t names = {0};
-    semoe_rc rc = SEMOE_OK;
-    bool have_index = s_exists(ipath), have_single = s_exists(spath);
-
-    if (have_index && have_single) {
-        rc = s_fail(SEMOE_EINVAL, "%s: holds both %s and %s: ambiguous, remove one", dir,
-                       MODEL_ST_INDEX, MODEL_ST_SINGLE);
-        goto out;
-    }
-    if (!have_index && !have_single) {
-        rc = s_fail(SEMOE_EINVAL, "%s: no checkpoint: neither %s nor %s", dir,
-                       MODEL_ST_INDEX, MODEL_ST_SINGLE);
-        goto out;
-    }
-    if (have_single) {
-        for (size_t i = 0; i < n; i++)
-            shard_of[i] = MODEL_ST_SINGLE;
-        files[nfiles++] = MODEL_ST_SINGLE;
-    } else {
-        SEMOE_CHECK_GOTO(s_read_index(ipath, &index), rc, out);
-        const cJSON *e;
-        cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(index, "weight_map")) {
-            long i = model_params_index(p, e->string);
-            if (i < 0) {
-                s_names_add(&names, e->string);
-                continue;
-            }
-            if (shard_of[i]) {
-                rc = s_fail(SEMOE_EINVAL, "%s: weight_map: tensor %s: listed twice", ipath,
-                               e->string);
-                goto out;
-            }
-            shard_of[i] = e->valuestring;
-            size_t f = 0;
-            while (f < nfiles && strcmp(files[f], e->valuestring) != 0)
-                f++;
-            if (f == nfiles)
-                files[nfiles++] = e->valuestring;
-        }
-        if (names.n) {
-            rc = s_fail(SEMOE_EINVAL, "%s: weight_map has %zu tensors this model does not "
-                           "have: %s", ipath, names.n, s_names_str(&names));
-            goto out;
-        }
-        for (size_t i = 0; i < n; i++)
-            if (!shard_of[i])
-                s_names_add(&names, model_params_at(p, i)->name);
-        if (names.n) {
-            rc = s_fail(SEMOE_EINVAL, "%s: weight_map lacks %zu tensors of this model: %s",
-                           ipath, names.n, s_names_str(&names));
-            goto out;
-        }
-    }
-    for (size_t f = 0; f < nfiles; f++)
-        SEMOE_CHECK_GOTO(s_load_file(dir, files[f], shard_of, found, p), rc, out);
-    size_t first = n;
-    for (size_t i = 0; i < n; i++)
-        if (!found[i]) {
-            first = first < n ? first : i;
-            s_names_add(&names, model_params_at(p, i)->name);
-        }
-    if (names.n)
-        rc = s_fail(SEMOE_EINVAL, "%s/%s: %zu tensors of this model missing%s: %s", dir,
-                       shard_of[first], names.n, have_index ? " (the index maps them here)" : "",
-                       s_names_str(&names));
-out:
-    free(names.b.p);
-    cJSON_Delete(index);
-    free(found);
-    free(files);
-    free(shard_of);
-    free(spath);
-    free(ipath);
-    return rc;
-}
-
-semoe_rc model_st_load_model(const char *dir, model_config_t *cfg, model_params_t **out)
-{
-    *out = NULL;
-    char *path = s_join(dir, "config.json");
-    semoe_rc rc = model_config_load_hf(path, cfg);
-    free(path);
-    SEMOE_CHECK(rc);
-    model_params_t *p = NULL;
-    SEMOE_CHECK(model_params_new(cfg, NULL, 0, &p));
-    if ((rc = model_st_load(dir, p)) != SEMOE_OK) {
-        model_params_destroy(&p);
-        semoe_err_trace(__FILE__, __LINE__);
-        return rc;
-    }
-    *out = p;
-    return SEMOE_OK;
 }

@@ -1,9 +1,11 @@
 /* The safetensors format, as Hugging Face writes and reads it: a writer of float32 tensors (F32,
- * atomic), a strict reader that converts F32/BF16/F16 to float32, and sharded checkpoints with
- * model.safetensors.index.json that load by name into a model_params_t. */
+ * atomic) and a strict reader that converts F32/BF16/F16 to float32: one file. Sharded
+ * checkpoints (model.safetensors.index.json) are model/checkpoint.h's. */
 #ifndef SEMOE_MODEL_SAFETENSORS_H
 #define SEMOE_MODEL_SAFETENSORS_H
 
+#include <cjson/cJSON.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -69,20 +71,35 @@ const char *model_st_meta(const model_st_file_t *self, const char *key);
 semoe_rc model_st_read_f32(const model_st_file_t *self, const model_st_info_t *t, float *dst,
                            uint64_t n);
 
-/* Writes every tensor of p (which must hold every expert) into dir as transformers'
- * save_pretrained does: layers_per_shard layers per file model-0000K-of-0000N.safetensors
- * (the embedding in the first, model.norm and lm_head in the last) plus
- * model.safetensors.index.json, or a single model.safetensors when one shard holds all. dir must
- * exist. Each file is written atomically, the index last. */
-semoe_rc model_st_save(const char *dir, const model_params_t *p, uint32_t layers_per_shard);
+/* ---- helpers shared with model/checkpoint.c (not for other callers) ------------------------ */
 
-/* Loads a checkpoint in dir (model.safetensors.index.json, else model.safetensors) into p by
- * name: every tensor of p's table must be present with its shape, nothing else may be; only the
- * tensors p holds are read. Errors name the file and tensor(s) at fault. */
-semoe_rc model_st_load(const char *dir, model_params_t *p);
+/* semoe_err with the message made one printable line (control bytes become '?'): names come
+ * from untrusted files. Returns code. */
+semoe_rc model_st_fail(semoe_rc code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* Opens a model folder as transformers writes it: dir/config.json (read leniently) into *cfg
- * and every tensor (all experts) into a new params object, the caller's (*out). */
-semoe_rc model_st_load_model(const char *dir, model_config_t *cfg, model_params_t **out);
+/* A growing NUL-terminated string; free(b.p) when done. */
+typedef struct {
+    char *p;
+    size_t len, cap;
+} model_st_buf_t;
+void model_st_buf_add(model_st_buf_t *b, const char *s, size_t n);
+/* Appends at most 127 formatted bytes. */
+void model_st_buf_printf(model_st_buf_t *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+/* Appends s as a JSON string literal. */
+void model_st_buf_json_str(model_st_buf_t *b, const char *s);
+
+typedef struct {
+    const void *p;
+    size_t n;
+} model_st_piece_t;
+/* Writes the pieces to "<path>.tmp", fsyncs, renames onto path, fsyncs the directory. */
+semoe_rc model_st_write_atomic(const char *path, const model_st_piece_t *pieces, size_t n);
+
+/* A JSON number that is a non-negative integer below 2^53. */
+bool model_st_json_u64(const cJSON *j, uint64_t *out);
+bool model_st_utf8_valid(const uint8_t *s, size_t n);
+/* "[a, b]" into buf. */
+void model_st_shape_str(char *buf, size_t cap, const uint64_t *shape, uint32_t ndim);
 
 #endif

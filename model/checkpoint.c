@@ -1,0 +1,1030 @@
+/* Checkpoints (see checkpoint.h): the model as a Hugging Face folder of safetensors shards,
+ * loaded by name into a params table; the training state under semoe/ and the manifest that
+ * makes a checkpoint whole or refused. */
+#include "model/checkpoint.h"
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "model/safetensors.h"
+
+/* ---- the model: sharded safetensors ------------------------------------------------------ */
+
+static char *s_join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir) + strlen(name) + 2;
+    char *p = semoe_xmalloc(n);
+    snprintf(p, n, "%s/%s", dir, name);
+    return p;
+}
+
+static bool s_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* Appends a name to a list of at most 4 shown names, counting the rest. */
+typedef struct {
+    model_st_buf_t b;
+    size_t n;
+} s_names_t;
+
+static void s_names_add(s_names_t *l, const char *name)
+{
+    if (l->n < 4) {
+        if (l->n)
+            model_st_buf_add(&l->b, ", ", 2);
+        model_st_buf_add(&l->b, name, strlen(name) < 200 ? strlen(name) : 200);
+    }
+    l->n++;
+}
+
+static const char *s_names_str(s_names_t *l)
+{
+    if (l->n > 4)
+        model_st_buf_printf(&l->b, " (and %zu more)", l->n - 4);
+    return l->b.p ? l->b.p : "";
+}
+
+/* The shard (0-based) of nshards that tensor t goes to: its layer's, the embedding in the
+ * first, model.norm and lm_head in the last. */
+static uint32_t s_shard_of(const model_param_t *t, uint32_t layers_per_shard, uint32_t nshards)
+{
+    if (t->layer >= 0)
+        return (uint32_t)t->layer / layers_per_shard;
+    return strcmp(t->name, "model.embed_tokens.weight") == 0 ? 0 : nshards - 1;
+}
+
+/* "<stem>.safetensors" for one shard, else "<stem>-0000K-of-0000N.safetensors". */
+static void s_shard_name(char *buf, size_t cap, const char *stem, uint32_t k, uint32_t nshards)
+{
+    if (nshards == 1)
+        snprintf(buf, cap, "%s.safetensors", stem);
+    else
+        snprintf(buf, cap, "%s-%05u-of-%05u.safetensors", stem, k + 1, nshards);
+}
+
+semoe_rc model_ckpt_save_model(const char *dir, const model_params_t *p,
+                               uint32_t layers_per_shard)
+{
+    const model_config_t *c = model_params_config(p);
+    size_t n = model_params_count(p);
+    if (layers_per_shard == 0)
+        return model_st_fail(SEMOE_EINVAL, "%s: layers_per_shard=0: need at least 1", dir);
+    for (size_t i = 0; i < n; i++)
+        if (!model_params_at(p, i)->data)
+            return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: not held here; a checkpoint needs "
+                                 "every expert", dir, model_params_at(p, i)->name);
+    uint32_t L = c->num_hidden_layers;
+    uint32_t nshards = (L + layers_per_shard - 1) / layers_per_shard;
+    if (nshards == 0)
+        nshards = 1;
+    model_st_tensor_t *ts = semoe_xcalloc(n, sizeof *ts);
+    cJSON *index = cJSON_CreateObject();
+    cJSON *meta = cJSON_AddObjectToObject(index, "metadata");
+    cJSON *wmap = cJSON_AddObjectToObject(index, "weight_map");
+    uint64_t total = 0;
+    semoe_rc rc = SEMOE_OK;
+    char *path = NULL;
+    for (uint32_t k = 0; k < nshards; k++) {
+        char fname[64];
+        s_shard_name(fname, sizeof fname, "model", k, nshards);
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++) {
+            const model_param_t *t = model_params_at(p, i);
+            if (s_shard_of(t, layers_per_shard, nshards) != k)
+                continue;
+            ts[m] = (model_st_tensor_t){.name = t->name, .ndim = t->ndim, .data = t->data};
+            memcpy(ts[m].shape, t->shape, sizeof t->shape);
+            m++;
+            total += t->numel * 4;
+            cJSON_AddStringToObject(wmap, t->name, fname);
+        }
+        path = s_join(dir, fname);
+        SEMOE_CHECK_GOTO(model_st_write(path, ts, m), rc, fail);
+        free(path);
+        path = NULL;
+    }
+    /* One layout per directory: the other form, left from an earlier save, would shadow or
+     * contradict this one (transformers prefers model.safetensors when both exist). */
+    path = s_join(dir, nshards == 1 ? MODEL_ST_INDEX : MODEL_ST_SINGLE);
+    if (unlink(path) != 0 && errno != ENOENT) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: unlink", path);
+        goto fail;
+    }
+    free(path);
+    path = NULL;
+    if (nshards > 1) {
+        cJSON_AddNumberToObject(meta, "total_size", (double)total);
+        char *text = cJSON_Print(index);
+        path = s_join(dir, MODEL_ST_INDEX);
+        model_st_piece_t pieces[2] = {{text, strlen(text)}, {"\n", 1}};
+        rc = model_st_write_atomic(path, pieces, 2);
+        free(text);
+    }
+fail:
+    free(path);
+    cJSON_Delete(index);
+    free(ts);
+    return rc;
+}
+
+/* A shard name an index may give: a plain file in the same directory. */
+static bool s_safe_fname(const char *s)
+{
+    size_t n = strlen(s), suf = strlen(".safetensors");
+    for (const unsigned char *c = (const unsigned char *)s; *c; c++)
+        if (*c < 0x20 || *c == 0x7f) /* it ends up in messages: one printable line */
+            return false;
+    return n > suf && n < 256 && s[0] != '.' && !strchr(s, '/') && !strchr(s, '\\') &&
+           strcmp(s + n - suf, ".safetensors") == 0;
+}
+
+/* Reads and checks dir's index.json: an object with a weight_map of tensor name -> shard file
+ * and an optional metadata object (total_size a non-negative integer when given). */
+static semoe_rc s_read_index(const char *path, cJSON **out)
+{
+    *out = NULL;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return semoe_err_errno(SEMOE_EIO, "%s: open", path);
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MODEL_ST_MAX_HEADER) {
+        close(fd);
+        return model_st_fail(SEMOE_EINVAL, "%s: not a regular file of at most %u bytes", path,
+                             MODEL_ST_MAX_HEADER);
+    }
+    size_t size = (size_t)st.st_size, got = 0;
+    char *text = semoe_xmalloc(size + 1);
+    while (got < size) {
+        ssize_t r = read(fd, text + got, size - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    close(fd);
+    text[got] = '\0';
+    if (memchr(text, 0, got) || !model_st_utf8_valid((const uint8_t *)text, got)) {
+        free(text);
+        return model_st_fail(SEMOE_EINVAL, "%s: not valid UTF-8 text", path);
+    }
+    const char *end = NULL;
+    cJSON *j = cJSON_ParseWithLengthOpts(text, got, &end, false);
+    bool trailing = false;
+    for (const char *c = j ? end : text + got; c < text + got; c++)
+        trailing = trailing || (*c != ' ' && *c != '\t' && *c != '\n' && *c != '\r');
+    free(text);
+    if (!j || trailing) {
+        cJSON_Delete(j);
+        return model_st_fail(SEMOE_EINVAL, "%s: not valid JSON", path);
+    }
+    semoe_rc rc = SEMOE_OK;
+    const cJSON *wmap = cJSON_GetObjectItemCaseSensitive(j, "weight_map");
+    const cJSON *meta = cJSON_GetObjectItemCaseSensitive(j, "metadata");
+    const cJSON *e;
+    uint64_t u;
+    if (!cJSON_IsObject(j)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: not a JSON object", path);
+    } else if (!cJSON_IsObject(wmap)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map missing or not an object", path);
+    } else if (meta && !cJSON_IsObject(meta)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: metadata is not an object", path);
+    } else if (meta && cJSON_GetObjectItemCaseSensitive(meta, "total_size") &&
+               !model_st_json_u64(cJSON_GetObjectItemCaseSensitive(meta, "total_size"), &u)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: metadata.total_size is not a non-negative integer",
+                           path);
+    } else {
+        cJSON_ArrayForEach(e, wmap) {
+            if (!cJSON_IsString(e)) {
+                rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map: tensor %.200s: shard is not a "
+                                   "string", path, e->string);
+                break;
+            }
+            if (!s_safe_fname(e->valuestring)) {
+                rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map: tensor %.200s: shard \"%.100s\" "
+                                   "is not a .safetensors file in the same directory", path,
+                                   e->string, e->valuestring);
+                break;
+            }
+        }
+    }
+    if (rc != SEMOE_OK) {
+        cJSON_Delete(j);
+        return rc;
+    }
+    *out = j;
+    return SEMOE_OK;
+}
+
+/* Checks every tensor of one shard file against p's table and the index, and reads the held
+ * ones. shard_of[i]: the file the index names for table tensor i; found[i] set here. */
+static semoe_rc s_load_file(const char *dir, const char *fname, const char *const *shard_of,
+                            uint8_t *found, model_params_t *p)
+{
+    char *path = s_join(dir, fname);
+    model_st_file_t *f = NULL;
+    s_names_t extra = {0};
+    semoe_rc rc = model_st_open(path, &f);
+    if (rc != SEMOE_OK) {
+        semoe_err_trace(__FILE__, __LINE__);
+        goto out;
+    }
+    for (size_t k = 0; k < model_st_count(f) && rc == SEMOE_OK; k++) {
+        const model_st_info_t *t = model_st_at(f, k);
+        long i = model_params_index(p, t->name);
+        if (i < 0) {
+            s_names_add(&extra, t->name);
+            continue;
+        }
+        const model_param_t *q = model_params_at(p, (size_t)i);
+        if (strcmp(shard_of[i], fname) != 0) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: the index maps it to %s", path,
+                               t->name, shard_of[i]);
+            break;
+        }
+        if (t->ndim != q->ndim || memcmp(t->shape, q->shape, q->ndim * sizeof q->shape[0])) {
+            char have[160], want[160];
+            model_st_shape_str(have, sizeof have, t->shape, t->ndim);
+            model_st_shape_str(want, sizeof want, q->shape, q->ndim);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape %s, the model config needs %s",
+                               path, t->name, have, want);
+            break;
+        }
+        found[i] = 1;
+        if (q->data)
+            rc = model_st_read_f32(f, t, q->data, q->numel);
+    }
+    if (rc == SEMOE_OK && extra.n)
+        rc = model_st_fail(SEMOE_EINVAL, "%s: %zu tensors this model does not have: %s", path,
+                           extra.n, s_names_str(&extra));
+out:
+    free(extra.b.p);
+    model_st_close(&f);
+    free(path);
+    return rc;
+}
+
+semoe_rc model_ckpt_load_params(const char *dir, model_params_t *p)
+{
+    size_t n = model_params_count(p);
+    char *ipath = s_join(dir, MODEL_ST_INDEX), *spath = s_join(dir, MODEL_ST_SINGLE);
+    const char **shard_of = semoe_xcalloc(n ? n : 1, sizeof *shard_of);
+    const char **files = semoe_xcalloc(n ? n : 1, sizeof *files);
+    uint8_t *found = semoe_xcalloc(n ? n : 1, 1);
+    size_t nfiles = 0;
+    cJSON *index = NULL;
+    s_names_t names = {0};
+    semoe_rc rc = SEMOE_OK;
+    bool have_index = s_exists(ipath), have_single = s_exists(spath);
+
+    if (have_index && have_single) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: holds both %s and %s: ambiguous, remove one", dir,
+                           MODEL_ST_INDEX, MODEL_ST_SINGLE);
+        goto out;
+    }
+    if (!have_index && !have_single) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: no checkpoint: neither %s nor %s", dir,
+                           MODEL_ST_INDEX, MODEL_ST_SINGLE);
+        goto out;
+    }
+    if (have_single) {
+        for (size_t i = 0; i < n; i++)
+            shard_of[i] = MODEL_ST_SINGLE;
+        files[nfiles++] = MODEL_ST_SINGLE;
+    } else {
+        SEMOE_CHECK_GOTO(s_read_index(ipath, &index), rc, out);
+        const cJSON *e;
+        cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(index, "weight_map")) {
+            long i = model_params_index(p, e->string);
+            if (i < 0) {
+                s_names_add(&names, e->string);
+                continue;
+            }
+            if (shard_of[i]) {
+                rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map: tensor %s: listed twice", ipath,
+                                   e->string);
+                goto out;
+            }
+            shard_of[i] = e->valuestring;
+            size_t f = 0;
+            while (f < nfiles && strcmp(files[f], e->valuestring) != 0)
+                f++;
+            if (f == nfiles)
+                files[nfiles++] = e->valuestring;
+        }
+        if (names.n) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map has %zu tensors this model does not "
+                               "have: %s", ipath, names.n, s_names_str(&names));
+            goto out;
+        }
+        for (size_t i = 0; i < n; i++)
+            if (!shard_of[i])
+                s_names_add(&names, model_params_at(p, i)->name);
+        if (names.n) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map lacks %zu tensors of this model: %s",
+                               ipath, names.n, s_names_str(&names));
+            goto out;
+        }
+    }
+    for (size_t f = 0; f < nfiles; f++)
+        SEMOE_CHECK_GOTO(s_load_file(dir, files[f], shard_of, found, p), rc, out);
+    size_t first = n;
+    for (size_t i = 0; i < n; i++)
+        if (!found[i]) {
+            first = first < n ? first : i;
+            s_names_add(&names, model_params_at(p, i)->name);
+        }
+    if (names.n)
+        rc = model_st_fail(SEMOE_EINVAL, "%s/%s: %zu tensors of this model missing%s: %s", dir,
+                       shard_of[first], names.n, have_index ? " (the index maps them here)" : "",
+                           s_names_str(&names));
+out:
+    free(names.b.p);
+    cJSON_Delete(index);
+    free(found);
+    free(files);
+    free(shard_of);
+    free(spath);
+    free(ipath);
+    return rc;
+}
+
+semoe_rc model_ckpt_load_model(const char *dir, model_config_t *cfg, model_params_t **out)
+{
+    *out = NULL;
+    char *path = s_join(dir, "config.json");
+    semoe_rc rc = model_config_load_hf(path, cfg);
+    free(path);
+    SEMOE_CHECK(rc);
+    model_params_t *p = NULL;
+    SEMOE_CHECK(model_params_new(cfg, NULL, 0, &p));
+    if ((rc = model_ckpt_load_params(dir, p)) != SEMOE_OK) {
+        model_params_destroy(&p);
+        semoe_err_trace(__FILE__, __LINE__);
+        return rc;
+    }
+    *out = p;
+    return SEMOE_OK;
+}
+
+/* ---- training checkpoints: files, checksums ------------------------------------------------ */
+
+#define S_FNV_OFFSET 0xcbf29ce484222325ull
+#define S_FNV_PRIME 0x100000001b3ull
+
+static uint64_t s_fnv(uint64_t h, const void *p, size_t n)
+{
+    const uint8_t *c = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ c[i]) * S_FNV_PRIME;
+    return h;
+}
+
+/* Size and FNV-1a 64 of a regular file. */
+static semoe_rc s_file_sum(const char *path, uint64_t *size, uint64_t *sum)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return semoe_err_errno(SEMOE_EINVAL, "%s: open", path);
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return model_st_fail(SEMOE_EINVAL, "%s: not a regular file", path);
+    }
+    size_t cap = 1u << 20;
+    uint8_t *buf = semoe_xmalloc(cap);
+    uint64_t h = S_FNV_OFFSET, total = 0;
+    semoe_rc rc = SEMOE_OK;
+    for (;;) {
+        ssize_t r = read(fd, buf, cap);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            rc = semoe_err_errno(SEMOE_EIO, "%s: read", path);
+            break;
+        }
+        if (r == 0)
+            break;
+        h = s_fnv(h, buf, (size_t)r);
+        total += (uint64_t)r;
+    }
+    free(buf);
+    close(fd);
+    *size = total;
+    *sum = h;
+    return rc;
+}
+
+/* A small text file, whole, NUL-terminated; *len its length. */
+static semoe_rc s_read_text(const char *path, char **out, size_t *len)
+{
+    *out = NULL;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return semoe_err_errno(SEMOE_EINVAL, "%s: open", path);
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MODEL_ST_MAX_HEADER) {
+        close(fd);
+        return model_st_fail(SEMOE_EINVAL, "%s: not a regular file of at most %u bytes", path,
+                             MODEL_ST_MAX_HEADER);
+    }
+    size_t size = (size_t)st.st_size, got = 0;
+    char *text = semoe_xmalloc(size + 1);
+    while (got < size) {
+        ssize_t r = read(fd, text + got, size - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    close(fd);
+    text[got] = '\0';
+    if (memchr(text, 0, got) || !model_st_utf8_valid((const uint8_t *)text, got)) {
+        free(text);
+        return model_st_fail(SEMOE_EINVAL, "%s: not valid UTF-8 text", path);
+    }
+    *out = text;
+    *len = got;
+    return SEMOE_OK;
+}
+
+static semoe_rc s_parse_obj(const char *path, const char *text, size_t len, cJSON **out)
+{
+    cJSON *j = cJSON_ParseWithLength(text, len);
+    if (!cJSON_IsObject(j)) {
+        cJSON_Delete(j);
+        return model_st_fail(SEMOE_EINVAL, "%s: not a JSON object", path);
+    }
+    *out = j;
+    return SEMOE_OK;
+}
+
+/* Removes dir and what it holds, two levels at most (a checkpoint: files and semoe/). */
+static void s_rmtree(const char *dir, int depth)
+{
+    DIR *d = opendir(dir);
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+                continue;
+            char *p = s_join(dir, e->d_name);
+            struct stat st;
+            if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode)) {
+                if (depth > 0)
+                    s_rmtree(p, depth - 1);
+            } else {
+                unlink(p);
+            }
+            free(p);
+        }
+        closedir(d);
+    }
+    rmdir(dir);
+}
+
+static void s_u64_hex(cJSON *o, const char *key, uint64_t v)
+{
+    char s[24];
+    snprintf(s, sizeof s, "%016" PRIx64, v);
+    cJSON_AddStringToObject(o, key, s);
+}
+
+static bool s_get_hex(const cJSON *o, const char *key, uint64_t *v)
+{
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!cJSON_IsString(e) || strlen(e->valuestring) != 16)
+        return false;
+    uint64_t x = 0;
+    for (const char *c = e->valuestring; *c; c++) {
+        int d = *c >= '0' && *c <= '9' ? *c - '0' : *c >= 'a' && *c <= 'f' ? *c - 'a' + 10 : -1;
+        if (d < 0)
+            return false;
+        x = x << 4 | (uint64_t)d;
+    }
+    *v = x;
+    return true;
+}
+
+static bool s_get_u64(const cJSON *o, const char *key, uint64_t *v)
+{
+    return model_st_json_u64(cJSON_GetObjectItemCaseSensitive(o, key), v);
+}
+
+/* A file name a manifest may list: "name" or "semoe/name", printable, no way out of dir. */
+static bool s_safe_rel(const char *s)
+{
+    const char *base = strncmp(s, "semoe/", 6) == 0 ? s + 6 : s;
+    size_t n = strlen(base);
+    for (const unsigned char *c = (const unsigned char *)s; *c; c++)
+        if (*c < 0x20 || *c == 0x7f)
+            return false;
+    return n > 0 && n < 256 && base[0] != '.' && !strchr(base, '/') && !strchr(base, '\\');
+}
+
+/* ---- training checkpoints: save ------------------------------------------------------------ */
+
+/* The manifest's text: the object with every file, then a last member "checksum" holding the
+ * FNV-1a 64 of every byte before it. */
+#define S_SUM_KEY ",\n\"checksum\": \""
+
+static semoe_rc s_write_manifest(const char *dir, char **files, size_t nfiles, uint64_t gen)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "format", "semoe-checkpoint");
+    cJSON_AddNumberToObject(root, "version", 1);
+    s_u64_hex(root, "generation", gen);
+    cJSON *arr = cJSON_AddArrayToObject(root, "files");
+    semoe_rc rc = SEMOE_OK;
+    for (size_t i = 0; i < nfiles && rc == SEMOE_OK; i++) {
+        char *path = s_join(dir, files[i]);
+        uint64_t size = 0, sum = 0;
+        rc = s_file_sum(path, &size, &sum);
+        free(path);
+        cJSON *f = cJSON_CreateObject();
+        cJSON_AddStringToObject(f, "path", files[i]);
+        cJSON_AddNumberToObject(f, "size", (double)size);
+        s_u64_hex(f, "fnv1a64", sum);
+        cJSON_AddItemToArray(arr, f);
+    }
+    if (rc == SEMOE_OK) {
+        char *text = cJSON_Print(root);
+        size_t n = strlen(text);
+        /* drop the closing brace: the checksum member goes before it */
+        while (n && text[n - 1] != '}')
+            n--;
+        n = n ? n - 1 : 0;
+        while (n && (text[n - 1] == '\n' || text[n - 1] == ' ' || text[n - 1] == '\t'))
+            n--;
+        char tail[64];
+        snprintf(tail, sizeof tail, S_SUM_KEY "%016" PRIx64 "\"\n}\n",
+                 s_fnv(S_FNV_OFFSET, text, n));
+        model_st_piece_t pieces[2] = {{text, n}, {tail, strlen(tail)}};
+        char *path = s_join(dir, MODEL_CKPT_MANIFEST);
+        rc = model_st_write_atomic(path, pieces, 2);
+        free(path);
+        free(text);
+    }
+    cJSON_Delete(root);
+    return rc;
+}
+
+static semoe_rc s_write_json(const char *dir, const char *name, const char *text)
+{
+    char *path = s_join(dir, name);
+    model_st_piece_t pieces[2] = {{text, strlen(text)}, {"\n", 1}};
+    semoe_rc rc = model_st_write_atomic(path, pieces, 2);
+    free(path);
+    return rc;
+}
+
+/* Writes semoe/optimizer*.safetensors from host copies of m and v (params' slab layout), one
+ * file per model shard; appends their names to files. */
+static semoe_rc s_save_optimizer(const char *dir, const model_params_t *p, const float *hm,
+                                 const float *hv, uint32_t lps, uint32_t nshards, char **files,
+                                 size_t *nfiles)
+{
+    size_t n = model_params_count(p);
+    model_st_tensor_t *ts = semoe_xcalloc(2 * n, sizeof *ts);
+    char (*names)[MODEL_PARAM_NAME_MAX + 16] = semoe_xcalloc(2 * n, sizeof *names);
+    semoe_rc rc = SEMOE_OK;
+    for (uint32_t k = 0; k < nshards && rc == SEMOE_OK; k++) {
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++) {
+            const model_param_t *t = model_params_at(p, i);
+            if (s_shard_of(t, lps, nshards) != k)
+                continue;
+            for (int which = 0; which < 2; which++) {
+                snprintf(names[m], sizeof names[m], "%s.%s", t->name,
+                         which ? "exp_avg_sq" : "exp_avg");
+                ts[m] = (model_st_tensor_t){.name = names[m], .ndim = t->ndim,
+                                            .data = (which ? hv : hm) + t->offset};
+                memcpy(ts[m].shape, t->shape, sizeof t->shape);
+                m++;
+            }
+        }
+        char fname[96];
+        memcpy(fname, "semoe/", 6);
+        s_shard_name(fname + 6, sizeof fname - 6, "optimizer", k, nshards);
+        char *path = s_join(dir, fname);
+        rc = model_st_write(path, ts, m);
+        free(path);
+        files[(*nfiles)++] = semoe_xstrdup(fname);
+    }
+    free(names);
+    free(ts);
+    return rc;
+}
+
+semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_params_t *params,
+                         model_train_t *train, const model_ckpt_state_t *state)
+{
+    const model_config_t *c = model_params_config(params);
+    size_t n = model_params_count(params);
+    for (size_t i = 0; i < n; i++)
+        if (!model_params_at(params, i)->data)
+            return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: not held here; a checkpoint "
+                                 "needs every expert", dir, model_params_at(params, i)->name);
+    uint32_t L = c->num_hidden_layers;
+    uint32_t lps = state->layers_per_shard ? state->layers_per_shard : (L ? L : 1);
+    uint32_t nshards = (L + lps - 1) / lps;
+    if (nshards == 0)
+        nshards = 1;
+    size_t tlen = strlen(dir) + 32;
+    char *tmp = semoe_xmalloc(tlen), *old = semoe_xmalloc(tlen);
+    snprintf(tmp, tlen, "%s.tmp-%ld", dir, (long)getpid());
+    snprintf(old, tlen, "%s.old-%ld", dir, (long)getpid());
+    size_t nfiles = 0;
+    char **files = semoe_xcalloc(2 * (size_t)nshards + 4, sizeof *files);
+    size_t floats = model_train_slab_floats(train);
+    float *hm = semoe_xmalloc((floats ? floats : 1) * sizeof(float));
+    float *hv = semoe_xmalloc((floats ? floats : 1) * sizeof(float));
+    char *semoe_dir = s_join(tmp, "semoe");
+    char *cfg_text = NULL;
+    cJSON *st = NULL;
+    char *st_text = NULL;
+    semoe_rc rc = SEMOE_OK;
+
+    s_rmtree(tmp, 1);
+    if (mkdir(tmp, 0755) != 0 || mkdir(semoe_dir, 0755) != 0) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: mkdir", tmp);
+        goto fail;
+    }
+    cfg_text = model_config_hf_json(c);
+    SEMOE_CHECK_GOTO(s_write_json(tmp, "config.json", cfg_text), rc, fail);
+    files[nfiles++] = semoe_xstrdup("config.json");
+
+    model_train_weights_to_params(train);
+    SEMOE_CHECK_GOTO(model_ckpt_save_model(tmp, params, lps), rc, fail);
+    if (nshards == 1) {
+        files[nfiles++] = semoe_xstrdup(MODEL_ST_SINGLE);
+    } else {
+        for (uint32_t k = 0; k < nshards; k++) {
+            char fname[64];
+            s_shard_name(fname, sizeof fname, "model", k, nshards);
+            files[nfiles++] = semoe_xstrdup(fname);
+        }
+        files[nfiles++] = semoe_xstrdup(MODEL_ST_INDEX);
+    }
+
+    be->to_host(hm, model_train_m(train), floats * sizeof(float));
+    be->to_host(hv, model_train_v(train), floats * sizeof(float));
+    size_t first_opt = nfiles;
+    SEMOE_CHECK_GOTO(s_save_optimizer(tmp, params, hm, hv, lps, nshards, files, &nfiles), rc,
+                     fail);
+
+    st = cJSON_CreateObject();
+    cJSON_AddStringToObject(st, "format", "semoe-train-state");
+    cJSON_AddNumberToObject(st, "version", 1);
+    cJSON_AddNumberToObject(st, "step", (double)state->step);
+    cJSON_AddNumberToObject(st, "adam_step", model_train_adam_step(train));
+    cJSON_AddNumberToObject(st, "epoch", (double)state->epoch);
+    cJSON_AddNumberToObject(st, "position", (double)state->position);
+    s_u64_hex(st, "seed", state->seed);
+    s_u64_hex(st, "job_hash", state->job_hash);
+    s_u64_hex(st, "generation", state->generation);
+    cJSON *rng = cJSON_AddArrayToObject(st, "rng");
+    for (int i = 0; i < 4; i++) {
+        char s[24];
+        snprintf(s, sizeof s, "%016" PRIx64, state->rng[i]);
+        cJSON_AddItemToArray(rng, cJSON_CreateString(s));
+    }
+    cJSON *opt = cJSON_AddArrayToObject(st, "optimizer_files");
+    for (size_t i = first_opt; i < nfiles; i++)
+        cJSON_AddItemToArray(opt, cJSON_CreateString(files[i]));
+    st_text = cJSON_Print(st);
+    SEMOE_CHECK_GOTO(s_write_json(tmp, MODEL_CKPT_STATE, st_text), rc, fail);
+    files[nfiles++] = semoe_xstrdup(MODEL_CKPT_STATE);
+
+    SEMOE_CHECK_GOTO(s_write_manifest(tmp, files, nfiles, state->generation), rc, fail);
+
+    /* Into place: the old checkpoint away, the new one in, the old one removed. */
+    s_rmtree(old, 1);
+    if (s_exists(dir) && rename(dir, old) != 0) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", dir, old);
+        goto fail;
+    }
+    if (rename(tmp, dir) != 0) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", tmp, dir);
+        (void)rename(old, dir);
+        goto fail;
+    }
+    s_rmtree(old, 1);
+    {
+        /* make the rename durable: fsync the parent directory */
+        char *parent = semoe_xstrdup(dir);
+        char *slash = strrchr(parent, '/');
+        if (slash == parent)
+            slash[1] = '\0';
+        else if (slash)
+            *slash = '\0';
+        int fd = open(slash ? parent : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd >= 0) {
+            (void)fsync(fd);
+            close(fd);
+        }
+        free(parent);
+    }
+fail:
+    if (rc != SEMOE_OK)
+        s_rmtree(tmp, 1);
+    free(st_text);
+    cJSON_Delete(st);
+    free(cfg_text);
+    free(semoe_dir);
+    free(hv);
+    free(hm);
+    for (size_t i = 0; i < nfiles; i++)
+        free(files[i]);
+    free(files);
+    free(old);
+    free(tmp);
+    return rc;
+}
+
+/* ---- training checkpoints: verify and load ------------------------------------------------- */
+
+/* Reads and checks dir's manifest (its own checksum first) and every file it lists. */
+static semoe_rc s_verify(const char *dir, cJSON **out)
+{
+    *out = NULL;
+    char *mpath = s_join(dir, MODEL_CKPT_MANIFEST);
+    char *text = NULL;
+    size_t len = 0;
+    cJSON *j = NULL;
+    semoe_rc rc = SEMOE_OK;
+    if (!s_exists(mpath)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: missing: not a complete semoe checkpoint (its "
+                           "save did not finish, or the directory is no checkpoint)", mpath);
+        goto out;
+    }
+    SEMOE_CHECK_GOTO(s_read_text(mpath, &text, &len), rc, out);
+    const char *key = NULL;
+    for (const char *s = strstr(text, S_SUM_KEY); s; s = strstr(s + 1, S_SUM_KEY))
+        key = s;
+    uint64_t want = 0;
+    const char *hex = key ? key + strlen(S_SUM_KEY) : NULL;
+    bool ok = hex && strlen(hex) >= 16 && strcmp(hex + 16, "\"\n}\n") == 0;
+    for (int i = 0; ok && i < 16; i++) {
+        int d = hex[i] >= '0' && hex[i] <= '9' ? hex[i] - '0'
+                : hex[i] >= 'a' && hex[i] <= 'f' ? hex[i] - 'a' + 10 : -1;
+        ok = d >= 0;
+        want = want << 4 | (uint64_t)(d < 0 ? 0 : d);
+    }
+    if (!ok) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: no checksum line at its end: damaged", mpath);
+        goto out;
+    }
+    if (s_fnv(S_FNV_OFFSET, text, (size_t)(key - text)) != want) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: checksum mismatch: the manifest is damaged",
+                           mpath);
+        goto out;
+    }
+    SEMOE_CHECK_GOTO(s_parse_obj(mpath, text, len, &j), rc, out);
+    const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(j, "format");
+    const cJSON *files = cJSON_GetObjectItemCaseSensitive(j, "files");
+    uint64_t ver = 0;
+    if (!cJSON_IsString(fmt) || strcmp(fmt->valuestring, "semoe-checkpoint") != 0 ||
+        !s_get_u64(j, "version", &ver) || ver != 1 || !cJSON_IsArray(files)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: not a semoe-checkpoint manifest of version 1 "
+                           "with a files array", mpath);
+        goto out;
+    }
+    bool have_cfg = false, have_state = false;
+    const cJSON *f;
+    cJSON_ArrayForEach(f, files) {
+        const cJSON *p = cJSON_GetObjectItemCaseSensitive(f, "path");
+        uint64_t size = 0, sum = 0, got_size = 0, got_sum = 0;
+        if (!cJSON_IsString(p) || !s_safe_rel(p->valuestring) || !s_get_u64(f, "size", &size) ||
+            !s_get_hex(f, "fnv1a64", &sum)) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: an entry of files lacks a plain path, a size "
+                               "or an fnv1a64", mpath);
+            goto out;
+        }
+        have_cfg = have_cfg || strcmp(p->valuestring, "config.json") == 0;
+        have_state = have_state || strcmp(p->valuestring, MODEL_CKPT_STATE) == 0;
+        char *path = s_join(dir, p->valuestring);
+        if (!s_exists(path)) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: missing (the manifest lists it)", path);
+        } else if ((rc = s_file_sum(path, &got_size, &got_sum)) != SEMOE_OK) {
+            semoe_err_trace(__FILE__, __LINE__);
+        } else if (got_size != size) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: %" PRIu64 " bytes, the manifest says %" PRIu64
+                               ": truncated or damaged", path, got_size, size);
+        } else if (got_sum != sum) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: checksum %016" PRIx64 ", the manifest says %016"
+                               PRIx64 ": damaged", path, got_sum, sum);
+        }
+        free(path);
+        if (rc != SEMOE_OK)
+            goto out;
+    }
+    if (!have_cfg || !have_state)
+        rc = model_st_fail(SEMOE_EINVAL, "%s: does not list %s", mpath,
+                           have_cfg ? MODEL_CKPT_STATE : "config.json");
+out:
+    if (rc == SEMOE_OK)
+        *out = j;
+    else
+        cJSON_Delete(j);
+    free(text);
+    free(mpath);
+    return rc;
+}
+
+semoe_rc model_ckpt_verify(const char *dir)
+{
+    cJSON *m = NULL;
+    semoe_rc rc = s_verify(dir, &m);
+    cJSON_Delete(m);
+    return rc;
+}
+
+/* dir/config.json must describe params' model: the first field that differs is named. */
+static semoe_rc s_check_config(const char *dir, const model_config_t *want)
+{
+    char *path = s_join(dir, "config.json");
+    model_config_t have;
+    semoe_rc rc = model_config_load_hf(path, &have);
+    if (rc != SEMOE_OK) {
+        free(path);
+        semoe_err_trace(__FILE__, __LINE__);
+        return rc;
+    }
+    cJSON *a = model_config_to_json(&have), *b = model_config_to_json(want);
+    const cJSON *ib;
+    cJSON_ArrayForEach(ib, b) {
+        const cJSON *ia = cJSON_GetObjectItemCaseSensitive(a, ib->string);
+        if (ia && cJSON_Compare(ia, ib, true))
+            continue;
+        char *va = ia ? cJSON_PrintUnformatted(ia) : semoe_xstrdup("(absent)");
+        char *vb = cJSON_PrintUnformatted(ib);
+        rc = model_st_fail(SEMOE_EINVAL, "%s: %s=%.60s, the model being loaded has %.60s: "
+                           "a checkpoint of another model", path, ib->string, va, vb);
+        free(va);
+        free(vb);
+        break;
+    }
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+    free(path);
+    return rc;
+}
+
+/* Reads one optimizer file into the host copies of m and v (params' slab layout); found[2i]
+ * and found[2i + 1] mark tensor i's exp_avg and exp_avg_sq. */
+static semoe_rc s_load_optimizer(const char *dir, const char *fname, const model_params_t *p,
+                                 float *hm, float *hv, uint8_t *found)
+{
+    char *path = s_join(dir, fname);
+    model_st_file_t *f = NULL;
+    semoe_rc rc = model_st_open(path, &f);
+    if (rc != SEMOE_OK) {
+        semoe_err_trace(__FILE__, __LINE__);
+        free(path);
+        return rc;
+    }
+    for (size_t k = 0; k < model_st_count(f) && rc == SEMOE_OK; k++) {
+        const model_st_info_t *t = model_st_at(f, k);
+        char base[MODEL_PARAM_NAME_MAX + 16];
+        snprintf(base, sizeof base, "%s", t->name);
+        size_t n = strlen(base);
+        int which = -1;
+        if (n > 11 && strcmp(base + n - 11, ".exp_avg_sq") == 0)
+            which = 1, base[n - 11] = '\0';
+        else if (n > 8 && strcmp(base + n - 8, ".exp_avg") == 0)
+            which = 0, base[n - 8] = '\0';
+        long i = which < 0 ? -1 : model_params_index(p, base);
+        if (i < 0) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: not an optimizer moment of this "
+                               "model", path, t->name);
+            break;
+        }
+        const model_param_t *q = model_params_at(p, (size_t)i);
+        if (found[2 * i + which]) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: given twice", path, t->name);
+            break;
+        }
+        if (t->ndim != q->ndim || memcmp(t->shape, q->shape, q->ndim * sizeof q->shape[0])) {
+            char have[160], want[160];
+            model_st_shape_str(have, sizeof have, t->shape, t->ndim);
+            model_st_shape_str(want, sizeof want, q->shape, q->ndim);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape %s, the model config needs "
+                               "%s", path, t->name, have, want);
+            break;
+        }
+        found[2 * i + which] = 1;
+        if (q->data)
+            rc = model_st_read_f32(f, t, (which ? hv : hm) + q->offset, q->numel);
+    }
+    model_st_close(&f);
+    free(path);
+    return rc;
+}
+
+/* Whether the manifest lists fname. */
+static bool s_listed(const cJSON *manifest, const char *fname)
+{
+    const cJSON *f;
+    cJSON_ArrayForEach(f, cJSON_GetObjectItemCaseSensitive(manifest, "files")) {
+        const cJSON *p = cJSON_GetObjectItemCaseSensitive(f, "path");
+        if (cJSON_IsString(p) && strcmp(p->valuestring, fname) == 0)
+            return true;
+    }
+    return false;
+}
+
+semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_params_t *params,
+                         model_train_t *train, model_ckpt_state_t *state_out)
+{
+    cJSON *manifest = NULL, *st = NULL;
+    char *spath = s_join(dir, MODEL_CKPT_STATE), *text = NULL;
+    size_t len = 0, n = model_params_count(params);
+    size_t floats = model_train_slab_floats(train);
+    float *hm = NULL, *hv = NULL;
+    uint8_t *found = NULL;
+    semoe_rc rc = SEMOE_OK;
+    model_ckpt_state_t s = {0};
+
+    SEMOE_CHECK_GOTO(s_verify(dir, &manifest), rc, out);
+    SEMOE_CHECK_GOTO(s_check_config(dir, model_params_config(params)), rc, out);
+    SEMOE_CHECK_GOTO(s_read_text(spath, &text, &len), rc, out);
+    SEMOE_CHECK_GOTO(s_parse_obj(spath, text, len, &st), rc, out);
+    const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(st, "format");
+    const cJSON *rng = cJSON_GetObjectItemCaseSensitive(st, "rng");
+    const cJSON *opt = cJSON_GetObjectItemCaseSensitive(st, "optimizer_files");
+    uint64_t adam = 0, ver = 0;
+    bool ok = cJSON_IsString(fmt) && strcmp(fmt->valuestring, "semoe-train-state") == 0 &&
+              s_get_u64(st, "version", &ver) && ver == 1 && s_get_u64(st, "step", &s.step) &&
+              s_get_u64(st, "adam_step", &adam) && adam <= INT32_MAX &&
+              s_get_u64(st, "epoch", &s.epoch) && s_get_u64(st, "position", &s.position) &&
+              s_get_hex(st, "seed", &s.seed) && s_get_hex(st, "job_hash", &s.job_hash) &&
+              s_get_hex(st, "generation", &s.generation) && cJSON_IsArray(rng) &&
+              cJSON_GetArraySize(rng) == 4 && cJSON_IsArray(opt) && cJSON_GetArraySize(opt) > 0;
+    for (int i = 0; ok && i < 4; i++) {
+        cJSON *holder = cJSON_CreateObject();
+        cJSON_AddItemReferenceToObject(holder, "x", cJSON_GetArrayItem(rng, i));
+        ok = s_get_hex(holder, "x", &s.rng[i]);
+        cJSON_Delete(holder);
+    }
+    if (!ok) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: not a semoe-train-state of version 1 with step, "
+                           "adam_step, epoch, position, seed, job_hash, generation, rng[4] and "
+                           "optimizer_files", spath);
+        goto out;
+    }
+    s.adam_step = (int)adam;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, opt) {
+        if (!cJSON_IsString(e) || !s_safe_rel(e->valuestring) ||
+            !s_listed(manifest, e->valuestring)) {
+            rc = model_st_fail(SEMOE_EINVAL, "%s: optimizer_files: an entry is not a file the "
+                               "manifest lists", spath);
+            goto out;
+        }
+    }
+
+    SEMOE_CHECK_GOTO(model_ckpt_load_params(dir, params), rc, out);
+    hm = semoe_xcalloc(floats ? floats : 1, sizeof(float));
+    hv = semoe_xcalloc(floats ? floats : 1, sizeof(float));
+    found = semoe_xcalloc(2 * n + 1, 1);
+    cJSON_ArrayForEach(e, opt)
+        SEMOE_CHECK_GOTO(s_load_optimizer(dir, e->valuestring, params, hm, hv, found), rc, out);
+    for (size_t i = 0; i < 2 * n; i++)
+        if (!found[i]) {
+            char *first = s_join(dir, cJSON_GetArrayItem(opt, 0)->valuestring);
+            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s.%s missing from the optimizer "
+                               "files", first, model_params_at(params, i / 2)->name,
+                               i % 2 ? "exp_avg_sq" : "exp_avg");
+            free(first);
+            goto out;
+        }
+    model_train_weights_from_params(train);
+    be->to_device(model_train_m(train), hm, floats * sizeof(float));
+    be->to_device(model_train_v(train), hv, floats * sizeof(float));
+    model_train_set_adam_step(train, s.adam_step);
+    if (state_out)
+        *state_out = s;
+out:
+    free(found);
+    free(hv);
+    free(hm);
+    cJSON_Delete(st);
+    free(text);
+    free(spath);
+    cJSON_Delete(manifest);
+    return rc;
+}
