@@ -12,7 +12,7 @@
 #include "model/config.h"
 #include "model/graph.h"
 #include "model/params.h"
-#include "model/checkpoint.h"
+#include "model/shards.h"
 
 static const char s_usage[] =
     "usage: semoe eval --checkpoint DIR (--text TEXT | --file PATH) [--logits FILE] [--double]\n"
@@ -128,7 +128,7 @@ int cli_eval_main(int argc, char **argv)
         rc = CLI_EXIT_USAGE;
         goto done;
     }
-    if (model_ckpt_load_model(dir, &cfg, &p) != SEMOE_OK) {
+    if (model_shards_load_model(dir, &cfg, &p) != SEMOE_OK) {
         fprintf(stderr, "semoe eval: %s\n", semoe_err_msg());
         rc = CLI_EXIT_USAGE;
         goto done;

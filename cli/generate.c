@@ -12,7 +12,7 @@
 #include "model/config.h"
 #include "model/graph.h"
 #include "model/params.h"
-#include "model/checkpoint.h"
+#include "model/shards.h"
 
 static const char s_usage[] =
     "usage: semoe generate --checkpoint DIR --prompt TEXT [--tokens N] [--temperature T]\n"
@@ -176,7 +176,7 @@ int cli_generate_main(int argc, char **argv)
     int *order = NULL;
     double *prob = NULL;
     int rc = CLI_EXIT_USAGE;
-    if (model_ckpt_load_model(dir, &cfg, &p) != SEMOE_OK) {
+    if (model_shards_load_model(dir, &cfg, &p) != SEMOE_OK) {
         fprintf(stderr, "semoe generate: %s\n", semoe_err_msg());
         goto done;
     }

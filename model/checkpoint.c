@@ -1,6 +1,5 @@
-/* Checkpoints (see checkpoint.h): the model as a Hugging Face folder of safetensors shards,
- * loaded by name into a params table; the training state under semoe/ and the manifest that
- * makes a checkpoint whole or refused. */
+/* Training checkpoints (see checkpoint.h): the model folder (shards.c) plus the training state
+ * under semoe/ and the manifest that makes a checkpoint whole or refused. */
 #include "model/checkpoint.h"
 
 #include <cjson/cJSON.h>
@@ -16,368 +15,7 @@
 #include <unistd.h>
 
 #include "model/safetensors.h"
-
-/* ---- the model: sharded safetensors ------------------------------------------------------ */
-
-static char *s_join(const char *dir, const char *name)
-{
-    size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = semoe_xmalloc(n);
-    snprintf(p, n, "%s/%s", dir, name);
-    return p;
-}
-
-static bool s_exists(const char *path)
-{
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
-/* Appends a name to a list of at most 4 shown names, counting the rest. */
-typedef struct {
-    model_st_buf_t b;
-    size_t n;
-} s_names_t;
-
-static void s_names_add(s_names_t *l, const char *name)
-{
-    if (l->n < 4) {
-        if (l->n)
-            model_st_buf_add(&l->b, ", ", 2);
-        model_st_buf_add(&l->b, name, strlen(name) < 200 ? strlen(name) : 200);
-    }
-    l->n++;
-}
-
-static const char *s_names_str(s_names_t *l)
-{
-    if (l->n > 4)
-        model_st_buf_printf(&l->b, " (and %zu more)", l->n - 4);
-    return l->b.p ? l->b.p : "";
-}
-
-/* The shard (0-based) of nshards that tensor t goes to: its layer's, the embedding in the
- * first, model.norm and lm_head in the last. */
-static uint32_t s_shard_of(const model_param_t *t, uint32_t layers_per_shard, uint32_t nshards)
-{
-    if (t->layer >= 0)
-        return (uint32_t)t->layer / layers_per_shard;
-    return strcmp(t->name, "model.embed_tokens.weight") == 0 ? 0 : nshards - 1;
-}
-
-/* "<stem>.safetensors" for one shard, else "<stem>-0000K-of-0000N.safetensors". */
-static void s_shard_name(char *buf, size_t cap, const char *stem, uint32_t k, uint32_t nshards)
-{
-    if (nshards == 1)
-        snprintf(buf, cap, "%s.safetensors", stem);
-    else
-        snprintf(buf, cap, "%s-%05u-of-%05u.safetensors", stem, k + 1, nshards);
-}
-
-semoe_rc model_ckpt_save_model(const char *dir, const model_params_t *p,
-                               uint32_t layers_per_shard)
-{
-    const model_config_t *c = model_params_config(p);
-    size_t n = model_params_count(p);
-    if (layers_per_shard == 0)
-        return model_st_fail(SEMOE_EINVAL, "%s: layers_per_shard=0: need at least 1", dir);
-    for (size_t i = 0; i < n; i++)
-        if (!model_params_at(p, i)->data)
-            return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: not held here; a checkpoint needs "
-                                 "every expert", dir, model_params_at(p, i)->name);
-    uint32_t L = c->num_hidden_layers;
-    uint32_t nshards = (L + layers_per_shard - 1) / layers_per_shard;
-    if (nshards == 0)
-        nshards = 1;
-    model_st_tensor_t *ts = semoe_xcalloc(n, sizeof *ts);
-    cJSON *index = cJSON_CreateObject();
-    cJSON *meta = cJSON_AddObjectToObject(index, "metadata");
-    cJSON *wmap = cJSON_AddObjectToObject(index, "weight_map");
-    uint64_t total = 0;
-    semoe_rc rc = SEMOE_OK;
-    char *path = NULL;
-    for (uint32_t k = 0; k < nshards; k++) {
-        char fname[64];
-        s_shard_name(fname, sizeof fname, "model", k, nshards);
-        size_t m = 0;
-        for (size_t i = 0; i < n; i++) {
-            const model_param_t *t = model_params_at(p, i);
-            if (s_shard_of(t, layers_per_shard, nshards) != k)
-                continue;
-            ts[m] = (model_st_tensor_t){.name = t->name, .ndim = t->ndim, .data = t->data};
-            memcpy(ts[m].shape, t->shape, sizeof t->shape);
-            m++;
-            total += t->numel * 4;
-            cJSON_AddStringToObject(wmap, t->name, fname);
-        }
-        path = s_join(dir, fname);
-        SEMOE_CHECK_GOTO(model_st_write(path, ts, m), rc, fail);
-        free(path);
-        path = NULL;
-    }
-    /* One layout per directory: the other form, left from an earlier save, would shadow or
-     * contradict this one (transformers prefers model.safetensors when both exist). */
-    path = s_join(dir, nshards == 1 ? MODEL_ST_INDEX : MODEL_ST_SINGLE);
-    if (unlink(path) != 0 && errno != ENOENT) {
-        rc = semoe_err_errno(SEMOE_EIO, "%s: unlink", path);
-        goto fail;
-    }
-    free(path);
-    path = NULL;
-    if (nshards > 1) {
-        cJSON_AddNumberToObject(meta, "total_size", (double)total);
-        char *text = cJSON_Print(index);
-        path = s_join(dir, MODEL_ST_INDEX);
-        model_st_piece_t pieces[2] = {{text, strlen(text)}, {"\n", 1}};
-        rc = model_st_write_atomic(path, pieces, 2);
-        free(text);
-    }
-fail:
-    free(path);
-    cJSON_Delete(index);
-    free(ts);
-    return rc;
-}
-
-/* A shard name an index may give: a plain file in the same directory. */
-static bool s_safe_fname(const char *s)
-{
-    size_t n = strlen(s), suf = strlen(".safetensors");
-    for (const unsigned char *c = (const unsigned char *)s; *c; c++)
-        if (*c < 0x20 || *c == 0x7f) /* it ends up in messages: one printable line */
-            return false;
-    return n > suf && n < 256 && s[0] != '.' && !strchr(s, '/') && !strchr(s, '\\') &&
-           strcmp(s + n - suf, ".safetensors") == 0;
-}
-
-/* Reads and checks dir's index.json: an object with a weight_map of tensor name -> shard file
- * and an optional metadata object (total_size a non-negative integer when given). */
-static semoe_rc s_read_index(const char *path, cJSON **out)
-{
-    *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return semoe_err_errno(SEMOE_EIO, "%s: open", path);
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MODEL_ST_MAX_HEADER) {
-        close(fd);
-        return model_st_fail(SEMOE_EINVAL, "%s: not a regular file of at most %u bytes", path,
-                             MODEL_ST_MAX_HEADER);
-    }
-    size_t size = (size_t)st.st_size, got = 0;
-    char *text = semoe_xmalloc(size + 1);
-    while (got < size) {
-        ssize_t r = read(fd, text + got, size - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-    }
-    close(fd);
-    text[got] = '\0';
-    if (memchr(text, 0, got) || !model_st_utf8_valid((const uint8_t *)text, got)) {
-        free(text);
-        return model_st_fail(SEMOE_EINVAL, "%s: not valid UTF-8 text", path);
-    }
-    const char *end = NULL;
-    cJSON *j = cJSON_ParseWithLengthOpts(text, got, &end, false);
-    bool trailing = false;
-    for (const char *c = j ? end : text + got; c < text + got; c++)
-        trailing = trailing || (*c != ' ' && *c != '\t' && *c != '\n' && *c != '\r');
-    free(text);
-    if (!j || trailing) {
-        cJSON_Delete(j);
-        return model_st_fail(SEMOE_EINVAL, "%s: not valid JSON", path);
-    }
-    semoe_rc rc = SEMOE_OK;
-    const cJSON *wmap = cJSON_GetObjectItemCaseSensitive(j, "weight_map");
-    const cJSON *meta = cJSON_GetObjectItemCaseSensitive(j, "metadata");
-    const cJSON *e;
-    uint64_t u;
-    if (!cJSON_IsObject(j)) {
-        rc = model_st_fail(SEMOE_EINVAL, "%s: not a JSON object", path);
-    } else if (!cJSON_IsObject(wmap)) {
-        rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map missing or not an object", path);
-    } else if (meta && !cJSON_IsObject(meta)) {
-        rc = model_st_fail(SEMOE_EINVAL, "%s: metadata is not an object", path);
-    } else if (meta && cJSON_GetObjectItemCaseSensitive(meta, "total_size") &&
-               !model_st_json_u64(cJSON_GetObjectItemCaseSensitive(meta, "total_size"), &u)) {
-        rc = model_st_fail(SEMOE_EINVAL, "%s: metadata.total_size is not a non-negative integer",
-                           path);
-    } else {
-        cJSON_ArrayForEach(e, wmap) {
-            if (!cJSON_IsString(e)) {
-                rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map: tensor %.200s: shard is not a "
-                                   "string", path, e->string);
-                break;
-            }
-            if (!s_safe_fname(e->valuestring)) {
-                rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map: tensor %.200s: shard \"%.100s\" "
-                                   "is not a .safetensors file in the same directory", path,
-                                   e->string, e->valuestring);
-                break;
-            }
-        }
-    }
-    if (rc != SEMOE_OK) {
-        cJSON_Delete(j);
-        return rc;
-    }
-    *out = j;
-    return SEMOE_OK;
-}
-
-/* Checks every tensor of one shard file against p's table and the index, and reads the held
- * ones. shard_of[i]: the file the index names for table tensor i; found[i] set here. */
-static semoe_rc s_load_file(const char *dir, const char *fname, const char *const *shard_of,
-                            uint8_t *found, model_params_t *p)
-{
-    char *path = s_join(dir, fname);
-    model_st_file_t *f = NULL;
-    s_names_t extra = {0};
-    semoe_rc rc = model_st_open(path, &f);
-    if (rc != SEMOE_OK) {
-        semoe_err_trace(__FILE__, __LINE__);
-        goto out;
-    }
-    for (size_t k = 0; k < model_st_count(f) && rc == SEMOE_OK; k++) {
-        const model_st_info_t *t = model_st_at(f, k);
-        long i = model_params_index(p, t->name);
-        if (i < 0) {
-            s_names_add(&extra, t->name);
-            continue;
-        }
-        const model_param_t *q = model_params_at(p, (size_t)i);
-        if (strcmp(shard_of[i], fname) != 0) {
-            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: the index maps it to %s", path,
-                               t->name, shard_of[i]);
-            break;
-        }
-        if (t->ndim != q->ndim || memcmp(t->shape, q->shape, q->ndim * sizeof q->shape[0])) {
-            char have[160], want[160];
-            model_st_shape_str(have, sizeof have, t->shape, t->ndim);
-            model_st_shape_str(want, sizeof want, q->shape, q->ndim);
-            rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s: shape %s, the model config needs %s",
-                               path, t->name, have, want);
-            break;
-        }
-        found[i] = 1;
-        if (q->data)
-            rc = model_st_read_f32(f, t, q->data, q->numel);
-    }
-    if (rc == SEMOE_OK && extra.n)
-        rc = model_st_fail(SEMOE_EINVAL, "%s: %zu tensors this model does not have: %s", path,
-                           extra.n, s_names_str(&extra));
-out:
-    free(extra.b.p);
-    model_st_close(&f);
-    free(path);
-    return rc;
-}
-
-semoe_rc model_ckpt_load_params(const char *dir, model_params_t *p)
-{
-    size_t n = model_params_count(p);
-    char *ipath = s_join(dir, MODEL_ST_INDEX), *spath = s_join(dir, MODEL_ST_SINGLE);
-    const char **shard_of = semoe_xcalloc(n ? n : 1, sizeof *shard_of);
-    const char **files = semoe_xcalloc(n ? n : 1, sizeof *files);
-    uint8_t *found = semoe_xcalloc(n ? n : 1, 1);
-    size_t nfiles = 0;
-    cJSON *index = NULL;
-    s_names_t names = {0};
-    semoe_rc rc = SEMOE_OK;
-    bool have_index = s_exists(ipath), have_single = s_exists(spath);
-
-    if (have_index && have_single) {
-        rc = model_st_fail(SEMOE_EINVAL, "%s: holds both %s and %s: ambiguous, remove one", dir,
-                           MODEL_ST_INDEX, MODEL_ST_SINGLE);
-        goto out;
-    }
-    if (!have_index && !have_single) {
-        rc = model_st_fail(SEMOE_EINVAL, "%s: no checkpoint: neither %s nor %s", dir,
-                           MODEL_ST_INDEX, MODEL_ST_SINGLE);
-        goto out;
-    }
-    if (have_single) {
-        for (size_t i = 0; i < n; i++)
-            shard_of[i] = MODEL_ST_SINGLE;
-        files[nfiles++] = MODEL_ST_SINGLE;
-    } else {
-        SEMOE_CHECK_GOTO(s_read_index(ipath, &index), rc, out);
-        const cJSON *e;
-        cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(index, "weight_map")) {
-            long i = model_params_index(p, e->string);
-            if (i < 0) {
-                s_names_add(&names, e->string);
-                continue;
-            }
-            if (shard_of[i]) {
-                rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map: tensor %s: listed twice", ipath,
-                                   e->string);
-                goto out;
-            }
-            shard_of[i] = e->valuestring;
-            size_t f = 0;
-            while (f < nfiles && strcmp(files[f], e->valuestring) != 0)
-                f++;
-            if (f == nfiles)
-                files[nfiles++] = e->valuestring;
-        }
-        if (names.n) {
-            rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map has %zu tensors this model does not "
-                               "have: %s", ipath, names.n, s_names_str(&names));
-            goto out;
-        }
-        for (size_t i = 0; i < n; i++)
-            if (!shard_of[i])
-                s_names_add(&names, model_params_at(p, i)->name);
-        if (names.n) {
-            rc = model_st_fail(SEMOE_EINVAL, "%s: weight_map lacks %zu tensors of this model: %s",
-                               ipath, names.n, s_names_str(&names));
-            goto out;
-        }
-    }
-    for (size_t f = 0; f < nfiles; f++)
-        SEMOE_CHECK_GOTO(s_load_file(dir, files[f], shard_of, found, p), rc, out);
-    size_t first = n;
-    for (size_t i = 0; i < n; i++)
-        if (!found[i]) {
-            first = first < n ? first : i;
-            s_names_add(&names, model_params_at(p, i)->name);
-        }
-    if (names.n)
-        rc = model_st_fail(SEMOE_EINVAL, "%s/%s: %zu tensors of this model missing%s: %s", dir,
-                       shard_of[first], names.n, have_index ? " (the index maps them here)" : "",
-                           s_names_str(&names));
-out:
-    free(names.b.p);
-    cJSON_Delete(index);
-    free(found);
-    free(files);
-    free(shard_of);
-    free(spath);
-    free(ipath);
-    return rc;
-}
-
-semoe_rc model_ckpt_load_model(const char *dir, model_config_t *cfg, model_params_t **out)
-{
-    *out = NULL;
-    char *path = s_join(dir, "config.json");
-    semoe_rc rc = model_config_load_hf(path, cfg);
-    free(path);
-    SEMOE_CHECK(rc);
-    model_params_t *p = NULL;
-    SEMOE_CHECK(model_params_new(cfg, NULL, 0, &p));
-    if ((rc = model_ckpt_load_params(dir, p)) != SEMOE_OK) {
-        model_params_destroy(&p);
-        semoe_err_trace(__FILE__, __LINE__);
-        return rc;
-    }
-    *out = p;
-    return SEMOE_OK;
-}
+#include "model/shards.h"
 
 /* ---- training checkpoints: files, checksums ------------------------------------------------ */
 
@@ -427,40 +65,6 @@ static semoe_rc s_file_sum(const char *path, uint64_t *size, uint64_t *sum)
     return rc;
 }
 
-/* A small text file, whole, NUL-terminated; *len its length. */
-static semoe_rc s_read_text(const char *path, char **out, size_t *len)
-{
-    *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return semoe_err_errno(SEMOE_EINVAL, "%s: open", path);
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MODEL_ST_MAX_HEADER) {
-        close(fd);
-        return model_st_fail(SEMOE_EINVAL, "%s: not a regular file of at most %u bytes", path,
-                             MODEL_ST_MAX_HEADER);
-    }
-    size_t size = (size_t)st.st_size, got = 0;
-    char *text = semoe_xmalloc(size + 1);
-    while (got < size) {
-        ssize_t r = read(fd, text + got, size - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-    }
-    close(fd);
-    text[got] = '\0';
-    if (memchr(text, 0, got) || !model_st_utf8_valid((const uint8_t *)text, got)) {
-        free(text);
-        return model_st_fail(SEMOE_EINVAL, "%s: not valid UTF-8 text", path);
-    }
-    *out = text;
-    *len = got;
-    return SEMOE_OK;
-}
-
 static semoe_rc s_parse_obj(const char *path, const char *text, size_t len, cJSON **out)
 {
     cJSON *j = cJSON_ParseWithLength(text, len);
@@ -481,7 +85,7 @@ static void s_rmtree(const char *dir, int depth)
         while ((e = readdir(d))) {
             if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
                 continue;
-            char *p = s_join(dir, e->d_name);
+            char *p = model_shards_join(dir, e->d_name);
             struct stat st;
             if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode)) {
                 if (depth > 0)
@@ -550,7 +154,7 @@ static semoe_rc s_write_manifest(const char *dir, char **files, size_t nfiles, u
     cJSON *arr = cJSON_AddArrayToObject(root, "files");
     semoe_rc rc = SEMOE_OK;
     for (size_t i = 0; i < nfiles && rc == SEMOE_OK; i++) {
-        char *path = s_join(dir, files[i]);
+        char *path = model_shards_join(dir, files[i]);
         uint64_t size = 0, sum = 0;
         rc = s_file_sum(path, &size, &sum);
         free(path);
@@ -573,7 +177,7 @@ static semoe_rc s_write_manifest(const char *dir, char **files, size_t nfiles, u
         snprintf(tail, sizeof tail, S_SUM_KEY "%016" PRIx64 "\"\n}\n",
                  s_fnv(S_FNV_OFFSET, text, n));
         model_st_piece_t pieces[2] = {{text, n}, {tail, strlen(tail)}};
-        char *path = s_join(dir, MODEL_CKPT_MANIFEST);
+        char *path = model_shards_join(dir, MODEL_CKPT_MANIFEST);
         rc = model_st_write_atomic(path, pieces, 2);
         free(path);
         free(text);
@@ -584,7 +188,7 @@ static semoe_rc s_write_manifest(const char *dir, char **files, size_t nfiles, u
 
 static semoe_rc s_write_json(const char *dir, const char *name, const char *text)
 {
-    char *path = s_join(dir, name);
+    char *path = model_shards_join(dir, name);
     model_st_piece_t pieces[2] = {{text, strlen(text)}, {"\n", 1}};
     semoe_rc rc = model_st_write_atomic(path, pieces, 2);
     free(path);
@@ -605,7 +209,7 @@ static semoe_rc s_save_optimizer(const char *dir, const model_params_t *p, const
         size_t m = 0;
         for (size_t i = 0; i < n; i++) {
             const model_param_t *t = model_params_at(p, i);
-            if (s_shard_of(t, lps, nshards) != k)
+            if (model_shards_of(t, lps, nshards) != k)
                 continue;
             for (int which = 0; which < 2; which++) {
                 snprintf(names[m], sizeof names[m], "%s.%s", t->name,
@@ -618,8 +222,8 @@ static semoe_rc s_save_optimizer(const char *dir, const model_params_t *p, const
         }
         char fname[96];
         memcpy(fname, "semoe/", 6);
-        s_shard_name(fname + 6, sizeof fname - 6, "optimizer", k, nshards);
-        char *path = s_join(dir, fname);
+        model_shards_name(fname + 6, sizeof fname - 6, "optimizer", k, nshards);
+        char *path = model_shards_join(dir, fname);
         rc = model_st_write(path, ts, m);
         free(path);
         files[(*nfiles)++] = semoe_xstrdup(fname);
@@ -652,7 +256,7 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
     size_t floats = model_train_slab_floats(train);
     float *hm = semoe_xmalloc((floats ? floats : 1) * sizeof(float));
     float *hv = semoe_xmalloc((floats ? floats : 1) * sizeof(float));
-    char *semoe_dir = s_join(tmp, "semoe");
+    char *semoe_dir = model_shards_join(tmp, "semoe");
     char *cfg_text = NULL;
     cJSON *st = NULL;
     char *st_text = NULL;
@@ -668,13 +272,13 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
     files[nfiles++] = semoe_xstrdup("config.json");
 
     model_train_weights_to_params(train);
-    SEMOE_CHECK_GOTO(model_ckpt_save_model(tmp, params, lps), rc, fail);
+    SEMOE_CHECK_GOTO(model_shards_save(tmp, params, lps), rc, fail);
     if (nshards == 1) {
         files[nfiles++] = semoe_xstrdup(MODEL_ST_SINGLE);
     } else {
         for (uint32_t k = 0; k < nshards; k++) {
             char fname[64];
-            s_shard_name(fname, sizeof fname, "model", k, nshards);
+            model_shards_name(fname, sizeof fname, "model", k, nshards);
             files[nfiles++] = semoe_xstrdup(fname);
         }
         files[nfiles++] = semoe_xstrdup(MODEL_ST_INDEX);
@@ -713,7 +317,7 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
 
     /* Into place: the old checkpoint away, the new one in, the old one removed. */
     s_rmtree(old, 1);
-    if (s_exists(dir) && rename(dir, old) != 0) {
+    if (model_shards_exists(dir) && rename(dir, old) != 0) {
         rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", dir, old);
         goto fail;
     }
@@ -761,17 +365,17 @@ fail:
 static semoe_rc s_verify(const char *dir, cJSON **out)
 {
     *out = NULL;
-    char *mpath = s_join(dir, MODEL_CKPT_MANIFEST);
+    char *mpath = model_shards_join(dir, MODEL_CKPT_MANIFEST);
     char *text = NULL;
     size_t len = 0;
     cJSON *j = NULL;
     semoe_rc rc = SEMOE_OK;
-    if (!s_exists(mpath)) {
+    if (!model_shards_exists(mpath)) {
         rc = model_st_fail(SEMOE_EINVAL, "%s: missing: not a complete semoe checkpoint (its "
                            "save did not finish, or the directory is no checkpoint)", mpath);
         goto out;
     }
-    SEMOE_CHECK_GOTO(s_read_text(mpath, &text, &len), rc, out);
+    SEMOE_CHECK_GOTO(model_shards_read_text(mpath, &text, &len), rc, out);
     const char *key = NULL;
     for (const char *s = strstr(text, S_SUM_KEY); s; s = strstr(s + 1, S_SUM_KEY))
         key = s;
@@ -816,8 +420,8 @@ static semoe_rc s_verify(const char *dir, cJSON **out)
         }
         have_cfg = have_cfg || strcmp(p->valuestring, "config.json") == 0;
         have_state = have_state || strcmp(p->valuestring, MODEL_CKPT_STATE) == 0;
-        char *path = s_join(dir, p->valuestring);
-        if (!s_exists(path)) {
+        char *path = model_shards_join(dir, p->valuestring);
+        if (!model_shards_exists(path)) {
             rc = model_st_fail(SEMOE_EINVAL, "%s: missing (the manifest lists it)", path);
         } else if ((rc = s_file_sum(path, &got_size, &got_sum)) != SEMOE_OK) {
             semoe_err_trace(__FILE__, __LINE__);
@@ -856,7 +460,7 @@ semoe_rc model_ckpt_verify(const char *dir)
 /* dir/config.json must describe params' model: the first field that differs is named. */
 static semoe_rc s_check_config(const char *dir, const model_config_t *want)
 {
-    char *path = s_join(dir, "config.json");
+    char *path = model_shards_join(dir, "config.json");
     model_config_t have;
     semoe_rc rc = model_config_load_hf(path, &have);
     if (rc != SEMOE_OK) {
@@ -889,7 +493,7 @@ static semoe_rc s_check_config(const char *dir, const model_config_t *want)
 static semoe_rc s_load_optimizer(const char *dir, const char *fname, const model_params_t *p,
                                  float *hm, float *hv, uint8_t *found)
 {
-    char *path = s_join(dir, fname);
+    char *path = model_shards_join(dir, fname);
     model_st_file_t *f = NULL;
     semoe_rc rc = model_st_open(path, &f);
     if (rc != SEMOE_OK) {
@@ -951,7 +555,7 @@ semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_p
                          model_train_t *train, model_ckpt_state_t *state_out)
 {
     cJSON *manifest = NULL, *st = NULL;
-    char *spath = s_join(dir, MODEL_CKPT_STATE), *text = NULL;
+    char *spath = model_shards_join(dir, MODEL_CKPT_STATE), *text = NULL;
     size_t len = 0, n = model_params_count(params);
     size_t floats = model_train_slab_floats(train);
     float *hm = NULL, *hv = NULL;
@@ -961,7 +565,7 @@ semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_p
 
     SEMOE_CHECK_GOTO(s_verify(dir, &manifest), rc, out);
     SEMOE_CHECK_GOTO(s_check_config(dir, model_params_config(params)), rc, out);
-    SEMOE_CHECK_GOTO(s_read_text(spath, &text, &len), rc, out);
+    SEMOE_CHECK_GOTO(model_shards_read_text(spath, &text, &len), rc, out);
     SEMOE_CHECK_GOTO(s_parse_obj(spath, text, len, &st), rc, out);
     const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(st, "format");
     const cJSON *rng = cJSON_GetObjectItemCaseSensitive(st, "rng");
@@ -997,7 +601,7 @@ semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_p
         }
     }
 
-    SEMOE_CHECK_GOTO(model_ckpt_load_params(dir, params), rc, out);
+    SEMOE_CHECK_GOTO(model_shards_load(dir, params), rc, out);
     hm = semoe_xcalloc(floats ? floats : 1, sizeof(float));
     hv = semoe_xcalloc(floats ? floats : 1, sizeof(float));
     found = semoe_xcalloc(2 * n + 1, 1);
@@ -1005,7 +609,7 @@ semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_p
         SEMOE_CHECK_GOTO(s_load_optimizer(dir, e->valuestring, params, hm, hv, found), rc, out);
     for (size_t i = 0; i < 2 * n; i++)
         if (!found[i]) {
-            char *first = s_join(dir, cJSON_GetArrayItem(opt, 0)->valuestring);
+            char *first = model_shards_join(dir, cJSON_GetArrayItem(opt, 0)->valuestring);
             rc = model_st_fail(SEMOE_EINVAL, "%s: tensor %s.%s missing from the optimizer "
                                "files", first, model_params_at(params, i / 2)->name,
                                i % 2 ? "exp_avg_sq" : "exp_avg");

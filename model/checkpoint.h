@@ -15,23 +15,6 @@
 #include "model/params.h"
 #include "model/train.h"
 
-/* Writes every tensor of p (which must hold every expert) into dir as transformers'
- * save_pretrained does: layers_per_shard layers per file model-0000K-of-0000N.safetensors
- * (the embedding in the first, model.norm and lm_head in the last) plus
- * model.safetensors.index.json, or a single model.safetensors when one shard holds all. dir must
- * exist. Each file is written atomically, the index last. No config.json. */
-semoe_rc model_ckpt_save_model(const char *dir, const model_params_t *p,
-                               uint32_t layers_per_shard);
-
-/* Loads the model tensors in dir (model.safetensors.index.json, else model.safetensors) into p
- * by name: every tensor of p's table must be present with its shape, nothing else may be; only
- * the tensors p holds are read. Errors name the file and tensor(s) at fault. */
-semoe_rc model_ckpt_load_params(const char *dir, model_params_t *p);
-
-/* Opens a model folder as transformers writes it: dir/config.json (read leniently) into *cfg
- * and every tensor (all experts) into a new params object, the caller's (*out). */
-semoe_rc model_ckpt_load_model(const char *dir, model_config_t *cfg, model_params_t **out);
-
 /* ---- training checkpoints ------------------------------------------------------------------ */
 
 #define MODEL_CKPT_MANIFEST "semoe/manifest.json"
@@ -50,7 +33,7 @@ typedef struct {
 } model_ckpt_state_t;
 
 /* Writes a whole training checkpoint to dir: config.json (model_config_hf_json of params'
- * config), the model shards as model_ckpt_save_model writes them (train's weights, copied into
+ * config), the model shards as model_shards_save writes them (train's weights, copied into
  * params' slab first), semoe/optimizer[-0000K-of-0000N].safetensors (AdamW's m and v as
  * "<tensor>.exp_avg" and "<tensor>.exp_avg_sq", sharded as the model), semoe/state.json
  * (state and the adam step) and, last, semoe/manifest.json: every file with its size and

@@ -106,7 +106,7 @@ float *model_train_v(model_train_t *tr);
 /* AdamW's step count t (0 before the first step; bias correction uses t after the update). */
 int model_train_adam_step(const model_train_t *tr);
 void model_train_set_adam_step(model_train_t *tr, int t);
-/* Copies the weights to params' host slab (before saving them with model_ckpt_save_model), or back
+/* Copies the weights to params' host slab (before saving them with model_shards_save), or back
  * from it (after loading them into params). */
 void model_train_weights_to_params(model_train_t *tr);
 void model_train_weights_from_params(model_train_t *tr);

@@ -13,6 +13,7 @@
 #include "model/checkpoint.h"
 #include "model/job.h"
 #include "model/params.h"
+#include "model/shards.h"
 #include "model/train.h"
 #include "tests/harness.h"
 #include "tests/proc.h"
@@ -166,7 +167,7 @@ int main(void)
     /* the model part is a Hugging Face folder */
     model_config_t cfg;
     model_params_t *pm = NULL;
-    CHECK(model_ckpt_load_model(dir, &cfg, &pm) == SEMOE_OK &&
+    CHECK(model_shards_load_model(dir, &cfg, &pm) == SEMOE_OK &&
           memcmp(model_params_slab(pm), model_params_slab(p1),
                  model_params_slab_floats(p1) * sizeof(float)) == 0,
           "load_model: %s", semoe_err_msg());

@@ -13,7 +13,7 @@
 #include "model/config.h"
 #include "model/graph.h"
 #include "model/params.h"
-#include "model/checkpoint.h"
+#include "model/shards.h"
 #include "tests/harness.h"
 #include "tests/proc.h"
 
@@ -94,7 +94,7 @@ static int s_write_ours(const char *out, const model_config_t *cfg, const int32_
     if (f)
         fclose(f);
     free(text);
-    ok = ok && model_ckpt_save_model(out, p, 1) == SEMOE_OK;
+    ok = ok && model_shards_save(out, p, 1) == SEMOE_OK;
     double *logits = malloc((size_t)n * cfg->vocab_size * sizeof *logits);
     model_loss_t loss;
     ok = ok && s_run_f32(p, tokens, n, logits, &loss);
@@ -140,7 +140,7 @@ int main(int argc, char **argv)
         return s_write_ours(argv[2], &cfg, tokens, n_tok);
     }
     REQUIRE(model_params_new(&cfg, NULL, 0, &p) == SEMOE_OK, "params: %s", semoe_err_msg());
-    REQUIRE(model_ckpt_load_params(s_dir, p) == SEMOE_OK, "load: %s", semoe_err_msg());
+    REQUIRE(model_shards_load(s_dir, p) == SEMOE_OK, "load: %s", semoe_err_msg());
 
     size_t flen;
     float *ref = (float *)s_read("logits.f32", &flen);

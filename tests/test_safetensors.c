@@ -14,8 +14,8 @@
 
 #include "model/config.h"
 #include "model/params.h"
-#include "model/checkpoint.h"
 #include "model/safetensors.h"
+#include "model/shards.h"
 #include "tests/harness.h"
 
 static char s_tmp[256];
@@ -435,7 +435,7 @@ static void s_test_checkpoints(void)
         model_params_init(full, test_rand());
         uint32_t lps = 1 + (uint32_t)test_rand_below(c.num_hidden_layers + 1);
         uint32_t nshards = (c.num_hidden_layers + lps - 1) / lps;
-        semoe_rc rc = model_ckpt_save_model(dir, full, lps);
+        semoe_rc rc = model_shards_save(dir, full, lps);
         CHECK(rc == SEMOE_OK, "save: %s", semoe_err_msg());
         char name[256];
         if (nshards == 1) {
@@ -477,18 +477,18 @@ static void s_test_checkpoints(void)
         /* Load into a fresh full object and into a random subset. */
         model_params_t *p = NULL;
         model_params_new(&c, NULL, 0, &p);
-        rc = model_ckpt_load_params(dir, p);
+        rc = model_shards_load(dir, p);
         CHECK(rc == SEMOE_OK && s_same_held(full, p), "full load: %s", semoe_err_msg());
         model_params_destroy(&p);
         p = s_subset(&c);
-        rc = model_ckpt_load_params(dir, p);
+        rc = model_shards_load(dir, p);
         CHECK(rc == SEMOE_OK && s_same_held(full, p), "subset load: %s", semoe_err_msg());
         model_params_destroy(&p);
         /* Saving a worker's subset is refused (a checkpoint needs every expert). */
         if (c.num_local_experts > 1) {
             uint32_t one = 0;
             model_params_new(&c, &one, 1, &p);
-            CHECK(model_ckpt_save_model(dir, p, 1) == SEMOE_EINVAL && s_one_line(semoe_err_msg()),
+            CHECK(model_shards_save(dir, p, 1) == SEMOE_EINVAL && s_one_line(semoe_err_msg()),
                   "saving a subset accepted");
             model_params_destroy(&p);
         }
@@ -523,7 +523,7 @@ static void s_test_bad_checkpoints(void)
     /* Missing tensor (the last), named. */
     s_clear_dir(dir);
     model_st_write(single, t, n - 1);
-    CHECK(model_ckpt_load_params(dir, p) == SEMOE_EINVAL && s_err_names("bad/model.safetensors",
+    CHECK(model_shards_load(dir, p) == SEMOE_EINVAL && s_err_names("bad/model.safetensors",
                                                                "lm_head.weight"),
           "missing tensor: %s", semoe_err_msg());
     /* Extra tensor, named. */
@@ -531,26 +531,26 @@ static void s_test_bad_checkpoints(void)
     t[n] = (model_st_tensor_t){.name = "model.layers.0.mlp.bias", .ndim = 1, .shape = {2},
                                .data = extra};
     model_st_write(single, t, n + 1);
-    CHECK(model_ckpt_load_params(dir, p) == SEMOE_EINVAL &&
+    CHECK(model_shards_load(dir, p) == SEMOE_EINVAL &&
               s_err_names("bad/model.safetensors", "model.layers.0.mlp.bias"),
           "extra tensor: %s", semoe_err_msg());
     /* An expert beyond the config (E=3) is extra too. */
     t[n].name = "model.layers.0.block_sparse_moe.experts.3.w1.weight";
     model_st_write(single, t, n + 1);
-    CHECK(model_ckpt_load_params(dir, p) == SEMOE_EINVAL && s_err_names(NULL, "experts.3.w1"),
+    CHECK(model_shards_load(dir, p) == SEMOE_EINVAL && s_err_names(NULL, "experts.3.w1"),
           "extra expert: %s", semoe_err_msg());
     /* Shape mismatch against the table: a transposed o_proj. */
     long oi = model_params_index(full, "model.layers.1.self_attn.o_proj.weight");
     uint64_t s0 = t[oi].shape[0];
     t[oi].shape[0] = t[oi].shape[1], t[oi].shape[1] = s0;
     model_st_write(single, t, n);
-    CHECK(model_ckpt_load_params(dir, p) == SEMOE_EINVAL &&
+    CHECK(model_shards_load(dir, p) == SEMOE_EINVAL &&
               s_err_names("bad/model.safetensors", "model.layers.1.self_attn.o_proj.weight"),
           "transposed tensor: %s", semoe_err_msg());
     t[oi].shape[1] = t[oi].shape[0], t[oi].shape[0] = s0;
     /* No checkpoint at all. */
     s_clear_dir(dir);
-    CHECK(model_ckpt_load_params(dir, p) == SEMOE_EINVAL && s_err_names("bad", NULL), "empty dir: %s",
+    CHECK(model_shards_load(dir, p) == SEMOE_EINVAL && s_err_names("bad", NULL), "empty dir: %s",
           semoe_err_msg());
 
     /* Broken indexes over a good sharded save. */
@@ -575,15 +575,15 @@ static void s_test_bad_checkpoints(void)
     };
     for (size_t i = 0; i < sizeof idx / sizeof idx[0]; i++) {
         s_clear_dir(dir);
-        model_ckpt_save_model(dir, full, 2);
+        model_shards_save(dir, full, 2);
         s_put(index, idx[i].text, strlen(idx[i].text));
-        CHECK(model_ckpt_load_params(dir, p) == SEMOE_EINVAL &&
+        CHECK(model_shards_load(dir, p) == SEMOE_EINVAL &&
                   s_err_names("bad/" MODEL_ST_INDEX, idx[i].want),
               "index %zu (%s): %s", i, idx[i].text, semoe_err_msg());
     }
     /* An index that maps a tensor to the wrong (existing) shard, or to a missing file. */
     s_clear_dir(dir);
-    model_ckpt_save_model(dir, full, 2);
+    model_shards_save(dir, full, 2);
     size_t ilen;
     char *text = (char *)s_get(index, &ilen);
     text[ilen] = '\0';
@@ -592,11 +592,11 @@ static void s_test_bad_checkpoints(void)
     if (q) {
         q[4] = '1'; /* model-00002-of-00002 -> model-00001-of-00002 */
         s_put(index, text, ilen);
-        CHECK(model_ckpt_load_params(dir, p) == SEMOE_EINVAL && s_err_names(NULL, "model.norm.weight"),
+        CHECK(model_shards_load(dir, p) == SEMOE_EINVAL && s_err_names(NULL, "model.norm.weight"),
               "wrong shard: %s", semoe_err_msg());
         q[4] = '9';
         s_put(index, text, ilen);
-        CHECK(model_ckpt_load_params(dir, p) != SEMOE_OK && s_err_names("model-00009-of-00002", NULL),
+        CHECK(model_shards_load(dir, p) != SEMOE_OK && s_err_names("model-00009-of-00002", NULL),
               "missing shard file: %s", semoe_err_msg());
     } else {
         CHECK(false, "index text unexpected: %s", text);
@@ -604,15 +604,15 @@ static void s_test_bad_checkpoints(void)
     free(text);
     /* Both layouts at once. */
     s_clear_dir(dir);
-    model_ckpt_save_model(dir, full, 2);
+    model_shards_save(dir, full, 2);
     model_st_write(single, t, n);
-    CHECK(model_ckpt_load_params(dir, p) == SEMOE_EINVAL && s_err_names("ambiguous", NULL), "%s",
+    CHECK(model_shards_load(dir, p) == SEMOE_EINVAL && s_err_names("ambiguous", NULL), "%s",
           semoe_err_msg());
     /* Random mutations of a shard or the index: OK or one line naming the directory. */
     int refused = 0;
     for (int iter = 0; iter < 300; iter++) {
         s_clear_dir(dir);
-        model_ckpt_save_model(dir, full, 1 + (uint32_t)test_rand_below(3));
+        model_shards_save(dir, full, 1 + (uint32_t)test_rand_below(3));
         const char *victim = access(index, F_OK) == 0 && test_rand_below(3) == 0
                                  ? index
                                  : s_path("bad/model-00001-of-00002.safetensors");
@@ -639,7 +639,7 @@ static void s_test_bad_checkpoints(void)
                 b[test_rand_below(hl)] ^= (uint8_t)(1 + test_rand_below(255));
         s_put(victim, b, nb);
         free(b);
-        semoe_rc rc = model_ckpt_load_params(dir, p);
+        semoe_rc rc = model_shards_load(dir, p);
         if (rc != SEMOE_OK) {
             refused++;
             CHECK(s_err_names(s_tmp, NULL), "iteration %d: message \"%s\"", iter,
