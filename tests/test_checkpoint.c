@@ -16,6 +16,7 @@
 #include "model/shards.h"
 #include "model/train.h"
 #include "tests/harness.h"
+#include "tests/tiny_model.h"
 #include "tests/proc.h"
 
 #define S_N 3      /* steps before the checkpoint */
@@ -28,19 +29,7 @@ static const model_backend_f32_t *s_be = &cpu_backend_f32;
 static void s_tiny_job(model_job_t *job)
 {
     model_job_defaults(job);
-    model_config_t *c = &job->model;
-    c->vocab_size = 32;
-    c->hidden_size = 16;
-    c->intermediate_size = 24;
-    c->num_hidden_layers = 2;
-    c->num_attention_heads = 4;
-    c->num_key_value_heads = 2;
-    c->head_dim = 4;
-    c->num_local_experts = 4;
-    c->num_experts_per_tok = 2;
-    c->max_position_embeddings = 64;
-    c->router_aux_loss_coef = 0.02;
-    c->tie_word_embeddings = false;
+    test_tiny_config(&job->model);
     job->train.seq_len = 12;
     job->train.global_batch = S_ROWS;
     job->train.micro_batch = 4;

@@ -11,6 +11,7 @@
 #include "model/graph.h"
 #include "model/params.h"
 #include "tests/harness.h"
+#include "tests/tiny_model.h"
 
 /* Below these gradient norms a tensor's gradient counts as zero up to rounding (see uses). */
 #define S_GRAD_FLOOR 1e-4
@@ -25,19 +26,7 @@ static double s_unif(double a)
  * 3 experts, odd T, more sequences. */
 static void s_config(model_config_t *c, int which)
 {
-    model_config_defaults(c);
-    c->vocab_size = 32;
-    c->hidden_size = 16;
-    c->intermediate_size = 24;
-    c->num_hidden_layers = 2;
-    c->num_attention_heads = 4;
-    c->num_key_value_heads = 2;
-    c->head_dim = 4;
-    c->num_local_experts = 4;
-    c->num_experts_per_tok = 2;
-    c->max_position_embeddings = 64;
-    c->router_aux_loss_coef = 0.02;
-    c->tie_word_embeddings = false;
+    test_tiny_config(c);
     if (which == 1) {
         c->hidden_size = 12;
         c->intermediate_size = 20;

@@ -1,0 +1,13 @@
+/* The tiny Mixtral config the model, training, checkpoint and expert-parallel tests share:
+ * small enough for finite differences over every parameter, with grouped-query heads, several
+ * experts and top-2 routing so that every path of the layer runs. */
+#ifndef SEMOE_TESTS_TINY_MODEL_H
+#define SEMOE_TESTS_TINY_MODEL_H
+
+#include "model/config.h"
+
+/* Vocabulary 32, hidden 16, 2 layers, 4 heads / 2 kv heads of 4, 4 experts of 24, top-2,
+ * aux coefficient 0.02, untied embeddings; the rest model_config_defaults. */
+void test_tiny_config(model_config_t *c);
+
+#endif
