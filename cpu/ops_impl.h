@@ -122,92 +122,89 @@ void FN(cpu_rope_bwd)(T *dx, const T *dout, const int32_t *pos, int N, int H, in
 
 /* ---- causal self-attention (grouped-query) ----------------------------------------- */
 
+/* Per (batch, query head h) with kv head g = h / (H/KVH), all through GEMM on strided
+ * views (q, out rows at stride H*hd, k, v rows at stride KVH*hd; no copies):
+ * S = scale Q_h K_g^T (T x T, into probs), causal softmax row-wise (0 above the diagonal),
+ * out_h = P V_g. The GEMMs run over the full T x T: the masked entries are exact zeros. */
 void FN(cpu_attention_fwd)(T *out, T *probs, const T *q, const T *k, const T *v, int B,
                            int Tn, int H, int KVH, int hd)
 {
     int rep = H / KVH;
     T scale = 1 / MF(sqrt)((T)hd);
+    int ldq = H * hd, ldk = KVH * hd;
     for (int b = 0; b < B; b++) {
-        for (int t = 0; t < Tn; t++) {
-            for (int h = 0; h < H; h++) {
-                int kh = h / rep;
-                const T *q_t = q + (((size_t)b * Tn + t) * H + h) * hd;
-                T *p = probs + (((size_t)b * H + h) * Tn + t) * Tn;
-                T *out_t = out + (((size_t)b * Tn + t) * H + h) * hd;
+        for (int h = 0; h < H; h++) {
+            int kh = h / rep;
+            const T *q_h = q + (size_t)b * Tn * ldq + (size_t)h * hd;
+            const T *k_g = k + (size_t)b * Tn * ldk + (size_t)kh * hd;
+            const T *v_g = v + (size_t)b * Tn * ldk + (size_t)kh * hd;
+            T *out_h = out + (size_t)b * Tn * ldq + (size_t)h * hd;
+            T *P = probs + ((size_t)b * H + h) * Tn * Tn;
 
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, Tn, Tn, hd, scale, q_h, ldq, k_g, ldk,
+                 0, P, Tn);
+            for (int t = 0; t < Tn; t++) {
+                T *p = P + (size_t)t * Tn;
                 T maxv = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const T *k_t2 = k + (((size_t)b * Tn + t2) * KVH + kh) * hd;
-                    T dot = 0;
-                    for (int i = 0; i < hd; i++)
-                        dot += q_t[i] * k_t2[i];
-                    p[t2] = dot * scale;
+                for (int t2 = 0; t2 <= t; t2++)
                     if (p[t2] > maxv)
                         maxv = p[t2];
-                }
                 T sum = 0;
                 for (int t2 = 0; t2 <= t; t2++) {
                     p[t2] = MF(exp)(p[t2] - maxv);
                     sum += p[t2];
                 }
                 T inv = 1 / sum;
-                for (int t2 = 0; t2 < Tn; t2++)
-                    p[t2] = t2 <= t ? p[t2] * inv : 0;
-
-                for (int i = 0; i < hd; i++)
-                    out_t[i] = 0;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const T *v_t2 = v + (((size_t)b * Tn + t2) * KVH + kh) * hd;
-                    for (int i = 0; i < hd; i++)
-                        out_t[i] += p[t2] * v_t2[i];
-                }
+                for (int t2 = 0; t2 <= t; t2++)
+                    p[t2] *= inv;
+                for (int t2 = t + 1; t2 < Tn; t2++)
+                    p[t2] = 0;
             }
+            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, Tn, hd, Tn, 1, P, Tn, v_g, ldk, 0,
+                 out_h, ldq);
         }
     }
 }
 
-/* With s = scale q.k, p = softmax(s), out = sum p v: dv_j += p_j dout, dp_j = dout.v_j,
- * ds_j = p_j (dp_j - sum_l p_l dp_l), dq += scale ds_j k_j, dk_j += scale ds_j q. dp is
- * recomputed in a second pass rather than stored. */
+/* With S = scale Q K^T, P = softmax(S), out = P V, per (batch, head): dP = dOut V^T,
+ * dS = scale P * (dP - rowsum(dP * P)), dQ += dS K, dK += dS^T Q, dV += P^T dOut (GEMMs,
+ * beta = 1 for the accumulations; P is 0 above the diagonal so dS is too). */
 void FN(cpu_attention_bwd)(T *dq, T *dk, T *dv, const T *dout, const T *q, const T *k,
                            const T *v, const T *probs, int B, int Tn, int H, int KVH, int hd)
 {
     int rep = H / KVH;
     T scale = 1 / MF(sqrt)((T)hd);
+    int ldq = H * hd, ldk = KVH * hd;
+    T *dS = semoe_xmalloc((size_t)Tn * Tn * sizeof(T));
     for (int b = 0; b < B; b++) {
-        for (int t = 0; t < Tn; t++) {
-            for (int h = 0; h < H; h++) {
-                int kh = h / rep;
-                size_t qoff = (((size_t)b * Tn + t) * H + h) * hd;
-                const T *q_t = q + qoff, *dout_t = dout + qoff;
-                T *dq_t = dq + qoff;
-                const T *p = probs + (((size_t)b * H + h) * Tn + t) * Tn;
+        for (int h = 0; h < H; h++) {
+            int kh = h / rep;
+            size_t qoff = (size_t)b * Tn * ldq + (size_t)h * hd;
+            size_t kvoff = (size_t)b * Tn * ldk + (size_t)kh * hd;
+            const T *P = probs + ((size_t)b * H + h) * Tn * Tn;
 
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, Tn, Tn, hd, 1, dout + qoff, ldq,
+                 v + kvoff, ldk, 0, dS, Tn);
+            for (int t = 0; t < Tn; t++) {
+                const T *p = P + (size_t)t * Tn;
+                T *ds = dS + (size_t)t * Tn;
                 T pdp = 0;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const T *v_t2 = v + (((size_t)b * Tn + t2) * KVH + kh) * hd;
-                    T dp = 0;
-                    for (int i = 0; i < hd; i++)
-                        dp += dout_t[i] * v_t2[i];
-                    pdp += p[t2] * dp;
-                }
-                for (int t2 = 0; t2 <= t; t2++) {
-                    size_t kvoff = (((size_t)b * Tn + t2) * KVH + kh) * hd;
-                    const T *k_t2 = k + kvoff, *v_t2 = v + kvoff;
-                    T *dk_t2 = dk + kvoff, *dv_t2 = dv + kvoff;
-                    T dp = 0;
-                    for (int i = 0; i < hd; i++)
-                        dp += dout_t[i] * v_t2[i];
-                    T ds = p[t2] * (dp - pdp) * scale;
-                    for (int i = 0; i < hd; i++) {
-                        dq_t[i] += ds * k_t2[i];
-                        dk_t2[i] += ds * q_t[i];
-                        dv_t2[i] += p[t2] * dout_t[i];
-                    }
-                }
+                for (int t2 = 0; t2 <= t; t2++)
+                    pdp += p[t2] * ds[t2];
+                for (int t2 = 0; t2 <= t; t2++)
+                    ds[t2] = p[t2] * (ds[t2] - pdp) * scale;
+                for (int t2 = t + 1; t2 < Tn; t2++)
+                    ds[t2] = 0;
             }
+            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, Tn, hd, Tn, 1, dS, Tn, k + kvoff,
+                 ldk, 1, dq + qoff, ldq);
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, Tn, hd, Tn, 1, dS, Tn, q + qoff, ldq,
+                 1, dk + kvoff, ldk);
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, Tn, hd, Tn, 1, P, Tn, dout + qoff,
+                 ldq, 1, dv + kvoff, ldk);
         }
     }
+    free(dS);
 }
 
 /* ---- MoE router --------------------------------------------------------------------- */
