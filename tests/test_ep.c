@@ -79,10 +79,7 @@ static void s_job(model_job_t *job)
     job->train.min_lr = 1e-3;
     job->train.warmup_steps = 1;
     snprintf(job->train.schedule, sizeof job->train.schedule, "cosine");
-    job->train.weight_decay = 0.1;
-    job->train.beta1 = 0.9;
-    job->train.beta2 = 0.95;
-    job->train.eps = 1e-8;
+    /* weight decay, betas and eps: model_job_defaults (0.1, 0.9, 0.95, 1e-8) */
     job->train.grad_clip = 1.0;
     job->train.steps = 10;
 }
