@@ -1,6 +1,7 @@
 /* semoe eval: the mean next-token cross-entropy of a text under a checkpoint (a Hugging Face
- * Mixtral folder: config.json and safetensors), as transformers computes it with labels = the
- * input ids, without the aux term; optionally the logits of every position to a file. */
+ * Mixtral folder: config.json and safetensors, or a checkpoint root's latest step), as
+ * transformers computes it with labels = the input ids, without the aux term; optionally the
+ * logits of every position to a file. */
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 
 #include "cli/cli.h"
 #include "cpu/ops.h"
+#include "model/checkpoint.h"
 #include "model/config.h"
 #include "model/graph.h"
 #include "model/params.h"
@@ -20,9 +22,11 @@ static const char s_usage[] =
     "\n"
     "Prints the mean next-token cross-entropy (nats per byte) of the text's bytes under the\n"
     "checkpoint DIR (config.json + model.safetensors or a sharded index, as transformers\n"
-    "writes them; semoe's own checkpoints have the same layout).\n"
+    "writes them; semoe's own checkpoints have the same layout, and a training run's\n"
+    "checkpoint root names its newest one in DIR/latest).\n"
     "\n"
-    "  --checkpoint DIR  the model folder\n"
+    "  --checkpoint DIR  a model folder, or a checkpoint root whose latest\n"
+    "                    checkpoint is used\n"
     "  --text TEXT       the text (its bytes are the tokens), or\n"
     "  --file PATH       read the text from a file\n"
     "  --logits FILE     write the logits of every position: float32 little-endian (T, V)\n"
@@ -128,8 +132,10 @@ int cli_eval_main(int argc, char **argv)
         rc = CLI_EXIT_USAGE;
         goto done;
     }
-    if (model_shards_load_model(dir, &cfg, &p) != SEMOE_OK) {
-        fprintf(stderr, "semoe eval: %s\n", semoe_err_msg());
+    char model_dir[4096];
+    if (model_ckpt_resolve(dir, model_dir, sizeof model_dir) != SEMOE_OK ||
+        model_shards_load_model(model_dir, &cfg, &p) != SEMOE_OK) {
+        fprintf(stderr, "semoe eval: --checkpoint: %s\n", semoe_err_msg());
         rc = CLI_EXIT_USAGE;
         goto done;
     }

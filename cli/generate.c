@@ -1,6 +1,7 @@
-/* semoe generate: byte-level sampling from a checkpoint (config.json + safetensors, as semoe
- * eval loads it). Each new token reruns the whole forward pass over the sequence so far (no KV
- * cache: quadratic, fine for the small models semoe trains on a CPU). */
+/* semoe generate: byte-level sampling from a checkpoint (config.json + safetensors, or a
+ * checkpoint root's latest step, as semoe eval loads it). Each new token reruns the whole
+ * forward pass over the sequence so far (no KV cache: quadratic, fine for the small models
+ * semoe trains on a CPU). */
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -9,6 +10,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "model/checkpoint.h"
 #include "model/config.h"
 #include "model/graph.h"
 #include "model/params.h"
@@ -23,7 +25,8 @@ static const char s_usage[] =
     "they are (it is a byte-level model); a token id >= 256 prints as <ID>. The same flags give\n"
     "the same bytes: the sampler draws from splitmix64 seeded with S.\n"
     "\n"
-    "  --checkpoint DIR   the model folder\n"
+    "  --checkpoint DIR   a model folder, or a checkpoint root whose latest\n"
+    "                     checkpoint is used\n"
     "  --prompt TEXT      the text to continue (at least one byte)\n"
     "  --tokens N         how many tokens to generate (default 64, at most 100000)\n"
     "  --temperature T    softmax temperature (default 1.0; 0 = greedy, the argmax)\n"
@@ -176,8 +179,10 @@ int cli_generate_main(int argc, char **argv)
     int *order = NULL;
     double *prob = NULL;
     int rc = CLI_EXIT_USAGE;
-    if (model_shards_load_model(dir, &cfg, &p) != SEMOE_OK) {
-        fprintf(stderr, "semoe generate: %s\n", semoe_err_msg());
+    char model_dir[4096];
+    if (model_ckpt_resolve(dir, model_dir, sizeof model_dir) != SEMOE_OK ||
+        model_shards_load_model(model_dir, &cfg, &p) != SEMOE_OK) {
+        fprintf(stderr, "semoe generate: --checkpoint: %s\n", semoe_err_msg());
         goto done;
     }
     int V = (int)cfg.vocab_size;

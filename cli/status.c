@@ -187,12 +187,13 @@ static void s_memory(const cJSON *mem, char *buf, size_t n)
         snprintf(buf, n, "-");
 }
 
-enum { C_ID, C_RANK, C_STATE, C_HOST, C_DEVICE, C_EXPERTS, C_BATCH, C_MEMORY, C_HEARTBEAT, C_N };
+enum { C_ID, C_RANK, C_STATE, C_HOST, C_DEVICE, C_EXPERTS, C_BATCH, C_TOKENS, C_MEMORY,
+       C_HEARTBEAT, C_N };
 
 static void s_print_workers(const cJSON *workers, FILE *out)
 {
     static const char *heads[C_N] = {"WORKER", "RANK", "STATE", "HOST", "DEVICE", "EXPERTS",
-                                     "BATCH", "MEMORY (used/total)", "HEARTBEAT"};
+                                     "BATCH", "TOKENS/S", "MEMORY (used/total)", "HEARTBEAT"};
     int n = cJSON_GetArraySize(workers);
     typedef char s_cell_t[C_N][96];
     s_cell_t *rows = semoe_xcalloc((size_t)n + 1, sizeof *rows);
@@ -221,6 +222,11 @@ static void s_print_workers(const cJSON *workers, FILE *out)
             snprintf(row[C_BATCH], 96, "[%.0f,%.0f)", lo->valuedouble, hi->valuedouble);
         else
             snprintf(row[C_BATCH], 96, "-");
+        const char *phase = cli_json_str(w, "phase", "idle");
+        if (strcmp(phase, "training") == 0)
+            snprintf(row[C_TOKENS], 96, "%.0f", cli_json_num(w, "tokens_per_s", 0));
+        else
+            snprintf(row[C_TOKENS], 96, "%s", phase); /* idle, finished, failed */
         s_memory(cJSON_GetObjectItemCaseSensitive(w, "memory"), row[C_MEMORY], 96);
         double age = cli_json_num(w, "heartbeat_age_ms", -1);
         if (age >= 0) {
@@ -317,10 +323,14 @@ static void s_print_experts(const cJSON *status, FILE *out)
 
 void cli_status_print(const cJSON *st, FILE *out)
 {
-    char loss[32] = "-", reconfig[32] = "-", up[32];
+    char loss[32] = "-", eval[64] = "-", reconfig[32] = "-", up[32];
     const cJSON *lv = cJSON_GetObjectItemCaseSensitive(st, "loss");
     if (cJSON_IsNumber(lv))
         snprintf(loss, sizeof loss, "%.4f", lv->valuedouble);
+    const cJSON *ev = cJSON_GetObjectItemCaseSensitive(st, "eval_loss");
+    if (cJSON_IsNumber(ev))
+        snprintf(eval, sizeof eval, "%.4f (step %.0f)", ev->valuedouble,
+                 cli_json_num(st, "eval_step", 0));
     double rc = cli_json_num(st, "last_reconfig_ms", -1);
     if (rc >= 0)
         snprintf(reconfig, sizeof reconfig, "%.1f ms", rc);
@@ -332,11 +342,12 @@ void cli_status_print(const cJSON *st, FILE *out)
         active += strcmp(cli_json_str(w, "state", ""), "active") == 0;
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(st, "model");
 
-    fprintf(out, "run %s  generation %.0f  %s  step %.0f  loss %s  tokens/s %.0f  "
-            "last reconfiguration %s  up %s\n",
+    fprintf(out, "run %s  generation %.0f  %s  last reconfiguration %s  up %s\n",
             cli_json_str(st, "run_id", "?"), cli_json_num(st, "generation", 0),
-            cli_json_str(st, "state", "?"), cli_json_num(st, "step", 0), loss,
-            cli_json_num(st, "tokens_per_s", 0), reconfig, up);
+            cli_json_str(st, "state", "?"), reconfig, up);
+    fprintf(out, "phase %s  step %.0f of %.0f  loss %s  held-out loss %s  tokens/s %.0f\n",
+            cli_json_str(st, "phase", "?"), cli_json_num(st, "step", 0),
+            cli_json_num(st, "target_steps", 0), loss, eval, cli_json_num(st, "tokens_per_s", 0));
     fprintf(out, "model %.0f layers x %.0f experts (top-%.0f), global batch %.0f, "
             "heartbeat %.0f ms x %.0f, %d worker%s (%d active)\n",
             cli_json_num(model, "num_layers", 0), cli_json_num(model, "num_experts", 0),

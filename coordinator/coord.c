@@ -1,6 +1,7 @@
 /* The coordinator server (coord.h): ZeroMQ sockets watched through zloop, heartbeats and
  * liveness on a timer, and a plan timer that turns a burst of membership changes into one
- * generation once the control socket has been drained and the last PLAN acked. */
+ * generation once the control socket has been drained and the last PLAN acked; plus the
+ * training's progress from the workers' HEARTBEATs (status, the metrics log, completion). */
 #include "coordinator/coord.h"
 
 #include <errno.h>
@@ -19,6 +20,7 @@
 #include "coordinator/members.h"
 #include "coordinator/metrics.h"
 #include "coordinator/plan.h"
+#include "coordinator/progress.h"
 #include "coordinator/status.h"
 #include "proto/msg.h"
 
@@ -66,6 +68,7 @@ struct coord {
     members_t *members;
     plan_t *plan;
     double *load;        // (n_total) smoothed tokens per step
+    progress_t *progress; // the training's: step, losses, the last step's loads, the log
     uint32_t world;      // workers in the current plan
     uint64_t run_id, generation, seq;
     uint32_t pending_acks; // workers in the current plan that have not acked it
@@ -77,7 +80,8 @@ struct coord {
     double last_reconfig_ms;
     uint32_t joined, left, died, expelled; // since the last plan, for its log line
     status_counters_t counters;
-    uint64_t step;
+    bool started;          // training may start: cluster.expected_workers were members once
+    bool finished;         // every placed worker finished train.steps; STOP went out
     int64_t start_ms;
     int64_t tick_ms;       // the last heartbeat tick
     uint64_t ticks;        // heartbeat ticks so far: members are served by slices
@@ -197,6 +201,7 @@ static void s_plan(coord_t *self)
              self->n_total);
     self->joined = self->left = self->died = self->expelled = 0;
     self->pending_acks = n;
+    progress_plan(self->progress);
     if (n == 0) {
         self->change_us = 0;
         return;
@@ -204,7 +209,7 @@ static void s_plan(coord_t *self)
     proto_header_t hdr = {.type = PROTO_PLAN, .run_id = self->run_id,
                           .generation = self->generation, .seq = self->seq};
     self->plan_us = clock_mono_us();
-    if (plan_send(self->plan, self->members, self->control, &hdr, self->step,
+    if (plan_send(self->plan, self->members, self->control, &hdr, progress_step(self->progress),
                   self->job->train.global_batch) != SEMOE_OK)
         log_error("generation %" PRIu64 ": cannot encode the PLAN: %s", self->generation,
                   semoe_err_msg());
@@ -221,12 +226,15 @@ static bool s_control_pending(coord_t *self)
 
 /* Plans once membership has changed and settled: the control socket drained, no change for
  * S_PLAN_QUIET_US (or the first change S_PLAN_DEFER_MAX_US old), and the last PLAN acked by
- * everyone (or sent S_PLAN_ACK_WAIT_US ago). */
+ * everyone (or sent S_PLAN_ACK_WAIT_US ago). Before cluster.expected_workers have been members
+ * there is no plan at all; the JOIN that makes them so starts the timer again. */
 static void s_on_plan_timer(uv_timer_t *timer)
 {
     coord_t *self = timer->data;
-    if (!self->dirty || self->stopping) {
+    if (!self->dirty || self->stopping || !self->started) {
         self->dirty = false;
+        if (!self->started)
+            self->change_us = 0; // the reconfiguration begins when the wait ends
         return;
     }
     int64_t now = clock_mono_us();
@@ -283,7 +291,7 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         m->placed = false;
         m->state = MEMBER_SYNCING;
         m->acked_gen = 0;
-        m->has_step = m->has_load = false;
+        members_clear_progress(m);
         members_set_experts(m, NULL, 0);
     } else {
         m = members_add(self->members, rid, rid_len, j->id);
@@ -298,6 +306,11 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
     if (!dup) {
         self->counters.joins++;
         self->joined++;
+    }
+    uint32_t n = members_count(self->members);
+    if (!self->started && n >= self->job->cluster.expected_workers) {
+        self->started = true;
+        log_info("%u workers have joined, as cluster.expected_workers asks: planning", n);
     }
     members_set_caps(m, j);
     m->last_seen_ms = clock_mono_ms();
@@ -340,20 +353,16 @@ static void s_on_comm(coord_t *self, member_t *m, const proto_msg_t *msg)
              self->generation, m->id, msg->comm.comm_id.size, self->world);
 }
 
-static void s_on_heartbeat(coord_t *self, member_t *m, const proto_msg_t *msg)
+/* --- training progress ----------------------------------------------------------------------- */
+
+static void s_stop_workers(coord_t *self, uint32_t checkpoint);
+
+/* A worker reports the tokens its experts took in its last step: take them once per step
+ * (into the smoothed loads and the last step's), and only from the current plan (an older
+ * one's loads belong to other holders). */
+static void s_take_load(coord_t *self, member_t *m, const proto_msg_t *msg)
 {
     const proto_heartbeat_t *h = &msg->heartbeat;
-    if (msg->hdr.generation > self->generation) {
-        s_break(self, m, "HEARTBEAT of generation %" PRIu64 ", the current one is %" PRIu64,
-                msg->hdr.generation, self->generation);
-        return;
-    }
-    self->counters.heartbeats++;
-    members_set_progress(m, h);
-    if (h->step > self->step)
-        self->step = h->step;
-    // A worker reports the tokens its experts took in its last step: fold them in once per
-    // step, and only from the current plan (an older one's loads belong to other holders).
     if (msg->hdr.generation != self->generation || !m->placed || h->load.count != self->n_total ||
         (m->has_load && m->load_step == h->step))
         return;
@@ -362,8 +371,40 @@ static void s_on_heartbeat(coord_t *self, member_t *m, const proto_msg_t *msg)
         double x = proto_u32_at(h->load, e), *l = &self->load[e];
         *l = *l == 0 ? x : self->load_alpha * x + (1 - self->load_alpha) * *l;
     }
+    progress_take_load(self->progress, m, h->load);
     m->has_load = true;
     m->load_step = h->step;
+}
+
+/* Acts on the phase m reports: a failure is logged, once per generation; the last worker to
+ * finish ends the job as a STOP without checkpoint would (each wrote its final one). */
+static void s_on_phase(coord_t *self, member_t *m)
+{
+    if (m->phase == PROTO_PHASE_FAILED && m->failed_logged != self->generation + 1) {
+        m->failed_logged = self->generation + 1;
+        log_warn("worker %s: its training failed at step %" PRIu64 " (its log says why)", m->id,
+                 m->step);
+    }
+    if (m->phase != PROTO_PHASE_FINISHED || self->stopping ||
+        !progress_all_finished(self->members, self->job->train.steps))
+        return;
+    self->finished = true;
+    log_info("training finished at step %" PRIu64, progress_step(self->progress));
+    s_stop_workers(self, 0);
+}
+
+static void s_on_heartbeat(coord_t *self, member_t *m, const proto_msg_t *msg)
+{
+    if (msg->hdr.generation > self->generation) {
+        s_break(self, m, "HEARTBEAT of generation %" PRIu64 ", the current one is %" PRIu64,
+                msg->hdr.generation, self->generation);
+        return;
+    }
+    self->counters.heartbeats++;
+    members_set_progress(m, &msg->heartbeat);
+    s_take_load(self, m, msg);
+    progress_take(self->progress, m, self->members, self->generation, self->world);
+    s_on_phase(self, m);
 }
 
 static void s_on_ack(coord_t *self, member_t *m, const proto_msg_t *msg)
@@ -530,7 +571,8 @@ static void s_on_heartbeat_timer(uv_timer_t *timer)
         if (m->join_seq % S_HEARTBEAT_SLICES != slice)
             continue;
         proto_msg_t msg = {.hdr = s_header(self, PROTO_HEARTBEAT)};
-        msg.heartbeat.step = self->step;
+        msg.heartbeat.step = progress_step(self->progress);
+        msg.heartbeat.loss = msg.heartbeat.eval_loss = NAN; // a worker's to report
         s_send(self, m->rid, m->rid_len, &msg);
     }
 }
@@ -542,12 +584,10 @@ static void s_on_stop_timeout(uv_timer_t *timer)
     s_quit(self);
 }
 
-/* STOP from anyone: ack it, tell every worker to stop, and exit once they are gone. */
-static void s_stop(coord_t *self, const void *rid, size_t rid_len, uint32_t checkpoint)
+/* Tells every worker to stop (to checkpoint first when checkpoint is 1) and exits once they are
+ * gone, or after a bounded wait. */
+static void s_stop_workers(coord_t *self, uint32_t checkpoint)
 {
-    proto_msg_t ack = {.hdr = s_header(self, PROTO_ACK)};
-    ack.ack.acked_type = PROTO_STOP;
-    s_send(self, rid, rid_len, &ack);
     if (self->stopping)
         return;
     self->stopping = true;
@@ -571,6 +611,15 @@ static void s_stop(coord_t *self, const void *rid, size_t rid_len, uint32_t chec
     uv_timer_start(&self->stop_timer, s_on_stop_timeout, wait, 0);
 }
 
+/* STOP from anyone: ack it, then stop the workers. */
+static void s_stop(coord_t *self, const void *rid, size_t rid_len, uint32_t checkpoint)
+{
+    proto_msg_t ack = {.hdr = s_header(self, PROTO_ACK)};
+    ack.ack.acked_type = PROTO_STOP;
+    s_send(self, rid, rid_len, &ack);
+    s_stop_workers(self, checkpoint);
+}
+
 static void s_on_signal(uv_signal_t *handle, int signum)
 {
     coord_t *self = handle->data;
@@ -584,20 +633,14 @@ static void s_view(void *arg, status_view_t *v)
 {
     coord_t *self = arg;
     uint32_t n = members_count(self->members);
-    const char *state = self->stopping                                          ? "stopping"
-                        : n == 0 || n < self->job->cluster.expected_workers     ? "waiting"
+    const char *state = self->stopping                          ? "stopping"
+                        : n == 0 || !self->started              ? "waiting"
                         : self->pending_acks > 0 || self->dirty ? "reconfiguring"
                                                                 : "running";
-    uint64_t slowest_us = 0;
-    for (const member_t *m = members_first(self->members); m; m = m->next)
-        if (m->step_time_us > slowest_us)
-            slowest_us = m->step_time_us;
-    double tokens = (double)self->job->train.global_batch * self->job->train.seq_len;
     int64_t now = clock_mono_ms();
     *v = (status_view_t){
         .run_id = self->run_id, .generation = self->generation, .state = state,
-        .step = self->step, .loss = NAN,
-        .tokens_per_s = slowest_us ? tokens * 1e6 / (double)slowest_us : 0.0,
+        .target_steps = self->job->train.steps,
         .uptime_ms = now - self->start_ms, .now_ms = now,
         .heartbeat_ms = self->heartbeat_ms, .liveness = self->liveness,
         .num_layers = self->L, .num_experts = self->E,
@@ -606,6 +649,9 @@ static void s_view(void *arg, status_view_t *v)
         .last_reconfig_ms = self->last_reconfig_ms, .pending_acks = self->pending_acks,
         .counters = self->counters, .members = self->members, .load = self->load,
     };
+    progress_view(self->progress, v);
+    if (self->finished)
+        v->phase = "finished";
 }
 
 /* zloop callback: one request on the status socket. */
@@ -650,6 +696,19 @@ static semoe_rc s_socket(coord_t *self, int type, const char *endpoint, const ch
     return SEMOE_OK;
 }
 
+/* Makes the job's data paths absolute, so that workers started in another directory read the
+ * same files. A path that does not resolve stays as it is, for the data loader to name. */
+static void s_data_paths_absolute(model_job_t *job)
+{
+    for (uint32_t i = 0; i < job->data.n_paths; i++) {
+        char *abs = realpath(job->data.paths[i], NULL);
+        if (!abs)
+            continue;
+        free(job->data.paths[i]);
+        job->data.paths[i] = abs;
+    }
+}
+
 static uint64_t s_run_id(void)
 {
     uint64_t id = 0;
@@ -668,6 +727,7 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     *job = NULL;
     const model_job_t *j = self->job;
     /* Not the spec's own text: its "model" may name a config.json only this host has. */
+    s_data_paths_absolute(self->job);
     self->job_json = model_job_to_json(j);
     self->L = j->model.num_hidden_layers;
     self->E = j->model.num_local_experts;
@@ -676,6 +736,7 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     self->liveness = j->cluster.liveness ? j->cluster.liveness : 3;
     self->load_alpha = j->elastic.window ? 2.0 / (j->elastic.window + 1.0) : S_LOAD_ALPHA_DEFAULT;
     self->last_reconfig_ms = -1;
+    self->started = j->cluster.expected_workers == 0;
     if (self->n_total == 0 || self->n_total > PROTO_MAX_EXPERTS || self->L > 65536 ||
         self->E > 65536) {
         semoe_err(SEMOE_EINVAL, "job: model.num_hidden_layers=%u x model.num_local_experts=%u: "
@@ -696,6 +757,7 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     self->members = members_new();
     self->load = semoe_xcalloc(self->n_total, sizeof *self->load);
     self->plan = plan_new(self->L, self->E);
+    SEMOE_CHECK_GOTO(progress_new(self->n_total, opts->metrics_log, &self->progress), rc, fail);
     if (uv_loop_init(&self->loop) != 0) {
         rc = semoe_err(SEMOE_ESYS, "uv_loop_init failed");
         goto fail;
@@ -786,6 +848,7 @@ void coord_destroy(coord_t **self_p)
         zmq_ctx_term(self->ctx);
     members_destroy(&self->members);
     free(self->load);
+    progress_destroy(&self->progress);
     plan_destroy(&self->plan);
     model_job_destroy(&self->job);
     free(self->job_json);

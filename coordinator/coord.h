@@ -1,6 +1,7 @@
 /* The coordinator server: one single-threaded libuv loop with the control socket (workers and
  * admins), the status socket, /metrics, heartbeats and the membership table; every membership
- * change, or burst of them, opens a generation and sends its PLAN. */
+ * change, or burst of them, opens a generation and sends its PLAN (the first once
+ * cluster.expected_workers have joined), and the job stops once every worker finished. */
 #ifndef SEMOE_COORDINATOR_COORD_H
 #define SEMOE_COORDINATOR_COORD_H
 
@@ -15,17 +16,19 @@ typedef struct {
     const char *control; /* ZeroMQ endpoint the control ROUTER binds */
     const char *status;  /* ZeroMQ endpoint the status socket binds (REQ clients) */
     const char *metrics; /* HTTP "HOST:PORT", or "none" for no metrics listener */
+    const char *metrics_log; /* a file to append a JSON line to per step advance, or NULL */
 } coord_opts_t;
 
 typedef struct coord coord_t;
 
-/* Binds every endpoint and takes *job (nulled, even on failure); *self_p gets the coordinator,
- * the caller's (coord_destroy). Fails with SEMOE_EINVAL for an endpoint or job the coordinator
- * cannot use (the message names the flag or field), SEMOE_EIO when an endpoint cannot be bound
- * (in use, say). */
+/* Binds every endpoint, opens the metrics log and takes *job (nulled, even on failure), its data
+ * paths made absolute; *self_p gets the coordinator, the caller's (coord_destroy). Fails with
+ * SEMOE_EINVAL for an endpoint, log file or job the coordinator cannot use (the message names
+ * the flag or field), SEMOE_EIO when an endpoint cannot be bound (in use, say). */
 semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p);
 
-/* Serves until a STOP has been carried out (every worker gone, or a bounded wait ran out) or
+/* Serves until a STOP has been carried out (every worker gone, or a bounded wait ran out; the
+ * STOP of an admin, or the coordinator's own once every worker finished train.steps) or
  * SIGTERM/SIGINT arrives. Returns SEMOE_OK in both cases. */
 semoe_rc coord_run(coord_t *self);
 

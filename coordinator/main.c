@@ -1,6 +1,7 @@
 /* semoe-coordinator: reads the flags and the job spec, then runs the coordinator until a STOP
- * has been carried out or SIGTERM/SIGINT arrives. Exit codes: 0 done, 1 an endpoint could not
- * be bound, 2 a bad flag or job spec (one line on stderr naming it). */
+ * has been carried out (an admin's, or its own once training finished) or SIGTERM/SIGINT
+ * arrives. Exit codes: 0 done, 1 an endpoint could not be bound, 2 a bad flag, job spec or
+ * metrics log (one line on stderr naming it). */
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -28,24 +29,31 @@ static const char s_usage[] =
     "                           [" COORD_DEFAULT_STATUS "]\n"
     "  -m, --metrics HOST:PORT  HTTP GET /metrics in Prometheus text format, or \"none\"\n"
     "                           [" COORD_DEFAULT_METRICS "]\n"
+    "      --metrics-log FILE   append a JSON line to FILE each time the job's step advances:\n"
+    "                           time, step, generation, workers, loss, eval_loss, tokens_per_s,\n"
+    "                           imbalance, load per expert (docs/control-plane.md) [none]\n"
     "  -l, --log-level LEVEL    error, warn, info or debug [info]\n"
     "  -h, --help               this text\n"
     "  -V, --version            the version\n"
     "\n"
     "Everything binds to loopback unless told otherwise; binding beyond it is an explicit\n"
-    "choice. Heartbeat interval and liveness come from the job's cluster section.\n"
-    "Exits 0 after a STOP (every worker told to stop) or on SIGTERM/SIGINT, 1 when an endpoint\n"
-    "cannot be bound, 2 on a bad flag or job spec.\n";
+    "choice. Heartbeat interval, liveness and the workers to wait for before the first plan\n"
+    "(expected_workers) come from the job's cluster section.\n"
+    "Exits 0 after a STOP (every worker told to stop), once every worker finished train.steps,\n"
+    "or on SIGTERM/SIGINT; 1 when an endpoint cannot be bound, 2 on a bad flag, job spec or\n"
+    "metrics log.\n";
 
 /* The flag getopt stopped at, for messages ("--bnid", "-x"). */
 static const char *s_flag(char **argv, char *buf, size_t n)
 {
-    if (optopt) {
+    if (optopt > 0 && optopt < 128) { // a long-only flag's optopt is its code, not a letter
         snprintf(buf, n, "-%c", optopt);
         return buf;
     }
     return argv[optind - 1];
 }
+
+enum { S_OPT_METRICS_LOG = 1000 };
 
 int main(int argc, char **argv)
 {
@@ -57,7 +65,8 @@ int main(int argc, char **argv)
         {"config", required_argument, NULL, 'c'},   {"bind", required_argument, NULL, 'b'},
         {"status", required_argument, NULL, 's'},   {"metrics", required_argument, NULL, 'm'},
         {"log-level", required_argument, NULL, 'l'}, {"help", no_argument, NULL, 'h'},
-        {"version", no_argument, NULL, 'V'},        {NULL, 0, NULL, 0},
+        {"version", no_argument, NULL, 'V'},
+        {"metrics-log", required_argument, NULL, S_OPT_METRICS_LOG}, {NULL, 0, NULL, 0},
     };
     char flag[8];
     opterr = 0; // our own one-line messages
@@ -75,6 +84,9 @@ int main(int argc, char **argv)
             break;
         case 'm':
             opts.metrics = optarg;
+            break;
+        case S_OPT_METRICS_LOG:
+            opts.metrics_log = optarg;
             break;
         case 'l':
             level = log_level_parse(optarg);

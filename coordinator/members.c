@@ -3,6 +3,7 @@
  * of routing ids with its own map. */
 #include "coordinator/members.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -234,6 +235,7 @@ member_t *members_add(members_t *self, const void *rid, size_t rid_len, const ch
     memcpy(m->rid, rid, rid_len);
     m->rid_len = (uint8_t)rid_len;
     m->state = MEMBER_SYNCING;
+    members_clear_progress(m);
     m->join_seq = ++self->join_seq;
     m->prev = self->tail;
     if (self->tail)
@@ -330,7 +332,24 @@ void members_set_progress(member_t *m, const proto_heartbeat_t *h)
     m->mem_used[PROTO_TIER_SSD] = h->mem_ssd;
     m->step = h->step;
     m->step_time_us = h->step_time_us;
+    // No step done, no loss; eval_step 0 says no evaluation (whatever the other field holds).
+    m->loss = h->step > 0 ? h->loss : NAN;
+    m->eval_loss = h->eval_step > 0 ? h->eval_loss : NAN;
+    m->eval_step = h->eval_step;
+    m->tokens_per_s = isfinite(h->tokens_per_s) && h->tokens_per_s > 0 ? h->tokens_per_s : 0;
+    m->phase = h->phase;
     m->has_step = true;
+}
+
+void members_clear_progress(member_t *m)
+{
+    memset(m->mem_used, 0, sizeof m->mem_used);
+    m->step = m->step_time_us = m->eval_step = 0;
+    m->loss = m->eval_loss = NAN;
+    m->tokens_per_s = 0;
+    m->phase = PROTO_PHASE_IDLE;
+    m->failed_logged = 0;
+    m->has_step = m->has_load = false;
 }
 
 void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n)

@@ -31,6 +31,12 @@ typedef struct member {
     /* liveness and progress, from HEARTBEAT */
     uint64_t mem_used[PROTO_TIERS];
     uint64_t step, step_time_us;
+    double loss;            /* of its last step; NaN: none yet */
+    double eval_loss;       /* of its last evaluation, after eval_step steps; NaN: none yet */
+    uint64_t eval_step;
+    double tokens_per_s;    /* its own, over its last step: a finite number >= 0 */
+    uint32_t phase;         /* proto_phase_t */
+    uint64_t failed_logged; /* 1 + the generation its failure was last logged in (0: never) */
     bool has_step;          /* a HEARTBEAT was seen */
     bool has_load;          /* a load of the current plan was taken from it */
     uint64_t load_step;     /* the step of that load: a load counts once per step */
@@ -68,9 +74,9 @@ member_t *members_by_rid(const members_t *self, const void *rid, size_t rid_len)
 member_t *members_by_id(const members_t *self, const char *id);
 
 /* Adds a member with this routing id (1..MEMBERS_MAX_RID bytes) and worker id (neither may be
- * in the table), last in join order, SYNCING, everything else zero; lifts any fence on the
- * routing id. The caller fills in the capabilities. Returns NULL when the table holds
- * PROTO_MAX_WORKERS members already. */
+ * in the table), last in join order, SYNCING, no progress (members_clear_progress), everything
+ * else zero; lifts any fence on the routing id. The caller fills in the capabilities. Returns
+ * NULL when the table holds PROTO_MAX_WORKERS members already. */
 member_t *members_add(members_t *self, const void *rid, size_t rid_len, const char *id);
 /* Gives m another worker id (not in the table); keeps its place in join order. */
 void members_rename(members_t *self, member_t *m, const char *id);
@@ -89,8 +95,12 @@ uint32_t members_renumber(members_t *self);
 const char *members_join_invalid(const proto_join_t *j);
 /* Copies a JOIN's capabilities into m (and clears the memory in use). */
 void members_set_caps(member_t *m, const proto_join_t *j);
-/* Copies a HEARTBEAT's progress into m: memory in use, step, step time. */
+/* Copies a HEARTBEAT's progress into m: memory in use, step, step time, losses (NaN at step 0,
+ * and the held-out one at eval_step 0), tokens per second (a rate that is not a finite number
+ * >= 0 taken as 0), phase. */
 void members_set_progress(member_t *m, const proto_heartbeat_t *h);
+/* Forgets m's progress (as when it has sent no HEARTBEAT yet): losses NaN, the rest zero. */
+void members_clear_progress(member_t *m);
 
 /* Sets m's experts (copied). */
 void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n);

@@ -3,6 +3,7 @@
  * text rendering of a status view. */
 #include "coordinator/metrics.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -308,10 +309,37 @@ static void __attribute__((format(printf, 2, 3))) s_put(s_text_t *t, const char 
     }
 }
 
+/* A sample value as Prometheus writes it: NaN, +Inf and -Inf by name. */
+static void s_value(s_text_t *t, double v)
+{
+    if (isnan(v))
+        s_put(t, "NaN");
+    else if (isinf(v))
+        s_put(t, "%cInf", v > 0 ? '+' : '-');
+    else
+        s_put(t, "%.15g", v);
+}
+
 static void s_metric(s_text_t *t, const char *name, const char *type, const char *help,
                      double value)
 {
-    s_put(t, "# HELP %s %s\n# TYPE %s %s\n%s %.15g\n", name, help, name, type, name, value);
+    s_put(t, "# HELP %s %s\n# TYPE %s %s\n%s ", name, help, name, type, name);
+    s_value(t, value);
+    s_put(t, "\n");
+}
+
+/* A label value with the exposition format's escapes (backslash, quote, newline). */
+static void s_label(s_text_t *t, const char *v)
+{
+    while (*v) {
+        size_t n = strcspn(v, "\\\"\n");
+        s_put(t, "%.*s", (int)n, v);
+        v += n;
+        if (*v) {
+            s_put(t, "\\%c", *v == '\n' ? 'n' : *v);
+            v++;
+        }
+    }
 }
 
 char *metrics_format(const status_view_t *v, size_t *len)
@@ -325,8 +353,25 @@ char *metrics_format(const status_view_t *v, size_t *len)
           status_workers_in(v, MEMBER_ACTIVE), status_workers_in(v, MEMBER_SYNCING));
     s_metric(&t, "semoe_generation", "gauge", "The current plan generation.",
              (double)v->generation);
-    s_metric(&t, "semoe_step", "gauge", "The last training step a worker reported done.",
+    s_metric(&t, "semoe_step", "gauge", "The most training steps a worker reported done.",
              (double)v->step);
+    s_metric(&t, "semoe_loss", "gauge",
+             "Training loss (cross-entropy + aux) of the latest step reported (NaN: none yet).",
+             v->loss);
+    s_metric(&t, "semoe_eval_loss", "gauge",
+             "Held-out cross-entropy of the latest evaluation (NaN: none yet).", v->eval_loss);
+    s_metric(&t, "semoe_tokens_per_second", "gauge",
+             "Training tokens per second, summed over the workers that are training.",
+             v->tokens_per_s);
+    s_put(&t, "# HELP semoe_worker_tokens_per_second A worker's training tokens per second over "
+              "its last step.\n# TYPE semoe_worker_tokens_per_second gauge\n");
+    for (const member_t *m = members_first(v->members); m; m = m->next) {
+        s_put(&t, "semoe_worker_tokens_per_second{worker=\"");
+        s_label(&t, m->id);
+        s_put(&t, "\"} ");
+        s_value(&t, m->tokens_per_s);
+        s_put(&t, "\n");
+    }
     s_metric(&t, "semoe_pending_acks", "gauge", "Workers that have not acked the current plan.",
              v->pending_acks);
     s_metric(&t, "semoe_heartbeats_total", "counter", "Heartbeats received from workers.",

@@ -67,6 +67,18 @@ static void s_f64(s_json_t *j, double v)
     s_raw(j, buf, (size_t)n);
 }
 
+/* A number with 9 significant digits (a loss), or null when not finite. */
+static void s_g9(s_json_t *j, double v)
+{
+    if (!isfinite(v)) {
+        S_LIT(j, "null");
+        return;
+    }
+    char buf[48];
+    int n = snprintf(buf, sizeof buf, "%.9g", v);
+    s_raw(j, buf, (size_t)n);
+}
+
 /* A string with JSON's escapes (control characters, quote, backslash). */
 static void s_str(s_json_t *j, const char *s)
 {
@@ -191,6 +203,14 @@ static void s_worker(s_json_t *j, const status_view_t *v, member_t *m)
     s_u64(j, age > 0 ? (uint64_t)age : 0);
     s_key(j, "generation", false);
     s_u64(j, m->acked_gen);
+    s_key(j, "phase", false);
+    s_str(j, proto_phase_name(m->phase));
+    s_key(j, "step", false);
+    s_u64(j, m->step);
+    s_key(j, "loss", false);
+    s_g9(j, m->loss);
+    s_key(j, "tokens_per_s", false);
+    s_f64(j, m->tokens_per_s);
 }
 
 /* The experts, each with the ids of the workers that hold it (from the members' own lists, so
@@ -253,10 +273,21 @@ char *status_json(const status_view_t *v, size_t *len)
     s_u64(&j, v->generation);
     s_key(&j, "state", false);
     s_str(&j, v->state);
+    s_key(&j, "phase", false);
+    s_str(&j, v->phase);
     s_key(&j, "step", false);
     s_u64(&j, v->step);
+    s_key(&j, "target_steps", false);
+    s_u64(&j, v->target_steps);
     s_key(&j, "loss", false);
-    s_f64(&j, v->loss); // NAN: null
+    s_g9(&j, v->loss); // NAN: null
+    s_key(&j, "eval_loss", false);
+    s_g9(&j, v->eval_loss);
+    s_key(&j, "eval_step", false);
+    if (isnan(v->eval_loss))
+        S_LIT(&j, "null");
+    else
+        s_u64(&j, v->eval_step);
     s_key(&j, "tokens_per_s", false);
     s_f64(&j, v->tokens_per_s);
     s_key(&j, "uptime_ms", false);

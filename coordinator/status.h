@@ -20,10 +20,14 @@ typedef struct {
 typedef struct {
     uint64_t run_id;
     uint64_t generation;
-    const char *state;         /* "waiting", "reconfiguring" or "running" */
-    uint64_t step;             /* the last step any worker reported done */
-    double loss;               /* NAN: unknown (JSON null) */
-    double tokens_per_s;
+    const char *state;         /* "waiting", "reconfiguring", "running" or "stopping" */
+    const char *phase;         /* the training's: "waiting", "training" or "finished" */
+    uint64_t step;             /* the most steps any worker reported done */
+    uint64_t target_steps;     /* train.steps */
+    double loss;               /* of the most steps a loss was reported for; NAN: none (null) */
+    double eval_loss;          /* the latest evaluation, after eval_step steps; NAN: none */
+    uint64_t eval_step;
+    double tokens_per_s;       /* the sum over the workers that are training */
     int64_t uptime_ms;
     int64_t now_ms;            /* monotonic, for heartbeat ages */
     uint32_t heartbeat_ms, liveness;

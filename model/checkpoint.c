@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -233,8 +234,44 @@ static semoe_rc s_save_optimizer(const char *dir, const model_params_t *p, const
     return rc;
 }
 
-semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_params_t *params,
-                         model_train_t *train, const model_ckpt_state_t *state)
+/* fsyncs a directory, making the renames in it durable. Best effort. */
+static void s_fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void)fsync(fd);
+        close(fd);
+    }
+}
+
+/* fsyncs the directory that holds path. */
+static void s_fsync_parent(const char *path)
+{
+    char *parent = semoe_xstrdup(path);
+    char *slash = strrchr(parent, '/');
+    if (slash == parent)
+        slash[1] = '\0';
+    else if (slash)
+        *slash = '\0';
+    s_fsync_dir(slash ? parent : ".");
+    free(parent);
+}
+
+/* Creates the missing directories above path (mkdir -p of its dirname). Errors are left to the
+ * mkdir of path itself, which names them. */
+static void s_mkdir_parents(const char *path)
+{
+    char *p = semoe_xstrdup(path);
+    for (char *s = strchr(p + 1, '/'); s; s = strchr(s + 1, '/')) {
+        *s = '\0';
+        (void)mkdir(p, 0755);
+        *s = '/';
+    }
+    free(p);
+}
+
+semoe_rc model_ckpt_save_host(const char *dir, const model_params_t *params, const float *m,
+                              const float *v, int adam_step, const model_ckpt_state_t *state)
 {
     const model_config_t *c = model_params_config(params);
     size_t n = model_params_count(params);
@@ -242,6 +279,8 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
         if (!model_params_at(params, i)->data)
             return model_st_fail(SEMOE_EINVAL, "%s: tensor %s: not held here; a checkpoint "
                                  "needs every expert", dir, model_params_at(params, i)->name);
+    if (adam_step < 0)
+        return model_st_fail(SEMOE_EINVAL, "%s: adam_step=%d: must be >= 0", dir, adam_step);
     uint32_t L = c->num_hidden_layers;
     uint32_t lps = state->layers_per_shard ? state->layers_per_shard : (L ? L : 1);
     uint32_t nshards = (L + lps - 1) / lps;
@@ -253,9 +292,6 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
     snprintf(old, tlen, "%s.old-%ld", dir, (long)getpid());
     size_t nfiles = 0;
     char **files = semoe_xcalloc(2 * (size_t)nshards + 4, sizeof *files);
-    size_t floats = model_train_slab_floats(train);
-    float *hm = semoe_xmalloc((floats ? floats : 1) * sizeof(float));
-    float *hv = semoe_xmalloc((floats ? floats : 1) * sizeof(float));
     char *semoe_dir = model_shards_join(tmp, "semoe");
     char *cfg_text = NULL;
     cJSON *st = NULL;
@@ -263,7 +299,12 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
     semoe_rc rc = SEMOE_OK;
 
     s_rmtree(tmp, 1);
-    if (mkdir(tmp, 0755) != 0 || mkdir(semoe_dir, 0755) != 0) {
+    int made = mkdir(tmp, 0755);
+    if (made != 0 && errno == ENOENT) {
+        s_mkdir_parents(tmp);
+        made = mkdir(tmp, 0755);
+    }
+    if (made != 0 || mkdir(semoe_dir, 0755) != 0) {
         rc = semoe_err_errno(SEMOE_EIO, "%s: mkdir", tmp);
         goto fail;
     }
@@ -271,7 +312,6 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
     SEMOE_CHECK_GOTO(s_write_json(tmp, "config.json", cfg_text), rc, fail);
     files[nfiles++] = semoe_xstrdup("config.json");
 
-    model_train_weights_to_params(train);
     SEMOE_CHECK_GOTO(model_shards_save(tmp, params, lps), rc, fail);
     if (nshards == 1) {
         files[nfiles++] = semoe_xstrdup(MODEL_ST_SINGLE);
@@ -284,17 +324,15 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
         files[nfiles++] = semoe_xstrdup(MODEL_ST_INDEX);
     }
 
-    be->to_host(hm, model_train_m(train), floats * sizeof(float));
-    be->to_host(hv, model_train_v(train), floats * sizeof(float));
     size_t first_opt = nfiles;
-    SEMOE_CHECK_GOTO(s_save_optimizer(tmp, params, hm, hv, lps, nshards, files, &nfiles), rc,
+    SEMOE_CHECK_GOTO(s_save_optimizer(tmp, params, m, v, lps, nshards, files, &nfiles), rc,
                      fail);
 
     st = cJSON_CreateObject();
     cJSON_AddStringToObject(st, "format", "semoe-train-state");
     cJSON_AddNumberToObject(st, "version", 1);
     cJSON_AddNumberToObject(st, "step", (double)state->step);
-    cJSON_AddNumberToObject(st, "adam_step", model_train_adam_step(train));
+    cJSON_AddNumberToObject(st, "adam_step", adam_step);
     cJSON_AddNumberToObject(st, "epoch", (double)state->epoch);
     cJSON_AddNumberToObject(st, "position", (double)state->position);
     s_u64_hex(st, "seed", state->seed);
@@ -327,21 +365,7 @@ semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_p
         goto fail;
     }
     s_rmtree(old, 1);
-    {
-        /* make the rename durable: fsync the parent directory */
-        char *parent = semoe_xstrdup(dir);
-        char *slash = strrchr(parent, '/');
-        if (slash == parent)
-            slash[1] = '\0';
-        else if (slash)
-            *slash = '\0';
-        int fd = open(slash ? parent : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd >= 0) {
-            (void)fsync(fd);
-            close(fd);
-        }
-        free(parent);
-    }
+    s_fsync_parent(dir);
 fail:
     if (rc != SEMOE_OK)
         s_rmtree(tmp, 1);
@@ -349,13 +373,28 @@ fail:
     cJSON_Delete(st);
     free(cfg_text);
     free(semoe_dir);
-    free(hv);
-    free(hm);
     for (size_t i = 0; i < nfiles; i++)
         free(files[i]);
     free(files);
     free(old);
     free(tmp);
+    return rc;
+}
+
+semoe_rc model_ckpt_save(const char *dir, const model_backend_f32_t *be, model_params_t *params,
+                         model_train_t *train, const model_ckpt_state_t *state)
+{
+    size_t floats = model_train_slab_floats(train);
+    float *hm = semoe_xmalloc((floats ? floats : 1) * sizeof(float));
+    float *hv = semoe_xmalloc((floats ? floats : 1) * sizeof(float));
+    model_train_weights_to_params(train);
+    be->to_host(hm, model_train_m(train), floats * sizeof(float));
+    be->to_host(hv, model_train_v(train), floats * sizeof(float));
+    semoe_rc rc = model_ckpt_save_host(dir, params, hm, hv, model_train_adam_step(train), state);
+    if (rc != SEMOE_OK)
+        semoe_err_trace(__FILE__, __LINE__);
+    free(hv);
+    free(hm);
     return rc;
 }
 
@@ -551,14 +590,12 @@ static bool s_listed(const cJSON *manifest, const char *fname)
     return false;
 }
 
-semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_params_t *params,
-                         model_train_t *train, model_ckpt_state_t *state_out)
+semoe_rc model_ckpt_load_host(const char *dir, model_params_t *params, float *m, float *v,
+                              model_ckpt_state_t *state_out)
 {
     cJSON *manifest = NULL, *st = NULL;
     char *spath = model_shards_join(dir, MODEL_CKPT_STATE), *text = NULL;
     size_t len = 0, n = model_params_count(params);
-    size_t floats = model_train_slab_floats(train);
-    float *hm = NULL, *hv = NULL;
     uint8_t *found = NULL;
     semoe_rc rc = SEMOE_OK;
     model_ckpt_state_t s = {0};
@@ -602,11 +639,9 @@ semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_p
     }
 
     SEMOE_CHECK_GOTO(model_shards_load(dir, params), rc, out);
-    hm = semoe_xcalloc(floats ? floats : 1, sizeof(float));
-    hv = semoe_xcalloc(floats ? floats : 1, sizeof(float));
     found = semoe_xcalloc(2 * n + 1, 1);
     cJSON_ArrayForEach(e, opt)
-        SEMOE_CHECK_GOTO(s_load_optimizer(dir, e->valuestring, params, hm, hv, found), rc, out);
+        SEMOE_CHECK_GOTO(s_load_optimizer(dir, e->valuestring, params, m, v, found), rc, out);
     for (size_t i = 0; i < 2 * n; i++)
         if (!found[i]) {
             char *first = model_shards_join(dir, cJSON_GetArrayItem(opt, 0)->valuestring);
@@ -616,19 +651,288 @@ semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_p
             free(first);
             goto out;
         }
-    model_train_weights_from_params(train);
-    be->to_device(model_train_m(train), hm, floats * sizeof(float));
-    be->to_device(model_train_v(train), hv, floats * sizeof(float));
-    model_train_set_adam_step(train, s.adam_step);
     if (state_out)
         *state_out = s;
 out:
     free(found);
-    free(hv);
-    free(hm);
     cJSON_Delete(st);
     free(text);
     free(spath);
     cJSON_Delete(manifest);
+    return rc;
+}
+
+semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_params_t *params,
+                         model_train_t *train, model_ckpt_state_t *state_out)
+{
+    size_t floats = model_train_slab_floats(train);
+    float *hm = semoe_xcalloc(floats ? floats : 1, sizeof(float));
+    float *hv = semoe_xcalloc(floats ? floats : 1, sizeof(float));
+    model_ckpt_state_t s;
+    semoe_rc rc = model_ckpt_load_host(dir, params, hm, hv, &s);
+    if (rc == SEMOE_OK) {
+        model_train_weights_from_params(train);
+        be->to_device(model_train_m(train), hm, floats * sizeof(float));
+        be->to_device(model_train_v(train), hv, floats * sizeof(float));
+        model_train_set_adam_step(train, s.adam_step);
+        if (state_out)
+            *state_out = s;
+    } else {
+        semoe_err_trace(__FILE__, __LINE__);
+    }
+    free(hv);
+    free(hm);
+    return rc;
+}
+
+/* ---- a checkpoint root --------------------------------------------------------------------- */
+
+/* Whether name is a step directory's, "step-" and decimal digits; its step into *step. */
+static bool s_step_name(const char *name, uint64_t *step)
+{
+    if (strncmp(name, "step-", 5) != 0)
+        return false;
+    const char *d = name + 5;
+    size_t n = strspn(d, "0123456789");
+    if (n == 0 || d[n] != '\0')
+        return false;
+    uint64_t x = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t c = (uint64_t)(d[i] - '0');
+        if (x > (UINT64_MAX - c) / 10)
+            return false;
+        x = x * 10 + c;
+    }
+    *step = x;
+    return true;
+}
+
+/* Whether name is a writer's leftover, "<name>.tmp-<pid>" or "<name>.old-<pid>", whose process
+ * is gone. */
+static bool s_dead_leftover(const char *name)
+{
+    const char *dot = strrchr(name, '.');
+    if (!dot || (strncmp(dot, ".tmp-", 5) != 0 && strncmp(dot, ".old-", 5) != 0))
+        return false;
+    const char *d = dot + 5;
+    size_t n = strspn(d, "0123456789");
+    if (n == 0 || n > 9 || d[n] != '\0')
+        return false;
+    long pid = strtol(d, NULL, 10);
+    return pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH;
+}
+
+/* s into out (cap bytes), or an error naming what did not fit. */
+static semoe_rc s_copy_out(char *out, size_t cap, const char *s, const char *what)
+{
+    size_t n = strlen(s);
+    if (n >= cap) {
+        if (cap)
+            out[0] = '\0';
+        return model_st_fail(SEMOE_EINVAL, "%s: %s: %zu bytes, room for %zu: use a shorter "
+                             "path", s, what, n, cap ? cap - 1 : 0);
+    }
+    memcpy(out, s, n + 1);
+    return SEMOE_OK;
+}
+
+semoe_rc model_ckpt_step_dir(const char *root, uint64_t step, char *out, size_t cap)
+{
+    char name[32];
+    snprintf(name, sizeof name, "step-%08" PRIu64, step);
+    char *path = model_shards_join(root, name);
+    semoe_rc rc = s_copy_out(out, cap, path, "checkpoint path");
+    free(path);
+    return rc;
+}
+
+typedef struct {
+    uint64_t step;
+    char *name;
+} s_step_t;
+
+static int s_by_step(const void *a, const void *b)
+{
+    const s_step_t *x = a, *y = b;
+    if (x->step != y->step)
+        return x->step < y->step ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+/* Removes the leftovers of dead writers in root, then the oldest step directories but keep
+ * (never the one named latest; keep 0: none). A step directory is first renamed to a leftover
+ * of this process, so that a crash midway leaves no half checkpoint under a step name. */
+static semoe_rc s_prune(const char *root, const char *latest, uint32_t keep)
+{
+    DIR *d = opendir(root);
+    if (!d)
+        return semoe_err_errno(SEMOE_EIO, "%s: opendir (latest names %s; old checkpoints "
+                               "not removed)", root, latest);
+    s_step_t *steps = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        uint64_t step;
+        char *p = model_shards_join(root, e->d_name);
+        struct stat st;
+        bool is_dir = lstat(p, &st) == 0 && S_ISDIR(st.st_mode);
+        if (is_dir && s_step_name(e->d_name, &step)) {
+            if (n == cap) {
+                cap = cap ? 2 * cap : 16;
+                steps = semoe_xrealloc(steps, cap * sizeof *steps);
+            }
+            steps[n++] = (s_step_t){step, semoe_xstrdup(e->d_name)};
+        } else if (s_dead_leftover(e->d_name)) {
+            if (is_dir)
+                s_rmtree(p, 1);
+            else
+                (void)unlink(p);
+        }
+        free(p);
+    }
+    closedir(d);
+    semoe_rc rc = SEMOE_OK;
+    if (n)
+        qsort(steps, n, sizeof *steps, s_by_step);
+    size_t left = n;
+    for (size_t i = 0; keep > 0 && i < n && left > keep && rc == SEMOE_OK; i++) {
+        if (strcmp(steps[i].name, latest) == 0)
+            continue;
+        char *p = model_shards_join(root, steps[i].name);
+        size_t olen = strlen(p) + 32;
+        char *old = semoe_xmalloc(olen);
+        snprintf(old, olen, "%s.old-%ld", p, (long)getpid());
+        s_rmtree(old, 1);
+        if (rename(p, old) != 0)
+            rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s (latest names %s; older "
+                                 "checkpoints not removed)", p, old, latest);
+        else
+            s_rmtree(old, 1);
+        left--;
+        free(old);
+        free(p);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(steps[i].name);
+    free(steps);
+    return rc;
+}
+
+semoe_rc model_ckpt_publish(const char *root, uint64_t step, uint32_t keep)
+{
+    char name[32];
+    snprintf(name, sizeof name, "step-%08" PRIu64, step);
+    char *dir = model_shards_join(root, name);
+    char *manifest = model_shards_join(dir, MODEL_CKPT_MANIFEST);
+    char *link = model_shards_join(root, MODEL_CKPT_LATEST);
+    size_t tlen = strlen(link) + 32;
+    char *tmp = semoe_xmalloc(tlen);
+    snprintf(tmp, tlen, "%s.tmp-%ld", link, (long)getpid());
+    semoe_rc rc = SEMOE_OK;
+
+    if (!model_shards_exists(manifest)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: missing: step %" PRIu64 "'s checkpoint is not "
+                           "whole; save it (model_ckpt_save_host) before publishing it", manifest,
+                           step);
+        goto out;
+    }
+    (void)unlink(tmp);
+    if (symlink(name, tmp) != 0) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: symlink to %s", tmp, name);
+        goto out;
+    }
+    if (rename(tmp, link) != 0) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", tmp, link);
+        (void)unlink(tmp);
+        goto out;
+    }
+    s_fsync_dir(root);
+    SEMOE_CHECK_GOTO(s_prune(root, name, keep), rc, out);
+out:
+    free(tmp);
+    free(link);
+    free(manifest);
+    free(dir);
+    return rc;
+}
+
+semoe_rc model_ckpt_latest(const char *root, char *out, size_t cap, uint64_t *step)
+{
+    if (cap)
+        out[0] = '\0';
+    *step = 0;
+    struct stat st;
+    if (stat(root, &st) != 0)
+        return errno == ENOENT ? SEMOE_OK
+                               : semoe_err_errno(SEMOE_EIO, "%s: checkpoint root: stat", root);
+    if (!S_ISDIR(st.st_mode))
+        return model_st_fail(SEMOE_EINVAL, "%s: not a directory: a checkpoint root holds "
+                             "step-NNNNNNNN checkpoints and a link %s", root, MODEL_CKPT_LATEST);
+    char *link = model_shards_join(root, MODEL_CKPT_LATEST), *dir = NULL;
+    char target[256];
+    uint64_t s = 0;
+    semoe_rc rc = SEMOE_OK;
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n < 0 && errno == ENOENT)
+        goto out; /* a root with nothing published: a fresh start */
+    if (n < 0 && errno == EINVAL) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: not a symbolic link: latest must link to a "
+                           "step-NNNNNNNN directory beside it", link);
+        goto out;
+    }
+    if (n < 0) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: readlink", link);
+        goto out;
+    }
+    target[n] = '\0';
+    if ((size_t)n == sizeof target - 1 || !s_step_name(target, &s)) {
+        rc = model_st_fail(SEMOE_EINVAL, "%s -> %s: not a step directory beside it "
+                           "(step-NNNNNNNN): point it at one, or remove it to start afresh",
+                           link, target);
+        goto out;
+    }
+    dir = model_shards_join(root, target);
+    int got = stat(dir, &st);
+    if (got != 0 || !S_ISDIR(st.st_mode)) {
+        const char *why = got == 0 ? "not a directory"
+                          : errno == ENOENT ? "missing: the checkpoint it names is gone"
+                                            : strerror(errno);
+        rc = model_st_fail(SEMOE_EINVAL, "%s -> %s: %s; point it at a whole step-NNNNNNNN "
+                           "directory, or remove it to start afresh", link, target, why);
+        goto out;
+    }
+    SEMOE_CHECK_GOTO(s_copy_out(out, cap, dir, "checkpoint path"), rc, out);
+    *step = s;
+out:
+    free(dir);
+    free(link);
+    return rc;
+}
+
+semoe_rc model_ckpt_resolve(const char *path, char *out, size_t cap)
+{
+    char *cfg = model_shards_join(path, "config.json");
+    char *link = model_shards_join(path, MODEL_CKPT_LATEST);
+    struct stat st;
+    uint64_t step = 0;
+    semoe_rc rc = SEMOE_OK;
+    if (cap)
+        out[0] = '\0';
+    if (model_shards_exists(cfg)) {
+        rc = s_copy_out(out, cap, path, "model folder");
+    } else if (lstat(link, &st) == 0) {
+        rc = model_ckpt_latest(path, out, cap, &step);
+        if (rc == SEMOE_OK && !out[0])
+            rc = model_st_fail(SEMOE_EINVAL, "%s: vanished while being read", link);
+    } else {
+        rc = model_st_fail(SEMOE_EINVAL, "%s: neither a model folder (no config.json) nor a "
+                           "checkpoint root (no %s): give a folder with config.json, or a "
+                           "train.checkpoint_dir that holds a checkpoint", path,
+                           MODEL_CKPT_LATEST);
+    }
+    if (rc != SEMOE_OK)
+        semoe_err_trace(__FILE__, __LINE__);
+    free(link);
+    free(cfg);
     return rc;
 }

@@ -534,17 +534,16 @@ void model_data_rows(uint32_t batch, uint32_t rank, uint32_t world, uint32_t *fi
     *count = (uint32_t)(b - a);
 }
 
-semoe_rc model_data_batch(const model_data_t *d, uint64_t step, uint32_t rank, uint32_t world,
-                          uint8_t *tokens, uint64_t *sample_ids, uint64_t *epochs)
+semoe_rc model_data_batch_rows(const model_data_t *d, uint64_t step, uint32_t first,
+                               uint32_t count, uint8_t *tokens, uint64_t *sample_ids,
+                               uint64_t *epochs)
 {
-    if (world == 0 || rank >= world)
-        return semoe_err(SEMOE_EINVAL, "data: rank %u of world %u: need rank < world", rank,
-                         world);
+    if (first > d->batch || count > d->batch - first)
+        return semoe_err(SEMOE_EINVAL, "data: rows [%u, %u) of a batch of %u", first,
+                         first + count, d->batch);
     if (step > (UINT64_MAX - d->batch) / d->batch)
         return semoe_err(SEMOE_EINVAL, "data: step %llu: past the last sample position",
                          (unsigned long long)step);
-    uint32_t first, count;
-    model_data_rows(d->batch, rank, world, &first, &count);
     uint64_t n = d->samples[MODEL_DATA_TRAIN], row = d->seq_len + 1;
     for (uint32_t r = 0; r < count; r++) {
         uint64_t p = step * d->batch + first + r;
@@ -558,24 +557,33 @@ semoe_rc model_data_batch(const model_data_t *d, uint64_t step, uint32_t rank, u
     return SEMOE_OK;
 }
 
+semoe_rc model_data_batch(const model_data_t *d, uint64_t step, uint32_t rank, uint32_t world,
+                          uint8_t *tokens, uint64_t *sample_ids, uint64_t *epochs)
+{
+    if (world == 0 || rank >= world)
+        return semoe_err(SEMOE_EINVAL, "data: rank %u of world %u: need rank < world", rank,
+                         world);
+    uint32_t first, count;
+    model_data_rows(d->batch, rank, world, &first, &count);
+    return model_data_batch_rows(d, step, first, count, tokens, sample_ids, epochs);
+}
+
 uint64_t model_data_heldout_batches(const model_data_t *d)
 {
     uint64_t n = d->samples[MODEL_DATA_HELDOUT];
     return (n + d->batch - 1) / d->batch;
 }
 
-semoe_rc model_data_heldout_batch(const model_data_t *d, uint64_t k, uint32_t rank,
-                                  uint32_t world, uint8_t *tokens, uint64_t *sample_ids)
+semoe_rc model_data_heldout_rows(const model_data_t *d, uint64_t k, uint32_t first,
+                                 uint32_t count, uint8_t *tokens, uint64_t *sample_ids)
 {
     uint64_t n = d->samples[MODEL_DATA_HELDOUT], row = d->seq_len + 1;
     if (n == 0)
         return semoe_err(SEMOE_EINVAL, "data: no held-out samples (data.heldout_fraction too "
                                        "small for this corpus, or 0)");
-    if (world == 0 || rank >= world)
-        return semoe_err(SEMOE_EINVAL, "data: rank %u of world %u: need rank < world", rank,
-                         world);
-    uint32_t first, count;
-    model_data_rows(d->batch, rank, world, &first, &count);
+    if (first > d->batch || count > d->batch - first)
+        return semoe_err(SEMOE_EINVAL, "data: rows [%u, %u) of a batch of %u", first,
+                         first + count, d->batch);
     uint64_t base = (uint64_t)((unsigned __int128)(k % n) * d->batch % n); /* k * batch mod n */
     for (uint32_t r = 0; r < count; r++) {
         uint64_t id = (base + first + r) % n;
@@ -584,4 +592,15 @@ semoe_rc model_data_heldout_batch(const model_data_t *d, uint64_t k, uint32_t ra
             sample_ids[r] = id;
     }
     return SEMOE_OK;
+}
+
+semoe_rc model_data_heldout_batch(const model_data_t *d, uint64_t k, uint32_t rank,
+                                  uint32_t world, uint8_t *tokens, uint64_t *sample_ids)
+{
+    if (world == 0 || rank >= world)
+        return semoe_err(SEMOE_EINVAL, "data: rank %u of world %u: need rank < world", rank,
+                         world);
+    uint32_t first, count;
+    model_data_rows(d->batch, rank, world, &first, &count);
+    return model_data_heldout_rows(d, k, first, count, tokens, sample_ids);
 }

@@ -86,6 +86,11 @@ void model_data_rows(uint32_t batch, uint32_t rank, uint32_t world, uint32_t *fi
  * epoch, so a cursor can be kept), or NULL. EINVAL on rank >= world or a step past 2^64 samples. */
 semoe_rc model_data_batch(const model_data_t *d, uint64_t step, uint32_t rank, uint32_t world,
                           uint8_t *tokens, uint64_t *sample_ids, uint64_t *epochs);
+/* The same for rows [first, first + count) of the global batch, as a PLAN's batch slice gives
+ * them. EINVAL when the rows are not within the batch. */
+semoe_rc model_data_batch_rows(const model_data_t *d, uint64_t step, uint32_t first,
+                               uint32_t count, uint8_t *tokens, uint64_t *sample_ids,
+                               uint64_t *epochs);
 
 /* Evaluation batches over the held-out split in its own order (no permutation): batch k holds
  * held-out samples (k * global_batch + j) % samples, split by rank as above. Batches
@@ -94,5 +99,7 @@ semoe_rc model_data_batch(const model_data_t *d, uint64_t step, uint32_t rank, u
 uint64_t model_data_heldout_batches(const model_data_t *d);
 semoe_rc model_data_heldout_batch(const model_data_t *d, uint64_t k, uint32_t rank,
                                   uint32_t world, uint8_t *tokens, uint64_t *sample_ids);
+semoe_rc model_data_heldout_rows(const model_data_t *d, uint64_t k, uint32_t first,
+                                 uint32_t count, uint8_t *tokens, uint64_t *sample_ids);
 
 #endif

@@ -21,7 +21,7 @@ typedef struct {
         double weight_decay, beta1, beta2, eps, grad_clip;
         uint64_t steps;
         uint64_t seed;
-        char checkpoint_dir[1024];  /* "" : no checkpoints */
+        char checkpoint_dir[1024];  /* a checkpoint root (model/checkpoint.h); "": none */
         uint32_t checkpoint_interval;
         uint32_t eval_interval;
     } train;

@@ -25,7 +25,9 @@ struct model_train {
     float *w, *g, *m, *v;
     float *gtmp;      /* one micro-batch's gradient, before scaling into g */
     model_acts_f32 *acts;  /* micro_batch x seq_len */
-    model_acts_f32 *tail;  /* a shorter last micro-batch, made on demand */
+    model_acts_f32 *tail[2]; /* other micro-batch sizes (a shorter last one, or the two sizes
+                              * of an even spread), made on demand, least recent replaced */
+    int tail_next;           /* the entry the next new size replaces */
     int32_t *tok;     /* (micro_batch, seq_len + 1) host tokens for the graph */
     s_run_t *runs;
     size_t n_runs;
@@ -125,7 +127,8 @@ void model_train_destroy(model_train_t **self_p)
     model_slab_destroy_f32(tr->be, &tr->gtmp);
     model_slab_destroy_f32(tr->be, &tr->g);
     model_slab_destroy_f32(tr->be, &tr->w);
-    model_acts_destroy_f32(&tr->tail);
+    model_acts_destroy_f32(&tr->tail[0]);
+    model_acts_destroy_f32(&tr->tail[1]);
     model_acts_destroy_f32(&tr->acts);
     free(tr);
     *self_p = NULL;
@@ -142,15 +145,52 @@ static semoe_rc s_prepare(model_train_t *tr, const uint8_t *tokens, uint32_t row
         *acts = tr->acts;
         return SEMOE_OK;
     }
-    if (!tr->tail || tr->tail->B != (int)rows) {
-        model_acts_destroy_f32(&tr->tail);
-        semoe_rc rc = model_acts_new_f32(tr->be, tr->params, (int)rows, (int)tr->seq, tr->R,
-                                         &tr->tail);
-        if (rc != SEMOE_OK)
-            return rc;
-    }
-    *acts = tr->tail;
+    for (int k = 0; k < 2; k++)
+        if (tr->tail[k] && tr->tail[k]->B == (int)rows) {
+            *acts = tr->tail[k];
+            return SEMOE_OK;
+        }
+    model_acts_f32 **slot = &tr->tail[tr->tail_next];
+    tr->tail_next ^= 1;
+    model_acts_destroy_f32(slot);
+    SEMOE_CHECK(model_acts_new_f32(tr->be, tr->params, (int)rows, (int)tr->seq, tr->R, slot));
+    *acts = *slot;
     return SEMOE_OK;
+}
+
+/* The micro-batches of n_rows rows: micro_steps of them spread as evenly as possible (the
+ * first n_rows % micro_steps one row longer), or with micro_steps 0 chunks of micro_batch and a
+ * shorter last one. Fills *n and, for micro-batch i, rows_of(i) via first/len. */
+typedef struct {
+    uint32_t n, base, extra, mb;
+} s_split_t;
+
+static semoe_rc s_split(const model_train_t *tr, uint32_t n_rows, uint32_t micro_steps,
+                        s_split_t *sp)
+{
+    if (micro_steps == 0) {
+        *sp = (s_split_t){.n = (n_rows + tr->mb - 1) / tr->mb, .mb = tr->mb};
+        return SEMOE_OK;
+    }
+    if (n_rows < micro_steps || (n_rows + micro_steps - 1) / micro_steps > tr->mb)
+        return semoe_err(SEMOE_EINVAL, "model train: %u rows in %u micro-batches: need 1 to "
+                         "micro_batch=%u rows in each", n_rows, micro_steps, tr->mb);
+    *sp = (s_split_t){.n = micro_steps, .base = n_rows / micro_steps,
+                      .extra = n_rows % micro_steps};
+    return SEMOE_OK;
+}
+
+/* Rows and first row of micro-batch i. */
+static void s_micro(const s_split_t *sp, uint32_t n_rows, uint32_t i, uint32_t *first,
+                    uint32_t *rows)
+{
+    if (sp->mb) {
+        *first = i * sp->mb;
+        *rows = n_rows - *first < sp->mb ? n_rows - *first : sp->mb;
+    } else {
+        *first = i * sp->base + (i < sp->extra ? i : sp->extra);
+        *rows = sp->base + (i < sp->extra);
+    }
 }
 
 semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_rows,
@@ -175,8 +215,11 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
      * this worker's share of its gradient: the factor is the global rows / global_batch. */
     int glob = hooks->ex && hooks->ex->reduce_stats;
     double wsum = 0;
-    for (uint32_t first = 0; first < n_rows; first += tr->mb) {
-        uint32_t rows = n_rows - first < tr->mb ? n_rows - first : tr->mb;
+    s_split_t sp;
+    SEMOE_CHECK(s_split(tr, n_rows, hooks->micro_steps, &sp));
+    for (uint32_t i = 0; i < sp.n; i++) {
+        uint32_t first, rows;
+        s_micro(&sp, n_rows, i, &first, &rows);
         model_acts_f32 *acts;
         SEMOE_CHECK(s_prepare(tr, tokens + (size_t)first * row_len, rows, &acts));
         model_loss_t loss;
@@ -186,7 +229,7 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
         t0 = s_now();
         double scale = glob ? (double)loss.tokens / ((double)tr->seq * tr->gb)
                               : (double)rows / tr->gb;
-        int direct = n_rows <= tr->mb && scale == 1.0;
+        int direct = sp.n == 1 && scale == 1.0;
         if (direct) {
             SEMOE_CHECK(model_backward_f32(be, tr->params, tr->w, tr->g, acts, hooks->ex));
         } else {
@@ -258,14 +301,17 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
 }
 
 semoe_rc model_train_eval(model_train_t *tr, const uint8_t *tokens, uint32_t n_rows,
-                          const model_exchange_f32 *ex, double *ce)
+                          const model_exchange_f32 *ex, uint32_t micro_steps, double *ce)
 {
     size_t row_len = (size_t)tr->seq + 1;
     double sum = 0, wsum = 0;
     if (n_rows == 0)
         return semoe_err(SEMOE_EINVAL, "model train: eval over 0 rows");
-    for (uint32_t first = 0; first < n_rows; first += tr->mb) {
-        uint32_t rows = n_rows - first < tr->mb ? n_rows - first : tr->mb;
+    s_split_t sp;
+    SEMOE_CHECK(s_split(tr, n_rows, micro_steps, &sp));
+    for (uint32_t i = 0; i < sp.n; i++) {
+        uint32_t first, rows;
+        s_micro(&sp, n_rows, i, &first, &rows);
         model_acts_f32 *acts;
         SEMOE_CHECK(s_prepare(tr, tokens + (size_t)first * row_len, rows, &acts));
         model_loss_t loss;
@@ -286,7 +332,8 @@ semoe_rc model_train_set_expert_rows(model_train_t *tr, int rows)
     model_acts_f32 *acts = NULL;
     SEMOE_CHECK(model_acts_new_f32(tr->be, tr->params, (int)tr->mb, (int)tr->seq, rows, &acts));
     model_acts_destroy_f32(&tr->acts);
-    model_acts_destroy_f32(&tr->tail);
+    model_acts_destroy_f32(&tr->tail[0]);
+    model_acts_destroy_f32(&tr->tail[1]);
     tr->acts = acts;
     tr->R = rows;
     return SEMOE_OK;

@@ -31,6 +31,11 @@ typedef struct {
     semoe_rc (*reduce_sumsq)(void *arg, double dense, double expert, double *global);
     /* The expert exchange for forward and backward; NULL: the local one (every expert held). */
     const model_exchange_f32 *ex;
+    /* Micro-batches per step; 0: n_rows / micro_batch rounded up (chunks of micro_batch, a
+     * shorter last one). Workers of an exchange must run the same number (each micro-batch is
+     * a collective), whatever their rows: they pass the same count and their rows are spread
+     * evenly over it (each micro-batch at most micro_batch rows, at least 1). */
+    uint32_t micro_steps;
 } model_train_hooks_t;
 
 /* One step's account. Losses are this process's means over its rows (micro-batches weighted by
@@ -87,10 +92,11 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
  * micro-batch's tokens * K is always enough. */
 semoe_rc model_train_set_expert_rows(model_train_t *tr, int rows);
 
-/* Forward only over tokens (n_rows, seq_len + 1) in micro-batches: *ce the mean cross-entropy
- * over every target (aux not included). ex NULL: the local exchange. */
+/* Forward only over tokens (n_rows, seq_len + 1) in micro-batches (micro_steps as in
+ * model_train_hooks_t): *ce the mean cross-entropy over every target (aux not included); with an
+ * exchange that has reduce_stats, over every worker's targets. ex NULL: the local exchange. */
 semoe_rc model_train_eval(model_train_t *tr, const uint8_t *tokens, uint32_t n_rows,
-                          const model_exchange_f32 *ex, double *ce);
+                          const model_exchange_f32 *ex, uint32_t micro_steps, double *ce);
 
 /* --- state, for checkpoints and tests ------------------------------------------------------ */
 

@@ -25,6 +25,17 @@ const char *proto_type_name(uint32_t type)
     return type > 0 && type < PROTO_TYPE_END ? s_types[type].name : "?";
 }
 
+const char *proto_phase_name(uint32_t phase)
+{
+    static const char *names[PROTO_PHASE_END] = {
+        [PROTO_PHASE_IDLE] = "idle",
+        [PROTO_PHASE_TRAINING] = "training",
+        [PROTO_PHASE_FINISHED] = "finished",
+        [PROTO_PHASE_FAILED] = "failed",
+    };
+    return phase < PROTO_PHASE_END ? names[phase] : "?";
+}
+
 const char *proto_result_str(proto_result_t r)
 {
     static const char *names[PROTO_RESULT_END] = {
@@ -70,7 +81,8 @@ static proto_result_t s_rd_U64(proto_reader_t *r, uint64_t *out, uint64_t limit)
     return PROTO_OK;
 }
 
-__attribute__((unused)) static proto_result_t s_rd_F64(proto_reader_t *r, double *out, uint64_t limit)
+/* Any double, NaN and infinities included: a field's meaning says what NaN stands for. */
+static proto_result_t s_rd_F64(proto_reader_t *r, double *out, uint64_t limit)
 {
     (void)limit;
     return proto_read_f64(r, out);
@@ -308,7 +320,7 @@ static semoe_rc s_wr_U64(msgpack_packer *pk, const char *f, uint64_t v, uint64_t
     return msgpack_pack_uint64(pk, v) ? semoe_err(SEMOE_ENOMEM, "proto: pack") : SEMOE_OK;
 }
 
-__attribute__((unused)) static semoe_rc s_wr_F64(msgpack_packer *pk, const char *f, double v, uint64_t limit)
+static semoe_rc s_wr_F64(msgpack_packer *pk, const char *f, double v, uint64_t limit)
 {
     (void)f, (void)limit;
     return msgpack_pack_double(pk, v) ? semoe_err(SEMOE_ENOMEM, "proto: pack") : SEMOE_OK;
@@ -478,7 +490,7 @@ semoe_rc proto_plan_encode_for(const proto_header_t *hdr, uint32_t rank,
 
 static void s_pr_U32(FILE *f, const char *n, uint32_t v) { fprintf(f, " %s=%u", n, v); }
 static void s_pr_U64(FILE *f, const char *n, uint64_t v) { fprintf(f, " %s=%" PRIu64, n, v); }
-__attribute__((unused)) static void s_pr_F64(FILE *f, const char *n, double v) { fprintf(f, " %s=%g", n, v); }
+static void s_pr_F64(FILE *f, const char *n, double v) { fprintf(f, " %s=%g", n, v); }
 static void s_pr_STR(FILE *f, const char *n, const char *v) { fprintf(f, " %s=\"%s\"", n, v); }
 static void s_pr_BYTES(FILE *f, const char *n, proto_bytes_t v)
 {

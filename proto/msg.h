@@ -76,6 +76,15 @@ enum {
 
 typedef enum { PROTO_TIER_HBM = 0, PROTO_TIER_HOST, PROTO_TIER_SSD, PROTO_TIERS } proto_tier_t;
 
+/* What a worker is doing, in its HEARTBEAT. */
+typedef enum {
+    PROTO_PHASE_IDLE = 0, /* no plan yet, or not training */
+    PROTO_PHASE_TRAINING, /* running steps */
+    PROTO_PHASE_FINISHED, /* reached train.steps (its final checkpoint written) */
+    PROTO_PHASE_FAILED,   /* training stopped on an error it cannot get past */
+    PROTO_PHASE_END
+} proto_phase_t;
+
 /* A view of bytes inside the decoded buffer (or, when encoding, the caller's bytes). */
 typedef struct {
     const uint8_t *data;
@@ -123,13 +132,25 @@ typedef struct {
     X(U32, liveness, 1000)                                                                   \
     X(BYTES, job, PROTO_MAX_MSG)                /* the job spec, JSON */
 
+/* A worker's HEARTBEAT says how far it is: step, training steps completed (the next step to
+ * run); loss, the training loss (cross-entropy + aux, of the global batch) of its last completed
+ * step, NaN before any; eval_loss, the held-out cross-entropy of its last evaluation, measured
+ * when eval_step steps were done (NaN and 0 when none yet); tokens_per_s, its own training tokens
+ * (targets) per second over its last step. The coordinator's HEARTBEAT carries only step (the
+ * job's). F64 fields take any double; the coordinator counts a rate that is not a finite
+ * number >= 0 as 0. */
 #define PROTO_HEARTBEAT_FIELDS(X)                                                            \
-    X(U64, step, UINT64_MAX)                    /* last step completed */                    \
+    X(U64, step, UINT64_MAX)                    /* steps completed (the next step to run) */ \
     X(U64, step_time_us, UINT64_MAX)                                                         \
     X(U64, mem_hbm, UINT64_MAX)                 /* bytes in use per tier */                  \
     X(U64, mem_host, UINT64_MAX)                                                             \
     X(U64, mem_ssd, UINT64_MAX)                                                              \
-    X(U32S, load, PROTO_MAX_EXPERTS)            /* tokens per expert (layer*E + j) last step */
+    X(U32S, load, PROTO_MAX_EXPERTS)            /* tokens per expert (layer*E + j) last step */ \
+    X(F64, loss, 0)                             /* of the last step; NaN: none yet */        \
+    X(F64, eval_loss, 0)                        /* held-out; NaN: no evaluation yet */       \
+    X(U64, eval_step, UINT64_MAX)               /* steps done at that evaluation (0: none) */ \
+    X(F64, tokens_per_s, 0)                     /* this worker's, over its last step */      \
+    X(U32, phase, PROTO_PHASE_END - 1)          /* proto_phase_t */
 
 /* The shared part of a PLAN (all fields after rank) is the same for every worker and is
  * encoded once per generation (proto_plan_encode_shared). */
@@ -232,6 +253,8 @@ bool proto_peers_next(const proto_peers_t *peers, size_t *pos, char id[PROTO_MAX
                       char endpoint[PROTO_MAX_ENDPOINT + 1]);
 
 const char *proto_type_name(uint32_t type);
+/* "idle", "training", "finished", "failed"; "?" for anything else. */
+const char *proto_phase_name(uint32_t phase);
 const char *proto_result_str(proto_result_t r);
 /* Prints one line, "PLAN gen=3 seq=9 run=... rank=1 world=4 ...", for logs and tests. */
 void proto_print(const proto_msg_t *msg, FILE *out);

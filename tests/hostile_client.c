@@ -124,12 +124,17 @@ static void s_pack_heartbeat(msgpack_sbuffer *sb, uint64_t magic, uint64_t versi
 {
     msgpack_packer pk;
     msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    s_pack_header(&pk, 12, magic, version, type, s_h->gen);
+    s_pack_header(&pk, 6 + 11, magic, version, type, s_h->gen);
     for (int i = 0; i < 5; i++)
         msgpack_pack_uint64(&pk, 0);
     uint32_t bytes = 4 * s_h->layers * s_h->experts;
     msgpack_pack_bin(&pk, bytes);
     msgpack_pack_bin_body(&pk, s_zeros, bytes);
+    msgpack_pack_double(&pk, 2.5); /* loss, eval_loss, eval_step, tokens_per_s, phase */
+    msgpack_pack_double(&pk, 2.75);
+    msgpack_pack_uint64(&pk, 0);
+    msgpack_pack_double(&pk, 100.0);
+    msgpack_pack_uint32(&pk, PROTO_PHASE_TRAINING);
 }
 
 /* --- malformed messages ----------------------------------------------------------------- */

@@ -109,7 +109,7 @@ int main(void)
     proc_ports_t pp;
     REQUIRE(proc_ports_pick(&pp), "no free ports");
     char job[4096];
-    proc_src_path(job, sizeof job, "tests/jobs/small.json");
+    proc_src_path(job, sizeof job, "tests/jobs/control.json");
     proc_t *coord = proc_start_coordinator("coordinator", job, &pp, NULL);
     REQUIRE(coord, "coordinator did not start");
 

@@ -76,7 +76,7 @@ int main(void)
     test_init("faults");
     proc_init("faults");
     char summary[1024], job[PATH_MAX];
-    proc_src_path(job, sizeof job, "tests/jobs/small.json");
+    proc_src_path(job, sizeof job, "tests/jobs/control.json");
 
     proc_ports_t pp;
     proc_t *coord;

@@ -440,7 +440,7 @@ static bool s_job(char *path, size_t n)
 {
     char src[4096];
     size_t len;
-    proc_src_path(src, sizeof src, "tests/jobs/small.json");
+    proc_src_path(src, sizeof src, "tests/jobs/control.json");
     char *text = proc_read_file(src, &len);
     cJSON *job = text ? cJSON_ParseWithLength(text, len) : NULL;
     free(text);

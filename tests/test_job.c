@@ -173,7 +173,7 @@ static void test_demo(void)
     CHECK(job->cluster.heartbeat_ms == 1000 && job->cluster.liveness == 3, "demo cluster");
     CHECK(job->data.n_paths == 1 && strcmp(job->data.paths[0], "/usr/share/games/fortunes") == 0,
           "demo data");
-    CHECK(job->train.seq_len == 128 && job->train.global_batch == 32 && job->train.steps == 2000,
+    CHECK(job->train.seq_len == 128 && job->train.global_batch == 32 && job->train.steps == 400,
           "demo train");
     CHECK(strcmp(job->train.schedule, "cosine") == 0, "demo schedule");
     size_t len = 0;

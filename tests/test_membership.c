@@ -57,14 +57,14 @@ int main(void)
     test_init("membership");
     proc_init("membership");
     char summary[1024], job[PATH_MAX];
-    proc_src_path(job, sizeof job, "tests/jobs/small.json");
+    proc_src_path(job, sizeof job, "tests/jobs/control.json");
 
     proc_ports_t pp;
     proc_t *coord;
     cJSON *st = test_status_start_coordinator(job, &pp, &coord);
     REQUIRE(st, "no coordinator answering on its status socket");
     long long hb = test_status_num(st, "heartbeat_ms"), liveness = test_status_num(st, "liveness");
-    CHECK(hb == 200 && liveness == 3, "status heartbeat_ms=%lld liveness=%lld, small.json says "
+    CHECK(hb == 200 && liveness == 3, "status heartbeat_ms=%lld liveness=%lld, control.json says "
           "200 and 3", hb, liveness);
     if (hb <= 0 || liveness <= 0) {
         hb = 200;

@@ -1,6 +1,8 @@
 /* /metrics (net): the Prometheus text agrees with the status socket (workers by state,
- * generation, counters) after a settle and after a worker leaves; other paths get 404,
- * garbage gets 400, and a client that connects and says nothing does not block the others. */
+ * generation, counters, loss, held-out loss, tokens per second of the job and of each worker)
+ * after a settle and after a worker leaves; other paths get 404, garbage gets 400, and a
+ * client that connects and says nothing does not block the others. */
+#include <math.h>
 #include <arpa/inet.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -63,6 +65,76 @@ static long long s_sample(const char *body, const char *name)
     return -1;
 }
 
+/* The value of the sample line that starts with name as a double (NaN spelled "NaN"); *found
+ * says whether there is one. */
+static double s_sample_f(const char *body, const char *name, bool *found)
+{
+    size_t n = strlen(name);
+    *found = false;
+    for (const char *p = body; p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL)
+        if (strncmp(p, name, n) == 0 && p[n] == ' ') {
+            *found = true;
+            return strtod(p + n + 1, NULL);
+        }
+    return NAN;
+}
+
+/* A status number, NaN for null. */
+static double s_status_f(const cJSON *obj, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
+}
+
+/* a and b agree: both NaN, or within tol (relative to b, at least abs_tol). */
+static bool s_agree(double a, double b, double rel, double abs_tol)
+{
+    if (isnan(a) || isnan(b))
+        return isnan(a) && isnan(b);
+    return fabs(a - b) <= fmax(abs_tol, rel * fabs(b));
+}
+
+/* Compares the training gauges with the status taken around them: workers that train change
+ * them with every heartbeat, so only a metrics reply between two status replies that saw the
+ * same heartbeats counts. */
+static void s_compare_progress(const char *when)
+{
+    for (int attempt = 0; attempt < 50; attempt++) {
+        cJSON *before = test_status_query(g_ports.status_ep, 3000);
+        char *reply = s_http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 35);
+        cJSON *st = test_status_query(g_ports.status_ep, 3000);
+        const char *body = reply ? strstr(reply, "\r\n\r\n") : NULL;
+        bool still = before && st && body && test_status_counter(before, "heartbeats") ==
+                                                 test_status_counter(st, "heartbeats");
+        if (still) {
+            bool found;
+            const char *gauges[][2] = {{"semoe_loss", "loss"},
+                                       {"semoe_eval_loss", "eval_loss"},
+                                       {"semoe_tokens_per_second", "tokens_per_s"}};
+            for (size_t i = 0; i < sizeof gauges / sizeof gauges[0]; i++) {
+                double m = s_sample_f(body, gauges[i][0], &found), v = s_status_f(st, gauges[i][1]);
+                CHECK(found && s_agree(m, v, 1e-8, 0.0011), "%s: %s %g vs status %s %g", when,
+                      gauges[i][0], m, gauges[i][1], v);
+            }
+            const cJSON *w;
+            cJSON_ArrayForEach(w, test_status_workers(st)) {
+                char name[256];
+                snprintf(name, sizeof name, "semoe_worker_tokens_per_second{worker=\"%.160s\"}",
+                         test_status_worker_id(w));
+                double m = s_sample_f(body, name, &found), v = s_status_f(w, "tokens_per_s");
+                CHECK(found && s_agree(m, v, 0, 0.0006), "%s: %s %g vs status %g", when, name, m,
+                      v);
+            }
+        }
+        cJSON_Delete(before);
+        cJSON_Delete(st);
+        free(reply);
+        if (still)
+            return;
+    }
+    CHECK(false, "%s: the heartbeats counter moved during every one of 50 tries", when);
+}
+
 /* Compares the metrics with a status reply taken right after them (nothing changes between:
  * the cluster is settled and heartbeats move only the heartbeat counter). */
 static void s_compare(const char *when)
@@ -108,7 +180,7 @@ int main(void)
     REQUIRE(proc_ports_pick(&g_ports), "no free ports");
     s_port = g_ports.metrics;
     char job[4096];
-    proc_src_path(job, sizeof job, "tests/jobs/small.json");
+    proc_src_path(job, sizeof job, "tests/jobs/control.json");
     proc_t *coord = proc_start_coordinator("coordinator", job, &g_ports, NULL);
     REQUIRE(coord, "coordinator did not start");
     int n = 2 + (int)test_rand_below(3);
@@ -131,6 +203,7 @@ int main(void)
     int idle = s_connect();
     CHECK(idle >= 0, "cannot connect to %s", g_ports.metrics_addr);
     s_compare("settled");
+    s_compare_progress("settled");
 
     /* One worker leaves: the counters and gauges follow. */
     int k = (int)test_rand_below((uint64_t)n);
@@ -140,6 +213,7 @@ int main(void)
     REQUIRE(st, "%s did not leave", ids[k]);
     cJSON_Delete(st);
     s_compare("after a leave");
+    s_compare_progress("after a leave");
 
     /* Other paths and garbage. */
     char *r = s_http("GET /nope HTTP/1.0\r\n\r\n", 22);

@@ -2,6 +2,7 @@
  * with its own result; msgpack bombs are refused without allocating; PLANs encoded from a
  * shared body equal PLANs encoded whole. `test_proto --write-corpus DIR` writes fuzz seeds. */
 #include <malloc.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -34,10 +35,33 @@ static uint64_t s_rand_u64(uint64_t limit)
     return limit == UINT64_MAX ? v : v % (limit + 1);
 }
 
+/* Any double, NaN (quiet, with a payload) and infinities among them: the wire keeps the bits. */
+static double s_rand_f64(void)
+{
+    switch (test_rand_below(8)) {
+    case 0:
+        return NAN;
+    case 1: {
+        uint64_t bits = 0x7ff8000000000000ull | (test_rand() & 0x0007ffffffffffffull);
+        double v;
+        memcpy(&v, &bits, sizeof v);
+        return v;
+    }
+    case 2:
+        return test_rand_below(2) ? INFINITY : -INFINITY;
+    case 3:
+        return -1e6 * test_rand_unit();
+    case 4:
+        return ldexp(test_rand_unit(), (int)test_rand_below(2000) - 1000);
+    default:
+        return 10 * test_rand_unit();
+    }
+}
+
 /* Fills a field with random contents within its limit. */
 #define FILL_U32(f, limit) f = (uint32_t)s_rand_u64(limit)
 #define FILL_U64(f, limit) f = s_rand_u64(limit)
-#define FILL_F64(f, limit) f = test_rand_unit()
+#define FILL_F64(f, limit) f = s_rand_f64()
 #define FILL_STR(f, limit) s_rand_str(f, (limit) < 40 ? (limit) + 1 : 40)
 #define FILL_BYTES(f, limit)                                                                 \
     do {                                                                                     \
@@ -157,9 +181,11 @@ static bool s_eq_peers(proto_peers_t a, proto_peers_t b)
     }
     return !proto_peers_next(&b, &pos, id, ep);
 }
+/* The same bits: NaN equals itself, and -0 differs from 0, as the wire keeps them. */
+static bool s_eq_f64(double a, double b) { return memcmp(&a, &b, sizeof a) == 0; }
 #define EQ_U32(a, b) ((a) == (b))
 #define EQ_U64(a, b) ((a) == (b))
-#define EQ_F64(a, b) ((a) == (b))
+#define EQ_F64(a, b) s_eq_f64(a, b)
 #define EQ_STR(a, b) (strcmp(a, b) == 0)
 #define EQ_BYTES(a, b) ((a).size == (b).size && (!(a).size || !memcmp((a).data, (b).data, (a).size)))
 #define EQ_U32S(a, b) s_eq_u32s(a, b)
@@ -278,6 +304,44 @@ static proto_result_t s_decode_bytes(const char *hex)
     return proto_decode(buf, n, &m);
 }
 
+/* Decodes a HEARTBEAT written field by field into *m (NULL: a scratch one): load bytes
+ * load[0..n), loss written as kind ('d' double, 'f' float 32, 'n' NaN, 's' string, 'a' array,
+ * 'i' integer; 'o': the old shape, nothing after load), then eval_loss 2, eval_step 7,
+ * tokens_per_s 1234.5 and phase. */
+static proto_result_t s_heartbeat_raw(const char *load, uint32_t n, char kind, uint32_t phase,
+                                      proto_msg_t *m)
+{
+    proto_msg_t scratch;
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_array(&pk, kind == 'o' ? 6 + 6 : 6 + 11);
+    msgpack_pack_uint32(&pk, PROTO_MAGIC);
+    msgpack_pack_uint32(&pk, PROTO_VERSION);
+    msgpack_pack_uint32(&pk, PROTO_HEARTBEAT);
+    for (int i = 0; i < 3 + 5; i++) /* run, generation, seq; step .. mem_ssd */
+        msgpack_pack_uint64(&pk, (uint64_t)i);
+    msgpack_pack_bin_with_body(&pk, load, n);
+    if (kind != 'o') {
+        switch (kind) {
+        case 'f': msgpack_pack_float(&pk, 2.5f); break;
+        case 'n': msgpack_pack_double(&pk, NAN); break;
+        case 's': msgpack_pack_str_with_body(&pk, "x", 1); break;
+        case 'a': msgpack_pack_array(&pk, 1), msgpack_pack_double(&pk, 1); break;
+        case 'i': msgpack_pack_uint32(&pk, 3); break;
+        default: msgpack_pack_double(&pk, 3.25); break;
+        }
+        msgpack_pack_double(&pk, 2.0);    /* eval_loss */
+        msgpack_pack_uint64(&pk, 7);      /* eval_step */
+        msgpack_pack_double(&pk, 1234.5); /* tokens_per_s */
+        msgpack_pack_uint32(&pk, phase);
+    }
+    proto_result_t r = proto_decode(sb.data, sb.size, m ? m : &scratch);
+    msgpack_sbuffer_destroy(&sb);
+    return r;
+}
+
 static void test_malformed(void)
 {
     proto_msg_t m;
@@ -344,14 +408,21 @@ static void test_malformed(void)
           "str32 bomb in JOIN");
     CHECK(s_heap_in_use() == before, "bombs allocated");
 
-    /* A HEARTBEAT load whose bin is not a whole number of u32. */
-    msgpack_sbuffer_init(&sb);
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    s_raw_header(&sb, PROTO_MAGIC, PROTO_VERSION, PROTO_HEARTBEAT, 5);
-    sb.data[0] = (char)(0x90 + 12);
-    msgpack_pack_bin_with_body(&pk, "abc", 3);
-    CHECK(proto_decode(sb.data, sb.size, &m) == PROTO_ERANGE, "load of 3 bytes");
-    msgpack_sbuffer_destroy(&sb);
+    /* HEARTBEATs written field by field: a load whose bin is not a whole number of u32, F64
+     * fields as float 32, a string or a container, NaN, a phase beyond the last. */
+    CHECK(s_heartbeat_raw("abc", 3, 'd', 1, NULL) == PROTO_ERANGE, "load of 3 bytes");
+    CHECK(s_heartbeat_raw("abcd", 4, 'd', 3, NULL) == PROTO_OK, "valid HEARTBEAT refused");
+    CHECK(s_heartbeat_raw("abcd", 4, 'f', 2, NULL) == PROTO_OK, "float 32 loss refused");
+    CHECK(s_heartbeat_raw("abcd", 4, 's', 1, NULL) == PROTO_EKIND, "string as loss");
+    CHECK(s_heartbeat_raw("abcd", 4, 'a', 1, NULL) == PROTO_EDEPTH, "array as loss");
+    CHECK(s_heartbeat_raw("abcd", 4, 'i', 1, NULL) == PROTO_EKIND, "integer as loss");
+    CHECK(s_heartbeat_raw("abcd", 4, 'd', PROTO_PHASE_END, NULL) == PROTO_ERANGE, "phase 4");
+    CHECK(s_heartbeat_raw("abcd", 4, 'o', 0, NULL) == PROTO_EFIELDS, "HEARTBEAT of the old shape");
+    proto_msg_t hb;
+    CHECK(s_heartbeat_raw("abcd", 4, 'n', 1, &hb) == PROTO_OK && isnan(hb.heartbeat.loss) &&
+              hb.heartbeat.eval_loss == 2.0 && hb.heartbeat.eval_step == 7 &&
+              hb.heartbeat.tokens_per_s == 1234.5 && hb.heartbeat.phase == PROTO_PHASE_TRAINING,
+          "HEARTBEAT fields read back wrong");
 
     /* Random bytes never crash and never decode as anything but a result code. */
     uint8_t buf[256];

@@ -315,7 +315,7 @@ static double s_heldout(model_train_t *tr, const model_data_t *d, uint8_t *buf, 
     for (int k = 0; k < batches; k++) {
         double ce = NAN;
         if (model_data_heldout_batch(d, (uint64_t)k, 0, 1, buf, NULL) != SEMOE_OK ||
-            model_train_eval(tr, buf, 8, NULL, &ce) != SEMOE_OK)
+            model_train_eval(tr, buf, 8, NULL, 0, &ce) != SEMOE_OK)
             return NAN;
         sum += ce;
     }

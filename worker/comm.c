@@ -48,6 +48,7 @@ struct comm_port {
     char endpoint[512];
     s_queue_t stash; /* newer-generation messages, for the next comm */
     comm_t *comm;    /* the comm built on it, if any */
+    void *interrupt; /* a socket whose input interrupts a waiting call, or NULL */
 };
 
 /* Called for each message of the running collective; owns m from then on. */
@@ -63,6 +64,7 @@ struct comm {
     void *accept_st;
     s_queue_t pending;     /* this generation, later collectives */
     atomic_bool aborted;
+    bool interrupted;      /* the port's interrupt socket had input while a call waited */
     bool broken;
     comm_stats_t st;
     float *scratch;        /* one chunk: a rank's own contribution while it is reduced */
@@ -218,6 +220,11 @@ fail:
 const char *comm_port_endpoint(const comm_port_t *port)
 {
     return port->endpoint;
+}
+
+void comm_port_set_interrupt(comm_port_t *port, void *sock)
+{
+    port->interrupt = sock;
 }
 
 void comm_port_destroy(comm_port_t **port_p)
@@ -486,9 +493,13 @@ static semoe_rc s_pump(comm_t *c, int64_t deadline)
         wait = 0;
     if (wait > COMM_POLL_SLICE_MS)
         wait = COMM_POLL_SLICE_MS;
-    zmq_pollitem_t it = {c->port->router, 0, ZMQ_POLLIN, 0};
-    if (zmq_poll(&it, 1, (long)wait) == -1 && zmq_errno() != EINTR)
+    zmq_pollitem_t it[2] = {{c->port->router, 0, ZMQ_POLLIN, 0},
+                            {c->port->interrupt, 0, ZMQ_POLLIN, 0}};
+    int rc = zmq_poll(it, c->port->interrupt ? 2 : 1, (long)wait);
+    if (rc == -1 && zmq_errno() != EINTR)
         return semoe_err(SEMOE_EIO, "comm: zmq_poll: %s", zmq_strerror(zmq_errno()));
+    if (rc > 0 && c->port->interrupt && (it[1].revents & ZMQ_POLLIN))
+        c->interrupted = true;
     for (int k = 0; k < S_DRAIN_BITE; k++) {
         bool got;
         SEMOE_CHECK(s_read_one(c, &got));
@@ -534,9 +545,11 @@ static semoe_rc s_run(comm_t *c, const s_coll_t *k, int timeout_ms)
         rc = k->step(c, k->st, &done);
         if (rc != SEMOE_OK || done)
             break;
-        if (atomic_load(&c->aborted)) {
-            rc = semoe_err(SEMOE_ESTOPPED, "comm: %s (generation %llu, collective %u): aborted",
-                           k->what, (unsigned long long)c->gen, c->seq);
+        if (atomic_load(&c->aborted) || c->interrupted) {
+            rc = semoe_err(SEMOE_ESTOPPED, "comm: %s (generation %llu, collective %u): %s",
+                           k->what, (unsigned long long)c->gen, c->seq,
+                           c->interrupted ? "interrupted by a message for this worker"
+                                          : "aborted");
             break;
         }
         if (clock_mono_ms() >= deadline) {

@@ -53,6 +53,10 @@ semoe_rc comm_port_new(void *ctx, const char *bind, comm_port_t **out);
 /* The endpoint the ROUTER is bound to, wildcard port resolved (ZMQ_LAST_ENDPOINT). A wildcard
  * host (0.0.0.0) is not rewritten: peers need worker_control_advertised's answer. */
 const char *comm_port_endpoint(const comm_port_t *port);
+/* A socket (of the port's thread, e.g. its actor pipe) whose input interrupts a waiting call:
+ * the call returns SEMOE_ESTOPPED within COMM_POLL_SLICE_MS and breaks its comm, leaving the
+ * input unread. NULL: none. An actor that must answer its mailbox while it waits on peers. */
+void comm_port_set_interrupt(comm_port_t *port, void *sock);
 /* Closes the ROUTER and frees what it kept; nulls *port_p. Destroy its comm first. */
 void comm_port_destroy(comm_port_t **port_p);
 

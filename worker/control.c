@@ -1,10 +1,12 @@
 /* The worker's control actor: a zmq_poll loop over its pipe, the DEALER to the coordinator and
- * the data ROUTER. Paranoid Pirate, worker side: any message is life, HEARTBEAT every interval,
- * silence for liveness intervals: a new socket after a backoff of 1 s doubling to a cap. */
+ * the pipe of its trainer actor (worker/trainer.c), which it starts and feeds the job and the
+ * plans. Paranoid Pirate, worker side: any message is life, HEARTBEAT every interval, silence
+ * for liveness intervals: a new socket after a backoff of 1 s doubling to a cap. */
 #include "worker/control.h"
 
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,12 +16,14 @@
 #include "actors/log.h"
 #include "model/job.h"
 #include "worker/plan.h"
+#include "worker/trainer.h"
 
 #define S_DEFAULT_HEARTBEAT_MS 1000 /* until a WELCOME says otherwise */
 #define S_DEFAULT_LIVENESS 3
 #define S_BACKOFF_START_MS 1000
 #define S_LEAVE_LINGER_MS 1000      /* how long a LEAVE may wait in the socket at exit */
 #define S_DRAIN_MAX 256             /* messages handled per socket per loop turn */
+#define S_PROGRESS_HB_MS 50         /* a step's progress goes out at once, at most this often */
 
 typedef enum {
     S_BACKOFF, /* no control socket; a new one at retry_at_ms */
@@ -36,7 +40,8 @@ typedef struct {
     worker_control_config_t *cfg;
     void *pipe;
     void *dealer;                 /* NULL while in backoff, left or stopped */
-    void *data;                   /* the data ROUTER (unused until the data plane lands) */
+    actor_t *trainer;             /* owns the data port; trains */
+    worker_trainer_config_t tcfg;
     char data_endpoint[PROTO_MAX_ENDPOINT + 1];
     s_state_t state;
     bool terminated;
@@ -63,8 +68,10 @@ typedef struct {
     bool have_plan;
     worker_plan_t plan;
 
-    /* training progress (reported in HEARTBEAT; the trainer fills these later) */
+    /* training progress, as the trainer last reported it (sent in HEARTBEAT) */
     uint64_t step, step_time_us;
+    worker_progress_t progress;
+    int64_t last_hb_ms;           /* when the last HEARTBEAT went out */
     bool paused;
     uint64_t pause_step;
 
@@ -132,7 +139,13 @@ static void s_send_heartbeat(s_ctl_t *self)
     msg.heartbeat.mem_ssd = used[PROTO_TIER_SSD];
     uint32_t n = self->load ? self->num_layers * self->num_experts : 0;
     msg.heartbeat.load = PROTO_U32S(self->load, n);
+    msg.heartbeat.loss = self->progress.loss;
+    msg.heartbeat.eval_loss = self->progress.eval_loss;
+    msg.heartbeat.eval_step = self->progress.eval_step;
+    msg.heartbeat.tokens_per_s = self->progress.tokens_per_s;
+    msg.heartbeat.phase = self->progress.phase;
     s_send(self, &msg);
+    self->last_hb_ms = clock_mono_ms();
 }
 
 /* --- the control socket's life ---------------------------------------------------------- */
@@ -255,6 +268,8 @@ static void s_on_welcome(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
     self->run_id = msg->hdr.run_id;
     self->generation = msg->hdr.generation;
     s_take_job(self, w->job);
+    actor_send_str(actor_pipe(self->trainer), "JOB", ZMQ_SNDMORE);
+    zmq_send(actor_pipe(self->trainer), w->job.data, w->job.size, 0);
     s_forget_plan(self);
     if (strcmp(w->worker_id, self->cfg->id) != 0)
         log_warn("the coordinator calls this worker %s, not %s", w->worker_id, self->cfg->id);
@@ -300,6 +315,10 @@ static void s_on_plan(s_ctl_t *self, const proto_msg_t *msg)
         self->load = semoe_xcalloc((size_t)p->num_layers * p->num_experts, sizeof(uint32_t));
     }
     worker_plan_log(&self->plan);
+    worker_plan_t *copy = semoe_xmalloc(sizeof *copy); /* the trainer's from here */
+    worker_plan_copy(copy, &self->plan);
+    actor_send_str(actor_pipe(self->trainer), "PLAN", ZMQ_SNDMORE);
+    zmq_send(actor_pipe(self->trainer), &copy, sizeof copy, 0);
     s_send_ack(self, PROTO_PLAN, gen, 0);
 }
 
@@ -437,19 +456,40 @@ static void s_drain_dealer(s_ctl_t *self)
     }
 }
 
-/* Nothing uses the data socket yet: drop what arrives so it cannot fill up. */
-static void s_drain_data(s_ctl_t *self)
+/* PROGRESS from the trainer: keep it for the heartbeats, and send one at once (a step's news
+ * reaches the coordinator without waiting for the timer, at most every S_PROGRESS_HB_MS). */
+static void s_on_trainer(s_ctl_t *self)
 {
-    for (int i = 0; i < S_DRAIN_MAX; i++) {
-        zmq_msg_t frame;
-        zmq_msg_init(&frame);
-        int rc = zmq_msg_recv(&frame, self->data, ZMQ_DONTWAIT);
-        zmq_msg_close(&frame);
-        if (rc == -1)
-            return;
-        if (i == 0)
-            log_debug("data socket: dropping a message (no data plane yet)");
+    void *pipe = actor_pipe(self->trainer);
+    zmq_msg_t f[3];
+    int n = 0;
+    for (bool more = true; more && n < 3; n++) {
+        zmq_msg_init(&f[n]);
+        if (zmq_msg_recv(&f[n], pipe, 0) == -1) {
+            zmq_msg_close(&f[n]);
+            break;
+        }
+        more = zmq_msg_more(&f[n]);
     }
+    bool ok = n == 3 && zmq_msg_size(&f[0]) == 8 && memcmp(zmq_msg_data(&f[0]), "PROGRESS", 8) == 0 &&
+              zmq_msg_size(&f[1]) == sizeof(worker_progress_t);
+    if (ok) {
+        memcpy(&self->progress, zmq_msg_data(&f[1]), sizeof self->progress);
+        self->step = self->progress.step;
+        self->step_time_us = self->progress.step_time_us;
+        uint32_t want = self->load ? self->num_layers * self->num_experts : 0;
+        if (zmq_msg_size(&f[2]) == (size_t)want * sizeof(uint32_t) && want)
+            memcpy(self->load, zmq_msg_data(&f[2]), zmq_msg_size(&f[2]));
+        int64_t now = clock_mono_ms();
+        if (self->state == S_MEMBER && now - self->last_hb_ms >= S_PROGRESS_HB_MS) {
+            s_send_heartbeat(self);
+            self->next_hb_ms = now + self->heartbeat_ms;
+        }
+    } else {
+        log_warn("control actor: a malformed report from the trainer");
+    }
+    for (int i = 0; i < n; i++)
+        zmq_msg_close(&f[i]);
 }
 
 /* --- the pipe ----------------------------------------------------------------------------- */
@@ -466,10 +506,11 @@ static void s_reply_status(s_ctl_t *self)
     snprintf(line, sizeof line,
              "state=%s id=%s run=%016" PRIx64 " generation=%" PRIu64 " rank=%s world=%u "
              "experts=%s batch=%" PRIu64 "-%" PRIu64 " joins=%" PRIu64 " paused=%d "
-             "heartbeat_ms=%u backoff_ms=%d data=%s",
+             "heartbeat_ms=%u backoff_ms=%d data=%s step=%" PRIu64 " phase=%u",
              s_state_names[self->state], self->cfg->id, self->run_id, self->generation, rank,
              plan->world, experts, plan->batch_lo, plan->batch_hi, self->joins, self->paused,
-             self->heartbeat_ms, self->backoff_ms, self->data_endpoint);
+             self->heartbeat_ms, self->backoff_ms, self->data_endpoint, self->step,
+             self->progress.phase);
     actor_send_str(self->pipe, line, 0);
 }
 
@@ -568,7 +609,8 @@ static void s_loop(s_ctl_t *self)
 {
     while (!self->terminated) {
         int64_t now = clock_mono_ms();
-        zmq_pollitem_t items[3] = {{self->pipe, 0, ZMQ_POLLIN, 0}, {self->data, 0, ZMQ_POLLIN, 0},
+        zmq_pollitem_t items[3] = {{self->pipe, 0, ZMQ_POLLIN, 0},
+                                   {actor_pipe(self->trainer), 0, ZMQ_POLLIN, 0},
                                    {self->dealer, 0, ZMQ_POLLIN, 0}};
         int n = self->dealer ? 3 : 2;
         long timeout = s_timeout(self, now);
@@ -583,7 +625,7 @@ static void s_loop(s_ctl_t *self)
         if (self->terminated)
             break;
         if (rc > 0 && (items[1].revents & ZMQ_POLLIN))
-            s_drain_data(self);
+            s_on_trainer(self);
         /* messages first, then timers: what waited in the socket during a SIGSTOP is life */
         if (rc > 0 && n == 3 && (items[2].revents & ZMQ_POLLIN))
             s_drain_dealer(self);
@@ -631,33 +673,28 @@ semoe_rc worker_control_advertised(const char *bound, const char *advertise, con
     return SEMOE_OK;
 }
 
-/* Binds the data ROUTER and works out the endpoint peers will dial. */
-static semoe_rc s_bind_data(s_ctl_t *self)
+/* Starts the trainer, which binds the data port and works out the endpoint peers will dial. */
+static semoe_rc s_start_trainer(s_ctl_t *self)
 {
     worker_control_config_t *cfg = self->cfg;
-    self->data = zmq_socket(cfg->ctx, ZMQ_ROUTER);
-    if (!self->data)
-        return semoe_err(SEMOE_EIO, "data socket: %s", zmq_strerror(zmq_errno()));
-    SEMOE_CHECK(proto_socket_setup(self->data));
-    s_ipv6_if_needed(self->data, cfg->data_bind);
-    if (zmq_bind(self->data, cfg->data_bind) != 0)
-        return semoe_err(SEMOE_EINVAL, "--data-bind %s: cannot bind: %s", cfg->data_bind,
-                         zmq_strerror(zmq_errno()));
-    char bound[PROTO_MAX_ENDPOINT + 64];
-    size_t len = sizeof bound;
-    if (zmq_getsockopt(self->data, ZMQ_LAST_ENDPOINT, bound, &len) != 0)
-        return semoe_err(SEMOE_EIO, "data socket: ZMQ_LAST_ENDPOINT: %s",
-                         zmq_strerror(zmq_errno()));
-    bound[sizeof bound - 1] = 0;
-    SEMOE_CHECK(worker_control_advertised(bound, cfg->advertise, cfg->host, self->data_endpoint));
+    self->tcfg = (worker_trainer_config_t){
+        .ctx = cfg->ctx, .id = cfg->id, .host = cfg->host, .advertise = cfg->advertise,
+        .data_bind = cfg->data_bind, .threads = cfg->threads, .metrics_log = cfg->metrics_log};
+    self->trainer = actor_new(cfg->ctx, worker_trainer_actor, &self->tcfg);
+    if (!self->trainer) {
+        snprintf(cfg->error, sizeof cfg->error, "%s",
+                 self->tcfg.error[0] ? self->tcfg.error : semoe_err_msg());
+        cfg->error_exit = self->tcfg.error[0] ? self->tcfg.error_exit : 1;
+        return SEMOE_EINVAL;
+    }
+    snprintf(self->data_endpoint, sizeof self->data_endpoint, "%s", self->tcfg.data_endpoint);
     return SEMOE_OK;
 }
 
 static void s_destroy(s_ctl_t *self)
 {
     s_close_dealer(self, 0);
-    if (self->data)
-        zmq_close(self->data);
+    actor_destroy(&self->trainer);
     s_forget_plan(self);
     free(self->load);
     free(self->job);
@@ -675,10 +712,8 @@ void worker_control_actor(void *pipe, void *args)
     self.backoff_ms = S_BACKOFF_START_MS < self.backoff_max_ms ? S_BACKOFF_START_MS
                                                                : self.backoff_max_ms;
 
-    semoe_rc rc = s_bind_data(&self);
-    if (rc != SEMOE_OK) {
-        snprintf(self.cfg->error, sizeof self.cfg->error, "%s", semoe_err_msg());
-        self.cfg->error_exit = rc == SEMOE_EINVAL ? 2 : 1;
+    self.progress = (worker_progress_t){.loss = NAN, .eval_loss = NAN};
+    if (s_start_trainer(&self) != SEMOE_OK) {
         s_destroy(&self);
         actor_signal(pipe, 1);
         return;

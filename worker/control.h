@@ -1,6 +1,7 @@
-/* The worker's control actor: owns the DEALER to the coordinator and the worker's data socket,
- * joins, heartbeats, applies and acks plans, and reconnects with backoff when the coordinator
- * goes away (docs/control-plane.md is the contract). Runs as an actor (actors/actor.h). */
+/* The worker's control actor: owns the DEALER to the coordinator and the trainer actor (which
+ * owns the worker's data socket: worker/trainer.h); joins, heartbeats with the trainer's
+ * progress, applies and acks plans (passing them on to the trainer), and reconnects with backoff
+ * when the coordinator goes away (docs/control-plane.md is the contract). Runs as an actor (actors/actor.h). */
 #ifndef SEMOE_WORKER_CONTROL_H
 #define SEMOE_WORKER_CONTROL_H
 
@@ -18,14 +19,16 @@ typedef struct {
     const char *advertise;              /* NULL, or the host peers use for the data endpoint */
     const char *data_bind;              /* where the data ROUTER binds, "tcp://127.0.0.1:*" */
     int reconnect_max_ms;               /* backoff cap: 1 s doubling up to this */
+    int threads;                        /* the trainer's BLAS threads; 0: OpenBLAS's default */
+    const char *metrics_log;            /* NULL, or the trainer's JSON-lines file */
     worker_device_t device;             /* probed device and memory per tier */
     char error[512];                    /* why the actor could not start */
     int error_exit;                     /* exit code that suits error (2: a bad flag value) */
 } worker_control_config_t;
 
-/* The actor body: actor_new(ctx, worker_control_actor, &config). It binds the data socket and
- * sends the first JOIN before it signals ready (non-zero, with config.error set, when the
- * data socket cannot bind).
+/* The actor body: actor_new(ctx, worker_control_actor, &config). It starts the trainer (which
+ * binds the data socket) and sends the first JOIN before it signals ready (non-zero, with
+ * config.error set, when the trainer cannot start).
  *
  * Commands on the pipe (string frames):
  *   "LEAVE" reason   send LEAVE with reason now and close the control socket (no rejoin after)

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "actors/log.h"
+
 struct worker_exchange {
     comm_t *comm;
     const model_backend_f32_t *be;
@@ -20,6 +22,9 @@ struct worker_exchange {
     uint8_t *smsg, *rmsg; /* packed messages, in rank order */
     size_t smsg_cap, rmsg_cap;
     size_t *sbytes, *rbytes; /* (W) */
+    uint64_t *acc;    /* (L, E) rows received per expert by dispatch since the last take */
+    uint64_t *routed; /* (L, E) rows this rank's dispatches sent per expert, since then */
+    worker_exchange_traffic_t traffic; /* since the last take */
 };
 
 static void *s_reserve(void *p, size_t *cap, size_t need)
@@ -56,6 +61,8 @@ semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L,
     x->owner = semoe_xcalloc(le ? le : 1, sizeof(int32_t));
     memcpy(x->owner, owner, le * sizeof(int32_t));
     x->cnt = semoe_xcalloc(le * W + 1, sizeof(int32_t));
+    x->acc = semoe_xcalloc(le + 1, sizeof(uint64_t));
+    x->routed = semoe_xcalloc(le + 1, sizeof(uint64_t));
     x->sent = semoe_xcalloc(le + 1, sizeof(int32_t));
     x->sbytes = semoe_xcalloc((size_t)W, sizeof(size_t));
     x->rbytes = semoe_xcalloc((size_t)W, sizeof(size_t));
@@ -70,6 +77,8 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     worker_exchange_t *x = *self_p;
     free(x->owner);
     free(x->cnt);
+    free(x->acc);
+    free(x->routed);
     free(x->sent);
     free(x->rows);
     free(x->out);
@@ -79,6 +88,21 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     free(x->rbytes);
     free(x);
     *self_p = NULL;
+}
+
+void worker_exchange_take(worker_exchange_t *x, uint64_t *rows_in, uint64_t *rows_out,
+                          worker_exchange_traffic_t *traffic)
+{
+    size_t n = (size_t)x->L * x->E;
+    if (rows_in)
+        memcpy(rows_in, x->acc, n * sizeof *rows_in);
+    if (rows_out)
+        memcpy(rows_out, x->routed, n * sizeof *rows_out);
+    memset(x->acc, 0, n * sizeof *x->acc);
+    memset(x->routed, 0, n * sizeof *x->routed);
+    if (traffic)
+        *traffic = x->traffic;
+    memset(&x->traffic, 0, sizeof x->traffic);
 }
 
 int64_t worker_exchange_received(const worker_exchange_t *x, int layer, int j)
@@ -109,8 +133,11 @@ static semoe_rc s_check_call(const worker_exchange_t *x, const char *what, int l
 static semoe_rc s_alltoallv(worker_exchange_t *x, size_t recv_cap)
 {
     x->rmsg = s_reserve(x->rmsg, &x->rmsg_cap, recv_cap);
-    return comm_alltoallv(x->comm, x->smsg, x->sbytes, x->rmsg, x->rbytes, recv_cap,
-                          x->timeout_ms);
+    int64_t t0 = clock_mono_us();
+    semoe_rc rc = comm_alltoallv(x->comm, x->smsg, x->sbytes, x->rmsg, x->rbytes, recv_cap,
+                                 x->timeout_ms);
+    x->traffic.seconds += (double)(clock_mono_us() - t0) / 1e6;
+    return rc;
 }
 
 /* The header of rank s's message in rmsg (at byte offset off), checked: at least the header,
@@ -170,7 +197,14 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
             off += (size_t)hdr[e] * rowb;
         }
         x->sbytes[r] = off - begin;
+        if (r != x->me) {
+            x->traffic.dispatch_rows_out += (x->sbytes[r] - hb) / rowb;
+            x->traffic.dispatch_bytes_out += x->sbytes[r];
+        }
     }
+    x->traffic.dispatches++;
+    for (int e = 0; e < E; e++)
+        x->routed[(size_t)layer * E + e] += (uint64_t)send_counts[e];
     SEMOE_CHECK(s_alltoallv(x, (size_t)W * hb + (size_t)(recv_cap > 0 ? recv_cap : 0) * rowb));
 
     /* unpack: counts per (sender, expert), checked against the placement */
@@ -209,6 +243,7 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
             at += (size_t)c[e];
             recv_counts[e] += c[e];
         }
+        x->acc[(size_t)layer * E + e] += (uint64_t)recv_counts[e];
     }
     x->be->to_device(recv, x->out, (size_t)total * rowb);
     memcpy(x->sent + (size_t)layer * E, send_counts, hb);

@@ -27,6 +27,14 @@
 
 typedef struct worker_exchange worker_exchange_t;
 
+/* What the exchange moved since the last worker_exchange_take. */
+typedef struct {
+    uint64_t dispatches;          /* dispatch calls (one per MoE layer per forward and backward) */
+    uint64_t dispatch_rows_out;   /* rows this rank's dispatches sent to other ranks */
+    uint64_t dispatch_bytes_out;  /* their payload bytes to other ranks, counts included */
+    double seconds;               /* wall time inside the exchange's collectives */
+} worker_exchange_traffic_t;
+
 /* An exchange over comm (this rank's, not owned; must outlive the exchange) for L layers of E
  * experts placed by owner (L * E ranks in [0, world), copied). be (not owned) moves rows
  * between the graph's buffers and the host (the messages are host memory). timeout_ms bounds
@@ -39,6 +47,15 @@ void worker_exchange_destroy(worker_exchange_t **self_p);
 /* The exchange table for the graph and model_train_hooks_t.ex: state is self (which must
  * outlive its use); dispatch, combine and reduce_stats as described above. */
 model_exchange_f32 worker_exchange_f32(worker_exchange_t *self);
+
+/* Copies into rows_in (L * E, or NULL) the rows each expert received by dispatch since the last
+ * take (0 for experts held elsewhere), into rows_out (L * E, or NULL) the rows this rank's
+ * dispatches sent to each expert (its own tokens' routing, wherever the expert is held) and
+ * into traffic (or NULL) what moved, then zeroes them.
+ * A training micro-batch dispatches every layer twice (forward, and backward's gradient of
+ * combine, with the same counts), an evaluation once. */
+void worker_exchange_take(worker_exchange_t *x, uint64_t *rows_in, uint64_t *rows_out,
+                          worker_exchange_traffic_t *traffic);
 
 /* Rows of expert j of layer l this rank received from every rank in the layer's last
  * dispatch (0 for experts held elsewhere, or before any dispatch); for tests and metrics. */

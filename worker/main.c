@@ -2,15 +2,14 @@
  * (worker/control.c) and waits for SIGTERM/SIGINT (send LEAVE, exit 0) or for the coordinator's
  * STOP (exit 0). docs/control-plane.md lists the flags. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/signalfd.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -25,10 +24,12 @@
 static const char s_usage[] =
     "usage: semoe-worker [--coordinator tcp://127.0.0.1:5555] [--device cpu|cuda:N] [--id NAME]\n"
     "                    [--data-bind tcp://127.0.0.1:*] [--advertise HOST]\n"
-    "                    [--reconnect-max-ms 32000] [--log-level info] [--help]\n"
+    "                    [--reconnect-max-ms 32000] [--threads N] [--metrics-log FILE]\n"
+    "                    [--log-level info] [--help]\n"
     "\n"
-    "Joins a semoe coordinator, heartbeats, applies its plans; reconnects with backoff when the\n"
-    "coordinator goes away. SIGTERM or SIGINT: leave the job and exit 0.\n"
+    "Joins a semoe coordinator and trains the job it hands out: the experts and the share of\n"
+    "each batch its plans give this worker. Reconnects with backoff when the coordinator goes\n"
+    "away. SIGTERM or SIGINT: leave the job and exit 0.\n"
     "\n"
     "  --coordinator E       the coordinator's control endpoint (default tcp://127.0.0.1:5555)\n"
     "  --device D            cpu, or cuda:N for GPU N (default cpu)\n"
@@ -39,6 +40,10 @@ static const char s_usage[] =
     "                        needed with --data-bind on a wildcard or non-loopback address\n"
     "  --reconnect-max-ms N  longest wait between reconnects: 1 s doubling up to N\n"
     "                        (default 32000)\n"
+    "  --threads N           BLAS threads for this worker's compute, 1..1024 (default 1: one\n"
+    "                        worker per core)\n"
+    "  --metrics-log FILE    append one JSON line per training step to FILE (step, loss,\n"
+    "                        held-out loss, tokens/s, time split, load per expert)\n"
     "  --log-level L         error, warn, info or debug (default info)\n"
     "  --help                this text\n";
 
@@ -49,6 +54,8 @@ typedef struct {
     const char *data_bind;
     const char *advertise;
     int reconnect_max_ms;
+    int threads;
+    const char *metrics_log;
     int log_level;
 } s_flags_t;
 
@@ -93,10 +100,23 @@ static bool s_name_ok(const char *s, size_t max)
     return true;
 }
 
+/* A decimal integer in [lo, hi], the whole of s. */
+static bool s_int_in(const char *s, long lo, long hi, int *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < lo || v > hi)
+        return false;
+    *out = (int)v;
+    return true;
+}
+
 /* Parses argv into *f; returns -1 to go on, or the exit code. */
 static int s_parse(int argc, char **argv, s_flags_t *f)
 {
-    enum { O_COORD = 1, O_DEVICE, O_ID, O_DATA, O_ADV, O_RECONNECT, O_LOG, O_HELP };
+    enum { O_COORD = 1, O_DEVICE, O_ID, O_DATA, O_ADV, O_RECONNECT, O_THREADS, O_METRICS, O_LOG,
+           O_HELP };
     static const struct option opts[] = {
         {"coordinator", required_argument, 0, O_COORD},
         {"device", required_argument, 0, O_DEVICE},
@@ -104,12 +124,14 @@ static int s_parse(int argc, char **argv, s_flags_t *f)
         {"data-bind", required_argument, 0, O_DATA},
         {"advertise", required_argument, 0, O_ADV},
         {"reconnect-max-ms", required_argument, 0, O_RECONNECT},
+        {"threads", required_argument, 0, O_THREADS},
+        {"metrics-log", required_argument, 0, O_METRICS},
         {"log-level", required_argument, 0, O_LOG},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
     *f = (s_flags_t){.coordinator = "tcp://127.0.0.1:5555", .device = "cpu",
-                     .data_bind = "tcp://127.0.0.1:*", .reconnect_max_ms = 32000,
+                     .data_bind = "tcp://127.0.0.1:*", .reconnect_max_ms = 32000, .threads = 1,
                      .log_level = LOG_INFO};
     opterr = 0;
     int c;
@@ -120,16 +142,20 @@ static int s_parse(int argc, char **argv, s_flags_t *f)
         case O_ID: f->id = optarg; break;
         case O_DATA: f->data_bind = optarg; break;
         case O_ADV: f->advertise = optarg; break;
-        case O_RECONNECT: {
-            char *end;
-            errno = 0;
-            long v = strtol(optarg, &end, 10);
-            if (errno || *end || end == optarg || v < 1 || v > 3600000)
+        case O_RECONNECT:
+            if (!s_int_in(optarg, 1, 3600000, &f->reconnect_max_ms))
                 return s_usage_error("--reconnect-max-ms %s: expected milliseconds, 1..3600000",
                                      optarg);
-            f->reconnect_max_ms = (int)v;
             break;
-        }
+        case O_THREADS:
+            if (!s_int_in(optarg, 1, 1024, &f->threads))
+                return s_usage_error("--threads %s: expected a count, 1..1024", optarg);
+            break;
+        case O_METRICS:
+            if (!*optarg)
+                return s_usage_error("--metrics-log needs a file name");
+            f->metrics_log = optarg;
+            break;
         case O_LOG:
             f->log_level = log_level_parse(optarg);
             if (f->log_level < 0)
@@ -162,6 +188,32 @@ static int s_parse(int argc, char **argv, s_flags_t *f)
     return -1;
 }
 
+/* SIGTERM and SIGINT become a byte on this pipe. A handler, not a signalfd: a signalfd sees a
+ * signal only while every thread blocks it, and libraries start threads of their own before
+ * main runs (OpenBLAS's pool, from its constructor), where the default action would kill the
+ * process. A handler runs on whichever thread the kernel picks. */
+static int s_sig_pipe[2] = {-1, -1};
+
+static void s_on_signal(int sig)
+{
+    int saved = errno;
+    unsigned char b = (unsigned char)sig;
+    ssize_t n = write(s_sig_pipe[1], &b, 1);
+    (void)n; /* a full pipe already holds a signal to act on */
+    errno = saved;
+}
+
+static bool s_catch_signals(void)
+{
+    if (pipe2(s_sig_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
+        return false;
+    struct sigaction sa = {0};
+    sa.sa_handler = s_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    return sigaction(SIGTERM, &sa, NULL) == 0 && sigaction(SIGINT, &sa, NULL) == 0;
+}
+
 /* Waits for a signal or for the actor's STOPPED; returns the signal's name or "STOP". */
 static const char *s_wait(actor_t *control, int sfd)
 {
@@ -175,9 +227,9 @@ static const char *s_wait(actor_t *control, int sfd)
             return "a failure";
         }
         if (items[1].revents & ZMQ_POLLIN) {
-            struct signalfd_siginfo si;
-            if (read(sfd, &si, sizeof si) == (ssize_t)sizeof si)
-                return si.ssi_signo == SIGINT ? "SIGINT" : "SIGTERM";
+            unsigned char b;
+            if (read(sfd, &b, 1) == 1)
+                return b == SIGINT ? "SIGINT" : "SIGTERM";
         }
         if (items[0].revents & ZMQ_POLLIN) {
             char *what = actor_recv_str(actor_pipe(control));
@@ -209,7 +261,8 @@ int main(int argc, char **argv)
     worker_control_config_t cfg = {
         .coordinator = f.coordinator, .id = id, .host = f.advertise ? f.advertise : host,
         .advertise = f.advertise, .data_bind = f.data_bind,
-        .reconnect_max_ms = f.reconnect_max_ms};
+        .reconnect_max_ms = f.reconnect_max_ms, .threads = f.threads,
+        .metrics_log = f.metrics_log};
     semoe_rc rc = worker_device_probe(f.device, ".", &cfg.device);
     if (rc != SEMOE_OK) {
         fprintf(stderr, "semoe-worker: %s\n", semoe_err_msg());
@@ -220,24 +273,18 @@ int main(int argc, char **argv)
     snprintf(role, sizeof role, "worker %s", id);
     log_init(role, (log_level_t)f.log_level);
 
-    /* SIGTERM and SIGINT are taken from the signalfd by this thread only: block them before any
-     * thread (ZeroMQ's, the actor's) starts, so every thread inherits the mask. */
-    sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    /* Actor threads block every signal (actors/actor.c) and so do ZeroMQ's: a SIGTERM lands on
+     * this thread or on a library's own (s_on_signal), and reaches s_wait through the pipe. */
     signal(SIGPIPE, SIG_IGN);
-    int sfd = signalfd(-1, &sigs, SFD_CLOEXEC);
-    if (sfd == -1) {
-        fprintf(stderr, "semoe-worker: signalfd: %s\n", strerror(errno));
+    if (!s_catch_signals()) {
+        fprintf(stderr, "semoe-worker: cannot catch SIGTERM: %s\n", strerror(errno));
         return 1;
     }
+    int sfd = s_sig_pipe[0];
 
     void *ctx = zmq_ctx_new();
     if (!ctx) {
         fprintf(stderr, "semoe-worker: zmq_ctx_new: %s\n", zmq_strerror(zmq_errno()));
-        close(sfd);
         return 1;
     }
     cfg.ctx = ctx;
@@ -249,7 +296,6 @@ int main(int argc, char **argv)
     if (!control) {
         fprintf(stderr, "semoe-worker: %s\n", cfg.error[0] ? cfg.error : semoe_err_msg());
         zmq_ctx_term(ctx);
-        close(sfd);
         return cfg.error[0] ? cfg.error_exit : 1;
     }
 
@@ -261,7 +307,6 @@ int main(int argc, char **argv)
     }
     actor_destroy(&control);
     zmq_ctx_term(ctx); /* waits, at most the LEAVE's linger, for the LEAVE to go out */
-    close(sfd);
     log_info("stopped (%s)", why);
     return strcmp(why, "a failure") == 0 ? 1 : 0;
 }

@@ -51,6 +51,9 @@ const char *worker_plan_check(const proto_plan_t *p, uint32_t num_layers, uint32
 void worker_plan_clear(worker_plan_t *plan)
 {
     free(plan->experts);
+    free(plan->holder_off);
+    free(plan->batch_off);
+    free(plan->holders);
     free(plan->peers);
     memset(plan, 0, sizeof *plan);
     plan->rank = PROTO_NO_RANK;
@@ -81,11 +84,42 @@ void worker_plan_take(worker_plan_t *plan, uint64_t gen, const proto_plan_t *p)
         plan->batch_lo = proto_u32_at(p->batch_offsets, p->rank);
         plan->batch_hi = proto_u32_at(p->batch_offsets, p->rank + 1);
     }
+    plan->batch_off = semoe_xmalloc(((size_t)p->world + 1) * sizeof *plan->batch_off);
+    for (uint32_t r = 0; r <= p->world; r++)
+        plan->batch_off[r] = proto_u32_at(p->batch_offsets, r);
+    plan->holder_off = semoe_xmalloc(((size_t)n + 1) * sizeof *plan->holder_off);
+    for (uint32_t e = 0; e <= n; e++)
+        plan->holder_off[e] = proto_u32_at(p->holder_offsets, e);
+    plan->holders = semoe_xmalloc(((size_t)p->holders.count + 1) * sizeof *plan->holders);
+    for (uint32_t i = 0; i < p->holders.count; i++)
+        plan->holders[i] = proto_u32_at(p->holders, i);
     plan->peers = semoe_xcalloc(p->world, sizeof *plan->peers);
     size_t pos = 0;
     for (uint32_t r = 0; r < p->world; r++)
         if (!proto_peers_next(&p->peers, &pos, plan->peers[r].id, plan->peers[r].endpoint))
             break;
+}
+
+static void *s_dup(const void *p, size_t bytes)
+{
+    void *q = semoe_xmalloc(bytes ? bytes : 1);
+    if (bytes)
+        memcpy(q, p, bytes);
+    return q;
+}
+
+void worker_plan_copy(worker_plan_t *dst, const worker_plan_t *src)
+{
+    *dst = *src;
+    size_t n = (size_t)src->num_layers * src->num_experts;
+    dst->experts = s_dup(src->experts, src->n_experts * sizeof *src->experts);
+    dst->holder_off = src->holder_off ? s_dup(src->holder_off, (n + 1) * sizeof(uint32_t)) : NULL;
+    dst->holders = src->holder_off ? s_dup(src->holders, src->holder_off[n] * sizeof(uint32_t))
+                                   : NULL;
+    dst->peers = s_dup(src->peers, src->world * sizeof *src->peers);
+    dst->batch_off = src->batch_off ? s_dup(src->batch_off, ((size_t)src->world + 1) *
+                                                                sizeof(uint32_t))
+                                    : NULL;
 }
 
 void worker_plan_ids_str(const uint32_t *ids, uint32_t n, char *buf, size_t size)

@@ -21,8 +21,11 @@ typedef struct {
     uint64_t step;                /* first step the plan applies to */
     uint64_t global_batch;
     uint64_t batch_lo, batch_hi;  /* this rank's sequences: [lo, hi) */
+    uint32_t *batch_off;          /* (world + 1) rank r's sequences: [off[r], off[r+1]) */
     uint32_t *experts;            /* (n_experts) ids layer*E + j held here, ascending */
     uint32_t n_experts;
+    uint32_t *holder_off;         /* (L*E + 1) expert e's holders: holders[off[e] .. off[e+1]) */
+    uint32_t *holders;            /* ranks, by expert */
     worker_peer_t *peers;         /* (world) by rank */
 } worker_plan_t;
 
@@ -33,6 +36,9 @@ const char *worker_plan_check(const proto_plan_t *p, uint32_t num_layers, uint32
 /* Replaces *plan with the checked PLAN p of generation gen (worker_plan_check passed). The
  * arrays are plan's own (worker_plan_clear frees them). */
 void worker_plan_take(worker_plan_t *plan, uint64_t gen, const proto_plan_t *p);
+
+/* A deep copy of src into *dst (which holds nothing yet), e.g. for another actor to own. */
+void worker_plan_copy(worker_plan_t *dst, const worker_plan_t *src);
 
 /* Frees plan's arrays and leaves an empty plan (no rank, world 0). */
 void worker_plan_clear(worker_plan_t *plan);

@@ -1,0 +1,743 @@
+/* The trainer actor (worker/trainer.h): one thread that owns the data port and, per generation,
+ * everything a training step needs. Between steps it serves its pipe; inside a collective the
+ * port's interrupt (the pipe) breaks the wait, so a new PLAN is never stuck behind a peer that
+ * went away. */
+#include "worker/trainer.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <zmq.h>
+
+#include "actors/log.h"
+#include "model/backend.h"
+#include "model/checkpoint.h"
+#include "model/data.h"
+#include "model/job.h"
+#include "model/params.h"
+#include "model/train.h"
+#include "worker/comm.h"
+#include "worker/control.h"
+#include "worker/exchange.h"
+#include "worker/plan.h"
+
+/* A collective waits this long for a silent peer before the step is abandoned. A dead peer is
+ * normally noticed sooner: the coordinator's next PLAN interrupts the wait. */
+#define S_COMM_TIMEOUT_MS 60000
+/* Dense gradients are all-reduced in buckets of this size (fusion communication). */
+#define S_BUCKET_BYTES ((size_t)4 << 20)
+/* Held-out batches of global_batch sequences an evaluation reads (fewer when the held-out split
+ * is smaller): the same slice every time, so evaluations compare. */
+#define S_EVAL_BATCHES 4
+/* Checkpoints kept under train.checkpoint_dir (the newest ones). */
+#define S_CKPT_KEEP 3
+
+static const model_backend_f32_t *s_be = &cpu_backend_f32;
+
+typedef struct {
+    worker_trainer_config_t *cfg;
+    void *pipe;
+    comm_port_t *port;
+    FILE *metrics;
+    bool terminated;
+
+    /* the job */
+    char *job_text;
+    size_t job_len;
+    model_job_t *job;
+    model_data_t *data;
+    bool failed;              /* this job cannot be trained here; wait for another */
+
+    /* the generation */
+    worker_plan_t plan;
+    bool have_plan;
+    bool ready;               /* the generation is set up: steps can run */
+    comm_t *comm;
+    worker_exchange_t *ex;
+    model_exchange_f32 exf;
+    model_params_t *params;
+    model_train_t *tr;
+    int32_t *owner;           /* (L*E) the rank holding each expert */
+    uint32_t micro_steps;     /* the same on every rank */
+    uint8_t *tokens;          /* this rank's rows of a batch */
+    float **dense_bufs;       /* the dense tensors of the gradient slab, for the all-reduce */
+    size_t *dense_lens;
+    int n_dense;
+    uint64_t *rows_in;        /* (L*E) the exchange's counts of the last step: received, */
+    uint64_t *rows_out;       /* and sent (this rank's tokens' routing) */
+    uint32_t *load;           /* (L*E) tokens per held expert in the last step */
+    double t_reduce;          /* seconds in the gradient all-reduce this step */
+
+    /* progress */
+    uint64_t step;
+    worker_progress_t prog;
+} s_tr_t;
+
+/* --- reporting ------------------------------------------------------------------------------- */
+
+static void s_report(s_tr_t *self)
+{
+    worker_progress_t *p = &self->prog;
+    p->step = self->step;
+    p->generation = self->plan.generation;
+    p->n_load = self->load && self->job ? self->job->model.num_hidden_layers *
+                                              self->job->model.num_local_experts
+                                        : 0;
+    zmq_send(self->pipe, "PROGRESS", 8, ZMQ_SNDMORE);
+    zmq_send(self->pipe, p, sizeof *p, ZMQ_SNDMORE);
+    zmq_send(self->pipe, self->load, (size_t)p->n_load * sizeof(uint32_t), 0);
+}
+
+static void s_set_phase(s_tr_t *self, proto_phase_t phase)
+{
+    self->prog.phase = phase;
+    s_report(self);
+}
+
+static double s_unix_now(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + tv.tv_usec / 1e6;
+}
+
+/* A double as JSON (null for NaN and infinities). */
+static void s_json_num(FILE *f, const char *key, double v)
+{
+    if (isfinite(v))
+        fprintf(f, ",\"%s\":%.9g", key, v);
+    else
+        fprintf(f, ",\"%s\":null", key);
+}
+
+/* One JSON line per step into --metrics-log. */
+static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double seconds,
+                           const worker_exchange_traffic_t *tf, bool evaluated)
+{
+    FILE *f = self->metrics;
+    if (!f)
+        return;
+    const worker_plan_t *pl = &self->plan;
+    fprintf(f, "{\"time\":%.3f,\"worker\":\"%s\",\"rank\":%u,\"world\":%u,\"generation\":%" PRIu64
+               ",\"step\":%" PRIu64,
+            s_unix_now(), self->cfg->id, pl->rank, pl->world, pl->generation, self->step);
+    s_json_num(f, "loss", r->loss);
+    s_json_num(f, "ce", r->ce);
+    s_json_num(f, "aux", r->aux);
+    s_json_num(f, "grad_norm", r->grad_norm);
+    s_json_num(f, "lr", r->lr);
+    fprintf(f, ",\"tokens\":%" PRIu64, r->tokens);
+    s_json_num(f, "tokens_per_s", self->prog.tokens_per_s);
+    s_json_num(f, "step_time_s", seconds);
+    s_json_num(f, "t_forward", r->t_forward);
+    s_json_num(f, "t_backward", r->t_backward);
+    s_json_num(f, "t_optimizer", r->t_optimizer);
+    s_json_num(f, "t_exchange", tf->seconds);
+    s_json_num(f, "t_allreduce", self->t_reduce);
+    fprintf(f, ",\"dispatch_rows_out\":%" PRIu64 ",\"dispatch_bytes_out\":%" PRIu64,
+            tf->dispatch_rows_out, tf->dispatch_bytes_out);
+    if (evaluated)
+        s_json_num(f, "eval_loss", self->prog.eval_loss);
+    /* load: tokens the experts held here received; routed: where this rank's tokens went */
+    fprintf(f, ",\"load\":[");
+    for (uint32_t i = 0; i < self->prog.n_load; i++)
+        fprintf(f, "%s%u", i ? "," : "", self->load[i]);
+    fprintf(f, "],\"routed\":[");
+    for (uint32_t i = 0; i < self->prog.n_load; i++)
+        fprintf(f, "%s%" PRIu64, i ? "," : "", self->rows_out[i] / 2);
+    fprintf(f, "]}\n");
+    fflush(f);
+}
+
+/* --- the generation ------------------------------------------------------------------------- */
+
+static void s_teardown(s_tr_t *self)
+{
+    self->ready = false;
+    worker_exchange_destroy(&self->ex);
+    comm_destroy(&self->comm);
+    model_train_destroy(&self->tr);
+    model_params_destroy(&self->params);
+    free(self->owner);
+    free(self->tokens);
+    free(self->dense_bufs);
+    free(self->dense_lens);
+    free(self->rows_in);
+    free(self->rows_out);
+    self->rows_out = NULL;
+    self->owner = NULL;
+    self->tokens = NULL;
+    self->dense_bufs = NULL;
+    self->dense_lens = NULL;
+    self->rows_in = NULL;
+    self->n_dense = 0;
+}
+
+static void s_drop_job(s_tr_t *self)
+{
+    s_teardown(self);
+    model_data_destroy(&self->data);
+    model_job_destroy(&self->job);
+    free(self->load);
+    self->load = NULL;
+    self->failed = false;
+}
+
+static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
+{
+    (void)grads, (void)n; /* dense_bufs point into the trainer's gradient slab */
+    s_tr_t *self = arg;
+    int64_t t0 = clock_mono_us();
+    semoe_rc rc = comm_allreduce_buckets(self->comm, self->dense_bufs, self->dense_lens,
+                                         self->n_dense, S_BUCKET_BYTES, S_COMM_TIMEOUT_MS);
+    self->t_reduce += (double)(clock_mono_us() - t0) / 1e6;
+    return rc;
+}
+
+/* Dense gradients are identical on every rank after the all-reduce: counted once. Expert ones
+ * live on their one holder: summed over ranks. */
+static semoe_rc s_reduce_sumsq(void *arg, double dense, double expert, double *global)
+{
+    s_tr_t *self = arg;
+    SEMOE_CHECK(self->exf.reduce_stats(self->exf.state, &expert, 1));
+    *global = dense + expert;
+    return SEMOE_OK;
+}
+
+/* Rank 0 sends `bytes` bytes of buf to every rank; on the others buf receives them. */
+static semoe_rc s_broadcast(s_tr_t *self, void *buf, size_t bytes)
+{
+    uint32_t W = comm_world(self->comm), me = comm_rank(self->comm);
+    size_t *sb = semoe_xcalloc(W, sizeof *sb), *rb = semoe_xcalloc(W, sizeof *rb);
+    uint8_t *send = semoe_xmalloc(W * bytes + 1), *recv = semoe_xmalloc(W * bytes + 1);
+    for (uint32_t r = 0; me == 0 && r < W; r++) {
+        sb[r] = bytes;
+        memcpy(send + r * bytes, buf, bytes);
+    }
+    semoe_rc rc = comm_alltoallv(self->comm, send, sb, recv, rb, W * bytes, S_COMM_TIMEOUT_MS);
+    if (rc == SEMOE_OK && me != 0) {
+        if (rb[0] != bytes)
+            rc = semoe_err(SEMOE_EPROTO, "trainer: rank 0 broadcast %zu bytes, not %zu", rb[0],
+                           bytes);
+        else
+            memcpy(buf, recv, bytes);
+    }
+    free(send);
+    free(recv);
+    free(sb);
+    free(rb);
+    return rc;
+}
+
+/* Where this generation starts: rank 0 reads the checkpoint root's latest step and tells every
+ * rank, so that all load the same one even while another is being written. */
+static semoe_rc s_agree_start(s_tr_t *self, uint64_t *step)
+{
+    const char *root = self->job->train.checkpoint_dir;
+    struct {
+        uint64_t step;
+        uint64_t ok;
+    } msg = {0, 1};
+    if (comm_rank(self->comm) == 0 && root[0]) {
+        char dir[4096];
+        if (model_ckpt_latest(root, dir, sizeof dir, &msg.step) != SEMOE_OK) {
+            log_error("%s", semoe_err_msg());
+            msg.ok = 0;
+        }
+    }
+    SEMOE_CHECK(s_broadcast(self, &msg, sizeof msg));
+    if (!msg.ok)
+        return semoe_err(SEMOE_EINVAL, "trainer: rank 0 cannot read the checkpoints under %s",
+                         root);
+    *step = msg.step;
+    return SEMOE_OK;
+}
+
+/* The owner table of the plan: one holder per expert (replicas are the elastic trainer's). */
+static semoe_rc s_owners(s_tr_t *self)
+{
+    const worker_plan_t *p = &self->plan;
+    size_t n = (size_t)p->num_layers * p->num_experts;
+    self->owner = semoe_xcalloc(n + 1, sizeof *self->owner);
+    for (size_t e = 0; e < n; e++) {
+        if (p->holder_off[e + 1] != p->holder_off[e] + 1)
+            return semoe_err(SEMOE_EINVAL, "trainer: generation %" PRIu64 ": expert %zu has %u "
+                             "holders; this trainer needs exactly one", p->generation, e,
+                             p->holder_off[e + 1] - p->holder_off[e]);
+        self->owner[e] = (int32_t)p->holders[p->holder_off[e]];
+    }
+    return SEMOE_OK;
+}
+
+/* Builds what the generation's steps need; returns an error of the comm (a peer gone: wait for
+ * the next plan) or of the job (this worker cannot train it). */
+static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
+{
+    const worker_plan_t *p = &self->plan;
+    const model_job_t *job = self->job;
+    const model_config_t *cfg = &job->model;
+    *job_fault = true;
+    SEMOE_CHECK(s_owners(self));
+    /* every rank runs the same micro-batches: as many as the largest slice needs */
+    uint32_t max_rows = 0;
+    for (uint32_t r = 0; r < p->world; r++) {
+        uint32_t rows = p->batch_off[r + 1] - p->batch_off[r];
+        max_rows = rows > max_rows ? rows : max_rows;
+        if (rows == 0)
+            return semoe_err(SEMOE_EINVAL, "trainer: generation %" PRIu64 ": rank %u has no "
+                             "sequences (train.global_batch=%u < %u workers)", p->generation, r,
+                             job->train.global_batch, p->world);
+    }
+    uint32_t mb = job->train.micro_batch;
+    self->micro_steps = (max_rows + mb - 1) / mb;
+    uint32_t per_micro = (max_rows + self->micro_steps - 1) / self->micro_steps;
+
+    SEMOE_CHECK(model_params_new(cfg, p->experts, p->n_experts, &self->params));
+    model_params_init(self->params, job->train.seed);
+    SEMOE_CHECK(model_train_new(s_be, self->params, job, &self->tr));
+    /* an expert may receive every routed row of the global micro-batch */
+    int64_t rows = (int64_t)per_micro * p->world * job->train.seq_len * cfg->num_experts_per_tok;
+    if (rows > INT32_MAX)
+        return semoe_err(SEMOE_EINVAL, "trainer: %lld expert rows per micro-batch: lower "
+                         "train.micro_batch", (long long)rows);
+    SEMOE_CHECK(model_train_set_expert_rows(self->tr, (int)rows));
+    self->tokens = semoe_xmalloc((size_t)max_rows * (job->train.seq_len + 1));
+    size_t n = model_params_count(self->params);
+    self->dense_bufs = semoe_xcalloc(n, sizeof *self->dense_bufs);
+    self->dense_lens = semoe_xcalloc(n, sizeof *self->dense_lens);
+    float *g = model_train_grads(self->tr);
+    for (size_t i = 0; i < n; i++) {
+        const model_param_t *t = model_params_at(self->params, i);
+        if (t->data && t->kind == MODEL_PARAM_DENSE) {
+            self->dense_bufs[self->n_dense] = g + t->offset;
+            self->dense_lens[self->n_dense++] = (size_t)t->numel;
+        }
+    }
+    size_t le = (size_t)cfg->num_hidden_layers * cfg->num_local_experts;
+    self->rows_in = semoe_xcalloc(le + 1, sizeof *self->rows_in);
+    self->rows_out = semoe_xcalloc(le + 1, sizeof *self->rows_out);
+
+    *job_fault = false;
+    const char **eps = semoe_xmalloc(p->world * sizeof *eps);
+    for (uint32_t r = 0; r < p->world; r++)
+        eps[r] = p->peers[r].endpoint;
+    semoe_rc rc = comm_new(self->port, p->generation, p->rank, p->world, eps, &self->comm);
+    free(eps);
+    SEMOE_CHECK(rc);
+    SEMOE_CHECK(worker_exchange_new(self->comm, s_be, (int)cfg->num_hidden_layers,
+                                    (int)cfg->num_local_experts, self->owner, S_COMM_TIMEOUT_MS,
+                                    &self->ex));
+    self->exf = worker_exchange_f32(self->ex);
+    uint64_t start = 0;
+    SEMOE_CHECK(s_agree_start(self, &start));
+    if (start > 0) {
+        *job_fault = true;
+        char dir[4096];
+        SEMOE_CHECK(model_ckpt_step_dir(job->train.checkpoint_dir, start, dir, sizeof dir));
+        model_ckpt_state_t st;
+        SEMOE_CHECK(model_ckpt_load(dir, s_be, self->params, self->tr, &st));
+        if (st.step != start)
+            return semoe_err(SEMOE_EINVAL, "%s: its state says step %" PRIu64 ", its name %" PRIu64,
+                             dir, st.step, start);
+        if (st.seed != job->train.seed)
+            log_warn("%s was written with train.seed %" PRIu64 ", the job has %" PRIu64
+                     ": the data order changes from here", dir, st.seed, job->train.seed);
+        *job_fault = false;
+        log_info("generation %" PRIu64 ": resuming from %s (step %" PRIu64 ")", p->generation,
+                 dir, start);
+    } else if (self->step > 0) {
+        log_warn("generation %" PRIu64 ": no checkpoint to resume from: restarting at step 0 "
+                 "(set train.checkpoint_dir and train.checkpoint_interval to lose less)",
+                 p->generation);
+    }
+    self->step = start;
+    self->ready = true;
+    return SEMOE_OK;
+}
+
+/* --- checkpoints ---------------------------------------------------------------------------- */
+
+/* Floats of the expert tensors this rank holds, times 3 (weights, m, v). */
+static size_t s_expert_floats(const model_params_t *p, const int32_t *owner, uint32_t E,
+                              int32_t rank)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < model_params_count(p); i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->kind == MODEL_PARAM_EXPERT &&
+            owner[(size_t)t->layer * E + (size_t)t->expert] == rank)
+            n += 3 * t->numel;
+    }
+    return n;
+}
+
+/* Writes a checkpoint of step self->step: every rank sends the weights, m and v of its experts
+ * to rank 0, which has the dense tensors and writes the whole model (files hold whole tensors
+ * by name, so any number of workers can load it). A failure to write is logged, not fatal:
+ * training goes on and the next interval tries again. */
+static semoe_rc s_checkpoint(s_tr_t *self)
+{
+    const model_job_t *job = self->job;
+    const model_config_t *cfg = &job->model;
+    uint32_t W = comm_world(self->comm), me = comm_rank(self->comm);
+    uint32_t E = cfg->num_local_experts;
+    size_t mine = s_expert_floats(self->params, self->owner, E, (int32_t)me);
+    size_t n = model_params_count(self->params);
+    float *w = model_train_weights(self->tr), *m = model_train_m(self->tr),
+          *v = model_train_v(self->tr);
+    float *send = semoe_xmalloc((mine + 1) * sizeof(float));
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        const model_param_t *t = model_params_at(self->params, i);
+        if (t->kind != MODEL_PARAM_EXPERT || !t->data)
+            continue;
+        const float *src[3] = {w, m, v};
+        for (int k = 0; k < 3; k++, at += t->numel)
+            s_be->to_host(send + at, src[k] + t->offset, t->numel * sizeof(float));
+    }
+    size_t *sb = semoe_xcalloc(W, sizeof *sb), *rb = semoe_xcalloc(W, sizeof *rb);
+    size_t cap = 0;
+    if (me == 0)
+        for (uint32_t r = 1; r < W; r++)
+            cap += s_expert_floats(self->params, self->owner, E, (int32_t)r) * sizeof(float);
+    else
+        sb[0] = mine * sizeof(float);
+    uint8_t *recv = semoe_xmalloc(cap + 1);
+    semoe_rc rc = comm_alltoallv(self->comm, send, sb, recv, rb, cap, S_COMM_TIMEOUT_MS);
+    free(send);
+    if (rc != SEMOE_OK || me != 0)
+        goto out;
+
+    /* rank 0: the whole model in host memory, then the files */
+    model_params_t *full = NULL;
+    rc = model_params_new(cfg, NULL, 0, &full);
+    if (rc != SEMOE_OK)
+        goto out;
+    size_t floats = model_params_slab_floats(full);
+    float *fm = semoe_xcalloc(floats + 1, sizeof(float)), *fv = semoe_xcalloc(floats + 1,
+                                                                                sizeof(float));
+    float *fw = model_params_slab(full);
+    for (size_t i = 0; i < n; i++) { /* what rank 0 holds itself: same table, same order */
+        const model_param_t *t = model_params_at(self->params, i);
+        const model_param_t *ft = model_params_at(full, i);
+        if (!t->data)
+            continue;
+        s_be->to_host(fw + ft->offset, w + t->offset, t->numel * sizeof(float));
+        s_be->to_host(fm + ft->offset, m + t->offset, t->numel * sizeof(float));
+        s_be->to_host(fv + ft->offset, v + t->offset, t->numel * sizeof(float));
+    }
+    size_t roff = 0;
+    for (uint32_t r = 1; r < W; r++) { /* the others' experts, in table order */
+        const float *src = (const float *)(recv + roff);
+        size_t want = s_expert_floats(full, self->owner, E, (int32_t)r);
+        if (rb[r] != want * sizeof(float)) {
+            rc = semoe_err(SEMOE_EPROTO, "checkpoint: rank %u sent %zu bytes of experts, its "
+                           "plan says %zu", r, rb[r], want * sizeof(float));
+            break;
+        }
+        for (size_t i = 0; i < n; i++) {
+            const model_param_t *ft = model_params_at(full, i);
+            if (ft->kind != MODEL_PARAM_EXPERT ||
+                self->owner[(size_t)ft->layer * E + (size_t)ft->expert] != (int32_t)r)
+                continue;
+            float *dst[3] = {fw, fm, fv};
+            for (int k = 0; k < 3; k++, src += ft->numel)
+                memcpy(dst[k] + ft->offset, src, ft->numel * sizeof(float));
+        }
+        roff += rb[r];
+    }
+    if (rc == SEMOE_OK) {
+        char dir[4096];
+        uint64_t samples = model_data_samples(self->data, MODEL_DATA_TRAIN);
+        uint64_t pos = self->step * job->train.global_batch;
+        model_ckpt_state_t st = {.step = self->step, .seed = job->train.seed,
+                                 .epoch = pos / samples, .position = pos % samples,
+                                 .generation = self->plan.generation};
+        int64_t t0 = clock_mono_us();
+        rc = model_ckpt_step_dir(job->train.checkpoint_dir, self->step, dir, sizeof dir);
+        if (rc == SEMOE_OK)
+            rc = model_ckpt_save_host(dir, full, fm, fv, model_train_adam_step(self->tr), &st);
+        if (rc == SEMOE_OK)
+            rc = model_ckpt_publish(job->train.checkpoint_dir, self->step, S_CKPT_KEEP);
+        if (rc == SEMOE_OK)
+            log_info("checkpoint of step %" PRIu64 " written to %s in %.2f s", self->step, dir,
+                     (double)(clock_mono_us() - t0) / 1e6);
+        else
+            log_error("checkpoint of step %" PRIu64 " not written: %s", self->step,
+                      semoe_err_msg());
+        rc = SEMOE_OK; /* not the comm's fault */
+    }
+    free(fm);
+    free(fv);
+    model_params_destroy(&full);
+out:
+    free(recv);
+    free(sb);
+    free(rb);
+    return rc;
+}
+
+/* --- steps ---------------------------------------------------------------------------------- */
+
+/* The held-out cross-entropy over the fixed evaluation slice. */
+static semoe_rc s_evaluate(s_tr_t *self, double *ce)
+{
+    const worker_plan_t *p = &self->plan;
+    uint64_t nb = model_data_heldout_batches(self->data);
+    if (nb > S_EVAL_BATCHES)
+        nb = S_EVAL_BATCHES;
+    uint32_t lo = (uint32_t)p->batch_lo, rows = (uint32_t)(p->batch_hi - p->batch_lo);
+    double sum = 0;
+    for (uint64_t k = 0; k < nb; k++) {
+        double c;
+        SEMOE_CHECK(model_data_heldout_rows(self->data, k, lo, rows, self->tokens, NULL));
+        SEMOE_CHECK(model_train_eval(self->tr, self->tokens, rows, &self->exf, self->micro_steps,
+                                     &c));
+        sum += c;
+    }
+    worker_exchange_take(self->ex, NULL, NULL, NULL);
+    *ce = sum / (double)nb;
+    return SEMOE_OK;
+}
+
+static semoe_rc s_step(s_tr_t *self)
+{
+    const model_job_t *job = self->job;
+    const worker_plan_t *p = &self->plan;
+    uint32_t lo = (uint32_t)p->batch_lo, rows = (uint32_t)(p->batch_hi - p->batch_lo);
+    SEMOE_CHECK(model_data_batch_rows(self->data, self->step, lo, rows, self->tokens, NULL, NULL));
+    model_train_hooks_t hooks = {.arg = self, .reduce_grads = s_reduce_grads,
+                                 .reduce_sumsq = s_reduce_sumsq, .ex = &self->exf,
+                                 .micro_steps = self->micro_steps};
+    model_train_report_t rep;
+    self->t_reduce = 0;
+    int64_t t0 = clock_mono_us();
+    SEMOE_CHECK(model_train_step(self->tr, self->tokens, rows, self->step, &hooks, &rep));
+    double seconds = (double)(clock_mono_us() - t0) / 1e6;
+    self->step++;
+
+    worker_exchange_traffic_t tf;
+    worker_exchange_take(self->ex, self->rows_in, self->rows_out, &tf);
+    size_t le = (size_t)job->model.num_hidden_layers * job->model.num_local_experts;
+    for (size_t e = 0; e < le; e++) /* forward and backward each dispatched the same rows */
+        self->load[e] = (uint32_t)(self->rows_in[e] / 2);
+    self->prog.loss = rep.loss;
+    self->prog.step_time_us = (uint64_t)(seconds * 1e6);
+    self->prog.tokens_per_s = seconds > 0 ? (double)rep.tokens / seconds : 0;
+
+    bool last = self->step >= job->train.steps;
+    uint32_t every = job->train.eval_interval;
+    bool evaluate = model_data_samples(self->data, MODEL_DATA_HELDOUT) > 0 &&
+                    ((every && self->step % every == 0) || last);
+    if (evaluate) {
+        double ce;
+        SEMOE_CHECK(s_evaluate(self, &ce));
+        self->prog.eval_loss = ce;
+        self->prog.eval_step = self->step;
+    }
+    s_metrics_line(self, &rep, seconds, &tf, evaluate);
+    log_debug("step %" PRIu64 ": loss %.4f, %.0f tokens/s", self->step, rep.loss,
+              self->prog.tokens_per_s);
+    uint32_t ck = job->train.checkpoint_interval;
+    if (job->train.checkpoint_dir[0] && ((ck && self->step % ck == 0) || last))
+        SEMOE_CHECK(s_checkpoint(self));
+    if (last) {
+        log_info("training finished at step %" PRIu64 ": loss %.4f, held-out %.4f", self->step,
+                 rep.loss, self->prog.eval_loss);
+        s_set_phase(self, PROTO_PHASE_FINISHED);
+    } else {
+        s_report(self);
+    }
+    return SEMOE_OK;
+}
+
+/* --- the pipe ------------------------------------------------------------------------------- */
+
+/* Starts the plan's generation: on a comm error (a peer gone), waits for the next plan; on a
+ * job error, this worker cannot train the job. */
+static void s_start_generation(s_tr_t *self)
+{
+    s_teardown(self);
+    if (!self->data || self->failed || !self->have_plan || self->plan.rank == PROTO_NO_RANK) {
+        if (self->have_plan && self->plan.rank == PROTO_NO_RANK)
+            s_set_phase(self, PROTO_PHASE_IDLE);
+        return;
+    }
+    bool job_fault = false;
+    semoe_rc rc = s_setup(self, &job_fault);
+    if (rc == SEMOE_OK) {
+        bool done = self->step >= self->job->train.steps;
+        if (done)
+            log_info("generation %" PRIu64 ": the job is already at step %" PRIu64 " of %" PRIu64,
+                     self->plan.generation, self->step, self->job->train.steps);
+        s_set_phase(self, done ? PROTO_PHASE_FINISHED : PROTO_PHASE_TRAINING);
+        return;
+    }
+    s_teardown(self);
+    if (job_fault) {
+        log_error("cannot train generation %" PRIu64 ": %s", self->plan.generation,
+                  semoe_err_msg());
+        self->failed = true;
+        s_set_phase(self, PROTO_PHASE_FAILED);
+    } else if (rc != SEMOE_ESTOPPED) {
+        log_warn("generation %" PRIu64 " did not start: %s; waiting for the next plan",
+                 self->plan.generation, semoe_err_msg());
+    }
+}
+
+static void s_take_job(s_tr_t *self, const void *text, size_t len)
+{
+    if (self->job_text && self->job_len == len && memcmp(self->job_text, text, len) == 0)
+        return;
+    s_drop_job(self);
+    free(self->job_text);
+    self->job_text = semoe_xmalloc(len + 1);
+    memcpy(self->job_text, text, len);
+    self->job_text[len] = 0;
+    self->job_len = len;
+    semoe_rc rc = model_job_parse(self->job_text, len, "job from WELCOME", &self->job);
+    if (rc == SEMOE_OK && self->job->data.n_paths == 0) {
+        log_info("the job has no data.paths: holding the planned experts without training");
+        return;
+    }
+    if (rc == SEMOE_OK)
+        rc = model_data_open(self->job, &self->data);
+    if (rc != SEMOE_OK) {
+        log_error("cannot train this job: %s", semoe_err_msg());
+        self->failed = true;
+        s_set_phase(self, PROTO_PHASE_FAILED);
+        return;
+    }
+    char line[512];
+    model_data_summary(self->data, line, sizeof line);
+    log_info("%s", line);
+    size_t le = (size_t)self->job->model.num_hidden_layers * self->job->model.num_local_experts;
+    self->load = semoe_xcalloc(le + 1, sizeof *self->load);
+    self->step = 0;
+    self->prog = (worker_progress_t){.loss = NAN, .eval_loss = NAN};
+}
+
+static void s_on_pipe(s_tr_t *self)
+{
+    zmq_msg_t cmd, body;
+    zmq_msg_init(&cmd);
+    zmq_msg_init(&body);
+    int rc;
+    while ((rc = zmq_msg_recv(&cmd, self->pipe, 0)) == -1 && zmq_errno() == EINTR)
+        ;
+    if (rc == -1) { /* the pipe is gone: nobody left to train for */
+        self->terminated = true;
+        goto out;
+    }
+    bool more = zmq_msg_more(&cmd);
+    if (more && zmq_msg_recv(&body, self->pipe, 0) == -1) {
+        self->terminated = true;
+        goto out;
+    }
+    const char *c = zmq_msg_data(&cmd);
+    size_t n = zmq_msg_size(&cmd);
+    if (n == 5 && memcmp(c, "$TERM", 5) == 0) {
+        self->terminated = true;
+    } else if (n == 3 && memcmp(c, "JOB", 3) == 0 && more) {
+        s_take_job(self, zmq_msg_data(&body), zmq_msg_size(&body));
+    } else if (n == 4 && memcmp(c, "PLAN", 4) == 0 && more &&
+               zmq_msg_size(&body) == sizeof(worker_plan_t *)) {
+        worker_plan_t *plan;
+        memcpy(&plan, zmq_msg_data(&body), sizeof plan);
+        s_teardown(self);
+        worker_plan_clear(&self->plan);
+        self->plan = *plan; /* the arrays are ours now */
+        free(plan);
+        self->have_plan = true;
+        s_start_generation(self);
+    } else {
+        log_warn("trainer: unknown command %.*s", (int)(n < 32 ? n : 32), c);
+    }
+out:
+    zmq_msg_close(&body);
+    zmq_msg_close(&cmd);
+}
+
+static bool s_pipe_pending(s_tr_t *self)
+{
+    zmq_pollitem_t it = {self->pipe, 0, ZMQ_POLLIN, 0};
+    return zmq_poll(&it, 1, 0) > 0;
+}
+
+static void s_loop(s_tr_t *self)
+{
+    while (!self->terminated) {
+        bool train = self->ready && self->step < self->job->train.steps;
+        if (!train || s_pipe_pending(self)) {
+            s_on_pipe(self); /* blocks until a command comes */
+            continue;
+        }
+        semoe_rc rc = s_step(self);
+        if (rc == SEMOE_OK || rc == SEMOE_ESTOPPED) /* interrupted: the pipe has the news */
+            continue;
+        bool comm_fault = rc == SEMOE_ETIMEDOUT || rc == SEMOE_EPROTO || rc == SEMOE_EIO;
+        log_error("step %" PRIu64 " of generation %" PRIu64 " abandoned: %s%s", self->step,
+                  self->plan.generation, semoe_err_msg(),
+                  comm_fault ? "; waiting for the next plan" : "");
+        s_teardown(self);
+        if (!comm_fault) {
+            self->failed = true;
+            s_set_phase(self, PROTO_PHASE_FAILED);
+        }
+    }
+}
+
+/* --- setup ---------------------------------------------------------------------------------- */
+
+void worker_trainer_actor(void *pipe, void *args)
+{
+    s_tr_t self = {0};
+    self.cfg = args;
+    self.pipe = pipe;
+    worker_plan_clear(&self.plan);
+    self.prog = (worker_progress_t){.loss = NAN, .eval_loss = NAN};
+    worker_trainer_config_t *cfg = self.cfg;
+    if (cfg->threads > 0)
+        openblas_set_num_threads(cfg->threads);
+    semoe_rc rc = comm_port_new(cfg->ctx, cfg->data_bind, &self.port);
+    if (rc != SEMOE_OK) {
+        snprintf(cfg->error, sizeof cfg->error, "--data-bind %s: %s", cfg->data_bind,
+                 semoe_err_msg());
+        cfg->error_exit = rc == SEMOE_EINVAL ? 2 : 1;
+        goto fail;
+    }
+    rc = worker_control_advertised(comm_port_endpoint(self.port), cfg->advertise, cfg->host,
+                                   cfg->data_endpoint);
+    if (rc != SEMOE_OK) {
+        snprintf(cfg->error, sizeof cfg->error, "%s", semoe_err_msg());
+        cfg->error_exit = 2;
+        goto fail;
+    }
+    if (cfg->metrics_log) {
+        self.metrics = fopen(cfg->metrics_log, "a");
+        if (!self.metrics) {
+            snprintf(cfg->error, sizeof cfg->error, "--metrics-log %s: cannot open: %s",
+                     cfg->metrics_log, strerror(errno));
+            cfg->error_exit = 2;
+            goto fail;
+        }
+    }
+    comm_port_set_interrupt(self.port, pipe);
+    actor_signal(pipe, 0);
+    s_loop(&self);
+    s_drop_job(&self);
+    worker_plan_clear(&self.plan);
+    free(self.job_text);
+    comm_port_destroy(&self.port);
+    if (self.metrics)
+        fclose(self.metrics);
+    return;
+fail:
+    comm_port_destroy(&self.port);
+    actor_signal(pipe, 1);
+}

@@ -1,0 +1,61 @@
+/* The worker's trainer actor: owns the worker's data port and, per plan generation, the
+ * communicator, the parameters of the experts it holds, the optimizer and the data slice; runs
+ * training steps in lockstep with its peers (expert parallel for experts, data parallel for
+ * the dense tensors) and reports progress to the control actor. docs/training.md is the
+ * picture.
+ *
+ * A generation starts from the last checkpoint under train.checkpoint_dir (rank 0 picks it and
+ * tells the others), or from the seeded initialisation when there is none: so a job that is
+ * started again, on any number of workers, resumes where its last checkpoint left it, and a
+ * change of membership in the middle of training rewinds every worker consistently to that
+ * checkpoint (moving experts between live workers instead is the elastic trainer's). */
+#ifndef SEMOE_WORKER_TRAINER_H
+#define SEMOE_WORKER_TRAINER_H
+
+#include <stdint.h>
+
+#include "actors/actor.h"
+#include "proto/msg.h"
+
+/* What the trainer reports after every step and every change of phase. */
+typedef struct {
+    uint64_t generation;
+    uint64_t step;          /* steps completed: the next step to run */
+    uint64_t step_time_us;  /* wall time of the last step */
+    uint64_t eval_step;     /* step count at the last held-out evaluation (0: none) */
+    double loss;            /* the global batch's loss at the last step (NaN: none yet) */
+    double eval_loss;       /* held-out cross-entropy at eval_step (NaN: none) */
+    double tokens_per_s;    /* this worker's targets per second over the last step */
+    uint32_t phase;         /* proto_phase_t (proto/msg.h), as HEARTBEAT carries it */
+    uint32_t n_load;        /* entries in the load frame that follows (layers x experts) */
+} worker_progress_t;
+
+/* What the actor needs; the creator owns it and keeps it alive until actor_destroy returns. */
+typedef struct {
+    void *ctx;
+    const char *id;           /* the worker's name, for logs and metrics */
+    const char *host;         /* replaces a wildcard bind address in the advertised endpoint */
+    const char *advertise;    /* NULL, or the host peers use */
+    const char *data_bind;    /* where the data port binds, "tcp://127.0.0.1:*" */
+    int threads;              /* BLAS threads (--threads); 0 leaves OpenBLAS's default */
+    const char *metrics_log;  /* NULL, or a file to append one JSON line per step to */
+    char data_endpoint[PROTO_MAX_ENDPOINT + 1]; /* set by the actor before it signals ready */
+    char error[512];          /* why the actor could not start */
+    int error_exit;           /* exit code that suits error (2: a bad flag value) */
+} worker_trainer_config_t;
+
+/* The actor body: actor_new(ctx, worker_trainer_actor, &config). Binds the data port before it
+ * signals ready (non-zero, with config.error set, when it cannot, or the metrics log cannot be
+ * opened).
+ *
+ * Commands on the pipe:
+ *   "JOB" text         the job spec from WELCOME (JSON); a different job drops everything
+ *   "PLAN" ptr         a worker_plan_t * (worker/plan.h), heap-allocated, now the trainer's:
+ *                      abandon the step in flight and start this generation
+ *   "$TERM"            end
+ * From the actor: "PROGRESS" [worker_progress_t] [n_load uint32 tokens per expert (layer*E+j)
+ * the experts held here received in the last step, 0 elsewhere]. Any command interrupts a
+ * collective the trainer is waiting in (worker/comm.h comm_port_set_interrupt). */
+void worker_trainer_actor(void *pipe, void *args);
+
+#endif
