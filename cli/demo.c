@@ -34,6 +34,8 @@
 #define S_TRAIN_WAIT_MS (30 * 60 * 1000) /* for the training to end (about 4 min on 2 cores) */
 #define S_POLL_MS 100          /* between two looks at the metrics log and the processes */
 #define S_PROMPT "Q: "        /* what the demo asks the model to continue */
+#define S_SAMPLES 3            /* samples it draws */
+#define S_SAMPLE_TOKENS "100"  /* bytes per sample: within the trained window of 128 */
 
 typedef struct {
     char name[32];
@@ -56,7 +58,7 @@ typedef struct {
     char ckpt[PATH_MAX];       /* its checkpoints/ root */
     char job_file[PATH_MAX];   /* the job as the daemons get it, in dir */
     char metrics_log[PATH_MAX]; /* the coordinator's, in out */
-    uint64_t steps;
+    uint64_t steps, seq_len;
     double last_step, first_eval, last_eval;
     char failure[512];
     const char *failure_log;   /* the log that tells more about the failure, or NULL */
@@ -347,6 +349,7 @@ static bool s_write_job(s_demo_t *d, const char *spec, long steps)
     if (steps > 0)
         job->train.steps = (uint64_t)steps;
     d->steps = job->train.steps;
+    d->seq_len = job->train.seq_len;
     char *text = model_job_to_json(job);
     model_job_destroy(&job);
     snprintf(d->job_file, sizeof d->job_file, "%s/job.json", d->dir);
@@ -522,9 +525,10 @@ static bool s_run(s_demo_t *d)
     if (!s_train(d))
         return false;
     double secs = (cli_now_ms() - t0) / 1000.0;
-    s_say("   Trained %.0f steps in %.0f s: held-out loss %.3f -> %.3f nats/byte (a bigram model "
-          "of", d->last_step, secs, d->first_eval, d->last_eval);
-    s_say("   fortunes reaches 2.59). Every process exited cleanly.");
+    s_say("   Trained %.0f steps in %.0f s: held-out loss %.3f at the first evaluation, %.3f at "
+          "the", d->last_step, secs, d->first_eval, d->last_eval);
+    s_say("   end, in nats per byte (uniform guessing scores ln 256 = 5.55; a bigram model of");
+    s_say("   fortunes 2.59). Every process exited cleanly.");
 
     char ckpt[PATH_MAX];
     uint64_t step = 0;
@@ -532,13 +536,22 @@ static bool s_run(s_demo_t *d)
         return s_fail(d, "no checkpoint under %s: %s", d->ckpt,
                       ckpt[0] ? semoe_err_msg() : "none written");
     s_say("%s", "");
-    s_say("4. Sampling from the checkpoint: semoe generate --checkpoint %s --prompt "
-          "\"%s\" --tokens 300 --temperature 0.8 --top-k 40", d->ckpt, S_PROMPT);
+    s_say("4. Sampling %d lines from the checkpoint: semoe generate --checkpoint %s", S_SAMPLES,
+          d->ckpt);
+    s_say("   --prompt \"%s\" --tokens %s --temperature 0.7 --top-k 40 --seed 1..%d (the model "
+          "saw", S_PROMPT, S_SAMPLE_TOKENS, S_SAMPLES);
+    s_say("   %" PRIu64 "-byte windows: a sample stays within one)", d->seq_len);
     s_say("%s", "");
-    char *gargv[] = {"generate", "--checkpoint", d->ckpt, "--prompt", S_PROMPT, "--tokens",
-                     "300", "--temperature", "0.8", "--top-k", "40", "--seed", "1", NULL};
-    if (cli_generate_main(13, gargv) != 0)
-        return s_fail(d, "semoe generate failed");
+    for (int i = 1; i <= S_SAMPLES; i++) {
+        char seed[16];
+        snprintf(seed, sizeof seed, "%d", i);
+        char *gargv[] = {"generate", "--checkpoint", d->ckpt, "--prompt", S_PROMPT, "--tokens",
+                         S_SAMPLE_TOKENS, "--temperature", "0.7", "--top-k", "40", "--seed",
+                         seed, NULL};
+        fputs("   ", stdout);
+        if (cli_generate_main(13, gargv) != 0)
+            return s_fail(d, "semoe generate failed");
+    }
     s_say("%s", "");
     s_say("The model is saved in %s (step %" PRIu64 ", Hugging Face layout: transformers'",
           ckpt, step);
