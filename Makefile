@@ -41,6 +41,9 @@ bench: $(BUILD)/build.ninja
 	ninja -C $(BUILD)
 	meson test -C $(BUILD) --suite bench --print-errorlogs || true
 	$(BUILD)/bench/bench_control
+	$(BUILD)/bench/bench_train_cpu
+	$(BUILD)/bench/bench_train_workers
+	$(BUILD)/bench/bench_train_workers --hidden 512
 
 fuzz:
 	[ -f build-fuzz/build.ninja ] || CC=clang meson setup build-fuzz -Dcuda=disabled -Dfuzz=true

@@ -150,18 +150,7 @@ static int s_parse(int argc, char **argv, s_opts_t *o, char *bin_buf, size_t bin
         return 2;
     }
     if (!o->coord_bin) {
-        const char *b = getenv("SEMOE_BUILD");
-        if (b && *b) {
-            snprintf(bin_buf, bin_size, "%s/coordinator/semoe-coordinator", b);
-        } else {
-            char self[PATH_MAX - 64];
-            ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-            self[n > 0 ? n : 0] = '\0';
-            char *slash = strrchr(self, '/');
-            if (slash)
-                *slash = '\0';
-            snprintf(bin_buf, bin_size, "%s/../coordinator/semoe-coordinator", self);
-        }
+        coordproc_bin("coordinator/semoe-coordinator", bin_buf, bin_size);
         o->coord_bin = bin_buf;
     }
     if (access(o->coord_bin, X_OK) != 0) {

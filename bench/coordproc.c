@@ -83,7 +83,7 @@ bool coordproc_alive(coordproc_t *self)
     return true;
 }
 
-static semoe_rc s_spawn(coordproc_t *self, const char *bin)
+semoe_rc coordproc_spawn(const char *log, char *const argv[], int *out)
 {
     pid_t parent = getpid();
     pid_t pid = fork();
@@ -94,39 +94,65 @@ static semoe_rc s_spawn(coordproc_t *self, const char *bin)
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != parent)
             _exit(127);
-        int fd = open(self->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         if (fd >= 0) {
             dup2(fd, 1);
             dup2(fd, 2);
             close(fd);
         }
-        execl(bin, bin, "--config", self->job, "--bind", self->control, "--status",
-              self->status, "--metrics", self->metrics, "--log-level", "warn", (char *)NULL);
-        fprintf(stderr, "bench_control: exec %s: %s\n", bin, strerror(errno));
+        execv(argv[0], argv);
+        fprintf(stderr, "bench: exec %s: %s\n", argv[0], strerror(errno));
         _exit(127);
     }
+    *out = (int)pid;
+    return SEMOE_OK;
+}
+
+void coordproc_bin(const char *rel, char *out, size_t cap)
+{
+    const char *b = getenv("SEMOE_BUILD");
+    if (b && *b) {
+        snprintf(out, cap, "%s/%s", b, rel);
+        return;
+    }
+    char self[PATH_MAX - 64];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    self[n > 0 ? n : 0] = '\0';
+    char *slash = strrchr(self, '/');
+    if (slash)
+        *slash = '\0';
+    snprintf(out, cap, "%s/../%s", self, rel);
+}
+
+static semoe_rc s_spawn(coordproc_t *self, const char *bin)
+{
+    char *const argv[] = {(char *)bin, "--config", self->job, "--bind", self->control,
+                          "--status", self->status, "--metrics", self->metrics,
+                          "--log-level", "warn", NULL};
+    int pid;
+    SEMOE_CHECK(coordproc_spawn(self->log, argv, &pid));
     self->pid = pid;
     return SEMOE_OK;
 }
 
-semoe_rc coordproc_start(const char *bin, const char *dir, int n, uint32_t heartbeat_ms,
-                         uint32_t liveness, int layers, int experts, coordproc_t **out)
+/* Picks three free loopback ports for the control, status and metrics sockets. */
+static semoe_rc s_ports(coordproc_t *self)
 {
-    semoe_rc rc;
-    coordproc_t *self = semoe_xcalloc(1, sizeof *self);
-    *out = NULL;
-    snprintf(self->job, sizeof self->job, "%s/job-%d.json", dir, n);
-    snprintf(self->log, sizeof self->log, "%s/coordinator-%d.log", dir, n);
     int pc = s_free_port(), ps = s_free_port(), pm = s_free_port();
-    if (!pc || !ps || !pm || pc == ps || ps == pm || pc == pm) {
-        free(self);
+    if (!pc || !ps || !pm || pc == ps || ps == pm || pc == pm)
         return semoe_err(SEMOE_ESYS, "no free loopback ports");
-    }
     snprintf(self->control, sizeof self->control, "tcp://127.0.0.1:%d", pc);
     snprintf(self->status, sizeof self->status, "tcp://127.0.0.1:%d", ps);
     snprintf(self->metrics, sizeof self->metrics, "127.0.0.1:%d", pm);
-    SEMOE_CHECK_GOTO(s_write_job(self->job, heartbeat_ms, liveness, layers, experts, n), rc,
-                     fail);
+    return SEMOE_OK;
+}
+
+/* Starts bin with self's job and log on fresh ports and waits until its status socket
+ * answers; on an error frees self. */
+static semoe_rc s_start(coordproc_t *self, const char *bin)
+{
+    semoe_rc rc;
+    SEMOE_CHECK_GOTO(s_ports(self), rc, fail);
     SEMOE_CHECK_GOTO(s_spawn(self, bin), rc, fail);
 
     self->ctx = zmq_ctx_new();
@@ -156,12 +182,62 @@ semoe_rc coordproc_start(const char *bin, const char *dir, int n, uint32_t heart
             goto fail;
         }
     }
-    *out = self;
     return SEMOE_OK;
 fail:
-    fprintf(stderr, "bench_control: coordinator log %s\n", self->log);
+    fprintf(stderr, "bench: coordinator log %s\n", self->log);
     coordproc_stop(&self);
     return rc;
+}
+
+semoe_rc coordproc_start(const char *bin, const char *dir, int n, uint32_t heartbeat_ms,
+                         uint32_t liveness, int layers, int experts, coordproc_t **out)
+{
+    coordproc_t *self = semoe_xcalloc(1, sizeof *self);
+    *out = NULL;
+    snprintf(self->job, sizeof self->job, "%s/job-%d.json", dir, n);
+    snprintf(self->log, sizeof self->log, "%s/coordinator-%d.log", dir, n);
+    semoe_rc rc = s_write_job(self->job, heartbeat_ms, liveness, layers, experts, n);
+    if (rc != SEMOE_OK) {
+        free(self);
+        return rc;
+    }
+    SEMOE_CHECK(s_start(self, bin));
+    *out = self;
+    return SEMOE_OK;
+}
+
+semoe_rc coordproc_start_job(const char *bin, const char *job, const char *log,
+                             coordproc_t **out)
+{
+    coordproc_t *self = semoe_xcalloc(1, sizeof *self);
+    *out = NULL;
+    snprintf(self->job, sizeof self->job, "%s", job);
+    snprintf(self->log, sizeof self->log, "%s", log);
+    SEMOE_CHECK(s_start(self, bin));
+    *out = self;
+    return SEMOE_OK;
+}
+
+bool coordproc_wait_exit(coordproc_t *self, int timeout_ms, int *code)
+{
+    int64_t end = clock_mono_ms() + timeout_ms;
+    for (;;) {
+        int status;
+        if (!self->reaped && waitpid(self->pid, &status, WNOHANG) == self->pid) {
+            self->reaped = true;
+            *code = WIFEXITED(status) ? WEXITSTATUS(status)
+                                      : 128 + (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+            return true;
+        }
+        if (self->reaped) { /* reaped by coordproc_alive: the status is gone */
+            *code = -1;
+            return true;
+        }
+        if (clock_mono_ms() >= end)
+            return false;
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
 }
 
 void coordproc_stop(coordproc_t **self_p)
@@ -177,7 +253,7 @@ void coordproc_stop(coordproc_t **self_p)
             nanosleep(&ts, NULL);
         }
         if (coordproc_alive(self)) {
-            fprintf(stderr, "bench_control: coordinator %d ignored SIGTERM for 5 s; killing it\n",
+            fprintf(stderr, "bench: coordinator %d ignored SIGTERM for 5 s; killing it\n",
                     (int)self->pid);
             kill(self->pid, SIGKILL);
             waitpid(self->pid, NULL, 0);

@@ -23,8 +23,21 @@ typedef struct {
  * waits until its status socket answers. The caller owns *self (coordproc_stop). */
 semoe_rc coordproc_start(const char *bin, const char *dir, int n, uint32_t heartbeat_ms,
                          uint32_t liveness, int layers, int experts, coordproc_t **self);
+/* The same with the job spec at job (the caller's, not removed) and the log at log. */
+semoe_rc coordproc_start_job(const char *bin, const char *job, const char *log,
+                             coordproc_t **self);
 /* SIGTERM, a bounded wait, then SIGKILL; frees and nulls *self_p. */
 void coordproc_stop(coordproc_t **self_p);
+/* Waits up to timeout_ms for the coordinator to exit on its own (it does once training is
+ * done); true with *code its exit status (128 + the signal when one killed it) when it did. */
+bool coordproc_wait_exit(coordproc_t *self, int timeout_ms, int *code);
+
+/* Any other process of a bench (the workers): fork/exec argv[0] with argv, stdout and stderr
+ * to log, killed when the bench dies. *pid gets the child (the caller reaps it). */
+semoe_rc coordproc_spawn(const char *log, char *const argv[], int *pid);
+/* Where a binary of this build tree is: $SEMOE_BUILD/rel, else rel next to the bench's own
+ * build folder (<dir of /proc/self/exe>/../rel). Writes it into out. */
+void coordproc_bin(const char *rel, char *out, size_t cap);
 
 const char *coordproc_control(const coordproc_t *self); /* "tcp://127.0.0.1:P" */
 const char *coordproc_log_path(const coordproc_t *self);

@@ -215,7 +215,7 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
      * this worker's share of its gradient: the factor is the global rows / global_batch. */
     int glob = hooks->ex && hooks->ex->reduce_stats;
     double wsum = 0;
-    s_split_t sp;
+    s_split_t sp = {0}; /* set by s_split; zeroed for gcc -O3's maybe-uninitialized */
     SEMOE_CHECK(s_split(tr, n_rows, hooks->micro_steps, &sp));
     for (uint32_t i = 0; i < sp.n; i++) {
         uint32_t first, rows;
@@ -307,7 +307,7 @@ semoe_rc model_train_eval(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
     double sum = 0, wsum = 0;
     if (n_rows == 0)
         return semoe_err(SEMOE_EINVAL, "model train: eval over 0 rows");
-    s_split_t sp;
+    s_split_t sp = {0}; /* set by s_split; zeroed for gcc -O3's maybe-uninitialized */
     SEMOE_CHECK(s_split(tr, n_rows, micro_steps, &sp));
     for (uint32_t i = 0; i < sp.n; i++) {
         uint32_t first, rows;

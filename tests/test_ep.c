@@ -1,7 +1,9 @@
 /* Expert parallelism (worker/exchange.c) against one process: W ranks as threads on loopback,
  * each holding a share of the experts and of the batch, must give the single process's global
- * loss and gradients (dense ones after an all-reduce, expert ones on their holder), receive
- * exactly the rows the routing implies, and train to the same losses over several AdamW steps. */
+ * loss and gradients (dense ones after an all-reduce, expert ones on their holders, replicas'
+ * shares summed), receive exactly the rows the routing implies between them, and train to the
+ * same losses over several AdamW steps. Each world size runs with one holder per expert and
+ * again with random replicas. */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -47,7 +49,8 @@ typedef struct {
     double step_loss[N_STEPS], step_norm[N_STEPS];
     /* per world size */
     uint32_t world;
-    int32_t owner[64];             /* (L, E) */
+    uint32_t hoff[65], hold[64 * MAXW]; /* (L*E) experts' holders, as a PLAN gives them */
+    int64_t recv_sum[64];          /* rows each expert received, summed over its holders */
     double max_loss_err, max_dense_err, max_expert_err, max_step_err;
 } s_ref_t;
 
@@ -103,6 +106,14 @@ static void s_max(double *m, double v)
     pthread_mutex_unlock(&s_lock);
 }
 
+static bool s_holds(const s_ref_t *ref, int e, uint32_t rank)
+{
+    for (uint32_t i = ref->hoff[e]; i < ref->hoff[e + 1]; i++)
+        if (ref->hold[i] == rank)
+            return true;
+    return false;
+}
+
 /* A params object holding rank's experts, its tensors copied from the full one. */
 static model_params_t *s_rank_params(const s_ref_t *ref, uint32_t rank)
 {
@@ -111,7 +122,7 @@ static model_params_t *s_rank_params(const s_ref_t *ref, uint32_t rank)
     uint32_t ids[64];
     size_t n = 0;
     for (int i = 0; i < L * E; i++)
-        if (ref->owner[i] == (int32_t)rank)
+        if (s_holds(ref, i, rank))
             ids[n++] = (uint32_t)i;
     model_params_t *p = NULL;
     if (model_params_new(cfg, ids, n, &p) != SEMOE_OK)
@@ -153,6 +164,7 @@ typedef struct {
     comm_t *comm;
     worker_exchange_t *x;
     model_params_t *p;
+    const float *grads; /* the gradient slab the norm is taken of */
 } s_hook_t;
 
 static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
@@ -166,15 +178,21 @@ static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
     semoe_rc rc = comm_allreduce_buckets(h->comm, bufs, lens, nb, (size_t)1 << 16, T_TIMEOUT);
     free(bufs);
     free(lens);
+    if (rc == SEMOE_OK)
+        rc = worker_exchange_sum_replicas(h->x, h->p, grads);
     return rc;
 }
 
-/* Dense gradients are replicated after the all-reduce: counted once; expert ones summed. */
+/* Dense gradients are replicated after the all-reduce: counted once; each expert once, on its
+ * first holder. */
 static semoe_rc s_reduce_sumsq(void *arg, double dense, double expert, double *global)
 {
+    (void)expert;
     s_hook_t *h = arg;
     model_exchange_f32 ex = worker_exchange_f32(h->x);
-    SEMOE_CHECK(ex.reduce_stats(ex.state, &expert, 1));
+    double mine = worker_exchange_expert_sumsq(h->x, h->p, h->grads);
+    SEMOE_CHECK(ex.reduce_stats(ex.state, &mine, 1));
+    expert = mine;
     *global = dense + expert;
     return SEMOE_OK;
 }
@@ -194,7 +212,7 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
     float *grads = NULL;
     model_train_t *tr = NULL;
     TCHECK(p != NULL, "rank %u: params", r);
-    semoe_rc rc = worker_exchange_new(comm, be, L, E, ref->owner, T_TIMEOUT, &x);
+    semoe_rc rc = worker_exchange_new(comm, be, L, E, ref->hoff, ref->hold, T_TIMEOUT, &x);
     TCHECK(rc == SEMOE_OK, "rank %u: exchange: %s", r, semoe_err_msg());
     if (!p || rc != SEMOE_OK)
         goto done;
@@ -216,7 +234,7 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
     TCHECK(rc == SEMOE_OK, "W %u rank %u: backward: %s", W, r, semoe_err_msg());
     if (rc != SEMOE_OK)
         goto done;
-    s_hook_t hook = {comm, x, p};
+    s_hook_t hook = {comm, x, p, grads};
     rc = s_reduce_grads(&hook, grads, 0);
     TCHECK(rc == SEMOE_OK, "W %u rank %u: all-reduce: %s", W, r, semoe_err_msg());
     if (rc != SEMOE_OK)
@@ -242,15 +260,21 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
         s_max(t->kind == MODEL_PARAM_DENSE ? &me->out->max_dense_err
                                            : &me->out->max_expert_err, e);
     }
-    /* each held expert received exactly the rows routed to it; nothing else arrived */
+    /* a held expert received its share of the rows routed to it (the holders' shares add up
+     * to them: checked after the threads); nothing else arrived */
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
-            int held = ref->owner[l * E + j] == (int32_t)r;
+            int e = l * E + j, held = s_holds(ref, e, r);
             int64_t got = worker_exchange_received(x, l, j);
-            int64_t want = held ? ref->routed[l * E + j] : 0;
-            TCHECK(got == want && acts->recv_counts[l * E + j] == want,
-                   "W %u rank %u: layer %d expert %d: %lld rows received (graph %d), want %lld",
-                   W, r, l, j, (long long)got, acts->recv_counts[l * E + j], (long long)want);
+            uint32_t k = ref->hoff[e + 1] - ref->hoff[e];
+            TCHECK(got == acts->recv_counts[e] && (held || got == 0) &&
+                       (!held || k > 1 || got == ref->routed[e]),
+                   "W %u rank %u: layer %d expert %d (%u holders): %lld rows received "
+                   "(graph %d), routed %d", W, r, l, j, k, (long long)got,
+                   acts->recv_counts[e], ref->routed[e]);
+            pthread_mutex_lock(&s_lock);
+            me->out->recv_sum[e] += got;
+            pthread_mutex_unlock(&s_lock);
             TCHECK(model_params_holds_expert(p, (uint32_t)l, (uint32_t)j) == held,
                    "W %u rank %u: holds expert (%d, %d)", W, r, l, j);
         }
@@ -263,6 +287,7 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
     TCHECK(rc == SEMOE_OK, "rank %u: expert rows: %s", r, semoe_err_msg());
     if (rc != SEMOE_OK)
         goto done;
+    hook.grads = model_train_grads(tr);
     model_train_hooks_t hooks = {.arg = &hook, .reduce_grads = s_reduce_grads,
                                  .reduce_sumsq = s_reduce_sumsq, .ex = &ex};
     for (int step = 0; step < N_STEPS; step++) {
@@ -300,11 +325,13 @@ static void *s_rank_main(void *arg)
     return NULL;
 }
 
-/* Places the L * E experts on W ranks: a random permutation dealt out round robin. */
-static void s_place(s_ref_t *ref, uint32_t W)
+/* Places the L * E experts on W ranks: a random permutation dealt out round robin, then with
+ * replicas about half the experts get 1 to W - 1 more holders at random. */
+static void s_place(s_ref_t *ref, uint32_t W, bool replicas)
 {
     int LE = (int)(ref->job.model.num_hidden_layers * ref->job.model.num_local_experts);
     int perm[64];
+    uint32_t first[64];
     for (int i = 0; i < LE; i++)
         perm[i] = i;
     for (int i = LE - 1; i > 0; i--) {
@@ -313,13 +340,30 @@ static void s_place(s_ref_t *ref, uint32_t W)
         perm[j] = t;
     }
     for (int i = 0; i < LE; i++)
-        ref->owner[perm[i]] = (int32_t)(i % (int)W);
+        first[perm[i]] = (uint32_t)i % W;
+    uint32_t at = 0;
+    for (int e = 0; e < LE; e++) {
+        bool on[MAXW] = {false};
+        on[first[e]] = true;
+        if (replicas && test_rand_below(2)) {
+            uint32_t more = 1 + (uint32_t)test_rand_below(W - 1);
+            for (uint32_t k = 0; k < more; k++)
+                on[test_rand_below(W)] = true;
+        }
+        ref->hoff[e] = at;
+        for (uint32_t r = 0; r < W; r++)
+            if (on[r])
+                ref->hold[at++] = r;
+    }
+    ref->hoff[LE] = at;
     ref->world = W;
 }
 
-static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W)
+static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas)
 {
-    s_place(ref, W);
+    s_place(ref, W, replicas);
+    int LE = (int)(ref->job.model.num_hidden_layers * ref->job.model.num_local_experts);
+    memset(ref->recv_sum, 0, sizeof ref->recv_sum);
     ref->max_loss_err = ref->max_dense_err = ref->max_expert_err = ref->max_step_err = 0;
     comm_port_t *ports[MAXW] = {0};
     char ep_text[MAXW][256];
@@ -341,9 +385,14 @@ static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W)
         pthread_join(ranks[r].th, NULL);
     for (uint32_t r = 0; r < W; r++)
         comm_port_destroy(&ports[r]);
-    printf("W=%u: relative errors: loss %.2e, dense grads %.2e, expert grads %.2e, 5 steps "
-           "%.2e\n", W, ref->max_loss_err, ref->max_dense_err, ref->max_expert_err,
-           ref->max_step_err);
+    uint32_t copies = ref->hoff[LE];
+    for (int e = 0; e < LE; e++)
+        CHECK(ref->recv_sum[e] == ref->routed[e], "W %u: expert %d: its %u holders received %lld "
+              "rows, %d were routed to it", W, e, ref->hoff[e + 1] - ref->hoff[e],
+              (long long)ref->recv_sum[e], ref->routed[e]);
+    printf("W=%u, %u copies of %d experts: relative errors: loss %.2e, dense grads %.2e, expert "
+           "grads %.2e, 5 steps %.2e\n", W, copies, LE, ref->max_loss_err, ref->max_dense_err,
+           ref->max_expert_err, ref->max_step_err);
 }
 
 /* A local exchange with an identity reduce_stats must give the NULL exchange's results: the
@@ -426,8 +475,10 @@ int main(void)
     model_train_destroy(&tr);
 
     void *ctx = zmq_ctx_new();
-    for (uint32_t W = 2; W <= MAXW; W++)
-        s_run_world(&ref, ctx, W);
+    for (uint32_t W = 2; W <= MAXW; W++) {
+        s_run_world(&ref, ctx, W, false);
+        s_run_world(&ref, ctx, W, true);
+    }
     zmq_ctx_term(ctx);
 
     free(ref.routed);

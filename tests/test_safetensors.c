@@ -464,7 +464,7 @@ static void s_test_checkpoints(void)
             }
             model_st_close(&first);
             model_st_close(&last);
-            size_t ilen;
+            size_t ilen = 0;
             char *itext = (char *)s_get(s_path("ckpt/" MODEL_ST_INDEX), &ilen);
             itext[ilen] = '\0';
             char want[64];

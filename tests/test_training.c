@@ -234,6 +234,45 @@ static bool s_u64_array(const cJSON *obj, const char *key, long long *out)
     return true;
 }
 
+/* The time split of a metrics line: every part there and >= 0, together within the step (the
+ * profiled ops, the exchange and the all-reduce nest inside step_time_s); gemm_flops exactly
+ * the step's linear ops on this worker (an evaluation's forward would add to it): every token
+ * through the dense projections (6 FLOPs per weight: forward, input and weight gradients) and
+ * every row the experts held here received through w1, w3, w2 (18 D F). */
+static bool s_check_split(const cJSON *j, const long long *load, const char *run, const char *id,
+                          uint64_t step)
+{
+    static const char *const keys[] = {"t_gemm", "t_attention", "t_routing", "t_elementwise",
+                                       "t_memory", "t_optimizer", "t_exchange", "t_allreduce"};
+    const cJSON *st = cJSON_GetObjectItemCaseSensitive(j, "step_time_s");
+    const cJSON *fl = cJSON_GetObjectItemCaseSensitive(j, "gemm_flops");
+    const cJSON *tk = cJSON_GetObjectItemCaseSensitive(j, "tokens");
+    bool ok = cJSON_IsNumber(st) && cJSON_IsNumber(fl) && cJSON_IsNumber(tk);
+    double sum = 0;
+    for (size_t k = 0; ok && k < sizeof keys / sizeof *keys; k++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, keys[k]);
+        ok = cJSON_IsNumber(v) && v->valuedouble >= 0;
+        CHECK(ok, "%s: %s: step %" PRIu64 ": %s missing or negative", run, id, step, keys[k]);
+        sum += ok ? v->valuedouble : 0;
+    }
+    CHECK(cJSON_IsNumber(st) && cJSON_IsNumber(fl) && cJSON_IsNumber(tk), "%s: %s: step %" PRIu64
+          ": step_time_s, gemm_flops or tokens missing", run, id, step);
+    if (!ok)
+        return false;
+    CHECK(sum <= st->valuedouble + 1e-3, "%s: %s: step %" PRIu64 ": the split adds up to %.6f s, "
+          "more than the step's %.6f s", run, id, step, sum, st->valuedouble);
+    const double D = S_HIDDEN, F = 64, V = 256, Q = S_HIDDEN, KV = S_HIDDEN / 2;
+    double dense = S_LAYERS * (D * Q + 2 * D * KV + Q * D + D * S_EXPERTS) + D * V;
+    double rows = 0;
+    for (int e = 0; e < S_LE; e++)
+        rows += (double)load[e];
+    double want = 6 * tk->valuedouble * dense + 18 * D * F * rows;
+    CHECK(fl->valuedouble == want, "%s: %s: step %" PRIu64 ": gemm_flops %.0f, want %.0f (%.0f "
+          "tokens through %.0f dense weights, %.0f expert rows)", run, id, step, fl->valuedouble,
+          want, tk->valuedouble, dense, rows);
+    return sum <= st->valuedouble + 1e-3 && fl->valuedouble == want;
+}
+
 /* Reads w's metrics log: every line whole, steps consecutive from first_step + 1. */
 static bool s_read_log(s_worker_t *w, const char *run, int first_step)
 {
@@ -274,6 +313,7 @@ static bool s_read_log(s_worker_t *w, const char *run, int first_step)
             l->rows_out = (uint64_t)test_status_num(j, "dispatch_rows_out");
             l->bytes_out = (uint64_t)test_status_num(j, "dispatch_bytes_out");
             ok = s_u64_array(j, "load", l->load) && s_u64_array(j, "routed", l->routed);
+            ok = ok && s_check_split(j, l->load, run, w->id, l->step);
         }
         const char *wid = test_status_str(j, "worker");
         CHECK(ok && wid && strcmp(wid, w->id) == 0, "%s: %s: line %d of %s is not a whole metrics "

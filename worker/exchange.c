@@ -12,9 +12,12 @@ struct worker_exchange {
     comm_t *comm;
     const model_backend_f32_t *be;
     int L, E, W, me, timeout_ms;
-    int32_t *owner;   /* (L, E) rank holding each expert */
+    uint32_t *hoff;   /* (L*E + 1) expert e's holders: hold[hoff[e] .. hoff[e+1]) */
+    uint32_t *hold;   /* ranks, ascending per expert */
+    bool *mine;       /* (L*E) whether this rank holds expert e */
     int32_t *cnt;     /* (L, W, E) rows of expert j from rank s in layer l's last dispatch */
     int32_t *sent;    /* (L, E) this rank's send_counts in layer l's last dispatch */
+    int32_t *to;      /* (L, E, W) of those, the rows of expert e that went to rank r */
     float *rows;      /* host copy of the rows handed in by the graph */
     size_t rows_cap;  /* bytes */
     float *out;       /* host rows regrouped for the graph */
@@ -37,18 +40,27 @@ static void *s_reserve(void *p, size_t *cap, size_t need)
 }
 
 semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L, int E,
-                             const int32_t *owner, int timeout_ms, worker_exchange_t **out)
+                             const uint32_t *holder_off, const uint32_t *holders, int timeout_ms,
+                             worker_exchange_t **out)
 {
     *out = NULL;
     int W = (int)comm_world(comm);
     if (L < 0 || E < 1)
         return semoe_err(SEMOE_EINVAL, "exchange: %d layers of %d experts: need E >= 1", L, E);
-    for (int i = 0; i < L * E; i++)
-        if (owner[i] < 0 || owner[i] >= W)
-            return semoe_err(SEMOE_EINVAL,
-                             "exchange: expert %d of layer %d placed on rank %d: the world "
-                             "has ranks 0..%d",
-                             i % E, i / E, owner[i], W - 1);
+    size_t le = (size_t)L * E;
+    if (holder_off[0] != 0)
+        return semoe_err(SEMOE_EINVAL, "exchange: holder offsets start at %u", holder_off[0]);
+    for (size_t e = 0; e < le; e++) {
+        uint32_t lo = holder_off[e], hi = holder_off[e + 1];
+        if (hi <= lo || hi - lo > (uint32_t)W)
+            return semoe_err(SEMOE_EINVAL, "exchange: expert %zu of layer %zu has %d holders: "
+                             "need 1 to %d", e % (size_t)E, e / (size_t)E, (int)(hi - lo), W);
+        for (uint32_t i = lo; i < hi; i++)
+            if (holders[i] >= (uint32_t)W || (i > lo && holders[i] <= holders[i - 1]))
+                return semoe_err(SEMOE_EINVAL, "exchange: expert %zu of layer %zu placed on "
+                                 "rank %u: need distinct ascending ranks 0..%d", e % (size_t)E,
+                                 e / (size_t)E, holders[i], W - 1);
+    }
     worker_exchange_t *x = semoe_xcalloc(1, sizeof *x);
     x->comm = comm;
     x->be = be;
@@ -57,10 +69,16 @@ semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L,
     x->W = W;
     x->me = (int)comm_rank(comm);
     x->timeout_ms = timeout_ms;
-    size_t le = (size_t)L * E;
-    x->owner = semoe_xcalloc(le ? le : 1, sizeof(int32_t));
-    memcpy(x->owner, owner, le * sizeof(int32_t));
+    x->hoff = semoe_xmalloc((le + 1) * sizeof *x->hoff);
+    memcpy(x->hoff, holder_off, (le + 1) * sizeof *x->hoff);
+    x->hold = semoe_xmalloc((holder_off[le] + 1) * sizeof *x->hold);
+    memcpy(x->hold, holders, holder_off[le] * sizeof *x->hold);
+    x->mine = semoe_xcalloc(le + 1, sizeof *x->mine);
+    for (size_t e = 0; e < le; e++)
+        for (uint32_t i = holder_off[e]; i < holder_off[e + 1]; i++)
+            x->mine[e] = x->mine[e] || holders[i] == (uint32_t)x->me;
     x->cnt = semoe_xcalloc(le * W + 1, sizeof(int32_t));
+    x->to = semoe_xcalloc(le * W + 1, sizeof(int32_t));
     x->acc = semoe_xcalloc(le + 1, sizeof(uint64_t));
     x->routed = semoe_xcalloc(le + 1, sizeof(uint64_t));
     x->sent = semoe_xcalloc(le + 1, sizeof(int32_t));
@@ -75,8 +93,11 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     if (!self_p || !*self_p)
         return;
     worker_exchange_t *x = *self_p;
-    free(x->owner);
+    free(x->hoff);
+    free(x->hold);
+    free(x->mine);
     free(x->cnt);
+    free(x->to);
     free(x->acc);
     free(x->routed);
     free(x->sent);
@@ -164,6 +185,33 @@ static semoe_rc s_header(const worker_exchange_t *x, const char *what, int layer
     return SEMOE_OK;
 }
 
+/* How this rank's c rows of expert e split over its k holders: cut in k contiguous chunks, the
+ * first c % k one row longer, chunk i to holder (i + me) % k of the list, so that the longer
+ * chunks of different senders land on different replicas. Fills to[r] (W entries, zeroed
+ * first) with the rows rank r gets. */
+static void s_split(const worker_exchange_t *x, size_t e, int32_t c, int32_t *to)
+{
+    uint32_t lo = x->hoff[e], k = x->hoff[e + 1] - lo;
+    memset(to, 0, (size_t)x->W * sizeof *to);
+    for (uint32_t i = 0; i < k; i++)
+        to[x->hold[lo + (i + (uint32_t)x->me) % k]] = c / (int32_t)k + ((int32_t)i < c % (int32_t)k);
+}
+
+/* Rows of this rank's expert-e rows that precede the chunk for rank r (to as s_split fills it,
+ * chunks in the order of s_split). */
+static int32_t s_chunk_start(const worker_exchange_t *x, size_t e, const int32_t *to, int r)
+{
+    uint32_t lo = x->hoff[e], k = x->hoff[e + 1] - lo;
+    int32_t before = 0;
+    for (uint32_t i = 0; i < k; i++) {
+        uint32_t h = x->hold[lo + (i + (uint32_t)x->me) % k];
+        if (h == (uint32_t)r)
+            return before;
+        before += to[h];
+    }
+    return before;
+}
+
 static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *send,
                            const int32_t *send_counts, float *recv, int32_t *recv_counts,
                            int recv_cap)
@@ -171,13 +219,15 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
     worker_exchange_t *x = state;
     SEMOE_CHECK(s_check_call(x, "dispatch", layer, E, D, send_counts));
     int W = x->W;
-    const int32_t *own = x->owner + (size_t)layer * E;
+    size_t base = (size_t)layer * E;
     size_t rowb = (size_t)D * sizeof(float), hb = (size_t)E * sizeof(int32_t);
     size_t start[E];
     size_t n = 0;
+    int32_t *to = x->to + base * W;
     for (int e = 0; e < E; e++) {
         start[e] = n;
         n += (size_t)send_counts[e];
+        s_split(x, base + e, send_counts[e], to + (size_t)e * W);
     }
     x->rows = s_reserve(x->rows, &x->rows_cap, n * rowb);
     x->be->to_host(x->rows, send, n * rowb);
@@ -190,10 +240,12 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
         int32_t *hdr = (int32_t *)(x->smsg + off);
         off += hb;
         for (int e = 0; e < E; e++) {
-            hdr[e] = own[e] == r ? send_counts[e] : 0;
+            const int32_t *te = to + (size_t)e * W;
+            hdr[e] = te[r];
             if (hdr[e] == 0)
                 continue;
-            memcpy(x->smsg + off, x->rows + start[e] * D, (size_t)hdr[e] * rowb);
+            size_t first = start[e] + (size_t)s_chunk_start(x, base + e, te, r);
+            memcpy(x->smsg + off, x->rows + first * D, (size_t)hdr[e] * rowb);
             off += (size_t)hdr[e] * rowb;
         }
         x->sbytes[r] = off - begin;
@@ -217,10 +269,10 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
         moff[s] = off;
         SEMOE_CHECK(s_header(x, "dispatch", layer, s, off, D, cnt + (size_t)s * E, &rows));
         for (int e = 0; e < E; e++)
-            if (cnt[(size_t)s * E + e] > 0 && own[e] != x->me)
+            if (cnt[(size_t)s * E + e] > 0 && !x->mine[base + e])
                 return semoe_err(SEMOE_EPROTO, "exchange dispatch: layer %d: rank %d sent %d "
-                                 "rows of expert %d, which rank %d holds", layer, s,
-                                 cnt[(size_t)s * E + e], e, own[e]);
+                                 "rows of expert %d, which rank %d does not hold", layer, s,
+                                 cnt[(size_t)s * E + e], e, x->me);
         total += rows;
         off += x->rbytes[s];
     }
@@ -256,7 +308,8 @@ static semoe_rc s_combine(void *state, int layer, int E, int D, const float *sen
     worker_exchange_t *x = state;
     SEMOE_CHECK(s_check_call(x, "combine", layer, E, D, send_counts));
     int W = x->W;
-    const int32_t *own = x->owner + (size_t)layer * E;
+    size_t base = (size_t)layer * E;
+    const int32_t *to = x->to + base * W;
     const int32_t *cnt = x->cnt + (size_t)layer * W * E, *sent = x->sent + (size_t)layer * E;
     size_t rowb = (size_t)D * sizeof(float), hb = (size_t)E * sizeof(int32_t);
     size_t rstart[E], start[E];
@@ -307,12 +360,13 @@ static semoe_rc s_combine(void *state, int layer, int E, int D, const float *sen
         SEMOE_CHECK(s_header(x, "combine", layer, r, off, D, c, &rows));
         size_t at = off + hb;
         for (int e = 0; e < E; e++) {
-            int32_t want = own[e] == r ? sent[e] : 0;
-            if (c[e] != want)
+            const int32_t *te = to + (size_t)e * W;
+            if (c[e] != te[r])
                 return semoe_err(SEMOE_EPROTO, "exchange combine: layer %d: rank %d returned "
                                  "%d rows of expert %d, %d were sent", layer, r, c[e], e,
-                                 want);
-            memcpy(x->out + start[e] * D, x->rmsg + at, (size_t)c[e] * rowb);
+                                 te[r]);
+            size_t first = start[e] + (size_t)s_chunk_start(x, base + e, te, r);
+            memcpy(x->out + first * D, x->rmsg + at, (size_t)c[e] * rowb);
             at += (size_t)c[e] * rowb;
         }
         off += x->rbytes[r];
@@ -354,4 +408,71 @@ model_exchange_f32 worker_exchange_f32(worker_exchange_t *self)
 {
     return (model_exchange_f32){.state = self, .dispatch = s_dispatch, .combine = s_combine,
                                 .reduce_stats = s_reduce_stats};
+}
+
+/* --- replicated experts' gradients --------------------------------------------------------- */
+
+/* Whether rank is the first (lowest) holder of expert e. */
+static bool s_first_holder(const worker_exchange_t *x, size_t e, int rank)
+{
+    return x->hold[x->hoff[e]] == (uint32_t)rank;
+}
+
+static bool s_replicated(const worker_exchange_t *x, size_t e)
+{
+    return x->hoff[e + 1] - x->hoff[e] > 1;
+}
+
+semoe_rc worker_exchange_sum_replicas(worker_exchange_t *x, const model_params_t *p,
+                                      float *grads)
+{
+    size_t n = model_params_count(p), total = 0;
+    for (size_t i = 0; i < n; i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->kind == MODEL_PARAM_EXPERT &&
+            s_replicated(x, (size_t)t->layer * x->E + (size_t)t->expert))
+            total += t->numel;
+    }
+    if (total == 0)
+        return SEMOE_OK;
+    /* every replicated expert's tensors back to back in table order: this rank's where it
+     * holds them, zeros elsewhere (x + 0 = x exactly: the rank-order sum is the holders' sum) */
+    float *buf = semoe_xcalloc(total, sizeof *buf), *at = buf;
+    for (size_t i = 0; i < n; i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->kind != MODEL_PARAM_EXPERT ||
+            !s_replicated(x, (size_t)t->layer * x->E + (size_t)t->expert))
+            continue;
+        if (t->data)
+            x->be->to_host(at, grads + t->offset, t->numel * sizeof(float));
+        at += t->numel;
+    }
+    int64_t t0 = clock_mono_us();
+    semoe_rc rc = comm_allreduce_sum(x->comm, buf, total, x->timeout_ms);
+    x->traffic.seconds += (double)(clock_mono_us() - t0) / 1e6;
+    at = buf;
+    for (size_t i = 0; rc == SEMOE_OK && i < n; i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->kind != MODEL_PARAM_EXPERT ||
+            !s_replicated(x, (size_t)t->layer * x->E + (size_t)t->expert))
+            continue;
+        if (t->data)
+            x->be->to_device(grads + t->offset, at, t->numel * sizeof(float));
+        at += t->numel;
+    }
+    free(buf);
+    return rc;
+}
+
+double worker_exchange_expert_sumsq(const worker_exchange_t *x, const model_params_t *p,
+                                    const float *grads)
+{
+    double s = 0;
+    for (size_t i = 0; i < model_params_count(p); i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->kind == MODEL_PARAM_EXPERT && t->data &&
+            s_first_holder(x, (size_t)t->layer * x->E + (size_t)t->expert, x->me))
+            s += x->be->sumsq(grads + t->offset, t->numel);
+    }
+    return s;
 }

@@ -3,9 +3,14 @@
  * combine brings the outputs back, both through one comm_alltoallv (worker/comm.h), plus
  * reduce_stats, the sum over ranks that makes the losses those of the global batch.
  *
- * Placement: owner[l * E + j] is the rank holding expert j of layer l (one owner per expert).
- * Every rank of the comm must build its exchange with the same placement and call the graph
- * in lockstep (each dispatch, combine and reduce_stats is a collective).
+ * Placement: expert e = l * E + j is held by the ranks holders[holder_off[e] ..
+ * holder_off[e+1]) (one or more, distinct, ascending: the PLAN's tables). A replicated expert
+ * takes an even share of every sender's rows on each holder: the sender cuts its rows of the
+ * expert in contiguous chunks, one per holder, the first (rows mod holders) one row longer and
+ * the chunks' order rotated by the sender's rank, so that replicas stay balanced. Each holder
+ * then computes its share's gradient; the trainer sums a replicated expert's gradients over its
+ * holders. Every rank of the comm must build its exchange with the same placement and call the
+ * graph in lockstep (each dispatch, combine and reduce_stats is a collective).
  *
  * Wire. The message from rank s to rank r in a dispatch or combine is [E int32 counts][rows]:
  * counts[j] is the number of rows of expert j in it (0 unless r holds j for a dispatch, s
@@ -23,6 +28,7 @@
 #include "actors/err.h"
 #include "model/backend.h"
 #include "model/graph.h"
+#include "model/params.h"
 #include "worker/comm.h"
 
 typedef struct worker_exchange worker_exchange_t;
@@ -36,11 +42,13 @@ typedef struct {
 } worker_exchange_traffic_t;
 
 /* An exchange over comm (this rank's, not owned; must outlive the exchange) for L layers of E
- * experts placed by owner (L * E ranks in [0, world), copied). be (not owned) moves rows
- * between the graph's buffers and the host (the messages are host memory). timeout_ms bounds
- * every collective. An owner out of range is an error. Caller owns *out. */
+ * experts placed as holder_off (L * E + 1 entries) and holders say (copied). be (not owned)
+ * moves rows between the graph's buffers and the host (the messages are host memory).
+ * timeout_ms bounds every collective. An expert without holders, or with a holder out of range
+ * or repeated, is an error. Caller owns *out. */
 semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L, int E,
-                             const int32_t *owner, int timeout_ms, worker_exchange_t **out);
+                             const uint32_t *holder_off, const uint32_t *holders, int timeout_ms,
+                             worker_exchange_t **out);
 /* Frees; nulls *self_p; NULL is a no-op. */
 void worker_exchange_destroy(worker_exchange_t **self_p);
 
@@ -56,6 +64,21 @@ model_exchange_f32 worker_exchange_f32(worker_exchange_t *self);
  * combine, with the same counts), an evaluation once. */
 void worker_exchange_take(worker_exchange_t *x, uint64_t *rows_in, uint64_t *rows_out,
                           worker_exchange_traffic_t *traffic);
+
+/* Sums each replicated expert's gradients over its holders, so that its replicas stay
+ * identical: grads is this rank's params-shaped gradient slab (p's layout, the backend's
+ * memory); afterwards every holder has the sum, taken in rank order (bit-identical on every
+ * holder). A collective (one all-reduce over every replicated expert's tensors, zeros from
+ * the ranks that do not hold one): every rank calls it, after backward. Nothing to do, and no
+ * message, when no expert is replicated. */
+semoe_rc worker_exchange_sum_replicas(worker_exchange_t *x, const model_params_t *p,
+                                      float *grads);
+
+/* This rank's share of the global gradient norm's expert part: the sum of squares of the
+ * expert tensors it holds as their first (lowest-rank) holder, so that summed over ranks each
+ * expert counts once however many replicas it has. */
+double worker_exchange_expert_sumsq(const worker_exchange_t *x, const model_params_t *p,
+                                    const float *grads);
 
 /* Rows of expert j of layer l this rank received from every rank in the layer's last
  * dispatch (0 for experts held elsewhere, or before any dispatch); for tests and metrics. */

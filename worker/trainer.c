@@ -20,6 +20,7 @@
 #include "model/data.h"
 #include "model/job.h"
 #include "model/params.h"
+#include "model/profile.h"
 #include "model/train.h"
 #include "worker/comm.h"
 #include "worker/control.h"
@@ -37,6 +38,9 @@
 /* Checkpoints kept under train.checkpoint_dir (the newest ones). */
 #define S_CKPT_KEEP 3
 
+/* The backend of every step: the CPU one through the profiled table (model/profile.h: one per
+ * process, and the trainer is its only user in a worker), so that each step's time splits by
+ * op kind. Set when the actor starts. */
 static const model_backend_f32_t *s_be = &cpu_backend_f32;
 
 typedef struct {
@@ -115,9 +119,16 @@ static void s_json_num(FILE *f, const char *key, double v)
         fprintf(f, ",\"%s\":null", key);
 }
 
-/* One JSON line per step into --metrics-log. */
+/* One JSON line per step into --metrics-log. The step's time (step_time_s) splits into the ops
+ * of the profiled backend (t_gemm, t_attention, t_routing, t_elementwise, t_optimizer: AdamW
+ * and the gradient's sum of squares, t_memory), the exchange's collectives (t_exchange: the
+ * expert all-to-alls and the reductions of the loss statistics and of the gradient norm) and
+ * the dense gradients' all-reduce (t_allreduce); the rest is the graph's own work and the
+ * exchange's packing. t_forward and t_backward are the report's wall-clock phases (they include
+ * their ops and exchanges). Evaluation is not in any of them. */
 static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double seconds,
-                           const worker_exchange_traffic_t *tf, bool evaluated)
+                           const worker_exchange_traffic_t *tf, const model_profile_t *prof,
+                           bool evaluated)
 {
     FILE *f = self->metrics;
     if (!f)
@@ -136,9 +147,15 @@ static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double s
     s_json_num(f, "step_time_s", seconds);
     s_json_num(f, "t_forward", r->t_forward);
     s_json_num(f, "t_backward", r->t_backward);
-    s_json_num(f, "t_optimizer", r->t_optimizer);
+    s_json_num(f, "t_optimizer", prof->seconds[MODEL_PROF_OPTIMIZER]);
     s_json_num(f, "t_exchange", tf->seconds);
     s_json_num(f, "t_allreduce", self->t_reduce);
+    s_json_num(f, "t_gemm", prof->seconds[MODEL_PROF_GEMM]);
+    s_json_num(f, "t_attention", prof->seconds[MODEL_PROF_ATTENTION]);
+    s_json_num(f, "t_routing", prof->seconds[MODEL_PROF_ROUTING]);
+    s_json_num(f, "t_elementwise", prof->seconds[MODEL_PROF_ELEMENTWISE]);
+    s_json_num(f, "t_memory", prof->seconds[MODEL_PROF_MEMORY]);
+    s_json_num(f, "gemm_flops", prof->gemm_flops);
     fprintf(f, ",\"dispatch_rows_out\":%" PRIu64 ",\"dispatch_bytes_out\":%" PRIu64,
             tf->dispatch_rows_out, tf->dispatch_bytes_out);
     if (evaluated)
@@ -330,8 +347,8 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
     free(eps);
     SEMOE_CHECK(rc);
     SEMOE_CHECK(worker_exchange_new(self->comm, s_be, (int)cfg->num_hidden_layers,
-                                    (int)cfg->num_local_experts, self->owner, S_COMM_TIMEOUT_MS,
-                                    &self->ex));
+                                    (int)cfg->num_local_experts, p->holder_off, p->holders,
+                                    S_COMM_TIMEOUT_MS, &self->ex));
     self->exf = worker_exchange_f32(self->ex);
     uint64_t start = 0;
     SEMOE_CHECK(s_agree_start(self, &start));
@@ -515,10 +532,15 @@ static semoe_rc s_step(s_tr_t *self)
                                  .reduce_sumsq = s_reduce_sumsq, .ex = &self->exf,
                                  .micro_steps = self->micro_steps};
     model_train_report_t rep;
+    model_profile_t prof;
     self->t_reduce = 0;
+    /* what ran since the last step (its evaluation, a checkpoint's copies, the generation's
+     * setup) is not this step's */
+    model_profile_take(NULL);
     int64_t t0 = clock_mono_us();
     SEMOE_CHECK(model_train_step(self->tr, self->tokens, rows, self->step, &hooks, &rep));
     double seconds = (double)(clock_mono_us() - t0) / 1e6;
+    model_profile_take(&prof);
     self->step++;
 
     worker_exchange_traffic_t tf;
@@ -540,7 +562,7 @@ static semoe_rc s_step(s_tr_t *self)
         self->prog.eval_loss = ce;
         self->prog.eval_step = self->step;
     }
-    s_metrics_line(self, &rep, seconds, &tf, evaluate);
+    s_metrics_line(self, &rep, seconds, &tf, &prof, evaluate);
     log_debug("step %" PRIu64 ": loss %.4f, %.0f tokens/s", self->step, rep.loss,
               self->prog.tokens_per_s);
     uint32_t ck = job->train.checkpoint_interval;
@@ -702,6 +724,7 @@ void worker_trainer_actor(void *pipe, void *args)
     worker_plan_clear(&self.plan);
     self.prog = (worker_progress_t){.loss = NAN, .eval_loss = NAN};
     worker_trainer_config_t *cfg = self.cfg;
+    s_be = model_profile_wrap(&cpu_backend_f32);
     if (cfg->threads > 0)
         openblas_set_num_threads(cfg->threads);
     semoe_rc rc = comm_port_new(cfg->ctx, cfg->data_bind, &self.port);
