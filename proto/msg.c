@@ -32,6 +32,7 @@ const char *proto_phase_name(uint32_t phase)
         [PROTO_PHASE_TRAINING] = "training",
         [PROTO_PHASE_FINISHED] = "finished",
         [PROTO_PHASE_FAILED] = "failed",
+        [PROTO_PHASE_PAUSED] = "paused",
     };
     return phase < PROTO_PHASE_END ? names[phase] : "?";
 }

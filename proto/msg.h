@@ -33,6 +33,9 @@
 #define PROTO_MAX_EXPERTS (1u << 20) /* layers x experts per layer */
 #define PROTO_MAX_COMM 4096          /* an opaque communicator id (NCCL's is 128 bytes) */
 #define PROTO_NO_RANK 0xffffffffu    /* a PLAN for a worker that holds no rank */
+/* Holder entries in a PLAN: each takes 4 bytes of a message of at most PROTO_MAX_MSG, so no
+ * PLAN can carry more (the coordinator caps its replicas to fit, coordinator/plan.c). */
+#define PROTO_MAX_HOLDERS (PROTO_MAX_MSG / 4)
 
 typedef enum {
     PROTO_JOIN = 1,  /* worker -> coordinator: who I am, what I have */
@@ -41,9 +44,9 @@ typedef enum {
     PROTO_PLAN,      /* coordinator -> worker: the placement of a generation */
     PROTO_COMM,      /* new rank 0 -> coordinator -> all: communicator id of a generation */
     PROTO_ACK,       /* worker -> coordinator: I applied PLAN / COMM / PAUSE of this generation */
-    PROTO_PAUSE,     /* coordinator -> worker: stop at the next step boundary */
-    PROTO_RESUME,    /* coordinator -> worker: go on from this step */
-    PROTO_LEAVE,     /* worker -> coordinator: I am going away */
+    PROTO_PAUSE,     /* coordinator -> worker: stop at a step boundary and report PAUSED */
+    PROTO_RESUME,    /* coordinator -> worker: train, from this step */
+    PROTO_LEAVE,     /* worker -> coordinator: I am going away (after a handover, or now) */
     PROTO_STOP,      /* admin -> coordinator, coordinator -> worker: checkpoint and stop */
     PROTO_ERROR,     /* either way: what was wrong with what you sent */
     PROTO_TYPE_END
@@ -82,6 +85,7 @@ typedef enum {
     PROTO_PHASE_TRAINING, /* running steps */
     PROTO_PHASE_FINISHED, /* reached train.steps (its final checkpoint written) */
     PROTO_PHASE_FAILED,   /* training stopped on an error it cannot get past */
+    PROTO_PHASE_PAUSED,   /* stopped at a step boundary after a PAUSE, waiting for PLAN/RESUME */
     PROTO_PHASE_END
 } proto_phase_t;
 
@@ -153,7 +157,9 @@ typedef struct {
     X(U32, phase, PROTO_PHASE_END - 1)          /* proto_phase_t */
 
 /* The shared part of a PLAN (all fields after rank) is the same for every worker and is
- * encoded once per generation (proto_plan_encode_shared). */
+ * encoded once per generation (proto_plan_encode_shared). donors are the workers that hold
+ * training state but get no rank in this generation (they asked to leave with handover): they
+ * take part in the migration only, and get this PLAN too, with rank PROTO_NO_RANK. */
 #define PROTO_PLAN_FIELDS(X)                                                                 \
     X(U32, rank, UINT32_MAX)                    /* this worker's rank or PROTO_NO_RANK */    \
     X(U32, world, PROTO_MAX_WORKERS)                                                         \
@@ -163,8 +169,9 @@ typedef struct {
     X(U64, global_batch, UINT64_MAX)            /* sequences per step */                     \
     X(U32S, batch_offsets, PROTO_MAX_WORKERS + 1) /* rank r takes [off[r], off[r+1]) */      \
     X(U32S, holder_offsets, PROTO_MAX_EXPERTS + 1) /* expert e's holders: [off[e], off[e+1]) */ \
-    X(U32S, holders, PROTO_MAX_EXPERTS * 16)    /* ranks, by expert */                       \
-    X(PEERS, peers, PROTO_MAX_WORKERS)          /* by rank: [worker id, data endpoint] */
+    X(U32S, holders, PROTO_MAX_HOLDERS)         /* ranks, by expert */                       \
+    X(PEERS, peers, PROTO_MAX_WORKERS)          /* by rank: [worker id, data endpoint] */    \
+    X(PEERS, donors, PROTO_MAX_WORKERS)         /* [id, data endpoint] of each donor */
 
 #define PROTO_COMM_FIELDS(X)                                                                 \
     X(U32, world, PROTO_MAX_WORKERS)                                                         \
@@ -174,9 +181,13 @@ typedef struct {
     X(U32, acked_type, PROTO_TYPE_END - 1)      /* what is acked, of the header's generation */ \
     X(U32, status, UINT32_MAX)                  /* 0 = applied */
 
-#define PROTO_PAUSE_FIELDS(X) X(U64, step, UINT64_MAX) /* pause before starting this step */
-#define PROTO_RESUME_FIELDS(X) X(U64, step, UINT64_MAX)  /* resume with this step */
-#define PROTO_LEAVE_FIELDS(X) X(STR, reason, PROTO_MAX_TEXT)
+#define PROTO_PAUSE_FIELDS(X) X(U64, step, UINT64_MAX) /* 0: at the next step boundary */
+#define PROTO_RESUME_FIELDS(X) X(U64, step, UINT64_MAX)  /* the step training goes on from */
+/* handover 1: "I hold training state: plan me out, let me hand it over, then I send LEAVE
+ * with handover 0"; 0: gone now. */
+#define PROTO_LEAVE_FIELDS(X)                                                                \
+    X(STR, reason, PROTO_MAX_TEXT)                                                           \
+    X(U32, handover, 1)
 #define PROTO_STOP_FIELDS(X) X(U32, checkpoint, 1)    /* 1: checkpoint before stopping */
 #define PROTO_ERROR_FIELDS(X)                                                                \
     X(U32, code, UINT32_MAX)                                                                 \
@@ -253,7 +264,7 @@ bool proto_peers_next(const proto_peers_t *peers, size_t *pos, char id[PROTO_MAX
                       char endpoint[PROTO_MAX_ENDPOINT + 1]);
 
 const char *proto_type_name(uint32_t type);
-/* "idle", "training", "finished", "failed"; "?" for anything else. */
+/* "idle", "training", "finished", "failed", "paused"; "?" for anything else. */
 const char *proto_phase_name(uint32_t phase);
 const char *proto_result_str(proto_result_t r);
 /* Prints one line, "PLAN gen=3 seq=9 run=... rank=1 world=4 ...", for logs and tests. */

@@ -19,6 +19,10 @@ typedef struct {
     char eps[16][64];
     const char *idp[16];
     const char *epp[16];
+    char don_ids[4][32]; /* a PLAN's donors */
+    char don_eps[4][64];
+    const char *don_idp[4];
+    const char *don_epp[4];
 } store_t;
 
 static void s_rand_str(char *out, size_t max)
@@ -118,6 +122,11 @@ static void s_fill_plan_consistent(proto_plan_t *p, store_t *st)
         s_rand_str(st->ids[r], 32), s_rand_str(st->eps[r], 64);
         st->idp[r] = st->ids[r], st->epp[r] = st->eps[r];
     }
+    uint32_t donors = (uint32_t)test_rand_below(5); /* workers leaving with their state */
+    for (uint32_t d = 0; d < donors; d++) {
+        s_rand_str(st->don_ids[d], 32), s_rand_str(st->don_eps[d], 64);
+        st->don_idp[d] = st->don_ids[d], st->don_epp[d] = st->don_eps[d];
+    }
     *p = (proto_plan_t){.rank = test_rand_below(4) ? (uint32_t)test_rand_below(world)
                                                    : PROTO_NO_RANK,
                         .world = world, .num_layers = L, .num_experts = E,
@@ -125,7 +134,8 @@ static void s_fill_plan_consistent(proto_plan_t *p, store_t *st)
                         .batch_offsets = PROTO_U32S(boff, world + 1),
                         .holder_offsets = PROTO_U32S(hoff, L * E + 1),
                         .holders = PROTO_U32S(holders, nh),
-                        .peers = PROTO_PEERS(st->idp, st->epp, world)};
+                        .peers = PROTO_PEERS(st->idp, st->epp, world),
+                        .donors = PROTO_PEERS(st->don_idp, st->don_epp, donors)};
 }
 
 /* A random message of a type that passes the per-type checks. */
@@ -416,7 +426,10 @@ static void test_malformed(void)
     CHECK(s_heartbeat_raw("abcd", 4, 's', 1, NULL) == PROTO_EKIND, "string as loss");
     CHECK(s_heartbeat_raw("abcd", 4, 'a', 1, NULL) == PROTO_EDEPTH, "array as loss");
     CHECK(s_heartbeat_raw("abcd", 4, 'i', 1, NULL) == PROTO_EKIND, "integer as loss");
-    CHECK(s_heartbeat_raw("abcd", 4, 'd', PROTO_PHASE_END, NULL) == PROTO_ERANGE, "phase 4");
+    CHECK(s_heartbeat_raw("abcd", 4, 'd', PROTO_PHASE_END, NULL) == PROTO_ERANGE,
+          "phase past the last");
+    CHECK(s_heartbeat_raw("abcd", 4, 'd', PROTO_PHASE_PAUSED, NULL) == PROTO_OK,
+          "phase paused refused");
     CHECK(s_heartbeat_raw("abcd", 4, 'o', 0, NULL) == PROTO_EFIELDS, "HEARTBEAT of the old shape");
     proto_msg_t hb;
     CHECK(s_heartbeat_raw("abcd", 4, 'n', 1, &hb) == PROTO_OK && isnan(hb.heartbeat.loss) &&
@@ -456,7 +469,44 @@ static void test_encoder_refuses(void)
     s_random_msg(PROTO_JOIN, &m, &st);
     strcpy(m.join.device_kind, "tpu");
     CHECK(proto_encode(&m, &sb) == SEMOE_EINVAL, "device tpu encoded");
+    msgpack_sbuffer_clear(&sb);
+    s_random_msg(PROTO_LEAVE, &m, &st);
+    m.leave.handover = 2; /* a flag: 0 or 1 */
+    CHECK(proto_encode(&m, &sb) == SEMOE_EINVAL && strstr(semoe_err_msg(), "handover"),
+          "LEAVE with handover 2 encoded: %s", semoe_err_msg());
     msgpack_sbuffer_destroy(&sb);
+}
+
+/* A PLAN for a donor: rank PROTO_NO_RANK, its own id among the donors, none among the peers. */
+static void test_plan_donors(void)
+{
+    store_t st;
+    proto_msg_t m, d;
+    for (int it = 0; it < 50; it++) {
+        s_random_msg(PROTO_PLAN, &m, &st);
+        if (m.plan.donors.count == 0)
+            continue;
+        uint32_t k = (uint32_t)test_rand_below(m.plan.donors.count);
+        msgpack_sbuffer shared, sb;
+        msgpack_sbuffer_init(&shared);
+        msgpack_sbuffer_init(&sb);
+        CHECK(proto_plan_encode_shared(&m.plan, &shared) == SEMOE_OK &&
+                  proto_plan_encode_for(&m.hdr, PROTO_NO_RANK, &shared, &sb) == SEMOE_OK,
+              "PLAN with donors: %s", semoe_err_msg());
+        CHECK(proto_decode(sb.data, sb.size, &d) == PROTO_OK && d.plan.rank == PROTO_NO_RANK &&
+                  d.plan.donors.count == m.plan.donors.count,
+              "a donor's PLAN does not decode as one");
+        char id[PROTO_MAX_NAME + 1], ep[PROTO_MAX_ENDPOINT + 1];
+        size_t pos = 0;
+        uint32_t found = UINT32_MAX;
+        for (uint32_t i = 0; proto_peers_next(&d.plan.donors, &pos, id, ep); i++)
+            if (found == UINT32_MAX && strcmp(id, st.don_ids[k]) == 0 &&
+                strcmp(ep, st.don_eps[k]) == 0)
+                found = i;
+        CHECK(found <= k, "donor %u not found by its id", k);
+        msgpack_sbuffer_destroy(&shared);
+        msgpack_sbuffer_destroy(&sb);
+    }
 }
 
 /* Writes one encoded message of every type (several PLANs) as fuzz seeds. */
@@ -493,5 +543,6 @@ int main(int argc, char **argv)
     test_round_trips();
     test_malformed();
     test_encoder_refuses();
+    test_plan_donors();
     return test_finish();
 }

@@ -24,6 +24,8 @@
 #define S_LEAVE_LINGER_MS 1000      /* how long a LEAVE may wait in the socket at exit */
 #define S_DRAIN_MAX 256             /* messages handled per socket per loop turn */
 #define S_PROGRESS_HB_MS 50         /* a step's progress goes out at once, at most this often */
+#define S_HANDOVER_MIN_MS 30000     /* how long a leaving worker waits to hand its state over, at
+                                     * least (10 liveness windows when longer) */
 
 typedef enum {
     S_BACKOFF, /* no control socket; a new one at retry_at_ms */
@@ -42,6 +44,14 @@ typedef struct {
     void *dealer;                 /* NULL while in backoff, left or stopped */
     actor_t *trainer;             /* owns the data port; trains */
     worker_trainer_config_t tcfg;
+    void *poke;                   /* PAIR to the trainer: interrupts its collectives */
+    char poke_ep[64];
+    bool plan_acked;              /* the current plan's ACK went out (the trainer took it up) */
+    bool pause_pending;           /* a PAUSE waits for the trainer to pause before its ACK */
+    uint64_t pause_gen;
+    bool handing_over;            /* asked to leave with handover: waits for the trainer */
+    int64_t handover_deadline_ms;
+    char leave_reason[PROTO_MAX_TEXT + 1];
     char data_endpoint[PROTO_MAX_ENDPOINT + 1];
     s_state_t state;
     bool terminated;
@@ -228,6 +238,38 @@ static void s_leave(s_ctl_t *self, const char *reason)
     self->state = S_LEFT;
 }
 
+/* Leaves now and tells the creator ("LEFT"). */
+static void s_leave_done(s_ctl_t *self, const char *reason)
+{
+    self->handing_over = false;
+    s_leave(self, reason);
+    actor_send_str(self->pipe, "LEFT", 0);
+}
+
+/* A worker asked to leave: with training state, first LEAVE with handover (the coordinator
+ * plans it out and makes it a donor of the next generation), then, once the trainer has handed
+ * the state over (or after the deadline), LEAVE for good. Without state, at once. */
+static void s_leave_requested(s_ctl_t *self, const char *reason)
+{
+    uint32_t ph = self->progress.phase;
+    bool state = ph == PROTO_PHASE_TRAINING || ph == PROTO_PHASE_PAUSED;
+    if (self->state != S_MEMBER || !state || !self->dealer) {
+        s_leave_done(self, reason);
+        return;
+    }
+    snprintf(self->leave_reason, sizeof self->leave_reason, "%s", reason);
+    proto_msg_t msg = {0};
+    msg.hdr = s_header(self, PROTO_LEAVE, self->generation);
+    snprintf(msg.leave.reason, sizeof msg.leave.reason, "%s", reason);
+    msg.leave.handover = 1;
+    s_send(self, &msg);
+    int64_t window = 10 * (int64_t)self->liveness * self->heartbeat_ms;
+    self->handing_over = true;
+    self->handover_deadline_ms = clock_mono_ms() + (window > S_HANDOVER_MIN_MS ? window
+                                                                                : S_HANDOVER_MIN_MS);
+    log_info("leaving (%s): handing this worker's experts over first", reason);
+}
+
 /* --- applying what the coordinator sends ------------------------------------------------ */
 
 static void s_forget_plan(s_ctl_t *self)
@@ -295,7 +337,8 @@ static void s_on_plan(s_ctl_t *self, const proto_msg_t *msg)
         return;
     }
     if (self->have_plan && gen == self->plan.generation) {
-        s_send_ack(self, PROTO_PLAN, gen, 0); /* a repeat: our ACK may have crossed it */
+        if (self->plan_acked) /* a repeat: our ACK may have crossed it */
+            s_send_ack(self, PROTO_PLAN, gen, 0);
         return;
     }
     const char *problem = worker_plan_check(p, self->load ? self->num_layers : 0,
@@ -305,7 +348,7 @@ static void s_on_plan(s_ctl_t *self, const proto_msg_t *msg)
         s_send_ack(self, PROTO_PLAN, gen, 1);
         return;
     }
-    worker_plan_take(&self->plan, gen, p);
+    worker_plan_take(&self->plan, gen, p, self->cfg->id);
     self->have_plan = true;
     self->generation = gen;
     self->step = self->step > p->step ? self->step : p->step;
@@ -319,7 +362,26 @@ static void s_on_plan(s_ctl_t *self, const proto_msg_t *msg)
     worker_plan_copy(copy, &self->plan);
     actor_send_str(actor_pipe(self->trainer), "PLAN", ZMQ_SNDMORE);
     zmq_send(actor_pipe(self->trainer), &copy, sizeof copy, 0);
-    s_send_ack(self, PROTO_PLAN, gen, 0);
+    zmq_send(self->poke, "P", 1, ZMQ_DONTWAIT); /* out of any wait on the old generation */
+    /* the ACK goes out once the trainer has taken the plan up (s_on_trainer) */
+    self->plan_acked = false;
+}
+
+/* ACKs what the trainer's last report completes: the current PLAN once it is taken up (its
+ * state migrated), a PAUSE once it has paused. */
+static void s_ack_progress(s_ctl_t *self)
+{
+    if (self->state != S_MEMBER)
+        return;
+    if (self->have_plan && !self->plan_acked &&
+        self->progress.ready_gen == self->plan.generation) {
+        s_send_ack(self, PROTO_PLAN, self->plan.generation, 0);
+        self->plan_acked = true;
+    }
+    if (self->pause_pending && self->progress.phase == PROTO_PHASE_PAUSED) {
+        s_send_ack(self, PROTO_PAUSE, self->pause_gen, 0);
+        self->pause_pending = false;
+    }
 }
 
 static void s_on_error(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
@@ -404,13 +466,17 @@ static void s_on_message(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
     case PROTO_PAUSE:
         self->paused = true;
         self->pause_step = msg->pause.step;
-        log_info("pausing before step %" PRIu64, msg->pause.step);
-        s_send_ack(self, PROTO_PAUSE, msg->hdr.generation, 0);
+        self->pause_pending = true;
+        self->pause_gen = msg->hdr.generation;
+        log_info("pausing at the next step boundary");
+        actor_send_str(actor_pipe(self->trainer), "PAUSE", 0);
+        s_ack_progress(self); /* already paused: ACK at once */
         break;
     case PROTO_RESUME:
         self->paused = false;
-        self->step = msg->resume.step > self->step ? msg->resume.step : self->step;
-        log_info("resuming at step %" PRIu64, msg->resume.step);
+        self->pause_pending = false;
+        log_info("resuming (step %" PRIu64 ")", msg->resume.step);
+        actor_send_str(actor_pipe(self->trainer), "RESUME", 0);
         break;
     default:
         log_warn("ignoring %s, which the coordinator does not send", proto_type_name(type));
@@ -481,9 +547,15 @@ static void s_on_trainer(s_ctl_t *self)
         if (zmq_msg_size(&f[2]) == (size_t)want * sizeof(uint32_t) && want)
             memcpy(self->load, zmq_msg_data(&f[2]), zmq_msg_size(&f[2]));
         int64_t now = clock_mono_ms();
-        if (self->state == S_MEMBER && now - self->last_hb_ms >= S_PROGRESS_HB_MS) {
+        bool urgent = self->progress.phase == PROTO_PHASE_PAUSED; /* the coordinator waits */
+        if (self->state == S_MEMBER && (urgent || now - self->last_hb_ms >= S_PROGRESS_HB_MS)) {
             s_send_heartbeat(self);
             self->next_hb_ms = now + self->heartbeat_ms;
+        }
+        s_ack_progress(self);
+        if (self->handing_over && self->progress.handed_over) {
+            log_info("experts handed over");
+            s_leave_done(self, self->leave_reason);
         }
     } else {
         log_warn("control actor: a malformed report from the trainer");
@@ -527,8 +599,12 @@ static void s_on_pipe(s_ctl_t *self)
         self->terminated = true;
     } else if (strcmp(cmd, "LEAVE") == 0) {
         char *reason = actor_recv_str(self->pipe);
-        if (self->state != S_LEFT && self->state != S_STOPPED)
-            s_leave(self, reason ? reason : "worker shutting down");
+        if (self->state == S_LEFT || self->state == S_STOPPED)
+            actor_send_str(self->pipe, "LEFT", 0);
+        else if (self->handing_over) /* asked again: go now */
+            s_leave_done(self, reason ? reason : "worker shutting down");
+        else
+            s_leave_requested(self, reason ? reason : "worker shutting down");
         free(reason);
     } else if (strcmp(cmd, "STATUS") == 0) {
         s_reply_status(self);
@@ -542,6 +618,11 @@ static void s_on_pipe(s_ctl_t *self)
 
 static void s_on_timers(s_ctl_t *self, int64_t now)
 {
+    if (self->handing_over && now >= self->handover_deadline_ms) {
+        log_warn("no handover before the deadline: leaving without it (a replica or the last "
+                 "checkpoint restores the experts)");
+        s_leave_done(self, self->leave_reason);
+    }
     int64_t dead_after = (int64_t)self->liveness * self->heartbeat_ms;
     switch (self->state) {
     case S_BACKOFF:
@@ -677,9 +758,20 @@ semoe_rc worker_control_advertised(const char *bound, const char *advertise, con
 static semoe_rc s_start_trainer(s_ctl_t *self)
 {
     worker_control_config_t *cfg = self->cfg;
+    snprintf(self->poke_ep, sizeof self->poke_ep, "inproc://semoe-poke-%p", (void *)self);
+    self->poke = zmq_socket(cfg->ctx, ZMQ_PAIR);
+    int linger = 0;
+    if (!self->poke || zmq_setsockopt(self->poke, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
+        zmq_bind(self->poke, self->poke_ep) != 0) {
+        snprintf(cfg->error, sizeof cfg->error, "control actor: %s: %s", self->poke_ep,
+                 zmq_strerror(zmq_errno()));
+        cfg->error_exit = 1;
+        return SEMOE_EIO;
+    }
     self->tcfg = (worker_trainer_config_t){
         .ctx = cfg->ctx, .id = cfg->id, .host = cfg->host, .advertise = cfg->advertise,
-        .data_bind = cfg->data_bind, .threads = cfg->threads, .metrics_log = cfg->metrics_log};
+        .data_bind = cfg->data_bind, .threads = cfg->threads, .metrics_log = cfg->metrics_log,
+        .poke = self->poke_ep};
     self->trainer = actor_new(cfg->ctx, worker_trainer_actor, &self->tcfg);
     if (!self->trainer) {
         snprintf(cfg->error, sizeof cfg->error, "%s",
@@ -695,6 +787,8 @@ static void s_destroy(s_ctl_t *self)
 {
     s_close_dealer(self, 0);
     actor_destroy(&self->trainer);
+    if (self->poke)
+        zmq_close(self->poke);
     s_forget_plan(self);
     free(self->load);
     free(self->job);

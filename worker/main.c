@@ -214,7 +214,8 @@ static bool s_catch_signals(void)
     return sigaction(SIGTERM, &sa, NULL) == 0 && sigaction(SIGINT, &sa, NULL) == 0;
 }
 
-/* Waits for a signal or for the actor's STOPPED; returns the signal's name or "STOP". */
+/* Waits for a signal, the actor's STOPPED or its LEFT; returns the signal's name, "STOP" or
+ * "LEFT". */
 static const char *s_wait(actor_t *control, int sfd)
 {
     for (;;) {
@@ -233,10 +234,13 @@ static const char *s_wait(actor_t *control, int sfd)
         }
         if (items[0].revents & ZMQ_POLLIN) {
             char *what = actor_recv_str(actor_pipe(control));
-            bool stopped = what && strcmp(what, "STOPPED") == 0;
+            const char *done = !what                       ? NULL
+                               : strcmp(what, "STOPPED") == 0 ? "STOP"
+                               : strcmp(what, "LEFT") == 0    ? "LEFT"
+                                                             : NULL;
             free(what);
-            if (stopped)
-                return "STOP";
+            if (done)
+                return done;
         }
     }
 }
@@ -301,9 +305,16 @@ int main(int argc, char **argv)
 
     const char *why = s_wait(control, sfd);
     if (strcmp(why, "SIGTERM") == 0 || strcmp(why, "SIGINT") == 0) {
+        /* leave: after handing the experts over when training (bounded by the control actor);
+         * a second signal leaves at once */
         log_info("%s: leaving", why);
         actor_send_str(actor_pipe(control), "LEAVE", ZMQ_SNDMORE);
         actor_send_str(actor_pipe(control), why, 0);
+        const char *then = s_wait(control, sfd);
+        if (strcmp(then, "SIGTERM") == 0 || strcmp(then, "SIGINT") == 0) {
+            actor_send_str(actor_pipe(control), "LEAVE", ZMQ_SNDMORE);
+            actor_send_str(actor_pipe(control), then, 0);
+        }
     }
     actor_destroy(&control);
     zmq_ctx_term(ctx); /* waits, at most the LEAVE's linger, for the LEAVE to go out */

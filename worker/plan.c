@@ -55,11 +55,14 @@ void worker_plan_clear(worker_plan_t *plan)
     free(plan->batch_off);
     free(plan->holders);
     free(plan->peers);
+    free(plan->donors);
     memset(plan, 0, sizeof *plan);
     plan->rank = PROTO_NO_RANK;
+    plan->donor_index = UINT32_MAX;
 }
 
-void worker_plan_take(worker_plan_t *plan, uint64_t gen, const proto_plan_t *p)
+void worker_plan_take(worker_plan_t *plan, uint64_t gen, const proto_plan_t *p,
+                      const char *self_id)
 {
     worker_plan_clear(plan);
     plan->generation = gen;
@@ -98,6 +101,15 @@ void worker_plan_take(worker_plan_t *plan, uint64_t gen, const proto_plan_t *p)
     for (uint32_t r = 0; r < p->world; r++)
         if (!proto_peers_next(&p->peers, &pos, plan->peers[r].id, plan->peers[r].endpoint))
             break;
+    plan->n_donors = p->donors.count;
+    plan->donors = semoe_xcalloc(p->donors.count + 1, sizeof *plan->donors);
+    pos = 0;
+    for (uint32_t d = 0; d < p->donors.count; d++) {
+        if (!proto_peers_next(&p->donors, &pos, plan->donors[d].id, plan->donors[d].endpoint))
+            break;
+        if (self_id && strcmp(plan->donors[d].id, self_id) == 0)
+            plan->donor_index = d;
+    }
 }
 
 static void *s_dup(const void *p, size_t bytes)
@@ -117,6 +129,7 @@ void worker_plan_copy(worker_plan_t *dst, const worker_plan_t *src)
     dst->holders = src->holder_off ? s_dup(src->holders, src->holder_off[n] * sizeof(uint32_t))
                                    : NULL;
     dst->peers = s_dup(src->peers, src->world * sizeof *src->peers);
+    dst->donors = s_dup(src->donors, src->n_donors * sizeof *src->donors);
     dst->batch_off = src->batch_off ? s_dup(src->batch_off, ((size_t)src->world + 1) *
                                                                 sizeof(uint32_t))
                                     : NULL;

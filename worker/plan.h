@@ -27,15 +27,20 @@ typedef struct {
     uint32_t *holder_off;         /* (L*E + 1) expert e's holders: holders[off[e] .. off[e+1]) */
     uint32_t *holders;            /* ranks, by expert */
     worker_peer_t *peers;         /* (world) by rank */
+    worker_peer_t *donors;        /* (n_donors) workers with state but no rank: they hand over */
+    uint32_t n_donors;
+    uint32_t donor_index;         /* this worker's place among the donors, or UINT32_MAX */
 } worker_plan_t;
 
 /* What is wrong with a decoded PLAN (its tables disagree with each other, or with the job's
  * num_layers x num_experts when those are non-zero), or NULL when it is sound. */
 const char *worker_plan_check(const proto_plan_t *p, uint32_t num_layers, uint32_t num_experts);
 
-/* Replaces *plan with the checked PLAN p of generation gen (worker_plan_check passed). The
- * arrays are plan's own (worker_plan_clear frees them). */
-void worker_plan_take(worker_plan_t *plan, uint64_t gen, const proto_plan_t *p);
+/* Replaces *plan with the checked PLAN p of generation gen (worker_plan_check passed); self_id
+ * (this worker's id) finds it among the donors. The arrays are plan's own (worker_plan_clear
+ * frees them). */
+void worker_plan_take(worker_plan_t *plan, uint64_t gen, const proto_plan_t *p,
+                      const char *self_id);
 
 /* A deep copy of src into *dst (which holds nothing yet), e.g. for another actor to own. */
 void worker_plan_copy(worker_plan_t *dst, const worker_plan_t *src);

@@ -25,6 +25,7 @@
 #include "worker/comm.h"
 #include "worker/control.h"
 #include "worker/exchange.h"
+#include "worker/migrate.h"
 #include "worker/plan.h"
 
 /* A collective waits this long for a silent peer before the step is abandoned. A dead peer is
@@ -47,6 +48,7 @@ typedef struct {
     worker_trainer_config_t *cfg;
     void *pipe;
     comm_port_t *port;
+    void *poke;               /* PAIR: a byte here interrupts a collective (a PLAN is coming) */
     FILE *metrics;
     bool terminated;
 
@@ -61,6 +63,8 @@ typedef struct {
     worker_plan_t plan;
     bool have_plan;
     bool ready;               /* the generation is set up: steps can run */
+    bool paused;              /* the ranks agreed to stop at a step boundary (PAUSE) */
+    bool want_pause;          /* a PAUSE came: ask the others at the next boundary */
     comm_t *comm;
     worker_exchange_t *ex;
     model_exchange_f32 exf;
@@ -173,13 +177,13 @@ static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double s
 
 /* --- the generation ------------------------------------------------------------------------- */
 
+/* Drops the generation's communicator and buffers; the training state (params, tr, step) stays
+ * for the next generation's migration. */
 static void s_teardown(s_tr_t *self)
 {
     self->ready = false;
     worker_exchange_destroy(&self->ex);
     comm_destroy(&self->comm);
-    model_train_destroy(&self->tr);
-    model_params_destroy(&self->params);
     free(self->owner);
     free(self->tokens);
     free(self->dense_bufs);
@@ -195,9 +199,17 @@ static void s_teardown(s_tr_t *self)
     self->n_dense = 0;
 }
 
+/* Drops the training state too: nothing left to hand over. */
+static void s_drop_state(s_tr_t *self)
+{
+    model_train_destroy(&self->tr);
+    model_params_destroy(&self->params);
+}
+
 static void s_drop_job(s_tr_t *self)
 {
     s_teardown(self);
+    s_drop_state(self);
     model_data_destroy(&self->data);
     model_job_destroy(&self->job);
     free(self->load);
@@ -213,93 +225,97 @@ static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
     semoe_rc rc = comm_allreduce_buckets(self->comm, self->dense_bufs, self->dense_lens,
                                          self->n_dense, S_BUCKET_BYTES, S_COMM_TIMEOUT_MS);
     self->t_reduce += (double)(clock_mono_us() - t0) / 1e6;
+    if (rc == SEMOE_OK) /* replicas of an expert stay identical: their gradients summed */
+        rc = worker_exchange_sum_replicas(self->ex, self->params, model_train_grads(self->tr));
     return rc;
 }
 
-/* Dense gradients are identical on every rank after the all-reduce: counted once. Expert ones
- * live on their one holder: summed over ranks. */
+/* Dense gradients are identical on every rank after the all-reduce: counted once. Each expert
+ * counts once too, on its first holder. */
 static semoe_rc s_reduce_sumsq(void *arg, double dense, double expert, double *global)
 {
     s_tr_t *self = arg;
-    SEMOE_CHECK(self->exf.reduce_stats(self->exf.state, &expert, 1));
-    *global = dense + expert;
+    (void)expert; /* counts a replicated expert on every holder: take it once, on the first */
+    double mine = worker_exchange_expert_sumsq(self->ex, self->params, model_train_grads(self->tr));
+    SEMOE_CHECK(self->exf.reduce_stats(self->exf.state, &mine, 1));
+    *global = dense + mine;
     return SEMOE_OK;
 }
 
-/* Rank 0 sends `bytes` bytes of buf to every rank; on the others buf receives them. */
-static semoe_rc s_broadcast(s_tr_t *self, void *buf, size_t bytes)
-{
-    uint32_t W = comm_world(self->comm), me = comm_rank(self->comm);
-    size_t *sb = semoe_xcalloc(W, sizeof *sb), *rb = semoe_xcalloc(W, sizeof *rb);
-    uint8_t *send = semoe_xmalloc(W * bytes + 1), *recv = semoe_xmalloc(W * bytes + 1);
-    for (uint32_t r = 0; me == 0 && r < W; r++) {
-        sb[r] = bytes;
-        memcpy(send + r * bytes, buf, bytes);
-    }
-    semoe_rc rc = comm_alltoallv(self->comm, send, sb, recv, rb, W * bytes, S_COMM_TIMEOUT_MS);
-    if (rc == SEMOE_OK && me != 0) {
-        if (rb[0] != bytes)
-            rc = semoe_err(SEMOE_EPROTO, "trainer: rank 0 broadcast %zu bytes, not %zu", rb[0],
-                           bytes);
-        else
-            memcpy(buf, recv, bytes);
-    }
-    free(send);
-    free(recv);
-    free(sb);
-    free(rb);
-    return rc;
-}
-
-/* Where this generation starts: rank 0 reads the checkpoint root's latest step and tells every
- * rank, so that all load the same one even while another is being written. */
-static semoe_rc s_agree_start(s_tr_t *self, uint64_t *step)
-{
-    const char *root = self->job->train.checkpoint_dir;
-    struct {
-        uint64_t step;
-        uint64_t ok;
-    } msg = {0, 1};
-    if (comm_rank(self->comm) == 0 && root[0]) {
-        char dir[4096];
-        if (model_ckpt_latest(root, dir, sizeof dir, &msg.step) != SEMOE_OK) {
-            log_error("%s", semoe_err_msg());
-            msg.ok = 0;
-        }
-    }
-    SEMOE_CHECK(s_broadcast(self, &msg, sizeof msg));
-    if (!msg.ok)
-        return semoe_err(SEMOE_EINVAL, "trainer: rank 0 cannot read the checkpoints under %s",
-                         root);
-    *step = msg.step;
-    return SEMOE_OK;
-}
-
-/* The owner table of the plan: one holder per expert (replicas are the elastic trainer's). */
-static semoe_rc s_owners(s_tr_t *self)
+/* Each expert's first (lowest-rank) holder: the one that sends it for a checkpoint. */
+static void s_owners(s_tr_t *self)
 {
     const worker_plan_t *p = &self->plan;
     size_t n = (size_t)p->num_layers * p->num_experts;
     self->owner = semoe_xcalloc(n + 1, sizeof *self->owner);
-    for (size_t e = 0; e < n; e++) {
-        if (p->holder_off[e + 1] != p->holder_off[e] + 1)
-            return semoe_err(SEMOE_EINVAL, "trainer: generation %" PRIu64 ": expert %zu has %u "
-                             "holders; this trainer needs exactly one", p->generation, e,
-                             p->holder_off[e + 1] - p->holder_off[e]);
+    for (size_t e = 0; e < n; e++)
         self->owner[e] = (int32_t)p->holders[p->holder_off[e]];
-    }
+}
+
+/* Rank 0's latest checkpoint step under the root (0: none, or no root). */
+static semoe_rc s_latest(const model_job_t *job, uint64_t *step)
+{
+    *step = 0;
+    if (!job->train.checkpoint_dir[0])
+        return SEMOE_OK;
+    char dir[4096];
+    return model_ckpt_latest(job->train.checkpoint_dir, dir, sizeof dir, step);
+}
+
+/* Loads checkpoint `step` of the root into params and tr (only the tensors they hold). */
+static semoe_rc s_load_checkpoint(s_tr_t *self, uint64_t step, model_params_t *params,
+                                  model_train_t *tr)
+{
+    const model_job_t *job = self->job;
+    char dir[4096];
+    SEMOE_CHECK(model_ckpt_step_dir(job->train.checkpoint_dir, step, dir, sizeof dir));
+    model_ckpt_state_t st;
+    SEMOE_CHECK(model_ckpt_load(dir, s_be, params, tr, &st));
+    if (st.step != step)
+        return semoe_err(SEMOE_EINVAL, "%s: its state says step %" PRIu64 ", its name %" PRIu64,
+                         dir, st.step, step);
+    if (st.seed != job->train.seed)
+        log_warn("%s was written with train.seed %" PRIu64 ", the job has %" PRIu64
+                 ": the data order changes from here", dir, st.seed, job->train.seed);
+    log_info("generation %" PRIu64 ": resuming from %s (step %" PRIu64 ")",
+             self->plan.generation, dir, step);
     return SEMOE_OK;
 }
 
-/* Builds what the generation's steps need; returns an error of the comm (a peer gone: wait for
- * the next plan) or of the job (this worker cannot train it). */
+/* The generation's migration (worker/migrate.h) over a communicator of its ranks and donors,
+ * tagged 2 x generation (the training one is 2 x generation + 1): into params and tr (a
+ * rank's new tensors; NULL for a donor) what it keeps and receives, or a rewind. */
+static semoe_rc s_migrate(s_tr_t *self, model_params_t *params, model_train_t *tr,
+                          worker_migrate_result_t *res)
+{
+    const worker_plan_t *p = &self->plan;
+    uint32_t n = p->world + p->n_donors;
+    uint32_t me = p->rank != PROTO_NO_RANK ? p->rank : p->world + p->donor_index;
+    const char **eps = semoe_xmalloc(n * sizeof *eps);
+    for (uint32_t r = 0; r < n; r++)
+        eps[r] = r < p->world ? p->peers[r].endpoint : p->donors[r - p->world].endpoint;
+    comm_t *comm = NULL;
+    semoe_rc rc = comm_new(self->port, 2 * p->generation, me, n, eps, &comm);
+    free(eps);
+    worker_state_t old = {.params = self->params, .tr = self->tr, .step = self->step};
+    if (rc == SEMOE_OK && me == 0)
+        rc = s_latest(self->job, &old.ckpt_step);
+    if (rc == SEMOE_OK)
+        rc = worker_migrate(comm, s_be, &self->job->model, p->world, p->holder_off, p->holders,
+                            &old, params, tr, S_COMM_TIMEOUT_MS, res);
+    comm_destroy(&comm);
+    return rc;
+}
+
+/* Builds what the generation's steps need: the new tensors (migrated, or rewound to the last
+ * checkpoint), then the training communicator and the exchange. Returns an error of the comm
+ * (a peer gone: wait for the next plan) or of the job (this worker cannot train it). */
 static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
 {
     const worker_plan_t *p = &self->plan;
     const model_job_t *job = self->job;
     const model_config_t *cfg = &job->model;
     *job_fault = true;
-    SEMOE_CHECK(s_owners(self));
     /* every rank runs the same micro-batches: as many as the largest slice needs */
     uint32_t max_rows = 0;
     for (uint32_t r = 0; r < p->world; r++) {
@@ -314,15 +330,50 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
     self->micro_steps = (max_rows + mb - 1) / mb;
     uint32_t per_micro = (max_rows + self->micro_steps - 1) / self->micro_steps;
 
-    SEMOE_CHECK(model_params_new(cfg, p->experts, p->n_experts, &self->params));
-    model_params_init(self->params, job->train.seed);
-    SEMOE_CHECK(model_train_new(s_be, self->params, job, &self->tr));
+    model_params_t *params = NULL;
+    model_train_t *tr = NULL;
+    SEMOE_CHECK(model_params_new(cfg, p->experts, p->n_experts, &params));
+    model_params_init(params, job->train.seed);
+    semoe_rc rc = model_train_new(s_be, params, job, &tr);
     /* an expert may receive every routed row of the global micro-batch */
     int64_t rows = (int64_t)per_micro * p->world * job->train.seq_len * cfg->num_experts_per_tok;
-    if (rows > INT32_MAX)
-        return semoe_err(SEMOE_EINVAL, "trainer: %lld expert rows per micro-batch: lower "
-                         "train.micro_batch", (long long)rows);
-    SEMOE_CHECK(model_train_set_expert_rows(self->tr, (int)rows));
+    if (rc == SEMOE_OK && rows > INT32_MAX)
+        rc = semoe_err(SEMOE_EINVAL, "trainer: %lld expert rows per micro-batch: lower "
+                       "train.micro_batch", (long long)rows);
+    if (rc == SEMOE_OK)
+        rc = model_train_set_expert_rows(tr, (int)rows);
+    worker_migrate_result_t res = {0};
+    if (rc == SEMOE_OK) {
+        *job_fault = false;
+        rc = s_migrate(self, params, tr, &res);
+    }
+    if (rc == SEMOE_OK && res.rewind && res.ckpt_step > 0) {
+        *job_fault = true;
+        rc = s_load_checkpoint(self, res.ckpt_step, params, tr);
+    }
+    if (rc != SEMOE_OK) {
+        model_train_destroy(&tr);
+        model_params_destroy(&params);
+        return rc;
+    }
+    if (res.rewind && res.ckpt_step == 0 && self->params)
+        log_warn("generation %" PRIu64 ": state lost and no checkpoint to resume from: "
+                 "restarting at step 0 (set train.checkpoint_dir and train.checkpoint_interval "
+                 "to lose less)", p->generation);
+    else if (res.rewind && self->params)
+        log_warn("generation %" PRIu64 ": some state had no live holder at step %" PRIu64
+                 ": every worker rewinds to the checkpoint of step %" PRIu64, p->generation,
+                 self->step, res.ckpt_step);
+    else if (!res.rewind)
+        log_info("generation %" PRIu64 ": state of step %" PRIu64 " kept, %u tensors received "
+                 "(%.1f MB in, %.1f MB out)", p->generation, res.step, res.tensors_in,
+                 res.bytes_in / 1e6, res.bytes_out / 1e6);
+    s_drop_state(self);
+    self->params = params;
+    self->tr = tr;
+    self->step = res.step;
+
+    s_owners(self);
     self->tokens = semoe_xmalloc((size_t)max_rows * (job->train.seq_len + 1));
     size_t n = model_params_count(self->params);
     self->dense_bufs = semoe_xcalloc(n, sizeof *self->dense_bufs);
@@ -339,41 +390,28 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
     self->rows_in = semoe_xcalloc(le + 1, sizeof *self->rows_in);
     self->rows_out = semoe_xcalloc(le + 1, sizeof *self->rows_out);
 
-    *job_fault = false;
     const char **eps = semoe_xmalloc(p->world * sizeof *eps);
     for (uint32_t r = 0; r < p->world; r++)
         eps[r] = p->peers[r].endpoint;
-    semoe_rc rc = comm_new(self->port, p->generation, p->rank, p->world, eps, &self->comm);
+    rc = comm_new(self->port, 2 * p->generation + 1, p->rank, p->world, eps, &self->comm);
     free(eps);
     SEMOE_CHECK(rc);
     SEMOE_CHECK(worker_exchange_new(self->comm, s_be, (int)cfg->num_hidden_layers,
                                     (int)cfg->num_local_experts, p->holder_off, p->holders,
                                     S_COMM_TIMEOUT_MS, &self->ex));
     self->exf = worker_exchange_f32(self->ex);
-    uint64_t start = 0;
-    SEMOE_CHECK(s_agree_start(self, &start));
-    if (start > 0) {
-        *job_fault = true;
-        char dir[4096];
-        SEMOE_CHECK(model_ckpt_step_dir(job->train.checkpoint_dir, start, dir, sizeof dir));
-        model_ckpt_state_t st;
-        SEMOE_CHECK(model_ckpt_load(dir, s_be, self->params, self->tr, &st));
-        if (st.step != start)
-            return semoe_err(SEMOE_EINVAL, "%s: its state says step %" PRIu64 ", its name %" PRIu64,
-                             dir, st.step, start);
-        if (st.seed != job->train.seed)
-            log_warn("%s was written with train.seed %" PRIu64 ", the job has %" PRIu64
-                     ": the data order changes from here", dir, st.seed, job->train.seed);
-        *job_fault = false;
-        log_info("generation %" PRIu64 ": resuming from %s (step %" PRIu64 ")", p->generation,
-                 dir, start);
-    } else if (self->step > 0) {
-        log_warn("generation %" PRIu64 ": no checkpoint to resume from: restarting at step 0 "
-                 "(set train.checkpoint_dir and train.checkpoint_interval to lose less)",
-                 p->generation);
-    }
-    self->step = start;
     self->ready = true;
+    return SEMOE_OK;
+}
+
+/* A donor's part: hand its state over in the generation's migration, then drop it. */
+static semoe_rc s_hand_over(s_tr_t *self)
+{
+    worker_migrate_result_t res = {0};
+    SEMOE_CHECK(s_migrate(self, NULL, NULL, &res));
+    log_info("generation %" PRIu64 ": handed over (%.1f MB sent)%s", self->plan.generation,
+             res.bytes_out / 1e6, res.rewind ? "; the others rewind to a checkpoint" : "");
+    s_drop_state(self);
     return SEMOE_OK;
 }
 
@@ -411,7 +449,8 @@ static semoe_rc s_checkpoint(s_tr_t *self)
     size_t at = 0;
     for (size_t i = 0; i < n; i++) {
         const model_param_t *t = model_params_at(self->params, i);
-        if (t->kind != MODEL_PARAM_EXPERT || !t->data)
+        if (t->kind != MODEL_PARAM_EXPERT || !t->data ||
+            self->owner[(size_t)t->layer * E + (size_t)t->expert] != (int32_t)me)
             continue;
         const float *src[3] = {w, m, v};
         for (int k = 0; k < 3; k++, at += t->numel)
@@ -572,6 +611,17 @@ static semoe_rc s_step(s_tr_t *self)
         log_info("training finished at step %" PRIu64 ": loss %.4f, held-out %.4f", self->step,
                  rep.loss, self->prog.eval_loss);
         s_set_phase(self, PROTO_PHASE_FINISHED);
+        return SEMOE_OK;
+    }
+    /* a PAUSE reaches the ranks at different moments: they agree to stop at this boundary
+     * when any of them has one (a float sum of 0/1 flags, exact) */
+    float flag = self->want_pause ? 1.0f : 0.0f;
+    SEMOE_CHECK(comm_allreduce_sum(self->comm, &flag, 1, S_COMM_TIMEOUT_MS));
+    if (flag > 0) {
+        self->paused = true;
+        self->want_pause = false;
+        log_info("paused after step %" PRIu64, self->step);
+        s_set_phase(self, PROTO_PHASE_PAUSED);
     } else {
         s_report(self);
     }
@@ -585,9 +635,19 @@ static semoe_rc s_step(s_tr_t *self)
 static void s_start_generation(s_tr_t *self)
 {
     s_teardown(self);
-    if (!self->data || self->failed || !self->have_plan || self->plan.rank == PROTO_NO_RANK) {
-        if (self->have_plan && self->plan.rank == PROTO_NO_RANK)
-            s_set_phase(self, PROTO_PHASE_IDLE);
+    if (!self->have_plan)
+        return;
+    const worker_plan_t *p = &self->plan;
+    if (!self->data || self->failed || p->rank == PROTO_NO_RANK) {
+        if (self->data && !self->failed && p->donor_index != UINT32_MAX && self->params) {
+            semoe_rc rc = s_hand_over(self);
+            if (rc != SEMOE_OK && rc != SEMOE_ESTOPPED)
+                log_warn("generation %" PRIu64 ": could not hand over: %s", p->generation,
+                         semoe_err_msg());
+            self->prog.handed_over = rc == SEMOE_OK;
+        }
+        self->prog.ready_gen = p->generation; /* nothing (more) to do in this generation */
+        s_set_phase(self, self->failed ? PROTO_PHASE_FAILED : PROTO_PHASE_IDLE);
         return;
     }
     bool job_fault = false;
@@ -596,19 +656,21 @@ static void s_start_generation(s_tr_t *self)
         bool done = self->step >= self->job->train.steps;
         if (done)
             log_info("generation %" PRIu64 ": the job is already at step %" PRIu64 " of %" PRIu64,
-                     self->plan.generation, self->step, self->job->train.steps);
-        s_set_phase(self, done ? PROTO_PHASE_FINISHED : PROTO_PHASE_TRAINING);
+                     p->generation, self->step, self->job->train.steps);
+        self->prog.ready_gen = p->generation;
+        s_set_phase(self, done ? PROTO_PHASE_FINISHED
+                          : self->paused ? PROTO_PHASE_PAUSED
+                                         : PROTO_PHASE_TRAINING);
         return;
     }
     s_teardown(self);
     if (job_fault) {
-        log_error("cannot train generation %" PRIu64 ": %s", self->plan.generation,
-                  semoe_err_msg());
+        log_error("cannot train generation %" PRIu64 ": %s", p->generation, semoe_err_msg());
         self->failed = true;
         s_set_phase(self, PROTO_PHASE_FAILED);
     } else if (rc != SEMOE_ESTOPPED) {
         log_warn("generation %" PRIu64 " did not start: %s; waiting for the next plan",
-                 self->plan.generation, semoe_err_msg());
+                 p->generation, semoe_err_msg());
     }
 }
 
@@ -644,6 +706,14 @@ static void s_take_job(s_tr_t *self, const void *text, size_t len)
     self->prog = (worker_progress_t){.loss = NAN, .eval_loss = NAN};
 }
 
+/* The pokes that came with the plans taken so far: read, so they interrupt nothing later. */
+static void s_drain_pokes(s_tr_t *self)
+{
+    char b[8];
+    while (self->poke && zmq_recv(self->poke, b, sizeof b, ZMQ_DONTWAIT) >= 0)
+        ;
+}
+
 static void s_on_pipe(s_tr_t *self)
 {
     zmq_msg_t cmd, body;
@@ -665,12 +735,31 @@ static void s_on_pipe(s_tr_t *self)
     size_t n = zmq_msg_size(&cmd);
     if (n == 5 && memcmp(c, "$TERM", 5) == 0) {
         self->terminated = true;
+    } else if (n == 5 && memcmp(c, "PAUSE", 5) == 0) {
+        if (self->ready && !self->paused && self->step < self->job->train.steps) {
+            self->want_pause = true; /* the ranks agree on the boundary after this step */
+        } else if (!self->paused) {
+            self->paused = true;     /* between steps already: nothing to agree on */
+            s_set_phase(self, PROTO_PHASE_PAUSED);
+        } else {
+            s_report(self);
+        }
+    } else if (n == 6 && memcmp(c, "RESUME", 6) == 0) {
+        self->want_pause = false;
+        if (self->paused) {
+            self->paused = false;
+            bool done = self->job && self->step >= self->job->train.steps;
+            s_set_phase(self, done ? PROTO_PHASE_FINISHED
+                              : self->ready ? PROTO_PHASE_TRAINING
+                                            : PROTO_PHASE_IDLE);
+        }
     } else if (n == 3 && memcmp(c, "JOB", 3) == 0 && more) {
         s_take_job(self, zmq_msg_data(&body), zmq_msg_size(&body));
     } else if (n == 4 && memcmp(c, "PLAN", 4) == 0 && more &&
                zmq_msg_size(&body) == sizeof(worker_plan_t *)) {
         worker_plan_t *plan;
         memcpy(&plan, zmq_msg_data(&body), sizeof plan);
+        s_drain_pokes(self);
         s_teardown(self);
         worker_plan_clear(&self->plan);
         self->plan = *plan; /* the arrays are ours now */
@@ -694,7 +783,7 @@ static bool s_pipe_pending(s_tr_t *self)
 static void s_loop(s_tr_t *self)
 {
     while (!self->terminated) {
-        bool train = self->ready && self->step < self->job->train.steps;
+        bool train = self->ready && !self->paused && self->step < self->job->train.steps;
         if (!train || s_pipe_pending(self)) {
             s_on_pipe(self); /* blocks until a command comes */
             continue;
@@ -750,7 +839,18 @@ void worker_trainer_actor(void *pipe, void *args)
             goto fail;
         }
     }
-    comm_port_set_interrupt(self.port, pipe);
+    if (cfg->poke) {
+        self.poke = zmq_socket(cfg->ctx, ZMQ_PAIR);
+        int linger = 0;
+        if (!self.poke || zmq_setsockopt(self.poke, ZMQ_LINGER, &linger, sizeof linger) != 0 ||
+            zmq_connect(self.poke, cfg->poke) != 0) {
+            snprintf(cfg->error, sizeof cfg->error, "trainer: poke socket %s: %s", cfg->poke,
+                     zmq_strerror(zmq_errno()));
+            cfg->error_exit = 1;
+            goto fail;
+        }
+        comm_port_set_interrupt(self.port, self.poke);
+    }
     actor_signal(pipe, 0);
     s_loop(&self);
     s_drop_job(&self);
@@ -759,8 +859,13 @@ void worker_trainer_actor(void *pipe, void *args)
     comm_port_destroy(&self.port);
     if (self.metrics)
         fclose(self.metrics);
+    zmq_close(self.poke);
     return;
 fail:
     comm_port_destroy(&self.port);
+    if (self.metrics)
+        fclose(self.metrics);
+    if (self.poke)
+        zmq_close(self.poke);
     actor_signal(pipe, 1);
 }

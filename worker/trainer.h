@@ -26,7 +26,9 @@ typedef struct {
     double loss;            /* the global batch's loss at the last step (NaN: none yet) */
     double eval_loss;       /* held-out cross-entropy at eval_step (NaN: none) */
     double tokens_per_s;    /* this worker's targets per second over the last step */
+    uint64_t ready_gen;     /* the last generation whose plan it has taken up (migrated) */
     uint32_t phase;         /* proto_phase_t (proto/msg.h), as HEARTBEAT carries it */
+    uint32_t handed_over;   /* 1 once, as a donor, it handed its state over */
     uint32_t n_load;        /* entries in the load frame that follows (layers x experts) */
 } worker_progress_t;
 
@@ -39,6 +41,7 @@ typedef struct {
     const char *data_bind;    /* where the data port binds, "tcp://127.0.0.1:*" */
     int threads;              /* BLAS threads (--threads); 0 leaves OpenBLAS's default */
     const char *metrics_log;  /* NULL, or a file to append one JSON line per step to */
+    const char *poke;         /* inproc endpoint the control actor's poke PAIR is bound to */
     char data_endpoint[PROTO_MAX_ENDPOINT + 1]; /* set by the actor before it signals ready */
     char error[512];          /* why the actor could not start */
     int error_exit;           /* exit code that suits error (2: a bad flag value) */
@@ -51,11 +54,16 @@ typedef struct {
  * Commands on the pipe:
  *   "JOB" text         the job spec from WELCOME (JSON); a different job drops everything
  *   "PLAN" ptr         a worker_plan_t * (worker/plan.h), heap-allocated, now the trainer's:
- *                      abandon the step in flight and start this generation
+ *                      start this generation: migrate (worker/migrate.h), then train, or as
+ *                      a donor hand the state over; progress.ready_gen says when it is done
+ *   "PAUSE"            stop at the next step boundary the ranks agree on (phase PAUSED)
+ *   "RESUME"           go on
  *   "$TERM"            end
  * From the actor: "PROGRESS" [worker_progress_t] [n_load uint32 tokens per expert (layer*E+j)
- * the experts held here received in the last step, 0 elsewhere]. Any command interrupts a
- * collective the trainer is waiting in (worker/comm.h comm_port_set_interrupt). */
+ * the experts held here received in the last step, 0 elsewhere]. A byte on the poke socket
+ * (config.poke, an inproc address the actor connects a PAIR to) interrupts a collective the
+ * trainer is waiting in (worker/comm.h comm_port_set_interrupt): the control actor pokes with
+ * every PLAN, so that a dead peer of the old generation never holds the trainer. */
 void worker_trainer_actor(void *pipe, void *args);
 
 #endif
