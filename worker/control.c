@@ -390,7 +390,9 @@ static void s_on_error(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
     switch (e->code) {
     case PROTO_ERR_NOT_MEMBER:
         /* While joining this answers a heartbeat sent before our JOIN: the WELCOME follows. */
-        if (self->state == S_MEMBER) {
+        if (self->state == S_MEMBER && self->handing_over) { /* it let us go already */
+            s_leave_done(self, self->leave_reason);
+        } else if (self->state == S_MEMBER) {
             log_warn("the coordinator no longer counts this worker as a member (%s): rejoining",
                      e->text);
             s_send_join(self);
