@@ -203,6 +203,7 @@ void members_destroy(members_t **self_p)
     for (member_t *m = self->head, *next; m; m = next) {
         next = m->next;
         free(m->experts);
+        free(m->load_last);
         free(m->status_part);
         free(m);
     }
@@ -271,6 +272,7 @@ void members_remove(members_t *self, member_t *m)
         self->tail = m->prev;
     self->count--;
     free(m->experts);
+    free(m->load_last);
     free(m->status_part);
     free(m);
 }
@@ -281,7 +283,7 @@ uint32_t members_renumber(members_t *self)
 {
     uint32_t r = 0;
     for (member_t *m = self->head; m; m = m->next)
-        m->rank = r++;
+        m->rank = m->leaving ? PROTO_NO_RANK : r++;
     return r;
 }
 
@@ -357,6 +359,8 @@ void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n)
     m->experts = semoe_xrealloc(m->experts, (n ? n : 1) * sizeof *m->experts);
     if (n)
         memcpy(m->experts, experts, n * sizeof *experts);
+    free(m->load_last);
+    m->load_last = semoe_xcalloc(n ? n : 1, sizeof *m->load_last);
     m->n_experts = n;
     free(m->status_part);
     m->status_part = NULL;

@@ -40,6 +40,7 @@ typedef struct member {
     bool has_step;          /* a HEARTBEAT was seen */
     bool has_load;          /* a load of the current plan was taken from it */
     uint64_t load_step;     /* the step of that load: a load counts once per step */
+    uint32_t *load_last;    /* (n_experts) tokens each of its copies took in that step */
     int64_t last_seen_ms;   /* any message counts */
     /* the plan */
     uint32_t rank;          /* dense 0..n-1 in join order, set by members_renumber */
@@ -48,6 +49,11 @@ typedef struct member {
     bool placed;            /* holds the experts of the current plan (false after a (re)JOIN) */
     uint32_t *experts;      /* (n_experts) global expert ids it holds, ascending */
     uint32_t n_experts;
+    /* elastic reconfiguration (coordinator/reconfig.c) */
+    bool leaving;           /* asked to leave with handover: a donor from the next PLAN on */
+    bool donor;             /* got the current PLAN as a donor (no rank, no experts) */
+    bool pause_acked;       /* acked the PAUSE under way */
+    bool paused;            /* reported PAUSED (after acking the PAUSE), at step */
     /* status.c's memo: this member's part of the status reply that changes only with its
      * capabilities or the plan, written for status_part_gen; NULL when it must be rewritten
      * (members_set_caps and members_set_experts drop it) */
@@ -87,7 +93,8 @@ void members_remove(members_t *self, member_t *m);
  * iterating, take m->next first. */
 member_t *members_first(const members_t *self);
 
-/* Gives ranks 0..n-1 in join order and returns n. */
+/* Gives ranks 0..n-1 in join order to the members that are not leaving, PROTO_NO_RANK to those
+ * that are, and returns n. */
 uint32_t members_renumber(members_t *self);
 
 /* Why a JOIN cannot be accepted ("id is empty", ...), or NULL when it can. Names end up in
@@ -102,7 +109,7 @@ void members_set_progress(member_t *m, const proto_heartbeat_t *h);
 /* Forgets m's progress (as when it has sent no HEARTBEAT yet): losses NaN, the rest zero. */
 void members_clear_progress(member_t *m);
 
-/* Sets m's experts (copied). */
+/* Sets m's experts (copied); their last loads (load_last) start at 0. */
 void members_set_experts(member_t *m, const uint32_t *experts, uint32_t n);
 
 /* The fence: a routing id that broke protocol is ignored until it JOINs. */
