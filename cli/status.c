@@ -321,6 +321,48 @@ static void s_print_experts(const cJSON *status, FILE *out)
     free(byid);
 }
 
+/* A number with 2 decimals, or "-" when it is not one (null). */
+static void s_ratio(const cJSON *obj, const char *key, char *buf, size_t n)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    if (cJSON_IsNumber(v))
+        snprintf(buf, n, "%.2f", v->valuedouble);
+    else
+        snprintf(buf, n, "-");
+}
+
+/* The last few reconfigurations, newest last: when, why, what moved, how long it took. */
+static void s_print_rebalances(const cJSON *st, FILE *out)
+{
+    enum { S_SHOWN = 5 };
+    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(st, "rebalances");
+    int n = cJSON_GetArraySize(arr);
+    if (n == 0)
+        return;
+    fprintf(out, "  reconfigurations (the last %d of %d kept):\n", n < S_SHOWN ? n : S_SHOWN, n);
+    for (int i = n > S_SHOWN ? n - S_SHOWN : 0; i < n; i++) {
+        const cJSON *r = cJSON_GetArrayItem(arr, i);
+        char when[32] = "?", before[16], after[16], took[32], bytes[32] = "";
+        time_t t = (time_t)cli_json_num(r, "time", 0);
+        struct tm tm;
+        if (t > 0 && localtime_r(&t, &tm))
+            strftime(when, sizeof when, "%H:%M:%S", &tm);
+        s_ratio(r, "before", before, sizeof before);
+        s_ratio(r, "after", after, sizeof after);
+        s_duration(cli_json_num(r, "duration_ms", 0), took, sizeof took);
+        double b = cli_json_num(r, "bytes", -1);
+        if (b >= 0) { // null until the workers report what they sent
+            char sz[16];
+            s_bytes(b, sz, sizeof sz);
+            snprintf(bytes, sizeof bytes, " (%s)", sz);
+        }
+        fprintf(out, "    %s  generation %.0f at step %.0f: %s; %.0f copies moved%s, "
+                "imbalance %s -> %s, took %s\n", when, cli_json_num(r, "generation", 0),
+                cli_json_num(r, "at_step", 0), cli_json_str(r, "why", "?"),
+                cli_json_num(r, "moved", 0), bytes, before, after, took);
+    }
+}
+
 void cli_status_print(const cJSON *st, FILE *out)
 {
     char loss[32] = "-", eval[64] = "-", reconfig[32] = "-", up[32];
@@ -354,6 +396,13 @@ void cli_status_print(const cJSON *st, FILE *out)
             cli_json_num(model, "top_k", 0), cli_json_num(st, "global_batch", 0),
             cli_json_num(st, "heartbeat_ms", 0), cli_json_num(st, "liveness", 0), n,
             n == 1 ? "" : "s", active);
+    char now[16], smoothed[16];
+    const cJSON *imb = cJSON_GetObjectItemCaseSensitive(st, "imbalance");
+    s_ratio(imb, "current", now, sizeof now);
+    s_ratio(imb, "smoothed", smoothed, sizeof smoothed);
+    fprintf(out, "imbalance %s (smoothed %s)  reconfiguration %s\n", now, smoothed,
+            cli_json_str(st, "reconfig", "?"));
+    s_print_rebalances(st, out);
     fprintf(out, "\n");
     if (n > 0)
         s_print_workers(workers, out);

@@ -1,7 +1,7 @@
-/* The coordinator server (coord.h): ZeroMQ sockets watched through zloop, heartbeats and
- * liveness on a timer, and a plan timer that turns a burst of membership changes into one
- * generation once the control socket has been drained and the last PLAN acked; plus the
- * training's progress from the workers' HEARTBEATs (status, the metrics log, completion). */
+/* The coordinator server (coord.h): ZeroMQ sockets watched through zloop, the membership
+ * messages, heartbeats and liveness on a timer, and the training's progress from the workers'
+ * HEARTBEATs (status, the metrics log, completion). Generations, their PLANs and the way from
+ * one to the next (PAUSE, PLAN, RESUME) are reconfig.c's. */
 #include "coordinator/coord.h"
 
 #include <errno.h>
@@ -19,21 +19,11 @@
 #include "actors/zloop.h"
 #include "coordinator/members.h"
 #include "coordinator/metrics.h"
-#include "coordinator/plan.h"
 #include "coordinator/progress.h"
+#include "coordinator/reconfig.h"
 #include "coordinator/status.h"
 #include "proto/msg.h"
 
-/* A plan waits until the control socket is drained and no membership change came for a
- * moment, so that 1000 JOINs arriving together (over many connections, which ZeroMQ hands over
- * one at a time) make one generation; but it waits no longer than the most, so that a flood
- * cannot postpone it for ever. */
-#define S_PLAN_QUIET_US 1000
-#define S_PLAN_DEFER_MAX_US 50000
-/* While workers still apply the last PLAN, a new one waits for their ACKs (so that a join
- * storm makes a few generations, each paced by how fast workers take them, not hundreds that
- * bury them), but no longer than this after the last PLAN went out. */
-#define S_PLAN_ACK_WAIT_US 500000
 /* After STOP: how long to wait for the workers to go, whatever the liveness settings say. */
 #define S_STOP_WAIT_MIN_MS 1000
 #define S_STOP_WAIT_MAX_MS 15000
@@ -41,8 +31,6 @@
 #define S_STOP_LINGER_MS 500
 /* Pending connections a listening socket queues (the kernel caps it at somaxconn). */
 #define S_BACKLOG 4096
-/* Weight of a new sample in an expert's smoothed load when the job sets no window. */
-#define S_LOAD_ALPHA_DEFAULT 0.3
 /* Control messages handled per drain before other sockets and timers get a turn. */
 #define S_CONTROL_BUDGET 16
 /* HEARTBEATs go out in this many slices of the interval, one slice per tick. */
@@ -55,7 +43,6 @@ struct coord {
     zloop_watch_t *control_watch, *status_watch;
     metrics_t *metrics;
     uv_timer_t heartbeat_timer, stop_timer;
-    uv_timer_t plan_timer; // runs while a plan is due
     uv_signal_t sigterm, sigint;
 
     model_job_t *job;
@@ -63,22 +50,11 @@ struct coord {
     uint32_t L, E;      // MoE layers, experts per layer
     uint64_t n_total;   // L * E
     uint32_t heartbeat_ms, liveness;
-    double load_alpha;
 
     members_t *members;
-    plan_t *plan;
-    double *load;        // (n_total) smoothed tokens per step
+    reconfig_t *reconfig; // generations, PLANs, PAUSE/RESUME, load skew
     progress_t *progress; // the training's: step, losses, the last step's loads, the log
-    uint32_t world;      // workers in the current plan
-    uint64_t run_id, generation, seq;
-    uint32_t pending_acks; // workers in the current plan that have not acked it
-    bool dirty;            // membership changed since the last plan
-    int64_t dirty_us;      // when it first changed since the last plan
-    int64_t last_change_us; // when it last changed
-    int64_t plan_us;        // when the last PLAN went out
-    int64_t change_us;     // when the reconfiguration under way began (0: none)
-    double last_reconfig_ms;
-    uint32_t joined, left, died, expelled; // since the last plan, for its log line
+    uint64_t run_id, seq;
     status_counters_t counters;
     bool started;          // training may start: cluster.expected_workers were members once
     bool finished;         // every placed worker finished train.steps; STOP went out
@@ -93,7 +69,8 @@ struct coord {
 static proto_header_t s_header(coord_t *self, proto_type_t type)
 {
     return (proto_header_t){.type = type, .run_id = self->run_id,
-                            .generation = self->generation, .seq = ++self->seq};
+                            .generation = reconfig_generation(self->reconfig),
+                            .seq = ++self->seq};
 }
 
 /* Sends msg to a routing id. Failures are logged only: the ROUTER drops what it cannot route,
@@ -120,33 +97,13 @@ s_send_error(coord_t *self, const void *rid, size_t rid_len, uint32_t code, cons
 
 static void s_quit(coord_t *self) { uv_stop(&self->loop); }
 
-static void s_on_plan_timer(uv_timer_t *timer);
-
-/* Notes a membership change; the plan follows once the changes stop coming. */
-static void s_changed(coord_t *self)
+/* Removes m (fence: ignore its connection until it JOINs again); why says how it went. */
+static void s_remove(coord_t *self, member_t *m, reconfig_gone_t why, bool fence)
 {
-    if (self->stopping)
-        return;
-    int64_t now = clock_mono_us();
-    self->last_change_us = now;
-    if (!self->dirty) {
-        self->dirty = true;
-        self->dirty_us = now;
-        uv_timer_start(&self->plan_timer, s_on_plan_timer, S_PLAN_QUIET_US / 1000, 0);
-    }
-    if (!self->change_us)
-        self->change_us = now;
-}
-
-/* Removes m (fence: ignore its connection until it JOINs again). */
-static void s_remove(coord_t *self, member_t *m, bool fence)
-{
-    if (m->placed && m->state == MEMBER_SYNCING && self->pending_acks > 0)
-        self->pending_acks--;
+    reconfig_removing(self->reconfig, m, why);
     if (fence)
         members_fence(self->members, m->rid, m->rid_len);
     members_remove(self->members, m);
-    s_changed(self);
     if (self->stopping && members_count(self->members) == 0) {
         log_info("every worker is gone: exiting");
         s_quit(self);
@@ -165,55 +122,21 @@ s_break(coord_t *self, member_t *m, const char *fmt, ...)
     self->counters.protocol_errors++;
     s_send_error(self, m->rid, m->rid_len, PROTO_ERR_UNEXPECTED, "%s", text);
     log_warn("worker %s: %s: removed", m->id, text);
-    self->expelled++;
-    s_remove(self, m, true);
+    s_remove(self, m, RECONFIG_REMOVED, true);
 }
 
-static void s_reconfig_done(coord_t *self)
+/* reconfig's way to remove a member: one that did not apply a PLAN in time, or one leaving
+ * with handover that nobody is left to take the state of. */
+static void s_reconfig_remove(void *arg, member_t *m, reconfig_gone_t why, const char *text)
 {
-    if (!self->change_us)
-        return;
-    self->last_reconfig_ms = (double)(clock_mono_us() - self->change_us) / 1000.0;
-    self->change_us = 0;
-    log_info("generation %" PRIu64 ": all %u workers acked; reconfiguration took %.1f ms",
-             self->generation, self->world, self->last_reconfig_ms);
-}
-
-/* --- plans ------------------------------------------------------------------------------------- */
-
-/* Opens a new generation for the current members and sends each its PLAN. */
-static void s_plan(coord_t *self)
-{
-    self->dirty = false;
-    uv_timer_stop(&self->plan_timer);
-    uint32_t n;
-    uint64_t moved;
-    if (plan_place(self->plan, self->members, &n, &moved) != SEMOE_OK) {
-        log_error("placement: %s", semoe_err_msg()); // a bug: the inputs come from us
+    coord_t *self = arg;
+    if (why == RECONFIG_REMOVED) {
+        s_break(self, m, "%s", text);
         return;
     }
-    self->generation++;
-    self->counters.generations++;
-    self->world = n;
-    log_info("generation %" PRIu64 ": %u workers (%u joined, %u left, %u died, %u removed), %" PRIu64
-             " of %" PRIu64 " experts placed anew",
-             self->generation, n, self->joined, self->left, self->died, self->expelled, moved,
-             self->n_total);
-    self->joined = self->left = self->died = self->expelled = 0;
-    self->pending_acks = n;
-    progress_plan(self->progress);
-    if (n == 0) {
-        self->change_us = 0;
-        return;
-    }
-    proto_header_t hdr = {.type = PROTO_PLAN, .run_id = self->run_id,
-                          .generation = self->generation, .seq = self->seq};
-    self->plan_us = clock_mono_us();
-    if (plan_send(self->plan, self->members, self->control, &hdr, progress_step(self->progress),
-                  self->job->train.global_batch) != SEMOE_OK)
-        log_error("generation %" PRIu64 ": cannot encode the PLAN: %s", self->generation,
-                  semoe_err_msg());
-    self->seq = hdr.seq;
+    log_warn("worker %s left: %s (the last checkpoint keeps the job)", m->id, text);
+    self->counters.leaves++;
+    s_remove(self, m, why, false);
 }
 
 static bool s_control_pending(coord_t *self)
@@ -222,30 +145,6 @@ static bool s_control_pending(coord_t *self)
     size_t len = sizeof events;
     return zmq_getsockopt(self->control, ZMQ_EVENTS, &events, &len) == 0 &&
            (events & ZMQ_POLLIN);
-}
-
-/* Plans once membership has changed and settled: the control socket drained, no change for
- * S_PLAN_QUIET_US (or the first change S_PLAN_DEFER_MAX_US old), and the last PLAN acked by
- * everyone (or sent S_PLAN_ACK_WAIT_US ago). Before cluster.expected_workers have been members
- * there is no plan at all; the JOIN that makes them so starts the timer again. */
-static void s_on_plan_timer(uv_timer_t *timer)
-{
-    coord_t *self = timer->data;
-    if (!self->dirty || self->stopping || !self->started) {
-        self->dirty = false;
-        if (!self->started)
-            self->change_us = 0; // the reconfiguration begins when the wait ends
-        return;
-    }
-    int64_t now = clock_mono_us();
-    bool settling = (now - self->last_change_us < S_PLAN_QUIET_US || s_control_pending(self)) &&
-                    now - self->dirty_us < S_PLAN_DEFER_MAX_US;
-    bool acking = self->pending_acks > 0 && now - self->plan_us < S_PLAN_ACK_WAIT_US;
-    if (settling || acking) {
-        uv_timer_start(&self->plan_timer, s_on_plan_timer, 1, 0);
-        return;
-    }
-    s_plan(self);
 }
 
 /* --- messages from workers and admins ---------------------------------------------------------- */
@@ -277,18 +176,13 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
     bool dup = m && strcmp(m->id, j->id) == 0;
     if (dup) {
         // The same worker on the same connection lost track (an ERROR or a reply it missed):
-        // no membership change; it gets WELCOME and the current PLAN again.
+        // no membership change; it gets WELCOME and the current PLAN again (after WELCOME).
         log_debug("worker %s sent JOIN again", m->id);
-        if (m->placed && m->state == MEMBER_ACTIVE) {
-            m->state = MEMBER_SYNCING;
-            self->pending_acks++;
-        }
-    } else if (m) { // the connection now speaks for another worker
+    } else if (m) { // the connection now speaks for another worker: the old one is gone
         log_info("worker %s joins again as %s", m->id, j->id);
+        reconfig_removing(self->reconfig, m, RECONFIG_REMOVED);
         members_rename(self->members, m, j->id);
-        if (m->placed && m->state == MEMBER_SYNCING && self->pending_acks > 0)
-            self->pending_acks--;
-        m->placed = false;
+        m->leaving = false;
         m->state = MEMBER_SYNCING;
         m->acked_gen = 0;
         members_clear_progress(m);
@@ -303,13 +197,12 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         log_info("worker %s joined from %s (pid %u, %s %s, data %s)", j->id, j->host, j->pid,
                  j->device_kind, j->device_name, j->data_endpoint);
     }
-    if (!dup) {
+    if (!dup)
         self->counters.joins++;
-        self->joined++;
-    }
     uint32_t n = members_count(self->members);
     if (!self->started && n >= self->job->cluster.expected_workers) {
         self->started = true;
+        reconfig_start(self->reconfig);
         log_info("%u workers have joined, as cluster.expected_workers asks: planning", n);
     }
     members_set_caps(m, j);
@@ -322,12 +215,9 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
                                       (uint32_t)strlen(self->job_json)};
     s_send(self, rid, rid_len, &msg);
     if (dup) { // nothing if it is not placed yet: the plan on its way includes it
-        proto_header_t hdr = {.run_id = self->run_id, .generation = self->generation,
-                              .seq = self->seq};
-        plan_resend(self->plan, m, self->control, &hdr);
-        self->seq = hdr.seq;
+        reconfig_rejoined(self->reconfig, m);
     } else {
-        s_changed(self);
+        reconfig_joined(self->reconfig, m);
     }
 }
 
@@ -336,13 +226,14 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
  * an older generation crossed a PLAN and is dropped; one from another rank breaks protocol. */
 static void s_on_comm(coord_t *self, member_t *m, const proto_msg_t *msg)
 {
-    if (msg->hdr.generation < self->generation)
+    uint64_t gen = reconfig_generation(self->reconfig);
+    uint32_t world = reconfig_world(self->reconfig);
+    if (msg->hdr.generation < gen)
         return;
-    if (msg->hdr.generation > self->generation || !m->placed || m->rank != 0 ||
-        msg->comm.world != self->world) {
+    if (msg->hdr.generation > gen || !m->placed || m->rank != 0 || msg->comm.world != world) {
         s_break(self, m, "COMM of generation %" PRIu64 " (world %u) from rank %u; expected "
                 "generation %" PRIu64 " (world %u) from rank 0", msg->hdr.generation,
-                msg->comm.world, m->rank, self->generation, self->world);
+                msg->comm.world, m->rank, gen, world);
         return;
     }
     proto_msg_t relay = {.hdr = s_header(self, PROTO_COMM), .comm = msg->comm};
@@ -350,38 +241,20 @@ static void s_on_comm(coord_t *self, member_t *m, const proto_msg_t *msg)
         if (w->placed)
             s_send(self, w->rid, w->rid_len, &relay);
     log_info("generation %" PRIu64 ": relayed the communicator id of %s (%u bytes) to %u workers",
-             self->generation, m->id, msg->comm.comm_id.size, self->world);
+             gen, m->id, msg->comm.comm_id.size, world);
 }
 
 /* --- training progress ----------------------------------------------------------------------- */
 
 static void s_stop_workers(coord_t *self, uint32_t checkpoint);
 
-/* A worker reports the tokens its experts took in its last step: take them once per step
- * (into the smoothed loads and the last step's), and only from the current plan (an older
- * one's loads belong to other holders). */
-static void s_take_load(coord_t *self, member_t *m, const proto_msg_t *msg)
-{
-    const proto_heartbeat_t *h = &msg->heartbeat;
-    if (msg->hdr.generation != self->generation || !m->placed || h->load.count != self->n_total ||
-        (m->has_load && m->load_step == h->step))
-        return;
-    for (uint32_t i = 0; i < m->n_experts; i++) {
-        uint32_t e = m->experts[i];
-        double x = proto_u32_at(h->load, e), *l = &self->load[e];
-        *l = *l == 0 ? x : self->load_alpha * x + (1 - self->load_alpha) * *l;
-    }
-    progress_take_load(self->progress, m, h->load);
-    m->has_load = true;
-    m->load_step = h->step;
-}
-
 /* Acts on the phase m reports: a failure is logged, once per generation; the last worker to
  * finish ends the job as a STOP without checkpoint would (each wrote its final one). */
 static void s_on_phase(coord_t *self, member_t *m)
 {
-    if (m->phase == PROTO_PHASE_FAILED && m->failed_logged != self->generation + 1) {
-        m->failed_logged = self->generation + 1;
+    uint64_t gen = reconfig_generation(self->reconfig);
+    if (m->phase == PROTO_PHASE_FAILED && m->failed_logged != gen + 1) {
+        m->failed_logged = gen + 1;
         log_warn("worker %s: its training failed at step %" PRIu64 " (its log says why)", m->id,
                  m->step);
     }
@@ -395,36 +268,45 @@ static void s_on_phase(coord_t *self, member_t *m)
 
 static void s_on_heartbeat(coord_t *self, member_t *m, const proto_msg_t *msg)
 {
-    if (msg->hdr.generation > self->generation) {
+    uint64_t gen = reconfig_generation(self->reconfig);
+    if (msg->hdr.generation > gen) {
         s_break(self, m, "HEARTBEAT of generation %" PRIu64 ", the current one is %" PRIu64,
-                msg->hdr.generation, self->generation);
+                msg->hdr.generation, gen);
         return;
     }
     self->counters.heartbeats++;
     members_set_progress(m, &msg->heartbeat);
-    s_take_load(self, m, msg);
-    progress_take(self->progress, m, self->members, self->generation, self->world);
+    reconfig_on_heartbeat(self->reconfig, m, msg); // may open a generation (a pause ended)
+    progress_take(self->progress, m, self->members, reconfig_generation(self->reconfig),
+                  reconfig_world(self->reconfig));
     s_on_phase(self, m);
 }
 
 static void s_on_ack(coord_t *self, member_t *m, const proto_msg_t *msg)
 {
-    uint64_t g = msg->hdr.generation;
-    if (g > self->generation) {
-        s_break(self, m, "ACK of generation %" PRIu64 ", the current one is %" PRIu64, g,
-                self->generation);
+    uint64_t g = msg->hdr.generation, gen = reconfig_generation(self->reconfig);
+    if (g > gen) {
+        s_break(self, m, "ACK of generation %" PRIu64 ", the current one is %" PRIu64, g, gen);
         return;
     }
-    if (msg->ack.acked_type != PROTO_PLAN || g < self->generation || !m->placed ||
-        m->state == MEMBER_ACTIVE)
-        return; // an older generation's ACK crossed the new PLAN: life, nothing more
-    if (msg->ack.status != 0)
-        log_warn("worker %s: applying the PLAN of generation %" PRIu64 " returned %u", m->id, g,
-                 msg->ack.status);
-    m->state = MEMBER_ACTIVE;
-    m->acked_gen = g;
-    if (self->pending_acks > 0 && --self->pending_acks == 0)
-        s_reconfig_done(self);
+    reconfig_on_ack(self->reconfig, m, msg);
+}
+
+/* LEAVE: with handover from a member that holds state, it becomes a donor of the next plan
+ * and stays until its LEAVE without; otherwise it is gone now. */
+static void s_on_leave(coord_t *self, member_t *m, const proto_leave_t *l)
+{
+    if (l->handover && m->leaving)
+        return; // asked already
+    if (l->handover && m->placed && !self->stopping) {
+        log_info("worker %s asks to leave after handing over: %s", m->id,
+                 l->reason[0] ? l->reason : "-");
+        reconfig_handover(self->reconfig, m);
+        return;
+    }
+    log_info("worker %s left: %s", m->id, l->reason[0] ? l->reason : "-");
+    self->counters.leaves++;
+    s_remove(self, m, RECONFIG_LEFT, false);
 }
 
 /* A valid message other than JOIN from a connection that is not a member. */
@@ -460,8 +342,7 @@ static void s_handle(coord_t *self, const uint8_t *rid, size_t rid_len, const vo
                      proto_result_str(r));
         if (m) {
             log_warn("worker %s: malformed message (%s): removed", m->id, proto_result_str(r));
-            self->expelled++;
-            s_remove(self, m, true);
+            s_remove(self, m, RECONFIG_REMOVED, true);
         }
         return;
     }
@@ -487,10 +368,7 @@ static void s_handle(coord_t *self, const uint8_t *rid, size_t rid_len, const vo
         s_on_ack(self, m, &msg);
         break;
     case PROTO_LEAVE:
-        log_info("worker %s left: %s", m->id, msg.leave.reason[0] ? msg.leave.reason : "-");
-        self->counters.leaves++;
-        self->left++;
-        s_remove(self, m, false);
+        s_on_leave(self, m, &msg.leave);
         break;
     case PROTO_STOP:
         s_stop(self, rid, rid_len, msg.stop.checkpoint);
@@ -564,8 +442,7 @@ static void s_on_heartbeat_timer(uv_timer_t *timer)
             log_warn("worker %s: silent for %" PRId64 " ms (%u x %u ms): dead", m->id, silent,
                      self->liveness, self->heartbeat_ms);
             self->counters.deaths++;
-            self->died++;
-            s_remove(self, m, false);
+            s_remove(self, m, RECONFIG_DIED, false);
             continue;
         }
         if (m->join_seq % S_HEARTBEAT_SLICES != slice)
@@ -591,8 +468,7 @@ static void s_stop_workers(coord_t *self, uint32_t checkpoint)
     if (self->stopping)
         return;
     self->stopping = true;
-    self->dirty = false;
-    uv_timer_stop(&self->plan_timer);
+    reconfig_stop(self->reconfig);
     uint32_t n = members_count(self->members);
     log_info("STOP%s: stopping %u workers", checkpoint ? " with checkpoint" : "", n);
     for (member_t *m = members_first(self->members); m; m = m->next) {
@@ -633,22 +509,23 @@ static void s_view(void *arg, status_view_t *v)
 {
     coord_t *self = arg;
     uint32_t n = members_count(self->members);
-    const char *state = self->stopping                          ? "stopping"
-                        : n == 0 || !self->started              ? "waiting"
-                        : self->pending_acks > 0 || self->dirty ? "reconfiguring"
-                                                                : "running";
+    const char *state = self->stopping                     ? "stopping"
+                        : n == 0 || !self->started         ? "waiting"
+                        : reconfig_busy(self->reconfig)    ? "reconfiguring"
+                                                           : "running";
     int64_t now = clock_mono_ms();
     *v = (status_view_t){
-        .run_id = self->run_id, .generation = self->generation, .state = state,
+        .run_id = self->run_id, .state = state,
         .target_steps = self->job->train.steps,
         .uptime_ms = now - self->start_ms, .now_ms = now,
         .heartbeat_ms = self->heartbeat_ms, .liveness = self->liveness,
         .num_layers = self->L, .num_experts = self->E,
         .top_k = self->job->model.num_experts_per_tok,
-        .global_batch = self->job->train.global_batch, .world = self->world,
-        .last_reconfig_ms = self->last_reconfig_ms, .pending_acks = self->pending_acks,
-        .counters = self->counters, .members = self->members, .load = self->load,
+        .global_batch = self->job->train.global_batch,
+        .counters = self->counters, .members = self->members,
+        .imbalance = progress_imbalance(self->members),
     };
+    reconfig_view(self->reconfig, v);
     progress_view(self->progress, v);
     if (self->finished)
         v->phase = "finished";
@@ -734,8 +611,6 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     self->n_total = (uint64_t)self->L * self->E;
     self->heartbeat_ms = j->cluster.heartbeat_ms ? j->cluster.heartbeat_ms : 1000;
     self->liveness = j->cluster.liveness ? j->cluster.liveness : 3;
-    self->load_alpha = j->elastic.window ? 2.0 / (j->elastic.window + 1.0) : S_LOAD_ALPHA_DEFAULT;
-    self->last_reconfig_ms = -1;
     self->started = j->cluster.expected_workers == 0;
     if (self->n_total == 0 || self->n_total > PROTO_MAX_EXPERTS || self->L > 65536 ||
         self->E > 65536) {
@@ -755,8 +630,6 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     }
     self->run_id = s_run_id();
     self->members = members_new();
-    self->load = semoe_xcalloc(self->n_total, sizeof *self->load);
-    self->plan = plan_new(self->L, self->E);
     SEMOE_CHECK_GOTO(progress_new(self->n_total, opts->metrics_log, &self->progress), rc, fail);
     if (uv_loop_init(&self->loop) != 0) {
         rc = semoe_err(SEMOE_ESYS, "uv_loop_init failed");
@@ -789,11 +662,17 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     }
     uv_timer_init(&self->loop, &self->heartbeat_timer);
     uv_timer_init(&self->loop, &self->stop_timer);
-    uv_timer_init(&self->loop, &self->plan_timer);
     uv_signal_init(&self->loop, &self->sigterm);
     uv_signal_init(&self->loop, &self->sigint);
     self->handles_open = true;
-    self->heartbeat_timer.data = self->stop_timer.data = self->plan_timer.data = self;
+    self->heartbeat_timer.data = self->stop_timer.data = self;
+    reconfig_opts_t ro = {.loop = &self->loop, .control = self->control,
+                          .members = self->members, .progress = self->progress, .job = j,
+                          .run_id = self->run_id, .seq = &self->seq,
+                          .counters = &self->counters, .heartbeat_ms = self->heartbeat_ms,
+                          .liveness = self->liveness, .remove = s_reconfig_remove,
+                          .remove_arg = self};
+    self->reconfig = reconfig_new(&ro);
     self->sigterm.data = self->sigint.data = self;
     uint64_t tick = self->heartbeat_ms / S_HEARTBEAT_SLICES;
     uv_timer_start(&self->heartbeat_timer, s_on_heartbeat_timer, tick ? tick : 1, tick ? tick : 1);
@@ -828,10 +707,10 @@ void coord_destroy(coord_t **self_p)
     if (self->handles_open) {
         uv_close((uv_handle_t *)&self->heartbeat_timer, NULL);
         uv_close((uv_handle_t *)&self->stop_timer, NULL);
-        uv_close((uv_handle_t *)&self->plan_timer, NULL);
         uv_close((uv_handle_t *)&self->sigterm, NULL);
         uv_close((uv_handle_t *)&self->sigint, NULL);
     }
+    reconfig_close(self->reconfig);
     if (self->loop_open) {
         // Closing handles finish on the next turns; a bounded number of them is plenty.
         for (int i = 0; i < 100 && uv_loop_close(&self->loop) == UV_EBUSY; i++)
@@ -846,10 +725,9 @@ void coord_destroy(coord_t **self_p)
         zmq_close(self->status);
     if (self->ctx)
         zmq_ctx_term(self->ctx);
+    reconfig_destroy(&self->reconfig);
     members_destroy(&self->members);
-    free(self->load);
     progress_destroy(&self->progress);
-    plan_destroy(&self->plan);
     model_job_destroy(&self->job);
     free(self->job_json);
     free(self);

@@ -1,7 +1,9 @@
 /* The coordinator server: one single-threaded libuv loop with the control socket (workers and
  * admins), the status socket, /metrics, heartbeats and the membership table; every membership
- * change, or burst of them, opens a generation and sends its PLAN (the first once
- * cluster.expected_workers have joined), and the job stops once every worker finished. */
+ * change, or burst of them, and every rebalance on load skew opens a generation (the first once
+ * cluster.expected_workers have joined; while training runs, after pausing the workers) and
+ * resumes the workers once they acked its PLAN (reconfig.h); the job stops once every worker
+ * finished. */
 #ifndef SEMOE_COORDINATOR_COORD_H
 #define SEMOE_COORDINATOR_COORD_H
 

@@ -15,7 +15,7 @@
 
 struct progress {
     uint64_t n_total;
-    uint32_t *step_load;  // (n_total) tokens of the last step its holder reported (this plan)
+    uint64_t *step_load;  // (n_total) tokens of the last step its holders reported (this plan)
     uint64_t step;        // the most steps any worker reported done
     bool training;        // a worker reported training, or a step done
     double loss;          // reported after loss_step steps, the most any loss came with; NaN
@@ -63,16 +63,21 @@ void progress_destroy(progress_t **self_p)
     *self_p = NULL;
 }
 
-void progress_plan(progress_t *self)
-{
-    memset(self->step_load, 0, self->n_total * sizeof *self->step_load);
-}
-
-void progress_take_load(progress_t *self, const member_t *m, proto_u32s_t load)
+void progress_take_load(progress_t *self, member_t *m, proto_u32s_t load)
 {
     for (uint32_t i = 0; i < m->n_experts; i++)
         if (m->experts[i] < self->n_total && m->experts[i] < load.count)
-            self->step_load[m->experts[i]] = proto_u32_at(load, m->experts[i]);
+            m->load_last[i] = proto_u32_at(load, m->experts[i]);
+}
+
+const uint64_t *progress_loads(progress_t *self, const members_t *members)
+{
+    memset(self->step_load, 0, self->n_total * sizeof *self->step_load);
+    for (const member_t *m = members_first(members); m; m = m->next)
+        for (uint32_t i = 0; m->placed && m->has_load && i < m->n_experts; i++)
+            if (m->experts[i] < self->n_total)
+                self->step_load[m->experts[i]] += m->load_last[i];
+    return self->step_load;
 }
 
 /* The job's tokens per second: the sum over the workers that are training. */
@@ -85,10 +90,7 @@ static double s_tokens_per_s(const members_t *members)
     return sum;
 }
 
-/* The last step's imbalance: the most tokens the experts of any placed worker took, over the
- * mean over placed workers. NaN until every one of them reported a load of this plan, or when
- * the loads are all zero. */
-static double s_imbalance(const progress_t *self, const members_t *members)
+double progress_imbalance(const members_t *members)
 {
     double max = 0, sum = 0;
     uint32_t n = 0;
@@ -99,8 +101,7 @@ static double s_imbalance(const progress_t *self, const members_t *members)
             return NAN;
         double tokens = 0;
         for (uint32_t i = 0; i < m->n_experts; i++)
-            if (m->experts[i] < self->n_total)
-                tokens += self->step_load[m->experts[i]];
+            tokens += m->load_last[i];
         max = tokens > max ? tokens : max;
         sum += tokens;
         n++;
@@ -129,12 +130,13 @@ static void s_log_line(progress_t *self, const members_t *members, uint64_t gene
         self->eval_logged = self->eval_step + 1;
     }
     fprintf(f, ",\"tokens_per_s\":%.1f", s_tokens_per_s(members));
-    double imbalance = s_imbalance(self, members);
+    double imbalance = progress_imbalance(members);
     if (isfinite(imbalance))
         fprintf(f, ",\"imbalance\":%.4f", imbalance);
     fputs(",\"load\":[", f);
+    progress_loads(self, members);
     for (uint64_t e = 0; e < self->n_total; e++)
-        fprintf(f, e ? ",%u" : "%u", self->step_load[e]);
+        fprintf(f, e ? ",%" PRIu64 : "%" PRIu64, self->step_load[e]);
     fputs("]}\n", f);
     if (ferror(f)) { // a full disk must not stop the job: it stops the log
         log_error("--metrics-log: cannot write: %s; no more lines", strerror(errno));
@@ -165,6 +167,8 @@ bool progress_take(progress_t *self, const member_t *m, const members_t *members
 }
 
 uint64_t progress_step(const progress_t *self) { return self->step; }
+
+bool progress_training(const progress_t *self) { return self->training; }
 
 void progress_view(const progress_t *self, status_view_t *v)
 {

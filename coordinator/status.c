@@ -186,7 +186,9 @@ static void s_worker(s_json_t *j, const status_view_t *v, member_t *m)
     }
     s_raw(j, m->status_part, m->status_part_len);
     s_key(j, "state", false);
-    s_str(j, m->placed && m->state == MEMBER_ACTIVE ? "active" : "syncing");
+    s_str(j, m->leaving                                ? "leaving"
+             : m->placed && m->state == MEMBER_ACTIVE ? "active"
+                                                      : "syncing");
     s_key(j, "memory", false);
     for (int t = 0; t < PROTO_TIERS; t++) {
         s_cstr(j, t ? "," : "{");
@@ -256,6 +258,36 @@ static void s_experts(s_json_t *j, const status_view_t *v)
     free(off);
 }
 
+/* The history of reconfigurations, oldest first. */
+static void s_rebalances(s_json_t *j, const status_view_t *v)
+{
+    S_LIT(j, "[");
+    for (uint32_t i = 0; i < v->n_rebalances; i++) {
+        const status_rebalance_t *r = &v->rebalances[i];
+        s_cstr(j, i ? ",{" : "{");
+        s_key(j, "generation", true);
+        s_u64(j, r->generation);
+        s_key(j, "at_step", false);
+        s_u64(j, r->at_step);
+        s_key(j, "time", false);
+        s_f64(j, r->time);
+        s_key(j, "why", false);
+        s_str(j, r->why);
+        s_key(j, "moved", false);
+        s_u64(j, r->moved);
+        s_key(j, "bytes", false); // the workers will report it
+        S_LIT(j, "null");
+        s_key(j, "before", false);
+        s_f64(j, r->before);
+        s_key(j, "after", false);
+        s_f64(j, r->after);
+        s_key(j, "duration_ms", false);
+        s_f64(j, r->duration_ms);
+        S_LIT(j, "}");
+    }
+    S_LIT(j, "]");
+}
+
 char *status_json(const status_view_t *v, size_t *len)
 {
     /* Start at the last reply's size: a reply of a few hundred KB grown by doubling costs
@@ -273,6 +305,8 @@ char *status_json(const status_view_t *v, size_t *len)
     s_u64(&j, v->generation);
     s_key(&j, "state", false);
     s_str(&j, v->state);
+    s_key(&j, "reconfig", false);
+    s_str(&j, v->reconfig ? v->reconfig : "running");
     s_key(&j, "phase", false);
     s_str(&j, v->phase);
     s_key(&j, "step", false);
@@ -309,6 +343,12 @@ char *status_json(const status_view_t *v, size_t *len)
     s_f64(&j, v->last_reconfig_ms < 0 ? NAN : v->last_reconfig_ms);
     s_key(&j, "pending_acks", false);
     s_u64(&j, v->pending_acks);
+    S_LIT(&j, ",\"imbalance\":{\"current\":");
+    s_f64(&j, v->imbalance);
+    S_LIT(&j, ",\"smoothed\":");
+    s_f64(&j, v->imbalance_smoothed);
+    S_LIT(&j, "},\"rebalances\":");
+    s_rebalances(&j, v);
     S_LIT(&j, ",\"counters\":{\"heartbeats\":");
     s_u64(&j, v->counters.heartbeats);
     S_LIT(&j, ",\"protocol_errors\":");

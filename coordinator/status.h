@@ -16,6 +16,20 @@ typedef struct {
     uint64_t generations;     /* PLANs generations opened */
 } status_counters_t;
 
+/* One reconfiguration, from the change that began it to the RESUME that ended it. */
+#define STATUS_WHY_MAX 256
+typedef struct {
+    uint64_t generation;  /* the generation that was resumed */
+    uint64_t at_step;     /* the step it resumed at (its PLAN's) */
+    double time;          /* Unix seconds when it began */
+    char why[STATUS_WHY_MAX]; /* "join w5", "leave w2", "death w3", "skew 2.41 > 1.30 for 5
+                                 steps", comma-separated */
+    uint64_t moved;       /* expert copies placed anew, summed over its PLANs */
+    double before, after; /* imbalance under the smoothed loads before, and predicted after;
+                             NaN (null) while no loads are known */
+    double duration_ms;   /* PAUSE sent (or the change seen, without a pause) -> RESUME sent */
+} status_rebalance_t;
+
 /* The coordinator's state at one moment; everything borrowed from the coordinator. */
 typedef struct {
     uint64_t run_id;
@@ -38,7 +52,12 @@ typedef struct {
     uint32_t pending_acks;
     status_counters_t counters;
     const members_t *members;
-    const double *load;        /* (num_layers * num_experts) smoothed tokens per step */
+    const double *load;        /* (num_layers * num_experts) smoothed tokens per step, or NULL */
+    const char *reconfig;      /* "running" (none under way), "pausing" or "syncing" */
+    double imbalance;          /* the last step's, as reported; NaN (null): unknown */
+    double imbalance_smoothed; /* the placement's under the smoothed loads; NaN: unknown */
+    const status_rebalance_t *rebalances; /* the last n_rebalances, oldest first */
+    uint32_t n_rebalances;
 } status_view_t;
 
 /* The status reply. Returns the JSON text (caller frees) and its length in *len. */

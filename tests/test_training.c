@@ -19,20 +19,19 @@
 #include "tests/harness.h"
 #include "tests/proc.h"
 #include "tests/status_client.h"
+#include "tests/train_util.h"
 
-/* The job: small enough that a run takes well under a second on one core. global_batch ==
- * micro_batch, so any number of workers runs one global micro-batch per step and the router's
- * aux term sees the same tokens: the losses agree across worker counts. */
-#define S_LAYERS 2
-#define S_EXPERTS 8
-#define S_TOPK 2
-#define S_HIDDEN 32
-#define S_SEQ 32
-#define S_BATCH 8
+/* The job (tests/train_util.h): the tiny model, one global micro-batch per step. */
+#define S_LAYERS TRAIN_UTIL_LAYERS
+#define S_EXPERTS TRAIN_UTIL_EXPERTS
+#define S_TOPK TRAIN_UTIL_TOPK
+#define S_HIDDEN TRAIN_UTIL_HIDDEN
+#define S_SEQ TRAIN_UTIL_SEQ
+#define S_BATCH TRAIN_UTIL_BATCH
 #define S_STEPS 20
 #define S_EVAL 5
 #define S_CKPT 10
-#define S_LE (S_LAYERS * S_EXPERTS)
+#define S_LE TRAIN_UTIL_LE
 #define S_MAXW 4
 
 #define S_REL_TOL 1e-5     /* losses across worker counts */
@@ -43,113 +42,24 @@
 static uint64_t s_seed;
 static char s_corpus[PATH_MAX];
 
-/* One line of a worker's --metrics-log. */
-typedef struct {
-    uint64_t step, generation;
-    long long rank, world;
-    char loss[40], eval[40];  /* as printed (%.9g); eval[0] == 0: no eval_loss on this step */
-    char gnorm[40];           /* grad_norm as printed */
-    double lossv, evalv, gnormv;
-    uint64_t rows_out, bytes_out;
-    long long load[S_LE], routed[S_LE];
-} s_line_t;
-
-/* One worker of a run and what it logged. */
-typedef struct {
-    char id[48];
-    char log[PATH_MAX];
-    proc_t *proc;
-    int n;
-    s_line_t line[S_STEPS];
-} s_worker_t;
-
 typedef struct {
     const char *name;
     int n;
-    s_worker_t w[S_MAXW];
+    train_util_worker_t w[S_MAXW];
 } s_run_t;
 
 /* --- files ---------------------------------------------------------------------------------- */
 
-/* A seeded English-like corpus in fortune format (entries separated by "%" lines): ~200 KB of
- * sentences from a small vocabulary with a skewed word distribution. */
-static bool s_write_corpus(const char *path)
-{
-    static const char *words[] = {
-        "the", "of", "and", "to", "a", "in", "is", "it", "you", "that", "he", "was", "for", "on",
-        "are", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "or",
-        "had", "by", "hot", "word", "but", "what", "some", "we", "can", "out", "other", "were",
-        "all", "there", "when", "up", "use", "your", "how", "said", "an", "each", "she", "which",
-        "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write",
-        "would", "like", "so", "these", "her", "long", "make", "thing", "see", "him", "two",
-        "has", "look", "more", "day", "could", "go", "come", "did", "number", "sound", "no",
-        "most", "people", "my", "over", "know", "water", "than", "call", "first", "who", "may",
-        "down", "side", "been", "now", "find", "river", "mountain", "garden", "letter", "music"};
-    const size_t nw = sizeof words / sizeof words[0];
-    size_t cap = 256 * 1024, len = 0;
-    char *buf = malloc(cap);
-    if (!buf)
-        return false;
-    while (len < 200 * 1024) {
-        int sentences = 1 + (int)test_rand_below(5);
-        for (int s = 0; s < sentences; s++) {
-            int n = 3 + (int)test_rand_below(12);
-            for (int i = 0; i < n; i++) {
-                /* min of two draws: the common words come up more often, as in English */
-                size_t a = test_rand_below(nw), b = test_rand_below(nw);
-                const char *w = words[a < b ? a : b];
-                len += (size_t)snprintf(buf + len, cap - len, "%s%c%s", i ? " " : "",
-                                        i ? w[0] : w[0] - 'a' + 'A', w + 1);
-            }
-            len += (size_t)snprintf(buf + len, cap - len, "%s", test_rand_below(4) ? ". " : "?\n");
-        }
-        len += (size_t)snprintf(buf + len, cap - len, "\n%%\n");
-    }
-    bool ok = proc_write_file(path, buf);
-    free(buf);
-    return ok;
-}
-
-/* The job spec for `workers` workers with its checkpoints under ckdir. */
+/* The job spec for `workers` workers with its checkpoints under ckdir. The placement stays as
+ * the first PLAN made it (an elastic threshold no imbalance reaches: no rebalancing on load
+ * skew), so one generation runs and the accounting below sees one holder per expert. */
 static bool s_write_job(const char *path, int workers, const char *ckdir)
 {
-    char text[4 * PATH_MAX];
-    int len = snprintf(text, sizeof text,
-             "{\n"
-             "  \"model\": {\"vocab_size\": 256, \"hidden_size\": %d, \"intermediate_size\": 64,\n"
-             "    \"num_hidden_layers\": %d, \"num_attention_heads\": 4,\n"
-             "    \"num_key_value_heads\": 2,\n"
-             "    \"num_local_experts\": %d, \"num_experts_per_tok\": %d,\n"
-             "    \"max_position_embeddings\": 64},\n"
-             "  \"train\": {\"seq_len\": %d, \"global_batch\": %d, \"micro_batch\": %d,\n"
-             "    \"lr\": 1e-3, \"min_lr\": 1e-4, \"warmup_steps\": 2, \"steps\": %d,\n"
-             "    \"seed\": %" PRIu64 ", \"checkpoint_dir\": \"%s\", \"checkpoint_interval\": %d,\n"
-             "    \"eval_interval\": %d},\n"
-             "  \"data\": {\"paths\": [\"%s\"], \"heldout_fraction\": 0.1},\n"
-             "  \"cluster\": {\"heartbeat_ms\": 200, \"liveness\": 5, \"expected_workers\": %d}\n"
-             "}\n",
-             S_HIDDEN, S_LAYERS, S_EXPERTS, S_TOPK, S_SEQ, S_BATCH, S_BATCH, S_STEPS, s_seed, ckdir,
-             S_CKPT, S_EVAL, s_corpus, workers);
-    return len > 0 && (size_t)len < sizeof text && proc_write_file(path, text);
-}
-
-/* "<dir>/<name>" into buf (n bytes); ends the test when it does not fit (paths under the test's
- * temp dir always do). Returns buf. */
-static char *s_join(char *buf, size_t n, const char *dir, const char *name)
-{
-    if ((size_t)snprintf(buf, n, "%s/%s", dir, name) >= n) {
-        fprintf(stderr, "path too long: %s/%s\n", dir, name);
-        exit(2);
-    }
-    return buf;
-}
-
-/* "<root>/step-NNNNNNNN" into buf (PATH_MAX bytes). */
-static char *s_step_dir(char *buf, const char *root, int step)
-{
-    char name[32];
-    snprintf(name, sizeof name, "step-%08d", step);
-    return s_join(buf, PATH_MAX, root, name);
+    train_util_job_t job = {.seed = s_seed, .corpus = s_corpus, .checkpoint_dir = ckdir,
+                            .steps = S_STEPS, .eval_interval = S_EVAL,
+                            .checkpoint_interval = S_CKPT, .expected_workers = workers,
+                            .threshold = 1e9};
+    return train_util_write_job(path, &job);
 }
 
 static int s_rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
@@ -165,15 +75,15 @@ static bool s_rewind(const char *root, int step)
     char target[32], tmpname[64], tmp[PATH_MAX], latest[PATH_MAX], dir[PATH_MAX];
     snprintf(target, sizeof target, "step-%08d", step);
     snprintf(tmpname, sizeof tmpname, "latest.test-%d", (int)getpid());
-    s_join(tmp, sizeof tmp, root, tmpname);
-    s_join(latest, sizeof latest, root, "latest");
+    train_util_join(tmp, sizeof tmp, root, tmpname);
+    train_util_join(latest, sizeof latest, root, "latest");
     unlink(tmp);
     if (symlink(target, tmp) != 0 || rename(tmp, latest) != 0) {
         fprintf(stderr, "cannot point %s at %s: %s\n", latest, target, strerror(errno));
         return false;
     }
     for (int s = step + 1; s <= S_STEPS; s++) {
-        s_step_dir(dir, root, s);
+        train_util_step_dir(dir, root, s);
         if (access(dir, F_OK) == 0 && nftw(dir, s_rm_entry, 16, FTW_DEPTH | FTW_PHYS) != 0) {
             fprintf(stderr, "cannot remove %s: %s\n", dir, strerror(errno));
             return false;
@@ -186,7 +96,7 @@ static bool s_rewind(const char *root, int step)
 static const char *s_latest(const char *root, char *buf, size_t n)
 {
     char path[PATH_MAX];
-    s_join(path, sizeof path, root, "latest");
+    train_util_join(path, sizeof path, root, "latest");
     ssize_t len = readlink(path, buf, n - 1);
     buf[len > 0 ? len : 0] = 0;
     return buf;
@@ -195,142 +105,63 @@ static const char *s_latest(const char *root, char *buf, size_t n)
 static char *s_read_in(const char *dir, const char *name, size_t *len)
 {
     char path[PATH_MAX];
-    s_join(path, sizeof path, dir, name);
+    train_util_join(path, sizeof path, dir, name);
     return proc_read_file(path, len);
 }
 
 /* --- metrics logs --------------------------------------------------------------------------- */
-
-/* The number after "key": in a line, as printed, into out; false when absent. */
-static bool s_raw_num(const char *line, const char *key, char *out, size_t n)
-{
-    char pat[64];
-    snprintf(pat, sizeof pat, "\"%s\":", key);
-    const char *p = strstr(line, pat);
-    if (!p)
-        return false;
-    p += strlen(pat);
-    size_t k = strcspn(p, ",}");
-    if (k == 0 || k >= n)
-        return false;
-    memcpy(out, p, k);
-    out[k] = 0;
-    return true;
-}
-
-static bool s_u64_array(const cJSON *obj, const char *key, long long *out)
-{
-    const cJSON *a = cJSON_GetObjectItemCaseSensitive(obj, key);
-    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != S_LE)
-        return false;
-    int i = 0;
-    const cJSON *v;
-    cJSON_ArrayForEach(v, a)
-    {
-        if (!cJSON_IsNumber(v) || v->valuedouble < 0)
-            return false;
-        out[i++] = (long long)v->valuedouble;
-    }
-    return true;
-}
 
 /* The time split of a metrics line: every part there and >= 0, together within the step (the
  * profiled ops, the exchange and the all-reduce nest inside step_time_s); gemm_flops exactly
  * the step's linear ops on this worker (an evaluation's forward would add to it): every token
  * through the dense projections (6 FLOPs per weight: forward, input and weight gradients) and
  * every row the experts held here received through w1, w3, w2 (18 D F). */
-static bool s_check_split(const cJSON *j, const long long *load, const char *run, const char *id,
-                          uint64_t step)
+static bool s_check_split(const train_util_line_t *l, const char *run, const char *id)
 {
-    static const char *const keys[] = {"t_gemm", "t_attention", "t_routing", "t_elementwise",
-                                       "t_memory", "t_optimizer", "t_exchange", "t_allreduce"};
-    const cJSON *st = cJSON_GetObjectItemCaseSensitive(j, "step_time_s");
-    const cJSON *fl = cJSON_GetObjectItemCaseSensitive(j, "gemm_flops");
-    const cJSON *tk = cJSON_GetObjectItemCaseSensitive(j, "tokens");
-    bool ok = cJSON_IsNumber(st) && cJSON_IsNumber(fl) && cJSON_IsNumber(tk);
+    bool ok = !isnan(l->step_time) && !isnan(l->gemm_flops) && !isnan(l->tokens);
     double sum = 0;
-    for (size_t k = 0; ok && k < sizeof keys / sizeof *keys; k++) {
-        const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, keys[k]);
-        ok = cJSON_IsNumber(v) && v->valuedouble >= 0;
-        CHECK(ok, "%s: %s: step %" PRIu64 ": %s missing or negative", run, id, step, keys[k]);
-        sum += ok ? v->valuedouble : 0;
+    for (int k = 0; ok && k < TRAIN_UTIL_NSPLIT; k++) {
+        ok = !isnan(l->split[k]);
+        CHECK(ok, "%s: %s: step %" PRIu64 ": %s missing or negative", run, id, l->step,
+              train_util_split_keys[k]);
+        sum += ok ? l->split[k] : 0;
     }
-    CHECK(cJSON_IsNumber(st) && cJSON_IsNumber(fl) && cJSON_IsNumber(tk), "%s: %s: step %" PRIu64
-          ": step_time_s, gemm_flops or tokens missing", run, id, step);
+    CHECK(!isnan(l->step_time) && !isnan(l->gemm_flops) && !isnan(l->tokens), "%s: %s: step %"
+          PRIu64 ": step_time_s, gemm_flops or tokens missing", run, id, l->step);
     if (!ok)
         return false;
-    CHECK(sum <= st->valuedouble + 1e-3, "%s: %s: step %" PRIu64 ": the split adds up to %.6f s, "
-          "more than the step's %.6f s", run, id, step, sum, st->valuedouble);
-    const double D = S_HIDDEN, F = 64, V = 256, Q = S_HIDDEN, KV = S_HIDDEN / 2;
+    CHECK(sum <= l->step_time + 1e-3, "%s: %s: step %" PRIu64 ": the split adds up to %.6f s, "
+          "more than the step's %.6f s", run, id, l->step, sum, l->step_time);
+    const double D = S_HIDDEN, F = TRAIN_UTIL_FFN, V = TRAIN_UTIL_VOCAB, Q = S_HIDDEN;
+    const double KV = S_HIDDEN / 2;
     double dense = S_LAYERS * (D * Q + 2 * D * KV + Q * D + D * S_EXPERTS) + D * V;
     double rows = 0;
     for (int e = 0; e < S_LE; e++)
-        rows += (double)load[e];
-    double want = 6 * tk->valuedouble * dense + 18 * D * F * rows;
-    CHECK(fl->valuedouble == want, "%s: %s: step %" PRIu64 ": gemm_flops %.0f, want %.0f (%.0f "
-          "tokens through %.0f dense weights, %.0f expert rows)", run, id, step, fl->valuedouble,
-          want, tk->valuedouble, dense, rows);
-    return sum <= st->valuedouble + 1e-3 && fl->valuedouble == want;
+        rows += (double)l->load[e];
+    double want = 6 * l->tokens * dense + 18 * D * F * rows;
+    CHECK(l->gemm_flops == want, "%s: %s: step %" PRIu64 ": gemm_flops %.0f, want %.0f (%.0f "
+          "tokens through %.0f dense weights, %.0f expert rows)", run, id, l->step,
+          l->gemm_flops, want, l->tokens, dense, rows);
+    return sum <= l->step_time + 1e-3 && l->gemm_flops == want;
 }
 
 /* Reads w's metrics log: every line whole, steps consecutive from first_step + 1. */
-static bool s_read_log(s_worker_t *w, const char *run, int first_step)
+static bool s_read_log(train_util_worker_t *w, const char *run, int first_step)
 {
-    char *text = proc_read_file(w->log, NULL);
-    if (!text) {
-        CHECK(false, "%s: %s: cannot read its metrics log %s", run, w->id, w->log);
-        return false;
-    }
-    bool ok = true;
-    w->n = 0;
-    for (char *line = strtok(text, "\n"); line && ok; line = strtok(NULL, "\n")) {
-        if (w->n >= S_STEPS) {
-            CHECK(false, "%s: %s: more than %d lines in %s", run, w->id, S_STEPS, w->log);
-            ok = false;
-            break;
-        }
-        s_line_t *l = &w->line[w->n];
-        memset(l, 0, sizeof *l);
-        cJSON *j = cJSON_Parse(line);
-        const cJSON *st = cJSON_GetObjectItemCaseSensitive(j, "step");
-        const cJSON *lo = cJSON_GetObjectItemCaseSensitive(j, "loss");
-        const cJSON *ev = cJSON_GetObjectItemCaseSensitive(j, "eval_loss");
-        const cJSON *gn = cJSON_GetObjectItemCaseSensitive(j, "grad_norm");
-        ok = j && cJSON_IsNumber(st) && cJSON_IsNumber(lo) && cJSON_IsNumber(gn) &&
-             s_raw_num(line, "loss", l->loss, sizeof l->loss) &&
-             s_raw_num(line, "grad_norm", l->gnorm, sizeof l->gnorm);
-        if (ok && ev) {
-            ok = cJSON_IsNumber(ev) && s_raw_num(line, "eval_loss", l->eval, sizeof l->eval);
-            l->evalv = ok ? ev->valuedouble : NAN;
-        }
-        if (ok) {
-            l->step = (uint64_t)st->valuedouble;
-            l->lossv = lo->valuedouble;
-            l->gnormv = gn->valuedouble;
-            l->rank = test_status_num(j, "rank");
-            l->world = test_status_num(j, "world");
-            l->generation = (uint64_t)test_status_num(j, "generation");
-            l->rows_out = (uint64_t)test_status_num(j, "dispatch_rows_out");
-            l->bytes_out = (uint64_t)test_status_num(j, "dispatch_bytes_out");
-            ok = s_u64_array(j, "load", l->load) && s_u64_array(j, "routed", l->routed);
-            ok = ok && s_check_split(j, l->load, run, w->id, l->step);
-        }
-        const char *wid = test_status_str(j, "worker");
-        CHECK(ok && wid && strcmp(wid, w->id) == 0, "%s: %s: line %d of %s is not a whole metrics "
-              "line of this worker: %.200s", run, w->id, w->n + 1, w->log, line);
-        ok = ok && wid && strcmp(wid, w->id) == 0;
-        if (ok && l->step != (uint64_t)(first_step + w->n + 1)) {
-            CHECK(false, "%s: %s: line %d says step %" PRIu64 ", want %d", run, w->id, w->n + 1,
-                  l->step, first_step + w->n + 1);
-            ok = false;
-        }
+    bool ok = train_util_read_log(w, run);
+    CHECK(w->n <= S_STEPS, "%s: %s: %d lines in %s, want at most %d", run, w->id, w->n, w->log,
+          S_STEPS);
+    ok = ok && w->n <= S_STEPS;
+    for (int k = 0; ok && k < w->n; k++) {
+        const train_util_line_t *l = &w->line[k];
+        ok = s_check_split(l, run, w->id);
+        CHECK(!ok || l->step == (uint64_t)(first_step + k + 1), "%s: %s: line %d says step %"
+              PRIu64 ", want %d", run, w->id, k + 1, l->step, first_step + k + 1);
+        ok = ok && l->step == (uint64_t)(first_step + k + 1);
         bool want_eval = l->step % S_EVAL == 0 || l->step == S_STEPS;
         CHECK(!ok || (l->eval[0] != 0) == want_eval, "%s: %s: step %" PRIu64 " %s eval_loss",
               run, w->id, l->step, want_eval ? "lacks" : "has an unexpected");
-        cJSON_Delete(j);
-        w->n += ok;
     }
-    free(text);
     CHECK(!ok || w->n == S_STEPS - first_step, "%s: %s logged %d steps, want %d (steps %d..%d)",
           run, w->id, w->n, S_STEPS - first_step, first_step + 1, S_STEPS);
     return ok && w->n == S_STEPS - first_step;
@@ -343,6 +174,8 @@ static bool s_read_log(s_worker_t *w, const char *run, int first_step)
  * failed (said why). */
 static bool s_run(s_run_t *r, const char *name, const char *job, int n, int first_step)
 {
+    for (int i = 0; i < S_MAXW; i++)
+        train_util_free_log(&r->w[i]);
     memset(r, 0, sizeof *r);
     r->name = name;
     r->n = n;
@@ -354,20 +187,9 @@ static bool s_run(s_run_t *r, const char *name, const char *job, int n, int firs
     if (!st)
         return false;
     int64_t t0 = proc_now_ms();
-    for (int i = 0; i < n; i++) {
-        s_worker_t *w = &r->w[i];
-        char file[96];
-        snprintf(w->id, sizeof w->id, "%s-w%d-%05x", name, i, (unsigned)test_rand_below(1u << 20));
-        snprintf(file, sizeof file, "%s.metrics.jsonl", w->id);
-        proc_tmp_path(w->log, sizeof w->log, file);
-        const char *argv[] = {"--coordinator", pp.control_ep, "--id", w->id, "--device", "cpu",
-                              "--data-bind", "tcp://127.0.0.1:*", "--threads", "1",
-                              "--metrics-log", w->log};
-        w->proc = proc_startv(w->id, PROC_WORKER, (int)(sizeof argv / sizeof argv[0]), argv);
-        CHECK(w->proc != NULL, "%s: cannot start worker %s", name, w->id);
-        if (!w->proc)
+    for (int i = 0; i < n; i++)
+        if (!train_util_start_worker(&r->w[i], name, i, &pp))
             return false;
-    }
     int cst = 0;
     bool exited = proc_wait(coord, S_RUN_MS, &cst);
     CHECK(exited, "%s: the coordinator still runs %d s after %d workers started", name,
@@ -396,14 +218,14 @@ static void s_check_consistent(const s_run_t *r)
 {
     bool seen[S_MAXW] = {false};
     for (int i = 0; i < r->n; i++) {
-        const s_worker_t *w = &r->w[i];
+        const train_util_worker_t *w = &r->w[i];
         long long rank = w->line[0].rank;
         CHECK(rank >= 0 && rank < r->n && !seen[rank], "%s: %s has rank %lld: ranks must be "
               "0..%d, each once", r->name, w->id, rank, r->n - 1);
         if (rank >= 0 && rank < r->n)
             seen[rank] = true;
         for (int k = 0; k < w->n; k++) {
-            const s_line_t *l = &w->line[k], *l0 = &r->w[0].line[k];
+            const train_util_line_t *l = &w->line[k], *l0 = &r->w[0].line[k];
             CHECK(l->world == r->n && l->rank == rank, "%s: %s step %" PRIu64 ": rank %lld of "
                   "world %lld, want rank %lld of %d", r->name, w->id, l->step, l->rank, l->world,
                   rank, r->n);
@@ -429,10 +251,10 @@ static double s_compare(const s_run_t *a, const s_run_t *b, double tol, double *
 {
     double worst = 0;
     *worst_gnorm = 0;
-    const s_worker_t *wa = &a->w[0], *wb = &b->w[0];
+    const train_util_worker_t *wa = &a->w[0], *wb = &b->w[0];
     for (int k = 0; k < wb->n; k++) {
-        const s_line_t *lb = &wb->line[k];
-        const s_line_t *la = NULL;
+        const train_util_line_t *lb = &wb->line[k];
+        const train_util_line_t *la = NULL;
         for (int j = 0; j < wa->n; j++)
             if (wa->line[j].step == lb->step)
                 la = &wa->line[j];
@@ -526,7 +348,7 @@ static void s_check_dispatch(const s_run_t *r)
                   "= %d", r->name, step, l, per_layer[l], S_BATCH, S_SEQ, S_TOPK,
                   S_BATCH * S_SEQ * S_TOPK);
         for (int i = 0; i < W; i++) {
-            const s_line_t *ln = &r->w[i].line[k];
+            const train_util_line_t *ln = &r->w[i].line[k];
             uint64_t away = 0;
             for (int e = 0; e < S_LE; e++)
                 if (holder[e] != i)
@@ -552,9 +374,9 @@ static void s_check_dispatch(const s_run_t *r)
 /* A single worker sends nothing and receives exactly what it routes. */
 static void s_check_alone(const s_run_t *r)
 {
-    const s_worker_t *w = &r->w[0];
+    const train_util_worker_t *w = &r->w[0];
     for (int k = 0; k < w->n; k++) {
-        const s_line_t *l = &w->line[k];
+        const train_util_line_t *l = &w->line[k];
         CHECK(l->rows_out == 0 && l->bytes_out == 0, "%s step %" PRIu64 ": a lone worker "
               "dispatched %" PRIu64 " rows, %" PRIu64 " bytes to others", r->name, l->step,
               l->rows_out, l->bytes_out);
@@ -572,39 +394,16 @@ static void s_check_alone(const s_run_t *r)
 
 /* --- checkpoints ---------------------------------------------------------------------------- */
 
-/* Two model.safetensors of the same model written by different worker counts: the same header
- * (names, shapes, offsets) and F32 data within tol. Returns the largest difference. */
+/* Two model.safetensors of the same model written by different worker counts: the same tensors
+ * with weights within tol. Returns the largest difference. */
 static double s_compare_weights(const char *a_dir, const char *b_dir, double tol)
 {
-    size_t na = 0, nb = 0;
-    char *a = s_read_in(a_dir, "model.safetensors", &na);
-    char *b = s_read_in(b_dir, "model.safetensors", &nb);
-    double worst = -1;
-    uint64_t ha = 0, hb = 0;
-    if (a && na >= 8)
-        memcpy(&ha, a, 8);
-    if (b && nb >= 8)
-        memcpy(&hb, b, 8);
-    bool ok = a && b && na == nb && ha == hb && 8 + ha <= na && (na - 8 - ha) % 4 == 0 &&
-              memcmp(a, b, 8 + ha) == 0;
-    CHECK(ok, "%s/model.safetensors (%zu bytes) and %s/model.safetensors (%zu bytes) differ in "
-          "size or header", a_dir, na, b_dir, nb);
-    if (ok) {
-        worst = 0;
-        size_t n = (na - 8 - ha) / 4;
-        for (size_t i = 0; i < n; i++) {
-            float x, y;
-            memcpy(&x, a + 8 + ha + 4 * i, 4);
-            memcpy(&y, b + 8 + ha + 4 * i, 4);
-            double d = fabs((double)x - (double)y);
-            worst = d > worst || isnan(d) ? d : worst;
-        }
-        CHECK(worst <= tol, "weights of %s and %s differ by up to %.3g > %g", a_dir, b_dir, worst,
-              tol);
-    }
-    free(a);
-    free(b);
-    return worst;
+    train_util_weights_diff_t d;
+    if (!train_util_compare_weights(a_dir, b_dir, &d))
+        return -1;
+    CHECK(d.max_abs <= tol, "weights of %s and %s differ by up to %.3g > %g", a_dir, b_dir,
+          d.max_abs, tol);
+    return d.max_abs;
 }
 
 /* A status predicate: the worker `arg` reports phase "failed". */
@@ -616,19 +415,6 @@ static bool s_failed(const cJSON *st, void *arg, char *why, size_t n)
         return true;
     snprintf(why, n, "%s: phase %s", (const char *)arg, phase ? phase : "(not listed)");
     return false;
-}
-
-/* Whether the worker's output (stdout or stderr) contains needle. */
-static bool s_output_has(const proc_t *p, const char *needle)
-{
-    bool found = false;
-    const char *paths[2] = {proc_out_path(p), proc_err_path(p)};
-    for (int i = 0; i < 2 && !found; i++) {
-        char *text = proc_read_file(paths[i], NULL);
-        found = text && strstr(text, needle);
-        free(text);
-    }
-    return found;
 }
 
 /* --- the test ------------------------------------------------------------------------------- */
@@ -646,7 +432,7 @@ int main(void)
     proc_tmp_path(job1, sizeof job1, "job-1.json");
     proc_tmp_path(job2, sizeof job2, "job-2.json");
     proc_tmp_path(job4, sizeof job4, "job-4.json");
-    REQUIRE(s_write_corpus(s_corpus), "cannot write the corpus");
+    REQUIRE(train_util_write_corpus(s_corpus), "cannot write the corpus");
     REQUIRE(s_write_job(job1, 1, ck1) && s_write_job(job2, 2, ck1) && s_write_job(job4, 4, ck4),
             "cannot write the job specs");
     static s_run_t one, four, again, two;
@@ -659,7 +445,7 @@ int main(void)
     s_check_consistent(&four);
     double g14;
     double d14 = s_compare(&one, &four, S_REL_TOL, &g14);
-    const s_line_t *first = &one.w[0].line[0], *last = &one.w[0].line[S_STEPS - 1];
+    const train_util_line_t *first = &one.w[0].line[0], *last = &one.w[0].line[S_STEPS - 1];
     CHECK(last->lossv < first->lossv, "loss %s at step 1, %s at step %d: training did not lower "
           "it", first->loss, last->loss, S_STEPS);
     fprintf(stderr, "check 1: loss %s -> %s, eval %s; 1 vs 4 workers: max relative difference "
@@ -673,10 +459,10 @@ int main(void)
 
     /* 3. Resume from step 10: bit for bit on 1 worker, within rounding on 2. */
     char ck1_10[PATH_MAX], ck1_20[PATH_MAX], ck4_10[PATH_MAX], ck4_20[PATH_MAX], buf[64];
-    s_step_dir(ck1_10, ck1, S_CKPT);
-    s_step_dir(ck1_20, ck1, S_STEPS);
-    s_step_dir(ck4_10, ck4, S_CKPT);
-    s_step_dir(ck4_20, ck4, S_STEPS);
+    train_util_step_dir(ck1_10, ck1, S_CKPT);
+    train_util_step_dir(ck1_20, ck1, S_STEPS);
+    train_util_step_dir(ck4_10, ck4, S_CKPT);
+    train_util_step_dir(ck4_20, ck4, S_STEPS);
     for (int i = 0; i < 2; i++) {
         const char *root = i ? ck4 : ck1;
         CHECK(access(i ? ck4_10 : ck1_10, F_OK) == 0 && access(i ? ck4_20 : ck1_20, F_OK) == 0,
@@ -695,8 +481,8 @@ int main(void)
     }
     REQUIRE(s_rewind(ck1, S_CKPT), "cannot rewind %s", ck1);
     REQUIRE(s_run(&again, "again", job1, 1, S_CKPT), "the resumed 1-worker run did not complete");
-    CHECK(s_output_has(again.w[0].proc, "step-00000010"), "the resumed worker %s never names "
-          "step-00000010 in its log", again.w[0].id);
+    CHECK(train_util_output_has(again.w[0].proc, "step-00000010"), "the resumed worker %s never "
+          "names step-00000010 in its log", again.w[0].id);
     s_check_consistent(&again);
     double g_again;
     s_compare(&one, &again, 0, &g_again);
@@ -725,7 +511,7 @@ int main(void)
 
     /* 4. A truncated checkpoint: the restarted worker fails clearly, nothing crashes. */
     char model[PATH_MAX];
-    s_join(model, sizeof model, ck1_20, "model.safetensors");
+    train_util_join(model, sizeof model, ck1_20, "model.safetensors");
     struct stat sb;
     int cut = 1 + (int)test_rand_below(16);
     REQUIRE(strcmp(s_latest(ck1, buf, sizeof buf), "step-00000020") == 0 &&
@@ -737,13 +523,8 @@ int main(void)
     cJSON *st = test_status_start_coordinator(job1, &pp, &coord);
     REQUIRE(st, "corrupt: no coordinator answering on its status socket");
     cJSON_Delete(st);
-    s_worker_t bad = {0};
-    snprintf(bad.id, sizeof bad.id, "corrupt-w0-%05x", (unsigned)test_rand_below(1u << 20));
-    proc_tmp_path(bad.log, sizeof bad.log, "corrupt.metrics.jsonl");
-    const char *argv[] = {"--coordinator", pp.control_ep, "--id", bad.id, "--device", "cpu",
-                          "--data-bind", "tcp://127.0.0.1:*", "--metrics-log", bad.log};
-    bad.proc = proc_startv(bad.id, PROC_WORKER, (int)(sizeof argv / sizeof argv[0]), argv);
-    REQUIRE(bad.proc, "cannot start worker %s", bad.id);
+    train_util_worker_t bad = {0};
+    REQUIRE(train_util_start_worker(&bad, "corrupt", 0, &pp), "cannot start a worker");
     int64_t tf = proc_now_ms();
     st = test_status_wait(pp.status_ep, s_failed, bad.id, 30000, 50);
     CHECK(st != NULL, "worker %s never reported phase \"failed\" on a checkpoint cut by %d bytes",
@@ -752,7 +533,8 @@ int main(void)
     cJSON_Delete(st);
     char named[64];
     snprintf(named, sizeof named, "step-%08d/model.safetensors", S_STEPS);
-    CHECK(s_output_has(bad.proc, named), "worker %s's log does not name %s", bad.id, named);
+    CHECK(train_util_output_has(bad.proc, named), "worker %s's log does not name %s", bad.id,
+          named);
     proc_t *stop[2] = {bad.proc, coord};
     for (int i = 0; i < 2; i++) {
         int status = 0;

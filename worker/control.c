@@ -360,9 +360,12 @@ static void s_on_plan(s_ctl_t *self, const proto_msg_t *msg)
     worker_plan_log(&self->plan);
     worker_plan_t *copy = semoe_xmalloc(sizeof *copy); /* the trainer's from here */
     worker_plan_copy(copy, &self->plan);
+    /* the poke first: out of any wait on the old generation. Queued before the PLAN, it is
+     * there when the trainer reads the PLAN and drains it, so it cannot interrupt the new
+     * generation's own migration. */
+    zmq_send(self->poke, "P", 1, ZMQ_DONTWAIT);
     actor_send_str(actor_pipe(self->trainer), "PLAN", ZMQ_SNDMORE);
     zmq_send(actor_pipe(self->trainer), &copy, sizeof copy, 0);
-    zmq_send(self->poke, "P", 1, ZMQ_DONTWAIT); /* out of any wait on the old generation */
     /* the ACK goes out once the trainer has taken the plan up (s_on_trainer) */
     self->plan_acked = false;
 }

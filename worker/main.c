@@ -318,6 +318,6 @@ int main(int argc, char **argv)
     }
     actor_destroy(&control);
     zmq_ctx_term(ctx); /* waits, at most the LEAVE's linger, for the LEAVE to go out */
-    log_info("stopped (%s)", why);
-    return strcmp(why, "a failure") == 0 ? 1 : 0;
+    log_info("stopped (%s)", why ? why : "?");
+    return why && strcmp(why, "a failure") == 0 ? 1 : 0;
 }

@@ -1,0 +1,594 @@
+/* Elastic training (fault) with the real daemons on loopback, the tiny model of train_util.h and
+ * a seeded corpus: each scenario changes the membership of a running 40-step job and is held
+ * against an uninterrupted run of the same job on 3 workers, every worker's metrics line against
+ * the reference's loss for its step. (1) a worker joins: no step lost or repeated; (2) a worker
+ * gets SIGTERM: it hands its experts over and leaves, no step lost; (3) kill -9 without
+ * replicas: the survivors rewind to the last checkpoint and end with the reference's weights;
+ * (4) kill -9 with elastic.min_replicas 2: no rewind; (5) a SIGSTOPped worker replaced by the
+ * others and then continued cannot corrupt the job. docs/training.md "A generation". */
+#include <cjson/cJSON.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "tests/harness.h"
+#include "tests/proc.h"
+#include "tests/status_client.h"
+#include "tests/train_util.h"
+
+#define S_STEPS 40
+#define S_EVAL 5
+#define S_CKPT 10
+#define S_WORKERS 3
+#define S_MAXW 4
+#define S_JOIN_AT 12       /* the join, the SIGTERM and the SIGSTOP come after this step */
+#define S_KILL_AT 15       /* the kill -9s after this one */
+
+#define S_REL_TOL 1e-5     /* every step's loss against the reference */
+#define S_WEIGHT_TOL 1e-6  /* |a - b| / |a| of every tensor of the final checkpoint */
+#define S_STEP_MS 30000    /* for a run to reach a step */
+#define S_RUN_MS 90000     /* for a run to end, the coordinator's exit included */
+#define S_EXIT_MS 15000    /* a worker's exit once its coordinator is gone or it got SIGTERM */
+#define S_GONE_MS 15000    /* for the coordinator to replace a stopped worker */
+
+static uint64_t s_seed;
+static char s_corpus[PATH_MAX];
+
+/* One run of the job: its coordinator, its workers and the event it went through. */
+typedef struct {
+    const char *name;
+    char job[PATH_MAX], ck[PATH_MAX];
+    proc_ports_t pp;
+    proc_t *coord;
+    int n;                          /* workers started */
+    train_util_worker_t w[S_MAXW];
+    int victim;                     /* the worker the event hit (-1: none) */
+    bool killed;                    /* the victim was killed: it has no exit code */
+    double event_time;              /* Unix seconds */
+    uint64_t event_step, event_gen; /* the most steps and newest generation logged before it */
+} s_run_t;
+
+/* What a scenario lets its workers' lines do. */
+typedef struct {
+    int max_repeats;     /* lines that repeat a step, per worker (-1: any) */
+    bool victim_ends;    /* the victim leaves early: it need not reach the last step */
+    bool victim_jumps;   /* the victim may come back at a later step (a rejoin) */
+    uint64_t first_after; /* > 0: the last worker joined later; its first step comes after it */
+} s_expect_t;
+
+/* What the scenario's summary prints. */
+typedef struct {
+    double max_rel;      /* the largest relative difference of a loss or eval loss */
+    int repeats;         /* lines that repeat a step, all workers */
+    double resume_ms;    /* from the event to the first line of a newer generation (-1: none) */
+    uint64_t resume_step;
+    double weights;      /* the final checkpoint's largest |a - b| / |a| (-1: not compared) */
+} s_figures_t;
+
+static double s_unix_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* --- runs ----------------------------------------------------------------------------------- */
+
+/* Writes the job for `expected` workers (elastic.min_replicas min_replicas, 0: the default;
+ * no rebalancing on load skew, so that the scenario's event makes its only generations), starts
+ * its coordinator and n workers. False (said why) when one could not be started. */
+static bool s_start(s_run_t *r, const char *name, int expected, int min_replicas, int n)
+{
+    memset(r, 0, sizeof *r);
+    r->name = name;
+    r->victim = -1;
+    char file[96];
+    snprintf(file, sizeof file, "%s-ckpt", name);
+    proc_tmp_path(r->ck, sizeof r->ck, file);
+    snprintf(file, sizeof file, "%s.json", name);
+    proc_tmp_path(r->job, sizeof r->job, file);
+    train_util_job_t job = {.seed = s_seed, .corpus = s_corpus, .checkpoint_dir = r->ck,
+                            .steps = S_STEPS, .eval_interval = S_EVAL,
+                            .checkpoint_interval = S_CKPT, .expected_workers = expected,
+                            .min_replicas = min_replicas, .threshold = 1e9};
+    CHECK(train_util_write_job(r->job, &job), "%s: cannot write %s", name, r->job);
+    cJSON *st = test_status_start_coordinator(r->job, &r->pp, &r->coord);
+    CHECK(st != NULL, "%s: no coordinator answering on its status socket", name);
+    cJSON_Delete(st);
+    if (!st)
+        return false;
+    for (int i = 0; i < n; i++)
+        if (!train_util_start_worker(&r->w[r->n++], name, i, &r->pp))
+            return false;
+    return true;
+}
+
+/* Adds a worker to the run (a join). */
+static bool s_add_worker(s_run_t *r)
+{
+    if (r->n == S_MAXW || !train_util_start_worker(&r->w[r->n], r->name, r->n, &r->pp))
+        return false;
+    r->n++;
+    return true;
+}
+
+/* The most steps and the newest generation in the whole lines of the run's metrics logs so far
+ * (a line is whole once its newline is there). */
+static void s_progress(const s_run_t *r, uint64_t *step, uint64_t *gen)
+{
+    *step = *gen = 0;
+    for (int i = 0; i < r->n; i++) {
+        char *text = proc_read_file(r->w[i].log, NULL);
+        for (char *line = text, *end; line && (end = strchr(line, '\n')); line = end + 1) {
+            *end = 0;
+            const char *s = strstr(line, "\"step\":"), *g = strstr(line, "\"generation\":");
+            uint64_t sv = s ? strtoull(s + 7, NULL, 10) : 0;
+            uint64_t gv = g ? strtoull(g + 13, NULL, 10) : 0;
+            *step = sv > *step ? sv : *step;
+            *gen = gv > *gen ? gv : *gen;
+        }
+        free(text);
+    }
+}
+
+/* Polls the run's metrics logs until some worker logged step `want`; then the event may come:
+ * r->event_* are set. False (said why) on a timeout or when the coordinator exited first. */
+static bool s_wait_step(s_run_t *r, uint64_t want)
+{
+    int64_t deadline = proc_now_ms() + S_STEP_MS;
+    uint64_t step = 0, gen = 0;
+    while (proc_now_ms() < deadline && proc_running(r->coord)) {
+        s_progress(r, &step, &gen);
+        if (step >= want) {
+            r->event_step = step;
+            r->event_gen = gen;
+            r->event_time = s_unix_now();
+            return true;
+        }
+        proc_sleep_ms(2);
+    }
+    CHECK(false, "%s: step %" PRIu64 " never logged within %d s (the most: %" PRIu64 ")%s",
+          r->name, want, S_STEP_MS / 1000, step,
+          proc_running(r->coord) ? "" : "; the coordinator exited");
+    return false;
+}
+
+/* The event that hits a worker: sig to a random one of the run's, r->victim (SIGKILL: kill -9
+ * and reaped). */
+static void s_hit(s_run_t *r, int sig)
+{
+    r->victim = (int)test_rand_below((uint64_t)r->n);
+    proc_t *p = r->w[r->victim].proc;
+    bool sent = sig == SIGKILL ? (r->killed = proc_kill(p)) : proc_signal(p, sig);
+    CHECK(sent, "%s: cannot send signal %d to %s", r->name, sig, r->w[r->victim].id);
+}
+
+/* A scenario's start: n workers of a job for n (s_start) trained to step `at` (s_wait_step),
+ * then, unless sig is 0, s_hit(r, sig). False (said why) when that failed. */
+static bool s_until(s_run_t *r, const char *name, int n, int min_replicas, uint64_t at, int sig)
+{
+    if (!s_start(r, name, n, min_replicas, n) || !s_wait_step(r, at))
+        return false;
+    if (sig)
+        s_hit(r, sig);
+    return true;
+}
+
+/* Waits for the coordinator to exit 0 and for every worker (but a killed victim, and `skip`)
+ * to exit 0 after it, then reads every worker's metrics log. False when one of that failed. */
+static bool s_finish(s_run_t *r, int skip)
+{
+    int st = 0;
+    bool exited = proc_wait(r->coord, S_RUN_MS, &st);
+    CHECK(exited, "%s: the coordinator still runs %d s on", r->name, S_RUN_MS / 1000);
+    CHECK(!exited || proc_exit_code(st) == 0, "%s: the coordinator exited %d, want 0", r->name,
+          proc_exit_code(st));
+    bool ok = exited && proc_exit_code(st) == 0;
+    for (int i = 0; i < r->n; i++) {
+        if ((i == r->victim && r->killed) || i == skip)
+            continue;
+        bool gone = proc_wait(r->w[i].proc, S_EXIT_MS, &st);
+        CHECK(gone, "%s: worker %s still runs %d s after its coordinator exited", r->name,
+              r->w[i].id, S_EXIT_MS / 1000);
+        CHECK(!gone || proc_exit_code(st) == 0, "%s: worker %s exited %d, want 0", r->name,
+              r->w[i].id, proc_exit_code(st));
+        ok = ok && gone && proc_exit_code(st) == 0;
+    }
+    for (int i = 0; i < r->n; i++)
+        ok = train_util_read_log(&r->w[i], r->name) && ok;
+    return ok;
+}
+
+/* The number after the last `prefix` in p's stderr, or -1 when there is none. */
+static long long s_log_num(const proc_t *p, const char *prefix)
+{
+    char *text = proc_read_file(proc_err_path(p), NULL);
+    long long v = -1;
+    for (const char *at = text ? strstr(text, prefix) : NULL; at; at = strstr(at + 1, prefix))
+        v = strtoll(at + strlen(prefix), NULL, 10);
+    free(text);
+    return v;
+}
+
+/* --- checks --------------------------------------------------------------------------------- */
+
+/* Every line of every worker of r against the reference's line of its step (loss and eval
+ * loss within S_REL_TOL relative); each worker's steps go up by one, repeating a step only as
+ * x allows and skipping none (but the victim's comeback where x allows it); the workers that
+ * started with the run log step 1 first, and all but a victim that leaves reach S_STEPS; the
+ * final checkpoint equals the reference's. Fills *f. */
+static void s_check(const s_run_t *r, const s_run_t *ref, const s_expect_t *x, s_figures_t *f)
+{
+    memset(f, 0, sizeof *f);
+    f->resume_ms = -1;
+    f->weights = -1;
+    const train_util_worker_t *rw = &ref->w[0];
+    double first_new = INFINITY;
+    for (int i = 0; i < r->n; i++) {
+        const train_util_worker_t *w = &r->w[i];
+        bool victim = i == r->victim, joiner = x->first_after > 0 && i == r->n - 1;
+        CHECK(w->n > 0, "%s: %s logged no step", r->name, w->id);
+        if (w->n == 0)
+            continue;
+        if (joiner)
+            CHECK(w->line[0].step > x->first_after, "%s: the joiner %s logged step %" PRIu64
+                  " first, want a step after %" PRIu64, r->name, w->id, w->line[0].step,
+                  x->first_after);
+        else
+            CHECK(w->line[0].step == 1, "%s: %s logged step %" PRIu64 " first, want 1", r->name,
+                  w->id, w->line[0].step);
+        uint64_t top = w->line[0].step;
+        int repeats = 0;
+        for (int k = 0; k < w->n; k++) {
+            const train_util_line_t *l = &w->line[k];
+            if (k > 0) {
+                CHECK(l->step <= top + 1 || (victim && x->victim_jumps), "%s: %s skipped from "
+                      "step %" PRIu64 " to %" PRIu64 " (line %d)", r->name, w->id, top, l->step,
+                      k + 1);
+                repeats += l->step <= top;
+                top = l->step > top ? l->step : top;
+            }
+            if (l->generation > r->event_gen && l->time >= r->event_time &&
+                l->time < first_new) {
+                first_new = l->time;
+                f->resume_step = l->step;
+            }
+            const train_util_line_t *rl = train_util_find_step(rw, l->step);
+            CHECK(rl != NULL, "%s: %s logged step %" PRIu64 ", the reference has none", r->name,
+                  w->id, l->step);
+            if (!rl)
+                continue;
+            double d = fabs(l->lossv - rl->lossv) / fabs(rl->lossv);
+            f->max_rel = d > f->max_rel || isnan(d) ? d : f->max_rel;
+            CHECK(d < S_REL_TOL, "%s: %s step %" PRIu64 " (line %d, generation %" PRIu64 "): "
+                  "loss %s, the reference %s: relative difference %.3g >= %g", r->name, w->id,
+                  l->step, k + 1, l->generation, l->loss, rl->loss, d, S_REL_TOL);
+            if (l->eval[0] && rl->eval[0]) {
+                double e = fabs(l->evalv - rl->evalv) / fabs(rl->evalv);
+                f->max_rel = e > f->max_rel || isnan(e) ? e : f->max_rel;
+                CHECK(e < S_REL_TOL, "%s: %s step %" PRIu64 ": eval_loss %s, the reference %s: "
+                      "relative difference %.3g >= %g", r->name, w->id, l->step, l->eval,
+                      rl->eval, e, S_REL_TOL);
+            }
+        }
+        CHECK(x->max_repeats < 0 || repeats <= x->max_repeats, "%s: %s repeated %d steps, want "
+              "at most %d", r->name, w->id, repeats, x->max_repeats);
+        f->repeats += repeats;
+        if (!(victim && x->victim_ends))
+            CHECK(top == S_STEPS, "%s: %s got to step %" PRIu64 ", want %d", r->name, w->id, top,
+                  S_STEPS);
+    }
+    if (isfinite(first_new))
+        f->resume_ms = (first_new - r->event_time) * 1000;
+    char a[PATH_MAX], b[PATH_MAX];
+    train_util_step_dir(a, ref->ck, S_STEPS);
+    train_util_step_dir(b, r->ck, S_STEPS);
+    train_util_weights_diff_t d;
+    if (train_util_compare_weights(a, b, &d)) {
+        f->weights = d.max_rel_norm;
+        CHECK(d.max_rel_norm < S_WEIGHT_TOL, "%s: the final checkpoint's %s differs from the "
+              "reference's by %.3g (|a - b| / |a|) >= %g", r->name, d.worst, d.max_rel_norm,
+              S_WEIGHT_TOL);
+    }
+}
+
+static void s_summary(const char *what, const s_run_t *r, const s_figures_t *f)
+{
+    char resume[96] = "no newer generation logged after it";
+    if (f->resume_ms >= 0)
+        snprintf(resume, sizeof resume, "first step after it (step %" PRIu64 ") %.0f ms later",
+                 f->resume_step, f->resume_ms);
+    fprintf(stderr, "%s: event at step %" PRIu64 " (generation %" PRIu64 "), %s; max relative "
+            "loss difference %.3g; %d repeated steps; final weights %.3g from the reference's\n",
+            what, r->event_step, r->event_gen, resume, f->max_rel, f->repeats, f->weights);
+}
+
+/* No worker of r says in its log that it rewound. */
+static void s_check_no_rewind(const s_run_t *r)
+{
+    for (int i = 0; i < r->n; i++)
+        CHECK(!train_util_output_has(r->w[i].proc, "rewinds to the checkpoint"), "%s: %s "
+              "rewound to a checkpoint: %lld", r->name, r->w[i].id,
+              s_log_num(r->w[i].proc, "rewinds to the checkpoint of step "));
+}
+
+/* A status predicate: the generation is past *(want->min_gen) and `absent` is not listed. */
+typedef struct {
+    long long min_gen;
+    const char *absent;
+} s_replaced_t;
+
+static bool s_replaced(const cJSON *st, void *arg, char *why, size_t n)
+{
+    const s_replaced_t *want = arg;
+    long long gen = test_status_generation(st);
+    if (gen > want->min_gen && !test_status_worker(st, want->absent))
+        return true;
+    snprintf(why, n, "generation %lld (want > %lld), %s %slisted", gen, want->min_gen,
+             want->absent, test_status_worker(st, want->absent) ? "" : "not ");
+    return false;
+}
+
+/* The fewest workers any expert of the status lists (-1: no experts listed), and that expert. */
+static int s_min_holders(const cJSON *st, int *expert)
+{
+    const cJSON *experts = cJSON_GetObjectItemCaseSensitive(st, "experts");
+    int fewest = -1;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, experts)
+    {
+        const cJSON *ws = cJSON_GetObjectItemCaseSensitive(e, "workers");
+        int k = cJSON_IsArray(ws) ? cJSON_GetArraySize(ws) : 0;
+        if (fewest < 0 || k < fewest) {
+            fewest = k;
+            *expert = (int)test_status_num(e, "id");
+        }
+    }
+    return fewest;
+}
+
+/* --- scenarios ------------------------------------------------------------------------------ */
+
+/* The uninterrupted run: 3 workers, steps 1..S_STEPS each, the same loss on every worker. */
+static bool s_reference(s_run_t *ref)
+{
+    if (!s_start(ref, "reference", S_WORKERS, 0, S_WORKERS) || !s_finish(ref, -1))
+        return false;
+    bool ok = true;
+    for (int i = 0; i < ref->n; i++) {
+        const train_util_worker_t *w = &ref->w[i];
+        CHECK(w->n == S_STEPS, "reference: %s logged %d lines, want %d", w->id, w->n, S_STEPS);
+        ok = ok && w->n == S_STEPS;
+        for (int k = 0; ok && k < w->n; k++) {
+            ok = w->line[k].step == (uint64_t)k + 1 &&
+                 strcmp(w->line[k].loss, ref->w[0].line[k].loss) == 0;
+            CHECK(ok, "reference: %s line %d: step %" PRIu64 " loss %s, %s: loss %s", w->id,
+                  k + 1, w->line[k].step, w->line[k].loss, ref->w[0].id, ref->w[0].line[k].loss);
+        }
+    }
+    fprintf(stderr, "reference: %d workers, loss %s at step 1, %s at step %d\n", ref->n,
+            ref->w[0].line[0].loss, ok ? ref->w[0].line[S_STEPS - 1].loss : "?", S_STEPS);
+    return ok;
+}
+
+/* 1. Two workers train; a third joins after step S_JOIN_AT: the generation goes on from the step
+ * the others had done, without a rewind or a repeated step. */
+static void s_join(const s_run_t *ref)
+{
+    static s_run_t r;
+    if (!s_until(&r, "join", 2, 0, S_JOIN_AT, 0))
+        return;
+    CHECK(s_add_worker(&r), "join: cannot start the joiner");
+    s_finish(&r, -1);
+    s_figures_t f;
+    s_check(&r, ref, &(s_expect_t){.max_repeats = 0, .first_after = S_JOIN_AT}, &f);
+    s_check_no_rewind(&r);
+    const train_util_worker_t *j = &r.w[r.n - 1];
+    long long kept = s_log_num(j->proc, "state of step ");
+    CHECK(kept >= S_JOIN_AT, "join: the joiner %s's log says state of step %lld kept, want a "
+          "step >= %d", j->id, kept, S_JOIN_AT);
+    CHECK(j->n == 0 || (long long)j->line[0].step == kept + 1, "join: the joiner's first step "
+          "is %" PRIu64 ", its generation kept the state of step %lld", j->n ? j->line[0].step : 0,
+          kept);
+    s_summary("scenario 1 (join)", &r, &f);
+    fprintf(stderr, "  the joiner took part from step %lld; %d steps ran while it started\n",
+            kept + 1, (int)(kept - (long long)r.event_step));
+}
+
+/* 2. Three workers; one gets SIGTERM after step S_JOIN_AT: it hands its state over and exits 0,
+ * the coordinator counts a leave, the others go on without a lost or repeated step. */
+static void s_leave(const s_run_t *ref)
+{
+    static s_run_t r;
+    if (!s_until(&r, "leave", S_WORKERS, 0, S_JOIN_AT, SIGTERM))
+        return;
+    train_util_worker_t *v = &r.w[r.victim];
+    int st = 0;
+    bool gone = proc_wait(v->proc, S_EXIT_MS, &st);
+    double left_ms = (s_unix_now() - r.event_time) * 1000;
+    CHECK(gone && proc_exit_code(st) == 0, "leave: %s %s after SIGTERM, want exit 0", v->id,
+          gone ? "exited with another code" : "still runs");
+    cJSON *status = test_status_query(r.pp.status_ep, 2000);
+    long long leaves = status ? test_status_counter(status, "leaves") : -1;
+    long long deaths = status ? test_status_counter(status, "deaths") : -1;
+    cJSON_Delete(status);
+    s_finish(&r, r.victim);
+    s_figures_t f;
+    s_check(&r, ref, &(s_expect_t){.max_repeats = 0, .victim_ends = true}, &f);
+    s_check_no_rewind(&r);
+    CHECK(train_util_output_has(v->proc, "handed over"), "leave: %s's log never says it handed "
+          "its state over", v->id);
+    char left[128], dead[128];
+    snprintf(left, sizeof left, "worker %s handed its state over and left", v->id);
+    snprintf(dead, sizeof dead, "worker %s: silent for", v->id);
+    bool said_left = train_util_output_has(r.coord, left);
+    CHECK(said_left, "leave: the coordinator's log lacks \"%s\"", left);
+    CHECK(!train_util_output_has(r.coord, dead), "leave: the coordinator declared %s dead",
+          v->id);
+    CHECK(leaves < 0 || (leaves == 1 && deaths == 0), "leave: the coordinator counts %lld leaves "
+          "and %lld deaths, want 1 and 0", leaves, deaths);
+    s_summary("scenario 2 (SIGTERM leave)", &r, &f);
+    fprintf(stderr, "  %s (rank %lld) exited %d %.0f ms after SIGTERM at its step %" PRIu64
+            "; the coordinator: \"%s\": %s, counters leaves %lld deaths %lld\n", v->id,
+            v->n ? v->line[0].rank : -1, gone ? proc_exit_code(st) : -1, left_ms,
+            v->n ? v->line[v->n - 1].step : 0, left, said_left ? "yes" : "no", leaves, deaths);
+}
+
+/* The survivors of a crash without replicas rewound to a checkpoint N (their logs say so, all
+ * the same N, the newest one the run could have written before the crash) and repeated the
+ * steps from N+1. Returns N (-1: none). */
+static long long s_check_rewind(const s_run_t *r)
+{
+    long long ckpt = -1;
+    for (int i = 0; i < r->n; i++) {
+        const train_util_worker_t *w = &r->w[i];
+        if (i == r->victim || w->n == 0)
+            continue;
+        long long n = s_log_num(w->proc, "rewinds to the checkpoint of step ");
+        CHECK(n > 0, "%s: %s's log never says it rewound to a checkpoint", r->name, w->id);
+        CHECK(ckpt < 0 || n == ckpt, "%s: %s rewound to step %lld, another survivor to %lld",
+              r->name, w->id, n, ckpt);
+        ckpt = n > 0 ? n : ckpt;
+        uint64_t top = 0;
+        int k = 0;
+        for (; k < w->n && w->line[k].step > top; k++)
+            top = w->line[k].step;
+        CHECK(n % S_CKPT == 0 && (uint64_t)n <= top && top - (uint64_t)n <= S_CKPT,
+              "%s: %s rewound to step %lld after it had logged step %" PRIu64 ": want the "
+              "newest multiple of %d it could have reached", r->name, w->id, n, top, S_CKPT);
+        CHECK(k < w->n && w->line[k].step == (uint64_t)n + 1, "%s: %s went on at step %" PRIu64
+              " after step %" PRIu64 ", want %lld (the step after the checkpoint)", r->name,
+              w->id, k < w->n ? w->line[k].step : 0, top, n + 1);
+    }
+    return ckpt;
+}
+
+/* 3. Three workers; kill -9 of one after step S_KILL_AT, no replicas: the survivors rewind to
+ * the checkpoint and reach the last step with the reference's weights. */
+static void s_crash(const s_run_t *ref)
+{
+    static s_run_t r;
+    if (!s_until(&r, "crash", S_WORKERS, 1, S_KILL_AT, SIGKILL))
+        return;
+    s_finish(&r, -1);
+    s_figures_t f;
+    s_check(&r, ref, &(s_expect_t){.max_repeats = -1, .victim_ends = true}, &f);
+    long long ckpt = s_check_rewind(&r);
+    s_summary("scenario 3 (kill -9, no replicas)", &r, &f);
+    fprintf(stderr, "  killed %s (rank %lld); the survivors rewound to the checkpoint of step "
+            "%lld\n", r.w[r.victim].id, r.w[r.victim].n ? r.w[r.victim].line[0].rank : -1,
+            ckpt);
+}
+
+/* 4. Three workers, elastic.min_replicas 2; kill -9 of one after step S_KILL_AT: every expert
+ * has a live replica, so the survivors go on without a rewind (the step in flight at most
+ * repeats). Skipped while the coordinator places no replicas. */
+static void s_replicas(const s_run_t *ref)
+{
+    static s_run_t r;
+    if (!s_until(&r, "replicas", S_WORKERS, 2, S_KILL_AT, 0))
+        return;
+    cJSON *st = test_status_query(r.pp.status_ep, 2000);
+    int expert = -1, holders = st ? s_min_holders(st, &expert) : -1;
+    cJSON_Delete(st);
+    if (holders < 2) {
+        fprintf(stderr, "scenario 4 (kill -9, min_replicas 2): SKIPPED: the coordinator does not "
+                "place replicas yet (status: expert %d lists %d workers, elastic.min_replicas "
+                "is 2); the run goes on without a kill\n", expert, holders);
+        s_finish(&r, -1);
+        s_figures_t f;
+        s_check(&r, ref, &(s_expect_t){.max_repeats = 0}, &f);
+        return;
+    }
+    s_hit(&r, SIGKILL);
+    s_finish(&r, -1);
+    s_figures_t f;
+    s_check(&r, ref, &(s_expect_t){.max_repeats = 1, .victim_ends = true}, &f);
+    s_check_no_rewind(&r);
+    CHECK(f.repeats <= 1, "replicas: %d steps repeated in all, want at most the one in flight",
+          f.repeats);
+    s_summary("scenario 4 (kill -9, min_replicas 2)", &r, &f);
+    fprintf(stderr, "  killed %s (rank %lld); every expert had at least %d holders\n",
+            r.w[r.victim].id, r.w[r.victim].n ? r.w[r.victim].line[0].rank : -1, holders);
+}
+
+/* 5. Three workers; one is SIGSTOPped after step S_JOIN_AT until the coordinator replaced it,
+ * then SIGCONTed: whatever it does then (a rejoin, or waiting for a coordinator), no line of
+ * the job has a wrong loss, the final weights are the reference's, and it exits 0 when the
+ * job is over (at the latest on SIGTERM once its coordinator is gone). */
+static void s_zombie(const s_run_t *ref)
+{
+    static s_run_t r;
+    if (!s_until(&r, "zombie", S_WORKERS, 0, S_JOIN_AT, SIGSTOP))
+        return;
+    train_util_worker_t *v = &r.w[r.victim];
+    cJSON *before = test_status_query(r.pp.status_ep, 2000);
+    s_replaced_t want = {.min_gen = before ? test_status_generation(before) : 0,
+                         .absent = v->id};
+    cJSON_Delete(before);
+    cJSON *st = test_status_wait(r.pp.status_ep, s_replaced, &want, S_GONE_MS, 20);
+    double replaced_ms = (s_unix_now() - r.event_time) * 1000;
+    CHECK(st != NULL, "zombie: the coordinator did not replace the stopped %s within %d s",
+          v->id, S_GONE_MS / 1000);
+    cJSON_Delete(st);
+    char *seen = proc_read_file(v->log, NULL);
+    int lines_before = 0;
+    for (const char *p = seen; p && (p = strchr(p, '\n')); p++)
+        lines_before++;
+    free(seen);
+    CHECK(proc_signal(v->proc, SIGCONT), "zombie: cannot continue %s", v->id);
+    int cst = 0;
+    bool coord_gone = proc_wait(r.coord, S_RUN_MS, &cst);
+    CHECK(coord_gone && proc_exit_code(cst) == 0, "zombie: the coordinator %s", coord_gone ?
+          "exited with another code than 0" : "still runs");
+    /* on its own once the job stops, when it had rejoined; else it waits for a coordinator */
+    int st_v = 0;
+    bool by_itself = proc_wait(v->proc, 3000, &st_v), gone = by_itself;
+    if (!gone && proc_signal(v->proc, SIGTERM))
+        gone = proc_wait(v->proc, S_EXIT_MS, &st_v);
+    CHECK(gone && proc_exit_code(st_v) == 0, "zombie: %s %s, want exit 0", v->id,
+          gone ? "exited with another code" : "still runs after SIGTERM");
+    s_finish(&r, r.victim);
+    s_figures_t f;
+    s_check(&r, ref, &(s_expect_t){.max_repeats = -1, .victim_ends = true,
+                                    .victim_jumps = true}, &f);
+    /* fenced: nothing it logged after SIGCONT belongs to the generation it was stopped in */
+    for (int k = lines_before; k < v->n; k++)
+        CHECK(v->line[k].generation > r.event_gen, "zombie: after SIGCONT %s logged step %"
+              PRIu64 " of generation %" PRIu64 ", the one it was replaced in", v->id,
+              v->line[k].step, v->line[k].generation);
+    int late = v->n - lines_before;
+    s_summary("scenario 5 (SIGSTOP, replaced, SIGCONT)", &r, &f);
+    fprintf(stderr, "  stopped %s (rank %lld) at step %" PRIu64 "; replaced %.0f ms later; after "
+            "SIGCONT it logged %d steps (all checked above) and exited %d %s\n", v->id,
+            v->n ? v->line[0].rank : -1, r.event_step, replaced_ms, late,
+            gone ? proc_exit_code(st_v) : -1, by_itself ? "when the job stopped" :
+            "on SIGTERM after its coordinator was gone");
+}
+
+/* --- the test ------------------------------------------------------------------------------- */
+
+int main(void)
+{
+    test_init("elastic");
+    proc_init("elastic");
+    s_seed = 1 + test_rand_below(1000000000);
+    fprintf(stderr, "  train.seed %" PRIu64 "\n", s_seed);
+    proc_tmp_path(s_corpus, sizeof s_corpus, "corpus.txt");
+    REQUIRE(train_util_write_corpus(s_corpus), "cannot write the corpus");
+    int64_t t0 = proc_now_ms();
+    static s_run_t ref;
+    REQUIRE(s_reference(&ref), "the uninterrupted run did not complete");
+    s_join(&ref);
+    s_leave(&ref);
+    s_crash(&ref);
+    s_replicas(&ref);
+    s_zombie(&ref);
+    fprintf(stderr, "  total %.1f s\n", (double)(proc_now_ms() - t0) / 1000.0);
+    return test_finish();
+}
