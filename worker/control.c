@@ -475,7 +475,10 @@ static void s_on_message(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
         self->pause_gen = msg->hdr.generation;
         log_info("pausing at the next step boundary");
         actor_send_str(actor_pipe(self->trainer), "PAUSE", 0);
-        s_ack_progress(self); /* already paused: ACK at once */
+        if (self->progress.phase == PROTO_PHASE_PAUSED) { /* already paused: say so at once */
+            s_ack_progress(self);
+            s_send_heartbeat(self);
+        }
         break;
     case PROTO_RESUME:
         self->paused = false;
@@ -551,13 +554,14 @@ static void s_on_trainer(s_ctl_t *self)
         uint32_t want = self->load ? self->num_layers * self->num_experts : 0;
         if (zmq_msg_size(&f[2]) == (size_t)want * sizeof(uint32_t) && want)
             memcpy(self->load, zmq_msg_data(&f[2]), zmq_msg_size(&f[2]));
+        /* ACKs first: the coordinator counts a member paused on a HEARTBEAT after its ACK */
+        s_ack_progress(self);
         int64_t now = clock_mono_ms();
         bool urgent = self->progress.phase == PROTO_PHASE_PAUSED; /* the coordinator waits */
         if (self->state == S_MEMBER && (urgent || now - self->last_hb_ms >= S_PROGRESS_HB_MS)) {
             s_send_heartbeat(self);
             self->next_hb_ms = now + self->heartbeat_ms;
         }
-        s_ack_progress(self);
         if (self->handing_over && self->progress.handed_over) {
             log_info("experts handed over");
             s_leave_done(self, self->leave_reason);
