@@ -14,6 +14,7 @@
 #include <zmq.h>
 
 #include "proto/msg.h"
+#include "tests/fake_worker.h"
 #include "tests/harness.h"
 #include "tests/proc.h"
 #include "tests/status_client.h"
@@ -25,16 +26,9 @@
 #define S_MAX_STEPS 8
 
 /* A worker as the coordinator sees it: JOIN, ACK every PLAN, HEARTBEATs with what the test
- * says; and the counts of what came back. */
+ * says; and the counts of what came back (in w). */
 typedef struct {
-    const char *id;
-    void *sock;
-    uint64_t run, gen, seq;
-    uint32_t rank;
-    int welcomes, plans, heartbeats, stops, errors; /* received */
-    uint64_t heartbeat_gen; /* generation of the last coordinator HEARTBEAT */
-    uint32_t stop_checkpoint;
-    char *job;              /* WELCOME's job spec */
+    fake_worker_t w;
     /* what it reported last */
     uint32_t load[S_TOTAL];
     bool has_load;
@@ -42,94 +36,33 @@ typedef struct {
     double tokens_per_s;
 } fake_t;
 
-static void *s_ctx;
 static proc_ports_t s_ports;
 static fake_t s_fakes[2];
 static uint32_t s_holder[S_TOTAL]; /* the rank holding expert e in the last PLAN */
 
 /* --- the fake workers ------------------------------------------------------------------- */
 
-static void s_send(fake_t *f, proto_msg_t *m)
-{
-    m->hdr.run_id = f->run;
-    m->hdr.generation = f->gen;
-    m->hdr.seq = ++f->seq;
-    CHECK(proto_send(f->sock, NULL, 0, m) == SEMOE_OK, "%s: send %s: %s", f->id,
-          proto_type_name(m->hdr.type), semoe_err_msg());
-}
-
 static bool s_open(fake_t *f, const char *id)
 {
     memset(f, 0, sizeof *f);
-    f->id = id;
-    f->sock = zmq_socket(s_ctx, ZMQ_DEALER);
-    if (!f->sock || proto_socket_setup(f->sock) != SEMOE_OK)
-        return false;
-    return zmq_connect(f->sock, s_ports.control_ep) == 0;
-}
-
-static void s_join(fake_t *f)
-{
-    proto_msg_t m = {.hdr.type = PROTO_JOIN};
-    snprintf(m.join.id, sizeof m.join.id, "%s", f->id);
-    snprintf(m.join.host, sizeof m.join.host, "127.0.0.1");
-    m.join.pid = (uint32_t)getpid();
-    snprintf(m.join.device_kind, sizeof m.join.device_kind, "cpu");
-    snprintf(m.join.device_name, sizeof m.join.device_name, "fake");
-    snprintf(m.join.data_endpoint, sizeof m.join.data_endpoint, "tcp://127.0.0.1:9");
-    s_send(f, &m);
+    return fake_worker_open(&f->w, s_ports.control_ep, id);
 }
 
 /* Takes one message if one comes within timeout_ms, and answers it as a worker would (a PLAN
  * with its ACK). A STOP is only counted: the test sends LEAVE when it is ready. */
 static void s_take(fake_t *f, int timeout_ms)
 {
-    zmq_pollitem_t it = {.socket = f->sock, .events = ZMQ_POLLIN};
-    if (zmq_poll(&it, 1, timeout_ms) <= 0)
-        return;
     zmq_msg_t msg;
-    zmq_msg_init(&msg);
     proto_msg_t m;
-    if (zmq_msg_recv(&msg, f->sock, ZMQ_DONTWAIT) < 0 ||
-        proto_decode(zmq_msg_data(&msg), zmq_msg_size(&msg), &m) != PROTO_OK) {
-        CHECK(false, "%s: a message that does not decode", f->id);
-        zmq_msg_close(&msg);
+    if (fake_worker_recv(&f->w, timeout_ms, &msg, &m) != FAKE_WORKER_MSG)
         return;
-    }
-    switch (m.hdr.type) {
-    case PROTO_WELCOME:
-        f->welcomes++;
-        f->run = m.hdr.run_id;
-        free(f->job);
-        f->job = strndup((const char *)m.welcome.job.data, m.welcome.job.size);
-        break;
-    case PROTO_PLAN: {
-        f->plans++;
-        f->gen = m.hdr.generation;
-        f->rank = m.plan.rank;
+    fake_worker_count(&f->w, &m);
+    if (m.hdr.type == PROTO_PLAN) {
         CHECK(m.plan.holder_offsets.count == S_TOTAL + 1, "PLAN for %u experts",
               m.plan.holder_offsets.count - 1);
         for (uint32_t e = 0; e < S_TOTAL && e + 1 < m.plan.holder_offsets.count; e++)
             s_holder[e] = proto_u32_at(m.plan.holders, proto_u32_at(m.plan.holder_offsets, e));
-        proto_msg_t ack = {.hdr.type = PROTO_ACK};
-        ack.ack.acked_type = PROTO_PLAN;
-        s_send(f, &ack);
-        break;
-    }
-    case PROTO_HEARTBEAT:
-        f->heartbeats++;
-        f->heartbeat_gen = m.hdr.generation;
-        break;
-    case PROTO_STOP:
-        f->stops++;
-        f->stop_checkpoint = m.stop.checkpoint;
-        break;
-    case PROTO_ERROR:
-        f->errors++;
-        fprintf(stderr, "  %s: ERROR %u: %s\n", f->id, m.error.code, m.error.text);
-        break;
-    default:
-        break;
+        fake_worker_ack(&f->w, PROTO_PLAN);
     }
     zmq_msg_close(&msg);
 }
@@ -141,7 +74,7 @@ static bool s_wait_count(const int *count, int at_least)
         if (proc_now_ms() > end)
             return false;
         for (int i = 0; i < 2; i++)
-            if (s_fakes[i].sock)
+            if (s_fakes[i].w.sock)
                 s_take(&s_fakes[i], 5);
     }
     return true;
@@ -155,17 +88,11 @@ static void s_heartbeat(fake_t *f, uint64_t step, double loss, double eval_loss,
 {
     for (int e = 0; e < S_TOTAL && !again; e++)
         f->load[e] = (uint32_t)test_rand_below(1000);
-    proto_msg_t m = {.hdr.type = PROTO_HEARTBEAT};
-    m.heartbeat.step = step;
-    m.heartbeat.step_time_us = 1000 + test_rand_below(1000);
-    m.heartbeat.load = PROTO_U32S(f->load, S_TOTAL);
-    m.heartbeat.loss = loss;
-    m.heartbeat.eval_loss = eval_loss;
-    m.heartbeat.eval_step = eval_step;
-    m.heartbeat.tokens_per_s = tokens_per_s;
-    m.heartbeat.phase = phase;
-    s_send(f, &m);
-    f->has_load = f->gen > 0;
+    fake_worker_heartbeat(&f->w, &(proto_heartbeat_t){
+        .step = step, .step_time_us = 1000 + test_rand_below(1000),
+        .load = PROTO_U32S(f->load, S_TOTAL), .loss = loss, .eval_loss = eval_loss,
+        .eval_step = eval_step, .tokens_per_s = tokens_per_s, .phase = phase});
+    f->has_load = f->w.gen > 0;
     f->phase = phase;
     f->tokens_per_s = tokens_per_s;
 }
@@ -264,7 +191,7 @@ static bool s_state_is(const cJSON *st, void *arg, char *why, size_t n)
 static void s_expected_load(uint32_t load[S_TOTAL])
 {
     for (int e = 0; e < S_TOTAL; e++) {
-        const fake_t *h = s_fakes[0].rank == s_holder[e] ? &s_fakes[0] : &s_fakes[1];
+        const fake_t *h = s_fakes[0].w.rank == s_holder[e] ? &s_fakes[0] : &s_fakes[1];
         load[e] = h->has_load ? h->load[e] : 0;
     }
 }
@@ -355,13 +282,13 @@ static void s_check_status(uint64_t steps, uint64_t s, double loss, const double
     double tps = 0;
     for (int i = 0; i < 2; i++) {
         const fake_t *f = &s_fakes[i];
-        const cJSON *w = test_status_worker(st, f->id);
+        const cJSON *w = test_status_worker(st, f->w.id);
         const char *wphase = test_status_str(w, "phase");
         CHECK(s_is(wphase, proto_phase_name(f->phase)), "%s: phase %s, want %s",
-              f->id, wphase ? wphase : "?", proto_phase_name(f->phase));
+              f->w.id, wphase ? wphase : "?", proto_phase_name(f->phase));
         CHECK(s_near(s_num(w, "tokens_per_s"), f->tokens_per_s, 0.0006),
-              "%s: tokens_per_s %g, want %g", f->id, s_num(w, "tokens_per_s"), f->tokens_per_s);
-        CHECK(s_rel_near(s_num(w, "loss"), loss), "%s: loss %g, want %g", f->id,
+              "%s: tokens_per_s %g, want %g", f->w.id, s_num(w, "tokens_per_s"), f->tokens_per_s);
+        CHECK(s_rel_near(s_num(w, "loss"), loss), "%s: loss %g, want %g", f->w.id,
               s_num(w, "loss"), loss);
         if (f->phase == PROTO_PHASE_TRAINING)
             tps += f->tokens_per_s;
@@ -392,8 +319,6 @@ int main(void)
     test_init("progress");
     proc_init("progress");
     REQUIRE(proc_ports_pick(&s_ports), "no free ports");
-    s_ctx = zmq_ctx_new();
-    REQUIRE(s_ctx, "zmq_ctx_new");
 
     /* A data file named by a relative path; the job with expected_workers 2. */
     char data[PATH_MAX], rel[2 * PATH_MAX], job[PATH_MAX], text[3 * PATH_MAX], log[PATH_MAX];
@@ -405,10 +330,7 @@ int main(void)
     uint64_t eval_at = 2 + test_rand_below(steps - 2);  /* 2 .. steps-1 */
     uint64_t fail_at = 1 + test_rand_below(steps - 1);  /* 1 .. steps-1 */
     snprintf(text, sizeof text,
-             "{\"model\": {\"vocab_size\": 256, \"hidden_size\": 64, \"intermediate_size\": 128,"
-             " \"num_hidden_layers\": %d, \"num_attention_heads\": 4, \"num_key_value_heads\": 2,"
-             " \"num_local_experts\": %d, \"num_experts_per_tok\": 2,"
-             " \"max_position_embeddings\": 256},"
+             "{" FAKE_WORKER_MODEL_JSON ","
              " \"train\": {\"seq_len\": 64, \"global_batch\": 32, \"micro_batch\": 4,"
              " \"steps\": %llu},"
              " \"data\": {\"paths\": [\"%s\"]},"
@@ -440,9 +362,9 @@ int main(void)
 
     /* (i) One worker: WELCOME (data paths absolute), heartbeats, and no PLAN. */
     REQUIRE(s_open(&s_fakes[0], "fake-a"), "fake-a: socket");
-    s_join(&s_fakes[0]);
-    REQUIRE(s_wait_count(&s_fakes[0].welcomes, 1), "fake-a: no WELCOME");
-    cJSON *spec = cJSON_Parse(s_fakes[0].job ? s_fakes[0].job : "");
+    fake_worker_join(&s_fakes[0].w);
+    REQUIRE(s_wait_count(&s_fakes[0].w.welcomes, 1), "fake-a: no WELCOME");
+    cJSON *spec = cJSON_Parse(s_fakes[0].w.job ? s_fakes[0].w.job : "");
     const cJSON *paths = cJSON_GetObjectItemCaseSensitive(
         cJSON_GetObjectItemCaseSensitive(spec, "data"), "paths");
     const cJSON *p0 = cJSON_IsArray(paths) ? cJSON_GetArrayItem(paths, 0) : paths;
@@ -451,10 +373,10 @@ int main(void)
           cJSON_IsString(p0) ? p0->valuestring : "?", data_abs, rel);
     cJSON_Delete(spec);
     /* Two of the coordinator's heartbeats span an interval, many times the plan's deferral. */
-    REQUIRE(s_wait_count(&s_fakes[0].heartbeats, 2), "fake-a: no heartbeats");
-    CHECK(s_fakes[0].plans == 0 && s_fakes[0].heartbeat_gen == 0,
+    REQUIRE(s_wait_count(&s_fakes[0].w.heartbeats, 2), "fake-a: no heartbeats");
+    CHECK(s_fakes[0].w.plans == 0 && s_fakes[0].w.heartbeat_gen == 0,
           "a PLAN (generation %llu) before cluster.expected_workers joined",
-          (unsigned long long)s_fakes[0].heartbeat_gen);
+          (unsigned long long)s_fakes[0].w.heartbeat_gen);
     st = test_status_query(s_ports.status_ep, 3000);
     CHECK(st && s_is(test_status_state(st), "waiting") && test_status_generation(st) == 0 &&
               test_status_worker_count(st) == 1 && s_is(test_status_str(st, "phase"), "waiting"),
@@ -464,12 +386,13 @@ int main(void)
 
     /* The second joins: both get the first PLAN. */
     REQUIRE(s_open(&s_fakes[1], "fake-b"), "fake-b: socket");
-    s_join(&s_fakes[1]);
-    REQUIRE(s_wait_count(&s_fakes[0].plans, 1) && s_wait_count(&s_fakes[1].plans, 1),
+    fake_worker_join(&s_fakes[1].w);
+    REQUIRE(s_wait_count(&s_fakes[0].w.plans, 1) && s_wait_count(&s_fakes[1].w.plans, 1),
             "no PLAN after the second worker joined");
-    CHECK(s_fakes[0].gen == 1 && s_fakes[1].gen == 1 && s_fakes[0].rank != s_fakes[1].rank,
-          "PLANs: generations %llu, %llu, ranks %u, %u", (unsigned long long)s_fakes[0].gen,
-          (unsigned long long)s_fakes[1].gen, s_fakes[0].rank, s_fakes[1].rank);
+    CHECK(s_fakes[0].w.gen == 1 && s_fakes[1].w.gen == 1 &&
+              s_fakes[0].w.rank != s_fakes[1].w.rank,
+          "PLANs: generations %llu, %llu, ranks %u, %u", (unsigned long long)s_fakes[0].w.gen,
+          (unsigned long long)s_fakes[1].w.gen, s_fakes[0].w.rank, s_fakes[1].w.rank);
     st = test_status_wait(s_ports.status_ep, s_state_is, "running", S_WAIT_MS, 10);
     REQUIRE(st, "the job did not run with 2 workers");
     cJSON_Delete(st);
@@ -500,7 +423,7 @@ int main(void)
         s_heartbeat(b, s, loss, ev, ev_step, 500 + 1000 * test_rand_unit(), phase, false);
         if (phase == PROTO_PHASE_FAILED) /* twice: logged once */
             s_heartbeat(b, s, loss, ev, ev_step, b->tokens_per_s, phase, true);
-        s_worker_want_t ww = {b->id, (long long)s, proto_phase_name(phase)};
+        s_worker_want_t ww = {b->w.id, (long long)s, proto_phase_name(phase)};
         st = test_status_wait(s_ports.status_ep, s_worker_at, &ww, S_WAIT_MS, 10);
         REQUIRE(st, "fake-b's step %llu does not show", (unsigned long long)s);
         cJSON_Delete(st);
@@ -530,9 +453,9 @@ int main(void)
     cJSON_Delete(st);
 
     s_heartbeat(b, steps, loss, eval, eval_at, 0, PROTO_PHASE_FINISHED, false);
-    REQUIRE(s_wait_count(&a->stops, 1) && s_wait_count(&b->stops, 1),
+    REQUIRE(s_wait_count(&a->w.stops, 1) && s_wait_count(&b->w.stops, 1),
             "no STOP after both workers finished");
-    CHECK(a->stop_checkpoint == 0 && b->stop_checkpoint == 0, "STOP asks for a checkpoint");
+    CHECK(a->w.stop_checkpoint == 0 && b->w.stop_checkpoint == 0, "STOP asks for a checkpoint");
     st = test_status_query(s_ports.status_ep, 3000);
     CHECK(st && s_is(test_status_state(st), "stopping") &&
               s_is(test_status_str(st, "phase"), "finished"),
@@ -546,18 +469,16 @@ int main(void)
     for (int i = 0; i < 2; i++) {
         proto_msg_t leave = {.hdr.type = PROTO_LEAVE};
         snprintf(leave.leave.reason, sizeof leave.leave.reason, "stopped");
-        s_send(&s_fakes[i], &leave);
+        fake_worker_send(&s_fakes[i].w, &leave);
     }
     int status;
     CHECK(proc_wait(coord, S_WAIT_MS, &status) && proc_exit_code(status) == 0,
           "the coordinator did not exit 0 once the workers left");
-    CHECK(a->errors == 0 && b->errors == 0, "ERRORs: %d, %d", a->errors, b->errors);
+    CHECK(a->w.errors == 0 && b->w.errors == 0, "ERRORs: %d, %d", a->w.errors, b->w.errors);
 
-    for (int i = 0; i < 2; i++) {
-        free(s_fakes[i].job);
-        zmq_close(s_fakes[i].sock);
-    }
-    zmq_ctx_term(s_ctx);
+    for (int i = 0; i < 2; i++)
+        fake_worker_close(&s_fakes[i].w);
+    fake_worker_term();
     free(data_abs);
     return test_finish();
 }

@@ -18,6 +18,7 @@
 
 #include "coordinator/balance.h"
 #include "proto/msg.h"
+#include "tests/fake_worker.h"
 #include "tests/harness.h"
 #include "tests/proc.h"
 #include "tests/status_client.h"
@@ -37,17 +38,14 @@
  * (unless the test holds it), on PAUSE an ACK and a HEARTBEAT with phase PAUSED, on RESUME
  * phase training; a HEARTBEAT every S_HEARTBEAT_MS while alive. */
 typedef struct {
-    const char *id;
-    void *sock;
+    fake_worker_t w;      /* its socket, and the counts of what it received */
     bool alive;           /* heartbeats and answers; false: silent, as a hung host */
     bool hold;            /* leaves PAUSE and PLAN to the test */
-    uint64_t run, gen, seq;
     int64_t next_beat_ms;
     /* received */
-    int welcomes, plans, pauses, resumes, heartbeats, errors;
     bool pause_held, plan_held;
-    uint64_t plan_gen, plan_step, resume_gen, resume_step;
-    uint32_t rank, world, n_donors;
+    uint64_t plan_gen, plan_step;
+    uint32_t world, n_donors;
     char peers[S_FAKES][PROTO_MAX_NAME + 1];
     char donors[S_FAKES][PROTO_MAX_NAME + 1];
     uint32_t off[S_TOTAL + 1];
@@ -58,21 +56,11 @@ typedef struct {
     uint32_t load[S_TOTAL];
 } fake_t;
 
-static void *s_ctx;
 static proc_ports_t s_ports;
 static fake_t s_fakes[S_FAKES];
 static double s_total[S_TOTAL]; /* tokens per expert per step the fakes report, all copies */
 
 /* --- the fake workers ------------------------------------------------------------------- */
-
-static void s_send(fake_t *f, proto_msg_t *m)
-{
-    m->hdr.run_id = f->run;
-    m->hdr.generation = f->gen;
-    m->hdr.seq = ++f->seq;
-    CHECK(proto_send(f->sock, NULL, 0, m) == SEMOE_OK, "%s: send %s: %s", f->id,
-          proto_type_name(m->hdr.type), semoe_err_msg());
-}
 
 /* Its load: each copy it holds takes an even share of its expert's tokens. */
 static void s_fill_load(fake_t *f)
@@ -81,7 +69,7 @@ static void s_fill_load(fake_t *f)
         f->load[e] = 0;
         uint32_t copies = f->off[e + 1] - f->off[e];
         for (uint32_t i = f->off[e]; f->plan_gen && i < f->off[e + 1]; i++)
-            if (f->holders[i] == f->rank)
+            if (f->holders[i] == f->w.rank)
                 f->load[e] = (uint32_t)llround(s_total[e] / copies);
     }
 }
@@ -89,30 +77,18 @@ static void s_fill_load(fake_t *f)
 static void s_heartbeat(fake_t *f)
 {
     s_fill_load(f);
-    proto_msg_t m = {.hdr.type = PROTO_HEARTBEAT};
-    m.heartbeat.step = f->step;
-    m.heartbeat.step_time_us = f->step_time_us;
-    m.heartbeat.load = PROTO_U32S(f->load, S_TOTAL);
-    m.heartbeat.loss = f->step ? 3.0 : NAN;
-    m.heartbeat.eval_loss = NAN;
-    m.heartbeat.tokens_per_s = f->phase == PROTO_PHASE_TRAINING ? 1000 : 0;
-    m.heartbeat.phase = f->phase;
-    s_send(f, &m);
+    fake_worker_heartbeat(&f->w, &(proto_heartbeat_t){
+        .step = f->step, .step_time_us = f->step_time_us, .load = PROTO_U32S(f->load, S_TOTAL),
+        .loss = f->step ? 3.0 : NAN, .eval_loss = NAN,
+        .tokens_per_s = f->phase == PROTO_PHASE_TRAINING ? 1000 : 0, .phase = f->phase});
     f->next_beat_ms = proc_now_ms() + S_HEARTBEAT_MS;
-}
-
-static void s_ack(fake_t *f, uint32_t type)
-{
-    proto_msg_t m = {.hdr.type = PROTO_ACK};
-    m.ack.acked_type = type;
-    s_send(f, &m);
 }
 
 /* Answers a PAUSE: ACK, then PAUSED at its step. */
 static void s_answer_pause(fake_t *f)
 {
     f->pause_held = false;
-    s_ack(f, PROTO_PAUSE);
+    fake_worker_ack(&f->w, PROTO_PAUSE);
     f->phase = PROTO_PHASE_PAUSED;
     s_heartbeat(f);
 }
@@ -120,43 +96,30 @@ static void s_answer_pause(fake_t *f)
 static void s_answer_plan(fake_t *f)
 {
     f->plan_held = false;
-    s_ack(f, PROTO_PLAN);
+    fake_worker_ack(&f->w, PROTO_PLAN);
 }
 
 static bool s_open(fake_t *f, const char *id)
 {
     memset(f, 0, sizeof *f);
-    f->id = id;
+    if (!fake_worker_open(&f->w, s_ports.control_ep, id))
+        return false;
     f->alive = true;
     f->step_time_us = 1000;
-    f->rank = PROTO_NO_RANK;
-    f->sock = zmq_socket(s_ctx, ZMQ_DEALER);
-    if (!f->sock || proto_socket_setup(f->sock) != SEMOE_OK)
-        return false;
-    if (zmq_connect(f->sock, s_ports.control_ep) != 0)
-        return false;
-    proto_msg_t m = {.hdr.type = PROTO_JOIN};
-    snprintf(m.join.id, sizeof m.join.id, "%s", f->id);
-    snprintf(m.join.host, sizeof m.join.host, "127.0.0.1");
-    m.join.pid = (uint32_t)getpid();
-    snprintf(m.join.device_kind, sizeof m.join.device_kind, "cpu");
-    snprintf(m.join.device_name, sizeof m.join.device_name, "fake");
-    snprintf(m.join.data_endpoint, sizeof m.join.data_endpoint, "tcp://127.0.0.1:9");
-    s_send(f, &m);
+    f->w.rank = PROTO_NO_RANK;
+    fake_worker_join(&f->w);
     return true;
 }
 
 static void s_on_plan(fake_t *f, const proto_msg_t *m)
 {
     const proto_plan_t *p = &m->plan;
-    f->plans++;
-    f->gen = f->plan_gen = m->hdr.generation;
+    f->plan_gen = m->hdr.generation; // plans, gen and rank: fake_worker_count
     f->plan_step = p->step;
-    f->rank = p->rank;
     f->world = p->world;
     CHECK(p->holder_offsets.count == S_TOTAL + 1 && p->holders.count <= S_MAX_HOLDERS &&
               p->world <= S_FAKES && p->donors.count <= S_FAKES,
-          "%s: a PLAN for %u experts, %u holders, world %u, %u donors", f->id,
+          "%s: a PLAN for %u experts, %u holders, world %u, %u donors", f->w.id,
           p->holder_offsets.count - 1, p->holders.count, p->world, p->donors.count);
     if (p->holder_offsets.count != S_TOTAL + 1 || p->holders.count > S_MAX_HOLDERS ||
         p->world > S_FAKES || p->donors.count > S_FAKES)
@@ -185,32 +148,23 @@ static void s_take(fake_t *f)
 {
     for (;;) {
         zmq_msg_t msg;
-        zmq_msg_init(&msg);
-        if (zmq_msg_recv(&msg, f->sock, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close(&msg);
-            return;
-        }
         proto_msg_t m;
-        if (proto_decode(zmq_msg_data(&msg), zmq_msg_size(&msg), &m) != PROTO_OK) {
-            CHECK(false, "%s: a message that does not decode", f->id);
-            zmq_msg_close(&msg);
+        fake_worker_recv_t got = fake_worker_recv(&f->w, 0, &msg, &m);
+        if (got == FAKE_WORKER_NONE)
+            return;
+        if (got == FAKE_WORKER_MALFORMED)
             continue;
-        }
         if (!f->alive) { // a hung host reads nothing
             zmq_msg_close(&msg);
             continue;
         }
+        fake_worker_count(&f->w, &m);
         switch (m.hdr.type) {
-        case PROTO_WELCOME:
-            f->welcomes++;
-            f->run = m.hdr.run_id;
-            break;
         case PROTO_PLAN:
             s_on_plan(f, &m);
             break;
         case PROTO_PAUSE:
-            f->pauses++;
-            CHECK(m.pause.step == 0, "%s: PAUSE(step %llu), want 0 (next boundary)", f->id,
+            CHECK(m.pause.step == 0, "%s: PAUSE(step %llu), want 0 (next boundary)", f->w.id,
                   (unsigned long long)m.pause.step);
             if (f->hold)
                 f->pause_held = true;
@@ -218,18 +172,8 @@ static void s_take(fake_t *f)
                 s_answer_pause(f);
             break;
         case PROTO_RESUME:
-            f->resumes++;
-            f->resume_gen = m.hdr.generation;
-            f->resume_step = m.resume.step;
             if (f->phase == PROTO_PHASE_PAUSED)
                 f->phase = PROTO_PHASE_TRAINING;
-            break;
-        case PROTO_HEARTBEAT:
-            f->heartbeats++;
-            break;
-        case PROTO_ERROR:
-            f->errors++;
-            fprintf(stderr, "  %s: ERROR %u: %s\n", f->id, m.error.code, m.error.text);
             break;
         default:
             break;
@@ -244,15 +188,15 @@ static void s_pump(void)
     zmq_pollitem_t items[S_FAKES];
     int n = 0;
     for (int i = 0; i < S_FAKES; i++)
-        if (s_fakes[i].sock)
-            items[n++] = (zmq_pollitem_t){.socket = s_fakes[i].sock, .events = ZMQ_POLLIN};
+        if (s_fakes[i].w.sock)
+            items[n++] = (zmq_pollitem_t){.socket = s_fakes[i].w.sock, .events = ZMQ_POLLIN};
     zmq_poll(items, n, 5);
     for (int i = 0; i < S_FAKES; i++) {
         fake_t *f = &s_fakes[i];
-        if (!f->sock)
+        if (!f->w.sock)
             continue;
         s_take(f);
-        if (f->alive && f->welcomes && proc_now_ms() >= f->next_beat_ms)
+        if (f->alive && f->w.welcomes && proc_now_ms() >= f->next_beat_ms)
             s_heartbeat(f);
     }
 }
@@ -357,7 +301,7 @@ static bool s_all_resumed(void *arg)
 {
     s_want_t *w = arg;
     for (fake_t **f = w->fs; *f; f++)
-        if ((*f)->resumes == 0 || (*f)->resume_gen < w->gen)
+        if ((*f)->w.resumes == 0 || (*f)->w.resume_gen < w->gen)
             return false;
     return true;
 }
@@ -391,10 +335,7 @@ static bool s_job(char *path, size_t n)
 {
     char text[2048];
     snprintf(text, sizeof text,
-             "{\"model\": {\"vocab_size\": 256, \"hidden_size\": 64, \"intermediate_size\": 128,"
-             " \"num_hidden_layers\": %d, \"num_attention_heads\": 4, \"num_key_value_heads\": 2,"
-             " \"num_local_experts\": %d, \"num_experts_per_tok\": 2,"
-             " \"max_position_embeddings\": 256},"
+             "{" FAKE_WORKER_MODEL_JSON ","
              " \"train\": {\"seq_len\": 64, \"global_batch\": 32, \"micro_batch\": 4,"
              " \"steps\": 1000},"
              " \"cluster\": {\"heartbeat_ms\": %d, \"liveness\": %d, \"expected_workers\": 2},"
@@ -409,8 +350,6 @@ int main(void)
     test_init("reconfig");
     proc_init("reconfig");
     REQUIRE(proc_ports_pick(&s_ports), "no free ports");
-    s_ctx = zmq_ctx_new();
-    REQUIRE(s_ctx, "zmq_ctx_new");
     char job[4096];
     REQUIRE(s_job(job, sizeof job), "write the job");
     proc_t *coord = proc_start_coordinator("coordinator", job, &s_ports, NULL);
@@ -429,12 +368,12 @@ int main(void)
     fake_t *ab[] = {a, b, NULL};
     s_want_t want = {ab, 1};
     REQUIRE(s_wait(s_all_resumed, &want), "(a) no RESUME after the first PLAN: %d, %d",
-            a->resumes, b->resumes);
-    CHECK(a->plans == 1 && b->plans == 1 && a->plan_gen == 1 && a->resume_step == 0 &&
-              b->resume_step == 0 && a->pauses == 0 && b->pauses == 0,
-          "(a) %d and %d PLANs, generation %llu, RESUME at %llu and %llu, %d PAUSEs", a->plans,
-          b->plans, (unsigned long long)a->plan_gen, (unsigned long long)a->resume_step,
-          (unsigned long long)b->resume_step, a->pauses + b->pauses);
+            a->w.resumes, b->w.resumes);
+    CHECK(a->w.plans == 1 && b->w.plans == 1 && a->plan_gen == 1 && a->w.resume_step == 0 &&
+              b->w.resume_step == 0 && a->w.pauses == 0 && b->w.pauses == 0,
+          "(a) %d and %d PLANs, generation %llu, RESUME at %llu and %llu, %d PAUSEs", a->w.plans,
+          b->w.plans, (unsigned long long)a->plan_gen, (unsigned long long)a->w.resume_step,
+          (unsigned long long)b->w.resume_step, a->w.pauses + b->w.pauses);
     CHECK(s_reconfig_is("running"), "(a) not running after RESUME");
     fprintf(stderr, "  (a) generation 1 resumed at step 0\n");
 
@@ -446,36 +385,36 @@ int main(void)
     a->hold = b->hold = true;
     c->hold = true;
     REQUIRE(s_open(c, "w-c"), "socket");
-    REQUIRE(s_wait_count(&a->pauses, 1) && s_wait_count(&b->pauses, 1), "(b) no PAUSE after a "
+    REQUIRE(s_wait_count(&a->w.pauses, 1) && s_wait_count(&b->w.pauses, 1), "(b) no PAUSE after a "
             "JOIN during training");
     CHECK(s_reconfig_is("pausing"), "(b) status does not say pausing");
-    CHECK(c->pauses == 0 && c->plans == 0, "(b) the joiner got %d PAUSEs, %d PLANs before the "
-          "others paused", c->pauses, c->plans);
+    CHECK(c->w.pauses == 0 && c->w.plans == 0, "(b) the joiner got %d PAUSEs, %d PLANs before the "
+          "others paused", c->w.pauses, c->w.plans);
     s_answer_pause(a);
     s_answer_pause(b);
     fake_t *abc[] = {a, b, c, NULL};
     want = (s_want_t){abc, 2};
     REQUIRE(s_wait(s_all_planned, &want), "(b) no PLAN of generation 2 after both paused");
     CHECK(a->plan_step == S && b->plan_step == S && c->plan_step == S && a->world == 3 &&
-              c->rank != PROTO_NO_RANK && a->n_donors == 0,
+              c->w.rank != PROTO_NO_RANK && a->n_donors == 0,
           "(b) PLAN at steps %llu %llu %llu (want %llu), world %u, %u donors",
           (unsigned long long)a->plan_step, (unsigned long long)b->plan_step,
           (unsigned long long)c->plan_step, (unsigned long long)S, a->world, a->n_donors);
     CHECK(s_reconfig_is("syncing"), "(b) status does not say syncing");
     /* Nothing more goes out while they migrate, past the coordinator's ack wait. */
-    int beats = a->heartbeats;
-    REQUIRE(s_wait_count(&a->heartbeats, beats + S_ACK_WAIT_BEATS), "(b) no heartbeats");
-    CHECK(a->plans == 2 && b->plans == 2 && c->plans == 1 && a->resumes == 1,
-          "(b) while migrating: PLANs %d %d %d, RESUMEs %d", a->plans, b->plans, c->plans,
-          a->resumes);
+    int beats = a->w.heartbeats;
+    REQUIRE(s_wait_count(&a->w.heartbeats, beats + S_ACK_WAIT_BEATS), "(b) no heartbeats");
+    CHECK(a->w.plans == 2 && b->w.plans == 2 && c->w.plans == 1 && a->w.resumes == 1,
+          "(b) while migrating: PLANs %d %d %d, RESUMEs %d", a->w.plans, b->w.plans, c->w.plans,
+          a->w.resumes);
     a->hold = b->hold = c->hold = false;
     s_answer_plan(a);
     s_answer_plan(b);
     s_answer_plan(c);
     REQUIRE(s_wait(s_all_resumed, &want), "(b) no RESUME after all acked generation 2");
-    CHECK(a->resume_step == S && b->resume_step == S && c->resume_step == S,
-          "(b) RESUME at %llu, %llu, %llu; want %llu", (unsigned long long)a->resume_step,
-          (unsigned long long)b->resume_step, (unsigned long long)c->resume_step,
+    CHECK(a->w.resume_step == S && b->w.resume_step == S && c->w.resume_step == S,
+          "(b) RESUME at %llu, %llu, %llu; want %llu", (unsigned long long)a->w.resume_step,
+          (unsigned long long)b->w.resume_step, (unsigned long long)c->w.resume_step,
           (unsigned long long)S);
     s_check_history(2, S, "join w-c");
     CHECK(s_reconfig_is("running"), "(b) not running after RESUME");
@@ -490,20 +429,20 @@ int main(void)
     proto_msg_t leave = {.hdr.type = PROTO_LEAVE};
     snprintf(leave.leave.reason, sizeof leave.leave.reason, "SIGTERM");
     leave.leave.handover = 1;
-    s_send(c, &leave);
+    fake_worker_send(&c->w, &leave);
     want = (s_want_t){abc, 3};
     REQUIRE(s_wait(s_all_planned, &want), "(c) no PLAN after a LEAVE with handover");
-    CHECK(a->pauses == 2 && c->pauses == 1, "(c) PAUSEs: %d, %d", a->pauses, c->pauses);
-    CHECK(c->rank == PROTO_NO_RANK && c->n_donors == 1 && strcmp(c->donors[0], "w-c") == 0 &&
+    CHECK(a->w.pauses == 2 && c->w.pauses == 1, "(c) PAUSEs: %d, %d", a->w.pauses, c->w.pauses);
+    CHECK(c->w.rank == PROTO_NO_RANK && c->n_donors == 1 && strcmp(c->donors[0], "w-c") == 0 &&
               a->n_donors == 1 && a->world == 2 && a->plan_step == S2 &&
               s_peers_are(a, (const char *const[]){"w-a", "w-b", NULL}),
-          "(c) donor PLAN: rank %u, %u donors (%s), world %u at step %llu (want %llu)", c->rank,
+          "(c) donor PLAN: rank %u, %u donors (%s), world %u at step %llu (want %llu)", c->w.rank,
           c->n_donors, c->n_donors ? c->donors[0] : "-", a->world,
           (unsigned long long)a->plan_step, (unsigned long long)S2);
     want = (s_want_t){ab, 3};
     REQUIRE(s_wait(s_all_resumed, &want), "(c) no RESUME after the handover PLAN");
-    CHECK(a->resume_step == S2 && c->resumes == 1, "(c) RESUME at %llu; the donor got %d",
-          (unsigned long long)a->resume_step, c->resumes);
+    CHECK(a->w.resume_step == S2 && c->w.resumes == 1, "(c) RESUME at %llu; the donor got %d",
+          (unsigned long long)a->w.resume_step, c->w.resumes);
     st = s_status();
     const cJSON *cw = test_status_worker(st, "w-c");
     CHECK(cw && s_is(test_status_worker_state(cw), "leaving") &&
@@ -513,7 +452,7 @@ int main(void)
     cJSON_Delete(st);
     leave.leave.handover = 0;
     snprintf(leave.leave.reason, sizeof leave.leave.reason, "handed over");
-    s_send(c, &leave);
+    fake_worker_send(&c->w, &leave);
     for (int64_t end = proc_now_ms() + S_WAIT_MS; proc_now_ms() < end; s_pump()) {
         st = s_status();
         bool gone = st && !test_status_worker(st, "w-c");
@@ -529,8 +468,7 @@ int main(void)
         cJSON_Delete(st);
         CHECK(proc_now_ms() < end - 50, "(c) the donor is still a member");
     }
-    zmq_close(c->sock);
-    c->sock = NULL;
+    fake_worker_close(&c->w);
     s_check_history(3, S2, "leave w-c");
     fprintf(stderr, "  (c) w-c handed over at %llu and left\n", (unsigned long long)S2);
 
@@ -559,7 +497,7 @@ int main(void)
     uint64_t S3 = S2;
     for (int k = 0; k < 3; k++)
         s_step(ab, ++S3);
-    REQUIRE(s_wait_count(&a->pauses, 3) && s_wait_count(&b->pauses, 3),
+    REQUIRE(s_wait_count(&a->w.pauses, 3) && s_wait_count(&b->w.pauses, 3),
             "(d) no PAUSE after 3 steps at imbalance %.2f > 1.3", before);
     want = (s_want_t){ab, 4};
     REQUIRE(s_wait(s_all_planned, &want), "(d) no PLAN after the skew PAUSE");
@@ -591,15 +529,15 @@ int main(void)
     s_step(ab, S3);
     b->alive = false;
     REQUIRE(s_open(d, "w-d"), "socket");
-    REQUIRE(s_wait_count(&a->pauses, 4), "(e) no PAUSE after the JOIN");
+    REQUIRE(s_wait_count(&a->w.pauses, 4), "(e) no PAUSE after the JOIN");
     fake_t *ad[] = {a, d, NULL};
     want = (s_want_t){ad, 5};
     REQUIRE(s_wait(s_all_resumed, &want), "(e) w-a and w-d never resumed after w-b died");
     CHECK(s_peers_are(a, (const char *const[]){"w-a", "w-d", NULL}) && a->plan_step == S3 &&
-              a->resume_step == S3,
+              a->w.resume_step == S3,
           "(e) PLAN of world %u at %llu (want w-a, w-d at %llu), RESUME at %llu", a->world,
           (unsigned long long)a->plan_step, (unsigned long long)S3,
-          (unsigned long long)a->resume_step);
+          (unsigned long long)a->w.resume_step);
     st = s_status();
     CHECK(st && test_status_counter(st, "deaths") == 1 && !test_status_worker(st, "w-b"),
           "(e) deaths %lld", test_status_counter(st, "deaths"));
@@ -622,14 +560,13 @@ int main(void)
           "semoe status exit %d, printed:\n%s", code, out ? out : "(nothing)");
     free(out);
 
-    CHECK(a->errors == 0 && d->errors == 0, "ERRORs: %d, %d", a->errors, d->errors);
+    CHECK(a->w.errors == 0 && d->w.errors == 0, "ERRORs: %d, %d", a->w.errors, d->w.errors);
     CHECK(proc_signal(coord, SIGTERM), "SIGTERM");
     int status;
     CHECK(proc_wait(coord, S_WAIT_MS, &status) && proc_exit_code(status) == 0,
           "the coordinator did not exit 0 on SIGTERM");
     for (int i = 0; i < S_FAKES; i++)
-        if (s_fakes[i].sock)
-            zmq_close(s_fakes[i].sock);
-    zmq_ctx_term(s_ctx);
+        fake_worker_close(&s_fakes[i].w);
+    fake_worker_term();
     return test_finish();
 }

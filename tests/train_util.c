@@ -281,6 +281,7 @@ bool train_util_compare_weights(const char *a_dir, const char *b_dir,
     ok = ok && model_st_count(a) == model_st_count(b);
     CHECK(!a || !b || ok, "%s holds %zu tensors, %s %zu", pa, model_st_count(a), pb,
           model_st_count(b));
+    double all_diff2 = 0, all_norm2 = 0;
     for (size_t i = 0; ok && i < model_st_count(a); i++) {
         const model_st_info_t *ta = model_st_at(a, i);
         const model_st_info_t *tb = model_st_find(b, ta->name);
@@ -298,6 +299,8 @@ bool train_util_compare_weights(const char *a_dir, const char *b_dir,
             d = fabs(d);
             out->max_abs = d > out->max_abs || isnan(d) ? d : out->max_abs;
         }
+        all_diff2 += diff2;
+        all_norm2 += norm2;
         double rel = norm2 > 0 ? sqrt(diff2 / norm2) : sqrt(diff2);
         if (ok && (rel > out->max_rel_norm || isnan(rel) || out->tensors == 0)) {
             out->max_rel_norm = rel;
@@ -307,6 +310,7 @@ bool train_util_compare_weights(const char *a_dir, const char *b_dir,
         free(xa);
         free(xb);
     }
+    out->rel_norm = all_norm2 > 0 ? sqrt(all_diff2 / all_norm2) : sqrt(all_diff2);
     model_st_close(&a);
     model_st_close(&b);
     return ok;

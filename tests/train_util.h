@@ -96,7 +96,8 @@ bool train_util_output_has(const proc_t *p, const char *needle);
 typedef struct {
     size_t tensors;        /* compared */
     double max_abs;        /* the largest difference of one weight */
-    double max_rel_norm;   /* the largest |a - b| / |a| (2-norms) of one tensor */
+    double rel_norm;       /* |a - b| / |a| (2-norms) over all the weights */
+    double max_rel_norm;   /* the largest |a - b| / |a| of one tensor */
     char worst[96];        /* the tensor of max_rel_norm */
 } train_util_weights_diff_t;
 
