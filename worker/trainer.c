@@ -641,7 +641,7 @@ static void s_start_generation(s_tr_t *self)
     if (!self->data || self->failed || p->rank == PROTO_NO_RANK) {
         if (self->data && !self->failed && p->donor_index != UINT32_MAX && self->params) {
             semoe_rc rc = s_hand_over(self);
-            if (rc != SEMOE_OK && rc != SEMOE_ESTOPPED)
+            if (rc != SEMOE_OK)
                 log_warn("generation %" PRIu64 ": could not hand over: %s", p->generation,
                          semoe_err_msg());
             self->prog.handed_over = rc == SEMOE_OK;
@@ -668,7 +668,8 @@ static void s_start_generation(s_tr_t *self)
         log_error("cannot train generation %" PRIu64 ": %s", p->generation, semoe_err_msg());
         self->failed = true;
         s_set_phase(self, PROTO_PHASE_FAILED);
-    } else if (rc != SEMOE_ESTOPPED) {
+    } else {
+        /* interrupted (a newer PLAN is in the pipe: normal) or a peer gone: the next plan */
         log_warn("generation %" PRIu64 " did not start: %s; waiting for the next plan",
                  p->generation, semoe_err_msg());
     }
