@@ -192,20 +192,27 @@ double balance_imbalance(uint32_t num_layers, uint32_t num_experts, uint32_t n,
 {
     if (n == 0)
         return 1.0;
-    double *tok = semoe_xcalloc(n, sizeof *tok), total = 0, max = 0;
-    uint64_t experts = (uint64_t)num_layers * num_experts;
-    for (uint64_t e = 0; e < experts; e++) {
-        uint32_t live = 0;
-        for (uint32_t i = off[e]; i < off[e + 1]; i++)
-            live += holders[i] < n;
-        for (uint32_t i = off[e]; live > 0 && i < off[e + 1]; i++)
-            if (holders[i] < n)
-                tok[holders[i]] += load[e] / live;
-    }
-    for (uint32_t w = 0; w < n; w++) {
-        total += tok[w];
-        max = tok[w] > max ? tok[w] : max;
+    /* per layer: each layer's all-to-all waits for its busiest worker, so a step costs the sum
+     * over layers of the busiest worker's tokens; against the sum of the layers' means. Skew
+     * that differs from layer to layer does not average out as it would over the whole model. */
+    double *tok = semoe_xcalloc(n, sizeof *tok), busiest = 0, total = 0;
+    for (uint32_t l = 0; l < num_layers; l++) {
+        memset(tok, 0, n * sizeof *tok);
+        for (uint64_t e = (uint64_t)l * num_experts; e < (uint64_t)(l + 1) * num_experts; e++) {
+            uint32_t live = 0;
+            for (uint32_t i = off[e]; i < off[e + 1]; i++)
+                live += holders[i] < n;
+            for (uint32_t i = off[e]; live > 0 && i < off[e + 1]; i++)
+                if (holders[i] < n)
+                    tok[holders[i]] += load[e] / live;
+        }
+        double max = 0;
+        for (uint32_t w = 0; w < n; w++) {
+            total += tok[w];
+            max = tok[w] > max ? tok[w] : max;
+        }
+        busiest += max;
     }
     free(tok);
-    return total > 0 ? max / (total / n) : 1.0;
+    return total > 0 ? busiest / (total / n) : 1.0;
 }

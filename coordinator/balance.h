@@ -66,9 +66,12 @@ semoe_rc balance_place(const balance_shape_t *shape, const double *load, const u
                        const uint32_t *prev_holders, uint32_t *off, uint32_t *holders,
                        balance_report_t *report);
 
-/* The job's imbalance figure: the max over workers of the tokens their experts receive (summed
- * over layers, a replicated expert's load split evenly over its holders) divided by the mean
- * over workers. 1.0 when all are equal, when every load is 0, or when n is 0. Holder entries
+/* The job's imbalance figure, layer by layer: the sum over layers of the max over workers of the
+ * tokens their experts of that layer receive (a replicated expert's load split evenly over its
+ * holders), divided by the sum over layers of the mean over workers. Each layer's all-to-all
+ * waits for its busiest worker, so this is the step's cost against a perfect balance; with one
+ * layer it is the max over workers ÷ the mean. 1.0 when all are equal, when every load is 0, or
+ * when n is 0. Holder entries
  * that are not ranks below n (PLACEMENT_NONE) are skipped: an expert's load is split over its
  * live holders, and lost when it has none. off / holders are in balance_place's CSR form. */
 double balance_imbalance(uint32_t num_layers, uint32_t num_experts, uint32_t n,
