@@ -1,6 +1,7 @@
 /* The test harness: counting checks, a replayable random seed and bounded condition waits. */
 #include "tests/harness.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
@@ -59,4 +60,16 @@ bool test_wait_for(bool (*cond)(void *arg), void *arg, int timeout_ms)
             return cond(arg);
         usleep(5000);
     }
+}
+
+static pthread_mutex_t s_check_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void test_lock(void)
+{
+    pthread_mutex_lock(&s_check_lock);
+}
+
+void test_unlock(void)
+{
+    pthread_mutex_unlock(&s_check_lock);
 }

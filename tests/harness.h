@@ -34,6 +34,19 @@ extern int test_checks;
         }                                                                       \
     } while (0)
 
+/* CHECK from several threads (the counters are plain ints): the condition is evaluated by the
+ * calling thread, the count and the report under the harness's lock. test_lock/test_unlock
+ * guard a test's own shared results with the same lock. */
+#define TCHECK(cond, ...)                                                       \
+    do {                                                                        \
+        bool held_ = (cond);                                                    \
+        test_lock();                                                            \
+        CHECK_HELD(held_, #cond, __VA_ARGS__);                                  \
+        test_unlock();                                                          \
+    } while (0)
+void test_lock(void);
+void test_unlock(void);
+
 /* Seeds the test's random source from SEMOE_TEST_SEED or the clock, and prints the seed. */
 void test_init(const char *name);
 /* Prints "N passed, M failed" and returns the process exit code (0 when all passed). */

@@ -17,16 +17,6 @@
 #define MAXW 8
 #define T_TIMEOUT 20000
 
-static pthread_mutex_t s_lock = PTHREAD_MUTEX_INITIALIZER;
-/* CHECK from rank threads: the harness counters are plain ints. */
-#define TCHECK(cond, ...)                                                       \
-    do {                                                                        \
-        bool held_ = (cond);                                                    \
-        pthread_mutex_lock(&s_lock);                                            \
-        CHECK_HELD(held_, #cond, __VA_ARGS__);                                  \
-        pthread_mutex_unlock(&s_lock);                                          \
-    } while (0)
-
 static uint64_t s_seed;
 
 /* splitmix64 of a tuple: every rank regenerates any rank's inputs without sharing state. */

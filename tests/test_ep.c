@@ -26,14 +26,6 @@
 #define N_STEPS 5
 #define TOL 1e-5
 
-static pthread_mutex_t s_lock = PTHREAD_MUTEX_INITIALIZER;
-#define TCHECK(cond, ...)                                                       \
-    do {                                                                        \
-        bool held_ = (cond);                                                    \
-        pthread_mutex_lock(&s_lock);                                            \
-        CHECK_HELD(held_, #cond, __VA_ARGS__);                                  \
-        pthread_mutex_unlock(&s_lock);                                          \
-    } while (0)
 
 static const model_backend_f32_t *be = &cpu_backend_f32;
 
@@ -100,10 +92,10 @@ static double s_rel(const float *a, const float *b, size_t n)
 
 static void s_max(double *m, double v)
 {
-    pthread_mutex_lock(&s_lock);
+    test_lock();
     if (v > *m || isnan(v))
         *m = v;
-    pthread_mutex_unlock(&s_lock);
+    test_unlock();
 }
 
 static bool s_holds(const s_ref_t *ref, int e, uint32_t rank)
@@ -272,9 +264,9 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
                    "W %u rank %u: layer %d expert %d (%u holders): %lld rows received "
                    "(graph %d), routed %d", W, r, l, j, k, (long long)got,
                    acts->recv_counts[e], ref->routed[e]);
-            pthread_mutex_lock(&s_lock);
+            test_lock();
             me->out->recv_sum[e] += got;
-            pthread_mutex_unlock(&s_lock);
+            test_unlock();
             TCHECK(model_params_holds_expert(p, (uint32_t)l, (uint32_t)j) == held,
                    "W %u rank %u: holds expert (%d, %d)", W, r, l, j);
         }
