@@ -73,6 +73,7 @@ typedef struct {
     int32_t *owner;           /* (L*E) the rank holding each expert */
     uint32_t micro_steps;     /* the same on every rank */
     uint8_t *tokens;          /* this rank's rows of a batch */
+    uint64_t *sample_ids;     /* their sample ids (the data's epoch permutation) */
     float **dense_bufs;       /* the dense tensors of the gradient slab, for the all-reduce */
     size_t *dense_lens;
     int n_dense;
@@ -171,6 +172,10 @@ static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double s
     fprintf(f, "],\"routed\":[");
     for (uint32_t i = 0; i < self->prog.n_load; i++)
         fprintf(f, "%s%" PRIu64, i ? "," : "", self->rows_out[i] / 2);
+    /* samples: the ids of this rank's rows (which samples this step trained on) */
+    fprintf(f, "],\"samples\":[");
+    for (uint64_t i = 0; i < pl->batch_hi - pl->batch_lo; i++)
+        fprintf(f, "%s%" PRIu64, i ? "," : "", self->sample_ids[i]);
     fprintf(f, "]}\n");
     fflush(f);
 }
@@ -186,6 +191,7 @@ static void s_teardown(s_tr_t *self)
     comm_destroy(&self->comm);
     free(self->owner);
     free(self->tokens);
+    free(self->sample_ids);
     free(self->dense_bufs);
     free(self->dense_lens);
     free(self->rows_in);
@@ -193,6 +199,7 @@ static void s_teardown(s_tr_t *self)
     self->rows_out = NULL;
     self->owner = NULL;
     self->tokens = NULL;
+    self->sample_ids = NULL;
     self->dense_bufs = NULL;
     self->dense_lens = NULL;
     self->rows_in = NULL;
@@ -375,6 +382,7 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
 
     s_owners(self);
     self->tokens = semoe_xmalloc((size_t)max_rows * (job->train.seq_len + 1));
+    self->sample_ids = semoe_xcalloc((size_t)max_rows + 1, sizeof *self->sample_ids);
     size_t n = model_params_count(self->params);
     self->dense_bufs = semoe_xcalloc(n, sizeof *self->dense_bufs);
     self->dense_lens = semoe_xcalloc(n, sizeof *self->dense_lens);
@@ -566,7 +574,8 @@ static semoe_rc s_step(s_tr_t *self)
     const model_job_t *job = self->job;
     const worker_plan_t *p = &self->plan;
     uint32_t lo = (uint32_t)p->batch_lo, rows = (uint32_t)(p->batch_hi - p->batch_lo);
-    SEMOE_CHECK(model_data_batch_rows(self->data, self->step, lo, rows, self->tokens, NULL, NULL));
+    SEMOE_CHECK(model_data_batch_rows(self->data, self->step, lo, rows, self->tokens,
+                                      self->sample_ids, NULL));
     model_train_hooks_t hooks = {.arg = self, .reduce_grads = s_reduce_grads,
                                  .reduce_sumsq = s_reduce_sumsq, .ex = &self->exf,
                                  .micro_steps = self->micro_steps};
