@@ -45,7 +45,8 @@ const char *semoe_err_where(void) { return s_where; }
 const char *semoe_rc_name(semoe_rc rc)
 {
     static const char *names[] = {"ok", "invalid", "out of memory", "i/o error", "protocol error",
-                                  "timed out", "system error", "cuda error", "stopped"};
+                                  "timed out", "system error", "cuda error", "stopped",
+                                  "fenced out"};
     return (unsigned)rc < sizeof names / sizeof names[0] ? names[rc] : "unknown error";
 }
 

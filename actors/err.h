@@ -17,6 +17,7 @@ typedef enum {
     SEMOE_ESYS,      /* a system call failed (errno in the message) */
     SEMOE_ECUDA,     /* CUDA, cuBLAS or NCCL failed */
     SEMOE_ESTOPPED,  /* the operation was interrupted by a stop request */
+    SEMOE_EFENCED,   /* refused: a newer generation owns what this one tried to change */
 } semoe_rc;
 
 /* Sets the thread's error message (printf-style) and clears its trace; returns code. */

@@ -586,13 +586,16 @@ static void s_data_paths_absolute(model_job_t *job)
     }
 }
 
+/* A run id orders runs by start time: the wall clock's milliseconds above 20 random bits. The
+ * checkpoint root's fence (model/checkpoint.h) compares (run, generation), so that a job
+ * resumed by a new coordinator, whose generations start again at 1, still fences out the
+ * workers of the run before it. */
 static uint64_t s_run_id(void)
 {
-    uint64_t id = 0;
-    while (id == 0)
-        if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)
-            id = (uint64_t)clock_wall_ms() * 0x9E3779B97F4A7C15ull ^ (uint64_t)clock_mono_us();
-    return id;
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r)
+        r = (uint64_t)clock_mono_us() * 0x9E3779B97F4A7C15ull;
+    return ((uint64_t)clock_wall_ms() << 20) | (r & 0xfffffu) | 1u; /* never 0 */
 }
 
 semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p)

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -270,8 +271,11 @@ static void s_mkdir_parents(const char *path)
     free(p);
 }
 
-semoe_rc model_ckpt_save_host(const char *dir, const model_params_t *params, const float *m,
-                              const float *v, int adam_step, const model_ckpt_state_t *state)
+/* Writes the whole checkpoint of model_ckpt_save_host into tmp (removed first), manifest last.
+ * dir names it in errors. */
+static semoe_rc s_write_tmp(const char *dir, const char *tmp, const model_params_t *params,
+                            const float *m, const float *v, int adam_step,
+                            const model_ckpt_state_t *state)
 {
     const model_config_t *c = model_params_config(params);
     size_t n = model_params_count(params);
@@ -286,10 +290,6 @@ semoe_rc model_ckpt_save_host(const char *dir, const model_params_t *params, con
     uint32_t nshards = (L + lps - 1) / lps;
     if (nshards == 0)
         nshards = 1;
-    size_t tlen = strlen(dir) + 32;
-    char *tmp = semoe_xmalloc(tlen), *old = semoe_xmalloc(tlen);
-    snprintf(tmp, tlen, "%s.tmp-%ld", dir, (long)getpid());
-    snprintf(old, tlen, "%s.old-%ld", dir, (long)getpid());
     size_t nfiles = 0;
     char **files = semoe_xcalloc(2 * (size_t)nshards + 4, sizeof *files);
     char *semoe_dir = model_shards_join(tmp, "semoe");
@@ -338,6 +338,7 @@ semoe_rc model_ckpt_save_host(const char *dir, const model_params_t *params, con
     s_u64_hex(st, "seed", state->seed);
     s_u64_hex(st, "job_hash", state->job_hash);
     s_u64_hex(st, "generation", state->generation);
+    s_u64_hex(st, "run", state->run);
     cJSON *rng = cJSON_AddArrayToObject(st, "rng");
     for (int i = 0; i < 4; i++) {
         char s[24];
@@ -352,23 +353,7 @@ semoe_rc model_ckpt_save_host(const char *dir, const model_params_t *params, con
     files[nfiles++] = semoe_xstrdup(MODEL_CKPT_STATE);
 
     SEMOE_CHECK_GOTO(s_write_manifest(tmp, files, nfiles, state->generation), rc, fail);
-
-    /* Into place: the old checkpoint away, the new one in, the old one removed. */
-    s_rmtree(old, 1);
-    if (model_shards_exists(dir) && rename(dir, old) != 0) {
-        rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", dir, old);
-        goto fail;
-    }
-    if (rename(tmp, dir) != 0) {
-        rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", tmp, dir);
-        (void)rename(old, dir);
-        goto fail;
-    }
-    s_rmtree(old, 1);
-    s_fsync_parent(dir);
 fail:
-    if (rc != SEMOE_OK)
-        s_rmtree(tmp, 1);
     free(st_text);
     cJSON_Delete(st);
     free(cfg_text);
@@ -376,7 +361,50 @@ fail:
     for (size_t i = 0; i < nfiles; i++)
         free(files[i]);
     free(files);
+    return rc;
+}
+
+/* Moves the whole checkpoint in tmp onto dir: the old checkpoint away, the new one in, the old
+ * one removed. */
+static semoe_rc s_install(const char *dir, const char *tmp)
+{
+    size_t tlen = strlen(dir) + 32;
+    char *old = semoe_xmalloc(tlen);
+    snprintf(old, tlen, "%s.old-%ld", dir, (long)getpid());
+    semoe_rc rc = SEMOE_OK;
+    s_rmtree(old, 1);
+    if (model_shards_exists(dir) && rename(dir, old) != 0) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", dir, old);
+    } else if (rename(tmp, dir) != 0) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", tmp, dir);
+        (void)rename(old, dir);
+    } else {
+        s_rmtree(old, 1);
+        s_fsync_parent(dir);
+    }
     free(old);
+    return rc;
+}
+
+/* "<dir>.tmp-<pid>": where this process writes dir before renaming it into place (freed by the
+ * caller). */
+static char *s_tmp_name(const char *dir)
+{
+    size_t tlen = strlen(dir) + 32;
+    char *tmp = semoe_xmalloc(tlen);
+    snprintf(tmp, tlen, "%s.tmp-%ld", dir, (long)getpid());
+    return tmp;
+}
+
+semoe_rc model_ckpt_save_host(const char *dir, const model_params_t *params, const float *m,
+                              const float *v, int adam_step, const model_ckpt_state_t *state)
+{
+    char *tmp = s_tmp_name(dir);
+    semoe_rc rc = s_write_tmp(dir, tmp, params, m, v, adam_step, state);
+    if (rc == SEMOE_OK)
+        rc = s_install(dir, tmp);
+    if (rc != SEMOE_OK)
+        s_rmtree(tmp, 1);
     free(tmp);
     return rc;
 }
@@ -628,6 +656,8 @@ semoe_rc model_ckpt_load_host(const char *dir, model_params_t *params, float *m,
         goto out;
     }
     s.adam_step = (int)adam;
+    if (!s_get_hex(st, "run", &s.run))
+        s.run = 0; /* written before runs were recorded */
     const cJSON *e;
     cJSON_ArrayForEach(e, opt) {
         if (!cJSON_IsString(e) || !s_safe_rel(e->valuestring) ||
@@ -687,14 +717,10 @@ semoe_rc model_ckpt_load(const char *dir, const model_backend_f32_t *be, model_p
 
 /* ---- a checkpoint root --------------------------------------------------------------------- */
 
-/* Whether name is a step directory's, "step-" and decimal digits; its step into *step. */
-static bool s_step_name(const char *name, uint64_t *step)
+/* Whether d is n decimal digits (nothing else, at least one) of a uint64; its value into *x. */
+static bool s_digits_u64(const char *d, size_t n, uint64_t *out)
 {
-    if (strncmp(name, "step-", 5) != 0)
-        return false;
-    const char *d = name + 5;
-    size_t n = strspn(d, "0123456789");
-    if (n == 0 || d[n] != '\0')
+    if (n == 0 || strspn(d, "0123456789") != n)
         return false;
     uint64_t x = 0;
     for (size_t i = 0; i < n; i++) {
@@ -703,8 +729,17 @@ static bool s_step_name(const char *name, uint64_t *step)
             return false;
         x = x * 10 + c;
     }
-    *step = x;
+    *out = x;
     return true;
+}
+
+/* Whether name is a step directory's, "step-" and decimal digits; its step into *step. */
+static bool s_step_name(const char *name, uint64_t *step)
+{
+    if (strncmp(name, "step-", 5) != 0)
+        return false;
+    const char *d = name + 5;
+    return s_digits_u64(d, strlen(d), step);
 }
 
 /* Whether name is a writer's leftover, "<name>.tmp-<pid>" or "<name>.old-<pid>", whose process
@@ -934,5 +969,158 @@ semoe_rc model_ckpt_resolve(const char *path, char *out, size_t cap)
         semoe_err_trace(__FILE__, __LINE__);
     free(link);
     free(cfg);
+    return rc;
+}
+
+/* ---- generation fencing -------------------------------------------------------------------- */
+
+/* The fence's lock: held (flock, exclusive) while the fence is read and changed and while a
+ * fenced checkpoint goes into place. Returns the descriptor, or -1 with the error set. */
+static int s_fence_lock(const char *root)
+{
+    char *path = model_shards_join(root, MODEL_CKPT_FENCE ".lock");
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == ENOENT) { /* a root's first checkpoint: make the root */
+        s_mkdir_parents(path);
+        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    }
+    if (fd < 0) {
+        semoe_err_errno(SEMOE_EIO, "%s: open", path);
+    } else if (flock(fd, LOCK_EX) != 0) {
+        semoe_err_errno(SEMOE_EIO, "%s: flock", path);
+        close(fd);
+        fd = -1;
+    }
+    free(path);
+    return fd;
+}
+
+static void s_fence_unlock(int fd)
+{
+    (void)flock(fd, LOCK_UN);
+    close(fd);
+}
+
+/* (run, generation) pairs in order: a later run's, then a later generation of the same run. */
+static int s_fence_cmp(model_ckpt_fence_t a, model_ckpt_fence_t b)
+{
+    if (a.run != b.run)
+        return a.run < b.run ? -1 : 1;
+    return a.generation < b.generation ? -1 : a.generation > b.generation;
+}
+
+semoe_rc model_ckpt_fence_read(const char *root, model_ckpt_fence_t *out)
+{
+    *out = (model_ckpt_fence_t){0, 0};
+    char *path = model_shards_join(root, MODEL_CKPT_FENCE);
+    semoe_rc rc = SEMOE_OK;
+    FILE *f = fopen(path, "re");
+    if (!f) {
+        if (errno != ENOENT)
+            rc = semoe_err_errno(SEMOE_EIO, "%s: open", path);
+        free(path);
+        return rc; /* no fence: no generation has claimed the root yet */
+    }
+    char line[80] = {0};
+    bool got = fgets(line, sizeof line, f) != NULL;
+    fclose(f);
+    line[strcspn(line, "\n")] = '\0';
+    /* "<run: 16 hex digits> <generation: decimal>" */
+    char *sp = strchr(line, ' ');
+    cJSON *holder = cJSON_CreateObject();
+    if (sp) {
+        *sp = '\0';
+        cJSON_AddStringToObject(holder, "run", line);
+    }
+    model_ckpt_fence_t fence;
+    bool ok = got && sp && s_get_hex(holder, "run", &fence.run) &&
+              s_digits_u64(sp + 1, strlen(sp + 1), &fence.generation);
+    cJSON_Delete(holder);
+    if (sp)
+        *sp = ' ';
+    if (!ok)
+        rc = model_st_fail(SEMOE_EINVAL, "%s: \"%s\" is not \"<run as 16 hex digits> "
+                           "<generation>\": the fence of a checkpoint root names the newest "
+                           "generation that wrote to it; remove the file to let any generation "
+                           "write", path, line);
+    else
+        *out = fence;
+    free(path);
+    return rc;
+}
+
+/* Writes the fence (a temporary file renamed over it), under the lock. */
+static semoe_rc s_fence_write(const char *root, model_ckpt_fence_t fence)
+{
+    char *path = model_shards_join(root, MODEL_CKPT_FENCE);
+    char *tmp = s_tmp_name(path);
+    char text[64];
+    snprintf(text, sizeof text, "%016" PRIx64 " %" PRIu64 "\n", fence.run, fence.generation);
+    semoe_rc rc = SEMOE_OK;
+    FILE *f = fopen(tmp, "we");
+    if (!f) {
+        rc = semoe_err_errno(SEMOE_EIO, "%s: open", tmp);
+    } else {
+        bool ok = fputs(text, f) >= 0 && fflush(f) == 0 && fsync(fileno(f)) == 0;
+        if (fclose(f) != 0 || !ok)
+            rc = semoe_err_errno(SEMOE_EIO, "%s: write", tmp);
+        else if (rename(tmp, path) != 0)
+            rc = semoe_err_errno(SEMOE_EIO, "%s: rename to %s", tmp, path);
+        if (rc != SEMOE_OK)
+            (void)unlink(tmp);
+        else
+            s_fsync_dir(root);
+    }
+    free(tmp);
+    free(path);
+    return rc;
+}
+
+/* Under the lock: raises the fence to `claim`, or refuses when a newer one holds it. */
+static semoe_rc s_fence_claim_locked(const char *root, model_ckpt_fence_t claim)
+{
+    model_ckpt_fence_t fence;
+    SEMOE_CHECK(model_ckpt_fence_read(root, &fence));
+    int c = s_fence_cmp(fence, claim);
+    if (c > 0)
+        return semoe_err(SEMOE_EFENCED, "%s: generation %" PRIu64 " of run %016" PRIx64 " is "
+                         "fenced out: generation %" PRIu64 " of run %016" PRIx64 " owns the "
+                         "checkpoints now", root, claim.generation, claim.run, fence.generation,
+                         fence.run);
+    return c < 0 ? s_fence_write(root, claim) : SEMOE_OK;
+}
+
+semoe_rc model_ckpt_fence_claim(const char *root, model_ckpt_fence_t claim)
+{
+    int fd = s_fence_lock(root);
+    if (fd < 0)
+        return SEMOE_EIO;
+    semoe_rc rc = s_fence_claim_locked(root, claim);
+    s_fence_unlock(fd);
+    return rc;
+}
+
+semoe_rc model_ckpt_commit(const char *root, uint64_t step, uint32_t keep,
+                           const model_params_t *params, const float *m, const float *v,
+                           int adam_step, const model_ckpt_state_t *state)
+{
+    char dir[4096];
+    SEMOE_CHECK(model_ckpt_step_dir(root, step, dir, sizeof dir));
+    char *tmp = s_tmp_name(dir);
+    semoe_rc rc = s_write_tmp(dir, tmp, params, m, v, adam_step, state);
+    int fd = rc == SEMOE_OK ? s_fence_lock(root) : -1;
+    if (rc == SEMOE_OK && fd < 0)
+        rc = SEMOE_EIO;
+    if (rc == SEMOE_OK) {
+        rc = s_fence_claim_locked(root, (model_ckpt_fence_t){state->run, state->generation});
+        if (rc == SEMOE_OK)
+            rc = s_install(dir, tmp);
+        if (rc == SEMOE_OK)
+            rc = model_ckpt_publish(root, step, keep);
+        s_fence_unlock(fd);
+    }
+    if (rc != SEMOE_OK)
+        s_rmtree(tmp, 1);
+    free(tmp);
     return rc;
 }

@@ -36,6 +36,7 @@ typedef struct {
     uint64_t rng[4];           /* the caller's RNG state, kept as is */
     uint64_t job_hash;         /* a hash of the job spec, for the caller to compare on resume */
     uint64_t generation;       /* the membership generation that wrote the checkpoint */
+    uint64_t run;              /* and its coordinator run (0: not recorded) */
     int adam_step;             /* load only: AdamW's step count restored into the trainer */
     uint32_t layers_per_shard; /* save only: layers per model shard; 0: one file */
 } model_ckpt_state_t;
@@ -95,6 +96,39 @@ semoe_rc model_ckpt_step_dir(const char *root, uint64_t step, char *out, size_t 
  * renamed to a leftover before it is removed, so a crash never leaves half of one. An error
  * after latest moved says so ("latest names step-..."). */
 semoe_rc model_ckpt_publish(const char *root, uint64_t step, uint32_t keep);
+
+/* ---- generation fencing -------------------------------------------------------------------- */
+
+/* A root's fence, <root>/fence: the newest (coordinator run, membership generation) that claimed
+ * the root, one line "<run as 16 hex digits> <generation>" (absent: none). Pairs compare run
+ * first (coordinators make run ids that grow with their start time), then generation. A
+ * generation claims the root when it starts; from then a writer of an older one (a zombie: a
+ * worker stopped, partitioned or replaced that wakes up and goes on, or one of a run before)
+ * can no longer put a checkpoint in place. The fence is read and changed, and a fenced
+ * checkpoint moved into place, under an exclusive flock of <root>/fence.lock (on NFS, Linux
+ * maps flock to POSIX locks, which hold across hosts). */
+#define MODEL_CKPT_FENCE "fence"
+
+typedef struct {
+    uint64_t run, generation;
+} model_ckpt_fence_t;
+
+/* The fence into *out ({0, 0}: no fence yet); a fence that is not one is a one-line error naming
+ * the file. */
+semoe_rc model_ckpt_fence_read(const char *root, model_ckpt_fence_t *out);
+
+/* Raises the fence to claim (creating root and the fence when missing); SEMOE_EFENCED when a
+ * newer pair holds it. Claiming the pair that holds it is a no-op. */
+semoe_rc model_ckpt_fence_claim(const char *root, model_ckpt_fence_t claim);
+
+/* A fenced checkpoint of step under root: writes it as model_ckpt_save_host does into a
+ * temporary directory, then, under the fence's lock, claims the fence for (state->run,
+ * state->generation) (SEMOE_EFENCED, and nothing changed under root but the removed temporary,
+ * when a newer pair holds it), moves it onto step's directory and publishes it
+ * (model_ckpt_publish with keep). */
+semoe_rc model_ckpt_commit(const char *root, uint64_t step, uint32_t keep,
+                           const model_params_t *params, const float *m, const float *v,
+                           int adam_step, const model_ckpt_state_t *state);
 
 /* The checkpoint <root>/latest names: its path into out (cap bytes) and its step into *step.
  * A root that does not exist, or holds no latest, is a fresh start: SEMOE_OK with out[0] == 0

@@ -478,6 +478,88 @@ static bool s_root(const char *tmp, const s_host_t *h)
     return true;
 }
 
+/* Generation fencing: a commit claims the fence for its (run, generation) and publishes; one of
+ * an older pair than the fence (a zombie of the same run, or any generation of an earlier run)
+ * changes nothing under the root (latest, the step directories, no temporary left); a claim
+ * never lowers the fence; a fence that is not one is a clear error and blocks commits until
+ * fixed. The run, step and generations are random. */
+static void s_fence(const char *tmp, const s_host_t *h)
+{
+    char root[4200], out[4400];
+    snprintf(root, sizeof root, "%s/fenced/run", tmp);
+    uint64_t run = 1 + test_rand_below(1ull << 40), g = 2 + test_rand_below(1000);
+    uint64_t step = 1 + test_rand_below(500), at = 0;
+    model_ckpt_fence_t fence = {7, 7};
+    CHECK(model_ckpt_fence_read(root, &fence) == SEMOE_OK && fence.run == 0 &&
+          fence.generation == 0, "fence of a missing root: %s", semoe_err_msg());
+    model_ckpt_state_t st = h->st;
+    st.step = step;
+    st.generation = g;
+    st.run = run;
+    CHECK(model_ckpt_commit(root, step, 2, h->p, h->m, h->v, h->adam, &st) == SEMOE_OK,
+          "commit of generation %llu: %s", (unsigned long long)g, semoe_err_msg());
+    CHECK(model_ckpt_fence_read(root, &fence) == SEMOE_OK && fence.run == run &&
+          fence.generation == g && model_ckpt_latest(root, out, sizeof out, &at) == SEMOE_OK &&
+          at == step, "after the commit: fence %llx/%llu (want %llx/%llu), latest step %llu "
+          "(want %llu): %s", (unsigned long long)fence.run, (unsigned long long)fence.generation,
+          (unsigned long long)run, (unsigned long long)g, (unsigned long long)at,
+          (unsigned long long)step, semoe_err_msg());
+
+    /* the next generation claims the root; the old one's next checkpoint is refused, and so is
+     * any generation of an earlier run */
+    CHECK(model_ckpt_fence_claim(root, (model_ckpt_fence_t){run, g + 1}) == SEMOE_OK,
+          "claim: %s", semoe_err_msg());
+    model_ckpt_state_t old[2] = {st, st};
+    old[1].run = run - 1;
+    old[1].generation = g + 100;
+    for (int k = 0; k < 2; k++) {
+        old[k].step = step + 1;
+        semoe_rc rc = model_ckpt_commit(root, step + 1, 2, h->p, h->m, h->v, h->adam, &old[k]);
+        CHECK(rc == SEMOE_EFENCED && s_one_line(semoe_err_msg()) &&
+              strstr(semoe_err_msg(), "fenced out"), "a zombie's commit (%s): rc %d: %s",
+              k ? "an earlier run" : "an older generation", rc, semoe_err_msg());
+        char name[64], sname[64];
+        snprintf(name, sizeof name, "step-%08llu.tmp-%ld", (unsigned long long)step + 1,
+                 (long)getpid());
+        snprintf(sname, sizeof sname, "step-%08llu", (unsigned long long)step + 1);
+        CHECK(!s_exists(root, sname) && !s_exists(root, name) &&
+              model_ckpt_latest(root, out, sizeof out, &at) == SEMOE_OK && at == step,
+              "a refused commit changed the root (latest step %llu)", (unsigned long long)at);
+    }
+    CHECK(model_ckpt_fence_claim(root, (model_ckpt_fence_t){run, g}) == SEMOE_EFENCED &&
+          model_ckpt_fence_read(root, &fence) == SEMOE_OK && fence.generation == g + 1,
+          "an older claim lowered the fence to %llu", (unsigned long long)fence.generation);
+    CHECK(model_ckpt_fence_claim(root, (model_ckpt_fence_t){run, g + 1}) == SEMOE_OK,
+          "claiming the fence's pair again: %s", semoe_err_msg());
+    /* a later run starts its generations at 1 again */
+    st.run = run + 1;
+    st.generation = 1;
+    CHECK(model_ckpt_commit(root, step + 2, 2, h->p, h->m, h->v, h->adam, &st) == SEMOE_OK &&
+          model_ckpt_latest(root, out, sizeof out, &at) == SEMOE_OK && at == step + 2,
+          "a later run's commit: %s", semoe_err_msg());
+    model_ckpt_state_t got;
+    CHECK(model_ckpt_load_host(out, h->p, h->m, h->v, &got) == SEMOE_OK && got.run == run + 1 &&
+          got.generation == 1, "the checkpoint's run and generation: %s", semoe_err_msg());
+
+    /* a fence that is not one */
+    char p[4400];
+    snprintf(p, sizeof p, "%s/%s", root, MODEL_CKPT_FENCE);
+    const char *bad[] = {"7\n", "seven 1\n", "00000000000000zz 1\n", "0000000000000001 x\n", ""};
+    for (int k = 0; k < 5; k++) {
+        proc_write_file(p, bad[k]);
+        semoe_rc rc = model_ckpt_fence_read(root, &fence);
+        CHECK(rc == SEMOE_EINVAL && s_one_line(semoe_err_msg()) && strstr(semoe_err_msg(), p),
+              "a corrupt fence \"%s\": rc %d: %s", bad[k], rc, semoe_err_msg());
+    }
+    st.generation = 5;
+    CHECK(model_ckpt_commit(root, step + 3, 2, h->p, h->m, h->v, h->adam, &st) == SEMOE_EINVAL &&
+          model_ckpt_latest(root, out, sizeof out, &at) == SEMOE_OK && at == step + 2,
+          "a commit past a corrupt fence: %s", semoe_err_msg());
+    printf("fence: run %llx generation %llu committed step %llu; the generation before and an "
+           "earlier run fenced out, root unchanged\n", (unsigned long long)run,
+           (unsigned long long)g, (unsigned long long)step);
+}
+
 int main(void)
 {
     test_init("checkpoint");
@@ -612,6 +694,7 @@ int main(void)
         snprintf(hdir, sizeof hdir, "%s/by-host", proc_tmp_dir());
         s_load_host_subset(&job, hdir, &h);
         s_root(proc_tmp_dir(), &h);
+        s_fence(proc_tmp_dir(), &h);
     }
     free(h.v);
     free(h.m);

@@ -51,6 +51,8 @@ typedef struct {
     uint64_t pause_gen;
     bool handing_over;            /* asked to leave with handover: waits for the trainer */
     int64_t handover_deadline_ms;
+    bool stopping;                /* a STOP with checkpoint: waits for the trainer's */
+    int64_t stop_deadline_ms;
     char leave_reason[PROTO_MAX_TEXT + 1];
     char data_endpoint[PROTO_MAX_ENDPOINT + 1];
     s_state_t state;
@@ -246,6 +248,14 @@ static void s_leave_done(s_ctl_t *self, const char *reason)
     actor_send_str(self->pipe, "LEFT", 0);
 }
 
+/* How long the trainer gets for what must happen before this worker goes (a handover, a
+ * STOP's checkpoint): 10 liveness windows, at least S_HANDOVER_MIN_MS; the deadline. */
+static int64_t s_grace_deadline(const s_ctl_t *self)
+{
+    int64_t window = 10 * (int64_t)self->liveness * self->heartbeat_ms;
+    return clock_mono_ms() + (window > S_HANDOVER_MIN_MS ? window : S_HANDOVER_MIN_MS);
+}
+
 /* A worker asked to leave: with training state, first LEAVE with handover (the coordinator
  * plans it out and makes it a donor of the next generation), then, once the trainer has handed
  * the state over (or after the deadline), LEAVE for good. Without state, at once. */
@@ -263,10 +273,8 @@ static void s_leave_requested(s_ctl_t *self, const char *reason)
     snprintf(msg.leave.reason, sizeof msg.leave.reason, "%s", reason);
     msg.leave.handover = 1;
     s_send(self, &msg);
-    int64_t window = 10 * (int64_t)self->liveness * self->heartbeat_ms;
     self->handing_over = true;
-    self->handover_deadline_ms = clock_mono_ms() + (window > S_HANDOVER_MIN_MS ? window
-                                                                                : S_HANDOVER_MIN_MS);
+    self->handover_deadline_ms = s_grace_deadline(self);
     log_info("leaving (%s): handing this worker's experts over first", reason);
 }
 
@@ -349,6 +357,7 @@ static void s_on_plan(s_ctl_t *self, const proto_msg_t *msg)
         return;
     }
     worker_plan_take(&self->plan, gen, p, self->cfg->id);
+    self->plan.run_id = msg->hdr.run_id;
     self->have_plan = true;
     self->generation = gen;
     self->step = self->step > p->step ? self->step : p->step;
@@ -422,14 +431,33 @@ static void s_on_error(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
     }
 }
 
-static void s_on_stop(s_ctl_t *self)
+static void s_stop_done(s_ctl_t *self)
 {
-    log_info("STOP from the coordinator: stopping");
+    log_info("stopping");
     /* LEAVE tells the coordinator at once that we are gone, so it can exit without waiting
      * out our liveness window. */
     s_leave(self, "stopped by the coordinator");
+    self->stopping = false;
     self->state = S_STOPPED;
     actor_send_str(self->pipe, "STOPPED", 0);
+}
+
+/* STOP: with checkpoint and training state, the trainer checkpoints first (at a step boundary
+ * the ranks agree on) and we stop once it says so (or at the deadline); else at once. */
+static void s_on_stop(s_ctl_t *self, uint32_t checkpoint)
+{
+    if (self->stopping)
+        return;
+    uint32_t ph = self->progress.phase;
+    bool state = ph == PROTO_PHASE_TRAINING || ph == PROTO_PHASE_PAUSED;
+    log_info("STOP from the coordinator%s", checkpoint && state ? ": checkpoint first" : "");
+    if (!checkpoint || !state || self->progress.stopped) {
+        s_stop_done(self);
+        return;
+    }
+    actor_send_str(actor_pipe(self->trainer), "STOP", 0);
+    self->stopping = true;
+    self->stop_deadline_ms = s_grace_deadline(self);
 }
 
 static void s_on_message(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
@@ -437,7 +465,8 @@ static void s_on_message(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
     self->life_ms = now; /* any message counts as life */
     uint32_t type = msg->hdr.type;
     if (type == PROTO_STOP) {
-        s_on_stop(self);
+        if (self->state != S_STOPPED)
+            s_on_stop(self, msg->stop.checkpoint);
         return;
     }
     if (type == PROTO_WELCOME) {
@@ -566,6 +595,8 @@ static void s_on_trainer(s_ctl_t *self)
             log_info("experts handed over");
             s_leave_done(self, self->leave_reason);
         }
+        if (self->stopping && self->progress.stopped)
+            s_stop_done(self);
     } else {
         log_warn("control actor: a malformed report from the trainer");
     }
@@ -612,6 +643,8 @@ static void s_on_pipe(s_ctl_t *self)
             actor_send_str(self->pipe, "LEFT", 0);
         else if (self->handing_over) /* asked again: go now */
             s_leave_done(self, reason ? reason : "worker shutting down");
+        else if (self->stopping) /* a signal while the STOP's checkpoint is written: go now */
+            s_stop_done(self);
         else
             s_leave_requested(self, reason ? reason : "worker shutting down");
         free(reason);
@@ -631,6 +664,11 @@ static void s_on_timers(s_ctl_t *self, int64_t now)
         log_warn("no handover before the deadline: leaving without it (a replica or the last "
                  "checkpoint restores the experts)");
         s_leave_done(self, self->leave_reason);
+    }
+    if (self->stopping && now >= self->stop_deadline_ms) {
+        log_warn("no checkpoint before the deadline: stopping without it (the last one "
+                 "stands)");
+        s_stop_done(self);
     }
     int64_t dead_after = (int64_t)self->liveness * self->heartbeat_ms;
     switch (self->state) {

@@ -14,6 +14,7 @@ typedef struct {
 } worker_peer_t;
 
 typedef struct {
+    uint64_t run_id;              /* the coordinator run the plan came from */
     uint64_t generation;
     uint32_t rank;                /* PROTO_NO_RANK: this worker holds no rank */
     uint32_t world;

@@ -22,6 +22,7 @@
 #include "model/params.h"
 #include "model/profile.h"
 #include "model/train.h"
+#include "worker/ckpt.h"
 #include "worker/comm.h"
 #include "worker/control.h"
 #include "worker/exchange.h"
@@ -65,6 +66,8 @@ typedef struct {
     bool ready;               /* the generation is set up: steps can run */
     bool paused;              /* the ranks agreed to stop at a step boundary (PAUSE) */
     bool want_pause;          /* a PAUSE came: ask the others at the next boundary */
+    bool want_stop;           /* a STOP came: checkpoint at the next boundary, then stop */
+    bool stopped;             /* the STOP's checkpoint is done: no more steps */
     comm_t *comm;
     worker_exchange_t *ex;
     model_exchange_f32 exf;
@@ -81,6 +84,8 @@ typedef struct {
     uint64_t *rows_out;       /* and sent (this rank's tokens' routing) */
     uint32_t *load;           /* (L*E) tokens per held expert in the last step */
     double t_reduce;          /* seconds in the gradient all-reduce this step */
+    double t_snapshot;        /* seconds the last checkpoint's snapshot took (-1: none) */
+    worker_ckpt_writer_t *writer; /* rank 0's checkpoints, written in the background */
 
     /* progress */
     uint64_t step;
@@ -105,6 +110,16 @@ static void s_report(s_tr_t *self)
 static void s_set_phase(s_tr_t *self, proto_phase_t phase)
 {
     self->prog.phase = phase;
+    s_report(self);
+}
+
+/* The STOP is done (its checkpoint written, or none to write): say so, and take no more steps. */
+static void s_stopped(s_tr_t *self)
+{
+    self->stopped = true;
+    self->want_stop = false;
+    self->prog.stopped = 1;
+    log_info("stopped at step %" PRIu64, self->step);
     s_report(self);
 }
 
@@ -161,6 +176,8 @@ static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double s
     s_json_num(f, "t_elementwise", prof->seconds[MODEL_PROF_ELEMENTWISE]);
     s_json_num(f, "t_memory", prof->seconds[MODEL_PROF_MEMORY]);
     s_json_num(f, "gemm_flops", prof->gemm_flops);
+    if (self->t_snapshot >= 0) /* a checkpoint step: the pause its snapshot took */
+        s_json_num(f, "t_snapshot", self->t_snapshot);
     fprintf(f, ",\"dispatch_rows_out\":%" PRIu64 ",\"dispatch_bytes_out\":%" PRIu64,
             tf->dispatch_rows_out, tf->dispatch_bytes_out);
     if (evaluated)
@@ -216,6 +233,8 @@ static void s_drop_state(s_tr_t *self)
 static void s_drop_job(s_tr_t *self)
 {
     s_teardown(self);
+    if (self->writer)
+        (void)worker_ckpt_writer_wait(self->writer);
     s_drop_state(self);
     model_data_destroy(&self->data);
     model_job_destroy(&self->job);
@@ -289,6 +308,25 @@ static semoe_rc s_load_checkpoint(s_tr_t *self, uint64_t step, model_params_t *p
     return SEMOE_OK;
 }
 
+/* Claims the checkpoint root for this generation (model/checkpoint.h, fencing): from here a
+ * worker of an older one cannot put a checkpoint in place. A newer generation holding it means
+ * this plan is stale (a newer PLAN is coming): an error of the comm kind. A root that cannot
+ * be written only warns (the checkpoints will say so). */
+static semoe_rc s_claim(s_tr_t *self)
+{
+    const char *root = self->job->train.checkpoint_dir;
+    if (!root[0])
+        return SEMOE_OK;
+    model_ckpt_fence_t me = {self->plan.run_id, self->plan.generation};
+    semoe_rc rc = model_ckpt_fence_claim(root, me);
+    if (rc == SEMOE_EFENCED)
+        return rc;
+    if (rc != SEMOE_OK)
+        log_warn("generation %" PRIu64 ": cannot claim the checkpoint root: %s",
+                 self->plan.generation, semoe_err_msg());
+    return SEMOE_OK;
+}
+
 /* The generation's migration (worker/migrate.h) over a communicator of its ranks and donors,
  * tagged 2 x generation (the training one is 2 x generation + 1): into params and tr (a
  * rank's new tensors; NULL for a donor) what it keeps and receives, or a rewind. */
@@ -305,6 +343,12 @@ static semoe_rc s_migrate(s_tr_t *self, model_params_t *params, model_train_t *t
     semoe_rc rc = comm_new(self->port, 2 * p->generation, me, n, eps, &comm);
     free(eps);
     worker_state_t old = {.params = self->params, .tr = self->tr, .step = self->step};
+    /* every participant's last checkpoint is written (s_start_generation) before participant 0
+     * claims the root for this generation and reads its latest */
+    if (rc == SEMOE_OK)
+        rc = comm_barrier(comm, S_COMM_TIMEOUT_MS);
+    if (rc == SEMOE_OK && me == 0)
+        rc = s_claim(self);
     if (rc == SEMOE_OK && me == 0)
         rc = s_latest(self->job, &old.ckpt_step);
     if (rc == SEMOE_OK)
@@ -425,125 +469,35 @@ static semoe_rc s_hand_over(s_tr_t *self)
 
 /* --- checkpoints ---------------------------------------------------------------------------- */
 
-/* Floats of the expert tensors this rank holds, times 3 (weights, m, v). */
-static size_t s_expert_floats(const model_params_t *p, const int32_t *owner, uint32_t E,
-                              int32_t rank)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < model_params_count(p); i++) {
-        const model_param_t *t = model_params_at(p, i);
-        if (t->kind == MODEL_PARAM_EXPERT &&
-            owner[(size_t)t->layer * E + (size_t)t->expert] == rank)
-            n += 3 * t->numel;
-    }
-    return n;
-}
-
-/* Writes a checkpoint of step self->step: every rank sends the weights, m and v of its experts
- * to rank 0, which has the dense tensors and writes the whole model (files hold whole tensors
- * by name, so any number of workers can load it). A failure to write is logged, not fatal:
- * training goes on and the next interval tries again. */
-static semoe_rc s_checkpoint(s_tr_t *self)
+/* A checkpoint of step self->step (worker/ckpt.h): the steps pause for the snapshot, a
+ * collective that gathers the experts onto rank 0, whose writer then writes it in the
+ * background, fenced by this generation; with wait, until it is on disk (the last step's and a
+ * STOP's: what the job reports done is there). A failed write is logged, not fatal: training
+ * goes on and the next interval tries again. Errors are the snapshot's (a peer gone). */
+static semoe_rc s_checkpoint(s_tr_t *self, bool wait)
 {
     const model_job_t *job = self->job;
-    const model_config_t *cfg = &job->model;
-    uint32_t W = comm_world(self->comm), me = comm_rank(self->comm);
-    uint32_t E = cfg->num_local_experts;
-    size_t mine = s_expert_floats(self->params, self->owner, E, (int32_t)me);
-    size_t n = model_params_count(self->params);
-    float *w = model_train_weights(self->tr), *m = model_train_m(self->tr),
-          *v = model_train_v(self->tr);
-    float *send = semoe_xmalloc((mine + 1) * sizeof(float));
-    size_t at = 0;
-    for (size_t i = 0; i < n; i++) {
-        const model_param_t *t = model_params_at(self->params, i);
-        if (t->kind != MODEL_PARAM_EXPERT || !t->data ||
-            self->owner[(size_t)t->layer * E + (size_t)t->expert] != (int32_t)me)
-            continue;
-        const float *src[3] = {w, m, v};
-        for (int k = 0; k < 3; k++, at += t->numel)
-            s_be->to_host(send + at, src[k] + t->offset, t->numel * sizeof(float));
-    }
-    size_t *sb = semoe_xcalloc(W, sizeof *sb), *rb = semoe_xcalloc(W, sizeof *rb);
-    size_t cap = 0;
-    if (me == 0)
-        for (uint32_t r = 1; r < W; r++)
-            cap += s_expert_floats(self->params, self->owner, E, (int32_t)r) * sizeof(float);
-    else
-        sb[0] = mine * sizeof(float);
-    uint8_t *recv = semoe_xmalloc(cap + 1);
-    semoe_rc rc = comm_alltoallv(self->comm, send, sb, recv, rb, cap, S_COMM_TIMEOUT_MS);
-    free(send);
-    if (rc != SEMOE_OK || me != 0)
-        goto out;
-
-    /* rank 0: the whole model in host memory, then the files */
-    model_params_t *full = NULL;
-    rc = model_params_new(cfg, NULL, 0, &full);
-    if (rc != SEMOE_OK)
-        goto out;
-    size_t floats = model_params_slab_floats(full);
-    float *fm = semoe_xcalloc(floats + 1, sizeof(float)), *fv = semoe_xcalloc(floats + 1,
-                                                                                sizeof(float));
-    float *fw = model_params_slab(full);
-    for (size_t i = 0; i < n; i++) { /* what rank 0 holds itself: same table, same order */
-        const model_param_t *t = model_params_at(self->params, i);
-        const model_param_t *ft = model_params_at(full, i);
-        if (!t->data)
-            continue;
-        s_be->to_host(fw + ft->offset, w + t->offset, t->numel * sizeof(float));
-        s_be->to_host(fm + ft->offset, m + t->offset, t->numel * sizeof(float));
-        s_be->to_host(fv + ft->offset, v + t->offset, t->numel * sizeof(float));
-    }
-    size_t roff = 0;
-    for (uint32_t r = 1; r < W; r++) { /* the others' experts, in table order */
-        const float *src = (const float *)(recv + roff);
-        size_t want = s_expert_floats(full, self->owner, E, (int32_t)r);
-        if (rb[r] != want * sizeof(float)) {
-            rc = semoe_err(SEMOE_EPROTO, "checkpoint: rank %u sent %zu bytes of experts, its "
-                           "plan says %zu", r, rb[r], want * sizeof(float));
-            break;
-        }
-        for (size_t i = 0; i < n; i++) {
-            const model_param_t *ft = model_params_at(full, i);
-            if (ft->kind != MODEL_PARAM_EXPERT ||
-                self->owner[(size_t)ft->layer * E + (size_t)ft->expert] != (int32_t)r)
-                continue;
-            float *dst[3] = {fw, fm, fv};
-            for (int k = 0; k < 3; k++, src += ft->numel)
-                memcpy(dst[k] + ft->offset, src, ft->numel * sizeof(float));
-        }
-        roff += rb[r];
-    }
-    if (rc == SEMOE_OK) {
-        char dir[4096];
-        uint64_t samples = model_data_samples(self->data, MODEL_DATA_TRAIN);
-        uint64_t pos = self->step * job->train.global_batch;
-        model_ckpt_state_t st = {.step = self->step, .seed = job->train.seed,
-                                 .epoch = pos / samples, .position = pos % samples,
-                                 .generation = self->plan.generation};
-        int64_t t0 = clock_mono_us();
-        rc = model_ckpt_step_dir(job->train.checkpoint_dir, self->step, dir, sizeof dir);
-        if (rc == SEMOE_OK)
-            rc = model_ckpt_save_host(dir, full, fm, fv, model_train_adam_step(self->tr), &st);
-        if (rc == SEMOE_OK)
-            rc = model_ckpt_publish(job->train.checkpoint_dir, self->step, S_CKPT_KEEP);
-        if (rc == SEMOE_OK)
-            log_info("checkpoint of step %" PRIu64 " written to %s in %.2f s", self->step, dir,
-                     (double)(clock_mono_us() - t0) / 1e6);
-        else
-            log_error("checkpoint of step %" PRIu64 " not written: %s", self->step,
-                      semoe_err_msg());
-        rc = SEMOE_OK; /* not the comm's fault */
-    }
-    free(fm);
-    free(fv);
-    model_params_destroy(&full);
-out:
-    free(recv);
-    free(sb);
-    free(rb);
-    return rc;
+    int64_t t0 = clock_mono_us();
+    (void)worker_ckpt_writer_wait(self->writer); /* one model copy at a time; outcome logged */
+    worker_snapshot_t *snap = NULL;
+    SEMOE_CHECK(worker_snapshot_gather(self->comm, s_be, self->params, self->tr, self->owner,
+                                       S_COMM_TIMEOUT_MS, &snap));
+    self->t_snapshot = (double)(clock_mono_us() - t0) / 1e6;
+    if (!snap)
+        return SEMOE_OK; /* not rank 0: its part is done */
+    uint64_t samples = model_data_samples(self->data, MODEL_DATA_TRAIN);
+    uint64_t pos = self->step * job->train.global_batch;
+    model_ckpt_state_t st = {.step = self->step, .seed = job->train.seed,
+                             .epoch = pos / samples, .position = pos % samples,
+                             .generation = self->plan.generation,
+                             .run = self->plan.run_id};
+    log_info("checkpoint of step %" PRIu64 ": snapshot of %.1f MB in %.3f s", self->step,
+             worker_snapshot_bytes(snap) / 1e6, self->t_snapshot);
+    worker_ckpt_writer_start(self->writer, snap, job->train.checkpoint_dir, S_CKPT_KEEP,
+                             model_train_adam_step(self->tr), &st);
+    if (wait)
+        (void)worker_ckpt_writer_wait(self->writer);
+    return SEMOE_OK;
 }
 
 /* --- steps ---------------------------------------------------------------------------------- */
@@ -610,27 +564,43 @@ static semoe_rc s_step(s_tr_t *self)
         self->prog.eval_loss = ce;
         self->prog.eval_step = self->step;
     }
+    uint32_t ck = job->train.checkpoint_interval;
+    bool checkpoint = job->train.checkpoint_dir[0] && ((ck && self->step % ck == 0) || last);
+    self->t_snapshot = -1;
+    if (checkpoint)
+        SEMOE_CHECK(s_checkpoint(self, last));
     s_metrics_line(self, &rep, seconds, &tf, &prof, evaluate);
     log_debug("step %" PRIu64 ": loss %.4f, %.0f tokens/s", self->step, rep.loss,
               self->prog.tokens_per_s);
-    uint32_t ck = job->train.checkpoint_interval;
-    if (job->train.checkpoint_dir[0] && ((ck && self->step % ck == 0) || last))
-        SEMOE_CHECK(s_checkpoint(self));
     if (last) {
         log_info("training finished at step %" PRIu64 ": loss %.4f, held-out %.4f", self->step,
                  rep.loss, self->prog.eval_loss);
-        s_set_phase(self, PROTO_PHASE_FINISHED);
+        self->prog.phase = PROTO_PHASE_FINISHED;
+        if (self->want_stop) /* the final checkpoint is the STOP's */
+            s_stopped(self);
+        else
+            s_report(self);
         return SEMOE_OK;
     }
-    /* a PAUSE reaches the ranks at different moments: they agree to stop at this boundary
-     * when any of them has one (a float sum of 0/1 flags, exact) */
-    float flag = self->want_pause ? 1.0f : 0.0f;
-    SEMOE_CHECK(comm_allreduce_sum(self->comm, &flag, 1, S_COMM_TIMEOUT_MS));
-    if (flag > 0) {
+    /* A PAUSE or a STOP reaches the ranks at different moments: they agree to pause at this
+     * boundary when any of them has one, and to checkpoint and stop when any has a STOP
+     * (float sums of 0/1 flags: exact). */
+    float flag[2] = {self->want_pause || self->want_stop ? 1.0f : 0.0f,
+                     self->want_stop ? 1.0f : 0.0f};
+    SEMOE_CHECK(comm_allreduce_sum(self->comm, flag, 2, S_COMM_TIMEOUT_MS));
+    if (flag[0] > 0) {
         self->paused = true;
         self->want_pause = false;
-        log_info("paused after step %" PRIu64, self->step);
-        s_set_phase(self, PROTO_PHASE_PAUSED);
+        log_info("paused after step %" PRIu64 "%s", self->step,
+                 flag[1] > 0 ? " to stop" : "");
+        self->prog.phase = PROTO_PHASE_PAUSED;
+    }
+    if (flag[1] > 0) {
+        if (checkpoint)
+            (void)worker_ckpt_writer_wait(self->writer); /* this step's is the STOP's */
+        else if (job->train.checkpoint_dir[0])
+            SEMOE_CHECK(s_checkpoint(self, true));
+        s_stopped(self);
     } else {
         s_report(self);
     }
@@ -644,6 +614,8 @@ static semoe_rc s_step(s_tr_t *self)
 static void s_start_generation(s_tr_t *self)
 {
     s_teardown(self);
+    /* the last generation's checkpoint is on disk (or fenced out) before this one looks */
+    (void)worker_ckpt_writer_wait(self->writer);
     if (!self->have_plan)
         return;
     const worker_plan_t *p = &self->plan;
@@ -716,6 +688,29 @@ static void s_take_job(s_tr_t *self, const void *text, size_t len)
     self->prog = (worker_progress_t){.loss = NAN, .eval_loss = NAN};
 }
 
+/* STOP: training ranks agree on a boundary and checkpoint there (s_step). Paused ranks are all
+ * at one boundary and each gets the STOP: they checkpoint together now. Otherwise there is
+ * nothing to write (no generation, or finished: the last step's checkpoint is the final one). */
+static void s_on_stop(s_tr_t *self)
+{
+    if (self->stopped) {
+        s_report(self);
+        return;
+    }
+    bool training = self->ready && self->step < self->job->train.steps;
+    if (training && !self->paused) {
+        self->want_stop = true;
+        return;
+    }
+    if (training && self->job->train.checkpoint_dir[0]) {
+        semoe_rc rc = s_checkpoint(self, true);
+        if (rc != SEMOE_OK)
+            log_warn("no checkpoint at the stop: %s; the last one stands", semoe_err_msg());
+    }
+    (void)worker_ckpt_writer_wait(self->writer);
+    s_stopped(self);
+}
+
 /* The pokes that came with the plans taken so far: read, so they interrupt nothing later. */
 static void s_drain_pokes(s_tr_t *self)
 {
@@ -754,6 +749,8 @@ static void s_on_pipe(s_tr_t *self)
         } else {
             s_report(self);
         }
+    } else if (n == 4 && memcmp(c, "STOP", 4) == 0) {
+        s_on_stop(self);
     } else if (n == 6 && memcmp(c, "RESUME", 6) == 0) {
         self->want_pause = false;
         if (self->paused) {
@@ -793,7 +790,8 @@ static bool s_pipe_pending(s_tr_t *self)
 static void s_loop(s_tr_t *self)
 {
     while (!self->terminated) {
-        bool train = self->ready && !self->paused && self->step < self->job->train.steps;
+        bool train = self->ready && !self->paused && !self->stopped &&
+                     self->step < self->job->train.steps;
         if (!train || s_pipe_pending(self)) {
             s_on_pipe(self); /* blocks until a command comes */
             continue;
@@ -861,9 +859,11 @@ void worker_trainer_actor(void *pipe, void *args)
         }
         comm_port_set_interrupt(self.port, self.poke);
     }
+    self.writer = worker_ckpt_writer_new();
     actor_signal(pipe, 0);
     s_loop(&self);
     s_drop_job(&self);
+    worker_ckpt_writer_destroy(&self.writer);
     worker_plan_clear(&self.plan);
     free(self.job_text);
     comm_port_destroy(&self.port);

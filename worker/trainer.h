@@ -29,6 +29,7 @@ typedef struct {
     uint64_t ready_gen;     /* the last generation whose plan it has taken up (migrated) */
     uint32_t phase;         /* proto_phase_t (proto/msg.h), as HEARTBEAT carries it */
     uint32_t handed_over;   /* 1 once, as a donor, it handed its state over */
+    uint32_t stopped;       /* 1 once a STOP's checkpoint is written (or there was none to do) */
     uint32_t n_load;        /* entries in the load frame that follows (layers x experts) */
 } worker_progress_t;
 
@@ -58,6 +59,8 @@ typedef struct {
  *                      a donor hand the state over; progress.ready_gen says when it is done
  *   "PAUSE"            stop at the next step boundary the ranks agree on (phase PAUSED)
  *   "RESUME"           go on
+ *   "STOP"             checkpoint at the next step boundary the ranks agree on (at once when
+ *                      paused), then take no more steps; progress.stopped says when it is done
  *   "$TERM"            end
  * From the actor: "PROGRESS" [worker_progress_t] [n_load uint32 tokens per expert (layer*E+j)
  * the experts held here received in the last step, 0 elsewhere]. A byte on the poke socket
