@@ -5,7 +5,8 @@
  * gets SIGTERM: it hands its experts over and leaves, no step lost; (3) kill -9 without
  * replicas: the survivors rewind to the last checkpoint and end with the reference's weights;
  * (4) kill -9 with elastic.min_replicas 2: no rewind; (5) a SIGSTOPped worker replaced by the
- * others and then continued cannot corrupt the job. docs/training.md "A generation". */
+ * others and then continued cannot corrupt the job; (6) `semoe stop` checkpoints at a step
+ * boundary and the job started again resumes there. docs/training.md "A generation". */
 #include <cjson/cJSON.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -17,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "model/checkpoint.h"
 #include "tests/harness.h"
 #include "tests/proc.h"
 #include "tests/status_client.h"
@@ -97,16 +99,21 @@ static double s_unix_now(void)
 /* --- runs ----------------------------------------------------------------------------------- */
 
 /* Writes the job for `expected` workers (elastic.min_replicas min_replicas, 0: the default;
- * no rebalancing on load skew, so that the scenario's event makes its only generations), starts
- * its coordinator and n workers. False (said why) when one could not be started. */
-static bool s_start(s_run_t *r, const char *name, int expected, int min_replicas, int n)
+ * no rebalancing on load skew, so that the scenario's event makes its only generations) with
+ * the checkpoint root ck (NULL: the run's own, "<name>-ckpt"), starts its coordinator and n
+ * workers. False (said why) when one could not be started. */
+static bool s_start_in(s_run_t *r, const char *name, const char *ck, int expected,
+                       int min_replicas, int n)
 {
     memset(r, 0, sizeof *r);
     r->name = name;
     r->victim = -1;
     char file[96];
     snprintf(file, sizeof file, "%s-ckpt", name);
-    proc_tmp_path(r->ck, sizeof r->ck, file);
+    if (ck)
+        snprintf(r->ck, sizeof r->ck, "%s", ck);
+    else
+        proc_tmp_path(r->ck, sizeof r->ck, file);
     snprintf(file, sizeof file, "%s.json", name);
     proc_tmp_path(r->job, sizeof r->job, file);
     train_util_job_t job = {.seed = s_seed, .corpus = s_corpus, .checkpoint_dir = r->ck,
@@ -123,6 +130,11 @@ static bool s_start(s_run_t *r, const char *name, int expected, int min_replicas
         if (!train_util_start_worker(&r->w[r->n++], name, i, &r->pp))
             return false;
     return true;
+}
+
+static bool s_start(s_run_t *r, const char *name, int expected, int min_replicas, int n)
+{
+    return s_start_in(r, name, NULL, expected, min_replicas, n);
 }
 
 /* Adds a worker to the run (a join). */
@@ -688,6 +700,67 @@ static void s_zombie(const s_run_t *ref)
             "on SIGTERM after its coordinator was gone");
 }
 
+/* 6. `semoe stop` in the middle of a run: the workers agree on a step boundary, checkpoint
+ * there and exit 0 with the coordinator; every worker stopped at the checkpoint's step. The
+ * job started again by a new coordinator (a new run, whose generations start at 1 again: the
+ * root's fence must let it in) resumes at the next step and ends with the reference's losses
+ * and weights: nothing acknowledged was lost, no step was skipped. */
+static void s_stop(const s_run_t *ref)
+{
+    static s_run_t r, again;
+    if (!s_until(&r, "stop", S_WORKERS, 0, S_JOIN_AT, 0))
+        return;
+    char bin[PATH_MAX];
+    snprintf(bin, sizeof bin, "%s/%s", proc_build_dir(), PROC_CLI);
+    int ec = proc_run(NULL, 10000, "semoe-stop", bin, "stop", "--endpoint", r.pp.control_ep,
+                      (char *)NULL);
+    CHECK(ec == 0, "stop: semoe stop exited %d", ec);
+    double stop_time = s_unix_now();
+    if (!s_finish(&r, -1))
+        return;
+    double gone_ms = (s_unix_now() - stop_time) * 1000;
+    uint64_t last = r.w[0].n ? r.w[0].line[r.w[0].n - 1].step : 0;
+    for (int i = 0; i < r.n; i++) {
+        const train_util_worker_t *w = &r.w[i];
+        uint64_t s = w->n ? w->line[w->n - 1].step : 0;
+        CHECK(s == last, "stop: %s stopped after step %" PRIu64 ", %s after %" PRIu64, w->id, s,
+              r.w[0].id, last);
+        for (int k = 0; k < w->n; k++)
+            s_check_loss(&r, w, k, train_util_find_step(&ref->w[0], w->line[k].step),
+                         &(s_figures_t){0});
+    }
+    char latest[PATH_MAX];
+    uint64_t at = 0;
+    CHECK(model_ckpt_latest(r.ck, latest, sizeof latest, &at) == SEMOE_OK && at == last,
+          "stop: the latest checkpoint is of step %" PRIu64 ", the workers stopped after %" PRIu64
+          ": %s", at, last, semoe_err_msg());
+    if (last >= S_STEPS) {
+        fprintf(stderr, "  stop: the run had finished (step %" PRIu64 ") before the STOP came: "
+                "nothing to resume\n", last);
+        return;
+    }
+    if (!s_start_in(&again, "stop-again", r.ck, S_WORKERS, 0, S_WORKERS) || !s_finish(&again, -1))
+        return;
+    s_figures_t f;
+    memset(&f, 0, sizeof f);
+    s_find_flip(&again, ref, &f);
+    for (int i = 0; i < again.n; i++) {
+        const train_util_worker_t *w = &again.w[i];
+        CHECK(w->n > 0 && w->line[0].step == last + 1 && w->line[w->n - 1].step == S_STEPS &&
+              w->n == (int)(S_STEPS - last), "stop: resumed, %s logged steps %" PRIu64 "..%"
+              PRIu64 " in %d lines, want %" PRIu64 "..%d", w->id, w->n ? w->line[0].step : 0,
+              w->n ? w->line[w->n - 1].step : 0, w->n, last + 1, S_STEPS);
+        for (int k = 0; k < w->n; k++)
+            s_check_loss(&again, w, k, train_util_find_step(&ref->w[0], w->line[k].step), &f);
+    }
+    s_check_weights(&again, ref, &f);
+    fprintf(stderr, "scenario 6 (semoe stop, then the job started again): stopped after step "
+            "%" PRIu64 " (STOP sent at step >= %" PRIu64 "), checkpoint of that step, all exited "
+            "%.0f ms after the STOP; resumed at step %" PRIu64 " by a new run; max relative loss "
+            "difference %.3g; weights of step %d %.3g from the reference's\n", last,
+            r.event_step, gone_ms, last + 1, f.max_rel, f.weights_step, f.weights);
+}
+
 /* --- the test ------------------------------------------------------------------------------- */
 
 int main(void)
@@ -706,6 +779,7 @@ int main(void)
     s_crash(&ref);
     s_replicas(&ref);
     s_zombie(&ref);
+    s_stop(&ref);
     fprintf(stderr, "  total %.1f s\n", (double)(proc_now_ms() - t0) / 1000.0);
     return test_finish();
 }
