@@ -71,6 +71,7 @@ struct reconfig {
     char skew_why[96];      // a rebalance decided, noted at its plan
     uint32_t joined, left, died, removed; // since the last plan, for its log line
     uint64_t moved;
+    uint64_t bytes; // training state the members received, as their PLAN ACKs say
     double before, after;
     bool have_before;
     double last_reconfig_ms;
@@ -153,6 +154,7 @@ static void s_forget(reconfig_t *self)
     self->why[0] = 0;
     self->why_more = 0;
     self->moved = 0;
+    self->bytes = 0;
     self->have_before = false;
 }
 
@@ -165,6 +167,7 @@ static void s_history(reconfig_t *self, double ms)
     status_rebalance_t *h = &self->hist[self->n_hist++];
     *h = (status_rebalance_t){.generation = self->generation, .at_step = self->plan_step,
                               .time = self->change_wall, .moved = self->moved,
+                              .bytes = self->bytes,
                               .before = self->have_before ? self->before : NAN,
                               .after = self->after, .duration_ms = ms};
     if (self->why_more)
@@ -581,6 +584,8 @@ void reconfig_on_ack(reconfig_t *self, member_t *m, const proto_msg_t *msg)
                  msg->ack.status);
     m->state = MEMBER_ACTIVE;
     m->acked_gen = g;
+    if (msg->ack.status == 0)
+        self->bytes += msg->ack.bytes;
     if (self->pending_acks > 0)
         self->pending_acks--;
     switch (self->state) {

@@ -275,8 +275,8 @@ static void s_rebalances(s_json_t *j, const status_view_t *v)
         s_str(j, r->why);
         s_key(j, "moved", false);
         s_u64(j, r->moved);
-        s_key(j, "bytes", false); // the workers will report it
-        S_LIT(j, "null");
+        s_key(j, "bytes", false);
+        s_u64(j, r->bytes);
         s_key(j, "before", false);
         s_f64(j, r->before);
         s_key(j, "after", false);

@@ -25,6 +25,7 @@ typedef struct {
     char why[STATUS_WHY_MAX]; /* "join w5", "leave w2", "death w3", "skew 2.41 > 1.30 for 5
                                  steps", comma-separated */
     uint64_t moved;       /* expert copies placed anew, summed over its PLANs */
+    uint64_t bytes;       /* training state moved between workers (their PLAN ACKs' sum) */
     double before, after; /* imbalance under the smoothed loads before, and predicted after;
                              NaN (null) while no loads are known */
     double duration_ms;   /* PAUSE sent (or the change seen, without a pause) -> RESUME sent */

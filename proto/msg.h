@@ -177,9 +177,12 @@ typedef struct {
     X(U32, world, PROTO_MAX_WORKERS)                                                         \
     X(BYTES, comm_id, PROTO_MAX_COMM)
 
+/* bytes: for a PLAN, the training state (weights and optimizer moments) this worker received
+ * from its peers in the generation's migration; 0 otherwise. */
 #define PROTO_ACK_FIELDS(X)                                                                  \
     X(U32, acked_type, PROTO_TYPE_END - 1)      /* what is acked, of the header's generation */ \
-    X(U32, status, UINT32_MAX)                  /* 0 = applied */
+    X(U32, status, UINT32_MAX)                  /* 0 = applied */                            \
+    X(U64, bytes, UINT64_MAX)
 
 #define PROTO_PAUSE_FIELDS(X) X(U64, step, UINT64_MAX) /* 0: at the next step boundary */
 #define PROTO_RESUME_FIELDS(X) X(U64, step, UINT64_MAX)  /* the step training goes on from */

@@ -66,6 +66,7 @@ void fake_worker_ack(fake_worker_t *self, uint32_t type)
 {
     proto_msg_t m = {.hdr.type = PROTO_ACK};
     m.ack.acked_type = type;
+    m.ack.bytes = type == PROTO_PLAN ? self->ack_bytes : 0;
     fake_worker_send(self, &m);
 }
 

@@ -24,6 +24,7 @@ typedef struct {
     void *sock;             /* DEALER to the coordinator's control endpoint; NULL: closed */
     uint64_t run, gen, seq; /* stamped on what it sends */
     uint32_t rank;          /* of the last PLAN */
+    uint64_t ack_bytes;     /* what its ACKs say it received in a migration */
     /* received */
     int welcomes, plans, pauses, resumes, heartbeats, stops, errors;
     uint64_t heartbeat_gen; /* generation of the last coordinator HEARTBEAT */

@@ -8,6 +8,7 @@
  * others and then continued cannot corrupt the job; (6) `semoe stop` checkpoints at a step
  * boundary and the job started again resumes there. docs/training.md "A generation". */
 #include <cjson/cJSON.h>
+#include <ctype.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
@@ -497,6 +498,53 @@ static bool s_reference(s_run_t *ref)
     return ok;
 }
 
+/* The newest history entry whose why names the join of worker id, or NULL. */
+static const cJSON *s_join_entry(const cJSON *st, const char *id)
+{
+    const cJSON *h = cJSON_GetObjectItemCaseSensitive(st, "rebalances"), *e, *found = NULL;
+    char want[80];
+    snprintf(want, sizeof want, "join %s", id);
+    cJSON_ArrayForEach(e, h)
+    {
+        const cJSON *why = cJSON_GetObjectItemCaseSensitive(e, "why");
+        if (cJSON_IsString(why) && strstr(why->valuestring, want))
+            found = e;
+    }
+    return found;
+}
+
+static bool s_join_in_history(const cJSON *st, void *arg, char *why, size_t n)
+{
+    if (s_join_entry(st, arg))
+        return true;
+    snprintf(why, n, "no join of %s in the history yet", (const char *)arg);
+    return false;
+}
+
+/* The bytes the history entry of id's join says moved (-1: none). */
+static double s_join_bytes(const cJSON *st, const char *id)
+{
+    const cJSON *b = cJSON_GetObjectItemCaseSensitive(s_join_entry(st, id), "bytes");
+    return cJSON_IsNumber(b) ? b->valuedouble : -1;
+}
+
+/* The number before the last `suffix` in p's stderr ("(1.5 MB in": 1.5), or -1. */
+static double s_log_double(const proc_t *p, const char *suffix)
+{
+    char *text = proc_read_file(proc_err_path(p), NULL);
+    double v = -1;
+    for (const char *at = text ? strstr(text, suffix) : NULL; at; at = strstr(at + 1, suffix)) {
+        const char *b = at;
+        while (b > text && b[-1] == ' ')
+            b--;
+        while (b > text && (isdigit((unsigned char)b[-1]) || b[-1] == '.'))
+            b--;
+        v = strtod(b, NULL);
+    }
+    free(text);
+    return v;
+}
+
 /* 1. Two workers train; a third joins after step S_JOIN_AT: the generation goes on from the step
  * the others had done, without a rewind or a repeated step. */
 static void s_join(const s_run_t *ref)
@@ -505,7 +553,17 @@ static void s_join(const s_run_t *ref)
     if (!s_until(&r, "join", 2, 0, S_JOIN_AT, 0))
         return;
     CHECK(s_add_worker(&r), "join: cannot start the joiner");
+    char *jid = r.w[r.n - 1].id;
+    cJSON *st = test_status_wait(r.pp.status_ep, s_join_in_history, jid, S_GONE_MS, 10);
+    CHECK(st != NULL, "join: no rebalance for the join in the status's history");
+    double bytes = st ? s_join_bytes(st, jid) : -1;
+    cJSON_Delete(st);
     s_finish(&r, -1);
+    /* what the joiner says it received is what the history says moved (the others only keep) */
+    const train_util_worker_t *jw = &r.w[r.n - 1];
+    double mb_in = s_log_double(jw->proc, "MB in");
+    CHECK(bytes > 0 && fabs(bytes / 1e6 - mb_in) <= 0.05 + 1e-9, "join: the history says %.0f "
+          "bytes moved, the joiner's log %.1f MB in", bytes, mb_in);
     s_figures_t f;
     s_check(&r, ref, &(s_expect_t){.max_repeats = 0, .first_after = S_JOIN_AT}, &f);
     s_check_no_rewind(&r);
@@ -517,8 +575,9 @@ static void s_join(const s_run_t *ref)
           "is %" PRIu64 ", its generation kept the state of step %lld", j->n ? j->line[0].step : 0,
           kept);
     s_summary("scenario 1 (join)", &r, &f);
-    fprintf(stderr, "  the joiner took part from step %lld; %d steps ran while it started\n",
-            kept + 1, (int)(kept - (long long)r.event_step));
+    fprintf(stderr, "  the joiner took part from step %lld; %d steps ran while it started; the "
+            "history says %.0f bytes moved (the joiner received %.1f MB)\n", kept + 1,
+            (int)(kept - (long long)r.event_step), bytes, mb_in);
 }
 
 /* 2. Three workers; one gets SIGTERM after step S_JOIN_AT: it hands its state over and exits 0,

@@ -129,12 +129,14 @@ static void s_send_join(s_ctl_t *self)
     log_debug("JOIN sent to %s", cfg->coordinator);
 }
 
-static void s_send_ack(s_ctl_t *self, uint32_t acked_type, uint64_t generation, uint32_t status)
+static void s_send_ack(s_ctl_t *self, uint32_t acked_type, uint64_t generation, uint32_t status,
+                       uint64_t bytes)
 {
     proto_msg_t msg = {0};
     msg.hdr = s_header(self, PROTO_ACK, generation);
     msg.ack.acked_type = acked_type;
     msg.ack.status = status;
+    msg.ack.bytes = bytes;
     s_send(self, &msg);
 }
 
@@ -346,14 +348,14 @@ static void s_on_plan(s_ctl_t *self, const proto_msg_t *msg)
     }
     if (self->have_plan && gen == self->plan.generation) {
         if (self->plan_acked) /* a repeat: our ACK may have crossed it */
-            s_send_ack(self, PROTO_PLAN, gen, 0);
+            s_send_ack(self, PROTO_PLAN, gen, 0, self->progress.moved_bytes);
         return;
     }
     const char *problem = worker_plan_check(p, self->load ? self->num_layers : 0,
                                             self->load ? self->num_experts : 0);
     if (problem) {
         log_error("PLAN of generation %" PRIu64 " refused: %s", gen, problem);
-        s_send_ack(self, PROTO_PLAN, gen, 1);
+        s_send_ack(self, PROTO_PLAN, gen, 1, 0);
         return;
     }
     worker_plan_take(&self->plan, gen, p, self->cfg->id);
@@ -387,11 +389,11 @@ static void s_ack_progress(s_ctl_t *self)
         return;
     if (self->have_plan && !self->plan_acked &&
         self->progress.ready_gen == self->plan.generation) {
-        s_send_ack(self, PROTO_PLAN, self->plan.generation, 0);
+        s_send_ack(self, PROTO_PLAN, self->plan.generation, 0, self->progress.moved_bytes);
         self->plan_acked = true;
     }
     if (self->pause_pending && self->progress.phase == PROTO_PHASE_PAUSED) {
-        s_send_ack(self, PROTO_PAUSE, self->pause_gen, 0);
+        s_send_ack(self, PROTO_PAUSE, self->pause_gen, 0, 0);
         self->pause_pending = false;
     }
 }
@@ -495,7 +497,7 @@ static void s_on_message(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
         s_on_plan(self, msg);
         break;
     case PROTO_COMM:
-        s_send_ack(self, PROTO_COMM, msg->hdr.generation, 0);
+        s_send_ack(self, PROTO_COMM, msg->hdr.generation, 0, 0);
         break;
     case PROTO_PAUSE:
         self->paused = true;

@@ -423,6 +423,7 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
     self->params = params;
     self->tr = tr;
     self->step = res.step;
+    self->prog.moved_bytes = res.rewind ? 0 : res.bytes_in;
 
     s_owners(self);
     self->tokens = semoe_xmalloc((size_t)max_rows * (job->train.seq_len + 1));
@@ -491,7 +492,7 @@ static semoe_rc s_checkpoint(s_tr_t *self, bool wait)
                              .epoch = pos / samples, .position = pos % samples,
                              .generation = self->plan.generation,
                              .run = self->plan.run_id};
-    log_info("checkpoint of step %" PRIu64 ": snapshot of %.1f MB in %.3f s", self->step,
+    log_info("checkpoint of step %" PRIu64 ": snapshot (%.1f MB) taken in %.3f s", self->step,
              worker_snapshot_bytes(snap) / 1e6, self->t_snapshot);
     worker_ckpt_writer_start(self->writer, snap, job->train.checkpoint_dir, S_CKPT_KEEP,
                              model_train_adam_step(self->tr), &st);

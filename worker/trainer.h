@@ -27,6 +27,7 @@ typedef struct {
     double eval_loss;       /* held-out cross-entropy at eval_step (NaN: none) */
     double tokens_per_s;    /* this worker's targets per second over the last step */
     uint64_t ready_gen;     /* the last generation whose plan it has taken up (migrated) */
+    uint64_t moved_bytes;   /* training state it received from peers in that migration */
     uint32_t phase;         /* proto_phase_t (proto/msg.h), as HEARTBEAT carries it */
     uint32_t handed_over;   /* 1 once, as a donor, it handed its state over */
     uint32_t stopped;       /* 1 once a STOP's checkpoint is written (or there was none to do) */
