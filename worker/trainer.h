@@ -4,11 +4,12 @@
  * the dense tensors) and reports progress to the control actor. docs/training.md is the
  * picture.
  *
- * A generation starts from the last checkpoint under train.checkpoint_dir (rank 0 picks it and
- * tells the others), or from the seeded initialisation when there is none: so a job that is
- * started again, on any number of workers, resumes where its last checkpoint left it, and a
- * change of membership in the middle of training rewinds every worker consistently to that
- * checkpoint (moving experts between live workers instead is the elastic trainer's). */
+ * A generation starts with a migration (worker/migrate.h): the workers' newest training state
+ * moves peer to peer to the new placement, or, when some of it has no live holder, every
+ * worker rewinds consistently to the last checkpoint under train.checkpoint_dir (or the seeded
+ * initialisation when there is none): so a job that is started again, on any number of
+ * workers, resumes where its last checkpoint left it. Checkpoints are written in the
+ * background from a snapshot and fenced by generation (worker/ckpt.h). */
 #ifndef SEMOE_WORKER_TRAINER_H
 #define SEMOE_WORKER_TRAINER_H
 
