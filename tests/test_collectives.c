@@ -197,7 +197,7 @@ static void s_check_alltoallv(s_rank_t *me, comm_t *c, uint64_t it)
         stot += send_bytes[r];
         rtot += s_a2a_len(it, r, my);
     }
-    uint8_t *send = malloc(stot + 1), *recv = malloc(rtot + 1);
+    uint8_t *send = calloc(stot + 1, 1), *recv = calloc(rtot + 1, 1);
     for (uint32_t r = 0, off = 0; r < w; off += (uint32_t)send_bytes[r], r++)
         for (size_t i = 0; i < send_bytes[r]; i++)
             send[off + i] = s_a2a_byte(it, my, r, i);
