@@ -44,6 +44,7 @@ bench: $(BUILD)/build.ninja
 	$(BUILD)/bench/bench_train_cpu
 	$(BUILD)/bench/bench_train_workers
 	$(BUILD)/bench/bench_train_workers --hidden 512
+	$(BUILD)/bench/bench_skew
 
 fuzz:
 	[ -f build-fuzz/build.ninja ] || CC=clang meson setup build-fuzz -Dcuda=disabled -Dfuzz=true

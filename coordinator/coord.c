@@ -21,6 +21,7 @@
 #include "coordinator/metrics.h"
 #include "coordinator/progress.h"
 #include "coordinator/reconfig.h"
+#include "coordinator/state.h"
 #include "coordinator/status.h"
 #include "proto/msg.h"
 
@@ -35,6 +36,9 @@
 #define S_CONTROL_BUDGET 16
 /* HEARTBEATs go out in this many slices of the interval, one slice per tick. */
 #define S_HEARTBEAT_SLICES 32
+/* --state-dir: changes other than a new generation are written this long after the first, so
+ * that a burst of joins costs a few writes, not one each. */
+#define S_SAVE_DELAY_MS 10
 
 struct coord {
     uv_loop_t loop;
@@ -42,7 +46,7 @@ struct coord {
     void *ctx, *control, *status;
     zloop_watch_t *control_watch, *status_watch;
     metrics_t *metrics;
-    uv_timer_t heartbeat_timer, stop_timer;
+    uv_timer_t heartbeat_timer, stop_timer, save_timer;
     uv_signal_t sigterm, sigint;
 
     model_job_t *job;
@@ -62,6 +66,11 @@ struct coord {
     int64_t tick_ms;       // the last heartbeat tick
     uint64_t ticks;        // heartbeat ticks so far: members are served by slices
     bool stopping;
+
+    state_store_t *store;  // --state-dir, or NULL
+    bool restoring;        // restarted on a state: waiting for its members to come back
+    uint32_t restored;     // members the state listed
+    uint32_t returned;     // ... that came back
 };
 
 /* --- sending ----------------------------------------------------------------------------------- */
@@ -77,6 +86,8 @@ static proto_header_t s_header(coord_t *self, proto_type_t type)
  * and the peer's liveness takes care of the rest. */
 static void s_send(coord_t *self, const void *rid, size_t rid_len, proto_msg_t *msg)
 {
+    if (rid_len == 0) // a restored member that has not come back: no connection yet
+        return;
     if (proto_send(self->control, rid, rid_len, msg) != SEMOE_OK)
         log_debug("sending %s: %s", proto_type_name(msg->hdr.type), semoe_err_msg());
 }
@@ -93,6 +104,61 @@ s_send_error(coord_t *self, const void *rid, size_t rid_len, uint32_t code, cons
     s_send(self, rid, rid_len, &msg);
 }
 
+/* --- the state on disk (--state-dir) ----------------------------------------------------------- */
+
+/* Writes the state now (with --state-dir). */
+static semoe_rc s_save(coord_t *self)
+{
+    if (!self->store)
+        return SEMOE_OK;
+    uv_timer_stop(&self->save_timer);
+    state_t st = {.run_id = self->run_id, .job = self->job_json, .started = self->started,
+                  .stopped = self->stopping, .step = progress_step(self->progress),
+                  .training = progress_training(self->progress), .counters = self->counters,
+                  .members = self->members};
+    reconfig_save(self->reconfig, &st);
+    return state_store_save(self->store, &st);
+}
+
+/* s_save while serving: a failure is logged and the job goes on (a restart would take up the
+ * state as it was last written). */
+static void s_save_serving(coord_t *self)
+{
+    if (s_save(self) != SEMOE_OK)
+        log_error("--state-dir: %s (a restart would take up the state written before)",
+                  semoe_err_msg());
+}
+
+static void s_on_save_timer(uv_timer_t *timer) { s_save_serving(timer->data); }
+
+/* Writes the state soon (S_SAVE_DELAY_MS), with whatever else changes meanwhile. */
+static void s_save_soon(coord_t *self)
+{
+    if (self->store && !uv_is_active((uv_handle_t *)&self->save_timer))
+        uv_timer_start(&self->save_timer, s_on_save_timer, S_SAVE_DELAY_MS, 0);
+}
+
+/* reconfig's: a generation is about to go out (now), or the history grew. */
+static void s_persist(void *arg, bool now)
+{
+    if (now)
+        s_save_serving(arg);
+    else
+        s_save_soon(arg);
+}
+
+/* A restarted coordinator plans once every member its state listed is back or gone. */
+static void s_check_restored(coord_t *self)
+{
+    if (!self->restoring || members_unbound(self->members) > 0)
+        return;
+    self->restoring = false;
+    if (self->restored)
+        log_info("restart: %u of the %u workers of the saved state are back: planning",
+                 self->returned, self->restored);
+    reconfig_release(self->reconfig);
+}
+
 /* --- membership changes ------------------------------------------------------------------------ */
 
 static void s_quit(coord_t *self) { uv_stop(&self->loop); }
@@ -104,6 +170,8 @@ static void s_remove(coord_t *self, member_t *m, reconfig_gone_t why, bool fence
     if (fence)
         members_fence(self->members, m->rid, m->rid_len);
     members_remove(self->members, m);
+    s_save_soon(self);
+    s_check_restored(self);
     if (self->stopping && members_count(self->members) == 0) {
         log_info("every worker is gone: exiting");
         s_quit(self);
@@ -151,6 +219,34 @@ static bool s_control_pending(coord_t *self)
 
 static void s_stop(coord_t *self, const void *rid, size_t rid_len, uint32_t checkpoint);
 
+/* WELCOME to m: its name, the heartbeat settings and the job. */
+static void s_welcome(coord_t *self, const member_t *m)
+{
+    proto_msg_t msg = {.hdr = s_header(self, PROTO_WELCOME)};
+    snprintf(msg.welcome.worker_id, sizeof msg.welcome.worker_id, "%s", m->id);
+    msg.welcome.heartbeat_ms = self->heartbeat_ms;
+    msg.welcome.liveness = self->liveness;
+    msg.welcome.job = (proto_bytes_t){(const uint8_t *)self->job_json,
+                                      (uint32_t)strlen(self->job_json)};
+    s_send(self, m->rid, m->rid_len, &msg);
+}
+
+/* A member of the saved state is back (its JOIN after a restart): it gets this connection and
+ * WELCOME and keeps its place (the same run id: a worker keeps its training state); the
+ * restart's plan follows once every member of the state is back or gone. */
+static void s_on_return(coord_t *self, const void *rid, size_t rid_len, member_t *m,
+                        const proto_join_t *j)
+{
+    log_info("worker %s is back (pid %u)", m->id, j->pid);
+    self->returned++;
+    members_bind(self->members, m, rid, rid_len);
+    members_set_caps(m, j);
+    m->last_seen_ms = clock_mono_ms();
+    s_welcome(self, m);
+    s_save_soon(self);
+    s_check_restored(self);
+}
+
 /* JOIN from rid; m is the member on that connection, if any. */
 static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *m,
                       const proto_join_t *j)
@@ -166,6 +262,19 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         return;
     }
     member_t *other = members_by_id(self->members, j->id);
+    if (other && !m && !members_bound(other)) {
+        if (other->pid == j->pid && strcmp(other->host, j->host) == 0) {
+            s_on_return(self, rid, rid_len, other, j);
+            return;
+        }
+        /* The process of the saved state is gone, and its training state with it: a death
+         * (the plan cannot wait for its peers to pause: they wait for it), then a join. */
+        log_warn("worker %s: another process (pid %u on %s, was %u on %s) since the restart: the "
+                 "old one is dead", j->id, j->pid, j->host, other->pid, other->host);
+        self->counters.deaths++;
+        s_remove(self, other, RECONFIG_DIED, false);
+        other = NULL;
+    }
     if (other && other != m) {
         log_debug("JOIN as %s refused: a live member has that id", j->id);
         s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED,
@@ -207,17 +316,12 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
     }
     members_set_caps(m, j);
     m->last_seen_ms = clock_mono_ms();
-    proto_msg_t msg = {.hdr = s_header(self, PROTO_WELCOME)};
-    snprintf(msg.welcome.worker_id, sizeof msg.welcome.worker_id, "%s", m->id);
-    msg.welcome.heartbeat_ms = self->heartbeat_ms;
-    msg.welcome.liveness = self->liveness;
-    msg.welcome.job = (proto_bytes_t){(const uint8_t *)self->job_json,
-                                      (uint32_t)strlen(self->job_json)};
-    s_send(self, rid, rid_len, &msg);
+    s_welcome(self, m);
     if (dup) { // nothing if it is not placed yet: the plan on its way includes it
         reconfig_rejoined(self->reconfig, m);
     } else {
         reconfig_joined(self->reconfig, m);
+        s_save_soon(self);
     }
 }
 
@@ -302,6 +406,7 @@ static void s_on_leave(coord_t *self, member_t *m, const proto_leave_t *l)
         log_info("worker %s asks to leave after handing over: %s", m->id,
                  l->reason[0] ? l->reason : "-");
         reconfig_handover(self->reconfig, m);
+        s_save_soon(self);
         return;
     }
     log_info("worker %s left: %s", m->id, l->reason[0] ? l->reason : "-");
@@ -319,7 +424,8 @@ static void s_from_stranger(coord_t *self, const void *rid, size_t rid_len, cons
     }
     if (type == PROTO_LEAVE) // it has gone already
         return;
-    self->counters.protocol_errors++;
+    if (!self->restoring) // after a restart, the members' traffic before their JOIN is no error
+        self->counters.protocol_errors++;
     // Fenced connections are ignored; an ERROR is never answered (no ping-pong).
     if (type == PROTO_ERROR || members_fenced(self->members, rid, rid_len))
         return;
@@ -439,8 +545,12 @@ static void s_on_heartbeat_timer(uv_timer_t *timer)
         next = m->next;
         int64_t silent = now - m->last_seen_ms;
         if (silent > limit && !stalled && (!backlog || silent > 2 * limit)) {
-            log_warn("worker %s: silent for %" PRId64 " ms (%u x %u ms): dead", m->id, silent,
-                     self->liveness, self->heartbeat_ms);
+            if (members_bound(m))
+                log_warn("worker %s: silent for %" PRId64 " ms (%u x %u ms): dead", m->id, silent,
+                         self->liveness, self->heartbeat_ms);
+            else
+                log_warn("worker %s: not back %" PRId64 " ms after the restart (%u x %u ms): "
+                         "dead", m->id, silent, self->liveness, self->heartbeat_ms);
             self->counters.deaths++;
             s_remove(self, m, RECONFIG_DIED, false);
             continue;
@@ -510,6 +620,7 @@ static void s_view(void *arg, status_view_t *v)
     coord_t *self = arg;
     uint32_t n = members_count(self->members);
     const char *state = self->stopping                     ? "stopping"
+                        : self->restoring                  ? "restoring"
                         : n == 0 || !self->started         ? "waiting"
                         : reconfig_busy(self->reconfig)    ? "reconfiguring"
                                                            : "running";
@@ -586,6 +697,66 @@ static void s_data_paths_absolute(model_job_t *job)
     }
 }
 
+/* The job and its text for WELCOME: the one given, which must be the saved state's when there
+ * is one, or else the state's. With a state, its text goes out as it is: a worker that gets
+ * another text for its job starts the job again. */
+static semoe_rc s_take_job(coord_t *self, const state_t *st)
+{
+    if (!self->job && !st)
+        return semoe_err(SEMOE_EINVAL, "--config JOB.json is required%s", self->store ?
+                         " (--state-dir holds no saved job yet)" : "");
+    if (!self->job)
+        SEMOE_CHECK(model_job_parse(st->job, strlen(st->job), state_store_path(self->store),
+                                    &self->job));
+    /* Not the spec's own text: its "model" may name a config.json only this host has. */
+    s_data_paths_absolute(self->job);
+    self->job_json = model_job_to_json(self->job);
+    if (!st)
+        return SEMOE_OK;
+    SEMOE_CHECK(state_check_job(self->store, st, self->job_json));
+    free(self->job_json);
+    self->job_json = semoe_xstrdup(st->job);
+    return SEMOE_OK;
+}
+
+/* Takes up a saved state after the members went into the table (unbound, or none when the
+ * state says its job was stopped): counters, progress, the placement and the history; the
+ * members get a liveness window from now to come back. Members that were leaving with handover
+ * are let go: their next message gets NOT_MEMBER, on which they leave. */
+static void s_restore(coord_t *self, state_t *st)
+{
+    self->counters = st->counters;
+    self->counters.heartbeats = self->counters.protocol_errors = 0; // this process's own
+    self->counters.restarts++;
+    self->started = self->started || st->started;
+    if (self->started)
+        reconfig_start(self->reconfig);
+    progress_restore(self->progress, st->step, st->training);
+    if (st->stopped) // its workers were told to stop: nobody comes back to the placement
+        st->world = 0;
+    reconfig_restore(self->reconfig, st);
+    int64_t now = clock_mono_ms();
+    for (member_t *m = members_first(self->members); m; m = m->next)
+        m->last_seen_ms = now;
+    self->restored = members_count(self->members);
+    self->restoring = true;
+    log_info("restart %" PRIu64 " of run %016" PRIx64 " from %s: generation %" PRIu64 ", step %"
+             PRIu64 "%s; %u workers to come back within %u ms", self->counters.restarts,
+             self->run_id, state_store_path(self->store), st->generation, st->step,
+             st->stopped ? " (the job was stopped: its workers are not waited for)" : "",
+             self->restored, self->liveness * self->heartbeat_ms);
+    for (member_t *m = members_first(self->members), *next; m; m = next) {
+        next = m->next;
+        if (!m->leaving)
+            continue;
+        log_warn("worker %s was leaving with handover: it is let go (a replica or the last "
+                 "checkpoint restores what it held)", m->id);
+        self->counters.leaves++;
+        s_remove(self, m, RECONFIG_LEFT, false);
+    }
+    s_check_restored(self);
+}
+
 /* A run id orders runs by start time: the wall clock's milliseconds above 20 random bits. The
  * checkpoint root's fence (model/checkpoint.h) compares (run, generation), so that a job
  * resumed by a new coordinator, whose generations start again at 1, still fences out the
@@ -605,10 +776,14 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     coord_t *self = semoe_xcalloc(1, sizeof *self);
     self->job = *job;
     *job = NULL;
+    state_t *st = NULL;
+    if (opts->state_dir) {
+        SEMOE_CHECK_GOTO(state_store_open(opts->state_dir, &self->store), rc, fail);
+        SEMOE_CHECK_GOTO(state_store_load(self->store, &st), rc, fail);
+    }
+    SEMOE_CHECK_GOTO(s_take_job(self, st), rc, fail);
+    rc = SEMOE_EINVAL;
     const model_job_t *j = self->job;
-    /* Not the spec's own text: its "model" may name a config.json only this host has. */
-    s_data_paths_absolute(self->job);
-    self->job_json = model_job_to_json(j);
     self->L = j->model.num_hidden_layers;
     self->E = j->model.num_local_experts;
     self->n_total = (uint64_t)self->L * self->E;
@@ -631,8 +806,10 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
                   j->json_len, PROTO_MAX_MSG / 2);
         goto fail;
     }
-    self->run_id = s_run_id();
-    self->members = members_new();
+    self->run_id = st ? st->run_id : s_run_id(); // the workers keep their state for this run
+    self->members = st && !st->stopped ? st->members : members_new();
+    if (st && self->members == st->members)
+        st->members = NULL; // ours now
     SEMOE_CHECK_GOTO(progress_new(self->n_total, opts->metrics_log, &self->progress), rc, fail);
     if (uv_loop_init(&self->loop) != 0) {
         rc = semoe_err(SEMOE_ESYS, "uv_loop_init failed");
@@ -665,16 +842,17 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     }
     uv_timer_init(&self->loop, &self->heartbeat_timer);
     uv_timer_init(&self->loop, &self->stop_timer);
+    uv_timer_init(&self->loop, &self->save_timer);
     uv_signal_init(&self->loop, &self->sigterm);
     uv_signal_init(&self->loop, &self->sigint);
     self->handles_open = true;
-    self->heartbeat_timer.data = self->stop_timer.data = self;
+    self->heartbeat_timer.data = self->stop_timer.data = self->save_timer.data = self;
     reconfig_opts_t ro = {.loop = &self->loop, .control = self->control,
                           .members = self->members, .progress = self->progress, .job = j,
                           .run_id = self->run_id, .seq = &self->seq,
                           .counters = &self->counters, .heartbeat_ms = self->heartbeat_ms,
                           .liveness = self->liveness, .remove = s_reconfig_remove,
-                          .remove_arg = self};
+                          .persist = self->store ? s_persist : NULL, .remove_arg = self};
     self->reconfig = reconfig_new(&ro);
     self->sigterm.data = self->sigint.data = self;
     uint64_t tick = self->heartbeat_ms / S_HEARTBEAT_SLICES;
@@ -682,6 +860,15 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     uv_signal_start(&self->sigterm, s_on_signal, SIGTERM);
     uv_signal_start(&self->sigint, s_on_signal, SIGINT);
     self->start_ms = clock_mono_ms();
+    if (st)
+        s_restore(self, st);
+    state_destroy(&st);
+    /* a fresh start creates the file, a restart counts itself; a directory that cannot take it
+     * is found now rather than at the first generation */
+    if (s_save(self) != SEMOE_OK) {
+        rc = SEMOE_EINVAL;
+        goto fail;
+    }
     log_info("run %016" PRIx64 ": control %s, status %s, metrics %s; %u layers x %u experts, "
              "heartbeat %u ms x %u", self->run_id, opts->control, opts->status,
              self->metrics ? opts->metrics : "off", self->L, self->E, self->heartbeat_ms,
@@ -689,6 +876,7 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     *self_p = self;
     return SEMOE_OK;
 fail:
+    state_destroy(&st);
     coord_destroy(&self);
     return rc;
 }
@@ -696,6 +884,7 @@ fail:
 semoe_rc coord_run(coord_t *self)
 {
     uv_run(&self->loop, UV_RUN_DEFAULT);
+    s_save_serving(self); // after a STOP it says so: a restart waits for none of these workers
     return SEMOE_OK;
 }
 
@@ -710,6 +899,7 @@ void coord_destroy(coord_t **self_p)
     if (self->handles_open) {
         uv_close((uv_handle_t *)&self->heartbeat_timer, NULL);
         uv_close((uv_handle_t *)&self->stop_timer, NULL);
+        uv_close((uv_handle_t *)&self->save_timer, NULL);
         uv_close((uv_handle_t *)&self->sigterm, NULL);
         uv_close((uv_handle_t *)&self->sigint, NULL);
     }
@@ -733,6 +923,7 @@ void coord_destroy(coord_t **self_p)
     progress_destroy(&self->progress);
     model_job_destroy(&self->job);
     free(self->job_json);
+    state_store_close(&self->store);
     free(self);
     *self_p = NULL;
 }

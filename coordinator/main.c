@@ -1,7 +1,7 @@
 /* semoe-coordinator: reads the flags and the job spec, then runs the coordinator until a STOP
  * has been carried out (an admin's, or its own once training finished) or SIGTERM/SIGINT
- * arrives. Exit codes: 0 done, 1 an endpoint could not be bound, 2 a bad flag, job spec or
- * metrics log (one line on stderr naming it). */
+ * arrives. Exit codes: 0 done, 1 an endpoint could not be bound, 2 a bad flag, job spec,
+ * metrics log or state directory (one line on stderr naming it). */
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -17,12 +17,13 @@
 
 static const char s_usage[] =
     "usage: " S_NAME " --config JOB.json [options]\n"
+    "       " S_NAME " --state-dir DIR [options]      (go on with the job saved in DIR)\n"
     "\n"
     "The coordinator of one semoe job: workers join it, it decides which worker holds which\n"
     "experts (a new generation and PLAN whenever membership changes), and it answers `semoe\n"
     "status` and Prometheus.\n"
     "\n"
-    "  -c, --config JOB.json    the job spec (required)\n"
+    "  -c, --config JOB.json    the job spec (required unless --state-dir holds a saved job)\n"
     "  -b, --bind ENDPOINT      control socket for workers and `semoe stop` (ZeroMQ ROUTER)\n"
     "                           [" COORD_DEFAULT_CONTROL "]\n"
     "  -s, --status ENDPOINT    status socket: send \"status\" from a ZeroMQ REQ, get JSON\n"
@@ -32,6 +33,11 @@ static const char s_usage[] =
     "      --metrics-log FILE   append a JSON line to FILE each time the job's step advances:\n"
     "                           time, step, generation, workers, loss, eval_loss, tokens_per_s,\n"
     "                           imbalance, load per expert (docs/control-plane.md) [none]\n"
+    "      --state-dir DIR      keep the coordinator's state in DIR/state.json (created when\n"
+    "                           missing): started again with the same DIR after a crash, it\n"
+    "                           goes on with the same run, its workers and its placement\n"
+    "                           (docs/control-plane.md, \"Coordinator restart\"). A --config\n"
+    "                           must then be the saved job; leave it out to take that one [none]\n"
     "  -l, --log-level LEVEL    error, warn, info or debug [info]\n"
     "  -h, --help               this text\n"
     "  -V, --version            the version\n"
@@ -40,8 +46,8 @@ static const char s_usage[] =
     "choice. Heartbeat interval, liveness and the workers to wait for before the first plan\n"
     "(expected_workers) come from the job's cluster section.\n"
     "Exits 0 after a STOP (every worker told to stop), once every worker finished train.steps,\n"
-    "or on SIGTERM/SIGINT; 1 when an endpoint cannot be bound, 2 on a bad flag, job spec or\n"
-    "metrics log.\n";
+    "or on SIGTERM/SIGINT; 1 when an endpoint cannot be bound, 2 on a bad flag, job spec,\n"
+    "metrics log or state directory (a damaged DIR/state.json is named and left as it is).\n";
 
 /* The flag getopt stopped at, for messages ("--bnid", "-x"). */
 static const char *s_flag(char **argv, char *buf, size_t n)
@@ -53,7 +59,7 @@ static const char *s_flag(char **argv, char *buf, size_t n)
     return argv[optind - 1];
 }
 
-enum { S_OPT_METRICS_LOG = 1000 };
+enum { S_OPT_METRICS_LOG = 1000, S_OPT_STATE_DIR };
 
 int main(int argc, char **argv)
 {
@@ -66,7 +72,8 @@ int main(int argc, char **argv)
         {"status", required_argument, NULL, 's'},   {"metrics", required_argument, NULL, 'm'},
         {"log-level", required_argument, NULL, 'l'}, {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
-        {"metrics-log", required_argument, NULL, S_OPT_METRICS_LOG}, {NULL, 0, NULL, 0},
+        {"metrics-log", required_argument, NULL, S_OPT_METRICS_LOG},
+        {"state-dir", required_argument, NULL, S_OPT_STATE_DIR}, {NULL, 0, NULL, 0},
     };
     char flag[8];
     opterr = 0; // our own one-line messages
@@ -87,6 +94,9 @@ int main(int argc, char **argv)
             break;
         case S_OPT_METRICS_LOG:
             opts.metrics_log = optarg;
+            break;
+        case S_OPT_STATE_DIR:
+            opts.state_dir = optarg;
             break;
         case 'l':
             level = log_level_parse(optarg);
@@ -116,15 +126,15 @@ int main(int argc, char **argv)
         fprintf(stderr, S_NAME ": unexpected argument '%s' (see --help)\n", argv[optind]);
         return 2;
     }
-    if (!config) {
+    if (!config && !opts.state_dir) {
         fprintf(stderr, S_NAME ": --config JOB.json is required (see --help)\n");
         return 2;
     }
     log_init("coordinator", (log_level_t)level);
     signal(SIGPIPE, SIG_IGN); // a metrics client that hangs up must not end us
 
-    model_job_t *job = NULL;
-    if (model_job_load(config, &job) != SEMOE_OK) {
+    model_job_t *job = NULL; // without --config, the one saved in --state-dir (coord_new)
+    if (config && model_job_load(config, &job) != SEMOE_OK) {
         fprintf(stderr, S_NAME ": %s\n", semoe_err_msg());
         return 2;
     }

@@ -146,6 +146,7 @@ typedef struct {
 struct members {
     member_t *head, *tail;
     uint32_t count;
+    uint32_t unbound;  // members without a routing id
     uint64_t join_seq;
     s_map_t by_rid, by_id;
     s_fence_t *fence; // (MEMBERS_FENCE_MAX) a ring, allocated on first use
@@ -227,14 +228,11 @@ member_t *members_by_id(const members_t *self, const char *id)
     return s_map_get(&self->by_id, id, strlen(id));
 }
 
-member_t *members_add(members_t *self, const void *rid, size_t rid_len, const char *id)
+/* Links a new member with this id last in join order (and into the id map). */
+static member_t *s_link(members_t *self, const char *id)
 {
-    if (self->count >= PROTO_MAX_WORKERS || rid_len == 0 || rid_len > MEMBERS_MAX_RID)
-        return NULL;
     member_t *m = semoe_xcalloc(1, sizeof *m);
     snprintf(m->id, sizeof m->id, "%s", id);
-    memcpy(m->rid, rid, rid_len);
-    m->rid_len = (uint8_t)rid_len;
     m->state = MEMBER_SYNCING;
     members_clear_progress(m);
     m->join_seq = ++self->join_seq;
@@ -245,11 +243,40 @@ member_t *members_add(members_t *self, const void *rid, size_t rid_len, const ch
         self->head = m;
     self->tail = m;
     self->count++;
-    s_map_put(&self->by_rid, m);
     s_map_put(&self->by_id, m);
-    members_unfence(self, rid, rid_len);
     return m;
 }
+
+member_t *members_add(members_t *self, const void *rid, size_t rid_len, const char *id)
+{
+    if (self->count >= PROTO_MAX_WORKERS || rid_len == 0 || rid_len > MEMBERS_MAX_RID)
+        return NULL;
+    member_t *m = s_link(self, id);
+    self->unbound++;
+    members_bind(self, m, rid, rid_len);
+    return m;
+}
+
+member_t *members_add_unbound(members_t *self, const char *id)
+{
+    if (self->count >= PROTO_MAX_WORKERS)
+        return NULL;
+    self->unbound++;
+    return s_link(self, id);
+}
+
+void members_bind(members_t *self, member_t *m, const void *rid, size_t rid_len)
+{
+    if (members_bound(m) || rid_len == 0 || rid_len > MEMBERS_MAX_RID)
+        return;
+    memcpy(m->rid, rid, rid_len);
+    m->rid_len = (uint8_t)rid_len;
+    self->unbound--;
+    s_map_put(&self->by_rid, m);
+    members_unfence(self, rid, rid_len);
+}
+
+uint32_t members_unbound(const members_t *self) { return self->unbound; }
 
 void members_rename(members_t *self, member_t *m, const char *id)
 {
@@ -260,7 +287,10 @@ void members_rename(members_t *self, member_t *m, const char *id)
 
 void members_remove(members_t *self, member_t *m)
 {
-    s_map_del(&self->by_rid, m->rid, m->rid_len);
+    if (members_bound(m))
+        s_map_del(&self->by_rid, m->rid, m->rid_len);
+    else
+        self->unbound--;
     s_map_del(&self->by_id, m->id, strlen(m->id));
     if (m->prev)
         m->prev->next = m->next;

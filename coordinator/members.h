@@ -19,7 +19,7 @@ typedef enum { MEMBER_SYNCING = 0, MEMBER_ACTIVE } member_state_t;
 typedef struct member {
     char id[PROTO_MAX_NAME + 1];
     uint8_t rid[MEMBERS_MAX_RID];
-    uint8_t rid_len;
+    uint8_t rid_len;        /* 0: restored after a restart, not back yet (members_bind) */
     /* capabilities, from JOIN */
     char host[PROTO_MAX_HOST + 1];
     uint32_t pid;
@@ -84,6 +84,17 @@ member_t *members_by_id(const members_t *self, const char *id);
  * else zero; lifts any fence on the routing id. The caller fills in the capabilities. Returns
  * NULL when the table holds PROTO_MAX_WORKERS members already. */
 member_t *members_add(members_t *self, const void *rid, size_t rid_len, const char *id);
+/* Adds a member known only by its worker id (not in the table), as a restarted coordinator
+ * restores it: no routing id until members_bind, SYNCING, no progress. NULL when the table is
+ * full. */
+member_t *members_add_unbound(members_t *self, const char *id);
+/* Gives an unbound member the routing id (1..MEMBERS_MAX_RID bytes, not in the table) its
+ * connection came from, and lifts any fence on it. */
+void members_bind(members_t *self, member_t *m, const void *rid, size_t rid_len);
+/* Whether m has a routing id: messages can reach it. */
+static inline bool members_bound(const member_t *m) { return m->rid_len > 0; }
+/* Members without a routing id. */
+uint32_t members_unbound(const members_t *self);
 /* Gives m another worker id (not in the table); keeps its place in join order. */
 void members_rename(members_t *self, member_t *m, const char *id);
 /* Removes m and frees it; m is invalid afterwards. */

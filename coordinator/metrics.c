@@ -3,6 +3,7 @@
  * text rendering of a status view. */
 #include "coordinator/metrics.h"
 
+#include <inttypes.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -342,6 +343,28 @@ static void s_label(s_text_t *t, const char *v)
     }
 }
 
+/* The load imbalance and the reconfigurations: by kind (each counted once: "mixed" when its
+ * reasons were of several kinds), and the duration of the last. */
+static void s_rebalances(s_text_t *t, const status_view_t *v)
+{
+    s_metric(t, "semoe_load_imbalance", "gauge",
+             "The last step's load imbalance as the workers reported it: the most tokens any "
+             "worker's expert copies took over the mean over workers (NaN: unknown).",
+             v->imbalance);
+    s_metric(t, "semoe_load_imbalance_smoothed", "gauge",
+             "The placement's imbalance under the smoothed loads, layer by layer, as the "
+             "rebalancing rule sees it (NaN: no loads yet).", v->imbalance_smoothed);
+    s_put(t, "# HELP semoe_rebalances_total Reconfigurations done (PAUSE or change to RESUME), by "
+             "the kind of change that made them.\n# TYPE semoe_rebalances_total counter\n");
+    for (int k = 0; k < STATUS_WHY_KINDS; k++)
+        s_put(t, "semoe_rebalances_total{reason=\"%s\"} %" PRIu64 "\n", status_why_names[k],
+              v->rebalances_by_kind ? v->rebalances_by_kind[k] : 0);
+    double last = v->n_rebalances ? v->rebalances[v->n_rebalances - 1].duration_ms / 1000.0 : NAN;
+    s_metric(t, "semoe_rebalance_last_duration_seconds", "gauge",
+             "The last reconfiguration, from the change (or its PAUSE) to RESUME (NaN: none yet).",
+             last);
+}
+
 char *metrics_format(const status_view_t *v, size_t *len)
 {
     s_text_t t = {.cap = 2048};
@@ -392,6 +415,10 @@ char *metrics_format(const status_view_t *v, size_t *len)
              v->last_reconfig_ms < 0 ? 0.0 : v->last_reconfig_ms / 1000.0);
     s_metric(&t, "semoe_uptime_seconds", "gauge", "Seconds since the coordinator started.",
              (double)v->uptime_ms / 1000.0);
+    s_metric(&t, "semoe_restarts_total", "counter",
+             "Times the job's coordinator was started again on its saved state (--state-dir).",
+             (double)v->counters.restarts);
+    s_rebalances(&t, v);
     *len = t.len;
     return t.data;
 }

@@ -217,9 +217,8 @@ semoe_rc plan_compute(plan_t *self, const members_t *members, const double *load
     return SEMOE_OK;
 }
 
-/* Gives each member its experts from the current placement, ascending; the leaving ones become
- * donors. */
-static void s_assign(plan_t *self, members_t *members)
+/* Gives each placed member the experts its rank holds in the current placement, ascending. */
+static void s_experts_by_rank(plan_t *self, members_t *members)
 {
     uint32_t n = self->world;
     uint64_t T = self->n_total, H = self->off[T];
@@ -234,23 +233,28 @@ static void s_assign(plan_t *self, members_t *members)
     for (uint64_t e = 0; e < T; e++)
         for (uint32_t i = self->off[e]; i < self->off[e + 1]; i++)
             by_rank[fill[self->holders[i]]++] = (uint32_t)e;
+    for (member_t *m = members_first(members); m; m = m->next)
+        if (m->placed && m->rank < n)
+            members_set_experts(m, by_rank + roff[m->rank], roff[m->rank + 1] - roff[m->rank]);
+    free(by_rank);
+    free(fill);
+    free(roff);
+}
+
+/* Gives each member its experts from the current placement (ranks from members_renumber); the
+ * leaving ones become donors. */
+static void s_assign(plan_t *self, members_t *members)
+{
     for (member_t *m = members_first(members); m; m = m->next) {
         m->state = MEMBER_SYNCING;
         m->has_load = false;
         m->pause_acked = m->paused = false;
-        if (m->leaving) {
+        m->placed = !m->leaving;
+        m->donor = m->leaving;
+        if (m->leaving)
             members_set_experts(m, NULL, 0);
-            m->placed = false;
-            m->donor = true;
-            continue;
-        }
-        members_set_experts(m, by_rank + roff[m->rank], roff[m->rank + 1] - roff[m->rank]);
-        m->placed = true;
-        m->donor = false;
     }
-    free(by_rank);
-    free(fill);
-    free(roff);
+    s_experts_by_rank(self, members);
 }
 
 semoe_rc plan_place(plan_t *self, members_t *members, const double *load,
@@ -269,6 +273,39 @@ semoe_rc plan_place(plan_t *self, members_t *members, const double *load,
         return semoe_err(SEMOE_EINVAL, "plan: %u ranks placed, %u renumbered", self->world, n);
     s_assign(self, members);
     return SEMOE_OK;
+}
+
+bool plan_keep(plan_t *self, members_t *members, const double *load, plan_report_t *report)
+{
+    uint32_t r = 0;
+    for (const member_t *m = members_first(members); m; m = m->next, r++)
+        if (m->leaving || !m->placed || m->rank != r)
+            return false;
+    if (r == 0 || r != self->world)
+        return false;
+    s_assign(self, members); // the same experts, with fresh load slots as a new plan gives
+    double imbalance = plan_imbalance(self, load);
+    if (report)
+        *report = (plan_report_t){.world = r, .copies = self->off[self->n_total],
+                                  .min_replicas = self->min_replicas < r ? self->min_replicas : r,
+                                  .before = imbalance, .after = imbalance};
+    return true;
+}
+
+void plan_restore(plan_t *self, members_t *members, uint32_t world, const uint32_t *off,
+                  const uint32_t *holders)
+{
+    uint64_t T = self->n_total;
+    self->world = world;
+    self->shared_world = 0;
+    if (world == 0) {
+        memset(self->off, 0, (T + 1) * sizeof *self->off);
+        return;
+    }
+    memcpy(self->off, off, (T + 1) * sizeof *self->off);
+    s_reserve(&self->holders, &self->cap, off[T] ? off[T] : 1);
+    memcpy(self->holders, holders, off[T] * sizeof *self->holders);
+    s_experts_by_rank(self, members);
 }
 
 double plan_imbalance(const plan_t *self, const double *load)
@@ -334,6 +371,8 @@ semoe_rc plan_send(plan_t *self, members_t *members, void *sock, proto_header_t 
 void plan_resend(plan_t *self, const member_t *m, void *sock, proto_header_t *hdr)
 {
     uint32_t rank;
+    if (!members_bound(m)) // restored after a restart and not back: nowhere to send it
+        return;
     if (m->donor)
         rank = PROTO_NO_RANK;
     else if (m->placed && m->rank < self->shared_world)

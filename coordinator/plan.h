@@ -49,6 +49,20 @@ semoe_rc plan_compute(plan_t *self, const members_t *members, const double *load
 semoe_rc plan_place(plan_t *self, members_t *members, const double *load,
                     plan_report_t *report);
 
+/* Applies the current placement again: when the members that are not leaving are exactly the
+ * placed ones, ranks 0..n-1 in join order as they are (a restarted coordinator whose members
+ * all came back), each keeps its experts (SYNCING) and it returns true, *report saying nothing
+ * moves; otherwise it changes nothing and returns false. */
+bool plan_keep(plan_t *self, members_t *members, const double *load, plan_report_t *report);
+
+/* Takes up a saved placement as the current one (a coordinator restarted on its state): world
+ * ranks, expert e on holders[off[e] .. off[e + 1]) (off: n_total + 1 entries, ascending, every
+ * holder < world), and gives each placed member the experts of its rank (< world). Ranks no
+ * member holds are of members gone since. The PLAN itself is not kept: plan_resend sends
+ * nothing until the next plan_send. */
+void plan_restore(plan_t *self, members_t *members, uint32_t world, const uint32_t *off,
+                  const uint32_t *holders);
+
 /* The current placement's imbalance under load (balance_imbalance); NaN when load is NULL or
  * nothing is placed. */
 double plan_imbalance(const plan_t *self, const double *load);
@@ -57,10 +71,11 @@ uint32_t plan_world(const plan_t *self);
 const uint32_t *plan_offsets(const plan_t *self);
 const uint32_t *plan_holders(const plan_t *self);
 
-/* Encodes the PLAN of the last plan_place (step and global_batch go into its body) and sends
- * every placed member and every donor its copy over sock (a ROUTER): hdr gives the run id and
- * generation, and its seq is advanced per message. A member the PLAN cannot be sent to is
- * logged and skipped (its liveness handles it). Fails only when the PLAN cannot be encoded. */
+/* Encodes the PLAN of the last plan_place or plan_keep (step and global_batch go into its body)
+ * and sends every placed member and every donor its copy over sock (a ROUTER): hdr gives the
+ * run id and generation, and its seq is advanced per message. A member the PLAN cannot be sent
+ * to is logged and skipped (its liveness handles it). Fails only when the PLAN cannot be
+ * encoded. */
 semoe_rc plan_send(plan_t *self, members_t *members, void *sock, proto_header_t *hdr,
                    uint64_t step, uint32_t global_batch);
 /* Sends m its copy of the PLAN last sent (after a duplicate JOIN); nothing if m was neither

@@ -166,6 +166,12 @@ bool progress_take(progress_t *self, const member_t *m, const members_t *members
     return true;
 }
 
+void progress_restore(progress_t *self, uint64_t step, bool training)
+{
+    self->step = step;
+    self->training = training;
+}
+
 uint64_t progress_step(const progress_t *self) { return self->step; }
 
 bool progress_training(const progress_t *self) { return self->training; }

@@ -38,6 +38,10 @@ double progress_imbalance(const members_t *members);
 bool progress_take(progress_t *self, const member_t *m, const members_t *members,
                    uint64_t generation, uint32_t world);
 
+/* Takes up the step and whether training began from a coordinator's saved state (the workers'
+ * next reports go on from there). */
+void progress_restore(progress_t *self, uint64_t step, bool training);
+
 /* The most steps any worker reported done. */
 uint64_t progress_step(const progress_t *self);
 /* Whether a worker reported training or a step done (sticky). */

@@ -83,6 +83,12 @@ struct reconfig {
 
     status_rebalance_t hist[RECONFIG_HISTORY]; // oldest first
     uint32_t n_hist;
+    uint64_t by_kind[STATUS_WHY_KINDS]; // every reconfiguration done, by kind
+
+    /* a coordinator restarted on its state (reconfig_restore) */
+    bool held;              // no plan until the restored members are back (reconfig_release)
+    bool keep;              // the restart's plan keeps the placement, if plan_keep still can
+    bool restore_urgent;    // ... but a rank's holder had gone: no pause before it
 };
 
 static const char *s_state_names[] = {"running", "pausing", "syncing"};
@@ -93,6 +99,8 @@ static void s_on_plan_timer(uv_timer_t *timer);
 
 static void s_send(reconfig_t *self, const member_t *m, proto_type_t type, uint64_t step)
 {
+    if (!members_bound(m))
+        return;
     proto_msg_t msg = {.hdr = {.type = type, .run_id = self->o.run_id,
                                .generation = self->generation, .seq = ++*self->o.seq}};
     if (type == PROTO_PAUSE)
@@ -175,6 +183,9 @@ static void s_history(reconfig_t *self, double ms)
                  self->why_more);
     else
         snprintf(h->why, sizeof h->why, "%s", self->why[0] ? self->why : "-");
+    self->by_kind[status_why_kind(h->why)]++;
+    if (self->o.persist)
+        self->o.persist(self->o.remove_arg, false);
 }
 
 /* --- plans ------------------------------------------------------------------------------------- */
@@ -209,7 +220,10 @@ static void s_plan(reconfig_t *self, uint64_t step)
         self->skew_why[0] = 0;
     }
     plan_report_t rep;
-    if (plan_place(self->plan, self->o.members, skew_load(self->skew), &rep) != SEMOE_OK) {
+    bool kept = self->keep && plan_keep(self->plan, self->o.members, skew_load(self->skew), &rep);
+    self->keep = false;
+    if (!kept &&
+        plan_place(self->plan, self->o.members, skew_load(self->skew), &rep) != SEMOE_OK) {
         log_error("placement: %s", semoe_err_msg()); // a bug: the inputs come from us
         self->dirty = self->urgent = false;
         return;
@@ -222,10 +236,11 @@ static void s_plan(reconfig_t *self, uint64_t step)
     self->world = rep.world;
     self->pending_acks = rep.world;
     log_info("generation %" PRIu64 ": %u workers, %u donors (%u joined, %u left, %u died, %u "
-             "removed) from step %" PRIu64 "; %" PRIu64 " of %" PRIu64 " copies placed anew, "
+             "removed) from step %" PRIu64 "; %" PRIu64 " of %" PRIu64 " copies placed anew%s, "
              "%u replicas at least; imbalance %.3f -> %.3f", self->generation, rep.world,
              rep.donors, self->joined, self->left, self->died, self->removed, step, rep.moved,
-             rep.copies, rep.min_replicas, rep.before, rep.after);
+             rep.copies, kept ? " (the placement kept)" : "", rep.min_replicas, rep.before,
+             rep.after);
     self->joined = self->left = self->died = self->removed = 0;
     if (!self->have_before) {
         self->before = rep.before;
@@ -242,6 +257,8 @@ static void s_plan(reconfig_t *self, uint64_t step)
         self->change_us = clock_mono_us();
         self->change_wall = (double)clock_wall_ms() / 1000.0;
     }
+    if (self->o.persist) // a restart must not issue this generation again
+        self->o.persist(self->o.remove_arg, true);
     if (rep.world == 0) { // nobody to resume
         self->state = RECONFIG_RUNNING;
         s_forget(self);
@@ -378,6 +395,8 @@ static void s_on_plan_timer(uv_timer_t *timer)
             self->change_us = 0; // the reconfiguration begins when the wait ends
         return;
     }
+    if (self->held) // reconfig_release starts the timer again
+        return;
     int64_t now = clock_mono_us();
     bool settling = (now - self->last_change_us < S_PLAN_QUIET_US || s_control_pending(self)) &&
                     now - self->dirty_us < S_PLAN_DEFER_MAX_US;
@@ -486,7 +505,7 @@ static void s_skew(reconfig_t *self)
     bool due = skew_observe(self->skew, imbalance, steps);
     if (!(imbalance > skew_threshold(self->skew)))
         self->skip_logged = false;
-    if (due && self->state == RECONFIG_RUNNING && self->resumed && !self->dirty &&
+    if (due && self->state == RECONFIG_RUNNING && self->resumed && !self->dirty && !self->held &&
         !self->stopping && progress_training(self->o.progress))
         s_consider_rebalance(self, imbalance);
 }
@@ -557,6 +576,8 @@ void reconfig_removing(reconfig_t *self, member_t *m, reconfig_gone_t why)
 
 void reconfig_rejoined(reconfig_t *self, member_t *m)
 {
+    if (self->held) // this coordinator sent no PLAN yet: the restart's includes it
+        return;
     if (m->placed && m->state == MEMBER_ACTIVE) {
         m->state = MEMBER_SYNCING;
         self->pending_acks++;
@@ -594,7 +615,7 @@ void reconfig_on_ack(reconfig_t *self, member_t *m, const proto_msg_t *msg)
             s_resume(self);
         break;
     case RECONFIG_RUNNING: // it got the PLAN again (a duplicate JOIN): it waits for RESUME
-        if (self->resumed)
+        if (self->resumed && !self->held) // (held: an ACK of the PLAN before a restart)
             s_send(self, m, PROTO_RESUME, self->plan_step);
         break;
     case RECONFIG_PAUSING: // ... while the others pause: so does it
@@ -615,6 +636,59 @@ void reconfig_on_heartbeat(reconfig_t *self, member_t *m, const proto_msg_t *msg
 }
 
 void reconfig_start(reconfig_t *self) { self->started = true; }
+
+void reconfig_save(const reconfig_t *self, state_t *st)
+{
+    st->generation = self->generation;
+    st->plan_step = self->plan_step;
+    st->last_reconfig_ms = self->last_reconfig_ms;
+    memcpy(st->by_kind, self->by_kind, sizeof st->by_kind);
+    st->rebalances = self->hist;
+    st->n_rebalances = self->n_hist;
+    st->n_total = self->n_total;
+    st->load = skew_load(self->skew);
+    st->world = plan_world(self->plan);
+    st->holder_offsets = st->world ? plan_offsets(self->plan) : NULL;
+    st->holders = st->world ? plan_holders(self->plan) : NULL;
+}
+
+void reconfig_restore(reconfig_t *self, const state_t *st)
+{
+    self->generation = st->generation;
+    self->plan_step = st->plan_step;
+    self->last_reconfig_ms = st->last_reconfig_ms;
+    memcpy(self->by_kind, st->by_kind, sizeof self->by_kind);
+    self->n_hist = st->n_rebalances < RECONFIG_HISTORY ? st->n_rebalances : RECONFIG_HISTORY;
+    memcpy(self->hist, st->rebalances, self->n_hist * sizeof *self->hist);
+    if (st->load && st->n_total == self->n_total)
+        skew_restore(self->skew, st->load);
+    plan_restore(self->plan, self->o.members, st->world, st->holder_offsets, st->holders);
+    self->world = st->world;
+    uint32_t placed = 0;
+    for (member_t *m = members_first(self->o.members); m; m = m->next) {
+        placed += m->placed;
+        m->state = MEMBER_SYNCING; // until it acks the restart's PLAN
+    }
+    /* A PLAN this coordinator did not send cannot be sent again: nobody waits for its ACKs. */
+    self->pending_acks = 0;
+    self->state = RECONFIG_RUNNING;
+    self->restore_urgent = placed < self->world; // a holder died before the crash
+    self->resumed = self->world > 0;             // its members may be training: pause first
+    self->load_fresh = true;
+    self->held = true;
+}
+
+void reconfig_release(reconfig_t *self)
+{
+    if (!self->held)
+        return;
+    self->held = false;
+    if (!members_first(self->o.members) && !self->dirty)
+        return; // nobody to plan for (a stopped job's state)
+    self->keep = true; // plan_keep says whether it still can (nobody joined, left or died)
+    s_note(self, "restart", NULL);
+    s_changed(self, self->restore_urgent);
+}
 
 void reconfig_stop(reconfig_t *self)
 {
@@ -671,7 +745,8 @@ uint32_t reconfig_world(const reconfig_t *self) { return self->world; }
 
 bool reconfig_busy(const reconfig_t *self)
 {
-    return self->dirty || self->pending_acks > 0 || self->state != RECONFIG_RUNNING;
+    return self->held || self->dirty || self->pending_acks > 0 ||
+           self->state != RECONFIG_RUNNING;
 }
 
 void reconfig_view(const reconfig_t *self, status_view_t *v)
@@ -685,4 +760,5 @@ void reconfig_view(const reconfig_t *self, status_view_t *v)
     v->imbalance_smoothed = plan_imbalance(self->plan, v->load);
     v->rebalances = self->hist;
     v->n_rebalances = self->n_hist;
+    v->rebalances_by_kind = self->by_kind;
 }

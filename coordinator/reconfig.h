@@ -13,6 +13,7 @@
 
 #include "coordinator/members.h"
 #include "coordinator/progress.h"
+#include "coordinator/state.h"
 #include "coordinator/status.h"
 #include "model/job.h"
 #include "proto/msg.h"
@@ -36,6 +37,9 @@ typedef enum {
 /* Removes m as the coordinator does (reconfig_removing is called on the way): RECONFIG_LEFT
  * as a leave, RECONFIG_REMOVED as a member that broke protocol (ERROR with text, fence). */
 typedef void(reconfig_remove_fn)(void *arg, member_t *m, reconfig_gone_t why, const char *text);
+/* The state on disk is out of date: now (a generation is about to be issued: it must be on disk
+ * before its PLAN goes out) or soon (the history grew). */
+typedef void(reconfig_persist_fn)(void *arg, bool now);
 
 typedef struct {
     uv_loop_t *loop;           /* its timers run here */
@@ -48,7 +52,8 @@ typedef struct {
     status_counters_t *counters; /* generations are counted here */
     uint32_t heartbeat_ms, liveness;
     reconfig_remove_fn *remove;
-    void *remove_arg;
+    reconfig_persist_fn *persist; /* NULL: no state on disk */
+    void *remove_arg;          /* for remove and persist */
 } reconfig_opts_t;
 
 typedef struct reconfig reconfig_t;
@@ -63,6 +68,19 @@ void reconfig_destroy(reconfig_t **self_p);
 
 /* cluster.expected_workers have been members at once: plans may go out. */
 void reconfig_start(reconfig_t *self);
+
+/* Fills st's generation, plan_step, last_reconfig_ms, reconfigurations by kind, history,
+ * smoothed loads and placement, borrowed from self (valid until it changes). */
+void reconfig_save(const reconfig_t *self, state_t *st);
+/* Takes up a saved state (state_store_load) after its members went into the table, unbound:
+ * the generation (the next one is larger), the placement (each placed member gets its
+ * experts, SYNCING until it acks the next PLAN), the history and the loads. Plans are then
+ * held until reconfig_release, as a change that may pause the job (members may be training). */
+void reconfig_restore(reconfig_t *self, const state_t *st);
+/* Every restored member came back or was removed: the restart's generation goes out (a PAUSE
+ * first when training runs and nobody went; the placement stays as it was when the members are
+ * all back and nobody joined or left meanwhile). */
+void reconfig_release(reconfig_t *self);
 /* STOP: no more plans; timers stop. */
 void reconfig_stop(reconfig_t *self);
 
@@ -88,8 +106,8 @@ uint64_t reconfig_generation(const reconfig_t *self);
 uint32_t reconfig_world(const reconfig_t *self);
 /* A reconfiguration is under way or due (changes not planned yet, PAUSE or PLAN unanswered). */
 bool reconfig_busy(const reconfig_t *self);
-/* Fills the view's generation, world, last_reconfig_ms, pending_acks, counters.generations,
- * load, reconfig, imbalance_smoothed and rebalances. */
+/* Fills the view's generation, world, last_reconfig_ms, pending_acks, load, reconfig,
+ * imbalance_smoothed, rebalances and rebalances_by_kind. */
 void reconfig_view(const reconfig_t *self, status_view_t *v);
 
 #endif

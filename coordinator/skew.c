@@ -4,6 +4,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "actors/err.h"
 
@@ -44,6 +45,12 @@ void skew_take(skew_t *self, const uint64_t *raw, uint64_t steps)
     double a = self->known ? 1 - pow(1 - self->alpha, (double)(steps ? steps : 1)) : 1.0;
     for (uint64_t e = 0; e < self->n_total; e++)
         self->load[e] += a * ((double)raw[e] - self->load[e]);
+    self->known = true;
+}
+
+void skew_restore(skew_t *self, const double *load)
+{
+    memcpy(self->load, load, self->n_total * sizeof *self->load);
     self->known = true;
 }
 

@@ -21,6 +21,10 @@ void skew_destroy(skew_t **self_p);
  * were skipped; the first sample is taken as it is. */
 void skew_take(skew_t *self, const uint64_t *raw, uint64_t steps);
 
+/* Takes up smoothed loads saved earlier (n_total, as skew_load gave them), as if their steps
+ * had been taken here (a coordinator restarted on its state). */
+void skew_restore(skew_t *self, const double *load);
+
 /* The smoothed tokens per step per expert (n_total), or NULL until a step was taken. */
 const double *skew_load(const skew_t *self);
 

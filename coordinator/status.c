@@ -118,6 +118,27 @@ static void s_free_reply(void *data, void *hint)
 
 /* --- the reply -------------------------------------------------------------------------------- */
 
+const char *const status_why_names[STATUS_WHY_KINDS] = {
+    "join", "leave", "death", "removed", "skew", "restart", "mixed", "other"};
+
+status_why_t status_why_kind(const char *why)
+{
+    int kind = -1;
+    for (const char *item = why; item && *item;) {
+        size_t n = strcspn(item, " ,");
+        int k = STATUS_WHY_OTHER;
+        for (int i = 0; i < STATUS_WHY_MIXED; i++)
+            if (strlen(status_why_names[i]) == n && strncmp(item, status_why_names[i], n) == 0)
+                k = i;
+        if (kind >= 0 && k != kind)
+            return STATUS_WHY_MIXED;
+        kind = k;
+        item = strstr(item, ", ");
+        item = item ? item + 2 : NULL;
+    }
+    return kind < 0 ? STATUS_WHY_OTHER : (status_why_t)kind;
+}
+
 uint32_t status_workers_in(const status_view_t *v, member_state_t state)
 {
     uint32_t n = 0;
@@ -361,6 +382,8 @@ char *status_json(const status_view_t *v, size_t *len)
     s_u64(&j, v->counters.deaths);
     S_LIT(&j, ",\"generations\":");
     s_u64(&j, v->counters.generations);
+    S_LIT(&j, ",\"restarts\":");
+    s_u64(&j, v->counters.restarts);
     S_LIT(&j, "},\"workers\":[");
     bool first = true;
     for (member_t *m = members_first(v->members); m; m = m->next, first = false) {

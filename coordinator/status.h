@@ -14,7 +14,26 @@ typedef struct {
     uint64_t protocol_errors; /* messages refused or dropped as malformed or out of order */
     uint64_t joins, leaves, deaths;
     uint64_t generations;     /* PLANs generations opened */
+    uint64_t restarts;        /* coordinators that took the job up again from --state-dir */
 } status_counters_t;
+
+/* The kinds of change a reconfiguration is made for (the first word of each of its reasons):
+ * the reason label of semoe_rebalances_total. STATUS_WHY_MIXED: reasons of several kinds. */
+typedef enum {
+    STATUS_WHY_JOIN = 0,
+    STATUS_WHY_LEAVE,
+    STATUS_WHY_DEATH,
+    STATUS_WHY_REMOVED,
+    STATUS_WHY_SKEW,
+    STATUS_WHY_RESTART,
+    STATUS_WHY_MIXED,
+    STATUS_WHY_OTHER,
+    STATUS_WHY_KINDS
+} status_why_t;
+extern const char *const status_why_names[STATUS_WHY_KINDS];
+/* The kind of a history entry's why ("join w5, join w6" -> JOIN, "join w5, death w3" -> MIXED,
+ * "-" -> OTHER). */
+status_why_t status_why_kind(const char *why);
 
 /* One reconfiguration, from the change that began it to the RESUME that ended it. */
 #define STATUS_WHY_MAX 256
@@ -35,7 +54,8 @@ typedef struct {
 typedef struct {
     uint64_t run_id;
     uint64_t generation;
-    const char *state;         /* "waiting", "reconfiguring", "running" or "stopping" */
+    const char *state;         /* "waiting", "restoring", "reconfiguring", "running" or
+                                  "stopping" */
     const char *phase;         /* the training's: "waiting", "training" or "finished" */
     uint64_t step;             /* the most steps any worker reported done */
     uint64_t target_steps;     /* train.steps */
@@ -59,6 +79,8 @@ typedef struct {
     double imbalance_smoothed; /* the placement's under the smoothed loads; NaN: unknown */
     const status_rebalance_t *rebalances; /* the last n_rebalances, oldest first */
     uint32_t n_rebalances;
+    const uint64_t *rebalances_by_kind; /* (STATUS_WHY_KINDS) every reconfiguration done, by
+                                           kind (status_why_kind of its why) */
 } status_view_t;
 
 /* The status reply. Returns the JSON text (caller frees) and its length in *len. */

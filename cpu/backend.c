@@ -42,6 +42,14 @@ static void s_copy(void *dst, const void *src, size_t bytes)
         for (size_t i = 0; i < n; i++)                                                         \
             out[i] = a[i] + b[i];                                                              \
     }                                                                                          \
+    static void s_add_bias_##S(T *out, const T *bias, int N, int C)                            \
+    {                                                                                          \
+        for (int n = 0; n < N; n++) {                                                          \
+            T *o = out + (size_t)n * C;                                                        \
+            for (int c = 0; c < C; c++)                                                        \
+                o[c] += bias[c];                                                               \
+        }                                                                                      \
+    }                                                                                          \
     static void s_gather_##S(T *out, const T *x, const int32_t *rows, int n, int D)            \
     {                                                                                          \
         for (int i = 0; i < n; i++)                                                            \
@@ -98,6 +106,7 @@ static void s_copy(void *dst, const void *src, size_t bytes)
         .to_host = s_copy,                                                                     \
         .axpy = s_axpy_##S,                                                                    \
         .add = s_add_##S,                                                                      \
+        .add_bias = s_add_bias_##S,                                                            \
         .embedding_fwd = cpu_embedding_fwd_##S,                                                \
         .embedding_bwd = cpu_embedding_bwd_##S,                                                \
         .rmsnorm_fwd = cpu_rmsnorm_fwd_##S,                                                    \

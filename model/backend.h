@@ -28,6 +28,8 @@
         void (*axpy)(T *y, T a, const T *x, size_t n);                                         \
         /* out (n) = a (n) + b (n); out may alias a or b */                                    \
         void (*add)(T *out, const T *a, const T *b, size_t n);                                 \
+        /* out (N, C) row n += bias (C), every row (the router's constant logit bias) */      \
+        void (*add_bias)(T *out, const T *bias, int N, int C);                                 \
                                                                                                \
         void (*embedding_fwd)(T *out, const int32_t *tokens, const T *wte, int N, int D);     \
         void (*embedding_bwd)(T *dwte, const T *dout, const int32_t *tokens, int N, int D);   \

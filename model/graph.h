@@ -115,6 +115,11 @@ typedef struct {
         double ce_scale;  /* then: N / global targets, d loss / d (local mean ce) */          \
         double *aux_coef; /* (E) then: d aux / d probs[m, e] over the global batch */        \
         uint64_t *off;    /* element offsets of the tensors in a params-shaped slab */        \
+        /* (E) backend memory or NULL: a constant added to every layer's router logits       \
+         * before the softmax and top-k (a job's train.router_bias); not owned, not a        \
+         * parameter: backward passes the logits' gradient through unchanged. NULL after     \
+         * model_acts_new; the caller sets it. */                                             \
+        const T *router_bias;                                                                  \
         void *mem, *dmem; /* the two slabs (backend memory) */                                \
     } model_acts_##S;                                                                          \
                                                                                                \
@@ -145,7 +150,8 @@ typedef struct {
      * model_params_slab(params) itself); tokens (B, T+1) on the host: inputs tokens[:, :T], \
      * targets tokens[:, 1:], each in [0, V). ex NULL: the local exchange. Fills acts and   \
      * *loss. Errors: a token out of range, an exchange failure, rows for an expert not held.\
-     * router_jitter_noise is not applied (the pass is deterministic). */                    \
+     * router_jitter_noise is not applied (the pass is deterministic); acts->router_bias,   \
+     * when set, is. */                                                                       \
     semoe_rc model_forward_##S(const model_backend_##S##_t *be, const model_params_t *params, \
                                const T *w, model_acts_##S *acts, const int32_t *tokens,        \
                                const model_exchange_##S *ex, model_loss_t *loss);              \

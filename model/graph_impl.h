@@ -401,6 +401,8 @@ semoe_rc G(model_forward)(const BE_T *be, const model_params_t *params, const T 
         /* MoE: route, gather by expert, exchange, experts, exchange back, weighted scatter */
         be->rmsnorm_fwd(ln2, ln2_rstd, res1, W_LAYER(w, l, L_LN2), N, D, eps);
         be->linear_fwd(rlogits, ln2, W_LAYER(w, l, L_GATE), N, D, E);
+        if (s->router_bias)
+            be->add_bias(rlogits, s->router_bias, N, E);
         be->router_fwd(rprobs, ridx, rw, rlogits, N, E, K);
         G(s_plan)(be, s, l);
         int32_t *sc = s->send_counts + (size_t)l * E, *rc = s->recv_counts + (size_t)l * E;

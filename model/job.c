@@ -17,6 +17,9 @@
 #define S_MAX_HEARTBEAT_MS 600000u /* ten minutes; with S_MAX_LIVENESS the product fits an int */
 #define S_MAX_LIVENESS 1000u
 #define S_MAX_WORKERS (1u << 20)
+/* A router bias of this size already decides the top-k outright; larger ones only cost the
+ * logits their float precision. */
+#define S_MAX_ROUTER_BIAS 1000.0
 
 #define S_FIELD(sec, name, kind)                                                              \
     {#name, kind, offsetof(model_job_t, sec.name), sizeof(((model_job_t *)0)->sec.name), false}
@@ -47,7 +50,10 @@ static const model_spec_field_t s_train[] = {
     S_FIELD(train, checkpoint_dir, MODEL_SPEC_STR),
     S_FIELD(train, checkpoint_interval, MODEL_SPEC_U32),
     S_FIELD(train, eval_interval, MODEL_SPEC_U32),
+    S_FIELD(train, freeze_router, MODEL_SPEC_BOOL),
+    S_OTHER("router_bias"),
 };
+#define S_TRAIN_ROUTER_BIAS (S_LEN(s_train) - 1)
 
 static const model_spec_field_t s_data[] = {
     S_OTHER("paths"),
@@ -113,6 +119,7 @@ void model_job_destroy(model_job_t **self_p)
     for (uint32_t i = 0; i < job->data.n_paths; i++)
         free(job->data.paths[i]);
     free(job->data.paths);
+    free(job->train.router_bias);
     free(job->json);
     free(job);
     *self_p = NULL;
@@ -182,6 +189,37 @@ static semoe_rc s_read_paths(const cJSON *item, model_spec_where_t w, model_job_
     for (uint32_t i = 0; i < n; i++, e = e->next)
         job->data.paths[i] = semoe_xstrdup(e->valuestring);
     job->data.n_paths = n;
+    return SEMOE_OK;
+}
+
+/* train.router_bias: null (none) or one finite number per expert of a layer, within
+ * +-S_MAX_ROUTER_BIAS; the model section is read by now. */
+static semoe_rc s_read_router_bias(const cJSON *item, model_spec_where_t w, model_job_t *job)
+{
+    if (cJSON_IsNull(item))
+        return SEMOE_OK;
+    uint32_t E = job->model.num_local_experts;
+    if (!cJSON_IsArray(item))
+        return model_spec_err_item(w, "router_bias", item, "must be an array of %u numbers, one "
+                                   "per expert (model.num_local_experts), or null", E);
+    int size = cJSON_GetArraySize(item);
+    if ((uint32_t)size != E)
+        return model_spec_err_item(w, "router_bias", item, "%d values: need %u, one per expert "
+                                   "(model.num_local_experts=%u)", size, E, E);
+    int i = 0;
+    for (const cJSON *e = item->child; e; e = e->next, i++) {
+        char key[40];
+        snprintf(key, sizeof key, "router_bias[%d]", i);
+        if (!cJSON_IsNumber(e))
+            return model_spec_err_item(w, key, e, "must be a number (a logit offset)");
+        if (!isfinite(e->valuedouble) || fabs(e->valuedouble) > S_MAX_ROUTER_BIAS)
+            return model_spec_err_item(w, key, e, "must be a finite number in [-%g, %g]",
+                                       S_MAX_ROUTER_BIAS, S_MAX_ROUTER_BIAS);
+    }
+    job->train.router_bias = semoe_xcalloc(E, sizeof *job->train.router_bias);
+    i = 0;
+    for (const cJSON *e = item->child; e; e = e->next)
+        job->train.router_bias[i++] = e->valuedouble;
     return SEMOE_OK;
 }
 
@@ -294,7 +332,11 @@ static semoe_rc s_parse(const cJSON *root, const char *origin, model_job_t *job)
         return model_spec_err_item(w, "model", model, "must be an object of MixtralConfig fields "
                                                       "or the path of a config.json");
 
-    SEMOE_CHECK(s_section(top[S_TRAIN], origin, "train", s_train, S_LEN(s_train), job, NULL));
+    const cJSON *train[S_LEN(s_train)] = {0};
+    SEMOE_CHECK(s_section(top[S_TRAIN], origin, "train", s_train, S_LEN(s_train), job, train));
+    if (train[S_TRAIN_ROUTER_BIAS])
+        SEMOE_CHECK(s_read_router_bias(train[S_TRAIN_ROUTER_BIAS],
+                                       (model_spec_where_t){origin, "train"}, job));
     const cJSON *data[S_LEN(s_data)] = {0};
     SEMOE_CHECK(s_section(top[S_DATA], origin, "data", s_data, S_LEN(s_data), job, data));
     if (data[S_DATA_PATHS])
@@ -357,7 +399,17 @@ char *model_job_to_json(const model_job_t *job)
     if (!root)
         abort();
     model_spec_put(root, "model", model_config_to_json(&job->model));
-    model_spec_put(root, "train", model_spec_to_json(s_train, S_LEN(s_train), job));
+    cJSON *train = model_spec_to_json(s_train, S_LEN(s_train), job);
+    if (job->train.router_bias) {
+        cJSON *bias = cJSON_CreateArray();
+        if (!bias)
+            abort();
+        for (uint32_t i = 0; i < job->model.num_local_experts; i++)
+            if (!cJSON_AddItemToArray(bias, cJSON_CreateNumber(job->train.router_bias[i])))
+                abort();
+        model_spec_put(train, "router_bias", bias);
+    }
+    model_spec_put(root, "train", train);
     cJSON *data = model_spec_to_json(s_data, S_LEN(s_data), job);
     if (job->data.n_paths) {
         cJSON *paths = cJSON_CreateArray();

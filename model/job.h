@@ -4,6 +4,7 @@
 #ifndef SEMOE_MODEL_JOB_H
 #define SEMOE_MODEL_JOB_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -24,6 +25,12 @@ typedef struct {
         char checkpoint_dir[1024];  /* a checkpoint root (model/checkpoint.h); "": none */
         uint32_t checkpoint_interval;
         uint32_t eval_interval;
+        /* (model.num_local_experts) or NULL: a constant added to every MoE layer's router
+         * logits before the softmax and top-k, to skew the routing on purpose (tests,
+         * benchmarks). Not a parameter: not trained, not in checkpoints (Mixtral has no router
+         * bias), applied by this job's training and evaluation only. */
+        double *router_bias;
+        bool freeze_router;         /* the router (gate) weights get no update */
     } train;
     struct {
         char **paths;               /* files or directories, as given */

@@ -60,6 +60,10 @@ static void s_add(float *o, const float *a, const float *b, size_t n)
 {
     S_TIMED(C_ELEM, s_real->add(o, a, b, n));
 }
+static void s_add_bias(float *o, const float *bias, int N, int C)
+{
+    S_TIMED(C_ROUTE, s_real->add_bias(o, bias, N, C));
+}
 static void s_embedding_fwd(float *out, const int32_t *tok, const float *wte, int N, int D)
 {
     S_TIMED(C_ELEM, s_real->embedding_fwd(out, tok, wte, N, D));
@@ -191,6 +195,7 @@ const model_backend_f32_t *model_profile_wrap(const model_backend_f32_t *real)
         .name = s_name,
         .alloc = s_alloc, .free = s_free, .zero = s_zero, .copy = s_copy,
         .to_device = s_to_device, .to_host = s_to_host, .axpy = s_axpy, .add = s_add,
+        .add_bias = s_add_bias,
         .embedding_fwd = s_embedding_fwd, .embedding_bwd = s_embedding_bwd,
         .rmsnorm_fwd = s_rmsnorm_fwd, .rmsnorm_bwd = s_rmsnorm_bwd,
         .linear_fwd = s_linear_fwd, .linear_bwd = s_linear_bwd,

@@ -4,6 +4,7 @@
 #include "model/train.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -14,6 +15,7 @@ typedef struct {
     size_t off, len;
     int decay;  /* matrices: 1; RMSNorm weights (1-D): 0 */
     int expert; /* MODEL_PARAM_EXPERT: summed apart for reduce_sumsq */
+    int frozen; /* the router's gate under train.freeze_router: no update, not in the norm */
 } s_run_t;
 
 struct model_train {
@@ -33,6 +35,7 @@ struct model_train {
     size_t n_runs;
     int t;            /* AdamW step count */
     int R;            /* expert rows an exchange may deliver per micro-batch (0: local) */
+    float *rbias;     /* (E) backend memory: train.router_bias, or NULL */
 };
 
 static double s_now(void)
@@ -56,6 +59,14 @@ double model_train_lr(const model_job_t *job, uint64_t step)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + cos(M_PI * p));
 }
 
+/* The router's gate of an MoE layer (what train.freeze_router keeps as it is). */
+static bool s_is_router(const model_param_t *p)
+{
+    static const char suffix[] = ".block_sparse_moe.gate.weight";
+    size_t n = strlen(p->name), k = sizeof suffix - 1;
+    return p->kind == MODEL_PARAM_DENSE && n > k && strcmp(p->name + n - k, suffix) == 0;
+}
+
 semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
                          const model_job_t *job, model_train_t **out)
 {
@@ -70,6 +81,11 @@ semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
         return semoe_err(SEMOE_EINVAL,
                          "model train: schedule=\"%s\": use \"cosine\" or \"constant\"",
                          job->train.schedule);
+    const model_config_t *cfg = model_params_config(params);
+    if (job->train.router_bias && job->model.num_local_experts != cfg->num_local_experts)
+        return semoe_err(SEMOE_EINVAL, "model train: train.router_bias has %u values (the job's "
+                         "model.num_local_experts), the model %u experts per layer",
+                         job->model.num_local_experts, cfg->num_local_experts);
     model_train_t *tr = semoe_xcalloc(1, sizeof *tr);
     tr->be = be;
     tr->params = params;
@@ -82,6 +98,16 @@ semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
     if (rc != SEMOE_OK) {
         free(tr);
         return rc;
+    }
+    if (job->train.router_bias) {
+        uint32_t E = cfg->num_local_experts;
+        float *h = semoe_xcalloc(E, sizeof *h);
+        for (uint32_t e = 0; e < E; e++)
+            h[e] = (float)job->train.router_bias[e];
+        tr->rbias = be->alloc(E * sizeof *h);
+        be->to_device(tr->rbias, h, E * sizeof *h);
+        free(h);
+        tr->acts->router_bias = tr->rbias;
     }
     tr->w = model_slab_new_f32(be, params);
     tr->g = model_slab_new_f32(be, params);
@@ -103,12 +129,14 @@ semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
         if (!p->data)
             continue;
         int decay = p->ndim >= 2, expert = p->kind == MODEL_PARAM_EXPERT;
+        int frozen = job->train.freeze_router && s_is_router(p);
         s_run_t *last = tr->n_runs ? &tr->runs[tr->n_runs - 1] : NULL;
         if (last && last->off + last->len == p->offset && last->decay == decay &&
-            last->expert == expert) {
+            last->expert == expert && last->frozen == frozen) {
             last->len += (size_t)p->numel;
         } else {
-            tr->runs[tr->n_runs++] = (s_run_t){(size_t)p->offset, (size_t)p->numel, decay, expert};
+            tr->runs[tr->n_runs++] =
+                (s_run_t){(size_t)p->offset, (size_t)p->numel, decay, expert, frozen};
         }
     }
     *out = tr;
@@ -122,6 +150,7 @@ void model_train_destroy(model_train_t **self_p)
     model_train_t *tr = *self_p;
     free(tr->runs);
     free(tr->tok);
+    tr->be->free(tr->rbias);
     model_slab_destroy_f32(tr->be, &tr->v);
     model_slab_destroy_f32(tr->be, &tr->m);
     model_slab_destroy_f32(tr->be, &tr->gtmp);
@@ -154,6 +183,7 @@ static semoe_rc s_prepare(model_train_t *tr, const uint8_t *tokens, uint32_t row
     tr->tail_next ^= 1;
     model_acts_destroy_f32(slot);
     SEMOE_CHECK(model_acts_new_f32(tr->be, tr->params, (int)rows, (int)tr->seq, tr->R, slot));
+    (*slot)->router_bias = tr->rbias;
     *acts = *slot;
     return SEMOE_OK;
 }
@@ -258,6 +288,8 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
         SEMOE_CHECK(hooks->reduce_grads(hooks->arg, tr->g, tr->n));
     double dense = 0, expert = 0, global;
     for (size_t i = 0; i < tr->n_runs; i++) {
+        if (tr->runs[i].frozen)
+            continue;
         double s = be->sumsq(tr->g + tr->runs[i].off, tr->runs[i].len);
         if (tr->runs[i].expert)
             expert += s;
@@ -279,6 +311,8 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
     const model_job_t *job = tr->job;
     for (size_t i = 0; i < tr->n_runs; i++) {
         const s_run_t *run = &tr->runs[i];
+        if (run->frozen)
+            continue;
         be->adamw(tr->w + run->off, tr->g + run->off, tr->m + run->off, tr->v + run->off,
                   run->len, lr, job->train.beta1, job->train.beta2, job->train.eps,
                   run->decay ? job->train.weight_decay : 0.0, t, scale);
@@ -335,6 +369,7 @@ semoe_rc model_train_set_expert_rows(model_train_t *tr, int rows)
     model_acts_destroy_f32(&tr->tail[0]);
     model_acts_destroy_f32(&tr->tail[1]);
     tr->acts = acts;
+    tr->acts->router_bias = tr->rbias;
     tr->R = rows;
     return SEMOE_OK;
 }

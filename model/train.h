@@ -60,11 +60,16 @@ typedef struct {
 double model_train_lr(const model_job_t *job, uint64_t step);
 
 /* A trainer for params on backend be under job->train (micro_batch, seq_len, global_batch and
- * the optimizer's settings; job->model is not read: params' config is the model). Allocates the
- * fp32 weights (a params-shaped slab in the backend's memory, loaded from params' slab), the
- * gradients, AdamW's m and v (zeroed, adam step 0) and the activations for micro_batch x
- * seq_len. be, params and job must outlive the trainer (not owned). Caller owns *out
- * (model_train_destroy). */
+ * the optimizer's settings; job->model is not read: params' config is the model, whose
+ * num_local_experts must be train.router_bias's length when that is set). train.router_bias is
+ * added to every layer's router logits in every forward pass of the trainer (steps and
+ * model_train_eval); train.freeze_router leaves every layer's router gate out of AdamW (no
+ * update, no weight decay: its weights stay bit-identical) and out of the gradient norm. The
+ * bias lives in the backend's memory, a constant: not in the slabs, not in checkpoints.
+ * Allocates the fp32 weights (a params-shaped slab in the backend's memory, loaded from params'
+ * slab), the gradients, AdamW's m and v (zeroed, adam step 0) and the activations for
+ * micro_batch x seq_len. be, params and job must outlive the trainer (not owned). Caller owns
+ * *out (model_train_destroy). */
 semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
                          const model_job_t *job, model_train_t **out);
 /* Frees everything the trainer allocated; nulls *self_p; NULL and *self_p NULL are fine. */

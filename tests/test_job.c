@@ -65,8 +65,13 @@ static bool s_job_equal(const model_job_t *a, const model_job_t *b)
         a->train.seed != b->train.seed ||
         strcmp(a->train.checkpoint_dir, b->train.checkpoint_dir) != 0 ||
         a->train.checkpoint_interval != b->train.checkpoint_interval ||
-        a->train.eval_interval != b->train.eval_interval)
+        a->train.eval_interval != b->train.eval_interval ||
+        a->train.freeze_router != b->train.freeze_router ||
+        !a->train.router_bias != !b->train.router_bias)
         return false;
+    for (uint32_t e = 0; a->train.router_bias && e < a->model.num_local_experts; e++)
+        if (a->train.router_bias[e] != b->train.router_bias[e])
+            return false;
     if (a->data.n_paths != b->data.n_paths || a->data.heldout_fraction != b->data.heldout_fraction)
         return false;
     for (uint32_t i = 0; i < a->data.n_paths; i++)
@@ -367,6 +372,62 @@ static const struct {
 };
 #define S_NBAD (sizeof s_bad / sizeof s_bad[0])
 
+/* train.router_bias and train.freeze_router: read, checked against the model's experts, and
+ * written back by model_job_to_json. */
+static void test_router_options(void)
+{
+    model_job_t *job = NULL;
+    const char *ok = "{\"model\": {\"num_local_experts\": 4, \"num_experts_per_tok\": 2},"
+                     " \"train\": {\"router_bias\": [4, -0.25, 0, 1e-3], "
+                     "\"freeze_router\": true}}";
+    semoe_rc rc = model_job_parse(ok, strlen(ok), "job.json", &job);
+    CHECK(rc == SEMOE_OK, "router options: %s", semoe_err_msg());
+    if (job) {
+        const double *b = job->train.router_bias;
+        CHECK(b && b[0] == 4 && b[1] == -0.25 && b[2] == 0 && b[3] == 1e-3 &&
+                  job->train.freeze_router, "router options read back wrong");
+        s_check_round_trip(job, "router options");
+        char *text = model_job_to_json(job);
+        CHECK(strstr(text, "\"router_bias\"") && strstr(text, "\"freeze_router\":\ttrue"),
+              "router options missing from the job's JSON:\n%s", text);
+        free(text);
+    }
+    model_job_destroy(&job);
+    /* null is no bias; the default is none, and not frozen */
+    const char *none = "{\"train\": {\"router_bias\": null}}";
+    rc = model_job_parse(none, strlen(none), "job.json", &job);
+    CHECK(rc == SEMOE_OK && job && !job->train.router_bias && !job->train.freeze_router,
+          "router_bias null: %s", semoe_err_msg());
+    if (job) {
+        char *text = model_job_to_json(job);
+        CHECK(!strstr(text, "router_bias"), "no bias written as one:\n%s", text);
+        free(text);
+    }
+    model_job_destroy(&job);
+    const char *cases[][2] = {
+        {"{\"train\": {\"router_bias\": [1, 2]}}",
+         "train.router_bias=[...]: 2 values: need 8, one per expert (model.num_local_experts=8)"},
+        {"{\"model\": {\"num_local_experts\": 2, \"num_experts_per_tok\": 1}, "
+         "\"train\": {\"router_bias\": [1, 2, 3]}}", "3 values: need 2"},
+        {"{\"train\": {\"router_bias\": 4}}", "train.router_bias=4: must be an array of 8"},
+        {"{\"train\": {\"router_bias\": [0, 0, 0, \"4\", 0, 0, 0, 0]}}",
+         "train.router_bias[3]=\"4\": must be a number"},
+        {"{\"train\": {\"router_bias\": [0, 0, 0, 0, 0, 1e999, 0, 0]}}",
+         "train.router_bias[5]=inf: must be a finite number in [-1000, 1000]"},
+        {"{\"train\": {\"router_bias\": [0, 0, 0, 0, 0, 0, 0, -5000]}}",
+         "train.router_bias[7]=-5000: must be a finite"},
+        {"{\"train\": {\"freeze_router\": 1}}", "train.freeze_router=1: "},
+        {"{\"train\": {\"router_bias\": [], \"router_bias\": []}}", "given twice"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        rc = model_job_parse(cases[i][0], strlen(cases[i][0]), "job.json", &job);
+        CHECK(rc == SEMOE_EINVAL && job == NULL && strstr(semoe_err_msg(), cases[i][1]) &&
+                  s_one_line(semoe_err_msg()),
+              "%s: want '%s', got '%s'", cases[i][0], cases[i][1], semoe_err_msg());
+        model_job_destroy(&job);
+    }
+}
+
 static void test_bad_specs(void)
 {
     for (size_t i = 0; i < S_NBAD; i++) {
@@ -533,7 +594,8 @@ static void s_mutate(cJSON *root)
                                  "head_dim", "seq_len", "global_batch", "micro_batch", "lr",
                                  "paths", "heartbeat_ms", "liveness", "threshold", "ssd_bytes",
                                  "ssd_dir", "schedule", "hidden_act", "sliding_window",
-                                 "lr_max", "Hidden_Size", "", "\n", "architectures"};
+                                 "lr_max", "Hidden_Size", "", "\n", "architectures",
+                                 "router_bias", "freeze_router"};
     cJSON *objs[64];
     int n = 0;
     s_collect(root, objs, &n, 64);
@@ -651,6 +713,7 @@ int main(void)
     test_small();
     test_from_hf();
     test_config_modes();
+    test_router_options();
     test_bad_specs();
     test_read_errors();
     test_fuzz();

@@ -1,7 +1,8 @@
 /* /metrics (net): the Prometheus text agrees with the status socket (workers by state,
- * generation, counters, loss, held-out loss, tokens per second of the job and of each worker)
- * after a settle and after a worker leaves; other paths get 404, garbage gets 400, and a
- * client that connects and says nothing does not block the others. */
+ * generation, counters, loss, held-out loss, tokens per second of the job and of each worker,
+ * load imbalance, reconfigurations by kind and the last one's duration) after a settle and after
+ * a worker leaves; other paths get 404, garbage gets 400, and a client that connects and says
+ * nothing does not block the others. */
 #include <math.h>
 #include <arpa/inet.h>
 #include <signal.h>
@@ -135,9 +136,74 @@ static void s_compare_progress(const char *when)
     CHECK(false, "%s: the heartbeats counter moved during every one of 50 tries", when);
 }
 
+/* The kind of a reconfiguration's why, as docs/control-plane.md gives the reason label: the first
+ * word of each comma-separated reason, "mixed" when they differ, "other" when unknown. */
+static const char *s_why_kind(const char *why)
+{
+    static const char *kinds[] = {"join", "leave", "death", "removed", "skew", "restart"};
+    const char *kind = NULL;
+    for (const char *item = why; item && *item;) {
+        size_t n = strcspn(item, " ,");
+        const char *k = "other";
+        for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+            if (strlen(kinds[i]) == n && strncmp(item, kinds[i], n) == 0)
+                k = kinds[i];
+        if (kind && strcmp(k, kind) != 0)
+            return "mixed";
+        kind = k;
+        item = strstr(item, ", ");
+        item = item ? item + 2 : NULL;
+    }
+    return kind ? kind : "other";
+}
+
+/* The rebalancing metrics against the status: semoe_rebalances_total by reason counts the
+ * history's entries (all of them while it holds fewer than 32), the last one's duration, the
+ * load imbalance (NaN while unknown), no restart. Returns how many reconfigurations had reason
+ * `kind`. */
+static long long s_compare_rebalances(const char *when, const char *body, const cJSON *st,
+                                      const char *kind)
+{
+    const cJSON *hist = cJSON_GetObjectItemCaseSensitive(st, "rebalances"), *h, *last = NULL;
+    static const char *kinds[] = {"join", "leave", "death", "removed", "skew", "restart",
+                                  "mixed", "other"};
+    int n = cJSON_GetArraySize(hist);
+    long long want_kind = 0;
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        long long count = 0;
+        cJSON_ArrayForEach(h, hist)
+        {
+            count += strcmp(s_why_kind(test_status_str(h, "why")), kinds[i]) == 0;
+            last = h;
+        }
+        char name[96];
+        snprintf(name, sizeof name, "semoe_rebalances_total{reason=\"%s\"}", kinds[i]);
+        long long m = s_sample(body, name);
+        CHECK(n >= 32 ? m >= count : m == count, "%s: %s %lld, the status history has %lld", when,
+              name, m, count);
+        if (strcmp(kinds[i], kind) == 0)
+            want_kind = m;
+    }
+    bool found;
+    double dur = s_sample_f(body, "semoe_rebalance_last_duration_seconds", &found);
+    double want = last ? s_status_f(last, "duration_ms") / 1000.0 : NAN;
+    CHECK(found && s_agree(dur, want, 1e-9, 1e-9), "%s: semoe_rebalance_last_duration_seconds "
+          "%g, the status' last duration %g s", when, dur, want);
+    const cJSON *imb = cJSON_GetObjectItemCaseSensitive(st, "imbalance");
+    double cur = s_sample_f(body, "semoe_load_imbalance", &found);
+    CHECK(found && s_agree(cur, s_status_f(imb, "current"), 1e-9, 1e-9), "%s: "
+          "semoe_load_imbalance %g vs status %g", when, cur, s_status_f(imb, "current"));
+    double sm = s_sample_f(body, "semoe_load_imbalance_smoothed", &found);
+    CHECK(found && s_agree(sm, s_status_f(imb, "smoothed"), 1e-9, 1e-9), "%s: "
+          "semoe_load_imbalance_smoothed %g vs status %g", when, sm, s_status_f(imb, "smoothed"));
+    CHECK(s_sample(body, "semoe_restarts_total") == 0 && test_status_counter(st, "restarts") == 0,
+          "%s: a restart counted without --state-dir", when);
+    return want_kind;
+}
+
 /* Compares the metrics with a status reply taken right after them (nothing changes between:
  * the cluster is settled and heartbeats move only the heartbeat counter). */
-static void s_compare(const char *when)
+static void s_compare(const char *when, const char *kind, long long min_kind)
 {
     char *reply = s_http("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 35);
     CHECK(reply, "%s: no /metrics reply", when);
@@ -168,6 +234,9 @@ static void s_compare(const char *when)
         long long hb = s_sample(body, "semoe_heartbeats_total");
         CHECK(hb >= 0 && hb <= test_status_counter(st, "heartbeats"), "%s: heartbeats %lld",
               when, hb);
+        long long k = s_compare_rebalances(when, body, st, kind);
+        CHECK(k >= min_kind, "%s: semoe_rebalances_total{reason=\"%s\"} %lld, want at least "
+              "%lld", when, kind, k, min_kind);
         cJSON_Delete(st);
     }
     free(reply);
@@ -185,7 +254,7 @@ int main(void)
     REQUIRE(coord, "coordinator did not start");
     int n = 2 + (int)test_rand_below(3);
     proc_t *workers[4];
-    char ids[4][16];
+    char ids[4][24];
     const char *idp[4];
     for (int i = 0; i < n; i++) {
         snprintf(ids[i], sizeof ids[i], "m%d-%04x", i, (unsigned)test_rand_below(65536));
@@ -202,7 +271,7 @@ int main(void)
     /* A client that connects and says nothing must not hold up the others. */
     int idle = s_connect();
     CHECK(idle >= 0, "cannot connect to %s", g_ports.metrics_addr);
-    s_compare("settled");
+    s_compare("settled", "join", 1);
     s_compare_progress("settled");
 
     /* One worker leaves: the counters and gauges follow. */
@@ -212,7 +281,7 @@ int main(void)
     st = test_status_wait(g_ports.status_ep, test_status_settled, &want2, 20000, 20);
     REQUIRE(st, "%s did not leave", ids[k]);
     cJSON_Delete(st);
-    s_compare("after a leave");
+    s_compare("after a leave", "leave", 1);
     s_compare_progress("after a leave");
 
     /* Other paths and garbage. */
@@ -227,7 +296,7 @@ int main(void)
     r = s_http(junk, sizeof junk);
     CHECK(!r || !*r || strstr(r, " 400 ") || strstr(r, " 404 "), "garbage: %.40s", r);
     free(r);
-    s_compare("after garbage");
+    s_compare("after garbage", "leave", 1);
     if (idle >= 0)
         close(idle);
 

@@ -1,8 +1,11 @@
 /* The model graph (model/graph.h) over the CPU backend: every parameter gradient in double
  * against central finite differences of the loss (cross-entropy + aux), float against double,
- * the loss at init, the exchange refusing rows for experts not held, and a few AdamW steps
- * lowering the loss on a fixed batch. */
+ * also with a router logit bias (train.router_bias) whose routing is held against a direct
+ * computation, the loss at init, the exchange refusing rows for experts not held, and a few
+ * AdamW steps lowering the loss on a fixed batch. */
 #include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -83,7 +86,70 @@ static void s_tokens(int32_t *tok, size_t n, int V)
         tok[i] = (int32_t)test_rand_below((uint64_t)V);
 }
 
-static void s_check_model(int which, int B, int Tn)
+/* With a router bias (E values, host) set on a: every token's router probabilities, top-k ids
+ * and renormalised weights against softmax(ln2 gate^T + bias) computed here in double from the
+ * acts' ln2 and the weights; returns the largest difference of a probability or weight (an id
+ * that differs is a CHECK failure, unless the K-th and (K+1)-th are within 1e-9: a tie). */
+static double s_check_biased_routing(const model_acts_f64 *a, const model_params_t *p,
+                                     const double *w, const double *bias, int which)
+{
+    int L = a->L, N = a->N, D = a->D, E = a->E, K = a->K;
+    double worst = 0;
+    int wrong = 0;
+    for (int l = 0; l < L; l++) {
+        char name[MODEL_PARAM_NAME_MAX];
+        snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight", l);
+        const double *gate = w + model_params_lookup(p, name)->offset; /* (E, D) */
+        for (int n = 0; n < N; n++) {
+            const double *x = a->a.ln2 + ((size_t)l * N + n) * D;
+            double z[64], pr[64], mx = -INFINITY, sum = 0;
+            for (int e = 0; e < E; e++) {
+                z[e] = bias[e];
+                for (int d = 0; d < D; d++)
+                    z[e] += gate[(size_t)e * D + d] * x[d];
+                mx = fmax(mx, z[e]);
+            }
+            for (int e = 0; e < E; e++)
+                sum += pr[e] = exp(z[e] - mx);
+            size_t r = (size_t)l * N + n;
+            for (int e = 0; e < E; e++) {
+                pr[e] /= sum;
+                worst = fmax(worst, fabs(pr[e] - a->a.rprobs[r * E + e]));
+            }
+            /* top-k by probability, ties to the lower id; weights renormalised over the k */
+            int top[64] = {0};
+            bool used[64] = {0};
+            double ksum = 0;
+            for (int k = 0; k < K; k++) {
+                int best = -1;
+                for (int e = 0; e < E; e++)
+                    if (!used[e] && (best < 0 || pr[e] > pr[best]))
+                        best = e;
+                used[best] = true;
+                top[k] = best;
+                ksum += pr[best];
+            }
+            double kth = pr[top[K - 1]], next = -1;
+            for (int e = 0; e < E; e++)
+                next = !used[e] ? fmax(next, pr[e]) : next;
+            bool tie = K < E && kth - next < 1e-9;
+            for (int k = 0; k < K && !tie; k++) {
+                bool found = false;
+                for (int j = 0; j < K; j++)
+                    if (a->ridx[r * K + j] == top[k]) {
+                        found = true;
+                        worst = fmax(worst, fabs(pr[top[k]] / ksum - a->a.rw[r * K + j]));
+                    }
+                wrong += !found;
+            }
+        }
+    }
+    CHECK(wrong == 0, "config %d with a router bias: %d top-k ids differ from the direct "
+          "computation", which, wrong);
+    return worst;
+}
+
+static void s_check_model(int which, int B, int Tn, bool with_bias)
 {
     const model_backend_f64_t *be = &cpu_backend_f64;
     const model_backend_f32_t *bf = &cpu_backend_f32;
@@ -99,6 +165,21 @@ static void s_check_model(int which, int B, int Tn)
     model_loss_t loss = {0};
     double margin = 0;
     int attempt;
+    /* a router bias: fresh values, large against the logits (O(1) here) so that it decides
+     * much of the routing; a backend buffer for each precision */
+    int E = (int)cfg.num_local_experts;
+    double bias[64] = {0};
+    float biasf[64] = {0};
+    for (int e = 0; with_bias && e < E; e++)
+        biasf[e] = (float)(bias[e] = s_unif(3.0));
+    double *bias_be = with_bias ? be->alloc((size_t)E * sizeof(double)) : NULL;
+    float *biasf_be = with_bias ? bf->alloc((size_t)E * sizeof(float)) : NULL;
+    if (with_bias) {
+        for (int e = 0; e < E; e++)
+            bias[e] = biasf[e]; /* the float path sees the same values */
+        be->to_device(bias_be, bias, (size_t)E * sizeof(double));
+        bf->to_device(biasf_be, biasf, (size_t)E * sizeof(float));
+    }
     for (attempt = 0; attempt < 50; attempt++) {
         model_params_destroy(&p);
         model_acts_destroy_f64(&a);
@@ -108,6 +189,7 @@ static void s_check_model(int which, int B, int Tn)
             CHECK(0, "setup: %s", semoe_err_msg());
             goto done;
         }
+        a->router_bias = bias_be;
         model_params_init(p, test_rand());
         s_perturb(p);
         w = model_slab_new_f64(be, p);
@@ -125,8 +207,28 @@ static void s_check_model(int which, int B, int Tn)
         CHECK(0, "config %d: no draw with a top-k margin > 2e-3 in 50", which);
         goto done;
     }
-    printf("config %d: loss %.6f (ce %.6f, aux %.6f), top-k margin %.3g after %d redraws\n", which,
-           loss.loss, loss.ce, loss.aux, margin, attempt);
+    printf("config %d%s: loss %.6f (ce %.6f, aux %.6f), top-k margin %.3g after %d redraws\n",
+           which, with_bias ? " with a router bias" : "", loss.loss, loss.ce, loss.aux, margin,
+           attempt);
+    if (with_bias) {
+        double rd = s_check_biased_routing(a, p, w, bias, which);
+        CHECK(rd < 1e-12, "config %d: biased router probs or weights off the direct computation "
+              "by %.3g", which, rd);
+        /* the bias does change the routing: without it some token goes elsewhere */
+        size_t nidx = (size_t)a->L * a->N * a->K;
+        int32_t *with = malloc(nidx * sizeof *with);
+        memcpy(with, a->ridx, nidx * sizeof *with);
+        model_loss_t l0;
+        a->router_bias = NULL;
+        model_forward_f64(be, p, w, a, tok, NULL, &l0);
+        CHECK(memcmp(with, a->ridx, nidx * sizeof *with) != 0 && l0.loss != loss.loss,
+              "config %d: the router bias changed no routing", which);
+        a->router_bias = bias_be;
+        model_forward_f64(be, p, w, a, tok, NULL, &loss);
+        free(with);
+        printf("config %d with a router bias: routing matches the direct computation (max "
+               "difference %.3g)\n", which, rd);
+    }
     CHECK(fabs(loss.loss - (loss.ce + cfg.router_aux_loss_coef * loss.aux)) < 1e-12,
           "loss %.17g != ce + coef aux", loss.loss);
 
@@ -204,6 +306,8 @@ static void s_check_model(int which, int B, int Tn)
     /* float against double, same weights (the float slab is what the double one came from) */
     model_acts_f32 *af = NULL;
     CHECK(model_acts_new_f32(bf, p, B, Tn, 0, &af) == SEMOE_OK, "acts f32: %s", semoe_err_msg());
+    if (af)
+        af->router_bias = biasf_be;
     float *gf = model_slab_new_f32(bf, p);
     model_loss_t lf;
     float *wf = model_params_slab(p);
@@ -247,6 +351,8 @@ done:
     model_slab_destroy_f64(be, &w);
     model_acts_destroy_f64(&a);
     model_params_destroy(&p);
+    be->free(bias_be);
+    bf->free(biasf_be);
     free(tok);
 }
 
@@ -333,8 +439,10 @@ done:
 int main(void)
 {
     test_init("model");
-    s_check_model(0, 2, 8);
-    s_check_model(1, 3, 5);
+    s_check_model(0, 2, 8, false);
+    s_check_model(1, 3, 5, false);
+    s_check_model(0, 2, 8, true);
+    s_check_model(1, 3, 5, true);
     s_check_train();
     s_check_errors();
     return test_finish();

@@ -1,6 +1,7 @@
 /* The single-process trainer (model/train.h) and `semoe generate`: the learning-rate schedule
  * against its closed form; micro-batch accumulation against one big batch; clipping and AdamW
  * (decay on matrices only) against a direct double-precision implementation, every parameter;
+ * train.router_bias in the trainer's forward and train.freeze_router keeping the gates;
  * a tiny model actually learning a real corpus (held-out loss well below log 256); bit-identical
  * reruns; and generate's determinism, greedy = argmax of `semoe eval --logits`, bad flags. */
 #include <math.h>
@@ -283,6 +284,130 @@ static void s_check_adamw(bool clip)
 done:
     model_train_destroy(&tr);
     model_params_destroy(&p);
+}
+
+static bool s_is_gate(const model_param_t *t)
+{
+    return strstr(t->name, ".block_sparse_moe.gate.weight") != NULL;
+}
+
+/* (h) train.router_bias and train.freeze_router: the trainer's forward passes (eval and steps)
+ * add the bias to the router logits, the same as the graph does with acts->router_bias (whose
+ * routing test_model.c holds against a direct computation); with freeze_router the gates stay
+ * bit-identical over steps while every other tensor moves, and the gradient norm leaves them
+ * out; without it they move. A bias of another length than the model's experts is refused. */
+static void s_check_router_options(void)
+{
+    const model_backend_f32_t *be = &cpu_backend_f32;
+    model_job_t job;
+    s_tiny_job(&job);
+    job.model.router_aux_loss_coef = 0;
+    uint32_t E = job.model.num_local_experts;
+    job.train.router_bias = calloc(E, sizeof(double));
+    float *biasf = be->alloc(E * sizeof(float));
+    for (uint32_t e = 0; e < E; e++) { /* fresh values, O(1) against logits of O(0.1) */
+        job.train.router_bias[e] = 4.0 * test_rand_unit() - 2.0;
+        float b = (float)job.train.router_bias[e];
+        be->to_device(biasf + e, &b, sizeof b);
+    }
+    model_params_t *p = s_params(&job, test_rand());
+    size_t n = p ? (size_t)model_params_slab_floats(p) : 0;
+    float *w0 = malloc((n ? n : 1) * sizeof *w0);
+    uint8_t tok[8 * 13];
+    int32_t tok32[8 * 13];
+    s_tokens(tok, sizeof tok, 32);
+    for (size_t i = 0; i < sizeof tok; i++)
+        tok32[i] = tok[i];
+    model_acts_f32 *acts = NULL;
+    model_train_t *tr = NULL, *free_tr = NULL;
+    if (!p || model_acts_new_f32(be, p, 8, 12, 0, &acts) != SEMOE_OK) {
+        CHECK(0, "router options setup: %s", semoe_err_msg());
+        goto done;
+    }
+    memcpy(w0, model_params_slab(p), n * sizeof *w0);
+
+    /* the trainer's eval is the graph's forward with the bias, not the one without */
+    model_loss_t with, without;
+    acts->router_bias = biasf;
+    CHECK(model_forward_f32(be, p, w0, acts, tok32, NULL, &with) == SEMOE_OK, "forward: %s",
+          semoe_err_msg());
+    acts->router_bias = NULL;
+    CHECK(model_forward_f32(be, p, w0, acts, tok32, NULL, &without) == SEMOE_OK, "forward: %s",
+          semoe_err_msg());
+    job.train.freeze_router = true;
+    double ce = NAN;
+    if (model_train_new(be, p, &job, &tr) != SEMOE_OK ||
+        model_train_eval(tr, tok, 8, NULL, 0, &ce) != SEMOE_OK) {
+        CHECK(0, "router options: %s", semoe_err_msg());
+        goto done;
+    }
+    CHECK(ce == with.ce && ce != without.ce, "trainer eval ce %.9g: the graph gives %.9g with "
+          "the bias and %.9g without", ce, with.ce, without.ce);
+
+    /* three steps, frozen and not */
+    model_job_t job_free = job;
+    job_free.train.freeze_router = false;
+    if (model_train_new(be, p, &job_free, &free_tr) != SEMOE_OK) {
+        CHECK(0, "router options: %s", semoe_err_msg());
+        goto done;
+    }
+    model_train_report_t r, rf;
+    for (int step = 0; step < 3; step++) {
+        s_tokens(tok, sizeof tok, 32);
+        if (model_train_step(tr, tok, 8, (uint64_t)step, NULL, &r) != SEMOE_OK ||
+            model_train_step(free_tr, tok, 8, (uint64_t)step, NULL, &rf) != SEMOE_OK) {
+            CHECK(0, "step %d: %s", step, semoe_err_msg());
+            goto done;
+        }
+        if (step == 0)
+            CHECK(r.loss == rf.loss, "step 0: loss %.9g frozen, %.9g not: the same weights "
+                  "and tokens", r.loss, rf.loss);
+    }
+    /* the last step's norm: every tensor's gradient but the gates' */
+    const float *g = model_train_grads(tr), *w = model_train_weights(tr);
+    const float *wf = model_train_weights(free_tr);
+    double ss = 0;
+    int frozen = 0, moved = 0, others = 0, gates_moved = 0;
+    for (size_t i = 0; i < model_params_count(p); i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (!t->data)
+            continue;
+        size_t bytes = (size_t)t->numel * sizeof(float);
+        bool same = memcmp(w + t->offset, w0 + t->offset, bytes) == 0;
+        if (s_is_gate(t)) {
+            CHECK(same, "%s changed under train.freeze_router", t->name);
+            frozen += same;
+            gates_moved += memcmp(wf + t->offset, w0 + t->offset, bytes) != 0;
+            continue;
+        }
+        others++;
+        moved += !same;
+        CHECK(!same, "%s did not change in 3 steps", t->name);
+        for (uint64_t e = 0; e < t->numel; e++)
+            ss += (double)g[t->offset + e] * g[t->offset + e];
+    }
+    CHECK(gates_moved == (int)job.model.num_hidden_layers, "without freeze_router %d of %u "
+          "gates changed", gates_moved, job.model.num_hidden_layers);
+    CHECK(fabs(r.grad_norm - sqrt(ss)) < 1e-9 * sqrt(ss), "grad norm %.9g, the non-gate "
+          "tensors' %.9g", r.grad_norm, sqrt(ss));
+    printf("router options: bias in the trainer's forward (ce %.6f, %.6f without); frozen: %d "
+           "gates bit-identical after 3 steps, %d of %d other tensors moved; not frozen: %d "
+           "gates moved\n", ce, without.ce, frozen, moved, others, gates_moved);
+
+    /* a bias of another length than the model's experts */
+    model_train_destroy(&tr);
+    job.model.num_local_experts = E + 1;
+    semoe_rc rc = model_train_new(be, p, &job, &tr);
+    CHECK(rc == SEMOE_EINVAL && tr == NULL && strstr(semoe_err_msg(), "router_bias"),
+          "a bias of %u values for %u experts: %s", E + 1, E, semoe_err_msg());
+done:
+    model_train_destroy(&tr);
+    model_train_destroy(&free_tr);
+    model_acts_destroy_f32(&acts);
+    model_params_destroy(&p);
+    be->free(biasf);
+    free(job.train.router_bias);
+    free(w0);
 }
 
 /* A corpus with structure when the fortunes are not installed: sentences from a small grammar. */
@@ -569,6 +694,7 @@ int main(void)
     s_check_accumulation();
     s_check_adamw(false);
     s_check_adamw(true);
+    s_check_router_options();
     s_check_generate();
     s_check_learning();
     return test_finish();

@@ -59,11 +59,25 @@ bool train_util_write_corpus(const char *path)
 
 bool train_util_write_job(const char *path, const train_util_job_t *job)
 {
-    char elastic[128] = "", *e = elastic;
+    char elastic[192] = "", *e = elastic;
     if (job->min_replicas > 0)
         e += snprintf(e, 48, ", \"min_replicas\": %d", job->min_replicas);
     if (job->threshold > 0)
         e += snprintf(e, 48, ", \"threshold\": %g", job->threshold);
+    if (job->window > 0)
+        e += snprintf(e, 48, ", \"window\": %d", job->window);
+    if (job->patience > 0)
+        e += snprintf(e, 48, ", \"patience\": %d", job->patience);
+    /* the router knobs: a bias of one %.17g per expert, the aux term off, a frozen gate */
+    char router[TRAIN_UTIL_EXPERTS * 32 + 128] = "", *r = router;
+    if (job->router_bias) {
+        r += snprintf(r, 32, ",\n    \"router_bias\": [");
+        for (int i = 0; i < TRAIN_UTIL_EXPERTS; i++)
+            r += snprintf(r, 32, "%s%.17g", i ? ", " : "", job->router_bias[i]);
+        r += snprintf(r, 8, "]");
+    }
+    if (job->freeze_router)
+        r += snprintf(r, 32, ", \"freeze_router\": true");
     char text[4 * PATH_MAX];
     int len = snprintf(text, sizeof text,
              "{\n"
@@ -71,19 +85,22 @@ bool train_util_write_job(const char *path, const train_util_job_t *job)
              "    \"num_hidden_layers\": %d, \"num_attention_heads\": 4,\n"
              "    \"num_key_value_heads\": 2,\n"
              "    \"num_local_experts\": %d, \"num_experts_per_tok\": %d,\n"
-             "    \"max_position_embeddings\": 64},\n"
+             "    \"max_position_embeddings\": 64%s},\n"
              "  \"train\": {\"seq_len\": %d, \"global_batch\": %d, \"micro_batch\": %d,\n"
              "    \"lr\": 1e-3, \"min_lr\": 1e-4, \"warmup_steps\": 2, \"steps\": %d,\n"
              "    \"seed\": %" PRIu64 ", \"checkpoint_dir\": \"%s\", \"checkpoint_interval\": %d,\n"
-             "    \"eval_interval\": %d},\n"
+             "    \"eval_interval\": %d%s},\n"
              "  \"data\": {\"paths\": [\"%s\"], \"heldout_fraction\": 0.1},\n"
-             "  \"cluster\": {\"heartbeat_ms\": 200, \"liveness\": 5, \"expected_workers\": %d},\n"
+             "  \"cluster\": {\"heartbeat_ms\": %d, \"liveness\": %d, \"expected_workers\": %d},\n"
              "  \"elastic\": {%s}\n"
              "}\n",
              TRAIN_UTIL_VOCAB, TRAIN_UTIL_HIDDEN, TRAIN_UTIL_FFN, TRAIN_UTIL_LAYERS,
-             TRAIN_UTIL_EXPERTS, TRAIN_UTIL_TOPK, TRAIN_UTIL_SEQ, TRAIN_UTIL_BATCH,
-             TRAIN_UTIL_BATCH, job->steps, job->seed, job->checkpoint_dir,
-             job->checkpoint_interval, job->eval_interval, job->corpus, job->expected_workers,
+             TRAIN_UTIL_EXPERTS, job->top_k > 0 ? job->top_k : TRAIN_UTIL_TOPK,
+             job->no_aux ? ", \"router_aux_loss_coef\": 0" : "", TRAIN_UTIL_SEQ,
+             TRAIN_UTIL_BATCH, TRAIN_UTIL_BATCH, job->steps, job->seed, job->checkpoint_dir,
+             job->checkpoint_interval, job->eval_interval, router, job->corpus,
+             job->heartbeat_ms > 0 ? job->heartbeat_ms : 200,
+             job->liveness > 0 ? job->liveness : 5, job->expected_workers,
              elastic[0] ? elastic + 2 : "");
     return len > 0 && (size_t)len < sizeof text && proc_write_file(path, text);
 }
@@ -166,6 +183,27 @@ static bool s_u64_array(const cJSON *obj, const char *key, long long *out)
     return true;
 }
 
+/* The "samples" array of j into l (n_samples -1 when there is none); false when it is not an
+ * array of at most TRAIN_UTIL_BATCH ids. */
+static bool s_samples(const cJSON *j, train_util_line_t *l)
+{
+    const cJSON *a = cJSON_GetObjectItemCaseSensitive(j, "samples");
+    l->n_samples = -1;
+    if (!a)
+        return true;
+    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) > TRAIN_UTIL_BATCH)
+        return false;
+    l->n_samples = 0;
+    const cJSON *v;
+    cJSON_ArrayForEach(v, a)
+    {
+        if (!cJSON_IsNumber(v) || v->valuedouble < 0)
+            return false;
+        l->samples[l->n_samples++] = (uint64_t)v->valuedouble;
+    }
+    return true;
+}
+
 /* A number field of j, or NaN. */
 static double s_num(const cJSON *j, const char *key)
 {
@@ -209,7 +247,8 @@ static bool s_parse(const char *text, const char *id, train_util_line_t *l)
             double v = s_num(j, train_util_split_keys[k]);
             l->split[k] = v >= 0 ? v : NAN;
         }
-        ok = s_u64_array(j, "load", l->load) && s_u64_array(j, "routed", l->routed);
+        ok = s_u64_array(j, "load", l->load) && s_u64_array(j, "routed", l->routed) &&
+             s_samples(j, l);
     }
     cJSON_Delete(j);
     return ok;

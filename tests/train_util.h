@@ -1,6 +1,7 @@
-/* What the multi-process training tests (test_training.c, test_elastic.c) share: the tiny job
- * they train (a seeded corpus and the job spec), workers started with a metrics log, reading
- * those logs back line by line, and comparing two checkpoints' weights tensor by tensor. */
+/* What the multi-process training tests (test_training.c, test_elastic.c, test_skew.c) share:
+ * the tiny job they train (a seeded corpus and the job spec), workers started with a metrics
+ * log, reading those logs back line by line, and comparing two checkpoints' weights tensor by
+ * tensor. */
 #ifndef SEMOE_TESTS_TRAIN_UTIL_H
 #define SEMOE_TESTS_TRAIN_UTIL_H
 
@@ -35,6 +36,12 @@ typedef struct {
     int expected_workers;
     int min_replicas;            /* elastic.min_replicas; 0: the default */
     double threshold;            /* elastic.threshold; 0: the default */
+    int window, patience;        /* elastic.window, elastic.patience; 0: the defaults */
+    int top_k;                   /* model.num_experts_per_tok; 0: TRAIN_UTIL_TOPK */
+    bool no_aux;                 /* model.router_aux_loss_coef 0 (else the default) */
+    const double *router_bias;   /* train.router_bias: TRAIN_UTIL_EXPERTS values, or NULL */
+    bool freeze_router;          /* train.freeze_router */
+    int heartbeat_ms, liveness;  /* cluster.*; 0: 200 ms and 5 */
 } train_util_job_t;
 
 /* One line of a worker's --metrics-log, as docs/training.md "Metrics" lists the fields. */
@@ -49,6 +56,8 @@ typedef struct {
     long long load[TRAIN_UTIL_LE], routed[TRAIN_UTIL_LE];
     double step_time, gemm_flops, tokens; /* NaN when missing */
     double split[TRAIN_UTIL_NSPLIT];      /* train_util_split_keys; NaN when missing or < 0 */
+    int n_samples;                        /* the ids of the rank's rows (-1: no "samples") */
+    uint64_t samples[TRAIN_UTIL_BATCH];
 } train_util_line_t;
 
 /* The names of split[]: t_gemm ... t_allreduce. */

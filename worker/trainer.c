@@ -769,6 +769,10 @@ static void s_on_pipe(s_tr_t *self)
         memcpy(&plan, zmq_msg_data(&body), sizeof plan);
         s_drain_pokes(self);
         s_teardown(self);
+        /* a PAUSE not yet agreed on was for the old generation's reconfiguration: this PLAN is
+         * it. Kept, it would pause the new ranks after their first step, and those whose RESUME
+         * was read before that pause would wait for another forever. */
+        self->want_pause = false;
         worker_plan_clear(&self->plan);
         self->plan = *plan; /* the arrays are ours now */
         free(plan);
