@@ -98,9 +98,12 @@ static double s_place_layer(balance_layer_t *ly, double slack, const uint32_t *p
         return max;
     bool live = false, valid = balance_sticky_read_prev(ly, prev_off, prev_holders, &live);
     uint64_t ptotal = 0;
+    bool loaded = false;
+    for (uint32_t j = 0; j < E; j++)
+        loaded = loaded || ly->load[j] > 0;
     for (uint32_t j = 0; j < E; j++) {
         ptotal += ly->pcopies[j];
-        valid = valid && (ly->load[j] > 0 || ly->pcopies[j] == ly->m); // no idle replicas
+        valid = valid && (loaded || ly->pcopies[j] == ly->m); // idle layer: no replicas
     }
     if (valid && ptotal == total) {
         double pmax = balance_layer_eval(ly, ly->pheld, ly->pcopies, ly->pwload);

@@ -48,8 +48,10 @@ typedef struct {
  * distinct, such that:
  *  - every expert has between min_replicas and n holders; no worker holds more than slots
  *    experts of one layer;
- *  - in every layer where some expert has load and fewer than n copies, all n * slots slots are
- *    used (more copies split the load finer); zero-load experts keep min_replicas copies;
+ *  - in every layer where some expert has load, all n * slots slots are used (up to n copies
+ *    of every expert): more copies split the load finer, and the slots no copy of a loaded
+ *    expert helps go to zero-load experts (they add no load); in a layer without load, every
+ *    expert keeps min_replicas copies;
  *  - each layer's busiest worker is at most (1 + keep_slack) x that of the reference placement
  *    R, which depends on the loads alone (balance.c: replicate, pack longest-first, improve);
  *  - a layer's previous placement is kept whole when it is valid, fills as many slots and is

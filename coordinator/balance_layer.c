@@ -77,11 +77,11 @@ static void s_heap_down(const balance_layer_t *ly, s_before_fn before, uint32_t 
     heap[i] = x;
 }
 
-/* Adds copies one at a time to the expert first in `before` order among those with load and
- * fewer than n copies, at most `limit` of them and no further than n * S copies in all;
- * returns how many. *k_mean (optional) is set to the number added when the largest copy first
- * dropped to the mean load per worker or below. */
-static uint32_t s_add_copies(balance_layer_t *ly, s_before_fn before, uint64_t *total,
+/* Adds copies one at a time to the expert first in `before` order among those with fewer than
+ * n copies (and with load, unless idle), at most `limit` of them and no further than n * S
+ * copies in all; returns how many. *k_mean (optional) is set to the number added when the
+ * largest copy first dropped to the mean load per worker or below. */
+static uint32_t s_add_copies(balance_layer_t *ly, s_before_fn before, bool idle, uint64_t *total,
                              uint32_t limit, uint32_t *k_mean)
 {
     uint64_t target = (uint64_t)ly->n * ly->S;
@@ -89,7 +89,7 @@ static uint32_t s_add_copies(balance_layer_t *ly, s_before_fn before, uint64_t *
     uint32_t size = 0, added = 0;
     for (uint32_t j = 0; j < ly->E; j++) {
         mean += ly->load[j];
-        if (ly->copies[j] < ly->n && ly->load[j] > 0)
+        if (ly->copies[j] < ly->n && (idle || ly->load[j] > 0))
             ly->heap[size++] = j;
     }
     mean /= ly->n;
@@ -117,14 +117,20 @@ static uint32_t s_add_copies(balance_layer_t *ly, s_before_fn before, uint64_t *
 
 /* Step 1: copies[] and lpc[]. Every expert starts with min_replicas copies; the first `useful`
  * additions go to the hottest expert per copy (EPLB), the rest, up to n * S copies in all, to
- * the cheapest fillers. Returns the number of hot additions made; *k_mean as above. */
+ * the cheapest fillers: idle experts first (they add no load: with the rest of the load on a
+ * few hot experts, a filler that is another hot copy would sit beside one), then the least
+ * loaded per copy. Nothing is filled in a layer without load. Returns the number of hot
+ * additions made; *k_mean as above. */
 static uint32_t s_replicate(balance_layer_t *ly, uint32_t useful, uint32_t *k_mean)
 {
     uint64_t total = (uint64_t)ly->E * ly->m;
-    for (uint32_t j = 0; j < ly->E; j++)
+    bool loaded = false;
+    for (uint32_t j = 0; j < ly->E; j++) {
         ly->copies[j] = ly->m;
-    uint32_t hot = s_add_copies(ly, s_hotter, &total, useful, k_mean);
-    s_add_copies(ly, s_filler, &total, UINT32_MAX, NULL);
+        loaded = loaded || ly->load[j] > 0;
+    }
+    uint32_t hot = s_add_copies(ly, s_hotter, false, &total, useful, k_mean);
+    s_add_copies(ly, s_filler, loaded, &total, UINT32_MAX, NULL);
     for (uint32_t j = 0; j < ly->E; j++)
         ly->lpc[j] = ly->load[j] / ly->copies[j];
     return hot;

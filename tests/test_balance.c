@@ -105,12 +105,16 @@ static void s_check(const balance_shape_t *sh, const double *load, const out_t *
     for (uint32_t l = 0; l < L; l++) {
         memset(per, 0, n * sizeof *per);
         uint64_t used = 0, want = 0;
+        bool layer_loaded = false;
+        for (uint32_t j = 0; j < E; j++)
+            layer_loaded = layer_loaded || load[(size_t)l * E + j] > 0;
         for (uint32_t j = 0; j < E; j++) {
             size_t e = (size_t)l * E + j;
             uint32_t c = o->off[e + 1] - o->off[e];
             CHECK(o->off[e + 1] >= o->off[e] && c >= m && c <= n,
                   "layer %u expert %u: %u holders, want %u..%u", l, j, c, m, n);
-            CHECK(load[e] > 0 || c == m, "layer %u expert %u: no load but %u copies", l, j, c);
+            CHECK(layer_loaded || c == m, "layer %u expert %u: a layer without load, but %u "
+                  "copies", l, j, c);
             for (uint32_t i = o->off[e]; i < o->off[e + 1] && i < o->off[e] + n; i++) {
                 uint32_t h = o->holders[i];
                 CHECK(h < n, "layer %u expert %u: holder %u of %u", l, j, h, n);
@@ -122,7 +126,7 @@ static void s_check(const balance_shape_t *sh, const double *load, const out_t *
                 }
             }
             used += c;
-            want += load[e] > 0 ? n : m;
+            want += layer_loaded ? n : m;
         }
         want = want < (uint64_t)n * S ? want : (uint64_t)n * S;
         CHECK(used == want, "layer %u: %llu copies, want %llu (n=%u slots=%u)", l,
@@ -179,8 +183,11 @@ static void s_brute_eval(brute_t *b)
     for (uint32_t w = 0; w < b->n; w++)
         for (uint32_t j = 0; j < b->E; j++)
             c[j] += (b->pick[w] >> j) & 1;
+    bool loaded = false;
+    for (uint32_t j = 0; j < b->E; j++)
+        loaded = loaded || b->load[j] > 0;
     for (uint32_t j = 0; j < b->E; j++) {
-        if (c[j] < b->m || (b->fill && b->load[j] <= 0 && c[j] != b->m))
+        if (c[j] < b->m || (b->fill && !loaded && c[j] != b->m))
             return;
         total += c[j];
     }
@@ -212,17 +219,18 @@ static void s_brute_dfs(brute_t *b, uint32_t w, uint32_t from)
 
 /* The least busiest-worker load over every placement of one layer with m..n copies of each
  * expert and at most S experts per worker. full: only placements with balance_place's rule on
- * replicas (as many copies as n * S allows, idle experts at m copies); else any counts, slots
- * left free or idle experts replicated included. */
+ * replicas (as many copies as n * S allows; in a layer without load, m copies each); else any
+ * counts, slots left free included. */
 static double s_brute(uint32_t E, uint32_t n, uint32_t S, uint32_t m, const double *load,
                       bool full)
 {
     brute_t b = {.E = E, .n = n, .m = m, .load = load, .best = INFINITY};
     REQUIRE(n <= sizeof b.pick / sizeof b.pick[0], "brute force over %u workers: at most 4", n);
     if (full) {
-        uint32_t want = 0;
+        bool loaded = false;
         for (uint32_t j = 0; j < E; j++)
-            want += load[j] > 0 ? n : m;
+            loaded = loaded || load[j] > 0;
+        uint32_t want = E * (loaded ? n : m);
         b.fill = want < n * S ? want : n * S;
     }
     for (uint32_t mask = 0; mask < (1u << E); mask++)
@@ -550,20 +558,32 @@ static void s_edges(void)
     }
     s_out_free(&p);
     s_out_free(&o);
-    // an expert that goes idle gives its replicas back, even with a generous keep_slack
+    // an expert that goes idle (the hot one, on every worker): its copies are kept only while
+    // the busy experts' placement stays within keep_slack of a fresh one; a whole layer gone
+    // idle gives every replica back
     balance_shape_t idle = {.num_layers = 1, .num_experts = 4, .workers = 4, .slots = 2,
-                            .min_replicas = 1, .keep_slack = 1.0};
-    double busy[4] = {100, 1, 2, 3}, quiet[4] = {0, 1, 2, 3};
-    out_t i1, i2;
+                            .min_replicas = 1, .keep_slack = 0.1};
+    double busy[4] = {100, 1, 2, 3}, quiet[4] = {0, 1, 2, 3}, none[4] = {0};
+    out_t i1, i2, fresh, i3;
     s_out_init(&i1, &idle);
     s_out_init(&i2, &idle);
-    if (s_place(&idle, busy, NULL, &i1) && s_place(&idle, quiet, &i1, &i2)) {
+    s_out_init(&fresh, &idle);
+    s_out_init(&i3, &idle);
+    if (s_place(&idle, busy, NULL, &i1) && s_place(&idle, quiet, &i1, &i2) &&
+        s_place(&idle, quiet, NULL, &fresh) && s_place(&idle, none, &i1, &i3)) {
         CHECK(i1.off[1] - i1.off[0] >= 2, "hot expert 0 has %u copies", i1.off[1] - i1.off[0]);
         s_check(&idle, quiet, &i2);
-        CHECK(i2.rep.layers_kept == 0, "a placement with idle replicas was kept");
+        double kept = s_layer_max(&idle, quiet, &i2, 0, NULL, NULL);
+        double ref = s_layer_max(&idle, quiet, &fresh, 0, NULL, NULL);
+        CHECK(kept <= 1.1 * ref + EPS, "expert 0 went idle: busiest %g, a fresh placement's %g "
+              "(keep_slack 0.1)", kept, ref);
+        s_check(&idle, none, &i3);
+        CHECK(i3.off[4] == 4, "a layer gone idle kept %u copies of 4 experts", i3.off[4]);
     }
     s_out_free(&i1);
     s_out_free(&i2);
+    s_out_free(&fresh);
+    s_out_free(&i3);
     // imbalance of a hand-made placement: expert 0 (load 6) on 0 and 1, expert 1 (2) on 1
     uint32_t hoff[3] = {0, 2, 3}, hh[3] = {0, 1, 1};
     double hl[2] = {6, 2};

@@ -1,6 +1,6 @@
 /* Load skew (fault) with the real daemons on loopback: the tiny model of train_util.h with a
  * router that cannot rebalance itself (train.router_bias sending every token to experts 0 and
- * 1 of every layer, 2/3 of the routed rows under top-3; train.freeze_router;
+ * 1 of every layer under top-2; train.freeze_router;
  * router_aux_loss_coef 0), trained by 4 workers twice with the same seed: (1) with the first
  * PLAN's placement kept (an elastic.threshold no skew reaches) and (2) with live rebalancing
  * (the default threshold, a short window and patience). From the workers' metrics lines: the
@@ -29,24 +29,18 @@
 #define S_LAST 10          /* the steps both runs' imbalance is measured over: the last ones */
 #define S_HOT0 0           /* the hot experts: the count-balanced first PLAN puts experts 0 and */
 #define S_HOT1 1           /* 1 of every layer on one worker, the worst case for it */
-#define S_WARM 2           /* every token's third choice */
-/* Top-3 routing, a bias of 4 on the hot experts and 2 on the warm one, against logits that
- * spread about 0.1 at init (initializer_range x sqrt(hidden) = 0.02 x sqrt(32)): every token
- * goes to both hot experts (2/3 of the routed rows) and to the warm one, whatever the frozen
- * router says, so the loads are the same at every step and in every run. Static: the hot
- * experts' worker takes 2 N of the 3 N rows per layer, 8/3 of the mean. By load: 3 + 2 + 2
- * copies of the three loaded experts over 12 slots, the busiest worker N/2 + N/3 = 10/9 of the
- * mean (1.115 measured: a rank's 64 rows of an expert split 22 + 21 + 21 over 3 holders).
- * Why not top-2 and no warm expert ("most tokens to two experts" in the plainest form): then
- * the other six experts get no rows at all, and the placement by load replicates only experts
- * with load (coordinator/balance_layer.c, s_add_copies: zero-load experts are never fillers)
- * while it fills every slot: 3 + 3 copies of the hot ones, an imbalance of 4/3, where 2 + 2
- * copies and the spare slots left to the idle experts would give 1. */
-#define S_TOPK 3
-static const double s_bias[TRAIN_UTIL_EXPERTS] = {[S_HOT0] = 4, [S_HOT1] = 4, [S_WARM] = 2};
+/* Top-2 routing and a bias of 4 on the hot experts, against logits that spread about 0.1 at
+ * init (initializer_range x sqrt(hidden) = 0.02 x sqrt(32)): every token goes to both hot
+ * experts, whatever the frozen router says, so the loads are the same at every step and in
+ * every run, and the six other experts get nothing. Static: the hot experts' worker takes all
+ * 2 N routed rows of a layer, 4 x the mean. By load: 2 + 2 copies of the hot experts over the
+ * 4 workers, one each, and the spare slots to idle experts: 1.0 (a rank's rows of an expert
+ * split evenly over its holders, to a row). */
+#define S_TOPK 2
+static const double s_bias[TRAIN_UTIL_EXPERTS] = {[S_HOT0] = 4, [S_HOT1] = 4};
 #define S_STATIC_MIN 2.0   /* the static placement's imbalance, at least, every counted step */
 #define S_BALANCED_MAX 1.25 /* the rebalanced one, at most, every step of its last generation */
-#define S_HOT_MIN 0.66     /* "most tokens": the hot experts' share of the routed rows (2/3) */
+#define S_HOT_MIN 0.99     /* "most tokens": the hot experts' share of the routed rows (all) */
 #define S_REL_TOL 1e-5     /* a loss against the static run's, relative */
 #define S_RUN_MS 60000     /* for a run to end, the coordinator's exit included */
 #define S_EXIT_MS 15000    /* a worker's exit once its coordinator is gone */
