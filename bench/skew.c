@@ -240,6 +240,17 @@ static semoe_rc s_poll(s_bench_t *b)
             b->status = st;
         }
         b->status_at = clock_mono_ms();
+        /* a worker that cannot train the job (its data missing, ...) says so: stop waiting */
+        const cJSON *ws = cJSON_GetObjectItemCaseSensitive(b->status, "workers"), *w;
+        cJSON_ArrayForEach(w, ws)
+        {
+            const cJSON *ph = cJSON_GetObjectItemCaseSensitive(w, "phase");
+            const cJSON *id = cJSON_GetObjectItemCaseSensitive(w, "id");
+            if (cJSON_IsString(ph) && strcmp(ph->valuestring, "failed") == 0)
+                return semoe_err(SEMOE_EIO, "worker %s cannot train the job (phase failed): "
+                                 "see its log in %s", cJSON_IsString(id) ? id->valuestring : "?",
+                                 b->o.dir);
+        }
     }
     return SEMOE_OK;
 }
