@@ -28,6 +28,8 @@
 /* After STOP: how long to wait for the workers to go, whatever the liveness settings say. */
 #define S_STOP_WAIT_MIN_MS 1000
 #define S_STOP_WAIT_MAX_MS 15000
+/* ... and after a STOP with checkpoint at least this long (the workers' grace for it) */
+#define S_STOP_CKPT_MIN_MS 30000
 /* At exit after a STOP, the control socket gets this long to deliver the last messages. */
 #define S_STOP_LINGER_MS 500
 /* Pending connections a listening socket queues (the kernel caps it at somaxconn). */
@@ -590,10 +592,18 @@ static void s_stop_workers(coord_t *self, uint32_t checkpoint)
         s_quit(self);
         return;
     }
-    uint64_t wait = (uint64_t)(self->liveness + 1) * self->heartbeat_ms;
+    uint64_t window = (uint64_t)self->liveness * self->heartbeat_ms;
+    uint64_t wait = window + self->heartbeat_ms;
     wait = wait < S_STOP_WAIT_MIN_MS ? S_STOP_WAIT_MIN_MS
            : wait > S_STOP_WAIT_MAX_MS ? S_STOP_WAIT_MAX_MS
                                        : wait;
+    /* a checkpoint first: the workers finish their step, agree on the boundary and write it,
+     * within their own grace (worker/control.c: 10 liveness windows, at least 30 s); they
+     * heartbeat meanwhile, so one that dies is still noticed */
+    if (checkpoint) {
+        uint64_t grace = 10 * window > S_STOP_CKPT_MIN_MS ? 10 * window : S_STOP_CKPT_MIN_MS;
+        wait = grace + window + self->heartbeat_ms;
+    }
     uv_timer_start(&self->stop_timer, s_on_stop_timeout, wait, 0);
 }
 
