@@ -16,7 +16,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -26,10 +25,10 @@
 
 #include "actors/err.h"
 #include "actors/log.h"
+#include "bench/benchutil.h"
 #include "bench/coordproc.h"
 #include "bench/skewlog.h"
 #include "model/job.h"
-#include "model/spec.h"
 
 #define S_MAX_WORKERS 64
 #define S_STATUS_EVERY_MS 250
@@ -73,120 +72,49 @@ static double s_wall(void)
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static void s_sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-/* Busy CPU seconds of the whole machine (/proc/stat) and of this process with its reaped
- * children (getrusage): their difference over the run is what else ran meanwhile (as
- * bench_train_workers measures it). */
-static void s_cpu(double *machine, double *own)
-{
-    unsigned long long v[8] = {0};
-    FILE *f = fopen("/proc/stat", "r");
-    if (!f || fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
-                     &v[3], &v[4], &v[5], &v[6], &v[7]) != 8)
-        memset(v, 0, sizeof v);
-    if (f)
-        fclose(f);
-    *machine = (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / (double)sysconf(_SC_CLK_TCK);
-    struct rusage self, kids;
-    getrusage(RUSAGE_SELF, &self);
-    getrusage(RUSAGE_CHILDREN, &kids);
-    *own = (double)self.ru_utime.tv_sec + self.ru_utime.tv_usec / 1e6 +
-           (double)self.ru_stime.tv_sec + self.ru_stime.tv_usec / 1e6 +
-           (double)kids.ru_utime.tv_sec + kids.ru_utime.tv_usec / 1e6 +
-           (double)kids.ru_stime.tv_sec + kids.ru_stime.tv_usec / 1e6;
-}
-
 /* --- the job ---------------------------------------------------------------------------------- */
-
-static cJSON *s_section(cJSON *root, const char *name)
-{
-    cJSON *s = cJSON_GetObjectItemCaseSensitive(root, name);
-    if (!cJSON_IsObject(s)) {
-        cJSON_DeleteItemFromObjectCaseSensitive(root, name);
-        s = cJSON_CreateObject();
-        model_spec_put(root, name, s);
-    }
-    return s;
-}
-
-static void s_set(cJSON *obj, const char *key, cJSON *item)
-{
-    cJSON_DeleteItemFromObjectCaseSensitive(obj, key);
-    model_spec_put(obj, key, item);
-}
-
-static void s_set_num(cJSON *obj, const char *key, double v)
-{
-    s_set(obj, key, cJSON_CreateNumber(v));
-}
 
 /* o->job (its data) with the bench's model, router and elastic settings into path. The training
  * runs until the bench stops it (train.steps 10^9), without checkpoints or evaluations. */
 static semoe_rc s_write_job(const s_opts_t *o, const char *path)
 {
-    size_t len = 0;
-    char *text = NULL;
     cJSON *root = NULL;
-    SEMOE_CHECK(model_spec_read_file(o->job, o->job, &text, &len));
-    semoe_rc prc = model_spec_parse(text, len, o->job, &root);
-    free(text);
-    SEMOE_CHECK(prc);
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return semoe_err(SEMOE_EINVAL, "--job %s: not a JSON object", o->job);
-    }
-    cJSON *m = s_section(root, "model"), *t = s_section(root, "train"),
-          *c = s_section(root, "cluster"), *e = s_section(root, "elastic");
+    SEMOE_CHECK(bench_job_read(o->job, &root));
+    cJSON *m = bench_job_section(root, "model"), *t = bench_job_section(root, "train"),
+          *c = bench_job_section(root, "cluster"), *e = bench_job_section(root, "elastic");
     int heads = o->hidden >= 128 ? o->hidden / 64 : 2;
-    s_set_num(m, "hidden_size", o->hidden);
-    s_set_num(m, "intermediate_size", o->intermediate);
-    s_set_num(m, "num_attention_heads", heads);
-    s_set_num(m, "num_key_value_heads", heads / 2 ? heads / 2 : 1);
-    s_set(m, "head_dim", cJSON_CreateNull());
-    s_set_num(m, "num_hidden_layers", o->layers);
-    s_set_num(m, "num_local_experts", o->experts);
-    s_set_num(m, "num_experts_per_tok", o->top_k);
-    s_set_num(m, "router_aux_loss_coef", 0);
-    s_set_num(m, "max_position_embeddings", o->seq_len > 1024 ? o->seq_len : 1024);
-    s_set_num(t, "seq_len", o->seq_len);
-    s_set_num(t, "global_batch", o->global_batch);
-    s_set_num(t, "micro_batch", o->micro_batch);
-    s_set_num(t, "steps", 1e9);
-    s_set_num(t, "warmup_steps", 10);
-    s_set(t, "schedule", cJSON_CreateString("constant"));
-    s_set_num(t, "eval_interval", 1e9);
-    s_set_num(t, "checkpoint_interval", 1e9);
-    s_set(t, "checkpoint_dir", cJSON_CreateString(""));
+    bench_job_set_num(m, "hidden_size", o->hidden);
+    bench_job_set_num(m, "intermediate_size", o->intermediate);
+    bench_job_set_num(m, "num_attention_heads", heads);
+    bench_job_set_num(m, "num_key_value_heads", heads / 2 ? heads / 2 : 1);
+    bench_job_set(m, "head_dim", cJSON_CreateNull());
+    bench_job_set_num(m, "num_hidden_layers", o->layers);
+    bench_job_set_num(m, "num_local_experts", o->experts);
+    bench_job_set_num(m, "num_experts_per_tok", o->top_k);
+    bench_job_set_num(m, "router_aux_loss_coef", 0);
+    bench_job_set_num(m, "max_position_embeddings", o->seq_len > 1024 ? o->seq_len : 1024);
+    bench_job_set_num(t, "seq_len", o->seq_len);
+    bench_job_set_num(t, "global_batch", o->global_batch);
+    bench_job_set_num(t, "micro_batch", o->micro_batch);
+    bench_job_set_num(t, "steps", 1e9);
+    bench_job_set_num(t, "warmup_steps", 10);
+    bench_job_set(t, "schedule", cJSON_CreateString("constant"));
+    bench_job_set_num(t, "eval_interval", 1e9);
+    bench_job_set_num(t, "checkpoint_interval", 1e9);
+    bench_job_set(t, "checkpoint_dir", cJSON_CreateString(""));
     cJSON *bias = cJSON_CreateArray();
     for (int j = 0; j < o->experts; j++)
         cJSON_AddItemToArray(bias, cJSON_CreateNumber(j < o->hot ? o->bias : 0));
-    s_set(t, "router_bias", bias);
-    s_set(t, "freeze_router", cJSON_CreateBool(1));
-    s_set_num(c, "expected_workers", o->workers);
-    s_set_num(c, "heartbeat_ms", o->heartbeat_ms);
-    s_set_num(c, "liveness", o->liveness);
-    s_set_num(e, "threshold", o->threshold);
-    s_set_num(e, "window", o->window);
-    s_set_num(e, "patience", o->static_steps);
-    s_set_num(e, "min_replicas", 1);
-    char *out = cJSON_Print(root);
-    cJSON_Delete(root);
-    if (!out)
-        abort(); /* out of memory */
-    FILE *f = fopen(path, "w");
-    semoe_rc rc = SEMOE_OK;
-    if (!f || fputs(out, f) < 0 || fputc('\n', f) < 0)
-        rc = semoe_err_errno(SEMOE_EIO, "%s", path);
-    if (f && fclose(f) != 0 && rc == SEMOE_OK)
-        rc = semoe_err_errno(SEMOE_EIO, "%s", path);
-    cJSON_free(out);
-    return rc;
+    bench_job_set(t, "router_bias", bias);
+    bench_job_set(t, "freeze_router", cJSON_CreateBool(1));
+    bench_job_set_num(c, "expected_workers", o->workers);
+    bench_job_set_num(c, "heartbeat_ms", o->heartbeat_ms);
+    bench_job_set_num(c, "liveness", o->liveness);
+    bench_job_set_num(e, "threshold", o->threshold);
+    bench_job_set_num(e, "window", o->window);
+    bench_job_set_num(e, "patience", o->static_steps);
+    bench_job_set_num(e, "min_replicas", 1);
+    return bench_job_write(root, path);
 }
 
 /* --- the workers ------------------------------------------------------------------------------ */
@@ -208,12 +136,6 @@ static semoe_rc s_spawn(s_bench_t *b, int i)
     if (i >= b->n)
         b->n = i + 1;
     return SEMOE_OK;
-}
-
-static double s_num(const cJSON *o, const char *key)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
 }
 
 /* Reads every worker's new lines and, every S_STATUS_EVERY_MS, the status; fails when a worker
@@ -312,7 +234,7 @@ static semoe_rc s_until(s_bench_t *b, bool (*done)(s_bench_t *), int64_t deadlin
         if (clock_mono_ms() >= deadline)
             return semoe_err(SEMOE_ETIMEDOUT, "timed out waiting for %s (--timeout-s %d; files "
                              "in %s)", what, b->o.timeout_s, b->o.dir);
-        s_sleep_ms(20);
+        bench_sleep_ms(20);
     }
 }
 
@@ -438,7 +360,7 @@ static semoe_rc s_run(s_bench_t *b)
         snprintf(want, sizeof want, "join %s", b->w[b->joiner].id);
         if (b->status && s_history(b->status, want, true))
             break;
-        s_sleep_ms(50);
+        bench_sleep_ms(50);
     }
     return SEMOE_OK;
 }
@@ -468,7 +390,7 @@ static void s_stop(s_bench_t *b)
             }
             if (!left || clock_mono_ms() >= end)
                 break;
-            s_sleep_ms(20);
+            bench_sleep_ms(20);
         }
         for (int i = 0; i < b->n; i++)
             if (b->w[i].pid > 0)
@@ -491,13 +413,13 @@ static void s_history_figures(s_bench_t *b)
     snprintf(want, sizeof want, "death %s", b->w[b->victim].id);
     const cJSON *d = s_history(b->status, want, true);
     if (d) {
-        b->detect_time = s_num(d, "time");
-        b->death_reconfig_ms = s_num(d, "duration_ms");
+        b->detect_time = bench_num(d, "time", NAN);
+        b->death_reconfig_ms = bench_num(d, "duration_ms", NAN);
     }
     snprintf(want, sizeof want, "join %s", b->w[b->joiner].id);
     const cJSON *j = s_history(b->status, want, true);
     if (j)
-        b->join_reconfig_ms = s_num(j, "duration_ms");
+        b->join_reconfig_ms = bench_num(j, "duration_ms", NAN);
 }
 
 static void s_print_phase(const char *name, const skewlog_phase_t *p)
@@ -537,9 +459,9 @@ static void s_print(const s_bench_t *b)
         printf("rebalance: \"%s\" at step %.0f, predicted %.2f -> %.2f, %.0f copies moved, "
                "%.0f ms from the decision to the last ACK\n",
                cJSON_GetObjectItemCaseSensitive(b->rebalance, "why")->valuestring,
-               s_num(b->rebalance, "at_step"), s_num(b->rebalance, "before"),
-               s_num(b->rebalance, "after"), s_num(b->rebalance, "moved"),
-               s_num(b->rebalance, "duration_ms"));
+               bench_num(b->rebalance, "at_step", NAN), bench_num(b->rebalance, "before", NAN),
+               bench_num(b->rebalance, "after", NAN), bench_num(b->rebalance, "moved", NAN),
+               bench_num(b->rebalance, "duration_ms", NAN));
     if (b->kill_time) {
         printf("death: kill -9 of %s after step %" PRIu64 ": the coordinator noticed it %.2f s "
                "later (heartbeat %d ms x liveness %d), replanned in %.0f ms; training resumed "
@@ -598,11 +520,11 @@ static int s_write_json(const s_bench_t *b)
     s_jnum(f, "throughput_ratio", b->rb.tok_s / b->st.tok_s, ",\n");
     fprintf(f, "  \"rebalance\": {");
     if (b->rebalance) {
-        s_jnum(f, "at_step", s_num(b->rebalance, "at_step"), ", ");
-        s_jnum(f, "predicted_before", s_num(b->rebalance, "before"), ", ");
-        s_jnum(f, "predicted_after", s_num(b->rebalance, "after"), ", ");
-        s_jnum(f, "moved", s_num(b->rebalance, "moved"), ", ");
-        s_jnum(f, "duration_ms", s_num(b->rebalance, "duration_ms"), "");
+        s_jnum(f, "at_step", bench_num(b->rebalance, "at_step", NAN), ", ");
+        s_jnum(f, "predicted_before", bench_num(b->rebalance, "before", NAN), ", ");
+        s_jnum(f, "predicted_after", bench_num(b->rebalance, "after", NAN), ", ");
+        s_jnum(f, "moved", bench_num(b->rebalance, "moved", NAN), ", ");
+        s_jnum(f, "duration_ms", bench_num(b->rebalance, "duration_ms", NAN), "");
     }
     fprintf(f, "},\n  \"death\": ");
     if (b->kill_time) {
@@ -780,7 +702,7 @@ int main(int argc, char **argv)
     for (int i = 0; rc == SEMOE_OK && i < o->workers; i++)
         rc = s_spawn(&b, i);
     double busy0, own0, busy1, own1, t0 = s_wall();
-    s_cpu(&busy0, &own0);
+    bench_cpu(&busy0, &own0);
     if (rc == SEMOE_OK) {
         printf("bench_skew: coordinator and %d workers started (files in %s)\n", o->workers,
                o->dir);
@@ -791,7 +713,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "bench_skew: %s (%s); files kept in %s\n", semoe_err_msg(),
                 semoe_err_where(), o->dir);
     s_stop(&b);
-    s_cpu(&busy1, &own1);
+    bench_cpu(&busy1, &own1);
     b.foreign_cores = (busy1 - busy0 - (own1 - own0)) / (s_wall() - t0);
     int out = rc == SEMOE_OK ? 0 : 1;
     if (rc == SEMOE_OK) {

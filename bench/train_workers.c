@@ -12,7 +12,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -22,11 +21,11 @@
 
 #include "actors/err.h"
 #include "actors/log.h"
+#include "bench/benchutil.h"
 #include "bench/coordproc.h"
 #include "bench/flops.h"
 #include "model/job.h"
 #include "model/params.h"
-#include "model/spec.h"
 
 #define S_MAX_WORKERS 64
 #define S_MAX_SHAPES 32
@@ -63,98 +62,50 @@ typedef struct {
 
 /* --- the job ---------------------------------------------------------------------------------- */
 
-static cJSON *s_section(cJSON *root, const char *name)
-{
-    cJSON *s = cJSON_GetObjectItemCaseSensitive(root, name);
-    if (!cJSON_IsObject(s)) {
-        cJSON_DeleteItemFromObjectCaseSensitive(root, name);
-        s = cJSON_CreateObject();
-        model_spec_put(root, name, s);
-    }
-    return s;
-}
-
-/* obj[key] = item, replacing what was there. */
-static void s_set(cJSON *obj, const char *key, cJSON *item)
-{
-    cJSON_DeleteItemFromObjectCaseSensitive(obj, key);
-    model_spec_put(obj, key, item);
-}
-
-static void s_set_num(cJSON *obj, const char *key, double v)
-{
-    s_set(obj, key, cJSON_CreateNumber(v));
-}
-
 /* Writes o->job with the overrides into path: --hidden sets a model of that width (4 layers of
  * 8 experts top-2, heads of 64, half as many kv heads, intermediate 2 x hidden unless given),
  * the train section gets the steps, no checkpoints and no evaluation before the last step, the
  * cluster section the expected workers. */
 static semoe_rc s_write_job(const s_opts_t *o, const char *path)
 {
-    size_t len = 0;
-    char *text = NULL;
     cJSON *root = NULL;
-    SEMOE_CHECK(model_spec_read_file(o->job, o->job, &text, &len));
-    semoe_rc prc = model_spec_parse(text, len, o->job, &root);
-    free(text);
-    SEMOE_CHECK(prc);
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return semoe_err(SEMOE_EINVAL, "--job %s: not a JSON object", o->job);
-    }
-    cJSON *m = s_section(root, "model"), *t = s_section(root, "train"),
-          *c = s_section(root, "cluster");
+    SEMOE_CHECK(bench_job_read(o->job, &root));
+    cJSON *m = bench_job_section(root, "model"), *t = bench_job_section(root, "train"),
+          *c = bench_job_section(root, "cluster");
     if (o->hidden > 0) {
         int heads = o->heads ? o->heads : (o->hidden >= 128 ? o->hidden / 64 : 2);
         int kv = o->kv_heads ? o->kv_heads : (heads / 2 ? heads / 2 : 1);
-        s_set_num(m, "hidden_size", o->hidden);
-        s_set_num(m, "intermediate_size", o->intermediate ? o->intermediate : 2 * o->hidden);
-        s_set_num(m, "num_attention_heads", heads);
-        s_set_num(m, "num_key_value_heads", kv);
-        s_set(m, "head_dim", cJSON_CreateNull());
-        s_set_num(m, "num_hidden_layers", 4);
-        s_set_num(m, "num_local_experts", 8);
-        s_set_num(m, "num_experts_per_tok", 2);
+        bench_job_set_num(m, "hidden_size", o->hidden);
+        bench_job_set_num(m, "intermediate_size",
+                          o->intermediate ? o->intermediate : 2 * o->hidden);
+        bench_job_set_num(m, "num_attention_heads", heads);
+        bench_job_set_num(m, "num_key_value_heads", kv);
+        bench_job_set(m, "head_dim", cJSON_CreateNull());
+        bench_job_set_num(m, "num_hidden_layers", 4);
+        bench_job_set_num(m, "num_local_experts", 8);
+        bench_job_set_num(m, "num_experts_per_tok", 2);
     } else {
         if (o->intermediate)
-            s_set_num(m, "intermediate_size", o->intermediate);
+            bench_job_set_num(m, "intermediate_size", o->intermediate);
         if (o->heads)
-            s_set_num(m, "num_attention_heads", o->heads);
+            bench_job_set_num(m, "num_attention_heads", o->heads);
         if (o->kv_heads)
-            s_set_num(m, "num_key_value_heads", o->kv_heads);
+            bench_job_set_num(m, "num_key_value_heads", o->kv_heads);
     }
     if (o->micro_batch)
-        s_set_num(t, "micro_batch", o->micro_batch);
+        bench_job_set_num(t, "micro_batch", o->micro_batch);
     if (o->global_batch)
-        s_set_num(t, "global_batch", o->global_batch);
+        bench_job_set_num(t, "global_batch", o->global_batch);
     if (o->seq_len)
-        s_set_num(t, "seq_len", o->seq_len);
-    s_set_num(t, "steps", o->steps);
-    s_set_num(t, "eval_interval", 1000000);
-    s_set(t, "checkpoint_dir", cJSON_CreateString(""));
-    s_set_num(c, "expected_workers", o->workers);
-    char *out = cJSON_Print(root);
-    cJSON_Delete(root);
-    if (!out)
-        abort(); /* out of memory */
-    FILE *f = fopen(path, "w");
-    semoe_rc rc = SEMOE_OK;
-    if (!f || fputs(out, f) < 0 || fputc('\n', f) < 0)
-        rc = semoe_err_errno(SEMOE_EIO, "%s", path);
-    if (f && fclose(f) != 0 && rc == SEMOE_OK)
-        rc = semoe_err_errno(SEMOE_EIO, "%s", path);
-    cJSON_free(out);
-    return rc;
+        bench_job_set_num(t, "seq_len", o->seq_len);
+    bench_job_set_num(t, "steps", o->steps);
+    bench_job_set_num(t, "eval_interval", 1000000);
+    bench_job_set(t, "checkpoint_dir", cJSON_CreateString(""));
+    bench_job_set_num(c, "expected_workers", o->workers);
+    return bench_job_write(root, path);
 }
 
 /* --- the workers' metrics --------------------------------------------------------------------- */
-
-static double s_num(const cJSON *o, const char *key)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? v->valuedouble : 0;
-}
 
 /* Reads a worker's metrics lines: of the last generation, the steps after `warmup` (the step
  * field counts steps done, so the first is 1). wall_* come from the lines of steps warmup ..
@@ -173,13 +124,13 @@ static semoe_rc s_read_metrics(const char *path, int warmup, int steps, s_worker
         cJSON *o = cJSON_ParseWithLength(line, (size_t)n);
         if (!o)
             continue;
-        uint64_t gen = (uint64_t)s_num(o, "generation");
+        uint64_t gen = (uint64_t)bench_num(o, "generation", 0);
         if (gen > w->generation) {
             memset(w, 0, sizeof *w);
             w->generation = gen;
         }
-        int step = (int)s_num(o, "step");
-        double time = s_num(o, "time");
+        int step = (int)bench_num(o, "step", 0);
+        double time = bench_num(o, "time", 0);
         if (step == warmup) {
             w->have_first = true;
             w->wall_first = time;
@@ -190,15 +141,15 @@ static semoe_rc s_read_metrics(const char *path, int warmup, int steps, s_worker
         }
         if (step > warmup) {
             w->lines++;
-            w->step_s += s_num(o, "step_time_s");
+            w->step_s += bench_num(o, "step_time_s", 0);
             for (int k = 0; k < K_N; k++)
-                w->t[k] += s_num(o, s_key[k]);
-            w->t_fwd += s_num(o, "t_forward");
-            w->t_bwd += s_num(o, "t_backward");
-            w->gemm_flops += s_num(o, "gemm_flops");
-            w->gemm_s += s_num(o, "t_gemm");
-            w->tokens += s_num(o, "tokens");
-            w->loss_last = s_num(o, "loss");
+                w->t[k] += bench_num(o, s_key[k], 0);
+            w->t_fwd += bench_num(o, "t_forward", 0);
+            w->t_bwd += bench_num(o, "t_backward", 0);
+            w->gemm_flops += bench_num(o, "gemm_flops", 0);
+            w->gemm_s += bench_num(o, "t_gemm", 0);
+            w->tokens += bench_num(o, "tokens", 0);
+            w->loss_last = bench_num(o, "loss", 0);
         }
         cJSON_Delete(o);
     }
@@ -221,36 +172,6 @@ static semoe_rc s_read_metrics(const char *path, int warmup, int steps, s_worker
 
 /* --- processes -------------------------------------------------------------------------------- */
 
-/* Busy CPU seconds of the whole machine (/proc/stat: user, nice, system, irq, softirq, steal)
- * and of this process with its reaped children (getrusage): their difference over the run is
- * what else ran on the machine meanwhile. */
-static void s_cpu(double *machine, double *own)
-{
-    unsigned long long v[8] = {0};
-    FILE *f = fopen("/proc/stat", "r");
-    if (!f || fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
-                     &v[3], &v[4], &v[5], &v[6], &v[7]) != 8)
-        memset(v, 0, sizeof v);
-    if (f)
-        fclose(f);
-    *machine = (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / (double)sysconf(_SC_CLK_TCK);
-    struct rusage self, kids;
-    getrusage(RUSAGE_SELF, &self);
-    getrusage(RUSAGE_CHILDREN, &kids);
-    *own = 0;
-    const struct timeval *tv[4] = {&self.ru_utime, &self.ru_stime, &kids.ru_utime,
-                                   &kids.ru_stime};
-    for (int i = 0; i < 4; i++)
-        *own += (double)tv[i]->tv_sec + tv[i]->tv_usec / 1e6;
-}
-
-static void s_sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
 /* Waits up to timeout_ms for every worker to exit, then SIGTERM, then SIGKILL. */
 static void s_reap(int *pids, int n, int timeout_ms)
 {
@@ -267,7 +188,7 @@ static void s_reap(int *pids, int n, int timeout_ms)
                 return;
             if (clock_mono_ms() >= end)
                 break;
-            s_sleep_ms(20);
+            bench_sleep_ms(20);
         }
         for (int i = 0; i < n; i++)
             if (pids[i] > 0)
@@ -480,7 +401,7 @@ static semoe_rc s_run(const s_opts_t *o, const char *dir, s_result_t *r)
 
     snprintf(log, sizeof log, "%s/coordinator.log", dir);
     double t0 = flops_now(), busy0, own0;
-    s_cpu(&busy0, &own0);
+    bench_cpu(&busy0, &own0);
     SEMOE_CHECK_GOTO(coordproc_start_job(o->coord_bin, job, log, &coord), rc, out);
     for (int i = 0; i < o->workers; i++) {
         char id[32], threads[16], wlog[PATH_MAX];
@@ -526,7 +447,7 @@ static semoe_rc s_run(const s_opts_t *o, const char *dir, s_result_t *r)
     }
     s_reap(pids, o->workers, 30000);
     double busy1, own1;
-    s_cpu(&busy1, &own1);
+    bench_cpu(&busy1, &own1);
     r->foreign_cores = (busy1 - busy0 - (own1 - own0)) / (flops_now() - t0);
 
     double step_sum = 0, flops = 0, gemm_s = 0;
