@@ -628,6 +628,15 @@ void reconfig_on_ack(reconfig_t *self, member_t *m, const proto_msg_t *msg)
 void reconfig_on_heartbeat(reconfig_t *self, member_t *m, const proto_msg_t *msg)
 {
     s_take_load(self, m, msg);
+    /* a member gave up the current generation's step (a collective ran past its bound): when
+     * nothing else is changing, nobody else will plan again, so this does */
+    if (msg->heartbeat.phase == PROTO_PHASE_STALLED && self->state == RECONFIG_RUNNING &&
+        self->resumed && !self->dirty && m->placed && msg->hdr.generation == self->generation) {
+        log_warn("worker %s abandoned generation %" PRIu64 " at step %" PRIu64 ": planning a "
+                 "new one", m->id, self->generation, msg->heartbeat.step);
+        s_note(self, "stalled", m->id);
+        s_changed(self, true);
+    }
     if (self->state == RECONFIG_PAUSING && msg->hdr.generation == self->generation &&
         m->placed && m->pause_acked && !m->paused && m->phase == PROTO_PHASE_PAUSED) {
         m->paused = true;

@@ -33,6 +33,7 @@ const char *proto_phase_name(uint32_t phase)
         [PROTO_PHASE_FINISHED] = "finished",
         [PROTO_PHASE_FAILED] = "failed",
         [PROTO_PHASE_PAUSED] = "paused",
+        [PROTO_PHASE_STALLED] = "stalled",
     };
     return phase < PROTO_PHASE_END ? names[phase] : "?";
 }

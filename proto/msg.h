@@ -86,6 +86,8 @@ typedef enum {
     PROTO_PHASE_FINISHED, /* reached train.steps (its final checkpoint written) */
     PROTO_PHASE_FAILED,   /* training stopped on an error it cannot get past */
     PROTO_PHASE_PAUSED,   /* stopped at a step boundary after a PAUSE, waiting for PLAN/RESUME */
+    PROTO_PHASE_STALLED,  /* its generation broke (a peer gone or silent past the collective's
+                             bound): it abandoned the step and waits for a new PLAN */
     PROTO_PHASE_END
 } proto_phase_t;
 

@@ -563,6 +563,22 @@ int main(void)
     fprintf(stderr, "  (e) w-b died while pausing: w-a and w-d resumed at %llu\n",
             (unsigned long long)S3);
 
+    /* (f) w-d gives up generation 5's step (a collective ran past its bound: phase stalled)
+     * while nothing else changes: the coordinator plans generation 6 for the same two, and
+     * they resume. */
+    d->phase = PROTO_PHASE_STALLED;
+    s_heartbeat(d);
+    want = (s_want_t){ad, 6};
+    REQUIRE(s_wait(s_all_resumed, &want), "(f) no new generation after w-d reported stalled");
+    d->phase = PROTO_PHASE_TRAINING;
+    CHECK(s_peers_are(a, (const char *const[]){"w-a", "w-d", NULL}), "(f) PLAN of world %u, "
+          "want w-a and w-d", a->world);
+    h = s_last_rebalance(&n_hist);
+    why = test_status_str(h, "why");
+    CHECK(why && strstr(why, "stalled w-d"), "(f) history: %s", why ? why : "?");
+    cJSON_Delete(h);
+    fprintf(stderr, "  (f) w-d stalled: generation 6 for w-a and w-d\n");
+
     /* `semoe status` shows the imbalance and the last reconfigurations. */
     proc_t *cli = NULL;
     int code = proc_run(&cli, S_WAIT_MS, "status-cli", PROC_CLI, "status", "--endpoint",

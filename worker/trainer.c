@@ -809,10 +809,10 @@ static void s_loop(s_tr_t *self)
                   self->plan.generation, semoe_err_msg(),
                   comm_fault ? "; waiting for the next plan" : "");
         s_teardown(self);
-        if (!comm_fault) {
-            self->failed = true;
-            s_set_phase(self, PROTO_PHASE_FAILED);
-        }
+        /* say so: should nobody else notice (the peer is alive but wedged, or its death went
+         * unseen), the coordinator plans a new generation */
+        self->failed = !comm_fault;
+        s_set_phase(self, comm_fault ? PROTO_PHASE_STALLED : PROTO_PHASE_FAILED);
     }
 }
 
