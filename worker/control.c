@@ -820,7 +820,8 @@ static semoe_rc s_start_trainer(s_ctl_t *self)
     self->tcfg = (worker_trainer_config_t){
         .ctx = cfg->ctx, .id = cfg->id, .host = cfg->host, .advertise = cfg->advertise,
         .data_bind = cfg->data_bind, .threads = cfg->threads, .metrics_log = cfg->metrics_log,
-        .poke = self->poke_ep};
+        .poke = self->poke_ep,
+        .cuda_device = strcmp(cfg->device.kind, "cuda") == 0 ? (int)cfg->device.index : -1};
     self->trainer = actor_new(cfg->ctx, worker_trainer_actor, &self->tcfg);
     if (!self->trainer) {
         snprintf(cfg->error, sizeof cfg->error, "%s",

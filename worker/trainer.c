@@ -22,6 +22,10 @@
 #include "model/params.h"
 #include "model/profile.h"
 #include "model/train.h"
+#include "semoe_config.h"
+#if SEMOE_HAVE_CUDA
+#include "gpu/backend.h"
+#endif
 #include "worker/ckpt.h"
 #include "worker/comm.h"
 #include "worker/control.h"
@@ -78,6 +82,7 @@ typedef struct {
     uint8_t *tokens;          /* this rank's rows of a batch */
     uint64_t *sample_ids;     /* their sample ids (the data's epoch permutation) */
     float **dense_bufs;       /* the dense tensors of the gradient slab, for the all-reduce */
+    float **dense_host;       /* their host copies when the slab is device memory, else NULL */
     size_t *dense_lens;
     int n_dense;
     uint64_t *rows_in;        /* (L*E) the exchange's counts of the last step: received, */
@@ -210,6 +215,10 @@ static void s_teardown(s_tr_t *self)
     free(self->tokens);
     free(self->sample_ids);
     free(self->dense_bufs);
+    if (self->dense_host)
+        free(self->dense_host[0]);
+    free(self->dense_host);
+    self->dense_host = NULL;
     free(self->dense_lens);
     free(self->rows_in);
     free(self->rows_out);
@@ -248,8 +257,15 @@ static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
     (void)grads, (void)n; /* dense_bufs point into the trainer's gradient slab */
     s_tr_t *self = arg;
     int64_t t0 = clock_mono_us();
-    semoe_rc rc = comm_allreduce_buckets(self->comm, self->dense_bufs, self->dense_lens,
-                                         self->n_dense, S_BUCKET_BYTES, S_COMM_TIMEOUT_MS);
+    /* over ZeroMQ the sums run on the host: a device slab goes there and back (NCCL, on the
+     * device, is gpu/'s later) */
+    float **bufs = self->dense_host ? self->dense_host : self->dense_bufs;
+    for (int i = 0; self->dense_host && i < self->n_dense; i++)
+        s_be->to_host(bufs[i], self->dense_bufs[i], self->dense_lens[i] * sizeof(float));
+    semoe_rc rc = comm_allreduce_buckets(self->comm, bufs, self->dense_lens, self->n_dense,
+                                         S_BUCKET_BYTES, S_COMM_TIMEOUT_MS);
+    for (int i = 0; rc == SEMOE_OK && self->dense_host && i < self->n_dense; i++)
+        s_be->to_device(self->dense_bufs[i], bufs[i], self->dense_lens[i] * sizeof(float));
     self->t_reduce += (double)(clock_mono_us() - t0) / 1e6;
     if (rc == SEMOE_OK) /* replicas of an expert stay identical: their gradients summed */
         rc = worker_exchange_sum_replicas(self->ex, self->params, model_train_grads(self->tr));
@@ -438,6 +454,15 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
             self->dense_bufs[self->n_dense] = g + t->offset;
             self->dense_lens[self->n_dense++] = (size_t)t->numel;
         }
+    }
+    if (self->cfg->cuda_device >= 0 && self->n_dense > 0) { /* staged through the host */
+        size_t total = 0;
+        for (int i = 0; i < self->n_dense; i++)
+            total += self->dense_lens[i];
+        self->dense_host = semoe_xcalloc((size_t)self->n_dense, sizeof *self->dense_host);
+        self->dense_host[0] = semoe_xmalloc(total * sizeof(float));
+        for (int i = 1; i < self->n_dense; i++)
+            self->dense_host[i] = self->dense_host[i - 1] + self->dense_lens[i - 1];
     }
     size_t le = (size_t)cfg->num_hidden_layers * cfg->num_local_experts;
     self->rows_in = semoe_xcalloc(le + 1, sizeof *self->rows_in);
@@ -826,7 +851,24 @@ void worker_trainer_actor(void *pipe, void *args)
     worker_plan_clear(&self.plan);
     self.prog = (worker_progress_t){.loss = NAN, .eval_loss = NAN};
     worker_trainer_config_t *cfg = self.cfg;
-    s_be = model_profile_wrap(&cpu_backend_f32);
+    const model_backend_f32_t *be = &cpu_backend_f32;
+    if (cfg->cuda_device >= 0) {
+#if SEMOE_HAVE_CUDA
+        /* this thread's device and stream: every op of the trainer runs here */
+        semoe_rc grc = gpu_backend_init(cfg->cuda_device);
+        if (grc != SEMOE_OK) {
+            snprintf(cfg->error, sizeof cfg->error, "--device cuda:%d: %s", cfg->cuda_device,
+                     semoe_err_msg());
+            cfg->error_exit = 2;
+            actor_signal(pipe, 1);
+            return;
+        }
+        be = &gpu_backend_f32;
+#endif
+    }
+    /* the profiled table times the ops as the host sees them: on a GPU that is the launches,
+     * not the kernels (a per-op split there needs CUDA events) */
+    s_be = model_profile_wrap(be);
     if (cfg->threads > 0)
         openblas_set_num_threads(cfg->threads);
     semoe_rc rc = comm_port_new(cfg->ctx, cfg->data_bind, &self.port);

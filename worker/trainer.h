@@ -43,6 +43,7 @@ typedef struct {
     const char *advertise;    /* NULL, or the host peers use */
     const char *data_bind;    /* where the data port binds, "tcp://127.0.0.1:*" */
     int threads;              /* BLAS threads (--threads); 0 leaves OpenBLAS's default */
+    int cuda_device;          /* -1: train on the CPU backend; N: on gpu/'s, device cuda:N */
     const char *metrics_log;  /* NULL, or a file to append one JSON line per step to */
     const char *poke;         /* inproc endpoint the control actor's poke PAIR is bound to */
     char data_endpoint[PROTO_MAX_ENDPOINT + 1]; /* set by the actor before it signals ready */
