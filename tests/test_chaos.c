@@ -431,18 +431,7 @@ static bool s_reference(s_run_t *ref)
     int64_t t0 = proc_now_ms();
     if (!s_start(ref, "reference") || !s_finish(ref))
         return false;
-    bool ok = true;
-    for (int i = 0; i < ref->n; i++) {
-        const train_util_worker_t *w = &ref->w[i];
-        CHECK(w->n == s_steps, "reference: %s logged %d lines, want %d", w->id, w->n, s_steps);
-        ok = ok && w->n == s_steps;
-        for (int k = 0; ok && k < w->n; k++) {
-            ok = w->line[k].step == (uint64_t)k + 1 &&
-                 strcmp(w->line[k].loss, ref->w[0].line[k].loss) == 0;
-            CHECK(ok, "reference: %s line %d: step %" PRIu64 " loss %s, %s: loss %s", w->id,
-                  k + 1, w->line[k].step, w->line[k].loss, ref->w[0].id, ref->w[0].line[k].loss);
-        }
-    }
+    bool ok = train_util_check_uninterrupted("reference", ref->w, ref->n, s_steps);
     fprintf(stderr, "reference: %d workers, %d steps in %.1f s, loss %s at step 1, %s at the "
             "last\n", ref->n, s_steps, (double)(proc_now_ms() - t0) / 1000.0,
             ref->w[0].line[0].loss, ok ? ref->w[0].line[s_steps - 1].loss : "?");

@@ -235,16 +235,7 @@ static bool s_reference(s_run_t *ref)
 {
     if (!s_start(ref, "reference") || !s_finish(ref, -1))
         return false;
-    bool ok = true;
-    for (int i = 0; i < S_WORKERS; i++) {
-        const train_util_worker_t *w = &ref->w[i];
-        ok = ok && w->n == S_STEPS;
-        for (int k = 0; ok && k < w->n; k++)
-            ok = w->line[k].step == (uint64_t)k + 1 &&
-                 strcmp(w->line[k].loss, ref->w[0].line[k].loss) == 0;
-        CHECK(ok, "reference: %s does not log steps 1..%d with the losses of %s", w->id, S_STEPS,
-              ref->w[0].id);
-    }
+    bool ok = train_util_check_uninterrupted("reference", ref->w, S_WORKERS, S_STEPS);
     cJSON *st = s_read_state(ref);
     CHECK(st && test_status_num(st, "version") == 1 && cJSON_IsTrue(cJSON_GetObjectItem(st,
           "stopped")) && test_status_num(st, "generation") >= 1, "reference: the state file "
@@ -487,10 +478,7 @@ int main(void)
 {
     test_init("coord_restart");
     proc_init("coord_restart");
-    s_seed = 1 + test_rand_below(1000000000);
-    fprintf(stderr, "  train.seed %" PRIu64 "\n", s_seed);
-    proc_tmp_path(s_corpus, sizeof s_corpus, "corpus.txt");
-    REQUIRE(train_util_write_corpus(s_corpus), "cannot write the corpus");
+    s_seed = train_util_begin(s_corpus);
     int64_t t0 = proc_now_ms();
     static s_run_t ref;
     REQUIRE(s_reference(&ref), "the uninterrupted run did not complete");

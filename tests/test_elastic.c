@@ -481,18 +481,7 @@ static bool s_reference(s_run_t *ref)
 {
     if (!s_start(ref, "reference", S_WORKERS, 0, S_WORKERS) || !s_finish(ref, -1))
         return false;
-    bool ok = true;
-    for (int i = 0; i < ref->n; i++) {
-        const train_util_worker_t *w = &ref->w[i];
-        CHECK(w->n == S_STEPS, "reference: %s logged %d lines, want %d", w->id, w->n, S_STEPS);
-        ok = ok && w->n == S_STEPS;
-        for (int k = 0; ok && k < w->n; k++) {
-            ok = w->line[k].step == (uint64_t)k + 1 &&
-                 strcmp(w->line[k].loss, ref->w[0].line[k].loss) == 0;
-            CHECK(ok, "reference: %s line %d: step %" PRIu64 " loss %s, %s: loss %s", w->id,
-                  k + 1, w->line[k].step, w->line[k].loss, ref->w[0].id, ref->w[0].line[k].loss);
-        }
-    }
+    bool ok = train_util_check_uninterrupted("reference", ref->w, ref->n, S_STEPS);
     fprintf(stderr, "reference: %d workers, loss %s at step 1, %s at step %d\n", ref->n,
             ref->w[0].line[0].loss, ok ? ref->w[0].line[S_STEPS - 1].loss : "?", S_STEPS);
     return ok;
@@ -845,10 +834,7 @@ int main(void)
 {
     test_init("elastic");
     proc_init("elastic");
-    s_seed = 1 + test_rand_below(1000000000);
-    fprintf(stderr, "  train.seed %" PRIu64 "\n", s_seed);
-    proc_tmp_path(s_corpus, sizeof s_corpus, "corpus.txt");
-    REQUIRE(train_util_write_corpus(s_corpus), "cannot write the corpus");
+    s_seed = train_util_begin(s_corpus);
     int64_t t0 = proc_now_ms();
     static s_run_t ref;
     REQUIRE(s_reference(&ref), "the uninterrupted run did not complete");

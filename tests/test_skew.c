@@ -215,10 +215,7 @@ int main(void)
 {
     test_init("skew");
     proc_init("skew");
-    s_seed = 1 + test_rand_below(1000000000);
-    fprintf(stderr, "  train.seed %" PRIu64 "\n", s_seed);
-    proc_tmp_path(s_corpus, sizeof s_corpus, "corpus.txt");
-    REQUIRE(train_util_write_corpus(s_corpus), "cannot write the corpus");
+    s_seed = train_util_begin(s_corpus);
     int64_t t0 = proc_now_ms();
     static s_run_t st, rb;
     bool ok_static = s_run(&st, "static", 1e9);

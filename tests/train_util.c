@@ -354,3 +354,29 @@ bool train_util_compare_weights(const char *a_dir, const char *b_dir,
     model_st_close(&b);
     return ok;
 }
+
+uint64_t train_util_begin(char *corpus)
+{
+    uint64_t seed = 1 + test_rand_below(1000000000);
+    fprintf(stderr, "  train.seed %" PRIu64 "\n", seed);
+    proc_tmp_path(corpus, PATH_MAX, "corpus.txt");
+    REQUIRE(train_util_write_corpus(corpus), "cannot write the corpus");
+    return seed;
+}
+
+bool train_util_check_uninterrupted(const char *run, const train_util_worker_t *w, int n,
+                                    int steps)
+{
+    bool ok = true;
+    for (int i = 0; i < n && ok; i++) {
+        CHECK(w[i].n == steps, "%s: %s logged %d lines, want %d", run, w[i].id, w[i].n, steps);
+        ok = w[i].n == steps;
+        for (int k = 0; ok && k < w[i].n; k++) {
+            ok = w[i].line[k].step == (uint64_t)k + 1 &&
+                 strcmp(w[i].line[k].loss, w[0].line[k].loss) == 0;
+            CHECK(ok, "%s: %s line %d: step %" PRIu64 " loss %s, %s: loss %s", run, w[i].id,
+                  k + 1, w[i].line[k].step, w[i].line[k].loss, w[0].id, w[0].line[k].loss);
+        }
+    }
+    return ok;
+}

@@ -75,6 +75,9 @@ typedef struct {
 /* Writes a seeded English-like corpus (the test's random source) in fortune format (entries
  * separated by "%" lines), ~200 KB from a small vocabulary with a skewed word distribution. */
 bool train_util_write_corpus(const char *path);
+/* A run's train.seed, random and printed, and the corpus written to the test's tmp dir
+ * ("corpus.txt", its path into corpus, PATH_MAX bytes). REQUIREs the corpus. */
+uint64_t train_util_begin(char *corpus);
 /* Writes the job spec of the model above with job's knobs to path. */
 bool train_util_write_job(const char *path, const train_util_job_t *job);
 
@@ -88,6 +91,10 @@ bool train_util_start_worker(train_util_worker_t *w, const char *prefix, int i,
  * metrics line of this worker, CHECKed (failures name run); it stops at the first that is not.
  * True when every line was. */
 bool train_util_read_log(train_util_worker_t *w, const char *run);
+/* An uninterrupted run's logs (w[0..n), read): every worker logged steps 1..steps once, each
+ * with worker 0's loss for it, to the last digit. CHECKs (naming run) and returns whether. */
+bool train_util_check_uninterrupted(const char *run, const train_util_worker_t *w, int n,
+                                    int steps);
 /* The last of w's lines with this step, or NULL. */
 const train_util_line_t *train_util_find_step(const train_util_worker_t *w, uint64_t step);
 /* Frees w's lines. */
