@@ -89,9 +89,10 @@ __global__ static void s_fwd_probs(float *probs, const float *q, const float *k,
     }
 }
 
-/* out (b, t, h, d) = sum_{t2 <= t} P[b, h, t, t2] v (b, t2, g, d); one thread per element. */
-__global__ static void s_fwd_out(float *out, const float *probs, const float *v, int B, int Tn,
-                                 int H, int KVH, int hd)
+/* out (b, t, h, d) = (or +=, accumulate) sum_{t2 <= t} P[b, h, t, t2] src (b, t2, g, d): the
+ * forward's P v and the backward's dS k; one thread per element. */
+__global__ static void s_rows_times(float *out, const float *P, const float *src, int B, int Tn,
+                                    int H, int KVH, int hd, bool accumulate)
 {
     int rep = H / KVH;
     size_t n = (size_t)B * Tn * H * hd;
@@ -100,11 +101,11 @@ __global__ static void s_fwd_out(float *out, const float *probs, const float *v,
         int d = (int)(i % hd), h = (int)((i / hd) % H);
         size_t bt = i / ((size_t)hd * H);
         int t = (int)(bt % Tn), b = (int)(bt / Tn), g = h / rep;
-        const float *p = probs + (((size_t)b * H + h) * Tn + t) * Tn;
+        const float *p = P + (((size_t)b * H + h) * Tn + t) * Tn;
         float acc = 0.0f;
         for (int t2 = 0; t2 <= t; t2++)
-            acc += p[t2] * v[s_at(b, t2, g, Tn, KVH, hd) + d];
-        out[i] = acc;
+            acc += p[t2] * src[s_at(b, t2, g, Tn, KVH, hd) + d];
+        out[i] = accumulate ? out[i] + acc : acc;
     }
 }
 
@@ -119,8 +120,8 @@ extern "C" void gpu_attention_fwd(float *out, float *probs, const float *q, cons
     s_fwd_probs<<<s_blocks(rows * S_WARP), S_THREADS, 0, st>>>(probs, q, k, B, Tn, H, KVH, hd,
                                                                scale);
     GPU_CHECK_LAUNCH();
-    s_fwd_out<<<s_blocks((size_t)B * Tn * H * hd), S_THREADS, 0, st>>>(out, probs, v, B, Tn, H,
-                                                                       KVH, hd);
+    s_rows_times<<<s_blocks((size_t)B * Tn * H * hd), S_THREADS, 0, st>>>(out, probs, v, B, Tn,
+                                                                          H, KVH, hd, false);
     GPU_CHECK_LAUNCH();
 }
 
@@ -154,25 +155,6 @@ __global__ static void s_bwd_ds(float *dS, const float *probs, const float *dout
             ds[t2] = p[t2] * (ds[t2] - pdp) * scale;
         for (int t2 = t + 1 + lane; t2 < Tn; t2 += S_WARP)
             ds[t2] = 0.0f;
-    }
-}
-
-/* dq (b, t, h, d) += sum_{t2 <= t} dS[b, h, t, t2] k (b, t2, g, d); one thread per element. */
-__global__ static void s_bwd_dq(float *dq, const float *dS, const float *k, int B, int Tn,
-                                int H, int KVH, int hd)
-{
-    int rep = H / KVH;
-    size_t n = (size_t)B * Tn * H * hd;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        int d = (int)(i % hd), h = (int)((i / hd) % H);
-        size_t bt = i / ((size_t)hd * H);
-        int t = (int)(bt % Tn), b = (int)(bt / Tn), g = h / rep;
-        const float *ds = dS + (((size_t)b * H + h) * Tn + t) * Tn;
-        float acc = 0.0f;
-        for (int t2 = 0; t2 <= t; t2++)
-            acc += ds[t2] * k[s_at(b, t2, g, Tn, KVH, hd) + d];
-        dq[i] += acc;
     }
 }
 
@@ -225,8 +207,8 @@ extern "C" void gpu_attention_bwd(float *dq, float *dk, float *dv, const float *
     s_bwd_ds<<<s_blocks(rows * S_WARP), S_THREADS, 0, st>>>(dS, probs, dout, v, B, Tn, H, KVH,
                                                             hd, scale);
     GPU_CHECK_LAUNCH();
-    s_bwd_dq<<<s_blocks((size_t)B * Tn * H * hd), S_THREADS, 0, st>>>(dq, dS, k, B, Tn, H, KVH,
-                                                                      hd);
+    s_rows_times<<<s_blocks((size_t)B * Tn * H * hd), S_THREADS, 0, st>>>(dq, dS, k, B, Tn, H,
+                                                                          KVH, hd, true);
     GPU_CHECK_LAUNCH();
     s_bwd_dkv<<<s_blocks((size_t)B * Tn * KVH * hd), S_THREADS, 0, st>>>(dk, dv, dS, probs, q,
                                                                          dout, B, Tn, H, KVH,

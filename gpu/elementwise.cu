@@ -76,45 +76,18 @@ extern "C" void gpu_add_bias(float *out, const float *bias, int N, int C)
 
 /* ---- embedding ------------------------------------------------------------------------- */
 
-__global__ static void s_embedding_fwd(float *out, const int32_t *tokens, const float *wte,
-                                       size_t total, int D)
-{
-    S_FOR_EACH(i, total) {
-        size_t n = i / (size_t)D, c = i % (size_t)D;
-        out[i] = wte[(size_t)tokens[n] * D + c];
-    }
-}
-
+/* A lookup is a gather of the table's rows (gpu/rows.cu); its backward the gather's, whose
+ * atomics meet a token that repeats within the batch. */
 extern "C" void gpu_embedding_fwd(float *out, const int32_t *tokens, const float *wte, int N,
                                   int D)
 {
-    size_t total = (size_t)(N > 0 ? N : 0) * (size_t)(D > 0 ? D : 0);
-    if (total == 0)
-        return;
-    s_embedding_fwd<<<s_grid(total), S_THREADS, 0, gpu_stream()>>>(out, tokens, wte, total, D);
-    GPU_CHECK_LAUNCH();
-}
-
-/* A token may repeat within the batch: its rows meet in dwte, hence the atomics (the order
- * of the additions, and so the last bits, may vary from run to run). */
-__global__ static void s_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens,
-                                       size_t total, int D)
-{
-    S_FOR_EACH(i, total) {
-        size_t n = i / (size_t)D, c = i % (size_t)D;
-        atomicAdd(dwte + (size_t)tokens[n] * D + c, dout[i]);
-    }
+    gpu_gather_rows(out, wte, tokens, N, D);
 }
 
 extern "C" void gpu_embedding_bwd(float *dwte, const float *dout, const int32_t *tokens, int N,
                                   int D)
 {
-    size_t total = (size_t)(N > 0 ? N : 0) * (size_t)(D > 0 ? D : 0);
-    if (total == 0)
-        return;
-    s_embedding_bwd<<<s_grid(total), S_THREADS, 0, gpu_stream()>>>(dwte, dout, tokens, total,
-                                                                    D);
-    GPU_CHECK_LAUNCH();
+    gpu_gather_rows_bwd(dwte, dout, tokens, N, D);
 }
 
 /* ---- rmsnorm --------------------------------------------------------------------------- */
