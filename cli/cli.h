@@ -11,6 +11,7 @@
 #include <stdio.h>
 
 #include "actors/err.h"
+#include "model/backend.h"
 
 #define CLI_STATUS_ENDPOINT "tcp://127.0.0.1:5556"
 #define CLI_CONTROL_ENDPOINT "tcp://127.0.0.1:5555"
@@ -64,6 +65,16 @@ bool cli_flags_end(const char *cmd, int argc, char **argv);
 bool cli_flag_timeout_ms(const char *cmd, const char *value, long *ms);
 /* --endpoint: true when cli_endpoint_ok, or false after saying what is expected. */
 bool cli_flag_endpoint(const char *cmd, const char *endpoint);
+/* --device: "cpu" (*cuda = -1) or "cuda:N" with N 0..1023 (*cuda = N), as semoe-worker takes
+ * it; else false after saying what is expected. */
+bool cli_flag_device(const char *cmd, const char *value, int *cuda);
+
+/* The fp32 backend of a parsed --device into *be: &cpu_backend_f32 for cuda < 0, else
+ * gpu_backend_init(cuda) on the calling thread and &gpu_backend_f32. Returns 0, or the exit code
+ * after one line on stderr: CLI_EXIT_USAGE when this build has no CUDA (the line says how to
+ * rebuild) or cuda is not a device of this host (gpu_backend_init's message), 1 when the CUDA
+ * runtime fails. */
+int cli_device_backend(const char *cmd, int cuda, const model_backend_f32_t **be);
 
 /* --- bounded waits (cli/wait.c) ------------------------------------------------------------ */
 

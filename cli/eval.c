@@ -1,7 +1,8 @@
 /* semoe eval: the mean next-token cross-entropy of a text under a checkpoint (a Hugging Face
  * Mixtral folder: config.json and safetensors, or a checkpoint root's latest step), as
  * transformers computes it with labels = the input ids, without the aux term; optionally the
- * logits of every position to a file. */
+ * logits of every position to a file. The float path runs on the CPU or a CUDA device
+ * (--device); double on the CPU only. */
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
@@ -18,7 +19,7 @@
 
 static const char s_usage[] =
     "usage: semoe eval --checkpoint DIR (--text TEXT | --file PATH) [--logits FILE] [--double]\n"
-    "                  [--device cpu]\n"
+    "                  [--device cpu|cuda:N]\n"
     "\n"
     "Prints the mean next-token cross-entropy (nats per byte) of the text's bytes under the\n"
     "checkpoint DIR (config.json + model.safetensors or a sharded index, as transformers\n"
@@ -31,7 +32,8 @@ static const char s_usage[] =
     "  --file PATH       read the text from a file\n"
     "  --logits FILE     write the logits of every position: float32 little-endian (T, V)\n"
     "  --double          compute in double instead of float (the reference path)\n"
-    "  --device D        cpu (the CUDA backend comes with the GPU work)\n";
+    "  --device D        cpu (default), or cuda:N: the float path on CUDA device N\n"
+    "                    (builds with -Dcuda=enabled; not with --double)\n";
 
 /* Reads a whole file (at most 64 MiB) into a malloc'd buffer. */
 static char *s_slurp(const char *path, size_t *len)
@@ -59,12 +61,11 @@ static char *s_slurp(const char *path, size_t *len)
     return buf;
 }
 
-/* The logits (n, V) of tokens[0..n) in T = S, widened to double. */
+/* The logits (n, V) of tokens[0..n) in T = S on backend be, widened to double. */
 #define S_LOGITS(T, S)                                                                         \
-    static semoe_rc s_logits_##S(const model_params_t *p, const int32_t *tokens, int n,       \
-                                 double *logits)                                               \
+    static semoe_rc s_logits_##S(const model_backend_##S##_t *be, const model_params_t *p,    \
+                                 const int32_t *tokens, int n, double *logits)                 \
     {                                                                                          \
-        const model_backend_##S##_t *be = &cpu_backend_##S;                                   \
         size_t count = (size_t)n * model_params_config(p)->vocab_size;                        \
         T *w = model_slab_new_##S(be, p), *out = semoe_xmalloc(count * sizeof *out);          \
         model_slab_load_##S(be, p, w);                                                        \
@@ -87,7 +88,7 @@ int cli_eval_main(int argc, char **argv)
         {"help", no_argument, NULL, 'h'},             {NULL, 0, NULL, 0}};
     const char *dir = NULL, *text = NULL, *file = NULL, *logits_path = NULL, *device = "cpu";
     bool dbl = false;
-    int c;
+    int c, cuda = -1;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
@@ -96,7 +97,11 @@ int cli_eval_main(int argc, char **argv)
         case 'f': file = optarg; break;
         case 'l': logits_path = optarg; break;
         case 'd': dbl = true; break;
-        case 'D': device = optarg; break;
+        case 'D':
+            device = optarg;
+            if (!cli_flag_device("eval", device, &cuda))
+                return CLI_EXIT_USAGE;
+            break;
         default: return cli_flags_other("eval", c, argv, s_usage);
         }
     }
@@ -107,10 +112,15 @@ int cli_eval_main(int argc, char **argv)
                         "(see semoe eval --help)\n");
         return CLI_EXIT_USAGE;
     }
-    if (strcmp(device, "cpu") != 0) {
-        fprintf(stderr, "semoe eval: --device %s: only cpu is built so far\n", device);
+    if (dbl && cuda >= 0) {
+        fprintf(stderr, "semoe eval: --double --device %s: the double path runs on the cpu only "
+                        "(drop --double, or use --device cpu)\n", device);
         return CLI_EXIT_USAGE;
     }
+    const model_backend_f32_t *be;
+    int brc = cli_device_backend("eval", cuda, &be);
+    if (brc != 0)
+        return brc;
     size_t len = text ? strlen(text) : 0;
     char *owned = NULL;
     if (file) {
@@ -151,7 +161,8 @@ int cli_eval_main(int argc, char **argv)
         }
     }
     logits = semoe_xmalloc((size_t)n * V * sizeof *logits);
-    semoe_rc frc = dbl ? s_logits_f64(p, tokens, n, logits) : s_logits_f32(p, tokens, n, logits);
+    semoe_rc frc = dbl ? s_logits_f64(&cpu_backend_f64, p, tokens, n, logits)
+                       : s_logits_f32(be, p, tokens, n, logits);
     if (frc != SEMOE_OK) {
         fprintf(stderr, "semoe eval: %s\n", semoe_err_msg());
         goto done;
@@ -168,8 +179,8 @@ int cli_eval_main(int argc, char **argv)
             z += exp(row[v] - mx);
         sum += mx + log(z) - row[tokens[t + 1]];
     }
-    printf("cross-entropy %.6f nats/byte over %d predictions (%s)\n", sum / (n - 1), n - 1,
-           dbl ? "double" : "float");
+    printf("cross-entropy %.6f nats/byte over %d predictions (%s, %s)\n", sum / (n - 1), n - 1,
+           dbl ? "double" : "float", device);
     if (logits_path) {
         FILE *f = fopen(logits_path, "wb");
         bool ok = f != NULL;

@@ -1,7 +1,8 @@
 /* semoe generate: byte-level sampling from a checkpoint (config.json + safetensors, or a
  * checkpoint root's latest step, as semoe eval loads it). Each new token reruns the whole
  * forward pass over the sequence so far (no KV cache: quadratic, fine for the small models
- * semoe trains on a CPU). */
+ * semoe trains on a CPU). The forward pass runs on the CPU or a CUDA device (--device); the
+ * sampler always runs on the host, in double. */
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
@@ -18,7 +19,7 @@
 
 static const char s_usage[] =
     "usage: semoe generate --checkpoint DIR --prompt TEXT [--tokens N] [--temperature T]\n"
-    "                      [--top-k K] [--seed S]\n"
+    "                      [--top-k K] [--seed S] [--device cpu|cuda:N]\n"
     "\n"
     "Prints the prompt, then N bytes sampled one at a time from the checkpoint DIR's model\n"
     "(config.json + model.safetensors or a sharded index), then a newline. Bytes are written as\n"
@@ -31,7 +32,11 @@ static const char s_usage[] =
     "  --tokens N         how many tokens to generate (default 64, at most 100000)\n"
     "  --temperature T    softmax temperature (default 1.0; 0 = greedy, the argmax)\n"
     "  --top-k K          sample among the K most likely tokens only (default 0 = all)\n"
-    "  --seed S           the sampler's seed (default 0)\n";
+    "  --seed S           the sampler's seed (default 0)\n"
+    "  --device D         cpu (default), or cuda:N: the forward pass on CUDA device N\n"
+    "                     (builds with -Dcuda=enabled). The logits then differ from the\n"
+    "                     CPU's in the last bits, so a draw that falls on a boundary can\n"
+    "                     differ; greedy (--temperature 0) differs only on near ties.\n";
 
 /* splitmix64 (Steele, Lea, Flood 2014): the state advances by a constant, the output is a
  * mix of it. Deterministic and platform independent. */
@@ -116,12 +121,13 @@ int cli_generate_main(int argc, char **argv)
         {"checkpoint", required_argument, NULL, 'c'}, {"prompt", required_argument, NULL, 'p'},
         {"tokens", required_argument, NULL, 'n'},     {"temperature", required_argument, NULL, 't'},
         {"top-k", required_argument, NULL, 'k'},      {"seed", required_argument, NULL, 's'},
-        {"help", no_argument, NULL, 'h'},             {NULL, 0, NULL, 0}};
+        {"device", required_argument, NULL, 'D'},     {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
     const char *dir = NULL, *prompt = NULL;
     long n_new = 64, top_k = 0;
     double temperature = 1.0;
     uint64_t seed = 0;
-    int c;
+    int c, cuda = -1;
     optind = 1;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
@@ -155,6 +161,10 @@ int cli_generate_main(int argc, char **argv)
                 return CLI_EXIT_USAGE;
             }
             break;
+        case 'D':
+            if (!cli_flag_device("generate", optarg, &cuda))
+                return CLI_EXIT_USAGE;
+            break;
         default: return cli_flags_other("generate", c, argv, s_usage);
         }
     }
@@ -171,7 +181,10 @@ int cli_generate_main(int argc, char **argv)
         return CLI_EXIT_USAGE;
     }
 
-    const model_backend_f32_t *be = &cpu_backend_f32;
+    const model_backend_f32_t *be;
+    int brc = cli_device_backend("generate", cuda, &be);
+    if (brc != 0)
+        return brc;
     model_config_t cfg;
     model_params_t *p = NULL;
     float *w = NULL, *logits = NULL;

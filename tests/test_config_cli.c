@@ -1,7 +1,9 @@
 /* The daemons' and the CLI's handling of bad input: each bad job spec or flag makes
  * semoe-coordinator (or semoe-worker) exit 2 with one line on stderr naming the field, the flag
  * or the file; --help prints usage and exits 0; `semoe status` against nothing fails in bounded
- * time. The bad specs are random variations of tests/jobs/small.json written to a temp dir. */
+ * time; `semoe eval` and `semoe generate` refuse a bad --device (and cuda:N in a build without
+ * CUDA, or N past the host's devices). The bad specs are random variations of
+ * tests/jobs/small.json written to a temp dir. */
 #include <cjson/cJSON.h>
 #include <dirent.h>
 #include <limits.h>
@@ -10,6 +12,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "semoe_config.h"
 #include "tests/harness.h"
 #include "tests/proc.h"
 
@@ -246,6 +249,50 @@ static void s_bad_flags(const char *job)
                      (const char *[]){"device", NULL});
 }
 
+/* semoe eval / generate --device: malformed values, --double on a GPU, and a device this build or
+ * host cannot give. Every case fails before the checkpoint (which does not exist) is read. */
+static void s_bad_device(void)
+{
+    char ckpt[PATH_MAX];
+    proc_tmp_path(ckpt, sizeof ckpt, "no-such-checkpoint");
+    static const char *const malformed[] = {"cuda:", "cuda:x", "gpu", "cuda:-1", "cuda:1024",
+                                            "CPU", "cuda:0 "};
+    for (size_t i = 0; i < sizeof malformed / sizeof malformed[0]; i++) {
+        bool gen = test_rand_below(2) == 0;
+        const char *eval_args[] = {"eval", "--checkpoint", ckpt, "--text", "ab", "--device",
+                                   malformed[i], NULL};
+        const char *gen_args[] = {"generate", "--checkpoint", ckpt, "--prompt", "ab",
+                                  "--device", malformed[i], NULL};
+        char what[64];
+        snprintf(what, sizeof what, "%s --device '%s'", gen ? "generate" : "eval", malformed[i]);
+        s_expect_refused(what, PROC_CLI, gen ? gen_args : eval_args,
+                         (const char *[]){"--device", malformed[i], "cpu or cuda:N", NULL});
+    }
+    const char *dbl[] = {"eval", "--checkpoint", ckpt, "--text", "ab", "--double", "--device",
+                         "cuda:0", NULL};
+    s_expect_refused("eval --double --device cuda:0", PROC_CLI, dbl,
+                     (const char *[]){"--double", "cpu", NULL});
+    /* cuda:1023 is past every host's devices, so it is refused in every build and on every
+     * machine: without CUDA the line says how to rebuild, with it gpu_backend_init's message
+     * names the device */
+    const char *far[] = {"eval", "--checkpoint", ckpt, "--text", "ab", "--device", "cuda:1023",
+                         NULL};
+    const char *far_gen[] = {"generate", "--checkpoint", ckpt, "--prompt", "ab", "--device",
+                             "cuda:1023", NULL};
+#if SEMOE_HAVE_CUDA
+    const char *const *why = (const char *[]){"--device cuda:1023", "CUDA device", NULL};
+#else
+    const char *const *why = (const char *[]){"--device cuda:1023", "no CUDA", "-Dcuda=enabled",
+                                              NULL};
+    const char *zero[] = {"generate", "--checkpoint", ckpt, "--prompt", "ab", "--device",
+                          "cuda:0", NULL};
+    s_expect_refused("generate --device cuda:0 (no CUDA)", PROC_CLI, zero,
+                     (const char *[]){"cuda:0", "no CUDA", "-Dcuda=enabled", NULL});
+#endif
+    s_expect_refused("eval --device cuda:1023", PROC_CLI, far, why);
+    s_expect_refused("generate --device cuda:1023", PROC_CLI, far_gen, why);
+}
+
 /* --help: exit 0, usage on stdout that mentions `mention`. */
 static void s_help(const char *bin, const char *mention)
 {
@@ -303,6 +350,7 @@ int main(void)
     s_bad_specs(valid);
     s_bad_corpus();
     s_bad_flags(job);
+    s_bad_device();
     s_help(PROC_COORDINATOR, "--config");
     s_help(PROC_WORKER, "--coordinator");
     s_help(PROC_CLI, "status");
