@@ -1,0 +1,773 @@
+/* The bf16 MoE layer of gpu/moe_layer.h: router (cuBLAS + a warp per token), the counting
+ * sort into expert order, the expert GEMMs grouped through cuBLAS, and the elementwise
+ * kernels of SwiGLU, the weighted combine and their backward. */
+#include "gpu/moe_layer.h"
+#include "gpu/ops.h"
+#include "gpu/reduce.cuh"
+#include "gpu/stream.h"
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define S_MAX_E 256
+#define S_MAX_K 16
+#define S_SORT_BLOCK 256 /* flat (token, slot) entries per block of the counting sort */
+#define S_VEC 8          /* bf16 per 16-byte vector */
+
+static void s_cublas_check(cublasStatus_t st, const char *what, const char *file, int line)
+{
+    if (st == CUBLAS_STATUS_SUCCESS)
+        return;
+    fprintf(stderr, "%s:%d: %s failed: %s\n", file, line, what, cublasGetStatusString(st));
+    abort();
+}
+#define S_CUBLAS(call) s_cublas_check((call), #call, __FILE__, __LINE__)
+
+/* One expert-GEMM call: per nonempty expert one problem C = op(A) op(B) in cuBLAS's
+ * column-major terms; the leading dimensions and ops are the same for every expert. */
+typedef struct {
+    cublasOperation_t ta, tb;
+    int lda, ldb, ldc;
+    int n; /* problems (nonempty experts) */
+    int m[S_MAX_E], nn[S_MAX_E], k[S_MAX_E];
+    const void *A[S_MAX_E], *B[S_MAX_E];
+    void *C[S_MAX_E];
+} s_problem_t;
+
+#define S_NPROB 9 /* fwd: W1, W3, W2; bwd: dW2, dG, dW1, dW3, dH1, dH3 */
+
+struct gpu_moe {
+    int T, d, f, E, k, M, nblk; /* M = T k rows; nblk: blocks of the counting sort */
+    gpu_moe_gemm_t gemm;
+    cublasHandle_t blas;
+    void *slab; /* one device allocation, pointed into below */
+    float *logits;  // (T, E) fp32
+    float *probs;   // (T, E) softmax, fp32
+    int32_t *idx;   // (T, k) expert per slot
+    bf16 *wts;      // (T, k) routing weights, bf16
+    float *dwt;     // (T, k) d loss / d weight, fp32
+    int32_t *pos;   // (T, k) row of each (token, slot) in expert order
+    int32_t *rowtok; // (M) token of each row
+    int32_t *hist;  // (nblk, E) per-block counts, then per-block row offsets
+    int32_t *counts; // (E)
+    bf16 *h;        // (M, d) tokens in expert order
+    bf16 *a, *b, *g; // (M, f) h W1, h W3, silu(a) b
+    bf16 *y;        // (M, d) g W2
+    bf16 *dy;       // (M, d)
+    bf16 *dg, *da, *db; // (M, f)
+    bf16 *dh1, *dh3; // (M, d) da W1^T, db W3^T
+    bf16 *dlog;     // (T, E)
+    float *dxr;     // (T, d) dlog wg^T
+    void **dptr;    // (S_NPROB, 3, E) device pointer arrays of the grouped calls
+    void **hptr;    // same, pinned host staging
+    int32_t *hcounts; // (E) pinned host
+    cudaEvent_t ev_fwd, ev_bwd; /* after each staging copy: the host may rewrite it */
+    s_problem_t prob[S_NPROB];
+};
+
+/* ---------------------------------------------------------------------- kernels */
+
+__device__ __forceinline__ float s_bf(float v) { return __bfloat162float(__float2bfloat16(v)); }
+
+/* One warp per token: logits rounded to bf16 (the peer's bf16 matmul output), softmax in fp32,
+ * top-k with ties to the lower index, weights renormalised and cast to bf16. */
+__global__ void s_route_kernel(float *probs, int32_t *idx, bf16 *wts, const float *logits,
+                               int T, int E, int K)
+{
+    int t = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (t >= T)
+        return; /* whole warps leave together: T is per warp */
+    const int per = (E + 31) / 32;
+    float pl[S_MAX_E / 32];
+    float mx = -INFINITY;
+    for (int i = 0; i < per; i++) {
+        int e = lane + 32 * i;
+        pl[i] = e < E ? s_bf(logits[(size_t)t * E + e]) : -INFINITY;
+        mx = fmaxf(mx, pl[i]);
+    }
+    mx = gpu_warp_reduce(mx, gpu_op_max());
+    float sum = 0.0f;
+    for (int i = 0; i < per; i++) {
+        int e = lane + 32 * i;
+        pl[i] = e < E ? expf(pl[i] - mx) : 0.0f;
+        sum += pl[i];
+    }
+    sum = gpu_warp_reduce(sum, gpu_op_sum());
+    for (int i = 0; i < per; i++) {
+        int e = lane + 32 * i;
+        pl[i] = pl[i] / sum;
+        if (e < E)
+            probs[(size_t)t * E + e] = pl[i];
+    }
+    float topv[S_MAX_K];
+    int topi[S_MAX_K];
+    unsigned taken = 0; /* bit i: this lane's entry i is chosen */
+    float tsum = 0.0f;
+    for (int j = 0; j < K; j++) {
+        float bv = -1.0f;
+        int bi = 0x7fffffff;
+        for (int i = 0; i < per; i++) {
+            int e = lane + 32 * i;
+            if (e < E && !(taken >> i & 1u) && pl[i] > bv) { /* i ascending: lower e wins ties */
+                bv = pl[i];
+                bi = e;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if ((bi & 31) == lane)
+            taken |= 1u << (bi >> 5);
+        topv[j] = bv;
+        topi[j] = bi;
+        tsum += bv;
+    }
+    if (lane == 0)
+        for (int j = 0; j < K; j++) {
+            idx[(size_t)t * K + j] = topi[j];
+            wts[(size_t)t * K + j] = __float2bfloat16(topv[j] / tsum);
+        }
+}
+
+/* Per block of S_SORT_BLOCK flat entries: how many go to each expert. */
+__global__ void s_hist_kernel(int32_t *hist, const int32_t *idx, int M, int E)
+{
+    extern __shared__ int32_t cnt[];
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        cnt[e] = 0;
+    __syncthreads();
+    int i = blockIdx.x * S_SORT_BLOCK + threadIdx.x;
+    if (i < M)
+        atomicAdd(&cnt[idx[i]], 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        hist[(size_t)blockIdx.x * E + e] = cnt[e];
+}
+
+/* One block: hist becomes each block's first row per expert (expert start + the earlier
+ * blocks' counts); counts gets the totals. */
+__global__ void s_scan_kernel(int32_t *hist, int32_t *counts, int nblk, int E)
+{
+    __shared__ int32_t start[S_MAX_E];
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int run = 0;
+        for (int b = 0; b < nblk; b++) {
+            int c = hist[(size_t)b * E + e];
+            hist[(size_t)b * E + e] = run;
+            run += c;
+        }
+        counts[e] = run;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int run = 0;
+        for (int e = 0; e < E; e++) {
+            start[e] = run;
+            run += counts[e];
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        for (int b = 0; b < nblk; b++)
+            hist[(size_t)b * E + e] += start[e];
+}
+
+/* Each flat entry i = t k + j gets its row: its block's first row for its expert plus the
+ * entries of the same expert before it in the block (earlier warps, then earlier lanes), so
+ * rows are in (token, slot) order within an expert. blockDim.x == S_SORT_BLOCK. */
+__global__ void s_place_kernel(int32_t *pos, int32_t *rowtok, const int32_t *idx,
+                               const int32_t *hist, int M, int E, int K)
+{
+    extern __shared__ int32_t wc[]; /* (S_SORT_BLOCK / 32, E) */
+    const int nw = S_SORT_BLOCK / 32;
+    for (int q = threadIdx.x; q < nw * E; q += blockDim.x)
+        wc[q] = 0;
+    __syncthreads();
+    int i = blockIdx.x * S_SORT_BLOCK + threadIdx.x;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int e = i < M ? idx[i] : -1;
+    unsigned same = __match_any_sync(0xffffffffu, e);
+    int rank = __popc(same & ((1u << lane) - 1u));
+    if (e >= 0 && rank == 0)
+        wc[warp * E + e] = __popc(same);
+    __syncthreads();
+    if (e >= 0) {
+        int r = hist[(size_t)blockIdx.x * E + e] + rank;
+        for (int w = 0; w < warp; w++)
+            r += wc[w * E + e];
+        pos[i] = r;
+        rowtok[r] = i / K;
+    }
+}
+
+/* h[r] = x[rowtok[r]]: a block per row, 16-byte vectors. */
+__global__ void s_gather_kernel(bf16 *h, const bf16 *x, const int32_t *rowtok, int d)
+{
+    int r = blockIdx.x;
+    const uint4 *src = (const uint4 *)(x + (size_t)rowtok[r] * d);
+    uint4 *dst = (uint4 *)(h + (size_t)r * d);
+    for (int c = threadIdx.x; c < d / S_VEC; c += blockDim.x)
+        dst[c] = src[c];
+}
+
+/* g = silu(a) * b with the peer's roundings: silu(a) to bf16, then the product. */
+__global__ void s_swiglu_kernel(bf16 *g, const bf16 *a, const bf16 *b, size_t n)
+{
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float av = __bfloat162float(a[i]);
+        float s = s_bf(av / (1.0f + expf(-av)));
+        g[i] = __float2bfloat16(s * __bfloat162float(b[i]));
+    }
+}
+
+/* da = dg b silu'(a), db = dg silu(a); silu'(a) = s (1 + a (1 - s)), s = sigmoid(a). */
+__global__ void s_swiglu_bwd_kernel(bf16 *da, bf16 *db, const bf16 *dg, const bf16 *a,
+                                    const bf16 *b, size_t n)
+{
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float av = __bfloat162float(a[i]), bv = __bfloat162float(b[i]);
+        float gv = __bfloat162float(dg[i]);
+        float s = 1.0f / (1.0f + expf(-av));
+        float silu = s_bf(av * s);
+        float dsilu = s_bf(gv * bv);
+        da[i] = __float2bfloat16(dsilu * s * (1.0f + av * (1.0f - s)));
+        db[i] = __float2bfloat16(gv * silu);
+    }
+}
+
+/* out[t] = sum_j bf16(w[t,j] y[pos[t,j]]), summed in fp32: a block per token. */
+__global__ void s_combine_kernel(bf16 *out, const bf16 *y, const int32_t *pos, const bf16 *wts,
+                                 int d, int K)
+{
+    int t = blockIdx.x;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < K; j++) {
+            int r = pos[(size_t)t * K + j];
+            acc += s_bf(__bfloat162float(y[(size_t)r * d + c]) *
+                        __bfloat162float(wts[(size_t)t * K + j]));
+        }
+        out[(size_t)t * d + c] = __float2bfloat16(acc);
+    }
+}
+
+/* Backward of the combine, a block per token: dy[pos[t,j]] = dout[t] w[t,j] and
+ * dwt[t,j] = <dout[t], y[pos[t,j]]> in fp32. */
+__global__ void s_combine_bwd_kernel(bf16 *dy, float *dwt, const bf16 *dout, const bf16 *y,
+                                     const int32_t *pos, const bf16 *wts, int d, int K)
+{
+    int t = blockIdx.x;
+    for (int j = 0; j < K; j++) {
+        int r = pos[(size_t)t * K + j];
+        float w = __bfloat162float(wts[(size_t)t * K + j]);
+        float dot = 0.0f;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) {
+            float o = __bfloat162float(dout[(size_t)t * d + c]);
+            dot += o * __bfloat162float(y[(size_t)r * d + c]);
+            dy[(size_t)r * d + c] = __float2bfloat16(o * w);
+        }
+        dot = gpu_block_sum(dot);
+        if (threadIdx.x == 0)
+            dwt[(size_t)t * K + j] = dot;
+    }
+}
+
+/* One warp per token: d loss / d logits from d loss / d w through w = v / sum(v) (v the top-k
+ * probabilities) and the softmax; bf16 out (the peer's logits are bf16). */
+__global__ void s_route_bwd_kernel(bf16 *dlog, const float *dwt, const float *probs,
+                                   const int32_t *idx, int T, int E, int K)
+{
+    int t = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (t >= T)
+        return;
+    const float *p = probs + (size_t)t * E;
+    const int32_t *ix = idx + (size_t)t * K;
+    const float *dw = dwt + (size_t)t * K;
+    float s = 0.0f;
+    for (int j = 0; j < K; j++)
+        s += p[ix[j]];
+    float dws = 0.0f; /* sum_i dw_i w_i */
+    for (int j = 0; j < K; j++)
+        dws += dw[j] * (p[ix[j]] / s);
+    float dpp = 0.0f; /* sum_e dp_e p_e = sum_j dv_j v_j */
+    for (int j = 0; j < K; j++)
+        dpp += (dw[j] - dws) / s * p[ix[j]];
+    for (int e = lane; e < E; e += 32) {
+        float dp = 0.0f;
+        for (int j = 0; j < K; j++)
+            if (ix[j] == e)
+                dp = (dw[j] - dws) / s;
+        dlog[(size_t)t * E + e] = __float2bfloat16(p[e] * (dp - dpp));
+    }
+}
+
+/* dx[t] = dxr[t] + sum_j (dh1 + dh3)[pos[t,j]]: a block per token. */
+__global__ void s_dx_kernel(bf16 *dx, const float *dxr, const bf16 *dh1, const bf16 *dh3,
+                            const int32_t *pos, int d, int K)
+{
+    int t = blockIdx.x;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float acc = dxr[(size_t)t * d + c];
+        for (int j = 0; j < K; j++) {
+            size_t r = (size_t)pos[(size_t)t * K + j];
+            acc += __bfloat162float(dh1[r * d + c]) + __bfloat162float(dh3[r * d + c]);
+        }
+        dx[(size_t)t * d + c] = __float2bfloat16(acc);
+    }
+}
+
+__device__ __forceinline__ uint64_t s_mix(uint64_t z)
+{
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__global__ void s_randn_kernel(bf16 *p, size_t n, float scale, uint64_t seed)
+{
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t r = s_mix(seed * 0x100000001b3ull + i);
+        float u1 = ((float)(r >> 40) + 0.5f) * (1.0f / 16777216.0f); /* (0, 1) */
+        float u2 = (float)((r >> 16) & 0xffffffu) * (1.0f / 16777216.0f);
+        float z = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+        p[i] = __float2bfloat16(scale * z);
+    }
+}
+
+__global__ void s_scale_kernel(bf16 *y, const bf16 *x, size_t n, float scale)
+{
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    for (; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16(scale * __bfloat162float(x[i]));
+}
+
+static unsigned s_grid(size_t n, int threads)
+{
+    size_t g = (n + threads - 1) / threads;
+    return (unsigned)(g < 132 * 32 ? (g ? g : 1) : 132 * 32);
+}
+
+/* ---------------------------------------------------------------------- GEMMs */
+
+/* Plain GEMM in column-major terms, bf16 A and B, fp32 compute, C of type ct. */
+static void s_gemm(cublasHandle_t hb, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                   int k, const void *A, int lda, const void *B, int ldb, float beta, void *C,
+                   cudaDataType_t ct, int ldc)
+{
+    const float alpha = 1.0f;
+    S_CUBLAS(cublasGemmEx(hb, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF,
+                          ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+static void s_run_loop(gpu_moe_t *m, const s_problem_t *p)
+{
+    for (int i = 0; i < p->n; i++)
+        s_gemm(m->blas, p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->A[i], p->lda, p->B[i],
+               p->ldb, 0.0f, p->C[i], CUDA_R_16BF, p->ldc);
+}
+
+/* Problem `slot`'s device pointer arrays are at dptr + slot*3E (A, B, C, E each), already
+ * copied from the staging area. */
+static void s_run(gpu_moe_t *m, int slot)
+{
+    const s_problem_t *p = &m->prob[slot];
+    if (p->n == 0)
+        return;
+    if (m->gemm == GPU_MOE_GEMM_GROUPED) {
+        int n = p->n;
+        cublasOperation_t ta[S_MAX_E], tb[S_MAX_E];
+        int lda[S_MAX_E], ldb[S_MAX_E], ldc[S_MAX_E], gs[S_MAX_E];
+        float alpha[S_MAX_E], beta[S_MAX_E];
+        for (int i = 0; i < n; i++) {
+            ta[i] = p->ta;
+            tb[i] = p->tb;
+            lda[i] = p->lda;
+            ldb[i] = p->ldb;
+            ldc[i] = p->ldc;
+            gs[i] = 1;
+            alpha[i] = 1.0f;
+            beta[i] = 0.0f;
+        }
+        void **dp = m->dptr + (size_t)slot * 3 * m->E;
+        cublasStatus_t st = cublasGemmGroupedBatchedEx(
+            m->blas, ta, tb, p->m, p->nn, p->k, alpha, (const void *const *)dp, CUDA_R_16BF,
+            lda, (const void *const *)(dp + m->E), CUDA_R_16BF, ldb, beta,
+            (void *const *)(dp + 2 * m->E), CUDA_R_16BF, ldc, n, gs, CUBLAS_COMPUTE_32F);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            return;
+        fprintf(stderr,
+                "semoe gpu_moe: cublasGemmGroupedBatchedEx (bf16, %d groups) failed: %s; "
+                "using a cublasGemmEx per expert from now on\n",
+                n, cublasGetStatusString(st));
+        m->gemm = GPU_MOE_GEMM_LOOP;
+    }
+    s_run_loop(m, p);
+}
+
+/* Stages the pointer arrays of problems [first, first+n) and copies them to the device. */
+static void s_stage(gpu_moe_t *m, int first, int n, cudaEvent_t ev)
+{
+    if (m->gemm != GPU_MOE_GEMM_GROUPED)
+        return;
+    GPU_CHECK(cudaEventSynchronize(ev)); /* the previous copy from this area is done */
+    size_t E = (size_t)m->E;
+    for (int s = first; s < first + n; s++) {
+        const s_problem_t *p = &m->prob[s];
+        void **hp = m->hptr + (size_t)s * 3 * E;
+        for (int i = 0; i < p->n; i++) {
+            hp[i] = (void *)p->A[i];
+            hp[E + i] = (void *)p->B[i];
+            hp[2 * E + i] = p->C[i];
+        }
+    }
+    size_t off = (size_t)first * 3 * E;
+    GPU_CHECK(cudaMemcpyAsync(m->dptr + off, m->hptr + off, (size_t)n * 3 * E * sizeof(void *),
+                              cudaMemcpyHostToDevice, gpu_stream()));
+    GPU_CHECK(cudaEventRecord(ev, gpu_stream()));
+}
+
+static void s_set(s_problem_t *p, cublasOperation_t ta, cublasOperation_t tb, int lda, int ldb,
+                  int ldc)
+{
+    p->ta = ta;
+    p->tb = tb;
+    p->lda = lda;
+    p->ldb = ldb;
+    p->ldc = ldc;
+    p->n = 0;
+}
+
+static void s_add(s_problem_t *p, int m, int n, int k, const void *A, const void *B, void *C)
+{
+    int i = p->n++;
+    p->m[i] = m;
+    p->nn[i] = n;
+    p->k[i] = k;
+    p->A[i] = A;
+    p->B[i] = B;
+    p->C[i] = C;
+}
+
+/* ---------------------------------------------------------------------- the layer */
+
+static size_t s_align(size_t n) { return (n + 255) & ~(size_t)255; }
+
+extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
+{
+    if (T < 1 || d < 8 || f < 8 || d % S_VEC || f % S_VEC) {
+        fprintf(stderr, "gpu_moe_new: T=%d d=%d f=%d: need T >= 1 and d, f positive multiples "
+                        "of 8\n", T, d, f);
+        return NULL;
+    }
+    if (E < 1 || E > S_MAX_E || k < 1 || k > E || k > S_MAX_K) {
+        fprintf(stderr, "gpu_moe_new: E=%d k=%d: need 1 <= E <= %d and 1 <= k <= min(E, %d)\n",
+                E, k, S_MAX_E, S_MAX_K);
+        return NULL;
+    }
+    size_t M = (size_t)T * k, wide = (size_t)(d > f ? d : f);
+    if (M * wide >= ((size_t)1 << 31) || (size_t)E * d * f >= ((size_t)1 << 31)) {
+        fprintf(stderr, "gpu_moe_new: T*k*max(d,f)=%zu or E*d*f=%zu: need both under 2^31 "
+                        "(cuBLAS int leading dimensions and offsets)\n", M * wide,
+                (size_t)E * d * f);
+        return NULL;
+    }
+    gpu_moe_t *m = (gpu_moe_t *)calloc(1, sizeof *m);
+    if (!m) {
+        fprintf(stderr, "gpu_moe_new: out of host memory\n");
+        abort();
+    }
+    m->T = T;
+    m->d = d;
+    m->f = f;
+    m->E = E;
+    m->k = k;
+    m->M = (int)M;
+    m->nblk = (int)((M + S_SORT_BLOCK - 1) / S_SORT_BLOCK);
+    m->gemm = GPU_MOE_GEMM_GROUPED;
+
+    size_t TE = (size_t)T * E;
+    size_t sz[] = {
+        TE * 4, TE * 4, M * 4, M * 2, M * 4, M * 4, M * 4, (size_t)m->nblk * E * 4,
+        (size_t)E * 4, M * d * 2, M * f * 2, M * f * 2, M * f * 2, M * d * 2, M * d * 2,
+        M * f * 2, M * f * 2, M * f * 2, M * d * 2, M * d * 2, TE * 2, (size_t)T * d * 4,
+        (size_t)S_NPROB * 3 * E * sizeof(void *)};
+    const int nb = (int)(sizeof sz / sizeof sz[0]);
+    size_t total = 0;
+    for (int i = 0; i < nb; i++)
+        total += s_align(sz[i]);
+    m->slab = gpu_alloc(total); /* aborts with the size when the device is out of memory */
+    char *q = (char *)m->slab;
+    void **ptrs[] = {(void **)&m->logits, (void **)&m->probs, (void **)&m->idx,
+                     (void **)&m->wts,    (void **)&m->dwt,   (void **)&m->pos,
+                     (void **)&m->rowtok, (void **)&m->hist,  (void **)&m->counts,
+                     (void **)&m->h,      (void **)&m->a,     (void **)&m->b,
+                     (void **)&m->g,      (void **)&m->y,     (void **)&m->dy,
+                     (void **)&m->dg,     (void **)&m->da,    (void **)&m->db,
+                     (void **)&m->dh1,    (void **)&m->dh3,   (void **)&m->dlog,
+                     (void **)&m->dxr,    (void **)&m->dptr};
+    for (int i = 0; i < nb; i++) {
+        *ptrs[i] = q;
+        q += s_align(sz[i]);
+    }
+    GPU_CHECK(cudaMallocHost((void **)&m->hptr, (size_t)S_NPROB * 3 * E * sizeof(void *)));
+    GPU_CHECK(cudaMallocHost((void **)&m->hcounts, (size_t)E * sizeof(int32_t)));
+    GPU_CHECK(cudaEventCreateWithFlags(&m->ev_fwd, cudaEventDisableTiming));
+    GPU_CHECK(cudaEventCreateWithFlags(&m->ev_bwd, cudaEventDisableTiming));
+    GPU_CHECK(cudaEventRecord(m->ev_fwd, gpu_stream()));
+    GPU_CHECK(cudaEventRecord(m->ev_bwd, gpu_stream()));
+    S_CUBLAS(cublasCreate(&m->blas));
+    S_CUBLAS(cublasSetStream(m->blas, gpu_stream()));
+    return m;
+}
+
+extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
+{
+    if (!self_p || !*self_p)
+        return;
+    gpu_moe_t *m = *self_p;
+    gpu_free(m->slab); /* waits for the stream */
+    cudaFreeHost(m->hptr);
+    cudaFreeHost(m->hcounts);
+    cudaEventDestroy(m->ev_fwd);
+    cudaEventDestroy(m->ev_bwd);
+    cublasDestroy(m->blas);
+    free(m);
+    *self_p = NULL;
+}
+
+extern "C" gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode)
+{
+    self->gemm = mode;
+    return self->gemm;
+}
+
+extern "C" gpu_moe_gemm_t gpu_moe_gemm(const gpu_moe_t *self) { return self->gemm; }
+extern "C" const int32_t *gpu_moe_idx(const gpu_moe_t *self) { return self->idx; }
+extern "C" const uint16_t *gpu_moe_weights(const gpu_moe_t *self)
+{
+    return (const uint16_t *)self->wts;
+}
+extern "C" const int32_t *gpu_moe_counts(const gpu_moe_t *self) { return self->hcounts; }
+
+extern "C" void gpu_moe_fwd(gpu_moe_t *m, uint16_t *out_, const uint16_t *x_,
+                            const uint16_t *wg_, const uint16_t *w1_, const uint16_t *w3_,
+                            const uint16_t *w2_)
+{
+    bf16 *out = (bf16 *)out_;
+    const bf16 *x = (const bf16 *)x_, *wg = (const bf16 *)wg_, *w1 = (const bf16 *)w1_,
+               *w3 = (const bf16 *)w3_, *w2 = (const bf16 *)w2_;
+    const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k;
+    cudaStream_t st = gpu_stream();
+
+    /* route: logits^T (E, T) = wg^T x^T in cuBLAS's column-major view of the row-major data */
+    s_gemm(m->blas, CUBLAS_OP_N, CUBLAS_OP_N, E, T, d, wg, E, x, d, 0.0f, m->logits,
+           CUDA_R_32F, E);
+    s_route_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->probs, m->idx, m->wts, m->logits, T, E, K);
+    GPU_CHECK_LAUNCH();
+    /* the counting sort: per-block histograms, their scan, each entry's row */
+    s_hist_kernel<<<m->nblk, S_SORT_BLOCK, E * sizeof(int32_t), st>>>(m->hist, m->idx, m->M, E);
+    GPU_CHECK_LAUNCH();
+    s_scan_kernel<<<1, 256, 0, st>>>(m->hist, m->counts, m->nblk, E);
+    GPU_CHECK_LAUNCH();
+    s_place_kernel<<<m->nblk, S_SORT_BLOCK, (S_SORT_BLOCK / 32) * E * sizeof(int32_t), st>>>(
+        m->pos, m->rowtok, m->idx, m->hist, m->M, E, K);
+    GPU_CHECK_LAUNCH();
+    /* the one host round trip per layer call: cuBLAS takes the group sizes on the host */
+    GPU_CHECK(cudaMemcpyAsync(m->hcounts, m->counts, E * sizeof(int32_t),
+                              cudaMemcpyDeviceToHost, st));
+    s_gather_kernel<<<m->M, 128, 0, st>>>(m->h, x, m->rowtok, d);
+    GPU_CHECK_LAUNCH();
+    GPU_CHECK(cudaStreamSynchronize(st));
+
+    /* per expert (row-major): a = h W1[e], b = h W3[e], y = g W2[e]; as column-major
+     * a^T (f, n) = W1[e]^T (f, d) h^T (d, n), all operands as stored */
+    s_problem_t *p1 = &m->prob[0], *p3 = &m->prob[1], *p2 = &m->prob[2];
+    s_set(p1, CUBLAS_OP_N, CUBLAS_OP_N, f, d, f);
+    s_set(p3, CUBLAS_OP_N, CUBLAS_OP_N, f, d, f);
+    s_set(p2, CUBLAS_OP_N, CUBLAS_OP_N, d, f, d);
+    size_t o = 0, df = (size_t)d * f;
+    for (int e = 0; e < E; e++) {
+        int n = m->hcounts[e];
+        if (n > 0) {
+            s_add(p1, f, n, d, w1 + e * df, m->h + o * d, m->a + o * f);
+            s_add(p3, f, n, d, w3 + e * df, m->h + o * d, m->b + o * f);
+            s_add(p2, d, n, f, w2 + e * df, m->g + o * f, m->y + o * d);
+        }
+        o += (size_t)n;
+    }
+    s_stage(m, 0, 3, m->ev_fwd);
+    s_run(m, 0);
+    s_run(m, 1);
+    size_t nf = (size_t)m->M * f;
+    s_swiglu_kernel<<<s_grid(nf, 256), 256, 0, st>>>(m->g, m->a, m->b, nf);
+    GPU_CHECK_LAUNCH();
+    s_run(m, 2);
+    s_combine_kernel<<<T, 256, 0, st>>>(out, m->y, m->pos, m->wts, d, K);
+    GPU_CHECK_LAUNCH();
+}
+
+extern "C" void gpu_moe_bwd(gpu_moe_t *m, uint16_t *dx_, uint16_t *dwg_, uint16_t *dw1_,
+                            uint16_t *dw3_, uint16_t *dw2_, const uint16_t *dout_,
+                            const uint16_t *x_, const uint16_t *wg_, const uint16_t *w1_,
+                            const uint16_t *w3_, const uint16_t *w2_)
+{
+    bf16 *dx = (bf16 *)dx_, *dwg = (bf16 *)dwg_, *dw1 = (bf16 *)dw1_, *dw3 = (bf16 *)dw3_,
+         *dw2 = (bf16 *)dw2_;
+    const bf16 *dout = (const bf16 *)dout_, *x = (const bf16 *)x_, *wg = (const bf16 *)wg_,
+               *w1 = (const bf16 *)w1_, *w3 = (const bf16 *)w3_, *w2 = (const bf16 *)w2_;
+    const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k;
+    cudaStream_t st = gpu_stream();
+
+    s_combine_bwd_kernel<<<T, 256, 0, st>>>(m->dy, m->dwt, dout, m->y, m->pos, m->wts, d, K);
+    GPU_CHECK_LAUNCH();
+
+    /* row-major dW2[e] = g^T dy, dg = dy W2[e]^T, dW1[e] = h^T da, dW3[e] = h^T db,
+     * dh1 = da W1[e]^T, dh3 = db W3[e]^T; each as its transpose in column-major terms, e.g.
+     * dW2[e]^T (d, f) = dy^T (d, n) g (n, f): dy^T as stored (N), g is stored g^T (T). */
+    s_problem_t *q = m->prob;
+    s_set(&q[3], CUBLAS_OP_N, CUBLAS_OP_T, d, f, d); /* dW2 */
+    s_set(&q[4], CUBLAS_OP_T, CUBLAS_OP_N, d, d, f); /* dg */
+    s_set(&q[5], CUBLAS_OP_N, CUBLAS_OP_T, f, d, f); /* dW1 */
+    s_set(&q[6], CUBLAS_OP_N, CUBLAS_OP_T, f, d, f); /* dW3 */
+    s_set(&q[7], CUBLAS_OP_T, CUBLAS_OP_N, f, f, d); /* dh1 */
+    s_set(&q[8], CUBLAS_OP_T, CUBLAS_OP_N, f, f, d); /* dh3 */
+    size_t o = 0, df = (size_t)d * f;
+    for (int e = 0; e < E; e++) {
+        int n = m->hcounts[e];
+        if (n > 0) {
+            s_add(&q[3], d, f, n, m->dy + o * d, m->g + o * f, dw2 + e * df);
+            s_add(&q[4], f, n, d, w2 + e * df, m->dy + o * d, m->dg + o * f);
+            s_add(&q[5], f, d, n, m->da + o * f, m->h + o * d, dw1 + e * df);
+            s_add(&q[6], f, d, n, m->db + o * f, m->h + o * d, dw3 + e * df);
+            s_add(&q[7], d, n, f, w1 + e * df, m->da + o * f, m->dh1 + o * d);
+            s_add(&q[8], d, n, f, w3 + e * df, m->db + o * f, m->dh3 + o * d);
+        } else { /* no token: the expert's gradients are zero, and no GEMM writes them */
+            GPU_CHECK(cudaMemsetAsync(dw1 + e * df, 0, df * sizeof(bf16), st));
+            GPU_CHECK(cudaMemsetAsync(dw3 + e * df, 0, df * sizeof(bf16), st));
+            GPU_CHECK(cudaMemsetAsync(dw2 + e * df, 0, df * sizeof(bf16), st));
+        }
+        o += (size_t)n;
+    }
+    s_stage(m, 3, 6, m->ev_bwd);
+    s_run(m, 3);
+    s_run(m, 4);
+    size_t nf = (size_t)m->M * f;
+    s_swiglu_bwd_kernel<<<s_grid(nf, 256), 256, 0, st>>>(m->da, m->db, m->dg, m->a, m->b, nf);
+    GPU_CHECK_LAUNCH();
+    s_run(m, 5);
+    s_run(m, 6);
+    s_run(m, 7);
+    s_run(m, 8);
+
+    /* router: dlogits, then dwg^T (E, d) = dlog^T (E, T) x (T, d) and
+     * dxr^T (d, T) = wg (d, E) dlog^T (E, T) */
+    s_route_bwd_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->dlog, m->dwt, m->probs, m->idx, T, E, K);
+    GPU_CHECK_LAUNCH();
+    s_gemm(m->blas, CUBLAS_OP_N, CUBLAS_OP_T, E, d, T, m->dlog, E, x, d, 0.0f, dwg,
+           CUDA_R_16BF, E);
+    s_gemm(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, d, T, E, wg, E, m->dlog, E, 0.0f, m->dxr,
+           CUDA_R_32F, d);
+    s_dx_kernel<<<T, 256, 0, st>>>(dx, m->dxr, m->dh1, m->dh3, m->pos, d, K);
+    GPU_CHECK_LAUNCH();
+}
+
+/* ---------------------------------------------------------------------- bench helpers */
+
+extern "C" void gpu_moe_fill_randn(uint16_t *p, size_t n, float scale, uint64_t seed)
+{
+    s_randn_kernel<<<s_grid(n, 256), 256, 0, gpu_stream()>>>((bf16 *)p, n, scale, seed);
+    GPU_CHECK_LAUNCH();
+}
+
+extern "C" void gpu_moe_scale(uint16_t *y, const uint16_t *x, size_t n, float scale)
+{
+    s_scale_kernel<<<s_grid(n, 256), 256, 0, gpu_stream()>>>((bf16 *)y, (const bf16 *)x, n,
+                                                             scale);
+    GPU_CHECK_LAUNCH();
+}
+
+extern "C" float gpu_moe_time_ms(void (*fn)(void *ctx), void *ctx)
+{
+    cudaEvent_t a, b;
+    cudaStream_t st = gpu_stream();
+    GPU_CHECK(cudaEventCreate(&a));
+    GPU_CHECK(cudaEventCreate(&b));
+    GPU_CHECK(cudaEventRecord(a, st));
+    fn(ctx);
+    GPU_CHECK(cudaEventRecord(b, st));
+    GPU_CHECK(cudaEventSynchronize(b));
+    float ms = 0.0f;
+    GPU_CHECK(cudaEventElapsedTime(&ms, a, b));
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return ms;
+}
+
+extern "C" void gpu_moe_sync(void) { GPU_CHECK(cudaStreamSynchronize(gpu_stream())); }
+
+typedef struct {
+    cublasHandle_t h;
+    int n;
+    const void *a, *b;
+    void *c;
+} s_dense_t;
+
+static void s_dense_once(void *ctx)
+{
+    s_dense_t *g = (s_dense_t *)ctx;
+    s_gemm(g->h, CUBLAS_OP_N, CUBLAS_OP_N, g->n, g->n, g->n, g->a, g->n, g->b, g->n, 0.0f, g->c,
+           CUDA_R_16BF, g->n);
+}
+
+static int s_cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+extern "C" double gpu_moe_dense_tflops(int n, int warm, int iters)
+{
+    size_t nn = (size_t)n * n;
+    s_dense_t g;
+    g.n = n;
+    g.a = gpu_alloc(nn * 2);
+    g.b = gpu_alloc(nn * 2);
+    g.c = gpu_alloc(nn * 2);
+    gpu_moe_fill_randn((uint16_t *)g.a, nn, 1.0f, 101);
+    gpu_moe_fill_randn((uint16_t *)g.b, nn, 1.0f, 102);
+    S_CUBLAS(cublasCreate(&g.h));
+    S_CUBLAS(cublasSetStream(g.h, gpu_stream()));
+    for (int i = 0; i < warm; i++)
+        s_dense_once(&g);
+    gpu_moe_sync();
+    float *ts = (float *)calloc((size_t)(iters > 0 ? iters : 1), sizeof(float));
+    for (int i = 0; i < iters; i++)
+        ts[i] = gpu_moe_time_ms(s_dense_once, &g);
+    qsort(ts, (size_t)iters, sizeof(float), s_cmp_float);
+    double ms = iters > 0 ? ts[iters / 2] : 0.0;
+    free(ts);
+    cublasDestroy(g.h);
+    gpu_free((void *)g.a);
+    gpu_free((void *)g.b);
+    gpu_free(g.c);
+    return ms > 0 ? 2.0 * (double)n * n * n / (ms * 1e9) : 0.0;
+}
