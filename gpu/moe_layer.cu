@@ -502,7 +502,7 @@ extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
     m->k = k;
     m->M = (int)M;
     m->nblk = (int)((M + S_SORT_BLOCK - 1) / S_SORT_BLOCK);
-    m->gemm = GPU_MOE_GEMM_GROUPED;
+    m->gemm = GPU_MOE_GEMM_LOOP; /* the faster on all three peer shapes (bench/README.md) */
 
     size_t TE = (size_t)T * E;
     size_t sz[] = {

@@ -41,8 +41,9 @@ typedef enum {
 gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k);
 void gpu_moe_destroy(gpu_moe_t **self_p);
 
-/* The expert GEMM path; GROUPED is the default. Returns the path in use (the grouped one falls
- * back to LOOP by itself, once, with a message, when cuBLAS does not support it here). */
+/* The expert GEMM path; LOOP is the default (on an H200, cuBLAS 13.1, it beat the grouped call
+ * by 1.3-1.8x on every shape bench_moe_layer runs). Returns the path in use (the grouped one
+ * falls back to LOOP by itself, once, with a message, when cuBLAS does not support it here). */
 gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode);
 gpu_moe_gemm_t gpu_moe_gemm(const gpu_moe_t *self);
 
