@@ -1,5 +1,5 @@
-/* The CUDA backend's fp32 table (gpu/backend.h): gpu/ops.h's functions under model/backend.h's
- * field names, and the per-thread device setup. */
+/* The CUDA backend's fp32 tables (gpu/backend.h): gpu/ops.h's functions under model/backend.h's
+ * field names (and the bf16-GEMM variant's two linear ops), and the per-thread device setup. */
 #include "gpu/backend.h"
 #include "gpu/device.h"
 #include "gpu/ops.h"
@@ -55,6 +55,21 @@ static model_backend_f32_t s_table(void)
 /* Dynamically initialised before main (no C code runs before main, so nothing reads it
  * earlier); extern "C" through gpu/backend.h, so C sees the plain symbol. */
 const model_backend_f32_t gpu_backend_f32 = s_table();
+
+/* The same table with the bf16 tensor-core linear ops (gpu/linear_bf16.cu) and the flash
+ * attention (gpu/attention_flash.cu). */
+static model_backend_f32_t s_table_bf16mm(void)
+{
+    model_backend_f32_t b = s_table();
+    b.name = "cuda-bf16mm";
+    b.linear_fwd = gpu_linear_bf16_fwd;
+    b.linear_bwd = gpu_linear_bf16_bwd;
+    b.attention_fwd = gpu_attention_flash_fwd;
+    b.attention_bwd = gpu_attention_flash_bwd;
+    return b;
+}
+
+const model_backend_f32_t gpu_backend_f32_bf16mm = s_table_bf16mm();
 
 extern "C" semoe_rc gpu_backend_init(int device)
 {
