@@ -377,11 +377,11 @@ int main(void)
     }
     REQUIRE(gpu_backend_init(0) == SEMOE_OK, "gpu_backend_init: %s", semoe_err_msg());
     CHECK(strcmp(s_gpu->name, "cuda-bf16mm") == 0, "name %s", s_gpu->name);
-    CHECK(s_gpu->linear_fwd != gpu_backend_f32.linear_fwd &&
-              s_gpu->linear_bwd != gpu_backend_f32.linear_bwd &&
-              s_gpu->attention_fwd == gpu_backend_f32.attention_fwd &&
+    CHECK(s_gpu->linear_fwd == gpu_linear_bf16_fwd && s_gpu->linear_bwd == gpu_linear_bf16_bwd &&
+              s_gpu->attention_fwd == gpu_attention_flash_fwd &&
+              s_gpu->attention_bwd == gpu_attention_flash_bwd &&
               s_gpu->adamw == gpu_backend_f32.adamw && s_gpu->alloc == gpu_backend_f32.alloc,
-          "bf16mm: only the linear ops differ from gpu_backend_f32");
+          "bf16mm: the linear and attention ops are its own, the rest gpu_backend_f32's");
 
     /* odd sizes (cuBLAS off its aligned tensor-core paths) and the model's own (aligned) */
     static const int lin[][3] = {
