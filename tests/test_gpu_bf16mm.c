@@ -17,6 +17,7 @@
 #include "model/params.h"
 #include "model/train.h"
 #include "tests/harness.h"
+#include "tests/tiny_model.h"
 
 #define S_TOL_EXACT 1e-5 /* bf16-representable inputs, sums of <= 64 terms */
 #define S_TOL_ROUND 1e-2 /* fp32 inputs rounded to bf16 (2^-9 relative each) */
@@ -267,24 +268,6 @@ static void s_config(model_config_t *c)
     c->tie_word_embeddings = false;
 }
 
-/* Params from seed, RMSNorm weights moved off 1 and matrices given some noise. */
-static model_params_t *s_params(const model_config_t *cfg, uint64_t seed)
-{
-    model_params_t *p = NULL;
-    if (model_params_new(cfg, NULL, 0, &p) != SEMOE_OK)
-        return NULL;
-    model_params_init(p, seed);
-    for (size_t i = 0; i < model_params_count(p); i++) {
-        const model_param_t *t = model_params_at(p, i);
-        if (!t->data)
-            continue;
-        for (uint64_t e = 0; e < t->numel; e++)
-            t->data[e] = t->ndim == 1 ? (float)(0.8 + 0.4 * test_rand_unit())
-                                      : t->data[e] + (float)(0.1 * (2 * test_rand_unit() - 1));
-    }
-    return p;
-}
-
 /* 20 AdamW steps (2 micro-batches each, warmup and cosine, clipping, weight decay) on the CPU,
  * the CPU with bf16-rounded GEMM inputs and bf16mm, from the same weights on one batch: every
  * step's loss within S_TOL_LOSS of the CPU's (lr 1e-3: at 3e-3 the paths drift apart by up to
@@ -311,7 +294,7 @@ static void s_check_training(void)
     int V = (int)job.model.vocab_size, rows = (int)job.train.global_batch;
     size_t row_len = job.train.seq_len + 1;
 
-    model_params_t *p = s_params(&job.model, test_rand());
+    model_params_t *p = test_tiny_params(&job.model, test_rand(), 0.1);
     model_train_t *tc = NULL, *te = NULL, *tg = NULL;
     uint8_t *tok = malloc((size_t)rows * row_len);
     s_emu = cpu_backend_f32;

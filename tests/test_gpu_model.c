@@ -17,6 +17,7 @@
 #include "model/params.h"
 #include "model/train.h"
 #include "tests/harness.h"
+#include "tests/tiny_model.h"
 
 #define S_TOL 1e-5
 /* Below this norm a gradient tensor counts as zero up to fp32 rounding: its error is measured
@@ -418,25 +419,6 @@ static void s_config(model_config_t *c, int which)
     }
 }
 
-/* Params from seed, then RMSNorm weights moved off 1 and matrices given some noise so that the
- * activations and the routing are not trivial. */
-static model_params_t *s_params(const model_config_t *cfg, uint64_t seed)
-{
-    model_params_t *p = NULL;
-    if (model_params_new(cfg, NULL, 0, &p) != SEMOE_OK)
-        return NULL;
-    model_params_init(p, seed);
-    for (size_t i = 0; i < model_params_count(p); i++) {
-        const model_param_t *t = model_params_at(p, i);
-        if (!t->data)
-            continue;
-        for (uint64_t e = 0; e < t->numel; e++)
-            t->data[e] = t->ndim == 1 ? (float)(0.8 + 0.4 * test_rand_unit())
-                                      : t->data[e] + (float)(0.1 * (2 * test_rand_unit() - 1));
-    }
-    return p;
-}
-
 /* One forward and backward of the graph on backend be; the results copied to the host. */
 typedef struct {
     model_loss_t loss;
@@ -539,7 +521,7 @@ static void s_check_graph(int which)
     for (int attempt = 0; attempt < 8 && !ready; attempt++) {
         model_params_destroy(&p);
         s_free_graph(&c);
-        p = s_params(&cfg, test_rand());
+        p = test_tiny_params(&cfg, test_rand(), 0.1);
         if (!p) {
             CHECK(0, "config %d: params: %s", which, semoe_err_msg());
             break;
@@ -631,7 +613,7 @@ static void s_check_training(void)
     int V = (int)job.model.vocab_size, rows = (int)job.train.global_batch;
     size_t row_len = job.train.seq_len + 1;
 
-    model_params_t *p = s_params(&job.model, test_rand());
+    model_params_t *p = test_tiny_params(&job.model, test_rand(), 0.1);
     model_train_t *tc = NULL, *tg = NULL;
     uint8_t *tok = malloc((size_t)rows * row_len);
     if (!p || model_train_new(s_cpu, p, &job, &tc) != SEMOE_OK ||

@@ -44,23 +44,6 @@ static void s_tiny_job(model_job_t *job)
     job->train.steps = 100;
 }
 
-/* Params for job->model, initialised from seed, with the RMSNorm weights moved off 1 so that
- * their (undecayed) updates are visible. */
-static model_params_t *s_params(const model_job_t *job, uint64_t seed)
-{
-    model_params_t *p = NULL;
-    if (model_params_new(&job->model, NULL, 0, &p) != SEMOE_OK)
-        return NULL;
-    model_params_init(p, seed);
-    for (size_t i = 0; i < model_params_count(p); i++) {
-        const model_param_t *t = model_params_at(p, i);
-        if (t->data && t->ndim == 1)
-            for (uint64_t e = 0; e < t->numel; e++)
-                t->data[e] = (float)(0.8 + 0.4 * test_rand_unit());
-    }
-    return p;
-}
-
 static void s_tokens(uint8_t *tok, size_t n, uint32_t V)
 {
     for (size_t i = 0; i < n; i++)
@@ -129,7 +112,7 @@ static void s_check_accumulation(void)
         j8.model.router_aux_loss_coef = with_aux ? 0.02 : 0.0;
         j2 = j8;
         j2.train.micro_batch = 2;
-        model_params_t *p = s_params(&j8, test_rand());
+        model_params_t *p = test_tiny_params(&j8.model, test_rand(), 0);
         model_train_t *t8 = NULL, *t2 = NULL;
         uint8_t tok[8 * 13];
         s_tokens(tok, sizeof tok, 32);
@@ -208,7 +191,7 @@ static void s_check_adamw(bool clip)
     s_tiny_job(&job);
     job.train.warmup_steps = 2; /* steps 0, 1, 2: lr 0, lr / 2, lr */
     job.train.eps = 1e-3;       /* comparable to the gradients: the update depends on scale */
-    model_params_t *p = s_params(&job, test_rand());
+    model_params_t *p = test_tiny_params(&job.model, test_rand(), 0);
     model_train_t *tr = NULL;
     if (!p || model_train_new(be, p, &job, &tr) != SEMOE_OK) {
         CHECK(0, "adamw setup: %s", semoe_err_msg());
@@ -310,7 +293,7 @@ static void s_check_router_options(void)
         float b = (float)job.train.router_bias[e];
         be->to_device(biasf + e, &b, sizeof b);
     }
-    model_params_t *p = s_params(&job, test_rand());
+    model_params_t *p = test_tiny_params(&job.model, test_rand(), 0);
     size_t n = p ? (size_t)model_params_slab_floats(p) : 0;
     float *w0 = malloc((n ? n : 1) * sizeof *w0);
     uint8_t tok[8 * 13];

@@ -1,6 +1,8 @@
 /* The tiny Mixtral config of the model tests (tiny_model.h). */
 #include "tests/tiny_model.h"
 
+#include "tests/harness.h"
+
 void test_tiny_config(model_config_t *c)
 {
     model_config_defaults(c);
@@ -16,4 +18,21 @@ void test_tiny_config(model_config_t *c)
     c->max_position_embeddings = 64;
     c->router_aux_loss_coef = 0.02;
     c->tie_word_embeddings = false;
+}
+
+model_params_t *test_tiny_params(const model_config_t *cfg, uint64_t seed, double noise)
+{
+    model_params_t *p = NULL;
+    if (model_params_new(cfg, NULL, 0, &p) != SEMOE_OK)
+        return NULL;
+    model_params_init(p, seed);
+    for (size_t i = 0; i < model_params_count(p); i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (!t->data || (t->ndim != 1 && noise <= 0))
+            continue;
+        for (uint64_t e = 0; e < t->numel; e++)
+            t->data[e] = t->ndim == 1 ? (float)(0.8 + 0.4 * test_rand_unit())
+                                      : t->data[e] + (float)(noise * (2 * test_rand_unit() - 1));
+    }
+    return p;
 }

@@ -4,10 +4,19 @@
 #ifndef SEMOE_TESTS_TINY_MODEL_H
 #define SEMOE_TESTS_TINY_MODEL_H
 
+#include <stdint.h>
+
 #include "model/config.h"
+#include "model/params.h"
 
 /* Vocabulary 32, hidden 16, 2 layers, 4 heads / 2 kv heads of 4, 4 experts of 24, top-2,
  * aux coefficient 0.02, untied embeddings; the rest model_config_defaults. */
 void test_tiny_config(model_config_t *c);
+
+/* Params for cfg initialised from seed (every expert), then RMSNorm weights drawn from
+ * [0.8, 1.2) so that their updates show, and, with noise > 0, every matrix entry moved by up to
+ * +-noise so that activations and routing are not trivial (the harness's random numbers).
+ * NULL when the config is refused. */
+model_params_t *test_tiny_params(const model_config_t *cfg, uint64_t seed, double noise);
 
 #endif
