@@ -1,5 +1,6 @@
 /* The linear layer (nn.Linear without bias) on the GPU through cuBLAS in full fp32: the
  * contracts of cpu_linear_fwd/bwd (cpu/ops.h), row-major, W (OUT, IN) as nn.Linear stores it. */
+#include "gpu/cublas.h"
 #include "gpu/ops.h"
 #include "gpu/stream.h"
 
@@ -10,21 +11,17 @@
 
 #define S_MAX_DEVICES 64
 
-static void s_cublas_check(cublasStatus_t st, const char *what, const char *file, int line)
+void gpu_cublas_check(cublasStatus_t st, const char *what, const char *file, int line)
 {
     if (st == CUBLAS_STATUS_SUCCESS)
         return;
     fprintf(stderr, "%s:%d: %s failed: %s\n", file, line, what, cublasGetStatusString(st));
     abort();
 }
-#define S_CUBLAS(call) s_cublas_check((call), #call, __FILE__, __LINE__)
 
-/* One cuBLAS handle per (thread, device), created on first use and bound to that thread's
- * stream for the device (gpu_stream(), fixed for the pair), so GEMMs are ordered with every
- * other op. Default math mode: fp32 GEMMs compute in fp32 (no TF32; that needs
- * CUBLAS_TF32_TENSOR_OP_MATH or CUBLAS_COMPUTE_32F_FAST_TF32, neither used here). Never
- * destroyed, like the streams (gpu/memory.cu). */
-static cublasHandle_t s_handle(void)
+/* gpu/cublas.h. Default math mode: fp32 GEMMs compute in fp32 (no TF32; that needs
+ * CUBLAS_TF32_TENSOR_OP_MATH or CUBLAS_COMPUTE_32F_FAST_TF32, neither used here). */
+cublasHandle_t gpu_cublas(void)
 {
     static thread_local cublasHandle_t handles[S_MAX_DEVICES];
     int dev = 0;
@@ -36,9 +33,9 @@ static cublasHandle_t s_handle(void)
     }
     if (!handles[dev]) {
         cublasHandle_t h = NULL;
-        S_CUBLAS(cublasCreate(&h));
-        S_CUBLAS(cublasSetStream(h, gpu_stream()));
-        S_CUBLAS(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
+        GPU_CUBLAS(cublasCreate(&h));
+        GPU_CUBLAS(cublasSetStream(h, gpu_stream()));
+        GPU_CUBLAS(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH));
         handles[dev] = h;
     }
     return handles[dev];
@@ -50,7 +47,7 @@ static void s_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int
                    int ldc)
 {
     const float alpha = 1.0f;
-    S_CUBLAS(cublasGemmEx(s_handle(), ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, B,
+    GPU_CUBLAS(cublasGemmEx(gpu_cublas(), ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, B,
                           CUDA_R_32F, ldb, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
                           CUBLAS_GEMM_DEFAULT));
 }

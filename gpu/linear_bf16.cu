@@ -3,6 +3,7 @@
  * to bf16 (round to nearest even) into per-thread scratch and multiplied by cuBLAS with fp32
  * accumulation and fp32 outputs. Also the dense GEMM peak the training benchmark divides by. */
 #include "gpu/backend.h"
+#include "gpu/cublas.h"
 #include "gpu/ops.h"
 #include "gpu/stream.h"
 
@@ -18,14 +19,6 @@
 
 typedef __nv_bfloat16 bf16;
 
-static void s_cublas_check(cublasStatus_t st, const char *what, const char *file, int line)
-{
-    if (st == CUBLAS_STATUS_SUCCESS)
-        return;
-    fprintf(stderr, "%s:%d: %s failed: %s\n", file, line, what, cublasGetStatusString(st));
-    abort();
-}
-#define S_CUBLAS(call) s_cublas_check((call), #call, __FILE__, __LINE__)
 
 static int s_device(void)
 {
@@ -39,11 +32,10 @@ static int s_device(void)
     return dev;
 }
 
-/* The calling thread's scratch on its current device: a cuBLAS handle bound to gpu_stream()
- * (as gpu/linear.cu's, a separate one) and the bf16 copies of x, W and dout, grown on demand
- * and never shrunk or freed (they live as long as the thread, like the streams). */
+/* The calling thread's scratch on its current device: the bf16 copies of x, W and dout, grown
+ * on demand and never shrunk or freed (they live as long as the thread, like the streams). The
+ * GEMMs go through the thread's cuBLAS handle (gpu/cublas.h). */
 typedef struct {
-    cublasHandle_t handle;
     bf16 *buf[3];
     size_t cap[3]; /* elements */
 } s_scratch_t;
@@ -54,11 +46,6 @@ static s_scratch_t *s_scratch(void)
 {
     static thread_local s_scratch_t per_dev[S_MAX_DEVICES];
     s_scratch_t *s = &per_dev[s_device()];
-    if (!s->handle) {
-        S_CUBLAS(cublasCreate(&s->handle));
-        S_CUBLAS(cublasSetStream(s->handle, gpu_stream()));
-        S_CUBLAS(cublasSetMathMode(s->handle, CUBLAS_DEFAULT_MATH));
-    }
     return s;
 }
 
@@ -110,7 +97,7 @@ static void s_gemm(s_scratch_t *s, cublasOperation_t ta, cublasOperation_t tb, i
                    int ldc)
 {
     const float alpha = 1.0f;
-    S_CUBLAS(cublasGemmEx(s->handle, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B,
+    GPU_CUBLAS(cublasGemmEx(gpu_cublas(), ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B,
                           CUDA_R_16BF, ldb, &beta, C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
                           CUBLAS_GEMM_DEFAULT));
 }
@@ -198,7 +185,7 @@ extern "C" double gpu_gemm_peak_tflops(int n, int bf16_inputs, int iters)
     for (int rep = 0; rep < 4; rep++) { /* the first round warms up (clocks, heuristics) */
         GPU_CHECK(cudaEventRecord(e0, st));
         for (int i = 0; i < iters; i++)
-            S_CUBLAS(cublasGemmEx(s->handle, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, A, t, n,
+            GPU_CUBLAS(cublasGemmEx(gpu_cublas(), CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, A, t, n,
                                   B, t, n, &beta, C, t, n, CUBLAS_COMPUTE_32F,
                                   CUBLAS_GEMM_DEFAULT));
         GPU_CHECK(cudaEventRecord(e1, st));

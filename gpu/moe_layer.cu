@@ -2,6 +2,7 @@
  * sort into expert order, the expert GEMMs grouped through cuBLAS, and the elementwise
  * kernels of SwiGLU, the weighted combine and their backward. */
 #include "gpu/moe_layer.h"
+#include "gpu/cublas.h"
 #include "gpu/ops.h"
 #include "gpu/reduce.cuh"
 #include "gpu/stream.h"
@@ -22,14 +23,6 @@ typedef __nv_bfloat16 bf16;
 #define S_SORT_BLOCK 256 /* flat (token, slot) entries per block of the counting sort */
 #define S_VEC 8          /* bf16 per 16-byte vector */
 
-static void s_cublas_check(cublasStatus_t st, const char *what, const char *file, int line)
-{
-    if (st == CUBLAS_STATUS_SUCCESS)
-        return;
-    fprintf(stderr, "%s:%d: %s failed: %s\n", file, line, what, cublasGetStatusString(st));
-    abort();
-}
-#define S_CUBLAS(call) s_cublas_check((call), #call, __FILE__, __LINE__)
 
 /* One expert-GEMM call: per nonempty expert one problem C = op(A) op(B) in cuBLAS's
  * column-major terms; the leading dimensions and ops are the same for every expert. */
@@ -374,7 +367,7 @@ static void s_gemm(cublasHandle_t hb, cublasOperation_t ta, cublasOperation_t tb
                    cudaDataType_t ct, int ldc)
 {
     const float alpha = 1.0f;
-    S_CUBLAS(cublasGemmEx(hb, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF,
+    GPU_CUBLAS(cublasGemmEx(hb, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF,
                           ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -534,8 +527,8 @@ extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
     GPU_CHECK(cudaEventCreateWithFlags(&m->ev_bwd, cudaEventDisableTiming));
     GPU_CHECK(cudaEventRecord(m->ev_fwd, gpu_stream()));
     GPU_CHECK(cudaEventRecord(m->ev_bwd, gpu_stream()));
-    S_CUBLAS(cublasCreate(&m->blas));
-    S_CUBLAS(cublasSetStream(m->blas, gpu_stream()));
+    GPU_CUBLAS(cublasCreate(&m->blas));
+    GPU_CUBLAS(cublasSetStream(m->blas, gpu_stream()));
     return m;
 }
 
@@ -754,8 +747,8 @@ extern "C" double gpu_moe_dense_tflops(int n, int warm, int iters)
     g.c = gpu_alloc(nn * 2);
     gpu_moe_fill_randn((uint16_t *)g.a, nn, 1.0f, 101);
     gpu_moe_fill_randn((uint16_t *)g.b, nn, 1.0f, 102);
-    S_CUBLAS(cublasCreate(&g.h));
-    S_CUBLAS(cublasSetStream(g.h, gpu_stream()));
+    GPU_CUBLAS(cublasCreate(&g.h));
+    GPU_CUBLAS(cublasSetStream(g.h, gpu_stream()));
     for (int i = 0; i < warm; i++)
         s_dense_once(&g);
     gpu_moe_sync();
