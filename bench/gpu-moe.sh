@@ -28,7 +28,7 @@ ninja -C "$BUILD" bench/bench_moe_layer >"$out/build.log" 2>&1 ||
 echo "== build ${SECONDS}s"
 
 rm -rf "$DUMP"
-timeout 200 "$BUILD/bench/bench_moe_layer" --dump "$DUMP" --json "$out/semoe.json"
+timeout 200 "$BUILD/bench/bench_moe_layer" --phases --dump "$DUMP" --json "$out/semoe.json"
 echo "== bench_moe_layer exited $?, ${SECONDS}s"
 timeout 90 python3 bench/moe_check.py "$DUMP"
 check=$?

@@ -115,6 +115,40 @@ static const char *s_gemm_name(gpu_moe_gemm_t g)
     return g == GPU_MOE_GEMM_GROUPED ? "grouped" : "loop";
 }
 
+#define S_PHASE_ITERS 5
+
+/* The median over S_PHASE_ITERS steps of each phase's ms (gpu_moe_set_phases), as one JSON
+ * line: where the non-GEMM time of a step goes. Runs after the timed steps, not during them. */
+static void s_phases(s_layer_t *L, const s_shape_t *sh, gpu_moe_gemm_t used, FILE *jf)
+{
+    float ph[S_PHASE_ITERS][GPU_MOE_NPHASES], col[S_PHASE_ITERS];
+    gpu_moe_set_phases(L->moe, 1);
+    for (int i = 0; i < S_PHASE_ITERS; i++) {
+        s_step(L);
+        if (gpu_moe_phase_ms(L->moe, ph[i]) != 0)
+            memset(ph[i], 0, sizeof ph[i]);
+    }
+    gpu_moe_set_phases(L->moe, 0);
+    char line[2048];
+    int n = snprintf(line, sizeof line, "{\"impl\": \"semoe_phases\", \"gemm\": \"%s\", "
+                     "\"shape\": \"%s\", \"ms\": {", s_gemm_name(used), sh->name);
+    double total = 0.0;
+    for (int p = 0; p < GPU_MOE_NPHASES && n > 0 && (size_t)n < sizeof line; p++) {
+        for (int i = 0; i < S_PHASE_ITERS; i++)
+            col[i] = ph[i][p];
+        qsort(col, S_PHASE_ITERS, sizeof(float), s_cmp_float);
+        total += col[S_PHASE_ITERS / 2];
+        n += snprintf(line + n, sizeof line - (size_t)n, "%s\"%s\": %.3f", p ? ", " : "",
+                      gpu_moe_phase_name(p), col[S_PHASE_ITERS / 2]);
+    }
+    if (n > 0 && (size_t)n < sizeof line)
+        snprintf(line + n, sizeof line - (size_t)n, "}, \"sum_ms\": %.3f}", total);
+    puts(line);
+    if (jf)
+        fprintf(jf, "%s\n", line);
+    fflush(stdout);
+}
+
 static int s_mkdir(const char *dir)
 {
     if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
@@ -199,14 +233,19 @@ static int s_dump(const char *dir, const s_shape_t *s, gpu_moe_gemm_t g)
 static void s_usage(void)
 {
     fprintf(stderr, "usage: bench_moe_layer [--json FILE] [--dump DIR] [--gemm grouped|loop|both]"
-                    " [--shapes all|small]\n");
+                    " [--shapes all|small] [--phases]\n");
 }
 
 int main(int argc, char **argv)
 {
     const char *json = NULL, *dump = NULL, *gemm = "both", *shapes = "all";
+    int phases = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        if (!strcmp(a, "--phases")) {
+            phases = 1;
+            continue;
+        }
         const char **dst = !strcmp(a, "--json")     ? &json
                            : !strcmp(a, "--dump")   ? &dump
                            : !strcmp(a, "--gemm")   ? &gemm
@@ -274,6 +313,8 @@ int main(int argc, char **argv)
             if (jf)
                 fprintf(jf, "%s\n", line);
             fflush(stdout);
+            if (phases)
+                s_phases(&L, sh, used, jf);
         }
         s_layer_free(&L);
     }

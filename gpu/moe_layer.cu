@@ -63,6 +63,8 @@ struct gpu_moe {
     void **hptr;    // same, pinned host staging
     int32_t *hcounts; // (E) pinned host
     cudaEvent_t ev_fwd, ev_bwd; /* after each staging copy: the host may rewrite it */
+    int phases;                 /* gpu_moe_set_phases: record pev at each phase boundary */
+    cudaEvent_t pev[GPU_MOE_NPHASES + 1]; /* made on first enable; [0] fwd start */
     s_problem_t prob[S_NPROB];
 };
 
@@ -217,63 +219,113 @@ __global__ void s_gather_kernel(bf16 *h, const bf16 *x, const int32_t *rowtok, i
         dst[c] = src[c];
 }
 
-/* g = silu(a) * b with the peer's roundings: silu(a) to bf16, then the product. */
-__global__ void s_swiglu_kernel(bf16 *g, const bf16 *a, const bf16 *b, size_t n)
+/* 8 bf16 at p (16-byte aligned) as floats; bf16 -> fp32 is exact (the bits shifted up), the
+ * same values __bfloat162float gives. */
+__device__ __forceinline__ void s_ld8(float v[S_VEC], const bf16 *p)
 {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float av = __bfloat162float(a[i]);
-        float s = s_bf(av / (1.0f + expf(-av)));
-        g[i] = __float2bfloat16(s * __bfloat162float(b[i]));
+    uint4 u = *(const uint4 *)p;
+    unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) { /* little-endian: element 2i is the low half */
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
 
-/* da = dg b silu'(a), db = dg silu(a); silu'(a) = s (1 + a (1 - s)), s = sigmoid(a). */
+/* 8 floats rounded to bf16 (__float2bfloat16, to nearest even) to p (16-byte aligned). */
+__device__ __forceinline__ void s_st8(bf16 *p, const float v[S_VEC])
+{
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+        w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i])) |
+               (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i + 1])) << 16;
+    *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* g = silu(a) * b with the peer's roundings: silu(a) to bf16, then the product. n8 vectors of
+ * 8 (n = M f, f a multiple of 8; the buffers are slab pointers, 256-byte aligned). */
+__global__ void s_swiglu_kernel(bf16 *g, const bf16 *a, const bf16 *b, size_t n8)
+{
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    for (; i < n8; i += (size_t)gridDim.x * blockDim.x) {
+        float av[S_VEC], bv[S_VEC], gv[S_VEC];
+        s_ld8(av, a + i * S_VEC);
+        s_ld8(bv, b + i * S_VEC);
+#pragma unroll
+        for (int q = 0; q < S_VEC; q++) {
+            float s = s_bf(av[q] / (1.0f + expf(-av[q])));
+            gv[q] = s * bv[q];
+        }
+        s_st8(g + i * S_VEC, gv);
+    }
+}
+
+/* da = dg b silu'(a), db = dg silu(a); silu'(a) = s (1 + a (1 - s)), s = sigmoid(a). n8 vectors
+ * of 8, as s_swiglu_kernel. */
 __global__ void s_swiglu_bwd_kernel(bf16 *da, bf16 *db, const bf16 *dg, const bf16 *a,
-                                    const bf16 *b, size_t n)
+                                    const bf16 *b, size_t n8)
 {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    for (; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float av = __bfloat162float(a[i]), bv = __bfloat162float(b[i]);
-        float gv = __bfloat162float(dg[i]);
-        float s = 1.0f / (1.0f + expf(-av));
-        float silu = s_bf(av * s);
-        float dsilu = s_bf(gv * bv);
-        da[i] = __float2bfloat16(dsilu * s * (1.0f + av * (1.0f - s)));
-        db[i] = __float2bfloat16(gv * silu);
+    for (; i < n8; i += (size_t)gridDim.x * blockDim.x) {
+        float av[S_VEC], bv[S_VEC], gvv[S_VEC], dav[S_VEC], dbv[S_VEC];
+        s_ld8(av, a + i * S_VEC);
+        s_ld8(bv, b + i * S_VEC);
+        s_ld8(gvv, dg + i * S_VEC);
+#pragma unroll
+        for (int q = 0; q < S_VEC; q++) {
+            float s = 1.0f / (1.0f + expf(-av[q]));
+            float silu = s_bf(av[q] * s);
+            float dsilu = s_bf(gvv[q] * bv[q]);
+            dav[q] = dsilu * s * (1.0f + av[q] * (1.0f - s));
+            dbv[q] = gvv[q] * silu;
+        }
+        s_st8(da + i * S_VEC, dav);
+        s_st8(db + i * S_VEC, dbv);
     }
 }
 
-/* out[t] = sum_j bf16(w[t,j] y[pos[t,j]]), summed in fp32: a block per token. */
+/* out[t] = sum_j bf16(w[t,j] y[pos[t,j]]), summed in fp32 in slot order: a block per token, 8
+ * columns per thread (d a multiple of 8; rows 16-byte aligned). */
 __global__ void s_combine_kernel(bf16 *out, const bf16 *y, const int32_t *pos, const bf16 *wts,
                                  int d, int K)
 {
     int t = blockIdx.x;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float acc = 0.0f;
+    for (int c = threadIdx.x * S_VEC; c < d; c += blockDim.x * S_VEC) {
+        float acc[S_VEC] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         for (int j = 0; j < K; j++) {
-            int r = pos[(size_t)t * K + j];
-            acc += s_bf(__bfloat162float(y[(size_t)r * d + c]) *
-                        __bfloat162float(wts[(size_t)t * K + j]));
+            size_t r = (size_t)pos[(size_t)t * K + j];
+            float w = __bfloat162float(wts[(size_t)t * K + j]);
+            float yv[S_VEC];
+            s_ld8(yv, y + r * d + c);
+#pragma unroll
+            for (int q = 0; q < S_VEC; q++)
+                acc[q] += s_bf(yv[q] * w);
         }
-        out[(size_t)t * d + c] = __float2bfloat16(acc);
+        s_st8(out + (size_t)t * d + c, acc);
     }
 }
 
 /* Backward of the combine, a block per token: dy[pos[t,j]] = dout[t] w[t,j] and
- * dwt[t,j] = <dout[t], y[pos[t,j]]> in fp32. */
+ * dwt[t,j] = <dout[t], y[pos[t,j]]> in fp32; 8 columns per thread. */
 __global__ void s_combine_bwd_kernel(bf16 *dy, float *dwt, const bf16 *dout, const bf16 *y,
                                      const int32_t *pos, const bf16 *wts, int d, int K)
 {
     int t = blockIdx.x;
     for (int j = 0; j < K; j++) {
-        int r = pos[(size_t)t * K + j];
+        size_t r = (size_t)pos[(size_t)t * K + j];
         float w = __bfloat162float(wts[(size_t)t * K + j]);
         float dot = 0.0f;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) {
-            float o = __bfloat162float(dout[(size_t)t * d + c]);
-            dot += o * __bfloat162float(y[(size_t)r * d + c]);
-            dy[(size_t)r * d + c] = __float2bfloat16(o * w);
+        for (int c = threadIdx.x * S_VEC; c < d; c += blockDim.x * S_VEC) {
+            float o[S_VEC], yv[S_VEC], dv[S_VEC];
+            s_ld8(o, dout + (size_t)t * d + c);
+            s_ld8(yv, y + r * d + c);
+#pragma unroll
+            for (int q = 0; q < S_VEC; q++) {
+                dot += o[q] * yv[q];
+                dv[q] = o[q] * w;
+            }
+            s_st8(dy + r * d + c, dv);
         }
         dot = gpu_block_sum(dot);
         if (threadIdx.x == 0)
@@ -311,18 +363,26 @@ __global__ void s_route_bwd_kernel(bf16 *dlog, const float *dwt, const float *pr
     }
 }
 
-/* dx[t] = dxr[t] + sum_j (dh1 + dh3)[pos[t,j]]: a block per token. */
+/* dx[t] = dxr[t] + sum_j (dh1 + dh3)[pos[t,j]]: a block per token, 8 columns per thread (dxr
+ * rows are 32-byte aligned: d a multiple of 8, the slab 256-byte aligned). */
 __global__ void s_dx_kernel(bf16 *dx, const float *dxr, const bf16 *dh1, const bf16 *dh3,
                             const int32_t *pos, int d, int K)
 {
     int t = blockIdx.x;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float acc = dxr[(size_t)t * d + c];
+    for (int c = threadIdx.x * S_VEC; c < d; c += blockDim.x * S_VEC) {
+        const float4 *xr = (const float4 *)(dxr + (size_t)t * d + c);
+        float4 lo = xr[0], hi = xr[1];
+        float acc[S_VEC] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
         for (int j = 0; j < K; j++) {
             size_t r = (size_t)pos[(size_t)t * K + j];
-            acc += __bfloat162float(dh1[r * d + c]) + __bfloat162float(dh3[r * d + c]);
+            float v1[S_VEC], v3[S_VEC];
+            s_ld8(v1, dh1 + r * d + c);
+            s_ld8(v3, dh3 + r * d + c);
+#pragma unroll
+            for (int q = 0; q < S_VEC; q++)
+                acc[q] += v1[q] + v3[q];
         }
-        dx[(size_t)t * d + c] = __float2bfloat16(acc);
+        s_st8(dx + (size_t)t * d + c, acc);
     }
 }
 
@@ -346,10 +406,22 @@ __global__ void s_randn_kernel(bf16 *p, size_t n, float scale, uint64_t seed)
     }
 }
 
-__global__ void s_scale_kernel(bf16 *y, const bf16 *x, size_t n, float scale)
+/* y = bf16(scale x): 8 per thread when both pointers are 16-byte aligned (vec), the rest (or
+ * everything, when not) one by one. */
+__global__ void s_scale_kernel(bf16 *y, const bf16 *x, size_t n, float scale, int vec)
 {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    for (; i < n; i += (size_t)gridDim.x * blockDim.x)
+    size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    size_t n8 = vec ? n / S_VEC : 0;
+    for (size_t i = i0; i < n8; i += stride) {
+        float v[S_VEC];
+        s_ld8(v, x + i * S_VEC);
+#pragma unroll
+        for (int q = 0; q < S_VEC; q++)
+            v[q] = scale * v[q];
+        s_st8(y + i * S_VEC, v);
+    }
+    for (size_t i = n8 * S_VEC + i0; i < n; i += stride)
         y[i] = __float2bfloat16(scale * __bfloat162float(x[i]));
 }
 
@@ -357,6 +429,13 @@ static unsigned s_grid(size_t n, int threads)
 {
     size_t g = (n + threads - 1) / threads;
     return (unsigned)(g < 132 * 32 ? (g ? g : 1) : 132 * 32);
+}
+
+/* Threads of a block per row of d columns, 8 each: whole warps, at most 256. */
+static int s_row_threads(int d)
+{
+    int w = (d / S_VEC + 31) / 32;
+    return 32 * (w < 8 ? w : 8);
 }
 
 /* ---------------------------------------------------------------------- GEMMs */
@@ -462,6 +541,18 @@ static void s_add(s_problem_t *p, int m, int n, int k, const void *A, const void
 
 /* ---------------------------------------------------------------------- the layer */
 
+static const char *const s_phase_names[GPU_MOE_NPHASES] = {
+    "route",        "sort_gather", "gemm_w1_w3",  "swiglu",      "gemm_w2",
+    "combine",      "between",     "combine_bwd", "gemm_dw2_dg", "swiglu_bwd",
+    "gemm_dw1_dw3", "gemm_dh1_dh3", "route_bwd",  "gemm_router", "dx"};
+
+/* Phase boundary i (0 <= i <= GPU_MOE_NPHASES) when phase timing is on; a branch when off. */
+static inline void s_mark(gpu_moe_t *m, int i)
+{
+    if (m->phases)
+        GPU_CHECK(cudaEventRecord(m->pev[i], gpu_stream()));
+}
+
 static size_t s_align(size_t n) { return (n + 255) & ~(size_t)255; }
 
 extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
@@ -542,6 +633,9 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
     cudaFreeHost(m->hcounts);
     cudaEventDestroy(m->ev_fwd);
     cudaEventDestroy(m->ev_bwd);
+    if (m->pev[0])
+        for (int i = 0; i <= GPU_MOE_NPHASES; i++)
+            cudaEventDestroy(m->pev[i]);
     cublasDestroy(m->blas);
     free(m);
     *self_p = NULL;
@@ -554,6 +648,29 @@ extern "C" gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode)
 }
 
 extern "C" gpu_moe_gemm_t gpu_moe_gemm(const gpu_moe_t *self) { return self->gemm; }
+
+extern "C" void gpu_moe_set_phases(gpu_moe_t *self, int on)
+{
+    if (on && !self->pev[0])
+        for (int i = 0; i <= GPU_MOE_NPHASES; i++)
+            GPU_CHECK(cudaEventCreate(&self->pev[i]));
+    self->phases = on != 0;
+}
+
+extern "C" const char *gpu_moe_phase_name(int i)
+{
+    return i >= 0 && i < GPU_MOE_NPHASES ? s_phase_names[i] : "?";
+}
+
+extern "C" int gpu_moe_phase_ms(gpu_moe_t *self, float *ms)
+{
+    if (!self->phases)
+        return -1;
+    GPU_CHECK(cudaEventSynchronize(self->pev[GPU_MOE_NPHASES]));
+    for (int i = 0; i < GPU_MOE_NPHASES; i++)
+        GPU_CHECK(cudaEventElapsedTime(&ms[i], self->pev[i], self->pev[i + 1]));
+    return 0;
+}
 extern "C" const int32_t *gpu_moe_idx(const gpu_moe_t *self) { return self->idx; }
 extern "C" const uint16_t *gpu_moe_weights(const gpu_moe_t *self)
 {
@@ -571,11 +688,13 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, uint16_t *out_, const uint16_t *x_,
     const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k;
     cudaStream_t st = gpu_stream();
 
+    s_mark(m, 0);
     /* route: logits^T (E, T) = wg^T x^T in cuBLAS's column-major view of the row-major data */
     s_gemm(m->blas, CUBLAS_OP_N, CUBLAS_OP_N, E, T, d, wg, E, x, d, 0.0f, m->logits,
            CUDA_R_32F, E);
     s_route_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->probs, m->idx, m->wts, m->logits, T, E, K);
     GPU_CHECK_LAUNCH();
+    s_mark(m, 1);
     /* the counting sort: per-block histograms, their scan, each entry's row */
     s_hist_kernel<<<m->nblk, S_SORT_BLOCK, E * sizeof(int32_t), st>>>(m->hist, m->idx, m->M, E);
     GPU_CHECK_LAUNCH();
@@ -589,6 +708,7 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, uint16_t *out_, const uint16_t *x_,
                               cudaMemcpyDeviceToHost, st));
     s_gather_kernel<<<m->M, 128, 0, st>>>(m->h, x, m->rowtok, d);
     GPU_CHECK_LAUNCH();
+    s_mark(m, 2);
     GPU_CHECK(cudaStreamSynchronize(st));
 
     /* per expert (row-major): a = h W1[e], b = h W3[e], y = g W2[e]; as column-major
@@ -610,12 +730,16 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, uint16_t *out_, const uint16_t *x_,
     s_stage(m, 0, 3, m->ev_fwd);
     s_run(m, 0);
     s_run(m, 1);
+    s_mark(m, 3);
     size_t nf = (size_t)m->M * f;
-    s_swiglu_kernel<<<s_grid(nf, 256), 256, 0, st>>>(m->g, m->a, m->b, nf);
+    s_swiglu_kernel<<<s_grid(nf / S_VEC, 256), 256, 0, st>>>(m->g, m->a, m->b, nf / S_VEC);
     GPU_CHECK_LAUNCH();
+    s_mark(m, 4);
     s_run(m, 2);
-    s_combine_kernel<<<T, 256, 0, st>>>(out, m->y, m->pos, m->wts, d, K);
+    s_mark(m, 5);
+    s_combine_kernel<<<T, s_row_threads(d), 0, st>>>(out, m->y, m->pos, m->wts, d, K);
     GPU_CHECK_LAUNCH();
+    s_mark(m, 6);
 }
 
 extern "C" void gpu_moe_bwd(gpu_moe_t *m, uint16_t *dx_, uint16_t *dwg_, uint16_t *dw1_,
@@ -630,8 +754,11 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, uint16_t *dx_, uint16_t *dwg_, uint16_
     const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k;
     cudaStream_t st = gpu_stream();
 
-    s_combine_bwd_kernel<<<T, 256, 0, st>>>(m->dy, m->dwt, dout, m->y, m->pos, m->wts, d, K);
+    s_mark(m, 7);
+    s_combine_bwd_kernel<<<T, s_row_threads(d), 0, st>>>(m->dy, m->dwt, dout, m->y, m->pos,
+                                                          m->wts, d, K);
     GPU_CHECK_LAUNCH();
+    s_mark(m, 8);
 
     /* row-major dW2[e] = g^T dy, dg = dy W2[e]^T, dW1[e] = h^T da, dW3[e] = h^T db,
      * dh1 = da W1[e]^T, dh3 = db W3[e]^T; each as its transpose in column-major terms, e.g.
@@ -663,24 +790,32 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, uint16_t *dx_, uint16_t *dwg_, uint16_
     s_stage(m, 3, 6, m->ev_bwd);
     s_run(m, 3);
     s_run(m, 4);
+    s_mark(m, 9);
     size_t nf = (size_t)m->M * f;
-    s_swiglu_bwd_kernel<<<s_grid(nf, 256), 256, 0, st>>>(m->da, m->db, m->dg, m->a, m->b, nf);
+    s_swiglu_bwd_kernel<<<s_grid(nf / S_VEC, 256), 256, 0, st>>>(m->da, m->db, m->dg, m->a, m->b,
+                                                                 nf / S_VEC);
     GPU_CHECK_LAUNCH();
+    s_mark(m, 10);
     s_run(m, 5);
     s_run(m, 6);
+    s_mark(m, 11);
     s_run(m, 7);
     s_run(m, 8);
+    s_mark(m, 12);
 
     /* router: dlogits, then dwg^T (E, d) = dlog^T (E, T) x (T, d) and
      * dxr^T (d, T) = wg (d, E) dlog^T (E, T) */
     s_route_bwd_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->dlog, m->dwt, m->probs, m->idx, T, E, K);
     GPU_CHECK_LAUNCH();
+    s_mark(m, 13);
     s_gemm(m->blas, CUBLAS_OP_N, CUBLAS_OP_T, E, d, T, m->dlog, E, x, d, 0.0f, dwg,
            CUDA_R_16BF, E);
     s_gemm(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, d, T, E, wg, E, m->dlog, E, 0.0f, m->dxr,
            CUDA_R_32F, d);
-    s_dx_kernel<<<T, 256, 0, st>>>(dx, m->dxr, m->dh1, m->dh3, m->pos, d, K);
+    s_mark(m, 14);
+    s_dx_kernel<<<T, s_row_threads(d), 0, st>>>(dx, m->dxr, m->dh1, m->dh3, m->pos, d, K);
     GPU_CHECK_LAUNCH();
+    s_mark(m, 15);
 }
 
 /* ---------------------------------------------------------------------- bench helpers */
@@ -693,8 +828,9 @@ extern "C" void gpu_moe_fill_randn(uint16_t *p, size_t n, float scale, uint64_t 
 
 extern "C" void gpu_moe_scale(uint16_t *y, const uint16_t *x, size_t n, float scale)
 {
-    s_scale_kernel<<<s_grid(n, 256), 256, 0, gpu_stream()>>>((bf16 *)y, (const bf16 *)x, n,
-                                                             scale);
+    int vec = (((uintptr_t)y | (uintptr_t)x) & 15) == 0;
+    s_scale_kernel<<<s_grid(vec ? n / S_VEC + n % S_VEC : n, 256), 256, 0, gpu_stream()>>>(
+        (bf16 *)y, (const bf16 *)x, n, scale, vec);
     GPU_CHECK_LAUNCH();
 }
 

@@ -66,6 +66,18 @@ const int32_t *gpu_moe_idx(const gpu_moe_t *self);
 const uint16_t *gpu_moe_weights(const gpu_moe_t *self);
 const int32_t *gpu_moe_counts(const gpu_moe_t *self);
 
+/* Phase timing (bench_moe_layer --phases). With on, gpu_moe_fwd and gpu_moe_bwd record a CUDA
+ * event at each of GPU_MOE_NPHASES + 1 phase boundaries (creating them on the first call); off
+ * (the default) costs a branch per boundary. Phase i runs from boundary i to i + 1:
+ * gpu_moe_phase_name(i) names it; "between" is whatever the caller enqueued between the
+ * forward and the backward; "sort_gather" ends before the host waits for the counts, so that
+ * wait and the GEMM launches after it count in "gemm_w1_w3". gpu_moe_phase_ms waits for the
+ * last boundary and fills ms[GPU_MOE_NPHASES] for the last fwd + bwd pair; -1 when off. */
+#define GPU_MOE_NPHASES 15
+void gpu_moe_set_phases(gpu_moe_t *self, int on);
+const char *gpu_moe_phase_name(int i);
+int gpu_moe_phase_ms(gpu_moe_t *self, float *ms);
+
 /* Benchmark helpers (bench/moe_layer.c stays C, without CUDA headers). */
 /* p[i] = bf16(scale * N(0,1)), a counter-based generator: the same seed gives the same values. */
 void gpu_moe_fill_randn(uint16_t *p, size_t n, float scale, uint64_t seed);
