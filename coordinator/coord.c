@@ -1,8 +1,9 @@
 /* The coordinator server (coord.h): ZeroMQ sockets watched through zloop, the membership
  * messages, heartbeats and liveness on a timer, and the training's progress from the workers'
  * HEARTBEATs (status, the metrics log, completion). Generations, their PLANs and the way from
- * one to the next (PAUSE, PLAN, RESUME) are reconfig.c's. */
-#include "coordinator/coord.h"
+ * one to the next (PAUSE, PLAN, RESUME) are reconfig.c's; the state on disk that a restart
+ * takes up (--state-dir) is restart.c's. */
+#include "coordinator/coord_impl.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -38,43 +39,6 @@
 #define S_CONTROL_BUDGET 16
 /* HEARTBEATs go out in this many slices of the interval, one slice per tick. */
 #define S_HEARTBEAT_SLICES 32
-/* --state-dir: changes other than a new generation are written this long after the first, so
- * that a burst of joins costs a few writes, not one each. */
-#define S_SAVE_DELAY_MS 10
-
-struct coord {
-    uv_loop_t loop;
-    bool loop_open, handles_open;
-    void *ctx, *control, *status;
-    zloop_watch_t *control_watch, *status_watch;
-    metrics_t *metrics;
-    uv_timer_t heartbeat_timer, stop_timer, save_timer;
-    uv_signal_t sigterm, sigint;
-
-    model_job_t *job;
-    char *job_json;     // the job as workers get it in WELCOME: the model written out in full
-    uint32_t L, E;      // MoE layers, experts per layer
-    uint64_t n_total;   // L * E
-    uint32_t heartbeat_ms, liveness;
-
-    members_t *members;
-    reconfig_t *reconfig; // generations, PLANs, PAUSE/RESUME, load skew
-    progress_t *progress; // the training's: step, losses, the last step's loads, the log
-    uint64_t run_id, seq;
-    status_counters_t counters;
-    bool started;          // training may start: cluster.expected_workers were members once
-    bool finished;         // every placed worker finished train.steps; STOP went out
-    int64_t start_ms;
-    int64_t tick_ms;       // the last heartbeat tick
-    uint64_t ticks;        // heartbeat ticks so far: members are served by slices
-    bool stopping;
-
-    state_store_t *store;  // --state-dir, or NULL
-    bool restoring;        // restarted on a state: waiting for its members to come back
-    uint32_t restored;     // members the state listed
-    uint32_t returned;     // ... that came back
-};
-
 /* --- sending ----------------------------------------------------------------------------------- */
 
 static proto_header_t s_header(coord_t *self, proto_type_t type)
@@ -106,74 +70,19 @@ s_send_error(coord_t *self, const void *rid, size_t rid_len, uint32_t code, cons
     s_send(self, rid, rid_len, &msg);
 }
 
-/* --- the state on disk (--state-dir) ----------------------------------------------------------- */
-
-/* Writes the state now (with --state-dir). */
-static semoe_rc s_save(coord_t *self)
-{
-    if (!self->store)
-        return SEMOE_OK;
-    uv_timer_stop(&self->save_timer);
-    state_t st = {.run_id = self->run_id, .job = self->job_json, .started = self->started,
-                  .stopped = self->stopping, .step = progress_step(self->progress),
-                  .training = progress_training(self->progress), .counters = self->counters,
-                  .members = self->members};
-    reconfig_save(self->reconfig, &st);
-    return state_store_save(self->store, &st);
-}
-
-/* s_save while serving: a failure is logged and the job goes on (a restart would take up the
- * state as it was last written). */
-static void s_save_serving(coord_t *self)
-{
-    if (s_save(self) != SEMOE_OK)
-        log_error("--state-dir: %s (a restart would take up the state written before)",
-                  semoe_err_msg());
-}
-
-static void s_on_save_timer(uv_timer_t *timer) { s_save_serving(timer->data); }
-
-/* Writes the state soon (S_SAVE_DELAY_MS), with whatever else changes meanwhile. */
-static void s_save_soon(coord_t *self)
-{
-    if (self->store && !uv_is_active((uv_handle_t *)&self->save_timer))
-        uv_timer_start(&self->save_timer, s_on_save_timer, S_SAVE_DELAY_MS, 0);
-}
-
-/* reconfig's: a generation is about to go out (now), or the history grew. */
-static void s_persist(void *arg, bool now)
-{
-    if (now)
-        s_save_serving(arg);
-    else
-        s_save_soon(arg);
-}
-
-/* A restarted coordinator plans once every member its state listed is back or gone. */
-static void s_check_restored(coord_t *self)
-{
-    if (!self->restoring || members_unbound(self->members) > 0)
-        return;
-    self->restoring = false;
-    if (self->restored)
-        log_info("restart: %u of the %u workers of the saved state are back: planning",
-                 self->returned, self->restored);
-    reconfig_release(self->reconfig);
-}
-
 /* --- membership changes ------------------------------------------------------------------------ */
 
 static void s_quit(coord_t *self) { uv_stop(&self->loop); }
 
 /* Removes m (fence: ignore its connection until it JOINs again); why says how it went. */
-static void s_remove(coord_t *self, member_t *m, reconfig_gone_t why, bool fence)
+void coord_remove(coord_t *self, member_t *m, reconfig_gone_t why, bool fence)
 {
     reconfig_removing(self->reconfig, m, why);
     if (fence)
         members_fence(self->members, m->rid, m->rid_len);
     members_remove(self->members, m);
-    s_save_soon(self);
-    s_check_restored(self);
+    coord_save_soon(self);
+    coord_check_restored(self);
     if (self->stopping && members_count(self->members) == 0) {
         log_info("every worker is gone: exiting");
         s_quit(self);
@@ -192,7 +101,7 @@ s_break(coord_t *self, member_t *m, const char *fmt, ...)
     self->counters.protocol_errors++;
     s_send_error(self, m->rid, m->rid_len, PROTO_ERR_UNEXPECTED, "%s", text);
     log_warn("worker %s: %s: removed", m->id, text);
-    s_remove(self, m, RECONFIG_REMOVED, true);
+    coord_remove(self, m, RECONFIG_REMOVED, true);
 }
 
 /* reconfig's way to remove a member: one that did not apply a PLAN in time, or one leaving
@@ -206,7 +115,7 @@ static void s_reconfig_remove(void *arg, member_t *m, reconfig_gone_t why, const
     }
     log_warn("worker %s left: %s (the last checkpoint keeps the job)", m->id, text);
     self->counters.leaves++;
-    s_remove(self, m, why, false);
+    coord_remove(self, m, why, false);
 }
 
 static bool s_control_pending(coord_t *self)
@@ -245,8 +154,8 @@ static void s_on_return(coord_t *self, const void *rid, size_t rid_len, member_t
     members_set_caps(m, j);
     m->last_seen_ms = clock_mono_ms();
     s_welcome(self, m);
-    s_save_soon(self);
-    s_check_restored(self);
+    coord_save_soon(self);
+    coord_check_restored(self);
 }
 
 /* JOIN from rid; m is the member on that connection, if any. */
@@ -274,7 +183,7 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         log_warn("worker %s: another process (pid %u on %s, was %u on %s) since the restart: the "
                  "old one is dead", j->id, j->pid, j->host, other->pid, other->host);
         self->counters.deaths++;
-        s_remove(self, other, RECONFIG_DIED, false);
+        coord_remove(self, other, RECONFIG_DIED, false);
         other = NULL;
     }
     if (other && other != m) {
@@ -323,7 +232,7 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         reconfig_rejoined(self->reconfig, m);
     } else {
         reconfig_joined(self->reconfig, m);
-        s_save_soon(self);
+        coord_save_soon(self);
     }
 }
 
@@ -408,12 +317,12 @@ static void s_on_leave(coord_t *self, member_t *m, const proto_leave_t *l)
         log_info("worker %s asks to leave after handing over: %s", m->id,
                  l->reason[0] ? l->reason : "-");
         reconfig_handover(self->reconfig, m);
-        s_save_soon(self);
+        coord_save_soon(self);
         return;
     }
     log_info("worker %s left: %s", m->id, l->reason[0] ? l->reason : "-");
     self->counters.leaves++;
-    s_remove(self, m, RECONFIG_LEFT, false);
+    coord_remove(self, m, RECONFIG_LEFT, false);
 }
 
 /* A valid message other than JOIN from a connection that is not a member. */
@@ -450,7 +359,7 @@ static void s_handle(coord_t *self, const uint8_t *rid, size_t rid_len, const vo
                      proto_result_str(r));
         if (m) {
             log_warn("worker %s: malformed message (%s): removed", m->id, proto_result_str(r));
-            s_remove(self, m, RECONFIG_REMOVED, true);
+            coord_remove(self, m, RECONFIG_REMOVED, true);
         }
         return;
     }
@@ -554,7 +463,7 @@ static void s_on_heartbeat_timer(uv_timer_t *timer)
                 log_warn("worker %s: not back %" PRId64 " ms after the restart (%u x %u ms): "
                          "dead", m->id, silent, self->liveness, self->heartbeat_ms);
             self->counters.deaths++;
-            s_remove(self, m, RECONFIG_DIED, false);
+            coord_remove(self, m, RECONFIG_DIED, false);
             continue;
         }
         if (m->join_seq % S_HEARTBEAT_SLICES != slice)
@@ -694,79 +603,6 @@ static semoe_rc s_socket(coord_t *self, int type, const char *endpoint, const ch
     return SEMOE_OK;
 }
 
-/* Makes the job's data paths absolute, so that workers started in another directory read the
- * same files. A path that does not resolve stays as it is, for the data loader to name. */
-static void s_data_paths_absolute(model_job_t *job)
-{
-    for (uint32_t i = 0; i < job->data.n_paths; i++) {
-        char *abs = realpath(job->data.paths[i], NULL);
-        if (!abs)
-            continue;
-        free(job->data.paths[i]);
-        job->data.paths[i] = abs;
-    }
-}
-
-/* The job and its text for WELCOME: the one given, which must be the saved state's when there
- * is one, or else the state's. With a state, its text goes out as it is: a worker that gets
- * another text for its job starts the job again. */
-static semoe_rc s_take_job(coord_t *self, const state_t *st)
-{
-    if (!self->job && !st)
-        return semoe_err(SEMOE_EINVAL, "--config JOB.json is required%s", self->store ?
-                         " (--state-dir holds no saved job yet)" : "");
-    if (!self->job)
-        SEMOE_CHECK(model_job_parse(st->job, strlen(st->job), state_store_path(self->store),
-                                    &self->job));
-    /* Not the spec's own text: its "model" may name a config.json only this host has. */
-    s_data_paths_absolute(self->job);
-    self->job_json = model_job_to_json(self->job);
-    if (!st)
-        return SEMOE_OK;
-    SEMOE_CHECK(state_check_job(self->store, st, self->job_json));
-    free(self->job_json);
-    self->job_json = semoe_xstrdup(st->job);
-    return SEMOE_OK;
-}
-
-/* Takes up a saved state after the members went into the table (unbound, or none when the
- * state says its job was stopped): counters, progress, the placement and the history; the
- * members get a liveness window from now to come back. Members that were leaving with handover
- * are let go: their next message gets NOT_MEMBER, on which they leave. */
-static void s_restore(coord_t *self, state_t *st)
-{
-    self->counters = st->counters;
-    self->counters.heartbeats = self->counters.protocol_errors = 0; // this process's own
-    self->counters.restarts++;
-    self->started = self->started || st->started;
-    if (self->started)
-        reconfig_start(self->reconfig);
-    progress_restore(self->progress, st->step, st->training);
-    if (st->stopped) // its workers were told to stop: nobody comes back to the placement
-        st->world = 0;
-    reconfig_restore(self->reconfig, st);
-    int64_t now = clock_mono_ms();
-    for (member_t *m = members_first(self->members); m; m = m->next)
-        m->last_seen_ms = now;
-    self->restored = members_count(self->members);
-    self->restoring = true;
-    log_info("restart %" PRIu64 " of run %016" PRIx64 " from %s: generation %" PRIu64 ", step %"
-             PRIu64 "%s; %u workers to come back within %u ms", self->counters.restarts,
-             self->run_id, state_store_path(self->store), st->generation, st->step,
-             st->stopped ? " (the job was stopped: its workers are not waited for)" : "",
-             self->restored, self->liveness * self->heartbeat_ms);
-    for (member_t *m = members_first(self->members), *next; m; m = next) {
-        next = m->next;
-        if (!m->leaving)
-            continue;
-        log_warn("worker %s was leaving with handover: it is let go (a replica or the last "
-                 "checkpoint restores what it held)", m->id);
-        self->counters.leaves++;
-        s_remove(self, m, RECONFIG_LEFT, false);
-    }
-    s_check_restored(self);
-}
-
 /* A run id orders runs by start time: the wall clock's milliseconds above 20 random bits. The
  * checkpoint root's fence (model/checkpoint.h) compares (run, generation), so that a job
  * resumed by a new coordinator, whose generations start again at 1, still fences out the
@@ -791,7 +627,7 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
         SEMOE_CHECK_GOTO(state_store_open(opts->state_dir, &self->store), rc, fail);
         SEMOE_CHECK_GOTO(state_store_load(self->store, &st), rc, fail);
     }
-    SEMOE_CHECK_GOTO(s_take_job(self, st), rc, fail);
+    SEMOE_CHECK_GOTO(coord_take_job(self, st), rc, fail);
     rc = SEMOE_EINVAL;
     const model_job_t *j = self->job;
     self->L = j->model.num_hidden_layers;
@@ -862,7 +698,7 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
                           .run_id = self->run_id, .seq = &self->seq,
                           .counters = &self->counters, .heartbeat_ms = self->heartbeat_ms,
                           .liveness = self->liveness, .remove = s_reconfig_remove,
-                          .persist = self->store ? s_persist : NULL, .remove_arg = self};
+                          .persist = self->store ? coord_persist : NULL, .remove_arg = self};
     self->reconfig = reconfig_new(&ro);
     self->sigterm.data = self->sigint.data = self;
     uint64_t tick = self->heartbeat_ms / S_HEARTBEAT_SLICES;
@@ -871,11 +707,11 @@ semoe_rc coord_new(const coord_opts_t *opts, model_job_t **job, coord_t **self_p
     uv_signal_start(&self->sigint, s_on_signal, SIGINT);
     self->start_ms = clock_mono_ms();
     if (st)
-        s_restore(self, st);
+        coord_restore(self, st);
     state_destroy(&st);
     /* a fresh start creates the file, a restart counts itself; a directory that cannot take it
      * is found now rather than at the first generation */
-    if (s_save(self) != SEMOE_OK) {
+    if (coord_save(self) != SEMOE_OK) {
         rc = SEMOE_EINVAL;
         goto fail;
     }
@@ -894,7 +730,7 @@ fail:
 semoe_rc coord_run(coord_t *self)
 {
     uv_run(&self->loop, UV_RUN_DEFAULT);
-    s_save_serving(self); // after a STOP it says so: a restart waits for none of these workers
+    coord_save_serving(self); // after a STOP it says so: a restart waits for none of these workers
     return SEMOE_OK;
 }
 
