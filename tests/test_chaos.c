@@ -199,16 +199,7 @@ static bool s_start(s_run_t *r, const char *name)
     mkdir(r->kept, 0755);
     train_util_job_t job;
     s_job_spec(&job, r->ck);
-    CHECK(train_util_write_job(r->job, &job), "%s: cannot write %s", name, r->job);
-    cJSON *st = test_status_start_coordinator(r->job, &r->pp, &r->coord);
-    CHECK(st != NULL, "%s: no coordinator answering on its status socket", name);
-    cJSON_Delete(st);
-    if (!st)
-        return false;
-    for (int i = 0; i < S_WORKERS; i++)
-        if (!train_util_start_worker(&r->w[r->n++], name, i, &r->pp))
-            return false;
-    return true;
+    return train_util_start_run(name, r->job, &job, &r->pp, &r->coord, r->w, S_WORKERS, &r->n);
 }
 
 static bool s_add_worker(s_run_t *r)

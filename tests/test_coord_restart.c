@@ -131,31 +131,13 @@ static bool s_start(s_run_t *r, const char *name)
     return true;
 }
 
-/* The most steps and the newest generation in the whole lines of the workers' logs so far. */
-static void s_progress(const s_run_t *r, uint64_t *step, uint64_t *gen)
-{
-    *step = *gen = 0;
-    for (int i = 0; i < S_WORKERS; i++) {
-        char *text = proc_read_file(r->w[i].log, NULL);
-        for (char *line = text, *end; line && (end = strchr(line, '\n')); line = end + 1) {
-            *end = 0;
-            const char *s = strstr(line, "\"step\":"), *g = strstr(line, "\"generation\":");
-            uint64_t sv = s ? strtoull(s + 7, NULL, 10) : 0;
-            uint64_t gv = g ? strtoull(g + 13, NULL, 10) : 0;
-            *step = sv > *step ? sv : *step;
-            *gen = gv > *gen ? gv : *gen;
-        }
-        free(text);
-    }
-}
-
 /* Polls the workers' logs until one logged step `want`. */
 static bool s_wait_step(const s_run_t *r, uint64_t want)
 {
     uint64_t step = 0, gen = 0;
     int64_t deadline = proc_now_ms() + S_STEP_MS;
     while (step < want && proc_now_ms() < deadline && proc_running(r->coord)) {
-        s_progress(r, &step, &gen);
+        train_util_progress(r->w, S_WORKERS, &step, &gen);
         proc_sleep_ms(2);
     }
     CHECK(step >= want, "%s: step %" PRIu64 " never logged (the most: %" PRIu64 ")", r->name, want,
@@ -258,7 +240,7 @@ static void s_restart(const s_run_t *ref)
     long long gen_before = before ? test_status_generation(before) : -1;
     cJSON_Delete(before);
     uint64_t killed_at = 0, gen = 0;
-    s_progress(&r, &killed_at, &gen);
+    train_util_progress(r.w, S_WORKERS, &killed_at, &gen);
     int64_t t_kill = proc_now_ms();
     CHECK(proc_kill(r.coord), "restart: cannot kill the coordinator");
     bool up = s_start_coord(&r, "coordinator-again");

@@ -121,16 +121,7 @@ static bool s_start_in(s_run_t *r, const char *name, const char *ck, int expecte
                             .steps = S_STEPS, .eval_interval = S_EVAL,
                             .checkpoint_interval = S_CKPT, .expected_workers = expected,
                             .min_replicas = min_replicas, .threshold = 1e9};
-    CHECK(train_util_write_job(r->job, &job), "%s: cannot write %s", name, r->job);
-    cJSON *st = test_status_start_coordinator(r->job, &r->pp, &r->coord);
-    CHECK(st != NULL, "%s: no coordinator answering on its status socket", name);
-    cJSON_Delete(st);
-    if (!st)
-        return false;
-    for (int i = 0; i < n; i++)
-        if (!train_util_start_worker(&r->w[r->n++], name, i, &r->pp))
-            return false;
-    return true;
+    return train_util_start_run(name, r->job, &job, &r->pp, &r->coord, r->w, n, &r->n);
 }
 
 static bool s_start(s_run_t *r, const char *name, int expected, int min_replicas, int n)
@@ -147,25 +138,6 @@ static bool s_add_worker(s_run_t *r)
     return true;
 }
 
-/* The most steps and the newest generation in the whole lines of the run's metrics logs so far
- * (a line is whole once its newline is there). */
-static void s_progress(const s_run_t *r, uint64_t *step, uint64_t *gen)
-{
-    *step = *gen = 0;
-    for (int i = 0; i < r->n; i++) {
-        char *text = proc_read_file(r->w[i].log, NULL);
-        for (char *line = text, *end; line && (end = strchr(line, '\n')); line = end + 1) {
-            *end = 0;
-            const char *s = strstr(line, "\"step\":"), *g = strstr(line, "\"generation\":");
-            uint64_t sv = s ? strtoull(s + 7, NULL, 10) : 0;
-            uint64_t gv = g ? strtoull(g + 13, NULL, 10) : 0;
-            *step = sv > *step ? sv : *step;
-            *gen = gv > *gen ? gv : *gen;
-        }
-        free(text);
-    }
-}
-
 /* Polls the run's metrics logs until some worker logged step `want`; then the event may come:
  * r->event_* are set. False (said why) on a timeout or when the coordinator exited first. */
 static bool s_wait_step(s_run_t *r, uint64_t want)
@@ -173,7 +145,7 @@ static bool s_wait_step(s_run_t *r, uint64_t want)
     int64_t deadline = proc_now_ms() + S_STEP_MS;
     uint64_t step = 0, gen = 0;
     while (proc_now_ms() < deadline && proc_running(r->coord)) {
-        s_progress(r, &step, &gen);
+        train_util_progress(r->w, r->n, &step, &gen);
         if (step >= want) {
             r->event_step = step;
             r->event_gen = gen;

@@ -118,15 +118,9 @@ static bool s_run(s_run_t *r, const char *name, double threshold)
                             .threshold = threshold, .window = 4, .patience = 3,
                             .top_k = S_TOPK, .no_aux = true, .router_bias = s_bias,
                             .freeze_router = true};
-    CHECK(train_util_write_job(r->job, &job), "%s: cannot write %s", name, r->job);
-    cJSON *st = test_status_start_coordinator(r->job, &r->pp, &r->coord);
-    CHECK(st != NULL, "%s: no coordinator answering on its status socket", name);
-    cJSON_Delete(st);
-    if (!st)
+    int started;
+    if (!train_util_start_run(name, r->job, &job, &r->pp, &r->coord, r->w, S_WORKERS, &started))
         return false;
-    for (int i = 0; i < S_WORKERS; i++)
-        if (!train_util_start_worker(&r->w[i], name, i, &r->pp))
-            return false;
     s_watch(r, threshold == 0);
     int code = 0;
     bool exited = proc_wait(r->coord, S_RUN_MS, &code);

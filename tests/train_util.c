@@ -380,3 +380,39 @@ bool train_util_check_uninterrupted(const char *run, const train_util_worker_t *
     }
     return ok;
 }
+
+bool train_util_start_run(const char *run, const char *job_path, const train_util_job_t *job,
+                          proc_ports_t *pp, proc_t **coord, train_util_worker_t *w, int n,
+                          int *started)
+{
+    *started = 0;
+    CHECK(train_util_write_job(job_path, job), "%s: cannot write %s", run, job_path);
+    cJSON *st = test_status_start_coordinator(job_path, pp, coord);
+    CHECK(st != NULL, "%s: no coordinator answering on its status socket", run);
+    cJSON_Delete(st);
+    if (!st)
+        return false;
+    for (int i = 0; i < n; i++) {
+        if (!train_util_start_worker(&w[i], run, i, pp))
+            return false;
+        (*started)++;
+    }
+    return true;
+}
+
+void train_util_progress(const train_util_worker_t *w, int n, uint64_t *step, uint64_t *gen)
+{
+    *step = *gen = 0;
+    for (int i = 0; i < n; i++) {
+        char *text = proc_read_file(w[i].log, NULL);
+        for (char *line = text, *end; line && (end = strchr(line, '\n')); line = end + 1) {
+            *end = 0;
+            const char *s = strstr(line, "\"step\":"), *g = strstr(line, "\"generation\":");
+            uint64_t sv = s ? strtoull(s + 7, NULL, 10) : 0;
+            uint64_t gv = g ? strtoull(g + 13, NULL, 10) : 0;
+            *step = sv > *step ? sv : *step;
+            *gen = gv > *gen ? gv : *gen;
+        }
+        free(text);
+    }
+}

@@ -91,6 +91,15 @@ bool train_util_start_worker(train_util_worker_t *w, const char *prefix, int i,
  * metrics line of this worker, CHECKed (failures name run); it stops at the first that is not.
  * True when every line was. */
 bool train_util_read_log(train_util_worker_t *w, const char *run);
+/* Writes job to job_path, starts a coordinator on it (fresh ports into pp, *coord, waiting for
+ * its status socket) and n workers into w[0..n) (*started counts them, also on failure). False
+ * (CHECKed, naming run) when one of that failed. */
+bool train_util_start_run(const char *run, const char *job_path, const train_util_job_t *job,
+                          proc_ports_t *pp, proc_t **coord, train_util_worker_t *w, int n,
+                          int *started);
+/* The most steps and the newest generation in the whole lines of w[0..n)'s metrics logs so far
+ * (a line is whole once its newline is there); read again on every call. */
+void train_util_progress(const train_util_worker_t *w, int n, uint64_t *step, uint64_t *gen);
 /* An uninterrupted run's logs (w[0..n), read): every worker logged steps 1..steps once, each
  * with worker 0's loss for it, to the last digit. CHECKs (naming run) and returns whether. */
 bool train_util_check_uninterrupted(const char *run, const train_util_worker_t *w, int n,
