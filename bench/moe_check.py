@@ -49,8 +49,14 @@ def load(dirname, name, shape, dtype=torch.bfloat16):
 def check(dirname):
     meta = json.load(open(os.path.join(dirname, 'meta.json')))
     T, d, f, E, k = (meta[n] for n in ('T', 'd', 'f', 'E', 'k'))
-    shapes = dict(x=(T, d), wg=(d, E), w1=(E, d, f), w3=(E, d, f), w2=(E, f, d))
-    ins = {n: load(dirname, n + '.bin', s).requires_grad_() for n, s in shapes.items()}
+    # semoe's layouts (nn.Linear's (out, in); W1 and W3 stacked) into the peer's (in, out)
+    x = load(dirname, 'x.bin', (T, d))
+    wg = load(dirname, 'wg.bin', (E, d))
+    w13 = load(dirname, 'w13.bin', (E, 2 * f, d))
+    w2 = load(dirname, 'w2.bin', (E, d, f))
+    peer = dict(x=x, wg=wg.t(), w1=w13[:, :f].transpose(1, 2), w3=w13[:, f:].transpose(1, 2),
+                w2=w2.transpose(1, 2))
+    ins = {n: t.contiguous().requires_grad_() for n, t in peer.items()}
     sidx = load(dirname, 'idx.bin', (T, k), torch.int32).long()
     with torch.no_grad():  # torch's own routing first, to find the near ties
         _, idx, p = grouped(ins['x'], ins['wg'], ins['w1'], ins['w3'], ins['w2'], k)
@@ -58,10 +64,10 @@ def check(dirname):
     tie = (lp[:, :-1] - lp[:, 1:] < TIE).any(-1) if lp.shape[1] > 1 else torch.zeros(T, dtype=torch.bool, device='cuda')
     out, _, _ = grouped(ins['x'], ins['wg'], ins['w1'], ins['w3'], ins['w2'], k, pick=(tie, sidx))
     out.float().pow(2).mean().backward()
-    ref = dict(out=out.detach(), dx=ins['x'].grad, dwg=ins['wg'].grad, dw1=ins['w1'].grad,
-               dw3=ins['w3'].grad, dw2=ins['w2'].grad)
-    got_shapes = dict(out=(T, d), dx=(T, d), dwg=(d, E), dw1=(E, d, f), dw3=(E, d, f),
-                      dw2=(E, f, d))
+    ref = dict(out=out.detach(), dx=ins['x'].grad, dwg=ins['wg'].grad.t(),
+               dw13=torch.cat([ins['w1'].grad.transpose(1, 2), ins['w3'].grad.transpose(1, 2)], 1),
+               dw2=ins['w2'].grad.transpose(1, 2))
+    got_shapes = dict(out=(T, d), dx=(T, d), dwg=(E, d), dw13=(E, 2 * f, d), dw2=(E, d, f))
     ok = True
     errs = {}
     for n, s in got_shapes.items():

@@ -36,8 +36,11 @@ static const s_shape_t s_dump_shapes[] = {
 typedef struct {
     gpu_moe_t *moe;
     int T, d, f, E, k;
-    uint16_t *x, *wg, *w1, *w3, *w2; /* inputs */
-    uint16_t *out, *dout, *dx, *dwg, *dw1, *dw3, *dw2;
+    uint16_t *x, *wg, *w13, *w2; /* inputs (gpu/moe_layer.h's layouts) */
+    uint16_t *out, *dout, *dx, *dwg, *dw13, *dw2;
+    gpu_moe_weights_t w;
+    gpu_moe_grads_t gr;
+    void **gp; /* gr's pointer arrays: dw1, dw3, dw2 (E each) */
 } s_layer_t;
 
 static void s_layer_init(s_layer_t *L, const s_shape_t *s, uint64_t seed)
@@ -50,30 +53,40 @@ static void s_layer_init(s_layer_t *L, const s_shape_t *s, uint64_t seed)
         exit(1);
     L->x = gpu_alloc(T * d * 2);
     L->wg = gpu_alloc(d * E * 2);
-    L->w1 = gpu_alloc(E * d * f * 2);
-    L->w3 = gpu_alloc(E * d * f * 2);
+    L->w13 = gpu_alloc(E * 2 * f * d * 2);
     L->w2 = gpu_alloc(E * f * d * 2);
     L->out = gpu_alloc(T * d * 2);
     L->dout = gpu_alloc(T * d * 2);
     L->dx = gpu_alloc(T * d * 2);
     L->dwg = gpu_alloc(d * E * 2);
-    L->dw1 = gpu_alloc(E * d * f * 2);
-    L->dw3 = gpu_alloc(E * d * f * 2);
+    L->dw13 = gpu_alloc(E * 2 * f * d * 2);
     L->dw2 = gpu_alloc(E * f * d * 2);
     /* the peer's scales: x ~ N(0,1), wg, w1, w3 * d^-0.5, w2 * f^-0.5 */
     gpu_moe_fill_randn(L->x, T * d, 1.0f, seed + 1);
     gpu_moe_fill_randn(L->wg, d * E, 1.0f / sqrtf((float)d), seed + 2);
-    gpu_moe_fill_randn(L->w1, E * d * f, 1.0f / sqrtf((float)d), seed + 3);
-    gpu_moe_fill_randn(L->w3, E * d * f, 1.0f / sqrtf((float)d), seed + 4);
+    gpu_moe_fill_randn(L->w13, E * 2 * f * d, 1.0f / sqrtf((float)d), seed + 3);
     gpu_moe_fill_randn(L->w2, E * f * d, 1.0f / sqrtf((float)f), seed + 5);
     gpu_moe_sync();
+    L->w = (gpu_moe_weights_t){.wg = L->wg, .w13 = L->w13, .w2 = L->w2};
+    L->gp = calloc(3 * E, sizeof *L->gp);
+    if (!L->gp)
+        exit(1);
+    for (size_t e = 0; e < E; e++) { /* W1 and W3 adjacent: one dW13 GEMM */
+        L->gp[e] = L->dw13 + e * 2 * f * d;
+        L->gp[E + e] = L->dw13 + e * 2 * f * d + f * d;
+        L->gp[2 * E + e] = L->dw2 + e * f * d;
+    }
+    L->gr = (gpu_moe_grads_t){.fp32 = 0, .dwg = L->dwg, .dw1 = L->gp, .dw3 = L->gp + E,
+                              .dw2 = L->gp + 2 * E};
 }
 
 static void s_layer_free(s_layer_t *L)
 {
     gpu_moe_destroy(&L->moe);
-    uint16_t **ps[] = {&L->x,  &L->wg,  &L->w1,  &L->w3,  &L->w2,  &L->out, &L->dout,
-                       &L->dx, &L->dwg, &L->dw1, &L->dw3, &L->dw2};
+    uint16_t **ps[] = {&L->x,  &L->wg,  &L->w13,  &L->w2,  &L->out, &L->dout,
+                       &L->dx, &L->dwg, &L->dw13, &L->dw2};
+    free(L->gp);
+    L->gp = NULL;
     for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) {
         gpu_free(*ps[i]);
         *ps[i] = NULL;
@@ -86,10 +99,9 @@ static void s_step(void *ctx)
 {
     s_layer_t *L = ctx;
     size_t n = (size_t)L->T * L->d;
-    gpu_moe_fwd(L->moe, L->out, L->x, L->wg, L->w1, L->w3, L->w2);
+    gpu_moe_fwd(L->moe, &L->w, L->x, L->out, NULL, NULL);
     gpu_moe_scale(L->dout, L->out, n, 2.0f / (float)n);
-    gpu_moe_bwd(L->moe, L->dx, L->dwg, L->dw1, L->dw3, L->dw2, L->dout, L->x, L->wg, L->w1,
-                L->w3, L->w2);
+    gpu_moe_bwd(L->moe, &L->w, L->x, L->dout, NULL, L->dx, &L->gr);
 }
 
 static int s_cmp_float(const void *a, const void *b)
@@ -197,12 +209,11 @@ static int s_dump(const char *dir, const s_shape_t *s, gpu_moe_gemm_t g)
         const void *p;
         size_t bytes;
     } files[] = {
-        {"x.bin", L.x, T * d * 2},       {"wg.bin", L.wg, d * E * 2},
-        {"w1.bin", L.w1, E * d * f * 2}, {"w3.bin", L.w3, E * d * f * 2},
-        {"w2.bin", L.w2, E * f * d * 2}, {"out.bin", L.out, T * d * 2},
-        {"dx.bin", L.dx, T * d * 2},     {"dwg.bin", L.dwg, d * E * 2},
-        {"dw1.bin", L.dw1, E * d * f * 2}, {"dw3.bin", L.dw3, E * d * f * 2},
-        {"dw2.bin", L.dw2, E * f * d * 2}, {"idx.bin", gpu_moe_idx(L.moe), T * s->k * 4},
+        {"x.bin", L.x, T * d * 2},           {"wg.bin", L.wg, d * E * 2},
+        {"w13.bin", L.w13, E * 2 * f * d * 2}, {"w2.bin", L.w2, E * f * d * 2},
+        {"out.bin", L.out, T * d * 2},       {"dx.bin", L.dx, T * d * 2},
+        {"dwg.bin", L.dwg, d * E * 2},       {"dw13.bin", L.dw13, E * 2 * f * d * 2},
+        {"dw2.bin", L.dw2, E * f * d * 2},   {"idx.bin", gpu_moe_idx(L.moe), T * s->k * 4},
     };
     for (size_t i = 0; !rc && i < sizeof files / sizeof files[0]; i++)
         rc = s_write(sub, files[i].name, files[i].p, files[i].bytes);
@@ -217,8 +228,8 @@ static int s_dump(const char *dir, const s_shape_t *s, gpu_moe_gemm_t g)
             fprintf(fp,
                     "{\"T\": %d, \"d\": %d, \"f\": %d, \"E\": %d, \"k\": %d, \"gemm\": \"%s\", "
                     "\"dtype\": \"bfloat16\", \"idx_dtype\": \"int32\", \"layout\": "
-                    "\"row-major: x,out,dx (T,d); wg,dwg (d,E); w1,w3,dw1,dw3 (E,d,f); w2,dw2 "
-                    "(E,f,d); idx (T,k)\"}\n",
+                    "\"row-major: x,out,dx (T,d); wg,dwg (E,d); w13,dw13 (E,2f,d) = [W1; W3] "
+                    "(nn.Linear); w2,dw2 (E,d,f); idx (T,k)\"}\n",
                     s->T, s->d, s->f, s->E, s->k, s_gemm_name(gpu_moe_gemm(L.moe)));
             rc = fclose(fp) ? -1 : 0;
         }

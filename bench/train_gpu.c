@@ -14,6 +14,7 @@
 #include "bench/flops.h"
 #include "gpu/backend.h"
 #include "gpu/device.h"
+#include "gpu/graph_bf16.h"
 #include "model/backend.h"
 #include "model/config.h"
 #include "model/job.h"
@@ -320,6 +321,8 @@ typedef struct {
     double step_s[S_MAX_STEPS], loss[S_MAX_STEPS];
     double mean_s, tok_s, tflops, mfu;
     double split_step_s, cat[C_N], other, gemm_tflops, calls;
+    int pass;                 /* the bf16 graph: graph[] splits its share */
+    double graph[GPU_GRAPH_NKIND];
     uint64_t mem_total, mem_base, mem_model, mem_peak;
     double init_s, load_s;
 } s_result_t;
@@ -361,8 +364,15 @@ static void s_write_json(const char *path, const s_result_t *r)
         fprintf(f, "  \"split\": {\"step_s\": %.6f, ", r->split_step_s);
         for (int k = 0; k < C_N; k++)
             fprintf(f, "\"%s\": %.6f, ", model_profile_category(k), r->cat[k]);
-        fprintf(f, "\"other\": %.6f, \"gemm_tflops\": %.3f, \"op_calls\": %.0f},\n", r->other,
+        fprintf(f, "\"other\": %.6f, \"gemm_tflops\": %.3f, \"op_calls\": %.0f", r->other,
                 r->gemm_tflops, r->calls);
+        if (r->pass) {
+            fprintf(f, ", \"bf16_graph\": {");
+            for (int k = 0; k < GPU_GRAPH_NKIND; k++)
+                fprintf(f, "%s\"%s\": %.6f", k ? ", " : "", gpu_graph_bf16_kind(k), r->graph[k]);
+            fprintf(f, "}");
+        }
+        fprintf(f, "},\n");
     }
     fprintf(f, "  \"memory_gib\": {\"total\": %.3f, \"before_model\": %.3f, \"after_setup\": "
                "%.3f, \"peak_sampled\": %.3f},\n", r->mem_total / S_GIB, r->mem_base / S_GIB,
@@ -375,13 +385,15 @@ static void s_write_json(const char *path, const s_result_t *r)
 static void s_usage(FILE *f)
 {
     fprintf(f,
-            "usage: bench_train_gpu [--backend bf16mm|f32] [--steps 5] [--warmup 2]\n"
+            "usage: bench_train_gpu [--backend bf16|bf16mm|f32] [--steps 5] [--warmup 2]\n"
             "                       [--layers 8] [--hidden 2048] [--heads 16] [--kv-heads 4]\n"
             "                       [--experts 8] [--topk 2] [--intermediate 5632]\n"
             "                       [--vocab 32000] [--seq 2048] [--batch 32] [--micro 4]\n"
             "                       [--device 0] [--seed 1] [--no-split] [--json FILE]\n"
             "  defaults: issue 5's ~2.4 B-parameter MoE, 32 x 2048 tokens a step in 8 micro-steps\n"
-            "  --backend  bf16mm: gpu_backend_f32_bf16mm (bf16 tensor-core GEMMs, fp32 else);\n"
+            "  --backend  bf16: the bf16 graph (gpu/graph_bf16.h: bf16 weights and activations,\n"
+            "             fp32 residual, gradients and master weights; AdamW on gpu_backend_f32);\n"
+            "             bf16mm: gpu_backend_f32_bf16mm (bf16 tensor-core GEMMs, fp32 else);\n"
             "             f32: gpu_backend_f32 (fp32 cuBLAS, no TF32)\n"
             "  --batch    sequences per step (global batch); --micro sequences per micro-step\n"
             "  --no-split skip the extra step that synchronises every op to split the time\n"
@@ -432,10 +444,12 @@ int main(int argc, char **argv)
         default: s_usage(stderr); return 2;
         }
     }
-    if (strcmp(backend, "bf16mm") && strcmp(backend, "f32")) {
-        fprintf(stderr, "bench_train_gpu: --backend %s: expected bf16mm or f32\n", backend);
+    if (strcmp(backend, "bf16") && strcmp(backend, "bf16mm") && strcmp(backend, "f32")) {
+        fprintf(stderr, "bench_train_gpu: --backend %s: expected bf16, bf16mm or f32\n",
+                backend);
         return 2;
     }
+    int pass = strcmp(backend, "bf16") == 0;
     if (steps < 1 || warmup < 0 || warmup + steps > S_MAX_STEPS || layers < 1 || hidden < 1 ||
         heads < 1 || kv < 1 || heads % kv || hidden % heads || experts < 1 || topk < 1 ||
         topk > experts || inter < 1 || vocab < 2 || seq < 1 || batch < 1 || micro < 1) {
@@ -451,11 +465,13 @@ int main(int argc, char **argv)
 
     static s_result_t r;
     memset(&r, 0, sizeof r);
-    r.backend = strcmp(backend, "f32") ? "cuda-bf16mm" : "cuda";
-    r.attention = strcmp(backend, "f32") ? "bf16 flash (gpu/flash_attn.cu) where hd is 64 or 128 "
-                                           "and T >= 1.5 hd, else fp32"
-                                         : "fp32, probabilities materialised (gpu/attention.cu)";
-    s_real = strcmp(backend, "f32") ? &gpu_backend_f32_bf16mm : &gpu_backend_f32;
+    r.backend = pass ? "cuda-bf16-graph" : strcmp(backend, "f32") ? "cuda-bf16mm" : "cuda";
+    r.attention = pass ? "bf16 flash (gpu/flash_attn.cu)"
+                  : strcmp(backend, "f32") ? "bf16 flash (gpu/flash_attn.cu) where hd is 64 or "
+                                             "128 and T >= 1.5 hd, else fp32"
+                                           : "fp32, probabilities materialised (gpu/attention.cu)";
+    s_real = strcmp(backend, "bf16mm") ? &gpu_backend_f32 : &gpu_backend_f32_bf16mm;
+    r.pass = pass;
     s_dev = device;
     r.warmup = warmup;
     r.steps = steps;
@@ -475,11 +491,15 @@ int main(int argc, char **argv)
     printf("device cuda:%d: %s, %.1f GiB HBM (%.1f GiB free)\n", device, name, total / S_GIB,
            fr / S_GIB);
     printf("backend %s: %s\n", r.backend,
-           s_real == &gpu_backend_f32 ? "fp32 throughout, cuBLAS fp32 GEMMs without TF32"
+           pass ? "the bf16 graph: bf16 weights (rounded from the fp32 master each forward) and "
+                  "activations, fp32 residual stream, fp32 gradients accumulated by the GEMMs, "
+                  "the MoE layer of gpu/moe_layer.h, AdamW fp32"
+           : s_real == &gpu_backend_f32 ? "fp32 throughout, cuBLAS fp32 GEMMs without TF32"
                                       : "bf16 tensor-core GEMMs (x, W, dout rounded to bf16, fp32 "
                                         "accumulate and output) under the fp32 graph: weights, "
                                         "activations, gradients, AdamW and every other op fp32");
-    printf("attention: %s\n", s_real == &gpu_backend_f32
+    printf("attention: %s\n", pass ? "bf16 flash kernels (gpu/flash_attn.cu)"
+                               : s_real == &gpu_backend_f32
                                    ? "the fp32 kernels (gpu/attention.cu: (B, H, T, T) "
                                      "probabilities materialised, no tensor cores)"
                                    : "bf16 flash kernels (gpu/flash_attn.cu) on bf16-rounded q, "
@@ -568,7 +588,7 @@ int main(int argc, char **argv)
     r.init_s = flops_now() - t0;
     t0 = flops_now();
     s_live = *s_real;
-    rc = model_train_new(&s_live, params, &job, &tr);
+    rc = model_train_new_pass(&s_live, pass ? &gpu_pass_bf16 : NULL, params, &job, &tr);
     if (rc)
         goto fail;
     gpu_backend_sync();
@@ -629,6 +649,9 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < ntok; i++)
             tokens[i] = (uint8_t)(s_next() % tokmax);
         model_profile_take(NULL);
+        double gsec[GPU_GRAPH_NKIND];
+        gpu_graph_bf16_profile_take(gsec); /* zeroes */
+        gpu_graph_bf16_profile(pass);
         model_train_report_t rep;
         gpu_backend_sync();
         double a = flops_now();
@@ -636,6 +659,8 @@ int main(int argc, char **argv)
                               &rep);
         gpu_backend_sync();
         r.split_step_s = flops_now() - a;
+        gpu_graph_bf16_profile(0);
+        gpu_graph_bf16_profile_take(r.graph);
         s_live = *s_real;
         if (rc)
             goto fail;
@@ -646,6 +671,8 @@ int main(int argc, char **argv)
             r.cat[k] = prof.seconds[k];
             tracked += prof.seconds[k];
         }
+        for (int k = 0; pass && k < GPU_GRAPH_NKIND; k++)
+            tracked += r.graph[k];
         r.other = r.split_step_s - tracked;
         r.calls = (double)prof.calls;
         r.gemm_tflops = prof.seconds[C_GEMM] > 0 ? prof.gemm_flops / prof.seconds[C_GEMM] * 1e-12
@@ -673,6 +700,9 @@ int main(int argc, char **argv)
         for (int k = 0; k < C_N; k++)
             printf("  %-12s %10.4f %7.1f%%\n", model_profile_category(k), r.cat[k],
                    100 * r.cat[k] / st);
+        for (int k = 0; pass && k < GPU_GRAPH_NKIND; k++)
+            printf("  %-12s %10.4f %7.1f%%   (bf16 graph)\n", gpu_graph_bf16_kind(k), r.graph[k],
+                   100 * r.graph[k] / st);
         printf("  %-12s %10.4f %7.1f%%   (host: routing plans, launches, the trainer)\n", "other",
                r.other, 100 * r.other / st);
         printf("  gemm: %.1f TFLOP/s achieved on the linear ops (%s), %.0f op calls a step\n",

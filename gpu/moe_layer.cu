@@ -25,44 +25,60 @@ typedef __nv_bfloat16 bf16;
 
 
 /* One expert-GEMM call: per nonempty expert one problem C = op(A) op(B) in cuBLAS's
- * column-major terms; the leading dimensions and ops are the same for every expert. */
+ * column-major terms; the leading dimensions, ops, C type and beta are the same for every
+ * expert. */
 typedef struct {
     cublasOperation_t ta, tb;
     int lda, ldb, ldc;
+    cudaDataType_t ct; /* C's type: bf16 (beta 0) or fp32 (beta 1, accumulating) */
+    float beta;
     int n; /* problems (nonempty experts) */
     int m[S_MAX_E], nn[S_MAX_E], k[S_MAX_E];
     const void *A[S_MAX_E], *B[S_MAX_E];
     void *C[S_MAX_E];
 } s_problem_t;
 
-#define S_NPROB 9 /* fwd: W1, W3, W2; bwd: dW2, dG, dW1, dW3, dH1, dH3 */
+/* fwd: W13, W2; bwd: dW2, dG, dW13 (or dW1), dW3, dH */
+enum { P_W13, P_W2, P_DW2, P_DG, P_DW13, P_DW3, P_DH, S_NPROB };
+
+/* What lives only within one fwd or bwd call, shared by the layers of one model. g is the
+ * SwiGLU output of the last forward that wrote it (g_owner; NULL after a backward, which
+ * reuses the buffer for dg). */
+typedef struct {
+    int refs;
+    void *slab;
+    int32_t *hist;  // (nblk, E) per-block counts, then per-block row offsets
+    float *dwt;     // (T, k) d loss / d weight, fp32
+    bf16 *g;        // (M, f) silu(a) b in forward; dg in backward
+    bf16 *dy;       // (M, d)
+    bf16 *dab;      // (M, 2f) [da | db]
+    bf16 *dh;       // (M, d) dab W13
+    bf16 *dlog;     // (T, E)
+    float *dxr;     // (T, d) dlog wg
+    void **dptr;    // (S_NPROB, 3, E) device pointer arrays of the grouped calls
+    void **hptr;    // same, pinned host staging
+    const gpu_moe_t *g_owner;
+    cublasHandle_t blas;
+    cudaEvent_t ev_fwd, ev_bwd; /* after each staging copy: the host may rewrite it */
+} s_scratch_t;
 
 struct gpu_moe {
     int T, d, f, E, k, M, nblk; /* M = T k rows; nblk: blocks of the counting sort */
     gpu_moe_gemm_t gemm;
-    cublasHandle_t blas;
-    void *slab; /* one device allocation, pointed into below */
+    int round_logits;
+    s_scratch_t *sc;
+    void *slab; /* the layer's own device allocation, pointed into below */
     float *logits;  // (T, E) fp32
     float *probs;   // (T, E) softmax, fp32
     int32_t *idx;   // (T, k) expert per slot
     bf16 *wts;      // (T, k) routing weights, bf16
-    float *dwt;     // (T, k) d loss / d weight, fp32
     int32_t *pos;   // (T, k) row of each (token, slot) in expert order
     int32_t *rowtok; // (M) token of each row
-    int32_t *hist;  // (nblk, E) per-block counts, then per-block row offsets
     int32_t *counts; // (E)
     bf16 *h;        // (M, d) tokens in expert order
-    bf16 *a, *b, *g; // (M, f) h W1, h W3, silu(a) b
-    bf16 *y;        // (M, d) g W2
-    bf16 *dy;       // (M, d)
-    bf16 *dg, *da, *db; // (M, f)
-    bf16 *dh1, *dh3; // (M, d) da W1^T, db W3^T
-    bf16 *dlog;     // (T, E)
-    float *dxr;     // (T, d) dlog wg^T
-    void **dptr;    // (S_NPROB, 3, E) device pointer arrays of the grouped calls
-    void **hptr;    // same, pinned host staging
+    bf16 *ab;       // (M, 2f) [h W1^T | h W3^T]
+    bf16 *y;        // (M, d) g W2^T
     int32_t *hcounts; // (E) pinned host
-    cudaEvent_t ev_fwd, ev_bwd; /* after each staging copy: the host may rewrite it */
     int phases;                 /* gpu_moe_set_phases: record pev at each phase boundary */
     cudaEvent_t pev[GPU_MOE_NPHASES + 1]; /* made on first enable; [0] fwd start */
     s_problem_t prob[S_NPROB];
@@ -72,10 +88,11 @@ struct gpu_moe {
 
 __device__ __forceinline__ float s_bf(float v) { return __bfloat162float(__float2bfloat16(v)); }
 
-/* One warp per token: logits rounded to bf16 (the peer's bf16 matmul output), softmax in fp32,
- * top-k with ties to the lower index, weights renormalised and cast to bf16. */
+/* One warp per token: logits rounded to bf16 (the peer's bf16 matmul output) when round,
+ * plus bias (or NULL), softmax in fp32, top-k with ties to the lower index, weights
+ * renormalised and cast to bf16. */
 __global__ void s_route_kernel(float *probs, int32_t *idx, bf16 *wts, const float *logits,
-                               int T, int E, int K)
+                               const float *bias, int round, int T, int E, int K)
 {
     int t = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
@@ -86,7 +103,12 @@ __global__ void s_route_kernel(float *probs, int32_t *idx, bf16 *wts, const floa
     float mx = -INFINITY;
     for (int i = 0; i < per; i++) {
         int e = lane + 32 * i;
-        pl[i] = e < E ? s_bf(logits[(size_t)t * E + e]) : -INFINITY;
+        float l = 0.0f;
+        if (e < E) {
+            l = logits[(size_t)t * E + e];
+            l = (round ? s_bf(l) : l) + (bias ? bias[e] : 0.0f);
+        }
+        pl[i] = e < E ? l : -INFINITY;
         mx = fmaxf(mx, pl[i]);
     }
     mx = gpu_warp_reduce(mx, gpu_op_max());
@@ -243,15 +265,18 @@ __device__ __forceinline__ void s_st8(bf16 *p, const float v[S_VEC])
     *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-/* g = silu(a) * b with the peer's roundings: silu(a) to bf16, then the product. n8 vectors of
- * 8 (n = M f, f a multiple of 8; the buffers are slab pointers, 256-byte aligned). */
-__global__ void s_swiglu_kernel(bf16 *g, const bf16 *a, const bf16 *b, size_t n8)
+/* g = silu(a) * b with the peer's roundings: silu(a) to bf16, then the product; a and b are the
+ * halves of ab's rows (M, 2f). n8 vectors of 8 over g (M, f), f8 = f / 8 of them per row (f a
+ * multiple of 8; the buffers are slab pointers, 256-byte aligned). */
+__global__ void s_swiglu_kernel(bf16 *g, const bf16 *ab, size_t n8, int f8)
 {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     for (; i < n8; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / f8, c = i % f8;
+        const bf16 *a = ab + (r * 2 * f8 + c) * S_VEC, *b = a + (size_t)f8 * S_VEC;
         float av[S_VEC], bv[S_VEC], gv[S_VEC];
-        s_ld8(av, a + i * S_VEC);
-        s_ld8(bv, b + i * S_VEC);
+        s_ld8(av, a);
+        s_ld8(bv, b);
 #pragma unroll
         for (int q = 0; q < S_VEC; q++) {
             float s = s_bf(av[q] / (1.0f + expf(-av[q])));
@@ -261,16 +286,17 @@ __global__ void s_swiglu_kernel(bf16 *g, const bf16 *a, const bf16 *b, size_t n8
     }
 }
 
-/* da = dg b silu'(a), db = dg silu(a); silu'(a) = s (1 + a (1 - s)), s = sigmoid(a). n8 vectors
- * of 8, as s_swiglu_kernel. */
-__global__ void s_swiglu_bwd_kernel(bf16 *da, bf16 *db, const bf16 *dg, const bf16 *a,
-                                    const bf16 *b, size_t n8)
+/* [da | db] = [dg b silu'(a) | dg silu(a)]; silu'(a) = s (1 + a (1 - s)), s = sigmoid(a). n8
+ * vectors of 8 over dg (M, f), as s_swiglu_kernel. */
+__global__ void s_swiglu_bwd_kernel(bf16 *dab, const bf16 *dg, const bf16 *ab, size_t n8,
+                                    int f8)
 {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     for (; i < n8; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / f8, c = i % f8, o = (r * 2 * f8 + c) * S_VEC, ob = o + (size_t)f8 * S_VEC;
         float av[S_VEC], bv[S_VEC], gvv[S_VEC], dav[S_VEC], dbv[S_VEC];
-        s_ld8(av, a + i * S_VEC);
-        s_ld8(bv, b + i * S_VEC);
+        s_ld8(av, ab + o);
+        s_ld8(bv, ab + ob);
         s_ld8(gvv, dg + i * S_VEC);
 #pragma unroll
         for (int q = 0; q < S_VEC; q++) {
@@ -280,15 +306,24 @@ __global__ void s_swiglu_bwd_kernel(bf16 *da, bf16 *db, const bf16 *dg, const bf
             dav[q] = dsilu * s * (1.0f + av[q] * (1.0f - s));
             dbv[q] = gvv[q] * silu;
         }
-        s_st8(da + i * S_VEC, dav);
-        s_st8(db + i * S_VEC, dbv);
+        s_st8(dab + o, dav);
+        s_st8(dab + ob, dbv);
     }
 }
 
-/* out[t] = sum_j bf16(w[t,j] y[pos[t,j]]), summed in fp32 in slot order: a block per token, 8
- * columns per thread (d a multiple of 8; rows 16-byte aligned). */
-__global__ void s_combine_kernel(bf16 *out, const bf16 *y, const int32_t *pos, const bf16 *wts,
-                                 int d, int K)
+/* 8 floats from p: fp32 (two float4) or bf16 (one 16-byte vector). */
+__device__ __forceinline__ void s_ld8(float v[S_VEC], const float *p)
+{
+    float4 lo = ((const float4 *)p)[0], hi = ((const float4 *)p)[1];
+    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+
+/* out[t] = sum_j bf16(w[t,j] y[pos[t,j]]), summed in fp32 in slot order, bf16 out; or, when
+ * out32 is set, out32[t] = res32[t] + that sum in fp32 (res32 may be out32): a block per
+ * token, 8 columns per thread (d a multiple of 8; rows 16-byte aligned). */
+__global__ void s_combine_kernel(bf16 *out, float *out32, const float *res32, const bf16 *y,
+                                 const int32_t *pos, const bf16 *wts, int d, int K)
 {
     int t = blockIdx.x;
     for (int c = threadIdx.x * S_VEC; c < d; c += blockDim.x * S_VEC) {
@@ -302,13 +337,22 @@ __global__ void s_combine_kernel(bf16 *out, const bf16 *y, const int32_t *pos, c
             for (int q = 0; q < S_VEC; q++)
                 acc[q] += s_bf(yv[q] * w);
         }
-        s_st8(out + (size_t)t * d + c, acc);
+        if (out32) {
+            float rv[S_VEC];
+            s_ld8(rv, res32 + (size_t)t * d + c);
+            float4 *o = (float4 *)(out32 + (size_t)t * d + c);
+            o[0] = make_float4(rv[0] + acc[0], rv[1] + acc[1], rv[2] + acc[2], rv[3] + acc[3]);
+            o[1] = make_float4(rv[4] + acc[4], rv[5] + acc[5], rv[6] + acc[6], rv[7] + acc[7]);
+        } else {
+            s_st8(out + (size_t)t * d + c, acc);
+        }
     }
 }
 
 /* Backward of the combine, a block per token: dy[pos[t,j]] = dout[t] w[t,j] and
- * dwt[t,j] = <dout[t], y[pos[t,j]]> in fp32; 8 columns per thread. */
-__global__ void s_combine_bwd_kernel(bf16 *dy, float *dwt, const bf16 *dout, const bf16 *y,
+ * dwt[t,j] = <dout[t], y[pos[t,j]]> in fp32; 8 columns per thread; dout bf16 or fp32. */
+template <typename DT>
+__global__ void s_combine_bwd_kernel(bf16 *dy, float *dwt, const DT *dout, const bf16 *y,
                                      const int32_t *pos, const bf16 *wts, int d, int K)
 {
     int t = blockIdx.x;
@@ -334,9 +378,10 @@ __global__ void s_combine_bwd_kernel(bf16 *dy, float *dwt, const bf16 *dout, con
 }
 
 /* One warp per token: d loss / d logits from d loss / d w through w = v / sum(v) (v the top-k
- * probabilities) and the softmax; bf16 out (the peer's logits are bf16). */
+ * probabilities), plus daux[e] (or NULL) on every p[e], and the softmax; bf16 out (the peer's
+ * logits are bf16). */
 __global__ void s_route_bwd_kernel(bf16 *dlog, const float *dwt, const float *probs,
-                                   const int32_t *idx, int T, int E, int K)
+                                   const int32_t *idx, const float *daux, int T, int E, int K)
 {
     int t = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
@@ -354,19 +399,25 @@ __global__ void s_route_bwd_kernel(bf16 *dlog, const float *dwt, const float *pr
     float dpp = 0.0f; /* sum_e dp_e p_e = sum_j dv_j v_j */
     for (int j = 0; j < K; j++)
         dpp += (dw[j] - dws) / s * p[ix[j]];
+    if (daux) { /* + sum_e daux_e p_e over the whole row */
+        float part = 0.0f;
+        for (int e = lane; e < E; e += 32)
+            part += daux[e] * p[e];
+        dpp += gpu_warp_reduce(part, gpu_op_sum());
+    }
     for (int e = lane; e < E; e += 32) {
-        float dp = 0.0f;
+        float dp = daux ? daux[e] : 0.0f;
         for (int j = 0; j < K; j++)
             if (ix[j] == e)
-                dp = (dw[j] - dws) / s;
+                dp += (dw[j] - dws) / s;
         dlog[(size_t)t * E + e] = __float2bfloat16(p[e] * (dp - dpp));
     }
 }
 
-/* dx[t] = dxr[t] + sum_j (dh1 + dh3)[pos[t,j]]: a block per token, 8 columns per thread (dxr
- * rows are 32-byte aligned: d a multiple of 8, the slab 256-byte aligned). */
-__global__ void s_dx_kernel(bf16 *dx, const float *dxr, const bf16 *dh1, const bf16 *dh3,
-                            const int32_t *pos, int d, int K)
+/* dx[t] = dxr[t] + sum_j dh[pos[t,j]]: a block per token, 8 columns per thread (dxr rows are
+ * 32-byte aligned: d a multiple of 8, the slab 256-byte aligned). */
+__global__ void s_dx_kernel(bf16 *dx, const float *dxr, const bf16 *dh, const int32_t *pos,
+                            int d, int K)
 {
     int t = blockIdx.x;
     for (int c = threadIdx.x * S_VEC; c < d; c += blockDim.x * S_VEC) {
@@ -375,12 +426,11 @@ __global__ void s_dx_kernel(bf16 *dx, const float *dxr, const bf16 *dh1, const b
         float acc[S_VEC] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
         for (int j = 0; j < K; j++) {
             size_t r = (size_t)pos[(size_t)t * K + j];
-            float v1[S_VEC], v3[S_VEC];
-            s_ld8(v1, dh1 + r * d + c);
-            s_ld8(v3, dh3 + r * d + c);
+            float v[S_VEC];
+            s_ld8(v, dh + r * d + c);
 #pragma unroll
             for (int q = 0; q < S_VEC; q++)
-                acc[q] += v1[q] + v3[q];
+                acc[q] += v[q];
         }
         s_st8(dx + (size_t)t * d + c, acc);
     }
@@ -453,8 +503,8 @@ static void s_gemm(cublasHandle_t hb, cublasOperation_t ta, cublasOperation_t tb
 static void s_run_loop(gpu_moe_t *m, const s_problem_t *p)
 {
     for (int i = 0; i < p->n; i++)
-        s_gemm(m->blas, p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->A[i], p->lda, p->B[i],
-               p->ldb, 0.0f, p->C[i], CUDA_R_16BF, p->ldc);
+        s_gemm(m->sc->blas, p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->A[i], p->lda, p->B[i],
+               p->ldb, p->beta, p->C[i], p->ct, p->ldc);
 }
 
 /* Problem `slot`'s device pointer arrays are at dptr + slot*3E (A, B, C, E each), already
@@ -477,17 +527,17 @@ static void s_run(gpu_moe_t *m, int slot)
             ldc[i] = p->ldc;
             gs[i] = 1;
             alpha[i] = 1.0f;
-            beta[i] = 0.0f;
+            beta[i] = p->beta;
         }
-        void **dp = m->dptr + (size_t)slot * 3 * m->E;
+        void **dp = m->sc->dptr + (size_t)slot * 3 * m->E;
         cublasStatus_t st = cublasGemmGroupedBatchedEx(
-            m->blas, ta, tb, p->m, p->nn, p->k, alpha, (const void *const *)dp, CUDA_R_16BF,
+            m->sc->blas, ta, tb, p->m, p->nn, p->k, alpha, (const void *const *)dp, CUDA_R_16BF,
             lda, (const void *const *)(dp + m->E), CUDA_R_16BF, ldb, beta,
-            (void *const *)(dp + 2 * m->E), CUDA_R_16BF, ldc, n, gs, CUBLAS_COMPUTE_32F);
+            (void *const *)(dp + 2 * m->E), p->ct, ldc, n, gs, CUBLAS_COMPUTE_32F);
         if (st == CUBLAS_STATUS_SUCCESS)
             return;
         fprintf(stderr,
-                "semoe gpu_moe: cublasGemmGroupedBatchedEx (bf16, %d groups) failed: %s; "
+                "semoe gpu_moe: cublasGemmGroupedBatchedEx (bf16 in, %d groups) failed: %s; "
                 "using a cublasGemmEx per expert from now on\n",
                 n, cublasGetStatusString(st));
         m->gemm = GPU_MOE_GEMM_LOOP;
@@ -504,7 +554,7 @@ static void s_stage(gpu_moe_t *m, int first, int n, cudaEvent_t ev)
     size_t E = (size_t)m->E;
     for (int s = first; s < first + n; s++) {
         const s_problem_t *p = &m->prob[s];
-        void **hp = m->hptr + (size_t)s * 3 * E;
+        void **hp = m->sc->hptr + (size_t)s * 3 * E;
         for (int i = 0; i < p->n; i++) {
             hp[i] = (void *)p->A[i];
             hp[E + i] = (void *)p->B[i];
@@ -512,14 +562,17 @@ static void s_stage(gpu_moe_t *m, int first, int n, cudaEvent_t ev)
         }
     }
     size_t off = (size_t)first * 3 * E;
-    GPU_CHECK(cudaMemcpyAsync(m->dptr + off, m->hptr + off, (size_t)n * 3 * E * sizeof(void *),
-                              cudaMemcpyHostToDevice, gpu_stream()));
+    GPU_CHECK(cudaMemcpyAsync(m->sc->dptr + off, m->sc->hptr + off,
+                              (size_t)n * 3 * E * sizeof(void *), cudaMemcpyHostToDevice,
+                              gpu_stream()));
     GPU_CHECK(cudaEventRecord(ev, gpu_stream()));
 }
 
 static void s_set(s_problem_t *p, cublasOperation_t ta, cublasOperation_t tb, int lda, int ldb,
-                  int ldc)
+                  int ldc, int fp32)
 {
+    p->ct = fp32 ? CUDA_R_32F : CUDA_R_16BF;
+    p->beta = fp32 ? 1.0f : 0.0f;
     p->ta = ta;
     p->tb = tb;
     p->lda = lda;
@@ -542,9 +595,9 @@ static void s_add(s_problem_t *p, int m, int n, int k, const void *A, const void
 /* ---------------------------------------------------------------------- the layer */
 
 static const char *const s_phase_names[GPU_MOE_NPHASES] = {
-    "route",        "sort_gather", "gemm_w1_w3",  "swiglu",      "gemm_w2",
-    "combine",      "between",     "combine_bwd", "gemm_dw2_dg", "swiglu_bwd",
-    "gemm_dw1_dw3", "gemm_dh1_dh3", "route_bwd",  "gemm_router", "dx"};
+    "route",    "sort_gather", "gemm_w13",    "swiglu",      "gemm_w2",
+    "combine",  "between",     "combine_bwd", "gemm_dw2_dg", "swiglu_bwd",
+    "gemm_dw13", "gemm_dh",    "route_bwd",   "gemm_router", "dx"};
 
 /* Phase boundary i (0 <= i <= GPU_MOE_NPHASES) when phase timing is on; a branch when off. */
 static inline void s_mark(gpu_moe_t *m, int i)
@@ -554,6 +607,73 @@ static inline void s_mark(gpu_moe_t *m, int i)
 }
 
 static size_t s_align(size_t n) { return (n + 255) & ~(size_t)255; }
+
+/* Points ptrs[i] at successive 256-byte aligned pieces of sz[i] bytes in one allocation. */
+static void *s_carve(const size_t *sz, void **const *ptrs, int n)
+{
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += s_align(sz[i]);
+    char *q = (char *)gpu_alloc(total); /* aborts with the size when the device is out of memory */
+    void *base = q;
+    for (int i = 0; i < n; i++) {
+        *ptrs[i] = q;
+        q += s_align(sz[i]);
+    }
+    return base;
+}
+
+static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
+{
+    s_scratch_t *sc = (s_scratch_t *)calloc(1, sizeof *sc);
+    if (!sc) {
+        fprintf(stderr, "gpu_moe_new: out of host memory\n");
+        abort();
+    }
+    size_t M = (size_t)m->M, T = (size_t)m->T, d = (size_t)m->d, f = (size_t)m->f,
+           E = (size_t)m->E;
+    size_t sz[] = {(size_t)m->nblk * E * 4, M * 4, M * f * 2, M * d * 2, M * 2 * f * 2,
+                   M * d * 2, T * E * 2, T * d * 4, (size_t)S_NPROB * 3 * E * sizeof(void *)};
+    void **const ptrs[] = {(void **)&sc->hist, (void **)&sc->dwt, (void **)&sc->g,
+                           (void **)&sc->dy,   (void **)&sc->dab, (void **)&sc->dh,
+                           (void **)&sc->dlog, (void **)&sc->dxr, (void **)&sc->dptr};
+    sc->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
+    GPU_CHECK(cudaMallocHost((void **)&sc->hptr, (size_t)S_NPROB * 3 * E * sizeof(void *)));
+    GPU_CHECK(cudaEventCreateWithFlags(&sc->ev_fwd, cudaEventDisableTiming));
+    GPU_CHECK(cudaEventCreateWithFlags(&sc->ev_bwd, cudaEventDisableTiming));
+    GPU_CHECK(cudaEventRecord(sc->ev_fwd, gpu_stream()));
+    GPU_CHECK(cudaEventRecord(sc->ev_bwd, gpu_stream()));
+    GPU_CUBLAS(cublasCreate(&sc->blas));
+    GPU_CUBLAS(cublasSetStream(sc->blas, gpu_stream()));
+    sc->refs = 1;
+    return sc;
+}
+
+/* The layer's own buffers (what its backward needs); sc shared or new. */
+static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
+{
+    gpu_moe_t *m = (gpu_moe_t *)calloc(1, sizeof *m);
+    if (!m) {
+        fprintf(stderr, "gpu_moe_new: out of host memory\n");
+        abort();
+    }
+    m->T = shape->T, m->d = shape->d, m->f = shape->f, m->E = shape->E, m->k = shape->k;
+    m->M = shape->M, m->nblk = shape->nblk, m->gemm = shape->gemm;
+    m->round_logits = shape->round_logits;
+    size_t M = (size_t)m->M, TE = (size_t)m->T * m->E, d = (size_t)m->d, f = (size_t)m->f;
+    size_t sz[] = {TE * 4, TE * 4, M * 4,     M * 2,         M * 4,    M * 4,
+                   (size_t)m->E * 4, M * d * 2, M * 2 * f * 2, M * d * 2};
+    void **const ptrs[] = {(void **)&m->logits, (void **)&m->probs, (void **)&m->idx,
+                           (void **)&m->wts,    (void **)&m->pos,   (void **)&m->rowtok,
+                           (void **)&m->counts, (void **)&m->h,     (void **)&m->ab,
+                           (void **)&m->y};
+    m->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
+    GPU_CHECK(cudaMallocHost((void **)&m->hcounts, (size_t)m->E * sizeof(int32_t)));
+    if (sc)
+        sc->refs++;
+    m->sc = sc ? sc : s_scratch_new(m);
+    return m;
+}
 
 extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
 {
@@ -567,60 +687,25 @@ extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
                 E, k, S_MAX_E, S_MAX_K);
         return NULL;
     }
-    size_t M = (size_t)T * k, wide = (size_t)(d > f ? d : f);
-    if (M * wide >= ((size_t)1 << 31) || (size_t)E * d * f >= ((size_t)1 << 31)) {
-        fprintf(stderr, "gpu_moe_new: T*k*max(d,f)=%zu or E*d*f=%zu: need both under 2^31 "
+    size_t M = (size_t)T * k, wide = (size_t)(d > 2 * f ? d : 2 * f);
+    if (M * wide >= ((size_t)1 << 31) || (size_t)E * 2 * d * f >= ((size_t)1 << 31)) {
+        fprintf(stderr, "gpu_moe_new: T*k*max(d,2f)=%zu or E*2f*d=%zu: need both under 2^31 "
                         "(cuBLAS int leading dimensions and offsets)\n", M * wide,
-                (size_t)E * d * f);
+                (size_t)E * 2 * d * f);
         return NULL;
     }
-    gpu_moe_t *m = (gpu_moe_t *)calloc(1, sizeof *m);
-    if (!m) {
-        fprintf(stderr, "gpu_moe_new: out of host memory\n");
-        abort();
-    }
-    m->T = T;
-    m->d = d;
-    m->f = f;
-    m->E = E;
-    m->k = k;
-    m->M = (int)M;
-    m->nblk = (int)((M + S_SORT_BLOCK - 1) / S_SORT_BLOCK);
-    m->gemm = GPU_MOE_GEMM_LOOP; /* the faster on all three peer shapes (bench/README.md) */
+    gpu_moe_t shape;
+    memset(&shape, 0, sizeof shape);
+    shape.T = T, shape.d = d, shape.f = f, shape.E = E, shape.k = k, shape.M = (int)M;
+    shape.nblk = (int)((M + S_SORT_BLOCK - 1) / S_SORT_BLOCK);
+    shape.gemm = GPU_MOE_GEMM_LOOP; /* the faster on all three peer shapes (bench/README.md) */
+    shape.round_logits = 1;
+    return s_layer_new(&shape, NULL);
+}
 
-    size_t TE = (size_t)T * E;
-    size_t sz[] = {
-        TE * 4, TE * 4, M * 4, M * 2, M * 4, M * 4, M * 4, (size_t)m->nblk * E * 4,
-        (size_t)E * 4, M * d * 2, M * f * 2, M * f * 2, M * f * 2, M * d * 2, M * d * 2,
-        M * f * 2, M * f * 2, M * f * 2, M * d * 2, M * d * 2, TE * 2, (size_t)T * d * 4,
-        (size_t)S_NPROB * 3 * E * sizeof(void *)};
-    const int nb = (int)(sizeof sz / sizeof sz[0]);
-    size_t total = 0;
-    for (int i = 0; i < nb; i++)
-        total += s_align(sz[i]);
-    m->slab = gpu_alloc(total); /* aborts with the size when the device is out of memory */
-    char *q = (char *)m->slab;
-    void **ptrs[] = {(void **)&m->logits, (void **)&m->probs, (void **)&m->idx,
-                     (void **)&m->wts,    (void **)&m->dwt,   (void **)&m->pos,
-                     (void **)&m->rowtok, (void **)&m->hist,  (void **)&m->counts,
-                     (void **)&m->h,      (void **)&m->a,     (void **)&m->b,
-                     (void **)&m->g,      (void **)&m->y,     (void **)&m->dy,
-                     (void **)&m->dg,     (void **)&m->da,    (void **)&m->db,
-                     (void **)&m->dh1,    (void **)&m->dh3,   (void **)&m->dlog,
-                     (void **)&m->dxr,    (void **)&m->dptr};
-    for (int i = 0; i < nb; i++) {
-        *ptrs[i] = q;
-        q += s_align(sz[i]);
-    }
-    GPU_CHECK(cudaMallocHost((void **)&m->hptr, (size_t)S_NPROB * 3 * E * sizeof(void *)));
-    GPU_CHECK(cudaMallocHost((void **)&m->hcounts, (size_t)E * sizeof(int32_t)));
-    GPU_CHECK(cudaEventCreateWithFlags(&m->ev_fwd, cudaEventDisableTiming));
-    GPU_CHECK(cudaEventCreateWithFlags(&m->ev_bwd, cudaEventDisableTiming));
-    GPU_CHECK(cudaEventRecord(m->ev_fwd, gpu_stream()));
-    GPU_CHECK(cudaEventRecord(m->ev_bwd, gpu_stream()));
-    GPU_CUBLAS(cublasCreate(&m->blas));
-    GPU_CUBLAS(cublasSetStream(m->blas, gpu_stream()));
-    return m;
+extern "C" gpu_moe_t *gpu_moe_new_sharing(gpu_moe_t *other)
+{
+    return s_layer_new(other, other->sc);
 }
 
 extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
@@ -629,14 +714,21 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         return;
     gpu_moe_t *m = *self_p;
     gpu_free(m->slab); /* waits for the stream */
-    cudaFreeHost(m->hptr);
     cudaFreeHost(m->hcounts);
-    cudaEventDestroy(m->ev_fwd);
-    cudaEventDestroy(m->ev_bwd);
     if (m->pev[0])
         for (int i = 0; i <= GPU_MOE_NPHASES; i++)
             cudaEventDestroy(m->pev[i]);
-    cublasDestroy(m->blas);
+    s_scratch_t *sc = m->sc;
+    if (sc->g_owner == m)
+        sc->g_owner = NULL;
+    if (--sc->refs == 0) {
+        gpu_free(sc->slab);
+        cudaFreeHost(sc->hptr);
+        cudaEventDestroy(sc->ev_fwd);
+        cudaEventDestroy(sc->ev_bwd);
+        cublasDestroy(sc->blas);
+        free(sc);
+    }
     free(m);
     *self_p = NULL;
 }
@@ -648,6 +740,8 @@ extern "C" gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode)
 }
 
 extern "C" gpu_moe_gemm_t gpu_moe_gemm(const gpu_moe_t *self) { return self->gemm; }
+
+extern "C" void gpu_moe_set_round_logits(gpu_moe_t *self, int on) { self->round_logits = on != 0; }
 
 extern "C" void gpu_moe_set_phases(gpu_moe_t *self, int on)
 {
@@ -677,31 +771,43 @@ extern "C" const uint16_t *gpu_moe_weights(const gpu_moe_t *self)
     return (const uint16_t *)self->wts;
 }
 extern "C" const int32_t *gpu_moe_counts(const gpu_moe_t *self) { return self->hcounts; }
+extern "C" const float *gpu_moe_probs(const gpu_moe_t *self) { return self->probs; }
 
-extern "C" void gpu_moe_fwd(gpu_moe_t *m, uint16_t *out_, const uint16_t *x_,
-                            const uint16_t *wg_, const uint16_t *w1_, const uint16_t *w3_,
-                            const uint16_t *w2_)
+/* g = silu(a) b from m->ab into the scratch's g; the scratch remembers whose it is. */
+static void s_swiglu(gpu_moe_t *m)
 {
-    bf16 *out = (bf16 *)out_;
-    const bf16 *x = (const bf16 *)x_, *wg = (const bf16 *)wg_, *w1 = (const bf16 *)w1_,
-               *w3 = (const bf16 *)w3_, *w2 = (const bf16 *)w2_;
+    size_t n8 = (size_t)m->M * m->f / S_VEC;
+    s_swiglu_kernel<<<s_grid(n8, 256), 256, 0, gpu_stream()>>>(m->sc->g, m->ab, n8,
+                                                               m->f / S_VEC);
+    GPU_CHECK_LAUNCH();
+    m->sc->g_owner = m;
+}
+
+extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
+                            uint16_t *out_, float *out32, const float *res32)
+{
+    const bf16 *x = (const bf16 *)x_, *wg = (const bf16 *)w->wg, *w13 = (const bf16 *)w->w13,
+               *w2 = (const bf16 *)w->w2;
     const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k;
+    s_scratch_t *sc = m->sc;
     cudaStream_t st = gpu_stream();
 
     s_mark(m, 0);
-    /* route: logits^T (E, T) = wg^T x^T in cuBLAS's column-major view of the row-major data */
-    s_gemm(m->blas, CUBLAS_OP_N, CUBLAS_OP_N, E, T, d, wg, E, x, d, 0.0f, m->logits,
+    /* route: logits^T (E, T) = wg (E, d) x^T in cuBLAS's column-major view of the row-major
+     * data (wg is stored as the column-major (d, E): transposed) */
+    s_gemm(sc->blas, CUBLAS_OP_T, CUBLAS_OP_N, E, T, d, wg, d, x, d, 0.0f, m->logits,
            CUDA_R_32F, E);
-    s_route_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->probs, m->idx, m->wts, m->logits, T, E, K);
+    s_route_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->probs, m->idx, m->wts, m->logits, w->bias,
+                                                m->round_logits, T, E, K);
     GPU_CHECK_LAUNCH();
     s_mark(m, 1);
     /* the counting sort: per-block histograms, their scan, each entry's row */
-    s_hist_kernel<<<m->nblk, S_SORT_BLOCK, E * sizeof(int32_t), st>>>(m->hist, m->idx, m->M, E);
+    s_hist_kernel<<<m->nblk, S_SORT_BLOCK, E * sizeof(int32_t), st>>>(sc->hist, m->idx, m->M, E);
     GPU_CHECK_LAUNCH();
-    s_scan_kernel<<<1, 256, 0, st>>>(m->hist, m->counts, m->nblk, E);
+    s_scan_kernel<<<1, 256, 0, st>>>(sc->hist, m->counts, m->nblk, E);
     GPU_CHECK_LAUNCH();
     s_place_kernel<<<m->nblk, S_SORT_BLOCK, (S_SORT_BLOCK / 32) * E * sizeof(int32_t), st>>>(
-        m->pos, m->rowtok, m->idx, m->hist, m->M, E, K);
+        m->pos, m->rowtok, m->idx, sc->hist, m->M, E, K);
     GPU_CHECK_LAUNCH();
     /* the one host round trip per layer call: cuBLAS takes the group sizes on the host */
     GPU_CHECK(cudaMemcpyAsync(m->hcounts, m->counts, E * sizeof(int32_t),
@@ -711,109 +817,122 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, uint16_t *out_, const uint16_t *x_,
     s_mark(m, 2);
     GPU_CHECK(cudaStreamSynchronize(st));
 
-    /* per expert (row-major): a = h W1[e], b = h W3[e], y = g W2[e]; as column-major
-     * a^T (f, n) = W1[e]^T (f, d) h^T (d, n), all operands as stored */
-    s_problem_t *p1 = &m->prob[0], *p3 = &m->prob[1], *p2 = &m->prob[2];
-    s_set(p1, CUBLAS_OP_N, CUBLAS_OP_N, f, d, f);
-    s_set(p3, CUBLAS_OP_N, CUBLAS_OP_N, f, d, f);
-    s_set(p2, CUBLAS_OP_N, CUBLAS_OP_N, d, f, d);
+    /* per expert (row-major): [a | b] = h W13[e]^T, y = g W2[e]^T; as column-major
+     * [a | b]^T (2f, n) = W13[e] (2f, d) h^T (d, n), W13[e] stored as the column-major (d, 2f)
+     * (transposed), h^T as stored; y^T (d, n) = W2[e] (d, f) g^T (f, n) likewise */
+    s_problem_t *p13 = &m->prob[P_W13], *p2 = &m->prob[P_W2];
+    s_set(p13, CUBLAS_OP_T, CUBLAS_OP_N, d, d, 2 * f, 0);
+    s_set(p2, CUBLAS_OP_T, CUBLAS_OP_N, f, f, d, 0);
     size_t o = 0, df = (size_t)d * f;
     for (int e = 0; e < E; e++) {
         int n = m->hcounts[e];
         if (n > 0) {
-            s_add(p1, f, n, d, w1 + e * df, m->h + o * d, m->a + o * f);
-            s_add(p3, f, n, d, w3 + e * df, m->h + o * d, m->b + o * f);
-            s_add(p2, d, n, f, w2 + e * df, m->g + o * f, m->y + o * d);
+            s_add(p13, 2 * f, n, d, w13 + e * 2 * df, m->h + o * d, m->ab + o * 2 * f);
+            s_add(p2, d, n, f, w2 + e * df, sc->g + o * f, m->y + o * d);
         }
         o += (size_t)n;
     }
-    s_stage(m, 0, 3, m->ev_fwd);
-    s_run(m, 0);
-    s_run(m, 1);
+    s_stage(m, P_W13, 2, sc->ev_fwd);
+    s_run(m, P_W13);
     s_mark(m, 3);
-    size_t nf = (size_t)m->M * f;
-    s_swiglu_kernel<<<s_grid(nf / S_VEC, 256), 256, 0, st>>>(m->g, m->a, m->b, nf / S_VEC);
-    GPU_CHECK_LAUNCH();
+    s_swiglu(m);
     s_mark(m, 4);
-    s_run(m, 2);
+    s_run(m, P_W2);
     s_mark(m, 5);
-    s_combine_kernel<<<T, s_row_threads(d), 0, st>>>(out, m->y, m->pos, m->wts, d, K);
+    s_combine_kernel<<<T, s_row_threads(d), 0, st>>>((bf16 *)out_, out32, res32, m->y, m->pos,
+                                                      m->wts, d, K);
     GPU_CHECK_LAUNCH();
     s_mark(m, 6);
 }
 
-extern "C" void gpu_moe_bwd(gpu_moe_t *m, uint16_t *dx_, uint16_t *dwg_, uint16_t *dw1_,
-                            uint16_t *dw3_, uint16_t *dw2_, const uint16_t *dout_,
-                            const uint16_t *x_, const uint16_t *wg_, const uint16_t *w1_,
-                            const uint16_t *w3_, const uint16_t *w2_)
+extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
+                            const uint16_t *dout_, const float *dout32, uint16_t *dx_,
+                            const gpu_moe_grads_t *gr)
 {
-    bf16 *dx = (bf16 *)dx_, *dwg = (bf16 *)dwg_, *dw1 = (bf16 *)dw1_, *dw3 = (bf16 *)dw3_,
-         *dw2 = (bf16 *)dw2_;
-    const bf16 *dout = (const bf16 *)dout_, *x = (const bf16 *)x_, *wg = (const bf16 *)wg_,
-               *w1 = (const bf16 *)w1_, *w3 = (const bf16 *)w3_, *w2 = (const bf16 *)w2_;
-    const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k;
+    bf16 *dx = (bf16 *)dx_;
+    const bf16 *x = (const bf16 *)x_, *wg = (const bf16 *)w->wg, *w13 = (const bf16 *)w->w13,
+               *w2 = (const bf16 *)w->w2;
+    const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k, f32 = gr->fp32 != 0;
+    s_scratch_t *sc = m->sc;
     cudaStream_t st = gpu_stream();
 
     s_mark(m, 7);
-    s_combine_bwd_kernel<<<T, s_row_threads(d), 0, st>>>(m->dy, m->dwt, dout, m->y, m->pos,
-                                                          m->wts, d, K);
+    if (dout32)
+        s_combine_bwd_kernel<float><<<T, s_row_threads(d), 0, st>>>(sc->dy, sc->dwt, dout32,
+                                                                    m->y, m->pos, m->wts, d, K);
+    else
+        s_combine_bwd_kernel<bf16><<<T, s_row_threads(d), 0, st>>>(
+            sc->dy, sc->dwt, (const bf16 *)dout_, m->y, m->pos, m->wts, d, K);
     GPU_CHECK_LAUNCH();
+    if (sc->g_owner != m) /* another layer's call used the scratch since our forward */
+        s_swiglu(m);
     s_mark(m, 8);
 
-    /* row-major dW2[e] = g^T dy, dg = dy W2[e]^T, dW1[e] = h^T da, dW3[e] = h^T db,
-     * dh1 = da W1[e]^T, dh3 = db W3[e]^T; each as its transpose in column-major terms, e.g.
-     * dW2[e]^T (d, f) = dy^T (d, n) g (n, f): dy^T as stored (N), g is stored g^T (T). */
+    /* row-major dW2[e] = dy^T g, dg = dy W2[e], dW13[e] = [da | db]^T h, dh = [da | db] W13[e];
+     * each in column-major terms, e.g. dW2[e] is the column-major (f, d) g^T (f, n) dy (n, d):
+     * g^T as stored (N), dy stored as dy^T (T). dg overwrites g (the dW2 GEMM before it on the
+     * stream has read g). dW1 and dW3 as one GEMM when their tensors are adjacent. */
+    const size_t df = (size_t)d * f, esz = f32 ? 4 : 2;
+    int fuse13 = 1;
+    for (int e = 0; e < E; e++)
+        if ((char *)gr->dw3[e] != (char *)gr->dw1[e] + df * esz)
+            fuse13 = 0;
     s_problem_t *q = m->prob;
-    s_set(&q[3], CUBLAS_OP_N, CUBLAS_OP_T, d, f, d); /* dW2 */
-    s_set(&q[4], CUBLAS_OP_T, CUBLAS_OP_N, d, d, f); /* dg */
-    s_set(&q[5], CUBLAS_OP_N, CUBLAS_OP_T, f, d, f); /* dW1 */
-    s_set(&q[6], CUBLAS_OP_N, CUBLAS_OP_T, f, d, f); /* dW3 */
-    s_set(&q[7], CUBLAS_OP_T, CUBLAS_OP_N, f, f, d); /* dh1 */
-    s_set(&q[8], CUBLAS_OP_T, CUBLAS_OP_N, f, f, d); /* dh3 */
-    size_t o = 0, df = (size_t)d * f;
+    bf16 *dg = sc->g;
+    s_set(&q[P_DW2], CUBLAS_OP_N, CUBLAS_OP_T, f, d, f, f32);
+    s_set(&q[P_DG], CUBLAS_OP_N, CUBLAS_OP_N, f, d, f, 0);
+    s_set(&q[P_DW13], CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, d, f32);
+    s_set(&q[P_DW3], CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, d, f32);
+    s_set(&q[P_DH], CUBLAS_OP_N, CUBLAS_OP_N, d, 2 * f, d, 0);
+    size_t o = 0;
     for (int e = 0; e < E; e++) {
         int n = m->hcounts[e];
         if (n > 0) {
-            s_add(&q[3], d, f, n, m->dy + o * d, m->g + o * f, dw2 + e * df);
-            s_add(&q[4], f, n, d, w2 + e * df, m->dy + o * d, m->dg + o * f);
-            s_add(&q[5], f, d, n, m->da + o * f, m->h + o * d, dw1 + e * df);
-            s_add(&q[6], f, d, n, m->db + o * f, m->h + o * d, dw3 + e * df);
-            s_add(&q[7], d, n, f, w1 + e * df, m->da + o * f, m->dh1 + o * d);
-            s_add(&q[8], d, n, f, w3 + e * df, m->db + o * f, m->dh3 + o * d);
-        } else { /* no token: the expert's gradients are zero, and no GEMM writes them */
-            GPU_CHECK(cudaMemsetAsync(dw1 + e * df, 0, df * sizeof(bf16), st));
-            GPU_CHECK(cudaMemsetAsync(dw3 + e * df, 0, df * sizeof(bf16), st));
-            GPU_CHECK(cudaMemsetAsync(dw2 + e * df, 0, df * sizeof(bf16), st));
+            const bf16 *dab = sc->dab + o * 2 * f;
+            s_add(&q[P_DW2], f, d, n, sc->g + o * f, sc->dy + o * d, gr->dw2[e]);
+            s_add(&q[P_DG], f, n, d, w2 + e * df, sc->dy + o * d, dg + o * f);
+            if (fuse13) {
+                s_add(&q[P_DW13], d, 2 * f, n, m->h + o * d, dab, gr->dw1[e]);
+            } else {
+                s_add(&q[P_DW13], d, f, n, m->h + o * d, dab, gr->dw1[e]);
+                s_add(&q[P_DW3], d, f, n, m->h + o * d, dab + f, gr->dw3[e]);
+            }
+            s_add(&q[P_DH], d, n, 2 * f, w13 + e * 2 * df, dab, sc->dh + o * d);
+        } else if (!f32) { /* no token: the expert's gradients are zero, and no GEMM writes them */
+            GPU_CHECK(cudaMemsetAsync(gr->dw1[e], 0, df * 2, st));
+            GPU_CHECK(cudaMemsetAsync(gr->dw3[e], 0, df * 2, st));
+            GPU_CHECK(cudaMemsetAsync(gr->dw2[e], 0, df * 2, st));
         }
         o += (size_t)n;
     }
-    s_stage(m, 3, 6, m->ev_bwd);
-    s_run(m, 3);
-    s_run(m, 4);
+    s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd);
+    s_run(m, P_DW2);
+    s_run(m, P_DG);
     s_mark(m, 9);
-    size_t nf = (size_t)m->M * f;
-    s_swiglu_bwd_kernel<<<s_grid(nf / S_VEC, 256), 256, 0, st>>>(m->da, m->db, m->dg, m->a, m->b,
-                                                                 nf / S_VEC);
+    size_t n8 = (size_t)m->M * f / S_VEC;
+    s_swiglu_bwd_kernel<<<s_grid(n8, 256), 256, 0, st>>>(sc->dab, dg, m->ab, n8, f / S_VEC);
     GPU_CHECK_LAUNCH();
+    sc->g_owner = NULL; /* g now holds dg */
     s_mark(m, 10);
-    s_run(m, 5);
-    s_run(m, 6);
+    s_run(m, P_DW13);
+    s_run(m, P_DW3);
     s_mark(m, 11);
-    s_run(m, 7);
-    s_run(m, 8);
+    s_run(m, P_DH);
     s_mark(m, 12);
 
-    /* router: dlogits, then dwg^T (E, d) = dlog^T (E, T) x (T, d) and
-     * dxr^T (d, T) = wg (d, E) dlog^T (E, T) */
-    s_route_bwd_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->dlog, m->dwt, m->probs, m->idx, T, E, K);
+    /* router: dlogits, then dwg (E, d) as the column-major dwg^T (d, E) = x^T (d, T) dlog
+     * (T, E) (dlog stored as its transpose: T), and dxr^T (d, T) = wg^T (d, E) dlog^T (E, T),
+     * wg stored as the column-major (d, E) */
+    s_route_bwd_kernel<<<(T + 7) / 8, 256, 0, st>>>(sc->dlog, sc->dwt, m->probs, m->idx,
+                                                    gr->daux, T, E, K);
     GPU_CHECK_LAUNCH();
     s_mark(m, 13);
-    s_gemm(m->blas, CUBLAS_OP_N, CUBLAS_OP_T, E, d, T, m->dlog, E, x, d, 0.0f, dwg,
-           CUDA_R_16BF, E);
-    s_gemm(m->blas, CUBLAS_OP_T, CUBLAS_OP_N, d, T, E, wg, E, m->dlog, E, 0.0f, m->dxr,
+    s_gemm(sc->blas, CUBLAS_OP_N, CUBLAS_OP_T, d, E, T, x, d, sc->dlog, E, f32 ? 1.0f : 0.0f,
+           gr->dwg, f32 ? CUDA_R_32F : CUDA_R_16BF, d);
+    s_gemm(sc->blas, CUBLAS_OP_N, CUBLAS_OP_N, d, T, E, wg, d, sc->dlog, E, 0.0f, sc->dxr,
            CUDA_R_32F, d);
     s_mark(m, 14);
-    s_dx_kernel<<<T, s_row_threads(d), 0, st>>>(dx, m->dxr, m->dh1, m->dh3, m->pos, d, K);
+    s_dx_kernel<<<T, s_row_threads(d), 0, st>>>(dx, sc->dxr, sc->dh, m->pos, d, K);
     GPU_CHECK_LAUNCH();
     s_mark(m, 15);
 }

@@ -1,18 +1,27 @@
 /* A bf16 Mixture-of-Experts layer on one GPU, forward and backward: the math of
- * ../shared/peers/moe_layer_torch.py's grouped() (torchtitan-style dropless grouped GEMM).
- *   logits = x wg (fp32 accumulate, rounded to bf16 as the peer's bf16 matmul is), p =
- *   softmax(logits) in fp32, top-k of p (ties to the lower expert index, slots in descending
- *   order), w = topk / sum(topk) cast to bf16; the T*k (token, slot) rows are permuted into
- *   expert order (counting sort by expert, stable by token then slot), and per expert e
- *   g = silu(h W1[e]) * (h W3[e]), y = g W2[e]; out[t] = sum_j w[t,j] y[(t,j)] in fp32, cast
- *   to bf16. Backward takes dout and gives dx, dwg, dW1, dW3, dW2 (bf16, fp32 accumulation),
- *   the routing-weight gradient included (through the renormalisation and the softmax into
- *   dwg and dx), with every bf16 cast an identity in backward as in autograd.
- * The expert GEMMs are grouped GEMMs: cublasGemmGroupedBatchedEx, one group per expert with
- * tokens (bf16 in and out, CUBLAS_COMPUTE_32F), or a loop of cublasGemmEx per expert
- * (GPU_MOE_GEMM_LOOP, and the fallback when cuBLAS refuses the grouped call). The host needs
- * the per-expert counts to size them: each gpu_moe_fwd copies the E counts to the host once
- * (one stream synchronisation per layer call); gpu_moe_bwd reuses them.
+ * ../shared/peers/moe_layer_torch.py's grouped() (torchtitan-style dropless grouped GEMM) with
+ * the model's weight layout (nn.Linear's (out, in), as model/params.h stores them).
+ *   logits = x wg^T in fp32 (rounded to bf16 as the peer's bf16 matmul is, unless
+ *   gpu_moe_set_round_logits turns that off) + an optional per-expert bias, p = softmax(logits)
+ *   in fp32, top-k of p (ties to the lower expert index, slots in descending order),
+ *   w = topk / sum(topk) cast to bf16; the T*k (token, slot) rows are permuted into expert order
+ *   (counting sort by expert, stable by token then slot), and per expert e
+ *   [a | b] = h W13[e]^T (W1 and W3 as ONE GEMM of 2f outputs), g = silu(a) * b, y = g W2[e]^T;
+ *   out[t] = sum_j w[t,j] y[(t,j)] in fp32 (plus a residual, for the model graph), cast to bf16
+ *   or kept fp32. Backward takes dout and gives dx, dwg, dW1, dW3, dW2 (bf16 overwritten, or
+ *   fp32 accumulated into a model's gradient slab), the routing weights' gradient included
+ *   (through the renormalisation and the softmax into dwg and dx), plus an optional constant
+ *   per-expert gradient on p (the auxiliary load-balancing loss), with every bf16 cast an
+ *   identity in backward as in autograd.
+ * The expert GEMMs are a loop of cublasGemmEx per expert (the default: on an H200 it beat
+ * cublasGemmGroupedBatchedEx by 1.3-1.8x on every shape bench_moe_layer runs) or the grouped
+ * call (GPU_MOE_GEMM_GROUPED). The host needs the per-expert counts to size them: each
+ * gpu_moe_fwd copies the E counts to the host once (one stream synchronisation per layer
+ * call); gpu_moe_bwd reuses them.
+ * Memory: a layer keeps what its backward needs (routing, the permuted input h, [a | b], y);
+ * what lives only within one call (g, the backward's intermediates) is scratch that the layers
+ * of one model share (gpu_moe_new_sharing): a layer whose g was overwritten by another's call
+ * recomputes it from [a | b] in backward.
  * Pointers are device memory unless a comment says host; bf16 tensors are uint16_t bit
  * patterns, row-major. Everything runs on the calling thread's gpu_stream() (gpu/stream.h)
  * and a gpu_moe_t is used from the thread that created it. CUDA or cuBLAS failures abort
@@ -34,36 +43,66 @@ typedef enum {
     GPU_MOE_GEMM_LOOP = 1     /* cublasGemmEx per expert, in order on the stream */
 } gpu_moe_gemm_t;
 
-/* A workspace for T tokens of width d, E experts of hidden width f, top-k routing: every
- * activation, index and pointer buffer is allocated here, once, so that fwd/bwd allocate
- * nothing. Needs 1 <= k <= min(E, 16), E <= 256, d and f multiples of 8, T*k*max(d,f) under
- * 2^31. Returns NULL (with a message on stderr naming the value) otherwise. Caller owns it. */
+/* The weights, bf16, nn.Linear layout. */
+typedef struct {
+    const uint16_t *wg;  /* (E, d): logits = x wg^T */
+    const uint16_t *w13; /* (E, 2f, d): expert e's W1 (f, d) rows, then its W3 (f, d) rows */
+    const uint16_t *w2;  /* (E, d, f) */
+    const float *bias;   /* (E) fp32 added to every token's logits before the softmax, or NULL */
+} gpu_moe_weights_t;
+
+/* Where backward puts the weight gradients. fp32 0: bf16, OVERWRITTEN (an expert without
+ * tokens gets zeros); fp32 1: fp32, ACCUMULATED (+=; an expert without tokens is untouched).
+ * dw1, dw3, dw2 are HOST arrays of E device pointers, one tensor per expert in the weights'
+ * layouts (dw1[e], dw3[e] (f, d), dw2[e] (d, f)); when dw3[e] is dw1[e] + f d elements, dW1
+ * and dW3 come from one GEMM. daux (E, device fp32, or NULL): a gradient added to
+ * d loss / d p[t, e] for every token t (the aux loss's, E f_e / M times its coefficient). */
+typedef struct {
+    int fp32;
+    void *dwg; /* (E, d) */
+    void *const *dw1, *const *dw3, *const *dw2;
+    const float *daux;
+} gpu_moe_grads_t;
+
+/* A layer for T tokens of width d, E experts of hidden width f, top-k routing, with its own
+ * scratch: every buffer is allocated here, once, so that fwd/bwd allocate nothing. Needs
+ * 1 <= k <= min(E, 16), E <= 256, d and f multiples of 8, T*k*2f and E*2f*d under 2^31.
+ * Returns NULL (with a message on stderr naming the value) otherwise. Caller owns it. */
 gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k);
+/* Another layer of other's shape sharing other's scratch (other's settings copied). Destroy
+ * the layers in any order; the scratch goes with the last. */
+gpu_moe_t *gpu_moe_new_sharing(gpu_moe_t *other);
 void gpu_moe_destroy(gpu_moe_t **self_p);
 
-/* The expert GEMM path; LOOP is the default (on an H200, cuBLAS 13.1, it beat the grouped call
- * by 1.3-1.8x on every shape bench_moe_layer runs). Returns the path in use (the grouped one
- * falls back to LOOP by itself, once, with a message, when cuBLAS does not support it here). */
+/* The expert GEMM path; returns the path in use (the grouped one falls back to LOOP by
+ * itself, once, with a message, when cuBLAS does not support it here). */
 gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode);
 gpu_moe_gemm_t gpu_moe_gemm(const gpu_moe_t *self);
+/* on (the default): the fp32 logits are rounded to bf16 before the softmax, as the peer's
+ * bf16 matmul rounds them; off: the softmax takes them as computed (the model graph). */
+void gpu_moe_set_round_logits(gpu_moe_t *self, int on);
 
-/* out (T, d) = the layer on x (T, d) with wg (d, E), w1 (E, d, f), w3 (E, d, f), w2 (E, f, d).
- * Keeps the routing and the activations in the workspace for gpu_moe_bwd. Synchronises the
- * stream once (the expert counts to the host); returns with the rest enqueued. */
-void gpu_moe_fwd(gpu_moe_t *self, uint16_t *out, const uint16_t *x, const uint16_t *wg,
-                 const uint16_t *w1, const uint16_t *w3, const uint16_t *w2);
+/* The layer on x (T, d). Exactly one of out and out32: out (T, d) bf16 gets the layer's
+ * output; out32 (T, d) fp32 gets res32 + the output (res32 (T, d) fp32, may be out32: the
+ * model's residual stream). Keeps the routing and the activations for gpu_moe_bwd.
+ * Synchronises the stream once (the expert counts to the host); returns with the rest
+ * enqueued. */
+void gpu_moe_fwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x, uint16_t *out,
+                 float *out32, const float *res32);
 
-/* The gradients of the last gpu_moe_fwd (same x and weights, unchanged since) given dout
- * (T, d): dx (T, d), dwg (d, E), dw1, dw3 (E, d, f), dw2 (E, f, d), all OVERWRITTEN (not
- * accumulated; an expert with no token gets zeros). Enqueued; returns at once. */
-void gpu_moe_bwd(gpu_moe_t *self, uint16_t *dx, uint16_t *dwg, uint16_t *dw1, uint16_t *dw3,
-                 uint16_t *dw2, const uint16_t *dout, const uint16_t *x, const uint16_t *wg,
-                 const uint16_t *w1, const uint16_t *w3, const uint16_t *w2);
+/* The gradients of the last gpu_moe_fwd (same x and weights, unchanged since) given the
+ * output's gradient, dout (T, d) bf16 or dout32 (T, d) fp32 (exactly one): dx (T, d) bf16
+ * OVERWRITTEN, the weights' as gr says. Enqueued; returns at once. */
+void gpu_moe_bwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
+                 const uint16_t *dout, const float *dout32, uint16_t *dx,
+                 const gpu_moe_grads_t *gr);
 
-/* The last forward's routing, device memory owned by the workspace: idx (T, k) int32 and the
- * bf16 weights (T, k); counts on the host (E ints, valid after gpu_moe_fwd returns). */
+/* The last forward's routing, device memory owned by the layer: idx (T, k) int32, the bf16
+ * weights (T, k), the softmax p (T, E) fp32; counts on the host (E ints, valid after
+ * gpu_moe_fwd returns). */
 const int32_t *gpu_moe_idx(const gpu_moe_t *self);
 const uint16_t *gpu_moe_weights(const gpu_moe_t *self);
+const float *gpu_moe_probs(const gpu_moe_t *self);
 const int32_t *gpu_moe_counts(const gpu_moe_t *self);
 
 /* Phase timing (bench_moe_layer --phases). With on, gpu_moe_fwd and gpu_moe_bwd record a CUDA
@@ -71,7 +110,7 @@ const int32_t *gpu_moe_counts(const gpu_moe_t *self);
  * (the default) costs a branch per boundary. Phase i runs from boundary i to i + 1:
  * gpu_moe_phase_name(i) names it; "between" is whatever the caller enqueued between the
  * forward and the backward; "sort_gather" ends before the host waits for the counts, so that
- * wait and the GEMM launches after it count in "gemm_w1_w3". gpu_moe_phase_ms waits for the
+ * wait and the GEMM launches after it count in "gemm_w13". gpu_moe_phase_ms waits for the
  * last boundary and fills ms[GPU_MOE_NPHASES] for the last fwd + bwd pair; -1 when off. */
 #define GPU_MOE_NPHASES 15
 void gpu_moe_set_phases(gpu_moe_t *self, int on);

@@ -18,6 +18,14 @@ typedef struct {
     int frozen; /* the router's gate under train.freeze_router: no update, not in the norm */
 } s_run_t;
 
+/* The state of one forward/backward for a number of rows: the graph's activations, or the
+ * pass's own. */
+typedef struct {
+    int rows; /* 0: none */
+    model_acts_f32 *acts;
+    void *ps;
+} s_acts_t;
+
 struct model_train {
     const model_backend_f32_t *be;
     model_params_t *params;
@@ -25,10 +33,11 @@ struct model_train {
     uint32_t mb, seq, gb;
     size_t n;         /* floats per slab */
     float *w, *g, *m, *v;
-    float *gtmp;      /* one micro-batch's gradient, before scaling into g */
-    model_acts_f32 *acts;  /* micro_batch x seq_len */
-    model_acts_f32 *tail[2]; /* other micro-batch sizes (a shorter last one, or the two sizes
-                              * of an even spread), made on demand, least recent replaced */
+    float *gtmp;      /* one micro-batch's gradient, before scaling into g (made on first use) */
+    const model_pass_t *pass; /* NULL: model/graph.h's pass over be */
+    s_acts_t acts;    /* micro_batch x seq_len */
+    s_acts_t tail[2]; /* other micro-batch sizes (a shorter last one, or the two sizes of an
+                       * even spread), made on demand, least recent replaced */
     int tail_next;           /* the entry the next new size replaces */
     int32_t *tok;     /* (micro_batch, seq_len + 1) host tokens for the graph */
     s_run_t *runs;
@@ -67,8 +76,50 @@ static bool s_is_router(const model_param_t *p)
     return p->kind == MODEL_PARAM_DENSE && n > k && strcmp(p->name + n - k, suffix) == 0;
 }
 
+static semoe_rc s_acts_new(model_train_t *tr, int rows, s_acts_t *a)
+{
+    *a = (s_acts_t){0};
+    if (tr->pass) {
+        SEMOE_CHECK(tr->pass->create(tr->params, rows, (int)tr->seq, &a->ps));
+        tr->pass->set_router_bias(a->ps, tr->rbias);
+    } else {
+        SEMOE_CHECK(model_acts_new_f32(tr->be, tr->params, rows, (int)tr->seq, tr->R, &a->acts));
+        a->acts->router_bias = tr->rbias;
+    }
+    a->rows = rows;
+    return SEMOE_OK;
+}
+
+static void s_acts_destroy(model_train_t *tr, s_acts_t *a)
+{
+    if (tr->pass && a->ps)
+        tr->pass->destroy(&a->ps);
+    model_acts_destroy_f32(&a->acts);
+    *a = (s_acts_t){0};
+}
+
+static semoe_rc s_forward(model_train_t *tr, s_acts_t *a, const model_exchange_f32 *ex,
+                          model_loss_t *loss)
+{
+    if (tr->pass)
+        return tr->pass->forward(a->ps, tr->w, tr->tok, ex, loss);
+    return model_forward_f32(tr->be, tr->params, tr->w, a->acts, tr->tok, ex, loss);
+}
+
+static semoe_rc s_backward(model_train_t *tr, s_acts_t *a, float *g, const model_exchange_f32 *ex)
+{
+    return model_backward_f32(tr->be, tr->params, tr->w, g, a->acts, ex);
+}
+
 semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
                          const model_job_t *job, model_train_t **out)
+{
+    return model_train_new_pass(be, NULL, params, job, out);
+}
+
+semoe_rc model_train_new_pass(const model_backend_f32_t *be, const model_pass_t *pass,
+                              model_params_t *params, const model_job_t *job,
+                              model_train_t **out)
 {
     *out = NULL;
     uint32_t mb = job->train.micro_batch, seq = job->train.seq_len, gb = job->train.global_batch;
@@ -93,12 +144,8 @@ semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
     tr->mb = mb;
     tr->seq = seq;
     tr->gb = gb;
+    tr->pass = pass;
     tr->n = (size_t)model_params_slab_floats(params);
-    semoe_rc rc = model_acts_new_f32(be, params, (int)mb, (int)seq, 0, &tr->acts);
-    if (rc != SEMOE_OK) {
-        free(tr);
-        return rc;
-    }
     if (job->train.router_bias) {
         uint32_t E = cfg->num_local_experts;
         float *h = semoe_xcalloc(E, sizeof *h);
@@ -107,17 +154,21 @@ semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
         tr->rbias = be->alloc(E * sizeof *h);
         be->to_device(tr->rbias, h, E * sizeof *h);
         free(h);
-        tr->acts->router_bias = tr->rbias;
+    }
+    semoe_rc rc = s_acts_new(tr, (int)mb, &tr->acts);
+    if (rc != SEMOE_OK) {
+        be->free(tr->rbias);
+        free(tr);
+        return rc;
     }
     tr->w = model_slab_new_f32(be, params);
     tr->g = model_slab_new_f32(be, params);
-    tr->gtmp = model_slab_new_f32(be, params);
     tr->m = model_slab_new_f32(be, params);
     tr->v = model_slab_new_f32(be, params);
-    if (!tr->w || !tr->g || !tr->gtmp || !tr->m || !tr->v) {
+    if (!tr->w || !tr->g || !tr->m || !tr->v) {
         size_t n = tr->n;
         model_train_destroy(&tr);
-        return semoe_err(SEMOE_ENOMEM, "model train: cannot allocate 5 slabs of %zu floats", n);
+        return semoe_err(SEMOE_ENOMEM, "model train: cannot allocate 4 slabs of %zu floats", n);
     }
     model_slab_load_f32(be, params, tr->w);
     tr->tok = semoe_xcalloc((size_t)mb * (seq + 1), sizeof *tr->tok);
@@ -156,9 +207,9 @@ void model_train_destroy(model_train_t **self_p)
     model_slab_destroy_f32(tr->be, &tr->gtmp);
     model_slab_destroy_f32(tr->be, &tr->g);
     model_slab_destroy_f32(tr->be, &tr->w);
-    model_acts_destroy_f32(&tr->tail[0]);
-    model_acts_destroy_f32(&tr->tail[1]);
-    model_acts_destroy_f32(&tr->acts);
+    s_acts_destroy(tr, &tr->tail[0]);
+    s_acts_destroy(tr, &tr->tail[1]);
+    s_acts_destroy(tr, &tr->acts);
     free(tr);
     *self_p = NULL;
 }
@@ -166,25 +217,24 @@ void model_train_destroy(model_train_t **self_p)
 /* The activations for a micro-batch of rows (<= micro_batch) rows, with its tokens widened
  * into tr->tok. */
 static semoe_rc s_prepare(model_train_t *tr, const uint8_t *tokens, uint32_t rows,
-                          model_acts_f32 **acts)
+                          s_acts_t **acts)
 {
     for (size_t i = 0; i < (size_t)rows * (tr->seq + 1); i++)
         tr->tok[i] = tokens[i];
     if (rows == tr->mb) {
-        *acts = tr->acts;
+        *acts = &tr->acts;
         return SEMOE_OK;
     }
     for (int k = 0; k < 2; k++)
-        if (tr->tail[k] && tr->tail[k]->B == (int)rows) {
-            *acts = tr->tail[k];
+        if (tr->tail[k].rows == (int)rows) {
+            *acts = &tr->tail[k];
             return SEMOE_OK;
         }
-    model_acts_f32 **slot = &tr->tail[tr->tail_next];
+    s_acts_t *slot = &tr->tail[tr->tail_next];
     tr->tail_next ^= 1;
-    model_acts_destroy_f32(slot);
-    SEMOE_CHECK(model_acts_new_f32(tr->be, tr->params, (int)rows, (int)tr->seq, tr->R, slot));
-    (*slot)->router_bias = tr->rbias;
-    *acts = *slot;
+    s_acts_destroy(tr, slot);
+    SEMOE_CHECK(s_acts_new(tr, (int)rows, slot));
+    *acts = slot;
     return SEMOE_OK;
 }
 
@@ -242,7 +292,8 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
      * into g. Otherwise each micro-batch's gradient lands in gtmp and goes into g times
      * rows / global_batch. With an exchange that reduces the losses (reduce_stats) the
      * micro-batch's loss is already that of every worker's rows together, and backward gives
-     * this worker's share of its gradient: the factor is the global rows / global_batch. */
+     * this worker's share of its gradient: the factor is the global rows / global_batch.
+     * A pass (tr->pass) takes the factor into its loss gradient and accumulates into g. */
     int glob = hooks->ex && hooks->ex->reduce_stats;
     double wsum = 0;
     s_split_t sp = {0}; /* set by s_split; zeroed for gcc -O3's maybe-uninitialized */
@@ -250,21 +301,26 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
     for (uint32_t i = 0; i < sp.n; i++) {
         uint32_t first, rows;
         s_micro(&sp, n_rows, i, &first, &rows);
-        model_acts_f32 *acts;
+        s_acts_t *acts;
         SEMOE_CHECK(s_prepare(tr, tokens + (size_t)first * row_len, rows, &acts));
         model_loss_t loss;
         t0 = s_now();
-        SEMOE_CHECK(model_forward_f32(be, tr->params, tr->w, acts, tr->tok, hooks->ex, &loss));
+        SEMOE_CHECK(s_forward(tr, acts, hooks->ex, &loss));
         tf += s_now() - t0;
         t0 = s_now();
         double scale = glob ? (double)loss.tokens / ((double)tr->seq * tr->gb)
                               : (double)rows / tr->gb;
         int direct = sp.n == 1 && scale == 1.0;
-        if (direct) {
-            SEMOE_CHECK(model_backward_f32(be, tr->params, tr->w, tr->g, acts, hooks->ex));
+        if (tr->pass) { /* scales its loss gradient itself: straight into g */
+            SEMOE_CHECK(tr->pass->backward(acts->ps, tr->w, tr->g, scale));
+        } else if (direct) {
+            SEMOE_CHECK(s_backward(tr, acts, tr->g, hooks->ex));
         } else {
+            if (!tr->gtmp && !(tr->gtmp = model_slab_new_f32(be, tr->params)))
+                return semoe_err(SEMOE_ENOMEM, "model train: cannot allocate a gradient slab of "
+                                 "%zu floats for micro-batches", tr->n);
             model_zero_grad_f32(be, tr->params, tr->gtmp);
-            SEMOE_CHECK(model_backward_f32(be, tr->params, tr->w, tr->gtmp, acts, hooks->ex));
+            SEMOE_CHECK(s_backward(tr, acts, tr->gtmp, hooks->ex));
             be->axpy(tr->g, (float)scale, tr->gtmp, tr->n);
         }
         tb += s_now() - t0;
@@ -346,10 +402,10 @@ semoe_rc model_train_eval(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
     for (uint32_t i = 0; i < sp.n; i++) {
         uint32_t first, rows;
         s_micro(&sp, n_rows, i, &first, &rows);
-        model_acts_f32 *acts;
+        s_acts_t *acts;
         SEMOE_CHECK(s_prepare(tr, tokens + (size_t)first * row_len, rows, &acts));
         model_loss_t loss;
-        SEMOE_CHECK(model_forward_f32(tr->be, tr->params, tr->w, acts, tr->tok, ex, &loss));
+        SEMOE_CHECK(s_forward(tr, acts, ex, &loss));
         /* with reduce_stats the micro-batch's ce is the global one: weigh by its targets */
         double wt = ex && ex->reduce_stats ? (double)loss.tokens : (double)rows;
         sum += loss.ce * wt;
@@ -363,14 +419,21 @@ semoe_rc model_train_set_expert_rows(model_train_t *tr, int rows)
 {
     if (rows < 0)
         return semoe_err(SEMOE_EINVAL, "model train: expert_rows=%d: need >= 0", rows);
-    model_acts_f32 *acts = NULL;
-    SEMOE_CHECK(model_acts_new_f32(tr->be, tr->params, (int)tr->mb, (int)tr->seq, rows, &acts));
-    model_acts_destroy_f32(&tr->acts);
-    model_acts_destroy_f32(&tr->tail[0]);
-    model_acts_destroy_f32(&tr->tail[1]);
-    tr->acts = acts;
-    tr->acts->router_bias = tr->rbias;
+    if (tr->pass && rows > 0)
+        return semoe_err(SEMOE_EINVAL, "model train: the %s pass runs every expert on this "
+                         "process: it takes no rows from an exchange", tr->pass->name);
+    int keep = tr->R;
     tr->R = rows;
+    s_acts_t acts;
+    semoe_rc rc = s_acts_new(tr, (int)tr->mb, &acts);
+    if (rc != SEMOE_OK) {
+        tr->R = keep;
+        return rc;
+    }
+    s_acts_destroy(tr, &tr->acts);
+    s_acts_destroy(tr, &tr->tail[0]);
+    s_acts_destroy(tr, &tr->tail[1]);
+    tr->acts = acts;
     return SEMOE_OK;
 }
 

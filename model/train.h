@@ -72,6 +72,31 @@ double model_train_lr(const model_job_t *job, uint64_t step);
  * *out (model_train_destroy). */
 semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
                          const model_job_t *job, model_train_t **out);
+
+/* A forward/backward pass the trainer runs instead of model/graph.h's over its table: a
+ * device's own mixed-precision graph (gpu/graph_bf16.h's, through gpu/backend.h's
+ * gpu_pass_bf16). Weights and gradients stay the trainer's fp32 params-shaped slabs in the
+ * table's memory; the pass holds every expert (the trainer refuses expert rows from an
+ * exchange, model_train_set_expert_rows) and uses only an exchange's reduce_stats. */
+typedef struct {
+    const char *name; /* "bf16" */
+    /* state for rows sequences of seq tokens of params' model */
+    semoe_rc (*create)(const model_params_t *params, int rows, int seq, void **out);
+    void (*destroy)(void **self_p);
+    /* (E) floats in the table's memory added to the router logits, or NULL; not owned */
+    void (*set_router_bias)(void *self, const float *bias);
+    /* model_forward_f32's contract on w (fp32 master slab) and tokens (rows, seq + 1) */
+    semoe_rc (*forward)(void *self, const float *w, const int32_t *tokens,
+                        const model_exchange_f32 *ex, model_loss_t *loss);
+    /* model_backward_f32's, for the loss times scale: g += scale * d loss / d w (the trainer's
+     * micro-batch weight, so that micro-batches accumulate into one slab) */
+    semoe_rc (*backward)(void *self, const float *w, float *g, double scale);
+} model_pass_t;
+
+/* model_train_new with pass (NULL: model/graph.h's). */
+semoe_rc model_train_new_pass(const model_backend_f32_t *be, const model_pass_t *pass,
+                              model_params_t *params, const model_job_t *job,
+                              model_train_t **out);
 /* Frees everything the trainer allocated; nulls *self_p; NULL and *self_p NULL are fine. */
 void model_train_destroy(model_train_t **self_p);
 
