@@ -5,13 +5,14 @@
 # flash attention alone (bench_flash, when built); bench_train_gpu on issue 5's 2.4 B MoE with
 # the bf16 graph. From the repo root, through the device tool with carry [".device"]:
 #   source .device/on-device.sh && SEMOE_COMMIT=<hash> bash bench/gpu-bf16.sh [parts]
-# parts (default all): any of build tests moe flash train, comma-separated.
+# the worker (bench/gpu-worker.sh: 30 demo steps on cpu fp32, cuda fp32 and cuda bf16).
+# parts (default all): any of build tests moe flash train worker, comma-separated.
 # Everything it prints goes to $OUT/gpu-bf16.log; JSON next to it.
 set -uo pipefail
 out=${OUT:-/tmp/semoe-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/gpu-bf16.log") 2>&1
-parts=${1:-build,tests,moe,flash,train}
+parts=${1:-build,tests,moe,flash,train,worker}
 has() { [[ ",$parts," == *",$1,"* ]]; }
 export NCCL_NVLS_ENABLE=0
 echo "== semoe bench/gpu-bf16.sh ($parts)  commit ${SEMOE_COMMIT:-?}  $(date -u +%FT%TZ)"
@@ -39,6 +40,12 @@ fi
 if has flash && [ -x build-rel/bench/bench_flash ]; then
   timeout 120 build-rel/bench/bench_flash --json "$out/flash.json"
   echo "== bench_flash exited $?, ${SECONDS}s"
+fi
+
+if has worker; then
+  OUT="$out/worker" timeout 200 bash bench/gpu-worker.sh build-rel >/dev/null 2>&1
+  grep -E "^==" "$out/worker/gpu-worker.log"
+  echo "== worker ${SECONDS}s"
 fi
 
 if has train; then

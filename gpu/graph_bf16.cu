@@ -71,6 +71,7 @@ struct gpu_graph_bf16 {
     double ce_scale;   /* d loss / d ce per row: 1 / N locally, 1 / global targets with stats */
     double *aux_grad;  /* (E) host: E f_e / M */
     int fwd_done;
+    const model_exchange_f32 *ex; /* the last forward's, for backward's load accounting */
 };
 
 /* ---------------------------------------------------------------------- setup */
@@ -537,6 +538,8 @@ extern "C" semoe_rc gpu_graph_bf16_forward(gpu_graph_bf16_t *g, const float *w,
         gpu_moe_set_phases(g->moe[l], s_prof_on);
         gpu_moe_weights_t mw = s_moe_weights(g, l);
         gpu_moe_fwd(g->moe[l], &mw, ln2, NULL, res2, res1); /* res2 = res1 + moe */
+        if (ex && ex->note_local)
+            ex->note_local(ex->state, l, E, gpu_moe_counts(g->moe[l]));
         s_section(GPU_GRAPH_NORM_LOSS);
         gpu_bf16_column_sum(g->psum + (size_t)l * E, gpu_moe_probs(g->moe[l]), N, E, g->colwork);
     }
@@ -551,6 +554,7 @@ extern "C" semoe_rc gpu_graph_bf16_forward(gpu_graph_bf16_t *g, const float *w,
     s_section(-1);
     SEMOE_CHECK(rc);
     g->fwd_done = 1;
+    g->ex = ex;
     return SEMOE_OK;
 }
 
@@ -601,6 +605,8 @@ extern "C" semoe_rc gpu_graph_bf16_backward(gpu_graph_bf16_t *g, const float *w,
         gpu_moe_weights_t mw = s_moe_weights(g, l);
         s_section(GPU_GRAPH_MOE_OTHER);
         gpu_moe_bwd(g->moe[l], &mw, ln2, NULL, g->dres, g->dln, &mg);
+        if (g->ex && g->ex->note_local) /* as backward's dispatch (combine's transpose) would */
+            g->ex->note_local(g->ex->state, l, E, gpu_moe_counts(g->moe[l]));
         s_section(GPU_GRAPH_NORM_LOSS);
         s_moe_phases(g->moe[l]);
         gpu_bf16_rmsnorm_bwd(g->dres, gr + ly->ln2, g->dln, res1, w + ly->ln2,

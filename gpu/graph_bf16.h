@@ -14,7 +14,8 @@
  *
  * Every expert of the model must be held by this process (the MoE block runs locally); an
  * exchange passed to forward/backward contributes only reduce_stats (the global losses, as
- * model/graph.h does), its dispatch and combine are not used. router_jitter_noise is not
+ * model/graph.h does) and note_local (the load accounting), its dispatch and combine are not
+ * used. router_jitter_noise is not
  * applied. Memory: linear in T (no attention probabilities).
  *
  * Device pointers are the calling thread's current device (gpu_backend_init); everything runs

@@ -55,6 +55,11 @@ typedef struct {
          * token count) and backward computes this process's share of their gradient, so   \
          * that the sum over processes is the gradient of the global loss. */               \
         semoe_rc (*reduce_stats)(void *state, double *buf, size_t n);                        \
+        /* Optional: a pass that runs every expert of layer `layer` on this process without  \
+         * dispatch or combine (gpu/graph_bf16.h) reports the rows it routed per expert      \
+         * (E, host) where a dispatch would have counted them: once per dispatch it stands   \
+         * in for (forward, and backward's transpose), for the exchange's load accounting. */ \
+        void (*note_local)(void *state, int layer, int E, const int32_t *counts);            \
     } model_exchange_##S;                                                                      \
                                                                                                \
     /* The activation pointer table, llm.c style: every field points into one slab. Shapes:  \

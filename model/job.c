@@ -51,6 +51,7 @@ static const model_spec_field_t s_train[] = {
     S_FIELD(train, checkpoint_interval, MODEL_SPEC_U32),
     S_FIELD(train, eval_interval, MODEL_SPEC_U32),
     S_FIELD(train, freeze_router, MODEL_SPEC_BOOL),
+    S_FIELD(train, precision, MODEL_SPEC_STR),
     S_OTHER("router_bias"),
 };
 #define S_TRAIN_ROUTER_BIAS (S_LEN(s_train) - 1)
@@ -92,6 +93,7 @@ void model_job_defaults(model_job_t *job)
     job->train.min_lr = 1e-4;
     job->train.warmup_steps = 100;
     snprintf(job->train.schedule, sizeof job->train.schedule, "cosine");
+    snprintf(job->train.precision, sizeof job->train.precision, "fp32");
     job->train.weight_decay = 0.1;
     job->train.beta1 = 0.9;
     job->train.beta2 = 0.95;
@@ -250,6 +252,9 @@ static semoe_rc s_validate(const model_job_t *j, const char *origin)
     if (strcmp(j->train.schedule, "cosine") != 0 && strcmp(j->train.schedule, "constant") != 0)
         return model_spec_err_str(w, "schedule", j->train.schedule,
                                   "must be \"cosine\" or \"constant\"");
+    if (strcmp(j->train.precision, "fp32") != 0 && strcmp(j->train.precision, "bf16") != 0)
+        return model_spec_err_str(w, "precision", j->train.precision,
+                                  "must be \"fp32\" or \"bf16\" (bf16 runs on GPU workers)");
     if (!(j->train.weight_decay >= 0))
         return model_spec_err_f64(w, "weight_decay", j->train.weight_decay, "must be >= 0");
     if (!(j->train.beta1 >= 0 && j->train.beta1 < 1))

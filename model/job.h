@@ -31,6 +31,10 @@ typedef struct {
          * bias), applied by this job's training and evaluation only. */
         double *router_bias;
         bool freeze_router;         /* the router (gate) weights get no update */
+        /* "fp32" (every backend) or "bf16": bf16 weights and activations with fp32 master
+         * weights, gradients and residual stream (gpu/graph_bf16.h), on GPU workers that hold
+         * every expert */
+        char precision[8];
     } train;
     struct {
         char **paths;               /* files or directories, as given */

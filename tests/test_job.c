@@ -67,6 +67,7 @@ static bool s_job_equal(const model_job_t *a, const model_job_t *b)
         a->train.checkpoint_interval != b->train.checkpoint_interval ||
         a->train.eval_interval != b->train.eval_interval ||
         a->train.freeze_router != b->train.freeze_router ||
+        strcmp(a->train.precision, b->train.precision) != 0 ||
         !a->train.router_bias != !b->train.router_bias)
         return false;
     for (uint32_t e = 0; a->train.router_bias && e < a->model.num_local_experts; e++)
@@ -363,6 +364,7 @@ static const struct {
     {"micro_gt_global.json", "train.micro_batch=16:", "<= train.global_batch (8)"},
     {"seq_len_gt_positions.json", "train.seq_len=2048:", "max_position_embeddings (1024)"},
     {"bad_schedule.json", "train.schedule=\"linear\":", "\"cosine\" or \"constant\""},
+    {"bad_precision.json", "train.precision=\"fp16\":", "\"fp32\" or \"bf16\""},
     {"duplicate_key.json", "train.steps:", "given twice"},
     {"not_object.json", "not_object.json: must be one JSON object", "not an array"},
     {"section_not_object.json", "train=[...]:", "must be an object"},
@@ -595,7 +597,7 @@ static void s_mutate(cJSON *root)
                                  "paths", "heartbeat_ms", "liveness", "threshold", "ssd_bytes",
                                  "ssd_dir", "schedule", "hidden_act", "sliding_window",
                                  "lr_max", "Hidden_Size", "", "\n", "architectures",
-                                 "router_bias", "freeze_router"};
+                                 "router_bias", "freeze_router", "precision"};
     cJSON *objs[64];
     int n = 0;
     s_collect(root, objs, &n, 64);

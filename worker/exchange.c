@@ -302,6 +302,19 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
     return SEMOE_OK;
 }
 
+/* A pass that ran layer `layer`'s experts here, standing in for a dispatch to this rank: the
+ * rows count as sent and received. */
+static void s_note_local(void *state, int layer, int E, const int32_t *counts)
+{
+    worker_exchange_t *x = state;
+    if (layer < 0 || layer >= x->L || E != x->E)
+        return;
+    for (int e = 0; e < E; e++) {
+        x->routed[(size_t)layer * E + e] += (uint64_t)counts[e];
+        x->acc[(size_t)layer * E + e] += (uint64_t)counts[e];
+    }
+}
+
 static semoe_rc s_combine(void *state, int layer, int E, int D, const float *send,
                           const int32_t *send_counts, float *recv, const int32_t *recv_counts)
 {
@@ -407,7 +420,7 @@ static semoe_rc s_reduce_stats(void *state, double *buf, size_t n)
 model_exchange_f32 worker_exchange_f32(worker_exchange_t *self)
 {
     return (model_exchange_f32){.state = self, .dispatch = s_dispatch, .combine = s_combine,
-                                .reduce_stats = s_reduce_stats};
+                                .reduce_stats = s_reduce_stats, .note_local = s_note_local};
 }
 
 /* --- replicated experts' gradients --------------------------------------------------------- */

@@ -25,6 +25,7 @@
 #include "semoe_config.h"
 #if SEMOE_HAVE_CUDA
 #include "gpu/backend.h"
+#include "gpu/graph_bf16.h"
 #endif
 #include "worker/ckpt.h"
 #include "worker/comm.h"
@@ -399,15 +400,26 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
 
     model_params_t *params = NULL;
     model_train_t *tr = NULL;
+    /* train.precision bf16: the GPU's bf16 graph, which runs every expert here */
+    const model_pass_t *pass = NULL;
+    if (strcmp(job->train.precision, "bf16") == 0) {
+#if SEMOE_HAVE_CUDA
+        if (self->cfg->cuda_device >= 0)
+            pass = &gpu_pass_bf16;
+#endif
+        if (!pass)
+            return semoe_err(SEMOE_EINVAL, "trainer: train.precision \"bf16\" runs on a GPU "
+                             "worker (--device cuda:N); this one computes on the CPU");
+    }
     SEMOE_CHECK(model_params_new(cfg, p->experts, p->n_experts, &params));
     model_params_init(params, job->train.seed);
-    semoe_rc rc = model_train_new(s_be, params, job, &tr);
+    semoe_rc rc = model_train_new_pass(s_be, pass, params, job, &tr);
     /* an expert may receive every routed row of the global micro-batch */
     int64_t rows = (int64_t)per_micro * p->world * job->train.seq_len * cfg->num_experts_per_tok;
     if (rc == SEMOE_OK && rows > INT32_MAX)
         rc = semoe_err(SEMOE_EINVAL, "trainer: %lld expert rows per micro-batch: lower "
                        "train.micro_batch", (long long)rows);
-    if (rc == SEMOE_OK)
+    if (rc == SEMOE_OK && !pass)
         rc = model_train_set_expert_rows(tr, (int)rows);
     worker_migrate_result_t res = {0};
     if (rc == SEMOE_OK) {
