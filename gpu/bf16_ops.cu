@@ -3,6 +3,7 @@
  * with bf16 loads widened exactly to fp32 and one round-to-nearest-even per output. Rows move
  * as 16-byte vectors (8 bf16) where shapes and alignment allow, as single elements otherwise. */
 #include "gpu/bf16_ops.h"
+#include "gpu/bf16.cuh"
 #include "gpu/reduce.cuh"
 #include "gpu/stream.h"
 
@@ -15,7 +16,7 @@
 
 typedef __nv_bfloat16 bf16;
 
-#define S_VEC 8                 /* bf16 per 16-byte vector */
+#define S_VEC GPU_VEC           /* bf16 per 16-byte vector */
 #define S_THREADS 256           /* elementwise kernels */
 #define S_ROW_THREADS 512       /* at most, one block per row */
 #define S_MAX_BLOCKS (1u << 20) /* grid-stride beyond this */
@@ -57,75 +58,6 @@ static unsigned s_row_threads(size_t units)
     return (unsigned)(t < 32 ? 32 : t > S_ROW_THREADS ? S_ROW_THREADS : t);
 }
 
-/* ---- loads and stores of VEC (8 or 1) elements, as fp32 in registers ---------------------- */
-
-/* bf16 -> fp32 is exact (the bits shifted up), the value __bfloat162float gives; p 16-byte
- * aligned when VEC is 8. */
-template <int VEC> __device__ __forceinline__ void s_ld(float v[VEC], const bf16 *p)
-{
-    static_assert(VEC == 1 || VEC == S_VEC, "8 or 1 elements");
-    if constexpr (VEC == S_VEC) {
-        uint4 u = *(const uint4 *)p;
-        unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) { /* little-endian: element 2i is the low half */
-            v[2 * i] = __uint_as_float(w[i] << 16);
-            v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        }
-    } else {
-        v[0] = __bfloat162float(p[0]);
-    }
-}
-
-template <int VEC> __device__ __forceinline__ void s_ld(float v[VEC], const float *p)
-{
-    if constexpr (VEC == S_VEC) {
-        float4 a = ((const float4 *)p)[0], b = ((const float4 *)p)[1];
-        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-    } else {
-        v[0] = p[0];
-    }
-}
-
-__device__ __forceinline__ unsigned s_bits(float v)
-{
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-
-/* Rounds to bf16, to nearest even. */
-template <int VEC> __device__ __forceinline__ void s_st(bf16 *p, const float v[VEC])
-{
-    if constexpr (VEC == S_VEC) {
-        unsigned w[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            w[i] = s_bits(v[2 * i]) | s_bits(v[2 * i + 1]) << 16;
-        *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
-    } else {
-        p[0] = __float2bfloat16_rn(v[0]);
-    }
-}
-
-template <int VEC> __device__ __forceinline__ void s_st(float *p, const float v[VEC])
-{
-    if constexpr (VEC == S_VEC) {
-        ((float4 *)p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-        ((float4 *)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-    } else {
-        p[0] = v[0];
-    }
-}
-
-/* The bits as they are (no trip through fp32: NaN payloads kept). */
-template <int VEC> __device__ __forceinline__ void s_copy(bf16 *dst, const bf16 *src)
-{
-    if constexpr (VEC == S_VEC)
-        *(uint4 *)dst = *(const uint4 *)src;
-    else
-        dst[0] = src[0];
-}
-
 /* ---- casts ---------------------------------------------------------------------------- */
 
 /* n / VEC vectors over the grid, then the n % VEC left by the grid's first threads. */
@@ -134,8 +66,8 @@ template <int VEC> __global__ static void s_from_f32(bf16 *dst, const float *src
     size_t nv = n / VEC;
     S_FOR_EACH(i, nv) {
         float v[VEC];
-        s_ld<VEC>(v, src + i * VEC);
-        s_st<VEC>(dst + i * VEC, v);
+        gpu_ld<VEC>(v, src + i * VEC);
+        gpu_st<VEC>(dst + i * VEC, v);
     }
     size_t t = nv * VEC + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (t < n)
@@ -159,12 +91,12 @@ template <int VEC> __global__ static void s_add_to_f32(float *dst, const bf16 *s
     size_t nv = n / VEC;
     S_FOR_EACH(i, nv) {
         float a[VEC], b[VEC];
-        s_ld<VEC>(a, dst + i * VEC);
-        s_ld<VEC>(b, src + i * VEC);
+        gpu_ld<VEC>(a, dst + i * VEC);
+        gpu_ld<VEC>(b, src + i * VEC);
 #pragma unroll
         for (int q = 0; q < VEC; q++)
             a[q] += b[q];
-        s_st<VEC>(dst + i * VEC, a);
+        gpu_st<VEC>(dst + i * VEC, a);
     }
     size_t t = nv * VEC + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (t < n)
@@ -232,7 +164,7 @@ __global__ static void s_rmsnorm_fwd(bf16 *out, float *rstd, const float *x, con
     float ss = 0.0f;
     for (int c = threadIdx.x; c < nv; c += blockDim.x) {
         float xv[VEC];
-        s_ld<VEC>(xv, x + off + (size_t)c * VEC);
+        gpu_ld<VEC>(xv, x + off + (size_t)c * VEC);
 #pragma unroll
         for (int q = 0; q < VEC; q++)
             ss += xv[q] * xv[q];
@@ -241,12 +173,12 @@ __global__ static void s_rmsnorm_fwd(bf16 *out, float *rstd, const float *x, con
     float r = 1.0f / sqrtf(ss / D + eps);
     for (int c = threadIdx.x; c < nv; c += blockDim.x) {
         float xv[VEC], wv[VEC], ov[VEC];
-        s_ld<VEC>(xv, x + off + (size_t)c * VEC);
-        s_ld<VEC>(wv, w + (size_t)c * VEC);
+        gpu_ld<VEC>(xv, x + off + (size_t)c * VEC);
+        gpu_ld<VEC>(wv, w + (size_t)c * VEC);
 #pragma unroll
         for (int q = 0; q < VEC; q++)
             ov[q] = wv[q] * (xv[q] * r);
-        s_st<VEC>(out + off + (size_t)c * VEC, ov);
+        gpu_st<VEC>(out + off + (size_t)c * VEC, ov);
     }
     if (threadIdx.x == 0)
         rstd[blockIdx.x] = r;
@@ -292,9 +224,9 @@ __global__ static void s_rmsnorm_bwd(float *dx, float *partial, const bf16 *dout
         float dot = 0.0f;
         for (int c = threadIdx.x; c < nv; c += blockDim.x) {
             float dv[VEC], xv[VEC], wv[VEC];
-            s_ld<VEC>(dv, dout + off + (size_t)c * VEC);
-            s_ld<VEC>(xv, x + off + (size_t)c * VEC);
-            s_ld<VEC>(wv, w + (size_t)c * VEC);
+            gpu_ld<VEC>(dv, dout + off + (size_t)c * VEC);
+            gpu_ld<VEC>(xv, x + off + (size_t)c * VEC);
+            gpu_ld<VEC>(wv, w + (size_t)c * VEC);
 #pragma unroll
             for (int q = 0; q < VEC; q++)
                 dot += dv[q] * wv[q] * xv[q];
@@ -303,16 +235,16 @@ __global__ static void s_rmsnorm_bwd(float *dx, float *partial, const bf16 *dout
         float k = dot * r * r * r / D;
         for (int c = threadIdx.x; c < nv; c += blockDim.x) {
             float dv[VEC], xv[VEC], wv[VEC], gv[VEC];
-            s_ld<VEC>(dv, dout + off + (size_t)c * VEC);
-            s_ld<VEC>(xv, x + off + (size_t)c * VEC);
-            s_ld<VEC>(wv, w + (size_t)c * VEC);
-            s_ld<VEC>(gv, dx + off + (size_t)c * VEC);
+            gpu_ld<VEC>(dv, dout + off + (size_t)c * VEC);
+            gpu_ld<VEC>(xv, x + off + (size_t)c * VEC);
+            gpu_ld<VEC>(wv, w + (size_t)c * VEC);
+            gpu_ld<VEC>(gv, dx + off + (size_t)c * VEC);
 #pragma unroll
             for (int q = 0; q < VEC; q++) {
                 gv[q] += dv[q] * wv[q] * r - k * xv[q];
                 s_dw[q * nv + c] += dv[q] * xv[q] * r;
             }
-            s_st<VEC>(dx + off + (size_t)c * VEC, gv);
+            gpu_st<VEC>(dx + off + (size_t)c * VEC, gv);
         }
     }
     for (int c = threadIdx.x; c < nv; c += blockDim.x) {
@@ -320,7 +252,7 @@ __global__ static void s_rmsnorm_bwd(float *dx, float *partial, const bf16 *dout
 #pragma unroll
         for (int q = 0; q < VEC; q++)
             pv[q] = s_dw[q * nv + c];
-        s_st<VEC>(partial + (size_t)blockIdx.x * D + (size_t)c * VEC, pv);
+        gpu_st<VEC>(partial + (size_t)blockIdx.x * D + (size_t)c * VEC, pv);
     }
 }
 
@@ -414,20 +346,20 @@ __global__ static void s_qkv_rope(const bf16 *in_packed, const bf16 *in_q, const
             const bf16 *src = s_head(in_packed, in_q, in_k, in_v, n, h, H, KVH, hd);
             bf16 *dst = s_head(out_packed, out_q, out_k, out_v, n, h, H, KVH, hd);
             float x1[VEC], x2[VEC], y1[VEC], y2[VEC];
-            s_ld<VEC>(x1, src + i0);
-            s_ld<VEC>(x2, src + half + i0);
+            gpu_ld<VEC>(x1, src + i0);
+            gpu_ld<VEC>(x2, src + half + i0);
 #pragma unroll
             for (int q = 0; q < VEC; q++) {
                 float c = cs[i0 + q], s = sn[i0 + q];
                 y1[q] = x1[q] * c - x2[q] * s;
                 y2[q] = x2[q] * c + x1[q] * s;
             }
-            s_st<VEC>(dst + i0, y1);
-            s_st<VEC>(dst + half + i0, y2);
+            gpu_st<VEC>(dst + i0, y1);
+            gpu_st<VEC>(dst + half + i0, y2);
         } else { /* hd a multiple of VEC: a vector never straddles two heads */
             int e = (u - rope_units) * VEC;
             int h = H + KVH + e / hd, i = e % hd;
-            s_copy<VEC>(s_head(out_packed, out_q, out_k, out_v, n, h, H, KVH, hd) + i,
+            gpu_copy_bits<VEC>(s_head(out_packed, out_q, out_k, out_v, n, h, H, KVH, hd) + i,
                         s_head(in_packed, in_q, in_k, in_v, n, h, H, KVH, hd) + i);
         }
     }
@@ -521,7 +453,7 @@ __global__ static void s_ce_fwd(float *losses, float *lse, const bf16 *logits,
     };
     auto eight = [&](int j) {
         float v[S_VEC];
-        s_ld<S_VEC>(v, row + j);
+        gpu_ld<S_VEC>(v, row + j);
         float mn = m;
 #pragma unroll
         for (int q = 0; q < S_VEC; q++)
@@ -572,11 +504,11 @@ __global__ static void s_ce_bwd(bf16 *dlogits, const bf16 *logits, const float *
     };
     auto eight = [&](int j) {
         float v[S_VEC];
-        s_ld<S_VEC>(v, row + j);
+        gpu_ld<S_VEC>(v, row + j);
 #pragma unroll
         for (int q = 0; q < S_VEC; q++)
             v[q] = dloss * (expf(v[q] - l0) - (float)(j + q == t));
-        s_st<S_VEC>(drow + j, v);
+        gpu_st<S_VEC>(drow + j, v);
     };
     s_row_visit<VEC>(row, V, one, eight);
 }

@@ -461,31 +461,11 @@ static semoe_rc s_losses(gpu_graph_bf16_t *g, const model_exchange_f32 *ex, mode
     st[2 * E] = ce;
     st[2 * E + 1] = N;
     int global = ex && ex->reduce_stats;
-    if (global) {
-        semoe_rc rc = ex->reduce_stats(ex->state, st, ns);
-        if (rc != SEMOE_OK) {
-            free(st);
-            return rc;
-        }
-    }
-    double tokens = st[2 * E + 1];
-    if (!(tokens >= 1)) {
-        free(st);
-        return semoe_err(SEMOE_EPROTO, "reduce_stats: %g targets over the global batch", tokens);
-    }
-    double M = tokens * L, aux = 0;
-    for (int e = 0; e < E; e++) {
-        aux += (st[e] / M) * (st[E + e] / M);
-        g->aux_grad[e] = E * (st[e] / M) / M;
-    }
-    aux *= E;
-    g->ce_scale = 1.0 / tokens;
-    loss->ce = st[2 * E] / tokens;
-    loss->aux = aux;
-    loss->loss = loss->ce + g->aux_coef * aux;
-    loss->tokens = global ? (int64_t)tokens : N;
+    semoe_rc rc = model_losses_from_stats(st, E, L, g->aux_coef, global ? ex->reduce_stats : NULL,
+                                          global ? ex->state : NULL, g->aux_grad, &g->ce_scale,
+                                          loss);
     free(st);
-    return SEMOE_OK;
+    return rc;
 }
 
 extern "C" semoe_rc gpu_graph_bf16_forward(gpu_graph_bf16_t *g, const float *w,

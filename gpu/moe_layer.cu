@@ -2,6 +2,7 @@
  * sort into expert order, the expert GEMMs grouped through cuBLAS, and the elementwise
  * kernels of SwiGLU, the weighted combine and their backward. */
 #include "gpu/moe_layer.h"
+#include "gpu/bf16.cuh"
 #include "gpu/cublas.h"
 #include "gpu/ops.h"
 #include "gpu/reduce.cuh"
@@ -21,7 +22,7 @@ typedef __nv_bfloat16 bf16;
 #define S_MAX_E 256
 #define S_MAX_K 16
 #define S_SORT_BLOCK 256 /* flat (token, slot) entries per block of the counting sort */
-#define S_VEC 8          /* bf16 per 16-byte vector */
+#define S_VEC GPU_VEC    /* bf16 per 16-byte vector */
 
 
 /* One expert-GEMM call: per nonempty expert one problem C = op(A) op(B) in cuBLAS's
@@ -241,30 +242,6 @@ __global__ void s_gather_kernel(bf16 *h, const bf16 *x, const int32_t *rowtok, i
         dst[c] = src[c];
 }
 
-/* 8 bf16 at p (16-byte aligned) as floats; bf16 -> fp32 is exact (the bits shifted up), the
- * same values __bfloat162float gives. */
-__device__ __forceinline__ void s_ld8(float v[S_VEC], const bf16 *p)
-{
-    uint4 u = *(const uint4 *)p;
-    unsigned w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) { /* little-endian: element 2i is the low half */
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-
-/* 8 floats rounded to bf16 (__float2bfloat16, to nearest even) to p (16-byte aligned). */
-__device__ __forceinline__ void s_st8(bf16 *p, const float v[S_VEC])
-{
-    unsigned w[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-        w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i])) |
-               (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i + 1])) << 16;
-    *(uint4 *)p = make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 /* g = silu(a) * b with the peer's roundings: silu(a) to bf16, then the product; a and b are the
  * halves of ab's rows (M, 2f). n8 vectors of 8 over g (M, f), f8 = f / 8 of them per row (f a
  * multiple of 8; the buffers are slab pointers, 256-byte aligned). */
@@ -275,14 +252,14 @@ __global__ void s_swiglu_kernel(bf16 *g, const bf16 *ab, size_t n8, int f8)
         size_t r = i / f8, c = i % f8;
         const bf16 *a = ab + (r * 2 * f8 + c) * S_VEC, *b = a + (size_t)f8 * S_VEC;
         float av[S_VEC], bv[S_VEC], gv[S_VEC];
-        s_ld8(av, a);
-        s_ld8(bv, b);
+        gpu_ld<S_VEC>(av, a);
+        gpu_ld<S_VEC>(bv, b);
 #pragma unroll
         for (int q = 0; q < S_VEC; q++) {
             float s = s_bf(av[q] / (1.0f + expf(-av[q])));
             gv[q] = s * bv[q];
         }
-        s_st8(g + i * S_VEC, gv);
+        gpu_st<S_VEC>(g + i * S_VEC, gv);
     }
 }
 
@@ -295,9 +272,9 @@ __global__ void s_swiglu_bwd_kernel(bf16 *dab, const bf16 *dg, const bf16 *ab, s
     for (; i < n8; i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i / f8, c = i % f8, o = (r * 2 * f8 + c) * S_VEC, ob = o + (size_t)f8 * S_VEC;
         float av[S_VEC], bv[S_VEC], gvv[S_VEC], dav[S_VEC], dbv[S_VEC];
-        s_ld8(av, ab + o);
-        s_ld8(bv, ab + ob);
-        s_ld8(gvv, dg + i * S_VEC);
+        gpu_ld<S_VEC>(av, ab + o);
+        gpu_ld<S_VEC>(bv, ab + ob);
+        gpu_ld<S_VEC>(gvv, dg + i * S_VEC);
 #pragma unroll
         for (int q = 0; q < S_VEC; q++) {
             float s = 1.0f / (1.0f + expf(-av[q]));
@@ -306,17 +283,9 @@ __global__ void s_swiglu_bwd_kernel(bf16 *dab, const bf16 *dg, const bf16 *ab, s
             dav[q] = dsilu * s * (1.0f + av[q] * (1.0f - s));
             dbv[q] = gvv[q] * silu;
         }
-        s_st8(dab + o, dav);
-        s_st8(dab + ob, dbv);
+        gpu_st<S_VEC>(dab + o, dav);
+        gpu_st<S_VEC>(dab + ob, dbv);
     }
-}
-
-/* 8 floats from p: fp32 (two float4) or bf16 (one 16-byte vector). */
-__device__ __forceinline__ void s_ld8(float v[S_VEC], const float *p)
-{
-    float4 lo = ((const float4 *)p)[0], hi = ((const float4 *)p)[1];
-    v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
-    v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
 }
 
 /* out[t] = sum_j bf16(w[t,j] y[pos[t,j]]), summed in fp32 in slot order, bf16 out; or, when
@@ -332,19 +301,19 @@ __global__ void s_combine_kernel(bf16 *out, float *out32, const float *res32, co
             size_t r = (size_t)pos[(size_t)t * K + j];
             float w = __bfloat162float(wts[(size_t)t * K + j]);
             float yv[S_VEC];
-            s_ld8(yv, y + r * d + c);
+            gpu_ld<S_VEC>(yv, y + r * d + c);
 #pragma unroll
             for (int q = 0; q < S_VEC; q++)
                 acc[q] += s_bf(yv[q] * w);
         }
         if (out32) {
             float rv[S_VEC];
-            s_ld8(rv, res32 + (size_t)t * d + c);
+            gpu_ld<S_VEC>(rv, res32 + (size_t)t * d + c);
             float4 *o = (float4 *)(out32 + (size_t)t * d + c);
             o[0] = make_float4(rv[0] + acc[0], rv[1] + acc[1], rv[2] + acc[2], rv[3] + acc[3]);
             o[1] = make_float4(rv[4] + acc[4], rv[5] + acc[5], rv[6] + acc[6], rv[7] + acc[7]);
         } else {
-            s_st8(out + (size_t)t * d + c, acc);
+            gpu_st<S_VEC>(out + (size_t)t * d + c, acc);
         }
     }
 }
@@ -362,14 +331,14 @@ __global__ void s_combine_bwd_kernel(bf16 *dy, float *dwt, const DT *dout, const
         float dot = 0.0f;
         for (int c = threadIdx.x * S_VEC; c < d; c += blockDim.x * S_VEC) {
             float o[S_VEC], yv[S_VEC], dv[S_VEC];
-            s_ld8(o, dout + (size_t)t * d + c);
-            s_ld8(yv, y + r * d + c);
+            gpu_ld<S_VEC>(o, dout + (size_t)t * d + c);
+            gpu_ld<S_VEC>(yv, y + r * d + c);
 #pragma unroll
             for (int q = 0; q < S_VEC; q++) {
                 dot += o[q] * yv[q];
                 dv[q] = o[q] * w;
             }
-            s_st8(dy + r * d + c, dv);
+            gpu_st<S_VEC>(dy + r * d + c, dv);
         }
         dot = gpu_block_sum(dot);
         if (threadIdx.x == 0)
@@ -427,12 +396,12 @@ __global__ void s_dx_kernel(bf16 *dx, const float *dxr, const bf16 *dh, const in
         for (int j = 0; j < K; j++) {
             size_t r = (size_t)pos[(size_t)t * K + j];
             float v[S_VEC];
-            s_ld8(v, dh + r * d + c);
+            gpu_ld<S_VEC>(v, dh + r * d + c);
 #pragma unroll
             for (int q = 0; q < S_VEC; q++)
                 acc[q] += v[q];
         }
-        s_st8(dx + (size_t)t * d + c, acc);
+        gpu_st<S_VEC>(dx + (size_t)t * d + c, acc);
     }
 }
 
@@ -465,11 +434,11 @@ __global__ void s_scale_kernel(bf16 *y, const bf16 *x, size_t n, float scale, in
     size_t n8 = vec ? n / S_VEC : 0;
     for (size_t i = i0; i < n8; i += stride) {
         float v[S_VEC];
-        s_ld8(v, x + i * S_VEC);
+        gpu_ld<S_VEC>(v, x + i * S_VEC);
 #pragma unroll
         for (int q = 0; q < S_VEC; q++)
             v[q] = scale * v[q];
-        s_st8(y + i * S_VEC, v);
+        gpu_st<S_VEC>(y + i * S_VEC, v);
     }
     for (size_t i = n8 * S_VEC + i0; i < n; i += stride)
         y[i] = __float2bfloat16(scale * __bfloat162float(x[i]));

@@ -84,6 +84,30 @@ fail:
     return rc;
 }
 
+semoe_rc model_losses_from_stats(double *st, int E, int L, double coef,
+                                 semoe_rc (*reduce)(void *state, double *buf, size_t n),
+                                 void *state, double *aux_grad, double *per_target,
+                                 model_loss_t *loss)
+{
+    if (reduce)
+        SEMOE_CHECK(reduce(state, st, 2 * (size_t)E + 2));
+    double tokens = st[2 * E + 1];
+    if (!(tokens >= 1))
+        return semoe_err(SEMOE_EPROTO, "reduce_stats: %g targets over the global batch", tokens);
+    double M = tokens * L, aux = 0;
+    for (int e = 0; e < E; e++) {
+        aux += (st[e] / M) * (st[E + e] / M);
+        aux_grad[e] = E * (st[e] / M) / M;
+    }
+    aux *= E;
+    *per_target = 1.0 / tokens;
+    loss->ce = st[2 * E] / tokens;
+    loss->aux = aux;
+    loss->loss = loss->ce + coef * aux;
+    loss->tokens = (int64_t)tokens;
+    return SEMOE_OK;
+}
+
 #define T float
 #define S f32
 #include "model/graph_impl.h"

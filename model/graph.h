@@ -175,4 +175,18 @@ typedef struct {
 MODEL_GRAPH_DECLARE(float, f32)
 MODEL_GRAPH_DECLARE(double, f64)
 
+/* The losses of one forward pass from its sums over this process's tokens, for any pass (this
+ * graph's, gpu/graph_bf16.h's): st (2E + 2) = [rows routed to each expert over every layer (E),
+ * router probabilities summed per expert over every layer's tokens (E), the targets'
+ * cross-entropies summed, the number of targets]. reduce(state, st, 2E + 2), when not NULL,
+ * sums them over processes in place (an exchange's reduce_stats). aux = E sum_e f_e P_e with
+ * f_e = st[e] / M, P_e = st[E + e] / M, M = L x targets (transformers' pooling over layers);
+ * fills *loss (tokens: the targets counted), aux_grad (E) = d aux / d probs[m, e] = E f_e / M
+ * for every row m, and *per_target = 1 / targets (d ce / d one target's cross-entropy).
+ * SEMOE_EPROTO when the targets sum to less than 1; reduce's error as it is. */
+semoe_rc model_losses_from_stats(double *st, int E, int L, double coef,
+                                 semoe_rc (*reduce)(void *state, double *buf, size_t n),
+                                 void *state, double *aux_grad, double *per_target,
+                                 model_loss_t *loss);
+
 #endif

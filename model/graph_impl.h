@@ -306,30 +306,12 @@ static semoe_rc G(s_global_losses)(const BE_T *be, ACTS_T *s, const EX_T *ex, do
             st[E + e] += (double)s->h_probs[m * E + e];
     st[2 * E] = (double)ce * N;
     st[2 * E + 1] = N;
-    semoe_rc rc = ex->reduce_stats(ex->state, st, n);
-    if (rc != SEMOE_OK) {
-        free(st);
-        return rc;
-    }
-    double tokens = st[2 * E + 1];
-    if (!(tokens >= 1)) {
-        free(st);
-        return semoe_err(SEMOE_EPROTO, "reduce_stats: %g targets over the global batch",
-                         tokens);
-    }
-    double Mg = tokens * L, aux = 0;
-    for (int e = 0; e < E; e++) {
-        aux += (st[e] / Mg) * (st[E + e] / Mg);
-        s->aux_coef[e] = E * (st[e] / Mg) / Mg;
-    }
-    aux *= E;
-    s->ce_scale = N / tokens;
-    loss->ce = st[2 * E] / tokens;
-    loss->aux = aux;
-    loss->loss = loss->ce + coef * aux;
-    loss->tokens = (int64_t)tokens;
+    double per_target = 0;
+    semoe_rc rc = model_losses_from_stats(st, E, L, coef, ex->reduce_stats, ex->state,
+                                          s->aux_coef, &per_target, loss);
+    s->ce_scale = N * per_target;
     free(st);
-    return SEMOE_OK;
+    return rc;
 }
 
 semoe_rc G(model_forward)(const BE_T *be, const model_params_t *params, const T *w,

@@ -279,17 +279,8 @@ static void s_config(model_config_t *c)
 static void s_check_training(void)
 {
     model_job_t job;
-    model_job_defaults(&job);
+    test_tiny_train20(&job, 16, 1e-3);
     s_config(&job.model);
-    job.train.seq_len = 16;
-    job.train.global_batch = 8;
-    job.train.micro_batch = 4;
-    job.train.lr = 1e-3;
-    job.train.min_lr = 1e-4;
-    job.train.warmup_steps = 2;
-    snprintf(job.train.schedule, sizeof job.train.schedule, "cosine");
-    job.train.grad_clip = 1.0;
-    job.train.steps = 20;
     const int steps = 20;
     int V = (int)job.model.vocab_size, rows = (int)job.train.global_batch;
     size_t row_len = job.train.seq_len + 1;

@@ -36,3 +36,17 @@ model_params_t *test_tiny_params(const model_config_t *cfg, uint64_t seed, doubl
     }
     return p;
 }
+
+void test_tiny_train20(model_job_t *job, uint32_t seq_len, double lr)
+{
+    model_job_defaults(job);
+    job->train.seq_len = seq_len;
+    job->train.global_batch = 8;
+    job->train.micro_batch = 4;
+    job->train.lr = lr;
+    job->train.min_lr = lr / 10;
+    job->train.warmup_steps = 2;
+    snprintf(job->train.schedule, sizeof job->train.schedule, "cosine");
+    job->train.grad_clip = 1.0;
+    job->train.steps = 20;
+}

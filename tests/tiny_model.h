@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "model/config.h"
+#include "model/job.h"
 #include "model/params.h"
 
 /* Vocabulary 32, hidden 16, 2 layers, 4 heads / 2 kv heads of 4, 4 experts of 24, top-2,
@@ -18,5 +19,10 @@ void test_tiny_config(model_config_t *c);
  * +-noise so that activations and routing are not trivial (the harness's random numbers).
  * NULL when the config is refused. */
 model_params_t *test_tiny_params(const model_config_t *cfg, uint64_t seed, double noise);
+
+/* The training the GPU tests compare with the CPU's: model_job_defaults, then global batch 8
+ * in micro-batches of 4 of seq_len tokens, lr (min_lr lr / 10), warmup 2, cosine, clipping at
+ * 1, 20 steps. job->model is left to the caller. */
+void test_tiny_train20(model_job_t *job, uint32_t seq_len, double lr);
 
 #endif
