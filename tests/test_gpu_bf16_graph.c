@@ -20,6 +20,7 @@
 #include "model/job.h"
 #include "model/params.h"
 #include "model/train.h"
+#include "tests/gpu_util.h"
 #include "tests/harness.h"
 #include "tests/tiny_model.h"
 
@@ -39,26 +40,6 @@
 
 static const model_backend_f32_t *const s_cpu = &cpu_backend_f32;
 static const model_backend_f32_t *const s_gpu = &gpu_backend_f32;
-
-/* bf16 bits to float */
-static float s_from_bf16(uint16_t b)
-{
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static double s_rel(const float *got, const float *want, size_t n, double floor)
-{
-    double d = 0, w = 0;
-    for (size_t i = 0; i < n; i++) {
-        double e = (double)got[i] - want[i];
-        d += e * e;
-        w += (double)want[i] * want[i];
-    }
-    return sqrt(d) / fmax(sqrt(w), floor);
-}
 
 /* config 0: hd 64, 4 query heads on 2 kv heads, top-2 of 6 experts, untied; config 1: hd 128,
  * 2 heads on 1, top-1 of 4, tied, 3 layers */
@@ -108,9 +89,7 @@ static bool s_pass_once(int which, int B, int T, bool bias, int draw, bool *same
     model_params_t *p = test_tiny_params(&cfg, test_rand(), 0.1);
     S_NEED(p, "params: %s", semoe_err_msg());
     size_t nf = model_params_slab_floats(p);
-    int32_t *tok = malloc(B * ((size_t)T + 1) * sizeof *tok);
-    for (size_t i = 0; i < B * ((size_t)T + 1); i++)
-        tok[i] = (int32_t)test_rand_below(V);
+    int32_t *tok = test_rand_ints(B * ((size_t)T + 1), (int)V);
     float hb[64] = {0};
     for (size_t e = 0; e < E; e++)
         hb[e] = bias ? (float)(2.0 * test_rand_unit() - 1.0) : 0.0f;
@@ -130,10 +109,8 @@ static bool s_pass_once(int which, int B, int T, bool bias, int draw, bool *same
     /* the bf16 graph */
     gpu_graph_bf16_t *g = NULL;
     S_NEED(gpu_graph_bf16_new(p, B, T, &g) == SEMOE_OK, "bf16 graph: %s", semoe_err_msg());
-    float *wd = gpu_alloc(nf * sizeof(float)), *gd = gpu_alloc(nf * sizeof(float));
-    float *bd = gpu_alloc(E * sizeof(float));
-    gpu_to_device(wd, wc, nf * sizeof(float));
-    gpu_to_device(bd, hb, E * sizeof(float));
+    float *wd = test_gpu_upf(wc, nf), *gd = gpu_alloc(nf * sizeof(float));
+    float *bd = test_gpu_upf(hb, E);
     if (bias)
         gpu_graph_bf16_set_router_bias(g, bd);
     S_NEED(gpu_graph_bf16_forward(g, wd, tok, NULL, &lg) == SEMOE_OK, "bf16 forward: %s",
@@ -152,20 +129,19 @@ static bool s_pass_once(int which, int B, int T, bool bias, int draw, bool *same
     float *logits = malloc(N * V * sizeof *logits);
     gpu_to_host(hl, gpu_graph_bf16_logits(g), N * V * sizeof *hl);
     for (size_t i = 0; i < N * V; i++)
-        logits[i] = s_from_bf16(hl[i]);
+        logits[i] = test_bf16_value(hl[i]);
     S_NEED(gpu_graph_bf16_backward(g, wd, gd, 1.0) == SEMOE_OK, "bf16 backward: %s",
             semoe_err_msg());
-    float *gg = malloc(nf * sizeof *gg);
-    gpu_to_host(gg, gd, nf * sizeof *gg);
+    float *gg = test_gpu_downf(gd, nf);
 
     double lrel = fabs(lg.loss - lc.loss) / fabs(lc.loss);
     double arel = fabs(lg.aux - lc.aux) / fmax(fabs(lc.aux), 1e-12);
-    double grel = s_rel(logits, a->a.logits, N * V, 1e-30);
-    double worst = 0, all = s_rel(gg, gc, nf, 1e-30);
+    double grel = test_rel_err(logits, a->a.logits, N * V, 1e-30);
+    double worst = 0, all = test_rel_err(gg, gc, nf, 1e-30);
     const char *wname = "";
     for (size_t i = 0; i < model_params_count(p); i++) {
         const model_param_t *t = model_params_at(p, i);
-        double r = s_rel(gg + t->offset, gc + t->offset, t->numel, S_GRAD_FLOOR);
+        double r = test_rel_err(gg + t->offset, gc + t->offset, t->numel, S_GRAD_FLOOR);
         if (*same_route)
             CHECK(r < S_TOL_GRAD, "config %d: gradient %s rel %.3g", which, t->name, r);
         if (r > worst) {

@@ -18,6 +18,7 @@
 #include "gpu/bf16_ops.h"
 #include "gpu/device.h"
 #include "gpu/ops.h"
+#include "tests/gpu_util.h"
 #include "tests/harness.h"
 
 #define S_TOL_BF16 1e-2 /* bf16 outputs against the CPU's fp32 ones */
@@ -25,70 +26,13 @@
 
 /* ---- helpers ------------------------------------------------------------------------- */
 
-/* f rounded to the nearest bf16 (ties to even), as __float2bfloat16_rn: the bit pattern. */
-static uint16_t s_bits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7f800000u) == 0x7f800000u) /* inf stays inf, NaN stays a (quiet) NaN */
-        return (uint16_t)((u >> 16) | ((u & 0x7fffffu) ? 0x40u : 0u));
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static float s_from_bits(uint16_t b)
-{
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static float s_bf16(float f)
-{
-    return s_from_bits(s_bits(f));
-}
-
-/* Uniform in [lo, hi); rounded to bf16 when round is set. */
-static float *s_uniform(size_t n, double lo, double hi, bool round)
-{
-    float *x = semoe_xmalloc((n ? n : 1) * sizeof *x);
-    for (size_t i = 0; i < n; i++) {
-        x[i] = (float)(lo + (hi - lo) * test_rand_unit());
-        if (round)
-            x[i] = s_bf16(x[i]);
-    }
-    return x;
-}
-
-static float *s_rand(size_t n, double a)
-{
-    return s_uniform(n, -a, a, false);
-}
-
+/* n floats uniform in [-a, a), each rounded to bf16. */
 static float *s_rand_bf16(size_t n, double a)
 {
-    return s_uniform(n, -a, a, true);
-}
-
-static int32_t *s_rand_int(size_t n, int below)
-{
-    int32_t *x = semoe_xmalloc((n ? n : 1) * sizeof *x);
+    float *x = test_rand_floats(n, a);
     for (size_t i = 0; i < n; i++)
-        x[i] = (int32_t)test_rand_below((uint64_t)below);
+        x[i] = test_bf16_round(x[i]);
     return x;
-}
-
-static void *s_up(const void *x, size_t bytes)
-{
-    void *d = gpu_alloc(bytes);
-    gpu_to_device(d, x, bytes);
-    return d;
-}
-
-static float *s_upf(const float *x, size_t n)
-{
-    return s_up(x, n * sizeof(float));
 }
 
 /* A device bf16 copy of host x (n values, bf16-representable or rounded here). */
@@ -96,8 +40,8 @@ static uint16_t *s_upb(const float *x, size_t n)
 {
     uint16_t *h = semoe_xmalloc((n ? n : 1) * sizeof *h);
     for (size_t i = 0; i < n; i++)
-        h[i] = s_bits(x[i]);
-    uint16_t *d = s_up(h, n * sizeof *h);
+        h[i] = test_bf16_bits(x[i]);
+    uint16_t *d = test_gpu_up(h, n * sizeof *h);
     free(h);
     return d;
 }
@@ -105,17 +49,10 @@ static uint16_t *s_upb(const float *x, size_t n)
 /* Device bf16 garbage for outputs that must be overwritten. */
 static uint16_t *s_garbage_bf16(size_t n)
 {
-    float *g = s_rand(n, 100);
+    float *g = test_rand_floats(n, 100);
     uint16_t *d = s_upb(g, n);
     free(g);
     return d;
-}
-
-static float *s_downf(const float *d, size_t n)
-{
-    float *h = semoe_xmalloc((n ? n : 1) * sizeof *h);
-    gpu_to_host(h, d, n * sizeof *h);
-    return h;
 }
 
 static float *s_downb(const uint16_t *d, size_t n)
@@ -124,21 +61,9 @@ static float *s_downb(const uint16_t *d, size_t n)
     gpu_to_host(b, d, n * sizeof *b);
     float *h = semoe_xmalloc((n ? n : 1) * sizeof *h);
     for (size_t i = 0; i < n; i++)
-        h[i] = s_from_bits(b[i]);
+        h[i] = test_bf16_value(b[i]);
     free(b);
     return h;
-}
-
-/* ||got - want|| / ||want|| in double; the absolute norm when want is all zeros. */
-static double s_rel(const float *got, const float *want, size_t n)
-{
-    double dd = 0, ww = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        dd += d * d;
-        ww += (double)want[i] * want[i];
-    }
-    return ww > 0 ? sqrt(dd / ww) : sqrt(dd);
 }
 
 static void s_expect(const char *op, const char *what, const char *size, double err, double tol)
@@ -151,7 +76,7 @@ static void s_expect(const char *op, const char *what, const char *size, double 
 static void s_cmp(const char *op, const char *what, const char *size, float *got,
                   const float *want, size_t n, double tol)
 {
-    s_expect(op, what, size, s_rel(got, want, n), tol);
+    s_expect(op, what, size, test_rel_err(got, want, n, 0), tol);
     free(got);
 }
 
@@ -179,7 +104,7 @@ static void test_casts(void)
             size_t n = sizes[c];
             char sz[64];
             snprintf(sz, sizeof sz, "n=%zu%s", n, skew ? " unaligned" : "");
-            float *x = s_rand(n, 3);
+            float *x = test_rand_floats(n, 3);
             for (size_t i = 0; i < n; i += 5) { /* exact ties: to even, up or down */
                 uint32_t u;
                 memcpy(&u, &x[i], sizeof u);
@@ -188,7 +113,7 @@ static void test_casts(void)
             }
             float *want = semoe_xmalloc(n * sizeof *want);
             for (size_t i = 0; i < n; i++)
-                want[i] = s_bf16(x[i]);
+                want[i] = test_bf16_round(x[i]);
             float *d_x = gpu_alloc((n + 1) * sizeof(float));
             gpu_to_device(d_x + skew, x, n * sizeof(float));
             uint16_t *d_b = s_garbage_bf16(n + 1);
@@ -198,12 +123,12 @@ static void test_casts(void)
             s_cmp_exact("bf16_from_f32", "dst", sz, got, want, n);
 
             /* add_to_f32: dst (random) += the bf16 values just made */
-            float *dst = s_rand(n, 3);
+            float *dst = test_rand_floats(n, 3);
             gpu_to_device(d_x + skew, dst, n * sizeof(float));
             gpu_bf16_add_to_f32(d_x + skew, d_b + skew, n);
             for (size_t i = 0; i < n; i++)
                 dst[i] += want[i];
-            float *sum = s_downf(d_x, n + 1);
+            float *sum = test_gpu_downf(d_x, n + 1);
             memmove(sum, sum + skew, n * sizeof *sum);
             s_cmp_exact("bf16_add_to_f32", "dst", sz, sum, dst, n);
 
@@ -227,31 +152,33 @@ static void test_rmsnorm(void)
         size_t n = (size_t)N * D;
         char sz[64];
         snprintf(sz, sizeof sz, "N=%d D=%d", N, D);
-        float *x = s_rand(n, 2), *w = s_uniform((size_t)D, -1.5, 1.5, false);
+        float *x = test_rand_floats(n, 2), *w = test_rand_uniform((size_t)D, -1.5, 1.5);
         float *out = semoe_xmalloc(n * sizeof *out), *rstd = semoe_xmalloc(N * sizeof *rstd);
         cpu_rmsnorm_fwd_f32(out, rstd, x, w, N, D, eps);
 
-        float *d_x = s_upf(x, n), *d_w = s_upf(w, (size_t)D);
-        float *g_rstd = s_rand((size_t)N, 9), *d_rstd = s_upf(g_rstd, (size_t)N);
+        float *d_x = test_gpu_upf(x, n), *d_w = test_gpu_upf(w, (size_t)D);
+        float *g_rstd = test_rand_floats((size_t)N, 9), *d_rstd = test_gpu_upf(g_rstd, (size_t)N);
         uint16_t *d_out = s_garbage_bf16(n);
         gpu_bf16_rmsnorm_fwd(d_out, d_rstd, d_x, d_w, N, D, eps);
         s_cmp("rmsnorm_fwd", "out", sz, s_downb(d_out, n), out, n, S_TOL_BF16);
-        s_cmp("rmsnorm_fwd", "rstd", sz, s_downf(d_rstd, (size_t)N), rstd, (size_t)N,
+        s_cmp("rmsnorm_fwd", "rstd", sz, test_gpu_downf(d_rstd, (size_t)N), rstd, (size_t)N,
               S_TOL_F32);
 
         /* backward from bf16 dout on the CPU's rstd; dx and dw accumulate into random values */
-        float *dout = s_rand_bf16(n, 1), *dx = s_rand(n, 1), *dw = s_rand((size_t)D, 1);
+        float *dout = s_rand_bf16(n, 1), *dx = test_rand_floats(n, 1);
+        float *dw = test_rand_floats((size_t)D, 1);
         uint16_t *d_dout = s_upb(dout, n);
-        float *d_dx = s_upf(dx, n), *d_dw = s_upf(dw, (size_t)D), *d_dw2 = s_upf(dw, (size_t)D);
+        float *d_dx = test_gpu_upf(dx, n), *d_dw = test_gpu_upf(dw, (size_t)D);
+        float *d_dw2 = test_gpu_upf(dw, (size_t)D);
         gpu_to_device(d_rstd, rstd, (size_t)N * sizeof(float));
         cpu_rmsnorm_bwd_f32(dx, dw, dout, x, w, rstd, N, D);
         gpu_bf16_rmsnorm_bwd(d_dx, d_dw, d_dout, d_x, d_w, d_rstd, N, D);
-        s_cmp("rmsnorm_bwd", "dx", sz, s_downf(d_dx, n), dx, n, S_TOL_F32);
-        float *got_dw = s_downf(d_dw, (size_t)D);
-        s_cmp("rmsnorm_bwd", "dw", sz, s_downf(d_dw, (size_t)D), dw, (size_t)D, S_TOL_F32);
+        s_cmp("rmsnorm_bwd", "dx", sz, test_gpu_downf(d_dx, n), dx, n, S_TOL_F32);
+        float *got_dw = test_gpu_downf(d_dw, (size_t)D);
+        s_cmp("rmsnorm_bwd", "dw", sz, test_gpu_downf(d_dw, (size_t)D), dw, (size_t)D, S_TOL_F32);
         /* deterministic: a second run from the same start gives the same bits */
         gpu_bf16_rmsnorm_bwd(d_dx, d_dw2, d_dout, d_x, d_w, d_rstd, N, D);
-        s_cmp_exact("rmsnorm_bwd", "dw again", sz, s_downf(d_dw2, (size_t)D), got_dw,
+        s_cmp_exact("rmsnorm_bwd", "dw again", sz, test_gpu_downf(d_dw2, (size_t)D), got_dw,
                     (size_t)D);
 
         free(x), free(w), free(out), free(rstd), free(g_rstd), free(dout), free(dx), free(dw);
@@ -294,8 +221,8 @@ static void test_qkv_rope(void)
         size_t nq = (size_t)N * H * hd, nk = (size_t)N * KVH * hd, nall = nq + 2 * nk;
         char sz[64];
         snprintf(sz, sizeof sz, "N=%d H=%d KVH=%d hd=%d", N, H, KVH, hd);
-        int32_t *pos = s_rand_int((size_t)N, 32768);
-        int32_t *d_pos = s_up(pos, (size_t)N * sizeof *pos);
+        int32_t *pos = test_rand_ints((size_t)N, 32768);
+        int32_t *d_pos = test_gpu_upi(pos, (size_t)N);
 
         /* forward: the CPU ropes q and k split out of the rounded fused rows */
         float *qkv = s_rand_bf16(nall, 2);
@@ -348,9 +275,9 @@ static void test_ce(void)
         char sz[64];
         snprintf(sz, sizeof sz, "N=%d V=%d", N, V);
         float *logits = s_rand_bf16(n, 4);
-        int32_t *tgt = s_rand_int((size_t)N, V);
+        int32_t *tgt = test_rand_ints((size_t)N, V);
         uint16_t *d_logits = s_upb(logits, n);
-        int32_t *d_tgt = s_up(tgt, (size_t)N * sizeof *tgt);
+        int32_t *d_tgt = test_gpu_upi(tgt, (size_t)N);
 
         /* forward: losses from the CPU, lse in double here */
         float *losses = semoe_xmalloc(N * sizeof *losses), *lse = semoe_xmalloc(N * sizeof *lse);
@@ -364,12 +291,13 @@ static void test_ce(void)
                 s += exp(l[j] - m);
             lse[r] = (float)(m + log(s));
         }
-        float *garbage = s_rand((size_t)N, 50);
-        float *d_losses = s_upf(garbage, (size_t)N), *d_lse = s_upf(garbage, (size_t)N);
+        float *garbage = test_rand_floats((size_t)N, 50);
+        float *d_losses = test_gpu_upf(garbage, (size_t)N);
+        float *d_lse = test_gpu_upf(garbage, (size_t)N);
         gpu_bf16_ce_fwd(d_losses, d_lse, d_logits, d_tgt, N, V);
-        s_cmp("ce_fwd", "losses", sz, s_downf(d_losses, (size_t)N), losses, (size_t)N,
+        s_cmp("ce_fwd", "losses", sz, test_gpu_downf(d_losses, (size_t)N), losses, (size_t)N,
               S_TOL_F32);
-        s_cmp("ce_fwd", "lse", sz, s_downf(d_lse, (size_t)N), lse, (size_t)N, S_TOL_F32);
+        s_cmp("ce_fwd", "lse", sz, test_gpu_downf(d_lse, (size_t)N), lse, (size_t)N, S_TOL_F32);
 
         /* backward, scale dloss per row: the CPU's dloss / N with dloss' = dloss N */
         float dloss = (float)((0.5 + test_rand_unit()) / N);
@@ -378,7 +306,7 @@ static void test_ce(void)
         uint16_t *d_dl = s_garbage_bf16(n + 8);
         gpu_bf16_ce_bwd(d_dl, d_logits, d_lse, d_tgt, dloss, N, V);
         float *got = s_downb(d_dl, n);
-        s_expect("ce_bwd", "dlogits", sz, s_rel(got, dl, n), S_TOL_BF16);
+        s_expect("ce_bwd", "dlogits", sz, test_rel_err(got, dl, n, 0), S_TOL_BF16);
         /* in place: the same bits as out of place */
         gpu_bf16_ce_bwd(d_logits, d_logits, d_lse, d_tgt, dloss, N, V);
         s_cmp_exact("ce_bwd in place", "dlogits", sz, s_downb(d_logits, n), got, n);
@@ -407,7 +335,7 @@ static void test_column_sum(void)
         size_t n = (size_t)M * E;
         char sz[64];
         snprintf(sz, sizeof sz, "M=%d E=%d", M, E);
-        float *x = s_uniform(n, 0, 1, false);
+        float *x = test_rand_uniform(n, 0, 1);
         float *want = semoe_xmalloc((size_t)E * sizeof *want);
         for (int e = 0; e < E; e++) {
             double s = 0;
@@ -415,16 +343,18 @@ static void test_column_sum(void)
                 s += x[(size_t)m * E + e];
             want[e] = (float)s;
         }
-        float *d_x = s_upf(x, n);
+        float *d_x = test_gpu_upf(x, n);
         float *d_work = gpu_alloc(gpu_bf16_column_sum_work(M, E));
-        float *garbage = s_rand((size_t)E, 50);
-        float *d_sums = s_upf(garbage, (size_t)E), *d_sums2 = s_upf(garbage, (size_t)E);
+        float *garbage = test_rand_floats((size_t)E, 50);
+        float *d_sums = test_gpu_upf(garbage, (size_t)E);
+        float *d_sums2 = test_gpu_upf(garbage, (size_t)E);
         gpu_bf16_column_sum(d_sums, d_x, M, E, d_work);
-        float *got = s_downf(d_sums, (size_t)E);
-        s_expect("column_sum", "sums", sz, s_rel(got, want, (size_t)E), S_TOL_F32);
+        float *got = test_gpu_downf(d_sums, (size_t)E);
+        s_expect("column_sum", "sums", sz, test_rel_err(got, want, (size_t)E, 0), S_TOL_F32);
         /* without a workspace, and deterministic: the same bits */
         gpu_bf16_column_sum(d_sums2, d_x, M, E, NULL);
-        s_cmp_exact("column_sum", "no work", sz, s_downf(d_sums2, (size_t)E), got, (size_t)E);
+        s_cmp_exact("column_sum", "no work", sz, test_gpu_downf(d_sums2, (size_t)E), got,
+                    (size_t)E);
 
         free(x), free(want), free(garbage), free(got);
         gpu_free(d_x), gpu_free(d_work), gpu_free(d_sums), gpu_free(d_sums2);

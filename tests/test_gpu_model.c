@@ -16,6 +16,7 @@
 #include "model/job.h"
 #include "model/params.h"
 #include "model/train.h"
+#include "tests/gpu_util.h"
 #include "tests/harness.h"
 #include "tests/tiny_model.h"
 
@@ -29,55 +30,6 @@ static const model_backend_f32_t *const s_gpu = &gpu_backend_f32;
 
 /* ---- helpers ------------------------------------------------------------------------- */
 
-static float *s_rand(size_t n, double a)
-{
-    float *x = malloc((n ? n : 1) * sizeof *x);
-    for (size_t i = 0; i < n; i++)
-        x[i] = (float)(a * (2.0 * test_rand_unit() - 1.0));
-    return x;
-}
-
-static float *s_dup(const float *x, size_t n)
-{
-    float *y = malloc((n ? n : 1) * sizeof *y);
-    memcpy(y, x, n * sizeof *y);
-    return y;
-}
-
-/* A device copy of host x (n elements of size sz). */
-static void *s_up(const void *x, size_t n, size_t sz)
-{
-    void *d = s_gpu->alloc(n * sz);
-    s_gpu->to_device(d, x, n * sz);
-    return d;
-}
-
-static float *s_upf(const float *x, size_t n)
-{
-    return s_up(x, n, sizeof(float));
-}
-
-/* A host copy of device d (n floats), malloc'ed. */
-static float *s_down(const float *d, size_t n)
-{
-    float *h = malloc((n ? n : 1) * sizeof *h);
-    s_gpu->to_host(h, d, n * sizeof *h);
-    return h;
-}
-
-/* |got - want| / max(|want|, floor), 2-norms in double. */
-static double s_rel(const float *got, const float *want, size_t n, double floor)
-{
-    double dd = 0, ww = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        dd += d * d;
-        ww += (double)want[i] * want[i];
-    }
-    double den = fmax(sqrt(ww), floor);
-    return den > 0 ? sqrt(dd) / den : sqrt(dd);
-}
-
 /* Downloads device got (n floats) and compares it with host want; returns the error. For an
  * accumulated result init is what the buffers held before (else NULL): the error is then
  * relative to the larger of the result and the increment, so that an increment cancelling
@@ -85,7 +37,7 @@ static double s_rel(const float *got, const float *want, size_t n, double floor)
 static double s_cmp_acc(const char *what, const float *got_dev, const float *want,
                         const float *init, size_t n)
 {
-    float *got = s_down(got_dev, n);
+    float *got = test_gpu_downf(got_dev, n);
     double floor = 1e-30;
     if (init) {
         double inc = 0;
@@ -93,7 +45,7 @@ static double s_cmp_acc(const char *what, const float *got_dev, const float *wan
             inc += ((double)want[i] - init[i]) * ((double)want[i] - init[i]);
         floor = fmax(floor, sqrt(inc));
     }
-    double rel = s_rel(got, want, n, floor);
+    double rel = test_rel_err(got, want, n, floor);
     bool finite = true;
     for (size_t i = 0; i < n; i++)
         finite = finite && isfinite(got[i]);
@@ -139,37 +91,36 @@ static void s_check_memory(void)
 {
     const size_t n = 1000;
     float *d = s_gpu->alloc(n * sizeof(float));
-    float *h = s_down(d, n);
+    /* read back through the table's to_host (not test_gpu_downf): it is under test here */
+    float *h = malloc(n * sizeof *h);
+    s_gpu->to_host(h, d, n * sizeof *h);
     size_t nonzero = 0;
     for (size_t i = 0; i < n; i++)
         nonzero += h[i] != 0.0f;
     CHECK(nonzero == 0, "alloc: %zu of %zu floats not zero", nonzero, n);
-    free(h);
 
-    float *x = s_rand(n, 1.0);
+    float *x = test_rand_floats(n, 1.0);
     s_gpu->to_device(d, x, n * sizeof(float));
     float *d2 = s_gpu->alloc(n * sizeof(float));
     s_gpu->copy(d2, d, n * sizeof(float));
     s_gpu->zero(d2 + 100, 50 * sizeof(float));
-    h = s_down(d2, n);
+    s_gpu->to_host(h, d2, n * sizeof *h);
     size_t wrong = 0;
     for (size_t i = 0; i < n; i++)
         wrong += h[i] != ((i >= 100 && i < 150) ? 0.0f : x[i]);
     CHECK(wrong == 0, "to_device, copy, zero, to_host: %zu of %zu floats wrong", wrong, n);
-    free(h);
 
     /* memmove semantics, as the CPU backend's copy: overlapping, both directions */
     s_gpu->copy(d + 10, d, 500 * sizeof(float));
     s_gpu->copy(d2, d2 + 7, 600 * sizeof(float));
-    float *want = s_dup(x, n);
+    float *want = test_dup_floats(x, n);
     memmove(want + 10, want, 500 * sizeof(float));
-    h = s_down(d, n);
+    s_gpu->to_host(h, d, n * sizeof *h);
     CHECK(memcmp(h, want, n * sizeof(float)) == 0, "overlapping copy forward differs");
-    free(h);
-    float *want2 = s_dup(x, n);
+    float *want2 = test_dup_floats(x, n);
     memset(want2 + 100, 0, 50 * sizeof(float));
     memmove(want2, want2 + 7, 600 * sizeof(float));
-    h = s_down(d2, n);
+    s_gpu->to_host(h, d2, n * sizeof *h);
     CHECK(memcmp(h, want2, n * sizeof(float)) == 0, "overlapping copy backward differs");
     free(h);
 
@@ -190,10 +141,10 @@ static void s_check_linear(int N, int IN, int OUT)
 {
     char what[96];
     size_t nx = (size_t)N * IN, nw = (size_t)OUT * IN, no = (size_t)N * OUT;
-    float *x = s_rand(nx, 1.0), *w = s_rand(nw, 1.0), *dout = s_rand(no, 1.0);
-    float *out = s_rand(no, 1.0);
-    float *x_d = s_upf(x, nx), *w_d = s_upf(w, nw), *dout_d = s_upf(dout, no);
-    float *out_d = s_upf(out, no); /* garbage: forward must overwrite every element */
+    float *x = test_rand_floats(nx, 1.0), *w = test_rand_floats(nw, 1.0);
+    float *dout = test_rand_floats(no, 1.0), *out = test_rand_floats(no, 1.0);
+    float *x_d = test_gpu_upf(x, nx), *w_d = test_gpu_upf(w, nw), *dout_d = test_gpu_upf(dout, no);
+    float *out_d = test_gpu_upf(out, no); /* garbage: forward must overwrite every element */
     s_cpu->linear_fwd(out, x, w, N, IN, OUT);
     s_gpu->linear_fwd(out_d, x_d, w_d, N, IN, OUT);
     snprintf(what, sizeof what, "linear_fwd N=%d IN=%d OUT=%d", N, IN, OUT);
@@ -203,9 +154,9 @@ static void s_check_linear(int N, int IN, int OUT)
      * NULL), then both */
     double e_bwd = 0;
     for (int mode = 0; mode < 3; mode++) {
-        float *dx = s_rand(nx, 1.0), *dw = s_rand(nw, 1.0);
-        float *dx0 = s_dup(dx, nx), *dw0 = s_dup(dw, nw);
-        float *dx_d = s_upf(dx, nx), *dw_d = s_upf(dw, nw);
+        float *dx = test_rand_floats(nx, 1.0), *dw = test_rand_floats(nw, 1.0);
+        float *dx0 = test_dup_floats(dx, nx), *dw0 = test_dup_floats(dw, nw);
+        float *dx_d = test_gpu_upf(dx, nx), *dw_d = test_gpu_upf(dw, nw);
         bool want_dx = mode != 1, want_dw = mode != 0;
         s_cpu->linear_bwd(want_dx ? dx : NULL, want_dw ? dw : NULL, dout, x, w, N, IN, OUT);
         s_gpu->linear_bwd(want_dx ? dx_d : NULL, want_dw ? dw_d : NULL, dout_d, x_d, w_d, N, IN,
@@ -238,10 +189,12 @@ static void s_check_attention(int B, int Tn, int H, int KVH, int hd)
     char what[128];
     size_t nq = (size_t)B * Tn * H * hd, nk = (size_t)B * Tn * KVH * hd;
     size_t np = (size_t)B * H * Tn * Tn;
-    float *q = s_rand(nq, 1.0), *k = s_rand(nk, 1.0), *v = s_rand(nk, 1.0);
-    float *out = s_rand(nq, 1.0), *probs = s_rand(np, 1.0);
-    float *q_d = s_upf(q, nq), *k_d = s_upf(k, nk), *v_d = s_upf(v, nk);
-    float *out_d = s_upf(out, nq), *probs_d = s_upf(probs, np); /* garbage to overwrite */
+    float *q = test_rand_floats(nq, 1.0), *k = test_rand_floats(nk, 1.0);
+    float *v = test_rand_floats(nk, 1.0), *out = test_rand_floats(nq, 1.0);
+    float *probs = test_rand_floats(np, 1.0);
+    float *q_d = test_gpu_upf(q, nq), *k_d = test_gpu_upf(k, nk), *v_d = test_gpu_upf(v, nk);
+    float *out_d = test_gpu_upf(out, nq); /* garbage to overwrite, as probs_d */
+    float *probs_d = test_gpu_upf(probs, np);
     s_cpu->attention_fwd(out, probs, q, k, v, B, Tn, H, KVH, hd);
     s_gpu->attention_fwd(out_d, probs_d, q_d, k_d, v_d, B, Tn, H, KVH, hd);
 #define S_ATT_WHAT(name)                                                                       \
@@ -251,7 +204,7 @@ static void s_check_attention(int B, int Tn, int H, int KVH, int hd)
     double e_fwd = s_cmp(what, out_d, out, nq);
     S_ATT_WHAT("fwd probs");
     e_fwd = fmax(e_fwd, s_cmp(what, probs_d, probs, np));
-    float *gp = s_down(probs_d, np);
+    float *gp = test_gpu_downf(probs_d, np);
     size_t above = 0;
     for (size_t r = 0; r < (size_t)B * H * Tn; r++)
         for (int t2 = (int)(r % Tn) + 1; t2 < Tn; t2++)
@@ -262,11 +215,12 @@ static void s_check_attention(int B, int Tn, int H, int KVH, int hd)
 
     /* backward from the CPU's probs on both sides (the same saved input), accumulating into
      * random gradients */
-    float *dout = s_rand(nq, 1.0), *dq = s_rand(nq, 1.0), *dk = s_rand(nk, 1.0);
-    float *dv = s_rand(nk, 1.0);
-    float *dq0 = s_dup(dq, nq), *dk0 = s_dup(dk, nk), *dv0 = s_dup(dv, nk);
-    float *dout_d = s_upf(dout, nq), *dq_d = s_upf(dq, nq), *dk_d = s_upf(dk, nk);
-    float *dv_d = s_upf(dv, nk);
+    float *dout = test_rand_floats(nq, 1.0), *dq = test_rand_floats(nq, 1.0);
+    float *dk = test_rand_floats(nk, 1.0), *dv = test_rand_floats(nk, 1.0);
+    float *dq0 = test_dup_floats(dq, nq), *dk0 = test_dup_floats(dk, nk);
+    float *dv0 = test_dup_floats(dv, nk);
+    float *dout_d = test_gpu_upf(dout, nq), *dq_d = test_gpu_upf(dq, nq);
+    float *dk_d = test_gpu_upf(dk, nk), *dv_d = test_gpu_upf(dv, nk);
     s_gpu->to_device(probs_d, probs, np * sizeof(float));
     s_cpu->attention_bwd(dq, dk, dv, dout, q, k, v, probs, B, Tn, H, KVH, hd);
     s_gpu->attention_bwd(dq_d, dk_d, dv_d, dout_d, q_d, k_d, v_d, probs_d, B, Tn, H, KVH, hd);
@@ -323,10 +277,11 @@ static void s_check_router(int N, int E, int K)
     size_t nE = (size_t)N * E, nK = (size_t)N * K;
     float *logits = malloc(nE * sizeof *logits);
     s_router_logits(logits, N, E);
-    float *probs = s_rand(nE, 1.0), *w = s_rand(nK, 1.0);
+    float *probs = test_rand_floats(nE, 1.0), *w = test_rand_floats(nK, 1.0);
     int32_t *idx = calloc(nK, sizeof *idx), *gidx = calloc(nK, sizeof *gidx);
-    float *logits_d = s_upf(logits, nE), *probs_d = s_upf(probs, nE), *w_d = s_upf(w, nK);
-    int32_t *idx_d = s_up(idx, nK, sizeof *idx);
+    float *logits_d = test_gpu_upf(logits, nE), *probs_d = test_gpu_upf(probs, nE);
+    float *w_d = test_gpu_upf(w, nK);
+    int32_t *idx_d = test_gpu_upi(idx, nK);
     s_cpu->router_fwd(probs, idx, w, logits, N, E, K);
     s_gpu->router_fwd(probs_d, idx_d, w_d, logits_d, N, E, K);
     snprintf(what, sizeof what, "router_fwd probs N=%d E=%d K=%d", N, E, K);
@@ -352,12 +307,12 @@ static void s_check_router(int N, int E, int K)
     s_gpu->to_device(probs_d, probs, nE * sizeof(float));
     s_gpu->to_device(w_d, w, nK * sizeof(float));
     s_gpu->to_device(idx_d, idx, nK * sizeof *idx);
-    float *dw = s_rand(nK, 1.0), *dprobs = s_rand(nE, 1.0);
-    float *dw_d = s_upf(dw, nK), *dprobs_d = s_upf(dprobs, nE);
+    float *dw = test_rand_floats(nK, 1.0), *dprobs = test_rand_floats(nE, 1.0);
+    float *dw_d = test_gpu_upf(dw, nK), *dprobs_d = test_gpu_upf(dprobs, nE);
     for (int with_dp = 0; with_dp < 2; with_dp++) {
-        float *dl = s_rand(nE, 1.0);
-        float *dl0 = s_dup(dl, nE);
-        float *dl_d = s_upf(dl, nE);
+        float *dl = test_rand_floats(nE, 1.0);
+        float *dl0 = test_dup_floats(dl, nE);
+        float *dl_d = test_gpu_upf(dl, nE);
         s_cpu->router_bwd(dl, dw, with_dp ? dprobs : NULL, probs, idx, w, N, E, K);
         s_gpu->router_bwd(dl_d, dw_d, with_dp ? dprobs_d : NULL, probs_d, idx_d, w_d, N, E, K);
         snprintf(what, sizeof what, "router_bwd N=%d E=%d K=%d dprobs %s", N, E, K,
@@ -548,9 +503,9 @@ static void s_check_graph(int which)
     CHECK(lrel < S_TOL && cerel < S_TOL && auxrel < S_TOL,
           "config %d: loss %.9g (GPU) vs %.9g (CPU) rel %.3g; ce rel %.3g, aux rel %.3g", which,
           g.loss.loss, c.loss.loss, lrel, cerel, auxrel);
-    double logrel = s_rel(g.logits, c.logits, N * V, 1e-30);
+    double logrel = test_rel_err(g.logits, c.logits, N * V, 1e-30);
     CHECK(logrel < S_TOL, "config %d: logits rel %.3g", which, logrel);
-    double prel = s_rel(g.rprobs, c.rprobs, L * N * E, 1e-30);
+    double prel = test_rel_err(g.rprobs, c.rprobs, L * N * E, 1e-30);
     CHECK(prel < S_TOL, "config %d: router probs rel %.3g", which, prel);
     size_t wrong = 0;
     for (size_t i = 0; i < L * N * K; i++)
@@ -569,7 +524,7 @@ static void s_check_graph(int which)
         for (uint64_t e = 0; e < t->numel; e++)
             gn += (double)c.grads[t->offset + e] * c.grads[t->offset + e];
         zero += gn == 0;
-        double rel = s_rel(g.grads + t->offset, c.grads + t->offset, t->numel, S_GRAD_FLOOR);
+        double rel = test_rel_err(g.grads + t->offset, c.grads + t->offset, t->numel, S_GRAD_FLOOR);
         if (rel > worst) {
             worst = rel;
             worst_name = t->name;
@@ -645,8 +600,8 @@ static void s_check_training(void)
     CHECK(erel < S_TOL, "eval after %d steps: ce %.9g (GPU) vs %.9g (CPU): rel %.3g", steps, ce_g,
           ce_c, erel);
     size_t n = model_train_slab_floats(tc);
-    float *wg = s_down(model_train_weights(tg), n);
-    double wrel = s_rel(wg, model_train_weights(tc), n, 1e-30);
+    float *wg = test_gpu_downf(model_train_weights(tg), n);
+    double wrel = test_rel_err(wg, model_train_weights(tc), n, 1e-30);
     /* AdamW divides by sqrt(v): a gradient element near zero may take a visibly different
      * step on each side, so the weights get a looser bound than the losses */
     CHECK(wrel < 1e-4, "weights after %d steps: GPU vs CPU rel %.3g", steps, wrel);

@@ -14,6 +14,7 @@
 #include "gpu/device.h"
 #include "gpu/ops.h"
 #include "model/backend.h"
+#include "tests/gpu_util.h"
 #include "tests/harness.h"
 
 #define S_TOL 1e-5
@@ -25,65 +26,6 @@
 static const model_backend_f32_t *const s_cpu = &cpu_backend_f32;
 
 /* ---- helpers ------------------------------------------------------------------------- */
-
-/* Uniform in [lo, hi). */
-static float *s_uniform(size_t n, double lo, double hi)
-{
-    float *x = semoe_xmalloc((n ? n : 1) * sizeof *x);
-    for (size_t i = 0; i < n; i++)
-        x[i] = (float)(lo + (hi - lo) * test_rand_unit());
-    return x;
-}
-
-static float *s_rand(size_t n, double a)
-{
-    return s_uniform(n, -a, a);
-}
-
-static float *s_dup(const float *x, size_t n)
-{
-    float *y = semoe_xmalloc((n ? n : 1) * sizeof *y);
-    memcpy(y, x, n * sizeof *y);
-    return y;
-}
-
-static int32_t *s_rand_int(size_t n, int below)
-{
-    int32_t *x = semoe_xmalloc((n ? n : 1) * sizeof *x);
-    for (size_t i = 0; i < n; i++)
-        x[i] = (int32_t)test_rand_below((uint64_t)below);
-    return x;
-}
-
-/* A device copy of host x (bytes). */
-static void *s_up(const void *x, size_t bytes)
-{
-    void *d = gpu_alloc(bytes);
-    gpu_to_device(d, x, bytes);
-    return d;
-}
-
-static float *s_upf(const float *x, size_t n)
-{
-    return s_up(x, n * sizeof(float));
-}
-
-static int32_t *s_upi(const int32_t *x, size_t n)
-{
-    return s_up(x, n * sizeof(int32_t));
-}
-
-/* ||got - want|| / ||want|| in double; the absolute norm when want is all zeros. */
-static double s_rel(const float *got, const float *want, size_t n)
-{
-    double dd = 0, ww = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        dd += d * d;
-        ww += (double)want[i] * want[i];
-    }
-    return ww > 0 ? sqrt(dd / ww) : sqrt(dd);
-}
 
 static double s_rel1(double got, double want)
 {
@@ -100,9 +42,8 @@ static void s_expect(const char *op, const char *what, const char *size, double 
 static void s_cmp(const char *op, const char *what, const char *size, const float *got,
                   const float *want, size_t n)
 {
-    float *h = semoe_xmalloc((n ? n : 1) * sizeof *h);
-    gpu_to_host(h, got, n * sizeof *h);
-    s_expect(op, what, size, s_rel(h, want, n), S_TOL);
+    float *h = test_gpu_downf(got, n);
+    s_expect(op, what, size, test_rel_err(h, want, n, 0), S_TOL);
     free(h);
 }
 
@@ -115,18 +56,18 @@ static void test_vector(void)
         size_t n = sizes[c];
         char sz[64];
         snprintf(sz, sizeof sz, "n=%zu", n);
-        float *x = s_rand(n, 1), *y = s_rand(n, 1), *b = s_rand(n, 1);
+        float *x = test_rand_floats(n, 1), *y = test_rand_floats(n, 1), *b = test_rand_floats(n, 1);
         float a = (float)(2 * test_rand_unit() - 1);
-        float *dx = s_upf(x, n), *dy = s_upf(y, n), *db = s_upf(b, n);
+        float *dx = test_gpu_upf(x, n), *dy = test_gpu_upf(y, n), *db = test_gpu_upf(b, n);
 
         /* axpy: y += a x */
-        float *yc = s_dup(y, n);
+        float *yc = test_dup_floats(y, n);
         s_cpu->axpy(yc, a, x, n);
         gpu_axpy(dy, a, dx, n);
         s_cmp("axpy", "y", sz, dy, yc, n);
 
         /* add: out = x + b, into a fresh buffer and in place (out aliasing a) */
-        float *outc = s_rand(n, 1);
+        float *outc = test_rand_floats(n, 1);
         s_cpu->add(outc, x, b, n);
         float *dout = gpu_alloc(n * sizeof(float));
         gpu_add(dout, dx, db, n);
@@ -144,8 +85,8 @@ static void test_vector(void)
         size_t n = (size_t)N * C;
         char sz[64];
         snprintf(sz, sizeof sz, "N=%d C=%d", N, C);
-        float *out = s_rand(n, 1), *bias = s_rand((size_t)C, 1);
-        float *dout = s_upf(out, n), *dbias = s_upf(bias, (size_t)C);
+        float *out = test_rand_floats(n, 1), *bias = test_rand_floats((size_t)C, 1);
+        float *dout = test_gpu_upf(out, n), *dbias = test_gpu_upf(bias, (size_t)C);
         s_cpu->add_bias(out, bias, N, C);
         gpu_add_bias(dout, dbias, N, C);
         s_cmp("add_bias", "out", sz, dout, out, n);
@@ -166,11 +107,13 @@ static void test_embedding(void)
         size_t nw = (size_t)V * D, no = (size_t)N * D;
         char sz[64];
         snprintf(sz, sizeof sz, "V=%d N=%d D=%d", V, N, D);
-        int32_t *tok = s_rand_int((size_t)N, V);
-        float *wte = s_rand(nw, 1), *dout = s_rand(no, 1), *dwte = s_rand(nw, 1);
-        int32_t *d_tok = s_upi(tok, (size_t)N);
-        float *d_wte = s_upf(wte, nw), *d_dout = s_upf(dout, no), *d_dwte = s_upf(dwte, nw);
-        float *out = s_rand(no, 1), *d_out = gpu_alloc(no * sizeof(float));
+        int32_t *tok = test_rand_ints((size_t)N, V);
+        float *wte = test_rand_floats(nw, 1), *dout = test_rand_floats(no, 1);
+        float *dwte = test_rand_floats(nw, 1);
+        int32_t *d_tok = test_gpu_upi(tok, (size_t)N);
+        float *d_wte = test_gpu_upf(wte, nw), *d_dout = test_gpu_upf(dout, no);
+        float *d_dwte = test_gpu_upf(dwte, nw);
+        float *out = test_rand_floats(no, 1), *d_out = gpu_alloc(no * sizeof(float));
 
         s_cpu->embedding_fwd(out, tok, wte, N, D);
         gpu_embedding_fwd(d_out, d_tok, d_wte, N, D);
@@ -196,9 +139,9 @@ static void test_rmsnorm(void)
         size_t n = (size_t)N * D;
         char sz[64];
         snprintf(sz, sizeof sz, "N=%d D=%d", N, D);
-        float *x = s_rand(n, 1), *w = s_uniform((size_t)D, -1.5, 1.5);
-        float *out = s_rand(n, 1), *rstd = s_rand((size_t)N, 1);
-        float *d_x = s_upf(x, n), *d_w = s_upf(w, (size_t)D);
+        float *x = test_rand_floats(n, 1), *w = test_rand_uniform((size_t)D, -1.5, 1.5);
+        float *out = test_rand_floats(n, 1), *rstd = test_rand_floats((size_t)N, 1);
+        float *d_x = test_gpu_upf(x, n), *d_w = test_gpu_upf(w, (size_t)D);
         float *d_out = gpu_alloc(n * sizeof(float)), *d_rstd = gpu_alloc((size_t)N * sizeof(float));
 
         s_cpu->rmsnorm_fwd(out, rstd, x, w, N, D, eps);
@@ -207,14 +150,16 @@ static void test_rmsnorm(void)
         s_cmp("rmsnorm_fwd", "rstd", sz, d_rstd, rstd, (size_t)N);
 
         /* in place: out aliasing x */
-        float *d_xx = s_upf(x, n);
+        float *d_xx = test_gpu_upf(x, n);
         gpu_rmsnorm_fwd(d_xx, d_rstd, d_xx, d_w, N, D, eps);
         s_cmp("rmsnorm_fwd (out=x)", "out", sz, d_xx, out, n);
         s_cmp("rmsnorm_fwd (out=x)", "rstd", sz, d_rstd, rstd, (size_t)N);
 
         /* backward from the CPU's rstd on both sides; dx and dw start random */
-        float *dout = s_rand(n, 1), *dx = s_rand(n, 1), *dw = s_rand((size_t)D, 1);
-        float *d_dout = s_upf(dout, n), *d_dx = s_upf(dx, n), *d_dw = s_upf(dw, (size_t)D);
+        float *dout = test_rand_floats(n, 1), *dx = test_rand_floats(n, 1);
+        float *dw = test_rand_floats((size_t)D, 1);
+        float *d_dout = test_gpu_upf(dout, n), *d_dx = test_gpu_upf(dx, n);
+        float *d_dw = test_gpu_upf(dw, (size_t)D);
         gpu_to_device(d_rstd, rstd, (size_t)N * sizeof(float));
         s_cpu->rmsnorm_bwd(dx, dw, dout, x, w, rstd, N, D);
         gpu_rmsnorm_bwd(d_dx, d_dw, d_dout, d_x, d_w, d_rstd, N, D);
@@ -245,10 +190,10 @@ static void test_rope(void)
         size_t n = (size_t)N * H * hd;
         char sz[64];
         snprintf(sz, sizeof sz, "N=%d H=%d hd=%d th=%g", N, H, hd, theta);
-        int32_t *pos = s_rand_int((size_t)N, cases[c].maxpos);
-        float *x = s_rand(n, 1), *out = s_rand(n, 1);
-        int32_t *d_pos = s_upi(pos, (size_t)N);
-        float *d_x = s_upf(x, n), *d_out = gpu_alloc(n * sizeof(float));
+        int32_t *pos = test_rand_ints((size_t)N, cases[c].maxpos);
+        float *x = test_rand_floats(n, 1), *out = test_rand_floats(n, 1);
+        int32_t *d_pos = test_gpu_upi(pos, (size_t)N);
+        float *d_x = test_gpu_upf(x, n), *d_out = gpu_alloc(n * sizeof(float));
 
         s_cpu->rope_fwd(out, x, pos, N, H, hd, theta);
         gpu_rope_fwd(d_out, d_x, d_pos, N, H, hd, theta);
@@ -256,8 +201,8 @@ static void test_rope(void)
         gpu_rope_fwd(d_x, d_x, d_pos, N, H, hd, theta); /* in place */
         s_cmp("rope_fwd (out=x)", "out", sz, d_x, out, n);
 
-        float *dout = s_rand(n, 1), *dx = s_rand(n, 1);
-        float *d_dout = s_upf(dout, n), *d_dx = s_upf(dx, n);
+        float *dout = test_rand_floats(n, 1), *dx = test_rand_floats(n, 1);
+        float *d_dout = test_gpu_upf(dout, n), *d_dx = test_gpu_upf(dx, n);
         s_cpu->rope_bwd(dx, dout, pos, N, H, hd, theta);
         gpu_rope_bwd(d_dx, d_dout, d_pos, N, H, hd, theta);
         s_cmp("rope_bwd", "dx", sz, d_dx, dx, n);
@@ -276,10 +221,12 @@ static void test_swiglu(void)
         size_t n = sizes[c];
         char sz[64];
         snprintf(sz, sizeof sz, "n=%zu", n);
-        float *a = s_rand(n, 6), *b = s_rand(n, 2), *h = s_rand(n, 1);
-        float *dh = s_rand(n, 1), *da = s_rand(n, 1), *db = s_rand(n, 1);
-        float *d_a = s_upf(a, n), *d_b = s_upf(b, n), *d_h = gpu_alloc(n * sizeof(float));
-        float *d_dh = s_upf(dh, n), *d_da = s_upf(da, n), *d_db = s_upf(db, n);
+        float *a = test_rand_floats(n, 6), *b = test_rand_floats(n, 2);
+        float *h = test_rand_floats(n, 1), *dh = test_rand_floats(n, 1);
+        float *da = test_rand_floats(n, 1), *db = test_rand_floats(n, 1);
+        float *d_a = test_gpu_upf(a, n), *d_b = test_gpu_upf(b, n);
+        float *d_h = gpu_alloc(n * sizeof(float));
+        float *d_dh = test_gpu_upf(dh, n), *d_da = test_gpu_upf(da, n), *d_db = test_gpu_upf(db, n);
 
         s_cpu->swiglu_fwd(h, a, b, n);
         gpu_swiglu_fwd(d_h, d_a, d_b, n);
@@ -306,10 +253,10 @@ static void test_crossentropy(void)
         size_t n = (size_t)N * V;
         char sz[64];
         snprintf(sz, sizeof sz, "N=%d V=%d", N, V);
-        float *logits = s_rand(n, 4), *losses = s_rand((size_t)N, 1);
-        int32_t *tgt = s_rand_int((size_t)N, V);
-        float *d_logits = s_upf(logits, n), *d_losses = gpu_alloc((size_t)N * sizeof(float));
-        int32_t *d_tgt = s_upi(tgt, (size_t)N);
+        float *logits = test_rand_floats(n, 4), *losses = test_rand_floats((size_t)N, 1);
+        int32_t *tgt = test_rand_ints((size_t)N, V);
+        float *d_logits = test_gpu_upf(logits, n), *d_losses = gpu_alloc((size_t)N * sizeof(float));
+        int32_t *d_tgt = test_gpu_upi(tgt, (size_t)N);
 
         float mean_c = s_cpu->crossentropy_fwd(losses, logits, tgt, N, V);
         float mean_g = gpu_crossentropy_fwd(d_losses, d_logits, d_tgt, N, V);
@@ -320,8 +267,8 @@ static void test_crossentropy(void)
 
         /* dlogits starts random at about the scale of what backward adds to it */
         float dloss = (float)(0.5 + test_rand_unit());
-        float *dl = s_rand(n, dloss / N / sqrt((double)V));
-        float *d_dl = s_upf(dl, n);
+        float *dl = test_rand_floats(n, dloss / N / sqrt((double)V));
+        float *d_dl = test_gpu_upf(dl, n);
         s_cpu->crossentropy_bwd(dl, logits, tgt, dloss, N, V);
         gpu_crossentropy_bwd(d_dl, d_logits, d_tgt, dloss, N, V);
         s_cmp("crossentropy_bwd", "dlogits", sz, d_dl, dl, n);
@@ -361,18 +308,18 @@ static void test_auxloss(void)
         size_t n = (size_t)M * E;
         char sz[64];
         snprintf(sz, sizeof sz, "M=%d E=%d K=%d", M, E, K);
-        float *probs = s_uniform(n, 0, 1);
+        float *probs = test_rand_uniform(n, 0, 1);
         int32_t *idx = s_topk_idx(M, E, K);
-        float *d_probs = s_upf(probs, n);
-        int32_t *d_idx = s_upi(idx, (size_t)M * K);
+        float *d_probs = test_gpu_upf(probs, n);
+        int32_t *d_idx = test_gpu_upi(idx, (size_t)M * K);
 
         float lc = s_cpu->auxloss_fwd(probs, idx, M, E, K);
         float lg = gpu_auxloss_fwd(d_probs, d_idx, M, E, K);
         s_expect("auxloss_fwd", "loss", sz, s_rel1(lg, lc), S_TOL);
 
         float dloss = (float)(0.01 + 0.1 * test_rand_unit());
-        float *dp = s_rand(n, dloss * K / M);
-        float *d_dp = s_upf(dp, n);
+        float *dp = test_rand_floats(n, dloss * K / M);
+        float *d_dp = test_gpu_upf(dp, n);
         s_cpu->auxloss_bwd(dp, idx, dloss, M, E, K);
         gpu_auxloss_bwd(d_dp, d_idx, dloss, M, E, K);
         s_cmp("auxloss_bwd", "dprobs", sz, d_dp, dp, n);
@@ -413,40 +360,40 @@ static void test_rows(void)
             rows[i] = slots_all[i] / K;
         }
         free(slots_all);
-        int32_t *d_rows = s_upi(rows, (size_t)n), *d_slots = s_upi(slots, (size_t)n);
-        float *w = s_uniform(nw, 0, 1), *d_w = s_upf(w, nw);
-        float *x = s_rand(nx, 1), *d_x = s_upf(x, nx);
+        int32_t *d_rows = test_gpu_upi(rows, (size_t)n), *d_slots = test_gpu_upi(slots, (size_t)n);
+        float *w = test_rand_uniform(nw, 0, 1), *d_w = test_gpu_upf(w, nw);
+        float *x = test_rand_floats(nx, 1), *d_x = test_gpu_upf(x, nx);
 
         /* gather */
-        float *out = s_rand(ny, 1), *d_out = gpu_alloc(ny * sizeof(float));
+        float *out = test_rand_floats(ny, 1), *d_out = gpu_alloc(ny * sizeof(float));
         s_cpu->gather_rows(out, x, rows, n, D);
         gpu_gather_rows(d_out, d_x, d_rows, n, D);
         s_cmp("gather_rows", "out", sz, d_out, out, ny);
 
         /* gather backward: rows repeat (a token's K assignments) */
-        float *dout = s_rand(ny, 1), *dx = s_rand(nx, 1);
-        float *d_dout = s_upf(dout, ny), *d_dx = s_upf(dx, nx);
+        float *dout = test_rand_floats(ny, 1), *dx = test_rand_floats(nx, 1);
+        float *d_dout = test_gpu_upf(dout, ny), *d_dx = test_gpu_upf(dx, nx);
         s_cpu->gather_rows_bwd(dx, dout, rows, n, D);
         gpu_gather_rows_bwd(d_dx, d_dout, d_rows, n, D);
         s_cmp("gather_rows_bwd", "dx", sz, d_dx, dx, nx);
 
         /* scatter: the weighted combine into out (N, D), which starts random */
-        float *y = s_rand(ny, 1), *comb = s_rand(nx, 1);
-        float *d_y = s_upf(y, ny), *d_comb = s_upf(comb, nx);
+        float *y = test_rand_floats(ny, 1), *comb = test_rand_floats(nx, 1);
+        float *d_y = test_gpu_upf(y, ny), *d_comb = test_gpu_upf(comb, nx);
         s_cpu->scatter_rows(comb, y, rows, w, slots, n, D);
         gpu_scatter_rows(d_comb, d_y, d_rows, d_w, d_slots, n, D);
         s_cmp("scatter_rows", "out", sz, d_comb, comb, nx);
 
         /* scatter backward: both gradients, then each alone (the other NULL) */
-        float *g = s_rand(nx, 1), *d_g = s_upf(g, nx);
+        float *g = test_rand_floats(nx, 1), *d_g = test_gpu_upf(g, nx);
         for (int mode = 0; mode < 3; mode++) {
             bool want_dy = mode != 2, want_dw = mode != 1;
             const char *name = mode == 0 ? "scatter_rows_bwd"
                                : mode == 1 ? "scatter_bwd (dw NULL)"
                                            : "scatter_bwd (dy NULL)";
-            float *dy = s_rand(ny, 1), *dw = s_rand(nw, 1);
-            float *d_dy = s_upf(dy, ny), *d_dw = s_upf(dw, nw);
-            float *dw0 = s_dup(dw, nw), *dy0 = s_dup(dy, ny);
+            float *dy = test_rand_floats(ny, 1), *dw = test_rand_floats(nw, 1);
+            float *d_dy = test_gpu_upf(dy, ny), *d_dw = test_gpu_upf(dw, nw);
+            float *dw0 = test_dup_floats(dw, nw), *dy0 = test_dup_floats(dy, ny);
             s_cpu->scatter_rows_bwd(want_dy ? dy : NULL, want_dw ? dw : NULL, g, y, rows, w,
                                     slots, n, D);
             gpu_scatter_rows_bwd(want_dy ? d_dy : NULL, want_dw ? d_dw : NULL, d_g, d_y, d_rows,
@@ -484,9 +431,10 @@ static void test_adamw(void)
         double lr = cases[c].lr, wd = 0.1, gscale = 0.37;
         char sz[64];
         snprintf(sz, sizeof sz, "n=%zu t=%d lr=%g", n, t, lr);
-        float *p = s_rand(n, 1), *g = s_rand(n, 3), *m = s_rand(n, 0.1);
-        float *v = s_uniform(n, 0, 0.01);
-        float *d_p = s_upf(p, n), *d_g = s_upf(g, n), *d_m = s_upf(m, n), *d_v = s_upf(v, n);
+        float *p = test_rand_floats(n, 1), *g = test_rand_floats(n, 3);
+        float *m = test_rand_floats(n, 0.1), *v = test_rand_uniform(n, 0, 0.01);
+        float *d_p = test_gpu_upf(p, n), *d_g = test_gpu_upf(g, n);
+        float *d_m = test_gpu_upf(m, n), *d_v = test_gpu_upf(v, n);
         s_cpu->adamw(p, g, m, v, n, lr, 0.9, 0.95, 1e-8, wd, t, gscale);
         gpu_adamw(d_p, d_g, d_m, d_v, n, lr, 0.9, 0.95, 1e-8, wd, t, gscale);
         s_cmp("adamw", "p", sz, d_p, p, n);
@@ -501,7 +449,7 @@ static void test_adamw(void)
         size_t n = sizes[c];
         char sz[64];
         snprintf(sz, sizeof sz, "n=%zu", n);
-        float *g = s_rand(n, 2), *d_g = s_upf(g, n);
+        float *g = test_rand_floats(n, 2), *d_g = test_gpu_upf(g, n);
         double sc = s_cpu->sumsq(g, n), sg = gpu_sumsq(d_g, n);
         s_expect("sumsq", "sum", sz, s_rel1(sg, sc), S_SUMSQ_TOL);
         if (n == 0)
