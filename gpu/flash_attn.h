@@ -1,6 +1,9 @@
 /* Causal grouped-query attention in bf16 with flash-style tiling (FlashAttention-2): memory
  * linear in T, no (B, H, T, T) probabilities; forward saves only the log-sum-exp per row.
- * cpu/ops.h's attention contract (query head h reads kv head h / (H/KVH), scale 1/sqrt(hd)). */
+ * cpu/ops.h's attention contract (query head h reads kv head h / (H/KVH), scale 1/sqrt(hd)).
+ * Two implementations: mma.sync kernels (the default) and the first WMMA ones, kept for
+ * comparison; SEMOE_FLASH=wmma in the environment at the first gpu_flash_fwd/bwd call selects
+ * the latter for the whole process (read once), and gpu_flash_wmma_* call them directly. */
 #ifndef SEMOE_GPU_FLASH_ATTN_H
 #define SEMOE_GPU_FLASH_ATTN_H
 
@@ -21,8 +24,8 @@ extern "C" {
 void gpu_flash_fwd(uint16_t *out, float *lse, const uint16_t *q, const uint16_t *k,
                    const uint16_t *v, int B, int T, int H, int KVH, int hd);
 
-/* Bytes of the workspace gpu_flash_bwd needs: fp32 dq accumulation (B, T, H, hd) and
- * D = rowsum(dout * out) (B, H, T). */
+/* Bytes of the workspace gpu_flash_bwd (and gpu_flash_wmma_bwd) needs: fp32 dq accumulation
+ * (B, T, H, hd) and D = rowsum(dout * out) (B, H, T). */
 size_t gpu_flash_bwd_workspace(int B, int T, int H, int KVH, int hd);
 
 /* The gradients of gpu_flash_fwd given dout (B, T, H, hd), from the forward's q, k, v, out and
@@ -33,6 +36,15 @@ size_t gpu_flash_bwd_workspace(int B, int T, int H, int KVH, int hd);
 void gpu_flash_bwd(uint16_t *dq, uint16_t *dk, uint16_t *dv, const uint16_t *dout,
                    const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *out,
                    const float *lse, int B, int T, int H, int KVH, int hd, float *workspace);
+
+/* The WMMA kernels whatever SEMOE_FLASH says, with the contracts above (same lse, workspace):
+ * for bench_flash and tests/test_gpu_flash.c to compare against; several times slower. */
+void gpu_flash_wmma_fwd(uint16_t *out, float *lse, const uint16_t *q, const uint16_t *k,
+                        const uint16_t *v, int B, int T, int H, int KVH, int hd);
+void gpu_flash_wmma_bwd(uint16_t *dq, uint16_t *dk, uint16_t *dv, const uint16_t *dout,
+                        const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                        const uint16_t *out, const float *lse, int B, int T, int H, int KVH,
+                        int hd, float *workspace);
 
 #ifdef __cplusplus
 }

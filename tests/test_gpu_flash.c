@@ -1,6 +1,7 @@
 /* gpu/flash_attn.h's bf16 flash attention against the CPU reference (cpu_backend_f32's
  * attention_fwd/bwd, fp32, on the same bf16-exact inputs): out, lse, dq, dk, dv, norm-wise,
- * bf16 tolerance, on T that are not multiples of the tile and GQA groups of 1, 2, 4; then
+ * bf16 tolerance, on T that are not multiples of the tile and GQA groups of 1, 2, 4, for the
+ * default (mma.sync) kernels and on two shapes the WMMA ones (gpu_flash_wmma_*); then
  * forward and forward+backward timings (printed, not checked). Skipped (77) without a device. */
 #include <math.h>
 #include <stdbool.h>
@@ -94,7 +95,8 @@ static void s_garbage(uint16_t *d, size_t n)
 
 /* ---- correctness against the CPU ------------------------------------------------------- */
 
-static void s_check(int B, int T, int H, int KVH, int hd)
+/* wmma: gpu_flash_wmma_fwd/bwd instead of gpu_flash_fwd/bwd. */
+static void s_check(int B, int T, int H, int KVH, int hd, bool wmma)
 {
     const size_t nq = (size_t)B * T * H * hd, nk = (size_t)B * T * KVH * hd;
     const size_t nl = (size_t)B * H * T, np = (size_t)B * H * T * T;
@@ -148,8 +150,15 @@ static void s_check(int B, int T, int H, int KVH, int hd)
     float *ws_d = s_up(ws_h, wsb);
     free(ws_h);
 
-    gpu_flash_fwd(out_d, lse_d, q_d, k_d, v_d, B, T, H, KVH, hd);
-    gpu_flash_bwd(dq_d, dk_d, dv_d, do_d, q_d, k_d, v_d, out_d, lse_d, B, T, H, KVH, hd, ws_d);
+    if (wmma) {
+        gpu_flash_wmma_fwd(out_d, lse_d, q_d, k_d, v_d, B, T, H, KVH, hd);
+        gpu_flash_wmma_bwd(dq_d, dk_d, dv_d, do_d, q_d, k_d, v_d, out_d, lse_d, B, T, H, KVH, hd,
+                           ws_d);
+    } else {
+        gpu_flash_fwd(out_d, lse_d, q_d, k_d, v_d, B, T, H, KVH, hd);
+        gpu_flash_bwd(dq_d, dk_d, dv_d, do_d, q_d, k_d, v_d, out_d, lse_d, B, T, H, KVH, hd,
+                      ws_d);
+    }
 
     float *g_out = s_down_bf16(out_d, nq), *g_dq = s_down_bf16(dq_d, nq);
     float *g_dk = s_down_bf16(dk_d, nk), *g_dv = s_down_bf16(dv_d, nk);
@@ -157,13 +166,14 @@ static void s_check(int B, int T, int H, int KVH, int hd)
     gpu_to_host(g_lse, lse_d, nl * sizeof *g_lse);
     double e_out = s_rel(g_out, out, nq), e_lse = s_rel(g_lse, lse, nl);
     double e_dq = s_rel(g_dq, dq, nq), e_dk = s_rel(g_dk, dk, nk), e_dv = s_rel(g_dv, dv, nk);
-    printf("flash B=%d T=%4d H=%d KVH=%d hd=%3d: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", B,
-           T, H, KVH, hd, e_out, e_lse, e_dq, e_dk, e_dv);
+    const char *impl = wmma ? "wmma" : "dflt"; /* dflt: mma.sync unless SEMOE_FLASH=wmma */
+    printf("flash %-4s B=%d T=%4d H=%d KVH=%d hd=%3d: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n",
+           impl, B, T, H, KVH, hd, e_out, e_lse, e_dq, e_dk, e_dv);
     const char *names[] = {"out", "lse", "dq", "dk", "dv"};
     double errs[] = {e_out, e_lse, e_dq, e_dk, e_dv};
     for (int i = 0; i < 5; i++)
-        CHECK(errs[i] < S_TOL, "flash %s B=%d T=%d H=%d KVH=%d hd=%d: rel %.3g >= %.0e", names[i],
-              B, T, H, KVH, hd, errs[i], S_TOL);
+        CHECK(errs[i] < S_TOL, "flash %s %s B=%d T=%d H=%d KVH=%d hd=%d: rel %.3g >= %.0e", impl,
+              names[i], B, T, H, KVH, hd, errs[i], S_TOL);
 
     void *dbufs[] = {q_d, k_d, v_d, do_d, out_d, dq_d, dk_d, dv_d, lse_d, ws_d};
     for (size_t i = 0; i < sizeof dbufs / sizeof dbufs[0]; i++)
@@ -333,7 +343,9 @@ int main(void)
         {2, 333, 8, 2, 128}, {1, 1000, 4, 1, 128}, {2, 1000, 2, 2, 64},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-        s_check(cases[i][0], cases[i][1], cases[i][2], cases[i][3], cases[i][4]);
+        s_check(cases[i][0], cases[i][1], cases[i][2], cases[i][3], cases[i][4], false);
+    s_check(2, 333, 8, 2, 128, true); /* the WMMA kernels, kept for comparison */
+    s_check(2, 130, 4, 2, 64, true);
     s_check_table(2, 256, 4, 2, 64, S_TOL);  /* flash: T >= 2 + 1.5 hd */
     s_check_table(1, 300, 4, 1, 128, S_TOL);
     s_check_table(2, 20, 4, 2, 64, 1e-5);    /* too short for the state: the fp32 kernels */
