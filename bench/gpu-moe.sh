@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call for the bf16 MoE layer (gpu/moe_layer.h) against PyTorch's grouped_mm: build
-# release with CUDA, run bench_moe_layer on the peers' three shapes (both GEMM paths) with a
+# release with CUDA, run bench_moe_layer on the peers' three shapes (every GEMM path) with a
 # dump, check the dump against PyTorch autograd (bench/moe_check.py), run the PyTorch peers
 # (../shared/peers/moe_layer_torch.py, carried as .device/peers/), print a comparison table.
 # From the repo root, through the device tool with carry [".device"]:

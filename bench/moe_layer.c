@@ -124,7 +124,7 @@ static float s_median_ms(s_layer_t *L)
 
 static const char *s_gemm_name(gpu_moe_gemm_t g)
 {
-    return g == GPU_MOE_GEMM_GROUPED ? "grouped" : "loop";
+    return g == GPU_MOE_GEMM_GROUPED ? "grouped" : g == GPU_MOE_GEMM_LOOP ? "loop" : "streams";
 }
 
 #define S_PHASE_ITERS 5
@@ -243,13 +243,14 @@ static int s_dump(const char *dir, const s_shape_t *s, gpu_moe_gemm_t g)
 
 static void s_usage(void)
 {
-    fprintf(stderr, "usage: bench_moe_layer [--json FILE] [--dump DIR] [--gemm grouped|loop|both]"
+    fprintf(stderr, "usage: bench_moe_layer [--json FILE] [--dump DIR] "
+                    "[--gemm grouped|loop|streams|all]"
                     " [--shapes all|small] [--phases]\n");
 }
 
 int main(int argc, char **argv)
 {
-    const char *json = NULL, *dump = NULL, *gemm = "both", *shapes = "all";
+    const char *json = NULL, *dump = NULL, *gemm = "all", *shapes = "all";
     int phases = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -268,15 +269,17 @@ int main(int argc, char **argv)
         }
         *dst = argv[++i];
     }
-    gpu_moe_gemm_t modes[2];
+    gpu_moe_gemm_t modes[3];
     int nmodes = 0;
-    if (!strcmp(gemm, "grouped") || !strcmp(gemm, "both"))
+    if (!strcmp(gemm, "grouped") || !strcmp(gemm, "all"))
         modes[nmodes++] = GPU_MOE_GEMM_GROUPED;
-    if (!strcmp(gemm, "loop") || !strcmp(gemm, "both"))
+    if (!strcmp(gemm, "loop") || !strcmp(gemm, "all"))
         modes[nmodes++] = GPU_MOE_GEMM_LOOP;
+    if (!strcmp(gemm, "streams") || !strcmp(gemm, "all"))
+        modes[nmodes++] = GPU_MOE_GEMM_STREAMS;
     if (!nmodes || (strcmp(shapes, "all") && strcmp(shapes, "small"))) {
-        fprintf(stderr, "bench_moe_layer: --gemm %s --shapes %s: need grouped, loop or both, "
-                        "and all or small\n", gemm, shapes);
+        fprintf(stderr, "bench_moe_layer: --gemm %s --shapes %s: need grouped, loop, streams or "
+                        "all, and all or small\n", gemm, shapes);
         return 2;
     }
     FILE *jf = NULL;

@@ -61,6 +61,11 @@ typedef struct {
     const gpu_moe_t *g_owner;
     cublasHandle_t blas;
     cudaEvent_t ev_fwd, ev_bwd; /* after each staging copy: the host may rewrite it */
+    /* GPU_MOE_GEMM_STREAMS: a second stream with its own cuBLAS handle (and workspace), and
+     * the events that fork it from the layer's stream and join it back */
+    cudaStream_t side;
+    cublasHandle_t blas2;
+    cudaEvent_t fork, join;
 } s_scratch_t;
 
 struct gpu_moe {
@@ -469,11 +474,12 @@ static void s_gemm(cublasHandle_t hb, cublasOperation_t ta, cublasOperation_t tb
                           ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-static void s_run_loop(gpu_moe_t *m, const s_problem_t *p)
+/* Problems first, first + step, ... of p on handle hb. */
+static void s_run_loop(cublasHandle_t hb, const s_problem_t *p, int first, int step)
 {
-    for (int i = 0; i < p->n; i++)
-        s_gemm(m->sc->blas, p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->A[i], p->lda, p->B[i],
-               p->ldb, p->beta, p->C[i], p->ct, p->ldc);
+    for (int i = first; i < p->n; i += step)
+        s_gemm(hb, p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->A[i], p->lda, p->B[i], p->ldb,
+               p->beta, p->C[i], p->ct, p->ldc);
 }
 
 /* Problem `slot`'s device pointer arrays are at dptr + slot*3E (A, B, C, E each), already
@@ -511,7 +517,37 @@ static void s_run(gpu_moe_t *m, int slot)
                 n, cublasGetStatusString(st));
         m->gemm = GPU_MOE_GEMM_LOOP;
     }
-    s_run_loop(m, p);
+    s_run_loop(m->sc->blas, p, 0, 1);
+}
+
+/* Independent products side by side. GPU_MOE_GEMM_STREAMS: the problems of slots a and a2 (or
+ * -1) on the layer's stream and those of slot b on the side stream; with b -1, slot a's
+ * experts alternate between the two. Otherwise one after the other (s_run). */
+static void s_run_beside(gpu_moe_t *m, int a, int a2, int b)
+{
+    s_scratch_t *sc = m->sc;
+    if (m->gemm != GPU_MOE_GEMM_STREAMS) {
+        s_run(m, a);
+        if (a2 >= 0)
+            s_run(m, a2);
+        if (b >= 0)
+            s_run(m, b);
+        return;
+    }
+    cudaStream_t st = gpu_stream();
+    GPU_CHECK(cudaEventRecord(sc->fork, st));
+    GPU_CHECK(cudaStreamWaitEvent(sc->side, sc->fork, 0));
+    if (b >= 0) {
+        s_run_loop(sc->blas, &m->prob[a], 0, 1);
+        if (a2 >= 0)
+            s_run_loop(sc->blas, &m->prob[a2], 0, 1);
+        s_run_loop(sc->blas2, &m->prob[b], 0, 1);
+    } else {
+        s_run_loop(sc->blas, &m->prob[a], 0, 2);
+        s_run_loop(sc->blas2, &m->prob[a], 1, 2);
+    }
+    GPU_CHECK(cudaEventRecord(sc->join, sc->side));
+    GPU_CHECK(cudaStreamWaitEvent(st, sc->join, 0));
 }
 
 /* Stages the pointer arrays of problems [first, first+n) and copies them to the device. */
@@ -566,7 +602,7 @@ static void s_add(s_problem_t *p, int m, int n, int k, const void *A, const void
 static const char *const s_phase_names[GPU_MOE_NPHASES] = {
     "route",    "sort_gather", "gemm_w13",    "swiglu",      "gemm_w2",
     "combine",  "between",     "combine_bwd", "gemm_dw2_dg", "swiglu_bwd",
-    "gemm_dw13", "gemm_dh",    "route_bwd",   "gemm_router", "dx"};
+    "gemm_dw13_dh", "route_bwd", "gemm_router", "dx"};
 
 /* Phase boundary i (0 <= i <= GPU_MOE_NPHASES) when phase timing is on; a branch when off. */
 static inline void s_mark(gpu_moe_t *m, int i)
@@ -614,6 +650,11 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
     GPU_CHECK(cudaEventRecord(sc->ev_bwd, gpu_stream()));
     GPU_CUBLAS(cublasCreate(&sc->blas));
     GPU_CUBLAS(cublasSetStream(sc->blas, gpu_stream()));
+    GPU_CHECK(cudaStreamCreateWithFlags(&sc->side, cudaStreamNonBlocking));
+    GPU_CUBLAS(cublasCreate(&sc->blas2));
+    GPU_CUBLAS(cublasSetStream(sc->blas2, sc->side));
+    GPU_CHECK(cudaEventCreateWithFlags(&sc->fork, cudaEventDisableTiming));
+    GPU_CHECK(cudaEventCreateWithFlags(&sc->join, cudaEventDisableTiming));
     sc->refs = 1;
     return sc;
 }
@@ -667,7 +708,7 @@ extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
     memset(&shape, 0, sizeof shape);
     shape.T = T, shape.d = d, shape.f = f, shape.E = E, shape.k = k, shape.M = (int)M;
     shape.nblk = (int)((M + S_SORT_BLOCK - 1) / S_SORT_BLOCK);
-    shape.gemm = GPU_MOE_GEMM_LOOP; /* the faster on all three peer shapes (bench/README.md) */
+    shape.gemm = GPU_MOE_GEMM_STREAMS; /* the fastest on the peer shapes (bench/README.md) */
     shape.round_logits = 1;
     return s_layer_new(&shape, NULL);
 }
@@ -696,6 +737,10 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         cudaEventDestroy(sc->ev_fwd);
         cudaEventDestroy(sc->ev_bwd);
         cublasDestroy(sc->blas);
+        cublasDestroy(sc->blas2);
+        cudaEventDestroy(sc->fork);
+        cudaEventDestroy(sc->join);
+        cudaStreamDestroy(sc->side);
         free(sc);
     }
     free(m);
@@ -802,11 +847,11 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_W13, 2, sc->ev_fwd);
-    s_run(m, P_W13);
+    s_run_beside(m, P_W13, -1, -1);
     s_mark(m, 3);
     s_swiglu(m);
     s_mark(m, 4);
-    s_run(m, P_W2);
+    s_run_beside(m, P_W2, -1, -1);
     s_mark(m, 5);
     s_combine_kernel<<<T, s_row_threads(d), 0, st>>>((bf16 *)out_, out32, res32, m->y, m->pos,
                                                       m->wts, d, K);
@@ -875,19 +920,15 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd);
-    s_run(m, P_DW2);
-    s_run(m, P_DG);
+    s_run_beside(m, P_DW2, -1, P_DG);
     s_mark(m, 9);
     size_t n8 = (size_t)m->M * f / S_VEC;
     s_swiglu_bwd_kernel<<<s_grid(n8, 256), 256, 0, st>>>(sc->dab, dg, m->ab, n8, f / S_VEC);
     GPU_CHECK_LAUNCH();
     sc->g_owner = NULL; /* g now holds dg */
     s_mark(m, 10);
-    s_run(m, P_DW13);
-    s_run(m, P_DW3);
+    s_run_beside(m, P_DW13, P_DW3, P_DH);
     s_mark(m, 11);
-    s_run(m, P_DH);
-    s_mark(m, 12);
 
     /* router: dlogits, then dwg (E, d) as the column-major dwg^T (d, E) = x^T (d, T) dlog
      * (T, E) (dlog stored as its transpose: T), and dxr^T (d, T) = wg^T (d, E) dlog^T (E, T),
@@ -895,15 +936,15 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
     s_route_bwd_kernel<<<(T + 7) / 8, 256, 0, st>>>(sc->dlog, sc->dwt, m->probs, m->idx,
                                                     gr->daux, T, E, K);
     GPU_CHECK_LAUNCH();
-    s_mark(m, 13);
+    s_mark(m, 12);
     s_gemm(sc->blas, CUBLAS_OP_N, CUBLAS_OP_T, d, E, T, x, d, sc->dlog, E, f32 ? 1.0f : 0.0f,
            gr->dwg, f32 ? CUDA_R_32F : CUDA_R_16BF, d);
     s_gemm(sc->blas, CUBLAS_OP_N, CUBLAS_OP_N, d, T, E, wg, d, sc->dlog, E, 0.0f, sc->dxr,
            CUDA_R_32F, d);
-    s_mark(m, 14);
+    s_mark(m, 13);
     s_dx_kernel<<<T, s_row_threads(d), 0, st>>>(dx, sc->dxr, sc->dh, m->pos, d, K);
     GPU_CHECK_LAUNCH();
-    s_mark(m, 15);
+    s_mark(m, 14);
 }
 
 /* ---------------------------------------------------------------------- bench helpers */

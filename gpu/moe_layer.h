@@ -13,11 +13,11 @@
  *   (through the renormalisation and the softmax into dwg and dx), plus an optional constant
  *   per-expert gradient on p (the auxiliary load-balancing loss), with every bf16 cast an
  *   identity in backward as in autograd.
- * The expert GEMMs are a loop of cublasGemmEx per expert (the default: on an H200 it beat
- * cublasGemmGroupedBatchedEx by 1.3-1.8x on every shape bench_moe_layer runs) or the grouped
- * call (GPU_MOE_GEMM_GROUPED). The host needs the per-expert counts to size them: each
- * gpu_moe_fwd copies the E counts to the host once (one stream synchronisation per layer
- * call); gpu_moe_bwd reuses them.
+ * The expert GEMMs are cublasGemmEx calls per expert on two streams (the default), in order on
+ * one (GPU_MOE_GEMM_LOOP: on an H200 it beat cublasGemmGroupedBatchedEx by 1.3-1.8x on every
+ * shape bench_moe_layer runs) or the grouped call (GPU_MOE_GEMM_GROUPED). The host needs the
+ * per-expert counts to size them: each gpu_moe_fwd copies the E counts to the host once (one
+ * stream synchronisation per layer call); gpu_moe_bwd reuses them.
  * Memory: a layer keeps what its backward needs (routing, the permuted input h, [a | b], y);
  * what lives only within one call (g, the backward's intermediates) is scratch that the layers
  * of one model share (gpu_moe_new_sharing): a layer whose g was overwritten by another's call
@@ -40,7 +40,11 @@ typedef struct gpu_moe gpu_moe_t;
 
 typedef enum {
     GPU_MOE_GEMM_GROUPED = 0, /* cublasGemmGroupedBatchedEx, one group per expert */
-    GPU_MOE_GEMM_LOOP = 1     /* cublasGemmEx per expert, in order on the stream */
+    GPU_MOE_GEMM_LOOP = 1,    /* cublasGemmEx per expert, in order on the stream */
+    GPU_MOE_GEMM_STREAMS = 2  /* cublasGemmEx per expert on two streams: independent GEMMs
+                               * (the experts of one product; dW2 beside dg, dW13 beside dh)
+                               * side by side, so that one fills the SMs the other's last wave
+                               * leaves idle */
 } gpu_moe_gemm_t;
 
 /* The weights, bf16, nn.Linear layout. */
@@ -112,7 +116,7 @@ const int32_t *gpu_moe_counts(const gpu_moe_t *self);
  * forward and the backward; "sort_gather" ends before the host waits for the counts, so that
  * wait and the GEMM launches after it count in "gemm_w13". gpu_moe_phase_ms waits for the
  * last boundary and fills ms[GPU_MOE_NPHASES] for the last fwd + bwd pair; -1 when off. */
-#define GPU_MOE_NPHASES 15
+#define GPU_MOE_NPHASES 14
 void gpu_moe_set_phases(gpu_moe_t *self, int on);
 const char *gpu_moe_phase_name(int i);
 int gpu_moe_phase_ms(gpu_moe_t *self, float *ms);
