@@ -88,6 +88,7 @@ struct gpu_moe {
     int phases;                 /* gpu_moe_set_phases: record pev at each phase boundary */
     cudaEvent_t pev[GPU_MOE_NPHASES + 1]; /* made on first enable; [0] fwd start */
     s_problem_t prob[S_NPROB];
+    int prow0[S_MAX_E], prows[S_MAX_E]; /* rows of the i-th problem's expert (nonempty ones) */
 };
 
 /* ---------------------------------------------------------------------- kernels */
@@ -520,35 +521,25 @@ static void s_run(gpu_moe_t *m, int slot)
     s_run_loop(m->sc->blas, p, 0, 1);
 }
 
-/* Independent products side by side. GPU_MOE_GEMM_STREAMS: the problems of slots a and a2 (or
- * -1) on the layer's stream and those of slot b on the side stream; with b -1, slot a's
- * experts alternate between the two. Otherwise one after the other (s_run). */
-static void s_run_beside(gpu_moe_t *m, int a, int a2, int b)
+/* The stream fork and join of GPU_MOE_GEMM_STREAMS. */
+static void s_fork(s_scratch_t *sc)
 {
-    s_scratch_t *sc = m->sc;
-    if (m->gemm != GPU_MOE_GEMM_STREAMS) {
-        s_run(m, a);
-        if (a2 >= 0)
-            s_run(m, a2);
-        if (b >= 0)
-            s_run(m, b);
-        return;
-    }
-    cudaStream_t st = gpu_stream();
-    GPU_CHECK(cudaEventRecord(sc->fork, st));
+    GPU_CHECK(cudaEventRecord(sc->fork, gpu_stream()));
     GPU_CHECK(cudaStreamWaitEvent(sc->side, sc->fork, 0));
-    if (b >= 0) {
-        s_run_loop(sc->blas, &m->prob[a], 0, 1);
-        if (a2 >= 0)
-            s_run_loop(sc->blas, &m->prob[a2], 0, 1);
-        s_run_loop(sc->blas2, &m->prob[b], 0, 1);
-    } else {
-        s_run_loop(sc->blas, &m->prob[a], 0, 2);
-        s_run_loop(sc->blas2, &m->prob[a], 1, 2);
-    }
-    GPU_CHECK(cudaEventRecord(sc->join, sc->side));
-    GPU_CHECK(cudaStreamWaitEvent(st, sc->join, 0));
 }
+
+static void s_join(s_scratch_t *sc)
+{
+    GPU_CHECK(cudaEventRecord(sc->join, sc->side));
+    GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), sc->join, 0));
+}
+
+/* Problem i of p alone, on handle hb. */
+static void s_run_one(cublasHandle_t hb, const s_problem_t *p, int i)
+{
+    s_run_loop(hb, p, i, p->n);
+}
+
 
 /* Stages the pointer arrays of problems [first, first+n) and copies them to the device. */
 static void s_stage(gpu_moe_t *m, int first, int n, cudaEvent_t ev)
@@ -797,6 +788,64 @@ static void s_swiglu(gpu_moe_t *m)
     m->sc->g_owner = m;
 }
 
+/* SwiGLU and its backward on rows [r0, r0 + n) only, on stream st. */
+static void s_swiglu_rows(gpu_moe_t *m, int r0, int n, cudaStream_t st)
+{
+    size_t n8 = (size_t)n * m->f / S_VEC, f = (size_t)m->f;
+    s_swiglu_kernel<<<s_grid(n8, 256), 256, 0, st>>>(m->sc->g + r0 * f, m->ab + r0 * 2 * f, n8,
+                                                     m->f / S_VEC);
+    GPU_CHECK_LAUNCH();
+}
+
+static void s_swiglu_bwd_rows(gpu_moe_t *m, int r0, int n, cudaStream_t st)
+{
+    size_t n8 = (size_t)n * m->f / S_VEC, f = (size_t)m->f;
+    s_swiglu_bwd_kernel<<<s_grid(n8, 256), 256, 0, st>>>(m->sc->dab + r0 * 2 * f,
+                                                         m->sc->g + r0 * f, m->ab + r0 * 2 * f,
+                                                         n8, m->f / S_VEC);
+    GPU_CHECK_LAUNCH();
+}
+
+/* GPU_MOE_GEMM_STREAMS's forward experts: each expert's [a | b] GEMM, SwiGLU and W2 GEMM in a
+ * row on one of two streams, experts alternating, so that one expert's SwiGLU (memory bound)
+ * runs beside another's GEMMs (compute bound). */
+static void s_experts_fwd_streams(gpu_moe_t *m)
+{
+    s_scratch_t *sc = m->sc;
+    const s_problem_t *p13 = &m->prob[P_W13], *p2 = &m->prob[P_W2];
+    s_fork(sc);
+    for (int i = 0; i < p13->n; i++) {
+        cublasHandle_t hb = i & 1 ? sc->blas2 : sc->blas;
+        cudaStream_t s = i & 1 ? sc->side : gpu_stream();
+        s_run_one(hb, p13, i);
+        s_swiglu_rows(m, m->prow0[i], m->prows[i], s);
+        s_run_one(hb, p2, i);
+    }
+    s_join(sc);
+    sc->g_owner = m;
+}
+
+/* Its backward: per expert dW2 and dg, SwiGLU's backward, dW13 (or dW1 and dW3) and dh. */
+static void s_experts_bwd_streams(gpu_moe_t *m)
+{
+    s_scratch_t *sc = m->sc;
+    const s_problem_t *q = m->prob;
+    s_fork(sc);
+    for (int i = 0; i < q[P_DW2].n; i++) {
+        cublasHandle_t hb = i & 1 ? sc->blas2 : sc->blas;
+        cudaStream_t s = i & 1 ? sc->side : gpu_stream();
+        s_run_one(hb, &q[P_DW2], i);
+        s_run_one(hb, &q[P_DG], i);
+        s_swiglu_bwd_rows(m, m->prow0[i], m->prows[i], s);
+        s_run_one(hb, &q[P_DW13], i);
+        if (q[P_DW3].n)
+            s_run_one(hb, &q[P_DW3], i);
+        s_run_one(hb, &q[P_DH], i);
+    }
+    s_join(sc);
+    sc->g_owner = NULL; /* g now holds dg */
+}
+
 extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
                             uint16_t *out_, float *out32, const float *res32)
 {
@@ -841,17 +890,25 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
     for (int e = 0; e < E; e++) {
         int n = m->hcounts[e];
         if (n > 0) {
+            m->prow0[p13->n] = (int)o;
+            m->prows[p13->n] = n;
             s_add(p13, 2 * f, n, d, w13 + e * 2 * df, m->h + o * d, m->ab + o * 2 * f);
             s_add(p2, d, n, f, w2 + e * df, sc->g + o * f, m->y + o * d);
         }
         o += (size_t)n;
     }
     s_stage(m, P_W13, 2, sc->ev_fwd);
-    s_run_beside(m, P_W13, -1, -1);
-    s_mark(m, 3);
-    s_swiglu(m);
-    s_mark(m, 4);
-    s_run_beside(m, P_W2, -1, -1);
+    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+        s_experts_fwd_streams(m);
+        s_mark(m, 3);
+        s_mark(m, 4);
+    } else {
+        s_run(m, P_W13);
+        s_mark(m, 3);
+        s_swiglu(m);
+        s_mark(m, 4);
+        s_run(m, P_W2);
+    }
     s_mark(m, 5);
     s_combine_kernel<<<T, s_row_threads(d), 0, st>>>((bf16 *)out_, out32, res32, m->y, m->pos,
                                                       m->wts, d, K);
@@ -920,14 +977,24 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd);
-    s_run_beside(m, P_DW2, -1, P_DG);
-    s_mark(m, 9);
-    size_t n8 = (size_t)m->M * f / S_VEC;
-    s_swiglu_bwd_kernel<<<s_grid(n8, 256), 256, 0, st>>>(sc->dab, dg, m->ab, n8, f / S_VEC);
-    GPU_CHECK_LAUNCH();
-    sc->g_owner = NULL; /* g now holds dg */
-    s_mark(m, 10);
-    s_run_beside(m, P_DW13, P_DW3, P_DH);
+    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+        s_experts_bwd_streams(m);
+        s_mark(m, 9);
+        s_mark(m, 10);
+    } else {
+        s_run(m, P_DW2);
+        s_run(m, P_DG);
+        s_mark(m, 9);
+        size_t n8 = (size_t)m->M * f / S_VEC;
+        s_swiglu_bwd_kernel<<<s_grid(n8, 256), 256, 0, st>>>(sc->dab, dg, m->ab, n8,
+                                                             f / S_VEC);
+        GPU_CHECK_LAUNCH();
+        sc->g_owner = NULL; /* g now holds dg */
+        s_mark(m, 10);
+        s_run(m, P_DW13);
+        s_run(m, P_DW3);
+        s_run(m, P_DH);
+    }
     s_mark(m, 11);
 
     /* router: dlogits, then dwg (E, d) as the column-major dwg^T (d, E) = x^T (d, T) dlog
