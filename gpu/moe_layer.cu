@@ -4,7 +4,6 @@
 #include "gpu/moe_layer.h"
 #include "gpu/bf16.cuh"
 #include "gpu/cublas.h"
-#include "gpu/gemm_tune.cuh"
 #include "gpu/ops.h"
 #include "gpu/reduce.cuh"
 #include "gpu/stream.h"
@@ -67,8 +66,6 @@ typedef struct {
     cudaStream_t side;
     cublasHandle_t blas2;
     cudaEvent_t fork, join;
-    gpu_gemm_tuner_t *tune; /* the per-expert GEMMs' algorithms (workspace 0: the layer's
-                             * stream, 1: side) */
 } s_scratch_t;
 
 struct gpu_moe {
@@ -478,37 +475,12 @@ static void s_gemm(cublasHandle_t hb, cublasOperation_t ta, cublasOperation_t tb
                           ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-/* Problem i of p as one GEMM. */
-static gpu_gemm_t s_one(const s_problem_t *p, int i)
+/* Problems first, first + step, ... of p on handle hb. */
+static void s_run_loop(cublasHandle_t hb, const s_problem_t *p, int first, int step)
 {
-    gpu_gemm_t g = {p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->lda, p->ldb, p->ldc,
-                    p->A[i], p->B[i], p->C[i], p->ct, p->beta};
-    return g;
-}
-
-/* Problems first, first + step, ... of p on the layer's stream (side 0) or the side stream,
- * each by its tuned algorithm. */
-static void s_run_loop(const gpu_moe_t *m, int side, const s_problem_t *p, int first, int step)
-{
-    s_scratch_t *sc = m->sc;
-    for (int i = first; i < p->n; i += step) {
-        gpu_gemm_t g = s_one(p, i);
-        gpu_gemm_run(sc->tune, side ? sc->blas2 : sc->blas, side ? sc->side : gpu_stream(),
-                     side, &g);
-    }
-}
-
-/* Tunes the shapes of slot's problems not tuned yet, on the layer's stream; each trial run
- * writes its C, or scratch's base instead when scratch is not NULL (a C still to be read). */
-static void s_tune(gpu_moe_t *m, int slot, void *scratch)
-{
-    const s_problem_t *p = &m->prob[slot];
-    for (int i = 0; i < p->n; i++) {
-        gpu_gemm_t g = s_one(p, i);
-        if (scratch)
-            g.C = scratch;
-        gpu_gemm_tune(m->sc->tune, m->sc->blas, gpu_stream(), &g);
-    }
+    for (int i = first; i < p->n; i += step)
+        s_gemm(hb, p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->A[i], p->lda, p->B[i], p->ldb,
+               p->beta, p->C[i], p->ct, p->ldc);
 }
 
 /* Problem `slot`'s device pointer arrays are at dptr + slot*3E (A, B, C, E each), already
@@ -546,7 +518,7 @@ static void s_run(gpu_moe_t *m, int slot)
                 n, cublasGetStatusString(st));
         m->gemm = GPU_MOE_GEMM_LOOP;
     }
-    s_run_loop(m, 0, p, 0, 1);
+    s_run_loop(m->sc->blas, p, 0, 1);
 }
 
 /* The stream fork and join of GPU_MOE_GEMM_STREAMS. */
@@ -562,10 +534,10 @@ static void s_join(s_scratch_t *sc)
     GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), sc->join, 0));
 }
 
-/* Problem i of p alone, on the layer's stream (side 0) or the side stream. */
-static void s_run_one(const gpu_moe_t *m, int side, const s_problem_t *p, int i)
+/* Problem i of p alone, on handle hb. */
+static void s_run_one(cublasHandle_t hb, const s_problem_t *p, int i)
 {
-    s_run_loop(m, side, p, i, p->n);
+    s_run_loop(hb, p, i, p->n);
 }
 
 
@@ -674,7 +646,6 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
     GPU_CUBLAS(cublasSetStream(sc->blas2, sc->side));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->fork, cudaEventDisableTiming));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->join, cudaEventDisableTiming));
-    sc->tune = gpu_gemm_tuner_new(2);
     sc->refs = 1;
     return sc;
 }
@@ -761,7 +732,6 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         cudaEventDestroy(sc->fork);
         cudaEventDestroy(sc->join);
         cudaStreamDestroy(sc->side);
-        gpu_gemm_tuner_destroy(&sc->tune);
         free(sc);
     }
     free(m);
@@ -845,11 +815,11 @@ static void s_experts_fwd_streams(gpu_moe_t *m)
     const s_problem_t *p13 = &m->prob[P_W13], *p2 = &m->prob[P_W2];
     s_fork(sc);
     for (int i = 0; i < p13->n; i++) {
-        int side = i & 1;
-        cudaStream_t s = side ? sc->side : gpu_stream();
-        s_run_one(m, side, p13, i);
+        cublasHandle_t hb = i & 1 ? sc->blas2 : sc->blas;
+        cudaStream_t s = i & 1 ? sc->side : gpu_stream();
+        s_run_one(hb, p13, i);
         s_swiglu_rows(m, m->prow0[i], m->prows[i], s);
-        s_run_one(m, side, p2, i);
+        s_run_one(hb, p2, i);
     }
     s_join(sc);
     sc->g_owner = m;
@@ -862,15 +832,15 @@ static void s_experts_bwd_streams(gpu_moe_t *m)
     const s_problem_t *q = m->prob;
     s_fork(sc);
     for (int i = 0; i < q[P_DW2].n; i++) {
-        int side = i & 1;
-        cudaStream_t s = side ? sc->side : gpu_stream();
-        s_run_one(m, side, &q[P_DW2], i);
-        s_run_one(m, side, &q[P_DG], i);
+        cublasHandle_t hb = i & 1 ? sc->blas2 : sc->blas;
+        cudaStream_t s = i & 1 ? sc->side : gpu_stream();
+        s_run_one(hb, &q[P_DW2], i);
+        s_run_one(hb, &q[P_DG], i);
         s_swiglu_bwd_rows(m, m->prow0[i], m->prows[i], s);
-        s_run_one(m, side, &q[P_DW13], i);
+        s_run_one(hb, &q[P_DW13], i);
         if (q[P_DW3].n)
-            s_run_one(m, side, &q[P_DW3], i);
-        s_run_one(m, side, &q[P_DH], i);
+            s_run_one(hb, &q[P_DW3], i);
+        s_run_one(hb, &q[P_DH], i);
     }
     s_join(sc);
     sc->g_owner = NULL; /* g now holds dg */
@@ -928,10 +898,6 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_W13, 2, sc->ev_fwd);
-    if (m->gemm != GPU_MOE_GEMM_GROUPED) { /* new shapes timed (the trials write ab and y) */
-        s_tune(m, P_W13, NULL);
-        s_tune(m, P_W2, NULL);
-    }
     if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
         s_experts_fwd_streams(m);
         s_mark(m, 3);
@@ -1011,10 +977,6 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd);
-    if (m->gemm != GPU_MOE_GEMM_GROUPED) { /* dg's trials into dab: g is still to be read */
-        for (int slot = P_DW2; slot < S_NPROB; slot++)
-            s_tune(m, slot, slot == P_DG ? (void *)sc->dab : NULL);
-    }
     if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
         s_experts_bwd_streams(m);
         s_mark(m, 9);
