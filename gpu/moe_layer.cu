@@ -604,6 +604,16 @@ static inline void s_mark(gpu_moe_t *m, int i)
 
 static size_t s_align(size_t n) { return (n + 255) & ~(size_t)255; }
 
+/* The expert GEMM path for a shape, as measured on an H200 (bench/README.md): experts whose
+ * GEMMs fill the GPU for a millisecond or more (Mixtral's: ~1e12 FLOPs each) run fastest one
+ * after the other; smaller ones gain from the two-stream pipeline (fine-grained and small
+ * shapes, 1.1e10-1.8e10 FLOPs). The split sits at 1e11 FLOPs per expert [a | b] GEMM. */
+static gpu_moe_gemm_t s_gemm_for(int T, int d, int f, int E, int k)
+{
+    double flops = 2.0 * ((double)T * k / E) * d * (2.0 * f);
+    return flops < 1e11 ? GPU_MOE_GEMM_STREAMS : GPU_MOE_GEMM_LOOP;
+}
+
 /* Points ptrs[i] at successive 256-byte aligned pieces of sz[i] bytes in one allocation. */
 static void *s_carve(const size_t *sz, void **const *ptrs, int n)
 {
@@ -699,7 +709,7 @@ extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
     memset(&shape, 0, sizeof shape);
     shape.T = T, shape.d = d, shape.f = f, shape.E = E, shape.k = k, shape.M = (int)M;
     shape.nblk = (int)((M + S_SORT_BLOCK - 1) / S_SORT_BLOCK);
-    shape.gemm = GPU_MOE_GEMM_STREAMS; /* the fastest on the peer shapes (bench/README.md) */
+    shape.gemm = s_gemm_for(T, d, f, E, k);
     shape.round_logits = 1;
     return s_layer_new(&shape, NULL);
 }

@@ -13,9 +13,11 @@
  *   (through the renormalisation and the softmax into dwg and dx), plus an optional constant
  *   per-expert gradient on p (the auxiliary load-balancing loss), with every bf16 cast an
  *   identity in backward as in autograd.
- * The expert GEMMs are cublasGemmEx calls per expert on two streams (the default), in order on
- * one (GPU_MOE_GEMM_LOOP: on an H200 it beat cublasGemmGroupedBatchedEx by 1.3-1.8x on every
- * shape bench_moe_layer runs) or the grouped call (GPU_MOE_GEMM_GROUPED). The host needs the
+ * The expert GEMMs are cublasGemmEx calls per expert, in order on one stream
+ * (GPU_MOE_GEMM_LOOP: on an H200 it beat cublasGemmGroupedBatchedEx by 1.3-1.8x on every shape
+ * bench_moe_layer runs) or pipelined on two (GPU_MOE_GEMM_STREAMS), whichever measured faster
+ * for the shape's size (gpu_moe_new picks: streams for experts of under ~1e11 FLOPs a GEMM), or
+ * the grouped call (GPU_MOE_GEMM_GROUPED). The host needs the
  * per-expert counts to size them: each gpu_moe_fwd copies the E counts to the host once (one
  * stream synchronisation per layer call); gpu_moe_bwd reuses them.
  * Memory: a layer keeps what its backward needs (routing, the permuted input h, [a | b], y);
