@@ -112,14 +112,7 @@ static int s_cmp_float(const void *a, const void *b)
 
 static float s_median_ms(s_layer_t *L)
 {
-    float ts[S_ITERS];
-    for (int i = 0; i < S_WARM; i++)
-        s_step(L);
-    gpu_moe_sync();
-    for (int i = 0; i < S_ITERS; i++)
-        ts[i] = gpu_moe_time_ms(s_step, L);
-    qsort(ts, S_ITERS, sizeof(float), s_cmp_float);
-    return ts[S_ITERS / 2];
+    return gpu_moe_median_ms(s_step, L, S_WARM, S_ITERS);
 }
 
 static const char *s_gemm_name(gpu_moe_gemm_t g)

@@ -1059,6 +1059,25 @@ extern "C" float gpu_moe_time_ms(void (*fn)(void *ctx), void *ctx)
 
 extern "C" void gpu_moe_sync(void) { GPU_CHECK(cudaStreamSynchronize(gpu_stream())); }
 
+static int s_cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+extern "C" float gpu_moe_median_ms(void (*fn)(void *ctx), void *ctx, int warm, int iters)
+{
+    float ts[64];
+    iters = iters < 1 ? 1 : iters > 64 ? 64 : iters;
+    for (int i = 0; i < warm; i++)
+        fn(ctx);
+    gpu_moe_sync();
+    for (int i = 0; i < iters; i++)
+        ts[i] = gpu_moe_time_ms(fn, ctx);
+    qsort(ts, (size_t)iters, sizeof(float), s_cmp_float);
+    return ts[iters / 2];
+}
+
 typedef struct {
     cublasHandle_t h;
     int n;
@@ -1073,12 +1092,6 @@ static void s_dense_once(void *ctx)
            CUDA_R_16BF, g->n);
 }
 
-static int s_cmp_float(const void *a, const void *b)
-{
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
 extern "C" double gpu_moe_dense_tflops(int n, int warm, int iters)
 {
     size_t nn = (size_t)n * n;
@@ -1091,15 +1104,7 @@ extern "C" double gpu_moe_dense_tflops(int n, int warm, int iters)
     gpu_moe_fill_randn((uint16_t *)g.b, nn, 1.0f, 102);
     GPU_CUBLAS(cublasCreate(&g.h));
     GPU_CUBLAS(cublasSetStream(g.h, gpu_stream()));
-    for (int i = 0; i < warm; i++)
-        s_dense_once(&g);
-    gpu_moe_sync();
-    float *ts = (float *)calloc((size_t)(iters > 0 ? iters : 1), sizeof(float));
-    for (int i = 0; i < iters; i++)
-        ts[i] = gpu_moe_time_ms(s_dense_once, &g);
-    qsort(ts, (size_t)iters, sizeof(float), s_cmp_float);
-    double ms = iters > 0 ? ts[iters / 2] : 0.0;
-    free(ts);
+    double ms = iters > 0 ? gpu_moe_median_ms(s_dense_once, &g, warm, iters) : 0.0;
     cublasDestroy(g.h);
     gpu_free((void *)g.a);
     gpu_free((void *)g.b);

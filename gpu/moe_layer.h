@@ -131,6 +131,8 @@ void gpu_moe_fill_randn(uint16_t *p, size_t n, float scale, uint64_t seed);
 void gpu_moe_scale(uint16_t *y, const uint16_t *x, size_t n, float scale);
 /* Milliseconds of the work fn(ctx) enqueues on the stream, between two CUDA events. */
 float gpu_moe_time_ms(void (*fn)(void *ctx), void *ctx);
+/* The median of iters gpu_moe_time_ms(fn, ctx) after warm untimed calls (iters <= 64). */
+float gpu_moe_median_ms(void (*fn)(void *ctx), void *ctx, int warm, int iters);
 /* One dense bf16 GEMM (n, n) x (n, n) through cublasGemmEx, fp32 compute, bf16 out; the median
  * of iters timed calls after warm ones, in TFLOP/s. Allocates and frees its operands. */
 double gpu_moe_dense_tflops(int n, int warm, int iters);

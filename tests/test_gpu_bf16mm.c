@@ -16,6 +16,7 @@
 #include "model/job.h"
 #include "model/params.h"
 #include "model/train.h"
+#include "tests/gpu_util.h"
 #include "tests/harness.h"
 #include "tests/tiny_model.h"
 
@@ -68,19 +69,6 @@ static float *s_up(const float *x, size_t n)
     return d;
 }
 
-/* |got - want| / max(|want|, floor), 2-norms in double. */
-static double s_rel(const float *got, const float *want, size_t n, double floor)
-{
-    double dd = 0, ww = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        dd += d * d;
-        ww += (double)want[i] * want[i];
-    }
-    double den = fmax(sqrt(ww), floor);
-    return den > 0 ? sqrt(dd) / den : sqrt(dd);
-}
-
 /* Downloads device got (n floats) and checks it against host want within tol. For an
  * accumulated result init is what the buffer held before (else NULL): the error is relative to
  * the larger of the result and the increment (an increment may cancel its start value). */
@@ -96,7 +84,7 @@ static double s_cmp(const char *what, const float *got_dev, const float *want,
             inc += ((double)want[i] - init[i]) * ((double)want[i] - init[i]);
         floor = fmax(floor, sqrt(inc));
     }
-    double rel = s_rel(got, want, n, floor);
+    double rel = test_rel_err(got, want, n, floor);
     bool finite = true;
     for (size_t i = 0; i < n; i++)
         finite = finite && isfinite(got[i]);

@@ -276,22 +276,10 @@ static void s_fwd_bwd_once(void *ctx)
                   s->H, s->KVH, s->hd, s->ws);
 }
 
-static int s_cmp_float(const void *a, const void *b)
-{
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
-}
-
+/* The median of S_ITERS timed calls of fn after S_WARM untimed ones. */
 static float s_median_ms(void (*fn)(void *), void *ctx)
 {
-    float ts[S_ITERS];
-    for (int i = 0; i < S_WARM; i++)
-        fn(ctx);
-    gpu_moe_sync();
-    for (int i = 0; i < S_ITERS; i++)
-        ts[i] = gpu_moe_time_ms(fn, ctx);
-    qsort(ts, S_ITERS, sizeof(float), s_cmp_float);
-    return ts[S_ITERS / 2];
+    return gpu_moe_median_ms(fn, ctx, S_WARM, S_ITERS);
 }
 
 static void s_bench(int B, int T, int H, int KVH, int hd)
