@@ -46,7 +46,7 @@ enum { P_W13, P_W2, P_DW2, P_DG, P_DW13, P_DW3, P_DH, S_NPROB };
  * SwiGLU output of the last forward that wrote it (g_owner; NULL after a backward, which
  * reuses the buffer for dg). */
 typedef struct {
-    int refs, E;
+    int refs;
     void *slab;
     int32_t *hist;  // (nblk, E) per-block counts, then per-block row offsets
     float *dwt;     // (T, k) d loss / d weight, fp32
@@ -66,8 +66,6 @@ typedef struct {
     cudaStream_t side;
     cublasHandle_t blas2;
     cudaEvent_t fork, join;
-    cudaEvent_t ev_gemm[S_MAX_E], ev_elem[S_MAX_E]; /* GPU_MOE_GEMM_OVERLAP: expert i's GEMMs
-                                                     * before its SwiGLU, its SwiGLU done */
 } s_scratch_t;
 
 struct gpu_moe {
@@ -613,7 +611,7 @@ static size_t s_align(size_t n) { return (n + 255) & ~(size_t)255; }
 static gpu_moe_gemm_t s_gemm_for(int T, int d, int f, int E, int k)
 {
     double flops = 2.0 * ((double)T * k / E) * d * (2.0 * f);
-    return flops < 1e11 ? GPU_MOE_GEMM_STREAMS : GPU_MOE_GEMM_OVERLAP;
+    return flops < 1e11 ? GPU_MOE_GEMM_STREAMS : GPU_MOE_GEMM_LOOP;
 }
 
 /* Points ptrs[i] at successive 256-byte aligned pieces of sz[i] bytes in one allocation. */
@@ -658,11 +656,6 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
     GPU_CUBLAS(cublasSetStream(sc->blas2, sc->side));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->fork, cudaEventDisableTiming));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->join, cudaEventDisableTiming));
-    for (int e = 0; e < m->E; e++) {
-        GPU_CHECK(cudaEventCreateWithFlags(&sc->ev_gemm[e], cudaEventDisableTiming));
-        GPU_CHECK(cudaEventCreateWithFlags(&sc->ev_elem[e], cudaEventDisableTiming));
-    }
-    sc->E = m->E;
     sc->refs = 1;
     return sc;
 }
@@ -749,10 +742,6 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         cudaEventDestroy(sc->fork);
         cudaEventDestroy(sc->join);
         cudaStreamDestroy(sc->side);
-        for (int e = 0; e < sc->E; e++) {
-            cudaEventDestroy(sc->ev_gemm[e]);
-            cudaEventDestroy(sc->ev_elem[e]);
-        }
         free(sc);
     }
     free(m);
@@ -846,58 +835,6 @@ static void s_experts_fwd_streams(gpu_moe_t *m)
     sc->g_owner = m;
 }
 
-/* GPU_MOE_GEMM_OVERLAP's forward experts: the GEMMs in order on the layer's stream (W13 of
- * expert i, then W2 of expert i - 1), expert i's SwiGLU on the side stream between them. */
-static void s_experts_fwd_overlap(gpu_moe_t *m)
-{
-    s_scratch_t *sc = m->sc;
-    const s_problem_t *p13 = &m->prob[P_W13], *p2 = &m->prob[P_W2];
-    cudaStream_t st = gpu_stream();
-    int n = p13->n;
-    for (int i = 0; i <= n; i++) {
-        if (i < n) {
-            s_run_one(sc->blas, p13, i);
-            GPU_CHECK(cudaEventRecord(sc->ev_gemm[i], st));
-            GPU_CHECK(cudaStreamWaitEvent(sc->side, sc->ev_gemm[i], 0));
-            s_swiglu_rows(m, m->prow0[i], m->prows[i], sc->side);
-            GPU_CHECK(cudaEventRecord(sc->ev_elem[i], sc->side));
-        }
-        if (i > 0) {
-            GPU_CHECK(cudaStreamWaitEvent(st, sc->ev_elem[i - 1], 0));
-            s_run_one(sc->blas, p2, i - 1);
-        }
-    }
-    sc->g_owner = m;
-}
-
-/* Its backward: dW2 and dg of expert i, then dW13 (or dW1 and dW3) and dh of expert i - 1, in
- * order on the layer's stream; expert i's SwiGLU backward on the side stream between them. */
-static void s_experts_bwd_overlap(gpu_moe_t *m)
-{
-    s_scratch_t *sc = m->sc;
-    const s_problem_t *q = m->prob;
-    cudaStream_t st = gpu_stream();
-    int n = q[P_DW2].n;
-    for (int i = 0; i <= n; i++) {
-        if (i < n) {
-            s_run_one(sc->blas, &q[P_DW2], i);
-            s_run_one(sc->blas, &q[P_DG], i);
-            GPU_CHECK(cudaEventRecord(sc->ev_gemm[i], st));
-            GPU_CHECK(cudaStreamWaitEvent(sc->side, sc->ev_gemm[i], 0));
-            s_swiglu_bwd_rows(m, m->prow0[i], m->prows[i], sc->side);
-            GPU_CHECK(cudaEventRecord(sc->ev_elem[i], sc->side));
-        }
-        if (i > 0) {
-            GPU_CHECK(cudaStreamWaitEvent(st, sc->ev_elem[i - 1], 0));
-            s_run_one(sc->blas, &q[P_DW13], i - 1);
-            if (q[P_DW3].n)
-                s_run_one(sc->blas, &q[P_DW3], i - 1);
-            s_run_one(sc->blas, &q[P_DH], i - 1);
-        }
-    }
-    sc->g_owner = NULL; /* g now holds dg */
-}
-
 /* Its backward: per expert dW2 and dg, SwiGLU's backward, dW13 (or dW1 and dW3) and dh. */
 static void s_experts_bwd_streams(gpu_moe_t *m)
 {
@@ -971,11 +908,8 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_W13, 2, sc->ev_fwd);
-    if (m->gemm == GPU_MOE_GEMM_STREAMS || m->gemm == GPU_MOE_GEMM_OVERLAP) { /* one phase */
-        if (m->gemm == GPU_MOE_GEMM_STREAMS)
-            s_experts_fwd_streams(m);
-        else
-            s_experts_fwd_overlap(m);
+    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+        s_experts_fwd_streams(m);
         s_mark(m, 3);
         s_mark(m, 4);
     } else {
@@ -1053,11 +987,8 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd);
-    if (m->gemm == GPU_MOE_GEMM_STREAMS || m->gemm == GPU_MOE_GEMM_OVERLAP) { /* one phase */
-        if (m->gemm == GPU_MOE_GEMM_STREAMS)
-            s_experts_bwd_streams(m);
-        else
-            s_experts_bwd_overlap(m);
+    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+        s_experts_bwd_streams(m);
         s_mark(m, 9);
         s_mark(m, 10);
     } else {

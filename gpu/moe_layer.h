@@ -43,14 +43,11 @@ typedef struct gpu_moe gpu_moe_t;
 typedef enum {
     GPU_MOE_GEMM_GROUPED = 0, /* cublasGemmGroupedBatchedEx, one group per expert */
     GPU_MOE_GEMM_LOOP = 1,    /* cublasGemmEx per expert, in order on the stream */
-    GPU_MOE_GEMM_STREAMS = 2, /* cublasGemmEx per expert, experts alternating between two
+    GPU_MOE_GEMM_STREAMS = 2  /* cublasGemmEx per expert, experts alternating between two
                                * streams, each expert's GEMMs and SwiGLU in a row: one
                                * expert's memory-bound SwiGLU runs beside another's GEMMs, and
                                * one GEMM's last wave beside the next's first (phase timing
                                * then puts the GEMMs and SwiGLU of each pass in one phase) */
-    GPU_MOE_GEMM_OVERLAP = 3  /* cublasGemmEx per expert in order on the layer's stream, each
-                               * expert's SwiGLU (and its backward) on a second stream beside
-                               * the next expert's GEMMs (phases as for STREAMS) */
 } gpu_moe_gemm_t;
 
 /* The weights, bf16, nn.Linear layout. */
