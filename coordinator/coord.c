@@ -172,6 +172,14 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED, "JOIN refused: %s", bad);
         return;
     }
+    if (strcmp(self->job->train.precision, "bf16") == 0 && strcmp(j->device_kind, "cuda") != 0) {
+        log_debug("JOIN from %s refused: a bf16 job and a %s worker", j->id, j->device_kind);
+        s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED,
+                     "JOIN refused: the job trains with train.precision \"bf16\", which runs on "
+                     "GPU workers (semoe-worker --device cuda:N); this one computes on the %s",
+                     j->device_kind);
+        return;
+    }
     member_t *other = members_by_id(self->members, j->id);
     if (other && !m && !members_bound(other)) {
         if (other->pid == j->pid && strcmp(other->host, j->host) == 0) {

@@ -52,11 +52,16 @@ void fake_worker_send(fake_worker_t *self, proto_msg_t *m)
 
 void fake_worker_join(fake_worker_t *self)
 {
+    fake_worker_join_as(self, "cpu");
+}
+
+void fake_worker_join_as(fake_worker_t *self, const char *device_kind)
+{
     proto_msg_t m = {.hdr.type = PROTO_JOIN};
     snprintf(m.join.id, sizeof m.join.id, "%s", self->id);
     snprintf(m.join.host, sizeof m.join.host, "127.0.0.1");
     m.join.pid = (uint32_t)getpid();
-    snprintf(m.join.device_kind, sizeof m.join.device_kind, "cpu");
+    snprintf(m.join.device_kind, sizeof m.join.device_kind, "%s", device_kind);
     snprintf(m.join.device_name, sizeof m.join.device_name, "fake");
     snprintf(m.join.data_endpoint, sizeof m.join.data_endpoint, "tcp://127.0.0.1:9");
     fake_worker_send(self, &m);

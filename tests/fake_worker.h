@@ -48,6 +48,8 @@ void fake_worker_send(fake_worker_t *self, proto_msg_t *m);
 
 /* JOIN as a CPU worker on 127.0.0.1. */
 void fake_worker_join(fake_worker_t *self);
+/* The same JOIN from a worker of device_kind ("cpu" or "cuda"). */
+void fake_worker_join_as(fake_worker_t *self, const char *device_kind);
 
 /* ACK of a message of type (proto_type_t). */
 void fake_worker_ack(fake_worker_t *self, uint32_t type);

@@ -6,6 +6,7 @@
  * coordinator exits 0. Losses, rates, loads and steps are fresh random numbers each run. */
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -314,6 +315,74 @@ static char *s_relative(const char *path, char *buf, size_t n)
     return buf;
 }
 
+/* A job with train.precision "bf16" takes GPU workers only: a JOIN from one that computes on
+ * the CPU gets ERROR REFUSED saying why (it would fail its first step), one from a cuda worker
+ * gets WELCOME. Its own coordinator on ports of its own. */
+static void s_check_bf16_joins(const char *data_rel)
+{
+    proc_ports_t pp;
+    if (!proc_ports_pick(&pp)) {
+        CHECK(false, "no free ports");
+        return;
+    }
+    char job[PATH_MAX], text[3 * PATH_MAX];
+    snprintf(text, sizeof text,
+             "{" FAKE_WORKER_MODEL_JSON ","
+             " \"train\": {\"seq_len\": 64, \"global_batch\": 8, \"micro_batch\": 4,"
+             " \"steps\": 3, \"precision\": \"bf16\"},"
+             " \"data\": {\"paths\": [\"%s\"]},"
+             " \"cluster\": {\"heartbeat_ms\": 200, \"liveness\": 25, \"expected_workers\": 1}}\n",
+             S_LAYERS, S_EXPERTS, data_rel);
+    proc_tmp_path(job, sizeof job, "job-bf16.json");
+    if (!proc_write_file(job, text)) {
+        CHECK(false, "write %s", job);
+        return;
+    }
+    proc_t *coord = proc_start_coordinator("coordinator-bf16", job, &pp, NULL);
+    if (!coord) {
+        CHECK(false, "the bf16 job's coordinator did not start");
+        return;
+    }
+    static const char *const kinds[] = {"cpu", "cuda"};
+    for (int i = 0; i < 2; i++) {
+        fake_worker_t w;
+        char id[32];
+        snprintf(id, sizeof id, "%s-worker", kinds[i]);
+        if (!fake_worker_open(&w, pp.control_ep, id)) {
+            CHECK(false, "fake worker %s", id);
+            continue;
+        }
+        fake_worker_join_as(&w, kinds[i]);
+        zmq_msg_t msg;
+        proto_msg_t m;
+        uint32_t got = 0, code = 0;
+        char said[PROTO_MAX_TEXT + 1] = "";
+        if (fake_worker_recv(&w, S_WAIT_MS, &msg, &m) == FAKE_WORKER_MSG) {
+            got = m.hdr.type;
+            if (got == PROTO_ERROR) {
+                code = m.error.code;
+                snprintf(said, sizeof said, "%s", m.error.text);
+            }
+            zmq_msg_close(&msg);
+        }
+        if (i == 0)
+            CHECK(got == PROTO_ERROR && code == PROTO_ERR_REFUSED && strstr(said, "bf16") &&
+                      strstr(said, "cuda"),
+                  "a cpu worker's JOIN to a bf16 job: %s %u \"%s\", want ERROR REFUSED naming "
+                  "bf16 and cuda", got ? proto_type_name(got) : "nothing", code, said);
+        else
+            CHECK(got == PROTO_WELCOME, "a cuda worker's JOIN to a bf16 job: %s, want WELCOME",
+                  got ? proto_type_name(got) : "nothing");
+        fprintf(stderr, "  bf16 job, %s worker: %s%s%s\n", kinds[i],
+                got ? proto_type_name(got) : "nothing", said[0] ? ": " : "", said);
+        fake_worker_close(&w);
+    }
+    int status;
+    CHECK(proc_signal(coord, SIGTERM) && proc_wait(coord, S_WAIT_MS, &status) &&
+              proc_exit_code(status) == 0,
+          "the bf16 job's coordinator did not exit 0 on SIGTERM");
+}
+
 int main(void)
 {
     test_init("progress");
@@ -478,6 +547,7 @@ int main(void)
 
     for (int i = 0; i < 2; i++)
         fake_worker_close(&s_fakes[i].w);
+    s_check_bf16_joins(rel);
     fake_worker_term();
     free(data_abs);
     return test_finish();
