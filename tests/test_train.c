@@ -2,7 +2,8 @@
  * against its closed form; micro-batch accumulation against one big batch; clipping and AdamW
  * (decay on matrices only) against a direct double-precision implementation, every parameter;
  * train.router_bias in the trainer's forward and train.freeze_router keeping the gates;
- * a tiny model actually learning a real corpus (held-out loss well below log 256); bit-identical
+ * a pass plugged in (model_train_new_pass, as the GPU's bf16 graph is) stepping bit for bit as
+ * the graph does; a tiny model actually learning a real corpus (held-out loss well below log 256); bit-identical
  * reruns; and generate's determinism, greedy = argmax of `semoe eval --logits`, bad flags. */
 #include <math.h>
 #include <stdarg.h>
@@ -669,6 +670,112 @@ static void s_check_generate(void)
     free(k1);
 }
 
+/* A pass (model/train.h) over the CPU's fp32 graph, as a device graph plugs in: the
+ * trainer's pass path (its own state per micro-batch size, the micro-batch weight folded into
+ * backward, no second gradient slab, no exchange rows) gives the graph path's steps bit for bit,
+ * with uneven micro-batches and a router bias. */
+typedef struct {
+    model_acts_f32 *acts;
+    const model_params_t *params;
+} s_pass_t;
+
+static semoe_rc s_pass_create(const model_params_t *params, int rows, int seq, void **out)
+{
+    s_pass_t *ps = calloc(1, sizeof *ps);
+    ps->params = params;
+    semoe_rc rc = model_acts_new_f32(&cpu_backend_f32, params, rows, seq, 0, &ps->acts);
+    if (rc != SEMOE_OK) {
+        free(ps);
+        return rc;
+    }
+    *out = ps;
+    return SEMOE_OK;
+}
+
+static void s_pass_destroy(void **self_p)
+{
+    s_pass_t *ps = *self_p;
+    model_acts_destroy_f32(&ps->acts);
+    free(ps);
+    *self_p = NULL;
+}
+
+static void s_pass_bias(void *self, const float *bias)
+{
+    ((s_pass_t *)self)->acts->router_bias = bias;
+}
+
+static semoe_rc s_pass_forward(void *self, const float *w, const int32_t *tokens,
+                               const model_exchange_f32 *ex, model_loss_t *loss)
+{
+    s_pass_t *ps = self;
+    return model_forward_f32(&cpu_backend_f32, ps->params, w, ps->acts, tokens, ex, loss);
+}
+
+static semoe_rc s_pass_backward(void *self, const float *w, float *g, double scale)
+{
+    s_pass_t *ps = self;
+    size_t n = model_params_slab_floats(ps->params);
+    float *tmp = calloc(n ? n : 1, sizeof *tmp);
+    semoe_rc rc = model_backward_f32(&cpu_backend_f32, ps->params, w, tmp, ps->acts, NULL);
+    if (rc == SEMOE_OK)
+        cpu_backend_f32.axpy(g, (float)scale, tmp, n);
+    free(tmp);
+    return rc;
+}
+
+static const model_pass_t s_cpu_pass = {"cpu-test", s_pass_create, s_pass_destroy, s_pass_bias,
+                                        s_pass_forward, s_pass_backward};
+
+static void s_check_pass(void)
+{
+    model_job_t job;
+    s_tiny_job(&job);
+    job.train.micro_batch = 3; /* 8 rows: 3 + 3 + 2 */
+    job.model.router_aux_loss_coef = 0.02;
+    uint32_t E = job.model.num_local_experts;
+    job.train.router_bias = calloc(E, sizeof(double));
+    for (uint32_t e = 0; e < E; e++)
+        job.train.router_bias[e] = 2.0 * test_rand_unit() - 1.0;
+    model_params_t *p = test_tiny_params(&job.model, test_rand(), 0.05);
+    model_train_t *tg = NULL, *tp = NULL;
+    uint8_t tok[8 * 13];
+    if (!p || model_train_new(&cpu_backend_f32, p, &job, &tg) != SEMOE_OK ||
+        model_train_new_pass(&cpu_backend_f32, &s_cpu_pass, p, &job, &tp) != SEMOE_OK) {
+        CHECK(0, "trainers: %s", semoe_err_msg());
+        goto done;
+    }
+    CHECK(model_train_set_expert_rows(tp, 100) == SEMOE_EINVAL &&
+              model_train_set_expert_rows(tp, 0) == SEMOE_OK,
+          "a pass takes no exchange rows, and 0 (none) is fine");
+    size_t n = model_train_slab_floats(tg);
+    bool same = true;
+    for (int s = 0; s < 3; s++) {
+        s_tokens(tok, sizeof tok, 32);
+        model_train_report_t rg, rp;
+        if (model_train_step(tg, tok, 8, (uint64_t)s, NULL, &rg) != SEMOE_OK ||
+            model_train_step(tp, tok, 8, (uint64_t)s, NULL, &rp) != SEMOE_OK) {
+            CHECK(0, "step %d: %s", s, semoe_err_msg());
+            goto done;
+        }
+        same = same && rg.loss == rp.loss && rg.grad_norm == rp.grad_norm;
+        printf("pass: step %d loss %.9f (graph) %.9f (pass), grad norm %.9f %.9f\n", s, rg.loss,
+               rp.loss, rg.grad_norm, rp.grad_norm);
+    }
+    CHECK(same, "the pass's losses or gradient norms differ from the graph path's");
+    CHECK(memcmp(model_train_weights(tg), model_train_weights(tp), n * sizeof(float)) == 0,
+          "the pass's weights differ from the graph path's after 3 steps");
+    double ce_g = 0, ce_p = 0;
+    CHECK(model_train_eval(tg, tok, 8, NULL, 0, &ce_g) == SEMOE_OK &&
+              model_train_eval(tp, tok, 8, NULL, 0, &ce_p) == SEMOE_OK && ce_g == ce_p,
+          "eval %.9f (graph) vs %.9f (pass)", ce_g, ce_p);
+done:
+    model_train_destroy(&tp);
+    model_train_destroy(&tg);
+    model_params_destroy(&p);
+    free(job.train.router_bias);
+}
+
 int main(void)
 {
     test_init("train");
@@ -678,6 +785,7 @@ int main(void)
     s_check_adamw(false);
     s_check_adamw(true);
     s_check_router_options();
+    s_check_pass();
     s_check_generate();
     s_check_learning();
     return test_finish();
