@@ -23,7 +23,6 @@ typedef __nv_bfloat16 bf16;
 #define S_MAX_K 16
 #define S_SORT_BLOCK 256 /* flat (token, slot) entries per block of the counting sort */
 #define S_VEC GPU_VEC    /* bf16 per 16-byte vector */
-#define S_CUBLAS_WORKSPACE ((size_t)64 << 20) /* per handle: room for any kernel it picks */
 
 
 /* One expert-GEMM call: per nonempty expert one problem C = op(A) op(B) in cuBLAS's
@@ -67,7 +66,6 @@ typedef struct {
     cudaStream_t side;
     cublasHandle_t blas2;
     cudaEvent_t fork, join;
-    void *ws[2]; /* the two handles' cuBLAS workspaces (S_CUBLAS_WORKSPACE bytes each) */
 } s_scratch_t;
 
 struct gpu_moe {
@@ -656,10 +654,6 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
     GPU_CHECK(cudaStreamCreateWithFlags(&sc->side, cudaStreamNonBlocking));
     GPU_CUBLAS(cublasCreate(&sc->blas2));
     GPU_CUBLAS(cublasSetStream(sc->blas2, sc->side));
-    for (int i = 0; i < 2; i++)
-        sc->ws[i] = gpu_alloc(S_CUBLAS_WORKSPACE);
-    GPU_CUBLAS(cublasSetWorkspace(sc->blas, sc->ws[0], S_CUBLAS_WORKSPACE));
-    GPU_CUBLAS(cublasSetWorkspace(sc->blas2, sc->ws[1], S_CUBLAS_WORKSPACE));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->fork, cudaEventDisableTiming));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->join, cudaEventDisableTiming));
     sc->refs = 1;
@@ -745,8 +739,6 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         cudaEventDestroy(sc->ev_bwd);
         cublasDestroy(sc->blas);
         cublasDestroy(sc->blas2);
-        gpu_free(sc->ws[0]);
-        gpu_free(sc->ws[1]);
         cudaEventDestroy(sc->fork);
         cudaEventDestroy(sc->join);
         cudaStreamDestroy(sc->side);
