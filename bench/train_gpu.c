@@ -568,9 +568,12 @@ int main(int argc, char **argv)
            (double)(r.active - (uint64_t)c->vocab_size * c->hidden_size),
            c->num_hidden_layers, c->num_attention_heads, c->head_dim, seq, r.flops_per_token,
            r.flops_per_token * (double)tokens_per_step);
-    printf("memory: weights, gradients, one micro-batch's gradient, AdamW m and v in fp32 = "
-           "20 B x %.3f B = %.1f GiB, plus activations and their gradients for one "
-           "micro-batch\n", r.total * 1e-9, 20.0 * (double)r.total / S_GIB);
+    /* the trainer's second gradient slab exists only for the graph path's micro-batches */
+    int slabs = 4 + (!pass && r.micro_steps > 1);
+    printf("memory: weights, gradients, %sAdamW m and v in fp32 = %d B x %.3f B = %.1f GiB, "
+           "plus activations and their gradients for one micro-batch\n",
+           slabs == 5 ? "one micro-batch's gradient, " : "", 4 * slabs, r.total * 1e-9,
+           4.0 * slabs * (double)r.total / S_GIB);
     fflush(stdout);
 
     semoe_rc rc = SEMOE_OK;
