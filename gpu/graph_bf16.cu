@@ -221,8 +221,9 @@ static semoe_rc s_acts_new(gpu_graph_bf16_t *g)
         g->moe[l] = l == 0 ? gpu_moe_new(g->N, g->D, g->F, g->E, g->K)
                            : gpu_moe_new_sharing(g->moe[0]);
         if (!g->moe[l])
-            return semoe_err(SEMOE_EINVAL, "bf16 graph: the MoE layer refused N=%d D=%d F=%d "
-                             "E=%d K=%d (message above)", g->N, g->D, g->F, g->E, g->K);
+            return semoe_err(SEMOE_EINVAL, "bf16 graph: layer %d: no MoE layer for N=%d D=%d "
+                             "F=%d E=%d K=%d (the message above says why: its limits or the "
+                             "device memory)", l, g->N, g->D, g->F, g->E, g->K);
         gpu_moe_set_round_logits(g->moe[l], 0);
     }
     return SEMOE_OK;

@@ -620,7 +620,17 @@ static void *s_carve(const size_t *sz, void **const *ptrs, int n)
     size_t total = 0;
     for (int i = 0; i < n; i++)
         total += s_align(sz[i]);
-    char *q = (char *)gpu_alloc(total); /* aborts with the size when the device is out of memory */
+    char *q = NULL;
+    if (cudaMalloc((void **)&q, total) != cudaSuccess) { /* a NULL from gpu_moe_new */
+        cudaGetLastError();
+        size_t fr = 0, all = 0;
+        cudaMemGetInfo(&fr, &all);
+        fprintf(stderr, "gpu_moe_new: cannot allocate %.2f GiB on the device (%.2f GiB free): "
+                        "fewer tokens per micro-batch\n", total / 1073741824.0,
+                fr / 1073741824.0);
+        return NULL;
+    }
+    GPU_CHECK(cudaMemsetAsync(q, 0, total, gpu_stream()));
     void *base = q;
     for (int i = 0; i < n; i++) {
         *ptrs[i] = q;
@@ -644,6 +654,10 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
                            (void **)&sc->dy,   (void **)&sc->dab, (void **)&sc->dh,
                            (void **)&sc->dlog, (void **)&sc->dxr, (void **)&sc->dptr};
     sc->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
+    if (!sc->slab) {
+        free(sc);
+        return NULL;
+    }
     GPU_CHECK(cudaMallocHost((void **)&sc->hptr, (size_t)S_NPROB * 3 * E * sizeof(void *)));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->ev_fwd, cudaEventDisableTiming));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->ev_bwd, cudaEventDisableTiming));
@@ -679,10 +693,19 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
                            (void **)&m->counts, (void **)&m->h,     (void **)&m->ab,
                            (void **)&m->y};
     m->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
+    if (!m->slab) {
+        free(m);
+        return NULL;
+    }
     GPU_CHECK(cudaMallocHost((void **)&m->hcounts, (size_t)m->E * sizeof(int32_t)));
-    if (sc)
-        sc->refs++;
     m->sc = sc ? sc : s_scratch_new(m);
+    if (!m->sc) {
+        gpu_free(m->slab);
+        cudaFreeHost(m->hcounts);
+        free(m);
+        return NULL;
+    }
+    m->sc->refs += sc != NULL;
     return m;
 }
 

@@ -73,8 +73,9 @@ typedef struct {
 
 /* A layer for T tokens of width d, E experts of hidden width f, top-k routing, with its own
  * scratch: every buffer is allocated here, once, so that fwd/bwd allocate nothing. Needs
- * 1 <= k <= min(E, 16), E <= 256, d and f multiples of 8, T*k*2f and E*2f*d under 2^31.
- * Returns NULL (with a message on stderr naming the value) otherwise. Caller owns it. */
+ * 1 <= k <= min(E, 16), E <= 256, d and f multiples of 8, T*k*2f and E*2f*d under 2^31, and
+ * the device memory. Returns NULL (with a message on stderr naming the value or the size)
+ * otherwise. Caller owns it. */
 gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k);
 /* Another layer of other's shape sharing other's scratch (other's settings copied). Destroy
  * the layers in any order; the scratch goes with the last. */
