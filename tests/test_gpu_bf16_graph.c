@@ -194,6 +194,10 @@ static void s_check_refusals(void)
     model_params_t *p = test_tiny_params(&cfg, 7, 0.1);
     gpu_graph_bf16_t *g = NULL;
     CHECK(gpu_graph_bf16_new(p, 0, 4, &g) == SEMOE_EINVAL && !g, "B=0 accepted");
+    /* 33.5 M tokens: far more activations than the device holds, an error and not an abort */
+    semoe_rc big = gpu_graph_bf16_new(p, 4096, 8192, &g);
+    CHECK(big != SEMOE_OK && !g, "a graph for 4096 x 8192 tokens: rc %d", (int)big);
+    printf("4096 x 8192 tokens: %s\n", semoe_err_msg());
     S_NEED(gpu_graph_bf16_new(p, 1, 4, &g) == SEMOE_OK, "graph: %s", semoe_err_msg());
     int32_t tok[5] = {1, 2, 96, 3, 4};
     size_t nf = model_params_slab_floats(p);
