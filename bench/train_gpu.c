@@ -700,21 +700,30 @@ int main(int argc, char **argv)
         printf("\ntime split (one extra step, every op synchronised: %.3f s against %.3f s "
                "unsynchronised):\n", st, r.mean_s);
         printf("  %-12s %10s %8s\n", "op kind", "seconds", "share");
-        for (int k = 0; k < C_N; k++)
-            printf("  %-12s %10.4f %7.1f%%\n", model_profile_category(k), r.cat[k],
-                   100 * r.cat[k] / st);
+        for (int k = 0; k < C_N; k++) /* with the graph, only the trainer's ops are here */
+            if (!pass || r.cat[k] > 0)
+                printf("  %-12s %10.4f %7.1f%%%s\n", model_profile_category(k), r.cat[k],
+                       100 * r.cat[k] / st, pass ? "   (the trainer's table)" : "");
         for (int k = 0; pass && k < GPU_GRAPH_NKIND; k++)
             printf("  %-12s %10.4f %7.1f%%   (bf16 graph)\n", gpu_graph_bf16_kind(k), r.graph[k],
                    100 * r.graph[k] / st);
         printf("  %-12s %10.4f %7.1f%%   (host: routing plans, launches, the trainer)\n", "other",
                r.other, 100 * r.other / st);
-        printf("  gemm: %.1f TFLOP/s achieved on the linear ops (%s), %.0f op calls a step\n",
-               r.gemm_tflops, s_real == &gpu_backend_f32 ? "fp32" : "bf16 conversions included",
-               r.calls);
-        printf("  (gemm: linear_fwd/bwd; attention: attention and RoPE; routing: router, aux "
-               "loss, expert gather/scatter; elementwise: embedding, RMSNorm, SwiGLU, "
-               "cross-entropy, add, axpy; optimizer: AdamW, sum of squares; memory: zero, copy, "
-               "host copies)\n");
+        if (!pass) {
+            printf("  gemm: %.1f TFLOP/s achieved on the linear ops (%s), %.0f op calls a "
+                   "step\n", r.gemm_tflops,
+                   s_real == &gpu_backend_f32 ? "fp32" : "bf16 conversions included", r.calls);
+            printf("  (gemm: linear_fwd/bwd; attention: attention and RoPE; routing: router, "
+                   "aux loss, expert gather/scatter; elementwise: embedding, RMSNorm, SwiGLU, "
+                   "cross-entropy, add, axpy; optimizer: AdamW, sum of squares; memory: zero, "
+                   "copy, host copies)\n");
+        } else {
+            printf("  (bf16 graph: gemm q/k/v, o_proj, LM head; moe_gemm the experts' and "
+                   "router's; moe_other routing, permutation, SwiGLU, combine; attention flash "
+                   "and RoPE; norm_loss RMSNorm, cross-entropy, router sums; convert the bf16 "
+                   "weight copy, residual copies, embedding; host token upload, losses read "
+                   "back)\n");
+        }
     }
     if (json) {
         s_write_json(json, &r);
