@@ -6,7 +6,8 @@
 # the bf16 graph. From the repo root, through the device tool with carry [".device"]:
 #   source .device/on-device.sh && SEMOE_COMMIT=<hash> bash bench/gpu-bf16.sh [parts]
 # the worker (bench/gpu-worker.sh: 30 demo steps on cpu fp32, cuda fp32 and cuda bf16).
-# parts (default all): any of build tests moe flash train worker, comma-separated.
+# parts (default all): any of build tests moe flash train worker, comma-separated. ROUNDS=N
+# repeats the MoE layer and its peers N times, alternating, and gives the median ratios.
 # Everything it prints goes to $OUT/gpu-bf16.log; JSON next to it.
 set -uo pipefail
 out=${OUT:-/tmp/semoe-gpu-out}
@@ -32,8 +33,9 @@ if has tests; then
 fi
 
 if has moe; then
-  BUILD=build-rel OUT="$out/moe" timeout 150 bash bench/gpu-moe.sh >/dev/null 2>&1
-  tail -25 "$out/moe/gpu-moe.log"
+  BUILD=build-rel OUT="$out/moe" timeout $((150 + 100 * (${ROUNDS:-1} - 1))) \
+    bash bench/gpu-moe.sh >/dev/null 2>&1
+  tail -$((25 + 3 * ${ROUNDS:-1})) "$out/moe/gpu-moe.log"
   echo "== moe ${SECONDS}s"
 fi
 

@@ -4,7 +4,7 @@
 # dump, check the dump against PyTorch autograd (bench/moe_check.py), run the PyTorch peers
 # (../shared/peers/moe_layer_torch.py, carried as .device/peers/), print a comparison table.
 # From the repo root, through the device tool with carry [".device"]:
-#   source .device/on-device.sh && bash bench/gpu-moe.sh
+#   source .device/on-device.sh && [ROUNDS=3] bash bench/gpu-moe.sh
 # Everything it prints goes to $OUT/gpu-moe.log; the JSON to $OUT/semoe.json, $OUT/peers.json.
 # The dump (~0.7 GB) goes to $DUMP, outside $OUT, so that it does not travel back.
 set -uo pipefail
@@ -41,25 +41,52 @@ if [ -n "$PEERS" ]; then
 else
   echo "== no peer script (PEERS, .device/peers/ or ../shared/peers/): no comparison"
 fi
+# ROUNDS > 1: semoe and the peers again, alternating, for the spread of the ratios (the run-to-run
+# noise of one pair is a few percent); the table gives each round and the median
+for ((r = 2; r <= ${ROUNDS:-1}; r++)); do
+  timeout 200 "$BUILD/bench/bench_moe_layer" --json "$out/semoe-$r.json" >/dev/null
+  [ -n "$PEERS" ] && timeout 240 python3 "$PEERS" "$out/peers-$r.json" >/dev/null
+  echo "== round $r done, ${SECONDS}s"
+done
 
-python3 - "$out/semoe.json" "$out/peers.json" <<'PY'
-import json, os, sys
-semoe = [json.loads(l) for l in open(sys.argv[1]) if l.strip()] if os.path.exists(sys.argv[1]) else []
-peers = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) else []
+python3 - "$out" "${ROUNDS:-1}" <<'PY'
+import json, os, statistics, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+def lines(p):
+    return [json.loads(l) for l in open(p) if l.strip()] if os.path.exists(p) else []
+def peer(p):
+    return json.load(open(p)) if os.path.exists(p) else []
+runs = [(lines(f'{out}/semoe.json'), peer(f'{out}/peers.json'))]
+runs += [(lines(f'{out}/semoe-{r}.json'), peer(f'{out}/peers-{r}.json')) for r in range(2, rounds + 1)]
+semoe, peers = runs[0]
 dense = next((r['tflops'] for r in semoe if r.get('impl') == 'dense_gemm_8192'), None)
 pdense = next((r['tflops'] for r in peers if r.get('impl') == 'dense_gemm_8192'), None)
 print(f'\ndense bf16 8192^3: semoe cuBLAS {dense} TFLOP/s, torch {pdense} TFLOP/s\n')
-print('| T, d, f, E, k | semoe gemm | semoe ms | semoe tok/s | grouped_mm tok/s | ratio | semoe TFLOP/s | % dense |')
-print('|---|---|---|---|---|---|---|---|')
 key = lambda r: (r['T'], r['d'], r['f'], r['E'], r['k'])
+def ratio(run, r):
+    g = next((p for p in run[1] if p.get('impl') == 'grouped_mm' and 'T' in p and key(p) == key(r)), None)
+    return (r['tok_s'] / g['tok_s'] if g and g.get('tok_s') else None), g
+print('| T, d, f, E, k | semoe gemm | semoe ms | semoe tok/s | grouped_mm tok/s | ratio | semoe TFLOP/s | % dense |'
+      + (' ratio per round | median |' if rounds > 1 else ''))
+print('|---|---|---|---|---|---|---|---|' + ('---|---|' if rounds > 1 else ''))
 for r in semoe:
     if r.get('impl') != 'semoe':
         continue
-    g = next((p for p in peers if p.get('impl') == 'grouped_mm' and 'T' in p and key(p) == key(r)), None)
+    q, g = ratio(runs[0], r)
     gt = g.get('tok_s') if g else None
-    ratio = f'{r["tok_s"] / gt:.2f}x' if gt else '-'
-    print(f'| {", ".join(map(str, key(r)))} | {r["gemm"]} | {r["ms"]:.2f} | {r["tok_s"]:.0f} | '
-          f'{gt if gt else (g or {}).get("error", "-")} | {ratio} | {r["tflops"]} | {r["pct_dense"]}% |')
+    row = (f'| {", ".join(map(str, key(r)))} | {r["gemm"]} | {r["ms"]:.2f} | {r["tok_s"]:.0f} | '
+           f'{gt if gt else (g or {}).get("error", "-")} | {f"{q:.2f}x" if q else "-"} | '
+           f'{r["tflops"]} | {r["pct_dense"]}% |')
+    if rounds > 1:
+        qs = []
+        for run in runs:
+            same = next((x for x in run[0] if x.get('impl') == 'semoe' and key(x) == key(r)
+                         and x['gemm'] == r['gemm']), None)
+            qq = ratio(run, same)[0] if same else None
+            if qq:
+                qs.append(qq)
+        row += f' {", ".join(f"{x:.3f}" for x in qs)} | {statistics.median(qs):.3f}x |' if qs else ' - | - |'
+    print(row)
 PY
 echo "== done ${SECONDS}s (moe_check exit $check)"
 exit $check
