@@ -61,7 +61,15 @@ runs += [(lines(f'{out}/semoe-{r}.json'), peer(f'{out}/peers-{r}.json')) for r i
 semoe, peers = runs[0]
 dense = next((r['tflops'] for r in semoe if r.get('impl') == 'dense_gemm_8192'), None)
 pdense = next((r['tflops'] for r in peers if r.get('impl') == 'dense_gemm_8192'), None)
-print(f'\ndense bf16 8192^3: semoe cuBLAS {dense} TFLOP/s, torch {pdense} TFLOP/s\n')
+import datetime, subprocess
+try:
+    gpu = subprocess.run(['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'],
+                         capture_output=True, text=True).stdout.strip().splitlines()
+except OSError:
+    gpu = []
+print(f'\ndevice {gpu[0] if gpu else "?"}, {datetime.datetime.utcnow():%Y-%m-%dT%H:%MZ}, '
+      f'commit {os.environ.get("SEMOE_COMMIT", "?")}')
+print(f'dense bf16 8192^3: semoe cuBLAS {dense} TFLOP/s, torch {pdense} TFLOP/s\n')
 key = lambda r: (r['T'], r['d'], r['f'], r['E'], r['k'])
 def ratio(run, r):
     g = next((p for p in run[1] if p.get('impl') == 'grouped_mm' and 'T' in p and key(p) == key(r)), None)

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "actors/err.h"
@@ -312,6 +313,7 @@ static uint32_t s_next(void)
 
 typedef struct {
     const char *backend;
+    char device[128];         /* the GPU's name */
     const char *attention;    /* which kernels the attention ran on */
     model_config_t cfg;
     uint32_t seq, batch, micro, micro_steps;
@@ -335,7 +337,13 @@ static void s_write_json(const char *path, const s_result_t *r)
         return;
     }
     const model_config_t *c = &r->cfg;
+    char date[32];
+    time_t now = time(NULL);
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    const char *commit = getenv("SEMOE_COMMIT");
     fprintf(f, "{\n  \"bench\": \"bench_train_gpu\", \"backend\": \"%s\",\n", r->backend);
+    fprintf(f, "  \"device\": \"%s\", \"date\": \"%s\", \"commit\": \"%s\",\n", r->device, date,
+            commit && *commit ? commit : "?");
     fprintf(f, "  \"attention\": \"%s\",\n", r->attention);
     fprintf(f, "  \"model\": {\"layers\": %u, \"hidden\": %u, \"heads\": %u, \"kv_heads\": %u, "
                "\"head_dim\": %u, \"experts\": %u, \"top_k\": %u, \"intermediate\": %u, "
@@ -488,6 +496,7 @@ int main(int argc, char **argv)
         return 1;
     }
     r.mem_total = total;
+    snprintf(r.device, sizeof r.device, "%s", name);
     printf("device cuda:%d: %s, %.1f GiB HBM (%.1f GiB free)\n", device, name, total / S_GIB,
            fr / S_GIB);
     printf("backend %s: %s\n", r.backend,
