@@ -92,28 +92,6 @@ static semoe_rc s_off(const model_params_t *params, size_t *off, const char *fmt
     return SEMOE_OK;
 }
 
-static size_t s_align(size_t n) { return (n + 255) & ~(size_t)255; }
-
-/* One device allocation for pieces of sz[i] bytes, 256-byte aligned; NULL when it fails. */
-static void *s_carve(const size_t *sz, void **const *ptrs, int n, size_t *total_out)
-{
-    size_t total = 0;
-    for (int i = 0; i < n; i++)
-        total += s_align(sz[i]);
-    *total_out = total;
-    char *q = NULL;
-    if (cudaMalloc((void **)&q, total) != cudaSuccess) {
-        cudaGetLastError();
-        return NULL;
-    }
-    GPU_CHECK(cudaMemsetAsync(q, 0, total, gpu_stream()));
-    void *base = q;
-    for (int i = 0; i < n; i++) {
-        *ptrs[i] = q;
-        q += s_align(sz[i]);
-    }
-    return base;
-}
 
 static semoe_rc s_offsets(gpu_graph_bf16_t *g)
 {
@@ -156,26 +134,27 @@ static semoe_rc s_offsets(gpu_graph_bf16_t *g)
  * w2 (E, D, F); then the LM head (V, D). */
 static semoe_rc s_weights_new(gpu_graph_bf16_t *g)
 {
-    size_t D = (size_t)g->D, F = (size_t)g->F, E = (size_t)g->E;
-    size_t per = s_align((size_t)g->QKV * D * 2) + s_align(D * g->Q * 2) + s_align(E * D * 2) +
-                 s_align(E * 2 * F * D * 2) + s_align(E * D * F * 2);
-    size_t total = per * g->L + s_align((size_t)g->V * D * 2);
-    if (cudaMalloc(&g->wslab, total) != cudaSuccess) {
-        cudaGetLastError();
-        g->wslab = NULL;
+    size_t D = (size_t)g->D, F = (size_t)g->F, E = (size_t)g->E, L = (size_t)g->L;
+    size_t n = 5 * L + 1;
+    size_t *sz = (size_t *)semoe_xcalloc(n, sizeof *sz);
+    void ***ptrs = (void ***)semoe_xcalloc(n, sizeof *ptrs);
+    for (size_t l = 0; l < L; l++) {
+        s_layer_t *ly = &g->layer[l];
+        size_t i = 5 * l;
+        sz[i] = (size_t)g->QKV * D * 2, ptrs[i] = (void **)&ly->bqkv;
+        sz[i + 1] = D * g->Q * 2, ptrs[i + 1] = (void **)&ly->bo;
+        sz[i + 2] = E * D * 2, ptrs[i + 2] = (void **)&ly->bgate;
+        sz[i + 3] = E * 2 * F * D * 2, ptrs[i + 3] = (void **)&ly->bw13;
+        sz[i + 4] = E * D * F * 2, ptrs[i + 4] = (void **)&ly->bw2;
+    }
+    sz[5 * L] = (size_t)g->V * D * 2, ptrs[5 * L] = (void **)&g->blm;
+    size_t total = 0;
+    g->wslab = gpu_alloc_slab(sz, ptrs, (int)n, &total);
+    free(sz);
+    free(ptrs);
+    if (!g->wslab)
         return semoe_err(SEMOE_ENOMEM, "bf16 graph: cannot allocate the bf16 weights (%.2f GiB)",
                          total / 1073741824.0);
-    }
-    char *q = (char *)g->wslab;
-    for (int l = 0; l < g->L; l++) {
-        s_layer_t *ly = &g->layer[l];
-        ly->bqkv = (bf16_t *)q, q += s_align((size_t)g->QKV * D * 2);
-        ly->bo = (bf16_t *)q, q += s_align(D * g->Q * 2);
-        ly->bgate = (bf16_t *)q, q += s_align(E * D * 2);
-        ly->bw13 = (bf16_t *)q, q += s_align(E * 2 * F * D * 2);
-        ly->bw2 = (bf16_t *)q, q += s_align(E * D * F * 2);
-    }
-    g->blm = (bf16_t *)q;
     return SEMOE_OK;
 }
 
@@ -212,7 +191,7 @@ static semoe_rc s_acts_new(gpu_graph_bf16_t *g)
     };
     static_assert(sizeof sz / sizeof sz[0] == sizeof ptrs / sizeof ptrs[0], "one size each");
     size_t total = 0;
-    g->aslab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]), &total);
+    g->aslab = gpu_alloc_slab(sz, ptrs, (int)(sizeof sz / sizeof sz[0]), &total);
     if (!g->aslab)
         return semoe_err(SEMOE_ENOMEM, "bf16 graph: cannot allocate the activations (%.2f GiB "
                          "for %d x %d tokens)", total / 1073741824.0, g->B, g->T);

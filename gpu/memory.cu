@@ -63,6 +63,29 @@ extern "C" void *gpu_alloc(size_t bytes)
     return p;
 }
 
+extern "C" void *gpu_alloc_slab(const size_t *sz, void **const *ptrs, int n, size_t *total)
+{
+    size_t all = 0;
+    for (int i = 0; i < n; i++)
+        all += (sz[i] + 255) & ~(size_t)255;
+    if (total)
+        *total = all;
+    char *q = NULL;
+    if (cudaMalloc((void **)&q, all ? all : 1) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    cudaStream_t st = gpu_stream();
+    S_CHECK(cudaMemsetAsync(q, 0, all ? all : 1, st), "cudaMemsetAsync", all);
+    S_CHECK(cudaStreamSynchronize(st), "cudaStreamSynchronize after zeroing", all);
+    void *base = q;
+    for (int i = 0; i < n; i++) {
+        *ptrs[i] = q;
+        q += (sz[i] + 255) & ~(size_t)255;
+    }
+    return base;
+}
+
 /* Waits for the stream first: ops enqueued before the free may still read or write p. */
 extern "C" void gpu_free(void *p)
 {

@@ -221,7 +221,6 @@ static inline void s_mark(gpu_moe_t *m, int i)
         GPU_CHECK(cudaEventRecord(m->pev[i], gpu_stream()));
 }
 
-static size_t s_align(size_t n) { return (n + 255) & ~(size_t)255; }
 
 /* The expert GEMM path for a shape, as measured on an H200 (bench/README.md): experts whose
  * GEMMs fill the GPU for a millisecond or more (Mixtral's: ~1e12 FLOPs each) run fastest one
@@ -233,27 +232,17 @@ static gpu_moe_gemm_t s_gemm_for(int T, int d, int f, int E, int k)
     return flops < 1e11 ? GPU_MOE_GEMM_STREAMS : GPU_MOE_GEMM_LOOP;
 }
 
-/* Points ptrs[i] at successive 256-byte aligned pieces of sz[i] bytes in one allocation. */
+/* gpu_alloc_slab, with the message gpu_moe_new's NULL promises when the device is full. */
 static void *s_carve(const size_t *sz, void **const *ptrs, int n)
 {
     size_t total = 0;
-    for (int i = 0; i < n; i++)
-        total += s_align(sz[i]);
-    char *q = NULL;
-    if (cudaMalloc((void **)&q, total) != cudaSuccess) { /* a NULL from gpu_moe_new */
-        cudaGetLastError();
+    void *base = gpu_alloc_slab(sz, ptrs, n, &total);
+    if (!base) {
         size_t fr = 0, all = 0;
         cudaMemGetInfo(&fr, &all);
         fprintf(stderr, "gpu_moe_new: cannot allocate %.2f GiB on the device (%.2f GiB free): "
                         "fewer tokens per micro-batch\n", total / 1073741824.0,
                 fr / 1073741824.0);
-        return NULL;
-    }
-    GPU_CHECK(cudaMemsetAsync(q, 0, total, gpu_stream()));
-    void *base = q;
-    for (int i = 0; i < n; i++) {
-        *ptrs[i] = q;
-        q += s_align(sz[i]);
     }
     return base;
 }

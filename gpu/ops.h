@@ -20,6 +20,11 @@ extern "C" {
  * free(NULL) is a no-op; to_device and to_host take host pointers on the host side and
  * return once the host buffer may be reused (to_host: holds the result). */
 void *gpu_alloc(size_t bytes);
+/* One zeroed allocation cut into n pieces of sz[i] bytes, each 256-byte aligned: *ptrs[i]
+ * points at piece i. NULL (nothing allocated, the CUDA error cleared) when the device cannot
+ * hold it; *total (when not NULL) gets the bytes asked either way. Free the result with
+ * gpu_free. For workspaces made once (the MoE layer's, the bf16 graph's). */
+void *gpu_alloc_slab(const size_t *sz, void **const *ptrs, int n, size_t *total);
 void gpu_free(void *p);
 void gpu_zero(void *p, size_t bytes);
 void gpu_copy(void *dst, const void *src, size_t bytes);
