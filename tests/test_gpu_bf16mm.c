@@ -238,24 +238,6 @@ static void s_emu_linear_bwd(float *dx, float *dw, const float *dout, const floa
     free(dr);
 }
 
-/* test_gpu_model.c's config 0: 2 layers, 5 query heads on 1 kv head, top-2 of 6 experts. */
-static void s_config(model_config_t *c)
-{
-    model_config_defaults(c);
-    c->vocab_size = 67;
-    c->hidden_size = 40;
-    c->intermediate_size = 56;
-    c->num_hidden_layers = 2;
-    c->num_attention_heads = 5;
-    c->num_key_value_heads = 1;
-    c->head_dim = 8;
-    c->num_local_experts = 6;
-    c->num_experts_per_tok = 2;
-    c->max_position_embeddings = 64;
-    c->router_aux_loss_coef = 0.02;
-    c->tie_word_embeddings = false;
-}
-
 /* 20 AdamW steps (2 micro-batches each, warmup and cosine, clipping, weight decay) on the CPU,
  * the CPU with bf16-rounded GEMM inputs and bf16mm, from the same weights on one batch: every
  * step's loss within S_TOL_LOSS of the CPU's (lr 1e-3: at 3e-3 the paths drift apart by up to
@@ -268,7 +250,7 @@ static void s_check_training(void)
 {
     model_job_t job;
     test_tiny_train20(&job, 16, 1e-3);
-    s_config(&job.model);
+    test_gpu_config(&job.model, 0); /* test_gpu_model.c's config 0 */
     const int steps = 20;
     int V = (int)job.model.vocab_size, rows = (int)job.train.global_batch;
     size_t row_len = job.train.seq_len + 1;

@@ -341,38 +341,8 @@ static void s_check_router(int N, int E, int K)
 
 /* ---- (b) the whole model ----------------------------------------------------------------- */
 
-/* Small random Mixtral configs with odd sizes: 0 untied, 2 layers, 5 query heads on 1 kv head,
- * top-2 of 6 experts, T 19; 1 tied embeddings, 3 layers, top-1 of 5 experts, head_dim 6, T 37
- * (more than a warp of keys), a router bias. */
-static void s_config(model_config_t *c, int which)
-{
-    model_config_defaults(c);
-    c->vocab_size = 67;
-    c->hidden_size = 40;
-    c->intermediate_size = 56;
-    c->num_hidden_layers = 2;
-    c->num_attention_heads = 5;
-    c->num_key_value_heads = 1;
-    c->head_dim = 8;
-    c->num_local_experts = 6;
-    c->num_experts_per_tok = 2;
-    c->max_position_embeddings = 64;
-    c->router_aux_loss_coef = 0.02;
-    c->tie_word_embeddings = false;
-    if (which == 1) {
-        c->vocab_size = 50;
-        c->hidden_size = 36;
-        c->intermediate_size = 30;
-        c->num_hidden_layers = 3;
-        c->num_attention_heads = 6;
-        c->num_key_value_heads = 3;
-        c->head_dim = 6;
-        c->num_local_experts = 5;
-        c->num_experts_per_tok = 1;
-        c->router_aux_loss_coef = 0.05;
-        c->tie_word_embeddings = true;
-    }
-}
+/* The configs are test_gpu_config's (tests/tiny_model.h): config 0 runs at T 19, config 1 at
+ * T 37 (more than a warp of keys) with a router bias. */
 
 /* One forward and backward of the graph on backend be; the results copied to the host. */
 typedef struct {
@@ -458,7 +428,7 @@ static double s_margin(const float *rprobs, size_t rows, int E, int K)
 static void s_check_graph(int which)
 {
     model_config_t cfg;
-    s_config(&cfg, which);
+    test_gpu_config(&cfg, which);
     int B = which == 0 ? 3 : 2, Tn = which == 0 ? 19 : 37;
     int V = (int)cfg.vocab_size, E = (int)cfg.num_local_experts, K = (int)cfg.num_experts_per_tok;
     size_t N = (size_t)B * Tn, L = cfg.num_hidden_layers;
@@ -554,7 +524,7 @@ static void s_check_training(void)
 {
     model_job_t job;
     test_tiny_train20(&job, 16, 3e-3);
-    s_config(&job.model, 0);
+    test_gpu_config(&job.model, 0);
     const int steps = 20;
     int V = (int)job.model.vocab_size, rows = (int)job.train.global_batch;
     size_t row_len = job.train.seq_len + 1;

@@ -50,3 +50,33 @@ void test_tiny_train20(model_job_t *job, uint32_t seq_len, double lr)
     job->train.grad_clip = 1.0;
     job->train.steps = 20;
 }
+
+void test_gpu_config(model_config_t *c, int which)
+{
+    model_config_defaults(c);
+    c->vocab_size = 67;
+    c->hidden_size = 40;
+    c->intermediate_size = 56;
+    c->num_hidden_layers = 2;
+    c->num_attention_heads = 5;
+    c->num_key_value_heads = 1;
+    c->head_dim = 8;
+    c->num_local_experts = 6;
+    c->num_experts_per_tok = 2;
+    c->max_position_embeddings = 64;
+    c->router_aux_loss_coef = 0.02;
+    c->tie_word_embeddings = false;
+    if (which == 1) {
+        c->vocab_size = 50;
+        c->hidden_size = 36;
+        c->intermediate_size = 30;
+        c->num_hidden_layers = 3;
+        c->num_attention_heads = 6;
+        c->num_key_value_heads = 3;
+        c->head_dim = 6;
+        c->num_local_experts = 5;
+        c->num_experts_per_tok = 1;
+        c->router_aux_loss_coef = 0.05;
+        c->tie_word_embeddings = true;
+    }
+}

@@ -20,6 +20,12 @@ void test_tiny_config(model_config_t *c);
  * NULL when the config is refused. */
 model_params_t *test_tiny_params(const model_config_t *cfg, uint64_t seed, double noise);
 
+/* The GPU tests' models against the CPU: 0 is vocabulary 67, hidden 40, 2 layers, 5 query heads
+ * on 1 kv head of 8, top-2 of 6 experts of 56, aux 0.02, untied; 1 is vocabulary 50, hidden 36,
+ * 3 layers, 6 heads on 3 of 6, top-1 of 5 experts of 30, aux 0.05, tied. Odd sizes, so that no
+ * kernel gets only aligned shapes. */
+void test_gpu_config(model_config_t *c, int which);
+
 /* The training the GPU tests compare with the CPU's: model_job_defaults, then global batch 8
  * in micro-batches of 4 of seq_len tokens, lr (min_lr lr / 10), warmup 2, cosine, clipping at
  * 1, 20 steps. job->model is left to the caller. */
