@@ -117,7 +117,10 @@ static float s_median_ms(s_layer_t *L)
 
 static const char *s_gemm_name(gpu_moe_gemm_t g)
 {
-    return g == GPU_MOE_GEMM_GROUPED ? "grouped" : g == GPU_MOE_GEMM_LOOP ? "loop" : "streams";
+    return g == GPU_MOE_GEMM_GROUPED ? "grouped"
+           : g == GPU_MOE_GEMM_LOOP  ? "loop"
+           : g == GPU_MOE_GEMM_FUSED ? "fused"
+                                     : "streams";
 }
 
 #define S_PHASE_ITERS 5
@@ -237,7 +240,7 @@ static int s_dump(const char *dir, const s_shape_t *s, gpu_moe_gemm_t g)
 static void s_usage(void)
 {
     fprintf(stderr, "usage: bench_moe_layer [--json FILE] [--dump DIR] "
-                    "[--gemm grouped|loop|streams|all]"
+                    "[--gemm grouped|loop|streams|fused|all]"
                     " [--shapes all|small] [--phases]\n");
 }
 
@@ -262,7 +265,7 @@ int main(int argc, char **argv)
         }
         *dst = argv[++i];
     }
-    gpu_moe_gemm_t modes[3];
+    gpu_moe_gemm_t modes[4];
     int nmodes = 0;
     if (!strcmp(gemm, "grouped") || !strcmp(gemm, "all"))
         modes[nmodes++] = GPU_MOE_GEMM_GROUPED;
@@ -270,9 +273,11 @@ int main(int argc, char **argv)
         modes[nmodes++] = GPU_MOE_GEMM_LOOP;
     if (!strcmp(gemm, "streams") || !strcmp(gemm, "all"))
         modes[nmodes++] = GPU_MOE_GEMM_STREAMS;
+    if (!strcmp(gemm, "fused") || !strcmp(gemm, "all"))
+        modes[nmodes++] = GPU_MOE_GEMM_FUSED;
     if (!nmodes || (strcmp(shapes, "all") && strcmp(shapes, "small"))) {
-        fprintf(stderr, "bench_moe_layer: --gemm %s --shapes %s: need grouped, loop, streams or "
-                        "all, and all or small\n", gemm, shapes);
+        fprintf(stderr, "bench_moe_layer: --gemm %s --shapes %s: need grouped, loop, streams, "
+                        "fused or all, and all or small\n", gemm, shapes);
         return 2;
     }
     FILE *jf = NULL;

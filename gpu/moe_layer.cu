@@ -3,6 +3,7 @@
  * gpu/moe_kernels.cuh's, the benchmark helpers gpu/moe_bench.cu's. */
 #include "gpu/moe_layer.h"
 #include "gpu/moe_kernels.cuh"
+#include "gpu/moe_gemm.h"
 #include "gpu/cublas.h"
 #include "gpu/ops.h"
 #include "gpu/stream.h"
@@ -379,8 +380,16 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
     *self_p = NULL;
 }
 
+/* Whether gpu/moe_gemm.h's kernel takes this layer's two forward GEMMs. */
+static bool s_fused_ok(const gpu_moe_t *m)
+{
+    return gpu_moe_gemm_ok(2 * m->f, m->d, true) && gpu_moe_gemm_ok(m->d, m->f, false);
+}
+
 extern "C" gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode)
 {
+    if (mode == GPU_MOE_GEMM_FUSED && !s_fused_ok(self))
+        mode = GPU_MOE_GEMM_LOOP;
     self->gemm = mode;
     return self->gemm;
 }
@@ -539,7 +548,13 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_W13, 2, sc->ev_fwd);
-    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+    if (m->gemm == GPU_MOE_GEMM_FUSED) { /* SwiGLU inside the first GEMM */
+        gpu_moe_gemm(m->h, m->M, d, w13, 2 * f, E, m->counts, m->ab, sc->g, true, st);
+        sc->g_owner = m;
+        s_mark(m, 3);
+        s_mark(m, 4);
+        gpu_moe_gemm(sc->g, m->M, f, w2, d, E, m->counts, m->y, NULL, false, st);
+    } else if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
         s_experts_fwd_streams(m);
         s_mark(m, 3);
         s_mark(m, 4);

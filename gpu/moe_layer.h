@@ -43,11 +43,15 @@ typedef struct gpu_moe gpu_moe_t;
 typedef enum {
     GPU_MOE_GEMM_GROUPED = 0, /* cublasGemmGroupedBatchedEx, one group per expert */
     GPU_MOE_GEMM_LOOP = 1,    /* cublasGemmEx per expert, in order on the stream */
-    GPU_MOE_GEMM_STREAMS = 2  /* cublasGemmEx per expert, experts alternating between two
+    GPU_MOE_GEMM_STREAMS = 2, /* cublasGemmEx per expert, experts alternating between two
                                * streams, each expert's GEMMs and SwiGLU in a row: one
                                * expert's memory-bound SwiGLU runs beside another's GEMMs, and
                                * one GEMM's last wave beside the next's first (phase timing
                                * then puts the GEMMs and SwiGLU of each pass in one phase) */
+    GPU_MOE_GEMM_FUSED = 3    /* forward: gpu/moe_gemm.h's kernel of our own, all experts in
+                               * one launch, SwiGLU in the first GEMM's epilogue (phase timing
+                               * puts it in gemm_w13); backward: as LOOP. Hopper only, d and f
+                               * multiples of 256 and 64 (d) or 128 (f) */
 } gpu_moe_gemm_t;
 
 /* The weights, bf16, nn.Linear layout. */
@@ -82,8 +86,9 @@ gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k);
 gpu_moe_t *gpu_moe_new_sharing(gpu_moe_t *other);
 void gpu_moe_destroy(gpu_moe_t **self_p);
 
-/* The expert GEMM path; returns the path in use (the grouped one falls back to LOOP by
- * itself, once, with a message, when cuBLAS does not support it here). */
+/* The expert GEMM path; returns the path in use: LOOP for FUSED where the device or the
+ * shape cannot take it (the grouped one falls back to LOOP by itself, once, with a message,
+ * when cuBLAS does not support it here). */
 gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode);
 gpu_moe_gemm_t gpu_moe_gemm(const gpu_moe_t *self);
 /* on (the default): the fp32 logits are rounded to bf16 before the softmax, as the peer's

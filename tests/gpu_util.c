@@ -3,6 +3,7 @@
 #include "tests/gpu_util.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "actors/err.h"
@@ -94,4 +95,41 @@ double test_rel_err(const float *got, const float *want, size_t n, double floor)
     }
     double den = fmax(sqrt(ww), floor);
     return den > 0 ? sqrt(dd) / den : sqrt(dd);
+}
+
+float *test_rand_bf16(size_t n, double a)
+{
+    float *x = test_rand_floats(n, a);
+    for (size_t i = 0; i < n; i++)
+        x[i] = test_bf16_round(x[i]);
+    return x;
+}
+
+uint16_t *test_gpu_upb(const float *x, size_t n)
+{
+    uint16_t *h = semoe_xmalloc((n ? n : 1) * sizeof *h);
+    for (size_t i = 0; i < n; i++)
+        h[i] = test_bf16_bits(x[i]);
+    uint16_t *d = test_gpu_up(h, n * sizeof *h);
+    free(h);
+    return d;
+}
+
+uint16_t *test_gpu_garbage_bf16(size_t n)
+{
+    float *g = test_rand_floats(n, 100);
+    uint16_t *d = test_gpu_upb(g, n);
+    free(g);
+    return d;
+}
+
+float *test_gpu_downb(const uint16_t *d, size_t n)
+{
+    uint16_t *b = semoe_xmalloc((n ? n : 1) * sizeof *b);
+    gpu_to_host(b, d, n * sizeof *b);
+    float *h = semoe_xmalloc((n ? n : 1) * sizeof *h);
+    for (size_t i = 0; i < n; i++)
+        h[i] = test_bf16_value(b[i]);
+    free(b);
+    return h;
 }

@@ -32,6 +32,16 @@ float test_bf16_value(uint16_t b);
 /* f rounded to the nearest bf16, as a float: test_bf16_value(test_bf16_bits(f)). */
 float test_bf16_round(float f);
 
+/* n floats uniform in [-a, a), each rounded to bf16. Caller frees. */
+float *test_rand_bf16(size_t n, double a);
+/* A device bf16 copy (gpu_alloc) of host x, each value rounded to bf16 (exact when x holds
+ * bf16 values already). */
+uint16_t *test_gpu_upb(const float *x, size_t n);
+/* n device bf16 values of garbage (up to +-100), for outputs that must be overwritten. */
+uint16_t *test_gpu_garbage_bf16(size_t n);
+/* A host float copy of device bf16 d (n values); synchronises. Caller frees. */
+float *test_gpu_downb(const uint16_t *d, size_t n);
+
 /* ||got - want|| / max(||want||, floor), 2-norms summed in double; with floor 0, the absolute
  * norm ||got - want|| when want is all zeros. A floor > 0 keeps a tensor that is zero up to
  * rounding from turning rounding into a large relative error. */

@@ -26,46 +26,6 @@
 
 /* ---- helpers ------------------------------------------------------------------------- */
 
-/* n floats uniform in [-a, a), each rounded to bf16. */
-static float *s_rand_bf16(size_t n, double a)
-{
-    float *x = test_rand_floats(n, a);
-    for (size_t i = 0; i < n; i++)
-        x[i] = test_bf16_round(x[i]);
-    return x;
-}
-
-/* A device bf16 copy of host x (n values, bf16-representable or rounded here). */
-static uint16_t *s_upb(const float *x, size_t n)
-{
-    uint16_t *h = semoe_xmalloc((n ? n : 1) * sizeof *h);
-    for (size_t i = 0; i < n; i++)
-        h[i] = test_bf16_bits(x[i]);
-    uint16_t *d = test_gpu_up(h, n * sizeof *h);
-    free(h);
-    return d;
-}
-
-/* Device bf16 garbage for outputs that must be overwritten. */
-static uint16_t *s_garbage_bf16(size_t n)
-{
-    float *g = test_rand_floats(n, 100);
-    uint16_t *d = s_upb(g, n);
-    free(g);
-    return d;
-}
-
-static float *s_downb(const uint16_t *d, size_t n)
-{
-    uint16_t *b = semoe_xmalloc((n ? n : 1) * sizeof *b);
-    gpu_to_host(b, d, n * sizeof *b);
-    float *h = semoe_xmalloc((n ? n : 1) * sizeof *h);
-    for (size_t i = 0; i < n; i++)
-        h[i] = test_bf16_value(b[i]);
-    free(b);
-    return h;
-}
-
 static void s_expect(const char *op, const char *what, const char *size, double err, double tol)
 {
     printf("  %-16s %-8s %-30s %.2e (tol %.0e)\n", op, what, size, err, tol);
@@ -116,9 +76,9 @@ static void test_casts(void)
                 want[i] = test_bf16_round(x[i]);
             float *d_x = gpu_alloc((n + 1) * sizeof(float));
             gpu_to_device(d_x + skew, x, n * sizeof(float));
-            uint16_t *d_b = s_garbage_bf16(n + 1);
+            uint16_t *d_b = test_gpu_garbage_bf16(n + 1);
             gpu_bf16_from_f32(d_b + skew, d_x + skew, n);
-            float *got = s_downb(d_b, n + 1);
+            float *got = test_gpu_downb(d_b, n + 1);
             memmove(got, got + skew, n * sizeof *got);
             s_cmp_exact("bf16_from_f32", "dst", sz, got, want, n);
 
@@ -158,16 +118,16 @@ static void test_rmsnorm(void)
 
         float *d_x = test_gpu_upf(x, n), *d_w = test_gpu_upf(w, (size_t)D);
         float *g_rstd = test_rand_floats((size_t)N, 9), *d_rstd = test_gpu_upf(g_rstd, (size_t)N);
-        uint16_t *d_out = s_garbage_bf16(n);
+        uint16_t *d_out = test_gpu_garbage_bf16(n);
         gpu_bf16_rmsnorm_fwd(d_out, d_rstd, d_x, d_w, N, D, eps);
-        s_cmp("rmsnorm_fwd", "out", sz, s_downb(d_out, n), out, n, S_TOL_BF16);
+        s_cmp("rmsnorm_fwd", "out", sz, test_gpu_downb(d_out, n), out, n, S_TOL_BF16);
         s_cmp("rmsnorm_fwd", "rstd", sz, test_gpu_downf(d_rstd, (size_t)N), rstd, (size_t)N,
               S_TOL_F32);
 
         /* backward from bf16 dout on the CPU's rstd; dx and dw accumulate into random values */
-        float *dout = s_rand_bf16(n, 1), *dx = test_rand_floats(n, 1);
+        float *dout = test_rand_bf16(n, 1), *dx = test_rand_floats(n, 1);
         float *dw = test_rand_floats((size_t)D, 1);
-        uint16_t *d_dout = s_upb(dout, n);
+        uint16_t *d_dout = test_gpu_upb(dout, n);
         float *d_dx = test_gpu_upf(dx, n), *d_dw = test_gpu_upf(dw, (size_t)D);
         float *d_dw2 = test_gpu_upf(dw, (size_t)D);
         gpu_to_device(d_rstd, rstd, (size_t)N * sizeof(float));
@@ -225,28 +185,28 @@ static void test_qkv_rope(void)
         int32_t *d_pos = test_gpu_upi(pos, (size_t)N);
 
         /* forward: the CPU ropes q and k split out of the rounded fused rows */
-        float *qkv = s_rand_bf16(nall, 2);
+        float *qkv = test_rand_bf16(nall, 2);
         float *q = semoe_xmalloc(nq * sizeof *q), *k = semoe_xmalloc(nk * sizeof *k);
         float *v = semoe_xmalloc(nk * sizeof *v);
         s_split(qkv, q, k, v, N, H, KVH, hd, false);
         cpu_rope_fwd_f32(q, q, pos, N, H, hd, theta);
         cpu_rope_fwd_f32(k, k, pos, N, KVH, hd, theta);
-        uint16_t *d_qkv = s_upb(qkv, nall), *d_q = s_garbage_bf16(nq);
-        uint16_t *d_k = s_garbage_bf16(nk), *d_v = s_garbage_bf16(nk);
+        uint16_t *d_qkv = test_gpu_upb(qkv, nall), *d_q = test_gpu_garbage_bf16(nq);
+        uint16_t *d_k = test_gpu_garbage_bf16(nk), *d_v = test_gpu_garbage_bf16(nk);
         gpu_bf16_qkv_rope_fwd(d_q, d_k, d_v, d_qkv, d_pos, N, H, KVH, hd, theta);
-        s_cmp("qkv_rope_fwd", "q", sz, s_downb(d_q, nq), q, nq, S_TOL_BF16);
-        s_cmp("qkv_rope_fwd", "k", sz, s_downb(d_k, nk), k, nk, S_TOL_BF16);
-        s_cmp_exact("qkv_rope_fwd", "v", sz, s_downb(d_v, nk), v, nk);
+        s_cmp("qkv_rope_fwd", "q", sz, test_gpu_downb(d_q, nq), q, nq, S_TOL_BF16);
+        s_cmp("qkv_rope_fwd", "k", sz, test_gpu_downb(d_k, nk), k, nk, S_TOL_BF16);
+        s_cmp_exact("qkv_rope_fwd", "v", sz, test_gpu_downb(d_v, nk), v, nk);
 
         /* backward: dqkv rows = [rope_bwd(dq) | rope_bwd(dk) | dv], overwriting garbage */
-        float *dq = s_rand_bf16(nq, 1), *dk = s_rand_bf16(nk, 1), *dv = s_rand_bf16(nk, 1);
-        uint16_t *d_dq = s_upb(dq, nq), *d_dk = s_upb(dk, nk), *d_dv = s_upb(dv, nk);
+        float *dq = test_rand_bf16(nq, 1), *dk = test_rand_bf16(nk, 1), *dv = test_rand_bf16(nk, 1);
+        uint16_t *d_dq = test_gpu_upb(dq, nq), *d_dk = test_gpu_upb(dk, nk), *d_dv = test_gpu_upb(dv, nk);
         float *rq = semoe_xcalloc(nq, sizeof *rq), *rk = semoe_xcalloc(nk, sizeof *rk);
         cpu_rope_bwd_f32(rq, dq, pos, N, H, hd, theta);
         cpu_rope_bwd_f32(rk, dk, pos, N, KVH, hd, theta);
-        uint16_t *d_dqkv = s_garbage_bf16(nall);
+        uint16_t *d_dqkv = test_gpu_garbage_bf16(nall);
         gpu_bf16_qkv_rope_bwd(d_dqkv, d_dq, d_dk, d_dv, d_pos, N, H, KVH, hd, theta);
-        float *got = s_downb(d_dqkv, nall);
+        float *got = test_gpu_downb(d_dqkv, nall);
         float *gq = semoe_xmalloc(nq * sizeof *gq), *gk = semoe_xmalloc(nk * sizeof *gk);
         float *gv = semoe_xmalloc(nk * sizeof *gv);
         s_split(got, gq, gk, gv, N, H, KVH, hd, false);
@@ -274,9 +234,9 @@ static void test_ce(void)
         size_t n = (size_t)N * V;
         char sz[64];
         snprintf(sz, sizeof sz, "N=%d V=%d", N, V);
-        float *logits = s_rand_bf16(n, 4);
+        float *logits = test_rand_bf16(n, 4);
         int32_t *tgt = test_rand_ints((size_t)N, V);
-        uint16_t *d_logits = s_upb(logits, n);
+        uint16_t *d_logits = test_gpu_upb(logits, n);
         int32_t *d_tgt = test_gpu_upi(tgt, (size_t)N);
 
         /* forward: losses from the CPU, lse in double here */
@@ -303,17 +263,17 @@ static void test_ce(void)
         float dloss = (float)((0.5 + test_rand_unit()) / N);
         float *dl = semoe_xcalloc(n, sizeof *dl);
         cpu_crossentropy_bwd_f32(dl, logits, tgt, dloss * (float)N, N, V);
-        uint16_t *d_dl = s_garbage_bf16(n + 8);
+        uint16_t *d_dl = test_gpu_garbage_bf16(n + 8);
         gpu_bf16_ce_bwd(d_dl, d_logits, d_lse, d_tgt, dloss, N, V);
-        float *got = s_downb(d_dl, n);
+        float *got = test_gpu_downb(d_dl, n);
         s_expect("ce_bwd", "dlogits", sz, test_rel_err(got, dl, n, 0), S_TOL_BF16);
         /* in place: the same bits as out of place */
         gpu_bf16_ce_bwd(d_logits, d_logits, d_lse, d_tgt, dloss, N, V);
-        s_cmp_exact("ce_bwd in place", "dlogits", sz, s_downb(d_logits, n), got, n);
+        s_cmp_exact("ce_bwd in place", "dlogits", sz, test_gpu_downb(d_logits, n), got, n);
         /* dlogits off logits' alignment by one element: the scalar path, the same bits */
-        uint16_t *d_logits2 = s_upb(logits, n);
+        uint16_t *d_logits2 = test_gpu_upb(logits, n);
         gpu_bf16_ce_bwd(d_dl + 1, d_logits2, d_lse, d_tgt, dloss, N, V);
-        float *skew = s_downb(d_dl, n + 1);
+        float *skew = test_gpu_downb(d_dl, n + 1);
         memmove(skew, skew + 1, n * sizeof *skew);
         s_cmp_exact("ce_bwd unaligned", "dlogits", sz, skew, got, n);
 

@@ -1,0 +1,361 @@
+/* gpu/moe_gemm.h's grouped expert GEMM for Hopper.
+ * A CTA (384 threads, one per SM, persistent) computes 128 x 256 output tiles: rows of one
+ * expert's tokens by 256 columns of its weights (for SwiGLU: 128 columns of W1 and the same 128
+ * of W3, so that a and b of one element land in one thread). Warpgroup 0 is the producer: one
+ * thread issues the TMA loads of A (128 x 64) and B (2 x 128 x 64) per 64-wide K step into a
+ * 4-stage ring (128-byte swizzle, the layout wgmma reads), an mbarrier per stage saying full
+ * (TMA bytes arrived) and one saying empty (the 8 consumer warps are done with it).
+ * Warpgroups 1 and 2 each own 64 of the 128 rows: per stage four wgmma m64n256k16 on shared
+ * memory descriptors, one group in flight while the previous stage is released, then the
+ * epilogue from the 128 fp32 accumulators per thread straight to global memory, masked to the
+ * expert's rows. Tiles go expert by expert, within an expert GROUP_M row tiles at a time
+ * across all column tiles, so that a wave of CTAs shares A and B in L2. */
+#include "gpu/moe_gemm.h"
+#include "gpu/stream.h"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+typedef __nv_bfloat16 bf16;
+
+namespace {
+
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 16, MAX_E = 256;
+constexpr int THREADS = 384;                     /* warpgroup 0 loads, 1 and 2 compute */
+constexpr int CONSUMER_WARPS = 8;
+constexpr uint32_t A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+
+struct smem_t {
+    bf16 a[STAGES][BM * BK]; /* 16 KiB a stage, 1024-byte aligned as the swizzle needs */
+    bf16 b[STAGES][BN * BK]; /* 32 KiB: rows 0-127 one TMA box, 128-255 another */
+    uint64_t full[STAGES], empty[STAGES];
+    int tile0[MAX_E + 1]; /* each expert's first tile; [E]: the total */
+    int row0[MAX_E + 1];  /* each expert's first row; [E]: all rows */
+};
+constexpr size_t SMEM_BYTES = sizeof(smem_t) + 1024; /* + the slack to align it */
+
+__device__ __forceinline__ uint32_t s_addr(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void s_bar_init(uint64_t *bar, int count)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(s_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void s_bar_expect(uint64_t *bar, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(s_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void s_bar_arrive(uint64_t *bar)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(s_addr(bar)) : "memory");
+}
+
+/* Returns once the barrier's phase of the given parity has completed. */
+__device__ __forceinline__ void s_bar_wait(uint64_t *bar, uint32_t parity)
+{
+    uint32_t done = 0;
+    while (!done)
+        asm volatile("{\n.reg .pred p;\n"
+                     "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     "selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(s_addr(bar)), "r"(parity)
+                     : "memory");
+}
+
+/* The (c0 inner, c1 outer) box of map into dst, counted on bar. */
+__device__ __forceinline__ void s_tma(void *dst, const CUtensorMap *map, int c0, int c1,
+                                      uint64_t *bar)
+{
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];" ::"r"(s_addr(dst)),
+                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(s_addr(bar))
+                 : "memory");
+}
+
+/* A shared-memory matrix descriptor for a K-major operand in the 128-byte swizzle: 8-row
+ * groups of 128-byte rows 1024 bytes apart (the stride byte offset; the leading one is unused
+ * in this mode). Stepping 16 elements of K is adding 32 bytes to the start address. */
+__device__ __forceinline__ uint64_t s_desc(uint32_t addr)
+{
+    return (uint64_t)((addr & 0x3ffff) >> 4) | ((uint64_t)1 << 16) |
+           ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
+#define S_F8(i)                                                                                \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),                \
+        "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define S_F32(i) S_F8(i), S_F8(i + 8), S_F8(i + 16), S_F8(i + 24)
+
+/* d (64 x 256 per warpgroup, fp32) = (accumulate ? d : 0) + A (64 x 16) B^T (16 x 256). */
+__device__ __forceinline__ void s_wgmma(float (&d)[128], uint64_t da, uint64_t db,
+                                        int accumulate)
+{
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "
+        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, "
+        "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, "
+        "%87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, "
+        "%103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, "
+        "%117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "%128, %129, p, 1, 1, 0, 0;\n}\n"
+        : S_F32(0), S_F32(32), S_F32(64), S_F32(96)
+        : "l"(da), "l"(db), "r"(accumulate));
+}
+
+__device__ __forceinline__ void s_wgmma_fence()
+{
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void s_wgmma_commit()
+{
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+
+template <int N> __device__ __forceinline__ void s_wgmma_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ float s_bf(float v) { return __bfloat162float(__float2bfloat16(v)); }
+
+__device__ __forceinline__ void s_st2(bf16 *p, float x, float y)
+{
+    *(__nv_bfloat162 *)p = __floats2bfloat162_rn(x, y);
+}
+
+struct tile_t {
+    int e, mt, nt;
+};
+
+/* Tile t's expert, row tile and column tile (ntiles column tiles per expert). */
+__device__ __forceinline__ tile_t s_tile(const smem_t &s, int ntiles, int t)
+{
+    int e = 0;
+    while (s.tile0[e + 1] <= t)
+        e++;
+    int lt = t - s.tile0[e], mtiles = (s.row0[e + 1] - s.row0[e] + BM - 1) / BM;
+    int per = GROUP_M * ntiles, g = lt / per, r = lt % per;
+    int gm = min(GROUP_M, mtiles - g * GROUP_M);
+    return {e, g * GROUP_M + r % gm, r / gm};
+}
+
+template <bool SWIGLU>
+__global__ void __launch_bounds__(THREADS, 1)
+    s_gemm_kernel(const __grid_constant__ CUtensorMap tma_a,
+                  const __grid_constant__ CUtensorMap tma_b, const int32_t *counts, int E, int N,
+                  int K, bf16 *C, bf16 *G)
+{
+    extern __shared__ uint8_t s_raw[];
+    smem_t &s = *(smem_t *)(((uintptr_t)s_raw + 1023) & ~(uintptr_t)1023);
+    const int ntiles = SWIGLU ? N / 2 / (BN / 2) : N / BN, ksteps = K / BK;
+
+    if (threadIdx.x == 0) {
+        int t = 0, r = 0;
+        for (int e = 0; e < E; e++) {
+            int n = counts[e];
+            s.tile0[e] = t;
+            s.row0[e] = r;
+            t += (n + BM - 1) / BM * ntiles;
+            r += n;
+        }
+        s.tile0[E] = t;
+        s.row0[E] = r;
+        for (int i = 0; i < STAGES; i++) {
+            s_bar_init(&s.full[i], 1);
+            s_bar_init(&s.empty[i], CONSUMER_WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const int total = s.tile0[E], wg = threadIdx.x / 128;
+
+    if (wg == 0) { /* the producer */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x != 0)
+            return;
+        int st = 0;
+        uint32_t ph = 0;
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            tile_t tl = s_tile(s, ntiles, t);
+            int arow = s.row0[tl.e] + tl.mt * BM;
+            int b0 = tl.e * N + tl.nt * (SWIGLU ? BN / 2 : BN);
+            int b1 = SWIGLU ? b0 + N / 2 : b0 + BN / 2;
+            for (int kt = 0; kt < ksteps; kt++) {
+                s_bar_wait(&s.empty[st], ph ^ 1);
+                s_bar_expect(&s.full[st], A_BYTES + B_BYTES);
+                s_tma(s.a[st], &tma_a, kt * BK, arow, &s.full[st]);
+                s_tma(s.b[st], &tma_b, kt * BK, b0, &s.full[st]);
+                s_tma(s.b[st] + (BN / 2) * BK, &tma_b, kt * BK, b1, &s.full[st]);
+                if (++st == STAGES) {
+                    st = 0;
+                    ph ^= 1;
+                }
+            }
+        }
+        return;
+    }
+
+    /* the consumers: warpgroup cw owns rows cw*64 .. cw*64+63 of each tile */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = wg - 1, warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+    float d[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++)
+        d[i] = 0.0f;
+    int st = 0;
+    uint32_t ph = 0;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        tile_t tl = s_tile(s, ntiles, t);
+        int prev = 0;
+        for (int kt = 0; kt < ksteps; kt++) {
+            s_bar_wait(&s.full[st], ph);
+            uint32_t a = s_addr(s.a[st]) + cw * 64 * 128, b = s_addr(s.b[st]);
+            s_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++)
+                s_wgmma(d, s_desc(a + kk * 32), s_desc(b + kk * 32), kt | kk);
+            s_wgmma_commit();
+            if (kt > 0) { /* the previous stage's products are done: release it */
+                s_wgmma_wait<1>();
+                if (lane == 0)
+                    s_bar_arrive(&s.empty[prev]);
+            }
+            prev = st;
+            if (++st == STAGES) {
+                st = 0;
+                ph ^= 1;
+            }
+        }
+        s_wgmma_wait<0>();
+        if (lane == 0)
+            s_bar_arrive(&s.empty[prev]);
+
+        /* the epilogue: thread holds rows r, r + 8, columns 8i + q, 8i + q + 1 (i < 32) */
+        const int nrows = s.row0[tl.e + 1] - s.row0[tl.e];
+        const int lr = tl.mt * BM + cw * 64 + warp * 16 + lane / 4, q = 2 * (lane % 4);
+        const size_t grow = (size_t)s.row0[tl.e] + lr;
+        if (!SWIGLU) {
+            bf16 *c = C + grow * N + tl.nt * BN + q;
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                if (lr + 8 * h < nrows)
+#pragma unroll
+                    for (int i = 0; i < 32; i++)
+                        s_st2(c + (size_t)8 * h * N + 8 * i, d[4 * i + 2 * h],
+                              d[4 * i + 2 * h + 1]);
+        } else { /* columns 0-127 are a, 128-255 the matching b */
+            const int f = N / 2;
+            bf16 *ca = C + grow * N + tl.nt * (BN / 2) + q, *gg = G + grow * f + tl.nt * (BN / 2) + q;
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                if (lr + 8 * h < nrows)
+#pragma unroll
+                    for (int i = 0; i < 16; i++) {
+                        float a0 = s_bf(d[4 * i + 2 * h]), a1 = s_bf(d[4 * i + 2 * h + 1]);
+                        float b0 = s_bf(d[4 * (i + 16) + 2 * h]);
+                        float b1 = s_bf(d[4 * (i + 16) + 2 * h + 1]);
+                        size_t o = (size_t)8 * h * N + 8 * i;
+                        s_st2(ca + o, a0, a1);
+                        s_st2(ca + o + f, b0, b1);
+                        s_st2(gg + (size_t)8 * h * f + 8 * i,
+                              s_bf(a0 / (1.0f + expf(-a0))) * b0,
+                              s_bf(a1 / (1.0f + expf(-a1))) * b1);
+                    }
+        }
+    }
+}
+
+/* cuTensorMapEncodeTiled from the driver, found once through the runtime (no -lcuda). */
+PFN_cuTensorMapEncodeTiled_v12000 s_encode_fn(void)
+{
+    static PFN_cuTensorMapEncodeTiled_v12000 fn;
+    static bool tried;
+    if (!tried) {
+        tried = true;
+        void *p = NULL;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                             cudaEnableDefault, &q) == cudaSuccess &&
+            q == cudaDriverEntryPointSuccess)
+            fn = (PFN_cuTensorMapEncodeTiled_v12000)p;
+        else
+            fprintf(stderr, "semoe gpu_moe_gemm: the driver has no cuTensorMapEncodeTiled; "
+                            "the expert GEMMs use cuBLAS\n");
+    }
+    return fn;
+}
+
+/* A 2D row-major bf16 (rows, cols) tensor as 64 x 128 boxes in the 128-byte swizzle. */
+CUtensorMap s_map(const bf16 *p, int rows, int cols)
+{
+    CUtensorMap m;
+    cuuint64_t dim[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, stride[1] = {(cuuint64_t)cols * 2};
+    cuuint32_t box[2] = {BK, BN / 2}, step[2] = {1, 1};
+    CUresult r = s_encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)p, dim, stride,
+                               box, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS) {
+        fprintf(stderr, "semoe gpu_moe_gemm: cuTensorMapEncodeTiled (%d x %d at %p) failed: %d\n",
+                rows, cols, (const void *)p, (int)r);
+        abort();
+    }
+    return m;
+}
+
+} // namespace
+
+bool gpu_moe_gemm_ok(int N, int K, bool swiglu)
+{
+    static signed char ok_dev[64]; /* 0 unknown, 1 yes, -1 no */
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64)
+        return false;
+    if (!ok_dev[dev]) {
+        cudaDeviceProp pr;
+        bool yes = cudaGetDeviceProperties(&pr, dev) == cudaSuccess && pr.major == 9 &&
+                   pr.minor == 0 && s_encode_fn() != NULL;
+        if (yes) {
+            GPU_CHECK(cudaFuncSetAttribute(s_gemm_kernel<false>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)SMEM_BYTES));
+            GPU_CHECK(cudaFuncSetAttribute(s_gemm_kernel<true>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)SMEM_BYTES));
+        }
+        ok_dev[dev] = yes ? 1 : -1;
+    }
+    (void)swiglu; /* SwiGLU's f = N/2 a multiple of 128 is N a multiple of 256 as well */
+    return ok_dev[dev] > 0 && K >= BK && K % BK == 0 && N >= BN && N % BN == 0;
+}
+
+void gpu_moe_gemm(const bf16 *A, int mrows, int K, const bf16 *B, int N, int E,
+                  const int32_t *counts, bf16 *C, bf16 *G, bool swiglu, cudaStream_t st)
+{
+    static int nsm;
+    if (!nsm) {
+        int dev = 0;
+        GPU_CHECK(cudaGetDevice(&dev));
+        GPU_CHECK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
+    }
+    CUtensorMap ma = s_map(A, mrows, K), mb = s_map(B, E * N, K);
+    if (swiglu)
+        s_gemm_kernel<true><<<nsm, THREADS, SMEM_BYTES, st>>>(ma, mb, counts, E, N, K, C, G);
+    else
+        s_gemm_kernel<false><<<nsm, THREADS, SMEM_BYTES, st>>>(ma, mb, counts, E, N, K, C, G);
+    GPU_CHECK_LAUNCH();
+}
