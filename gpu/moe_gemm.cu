@@ -7,8 +7,9 @@
  * (TMA bytes arrived) and one saying empty (the 8 consumer warps are done with it).
  * Warpgroups 1 and 2 each own 64 of the 128 rows: per stage four wgmma m64n256k16 on shared
  * memory descriptors, one group in flight while the previous stage is released, then the
- * epilogue from the 128 fp32 accumulators per thread straight to global memory, masked to the
- * expert's rows. Tiles go expert by expert, within an expert GROUP_M row tiles at a time
+ * epilogue: the 128 fp32 accumulators per thread rounded to bf16 (SwiGLU on them), each warp
+ * staging 16 x 64 slices in shared memory (stmatrix) and storing whole 128-byte rows, masked to
+ * the expert's rows. Tiles go expert by expert, within an expert GROUP_M row tiles at a time
  * across all column tiles, so that a wave of CTAs shares A and B in L2. */
 #include "gpu/moe_gemm.h"
 #include "gpu/stream.h"
@@ -26,6 +27,7 @@ constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 16, MAX_E = 256
 constexpr int THREADS = 384;                     /* warpgroup 0 loads, 1 and 2 compute */
 constexpr int CONSUMER_WARPS = 8;
 constexpr uint32_t A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+constexpr int OUT_PITCH = 144; /* bytes per staged output row: 64 bf16 and 16 against conflicts */
 
 struct smem_t {
     bf16 a[STAGES][BM * BK]; /* 16 KiB a stage, 1024-byte aligned as the swizzle needs */
@@ -33,6 +35,7 @@ struct smem_t {
     uint64_t full[STAGES], empty[STAGES];
     int tile0[MAX_E + 1]; /* each expert's first tile; [E]: the total */
     int row0[MAX_E + 1];  /* each expert's first row; [E]: all rows */
+    uint8_t out[CONSUMER_WARPS][16 * OUT_PITCH]; /* each consumer warp's epilogue staging */
 };
 constexpr size_t SMEM_BYTES = sizeof(smem_t) + 1024; /* + the slack to align it */
 
@@ -132,9 +135,45 @@ template <int N> __device__ __forceinline__ void s_wgmma_wait()
 
 __device__ __forceinline__ float s_bf(float v) { return __bfloat162float(__float2bfloat16(v)); }
 
-__device__ __forceinline__ void s_st2(bf16 *p, float x, float y)
+__device__ __forceinline__ uint32_t s_pack(float x, float y)
 {
-    *(__nv_bfloat162 *)p = __floats2bfloat162_rn(x, y);
+    __nv_bfloat162 p = __floats2bfloat162_rn(x, y);
+    return *(uint32_t *)&p;
+}
+
+/* silu(a) rounded to bf16, with the fast exp and division (a few ulp of fp32 before the
+ * rounding; exp(-a) = inf gives -0) */
+__device__ __forceinline__ float s_silu_bf(float a)
+{
+    return s_bf(__fdividef(a, 1.0f + __expf(-a)));
+}
+
+/* A warp's 16 x 64 slice of bf16 output to dst (row pitch ld elements; rows from `left` on
+ * skipped): w[j][h] holds the accumulator fragment's packed pair for columns 8j .. 8j+7 and
+ * rows h*8 .. h*8+7 (row lane/4, columns 2(lane%4), +1). stmatrix puts the 16 rows into the
+ * warp's staging buffer (OUT_PITCH bytes a row: conflict-free), from where each lane stores
+ * 16-byte pieces, a warp covering 4 whole 128-byte rows per instruction. */
+__device__ __forceinline__ void s_store_slice(uint8_t *buf, const uint32_t (&w)[8][2], bf16 *dst,
+                                              int ld, int left, int lane)
+{
+    const uint32_t base = s_addr(buf);
+    const int mi = lane / 8, r = lane % 8;
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+        uint32_t a = base + ((mi & 1) * 8 + r) * OUT_PITCH + (j + (mi >> 1)) * 16;
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(a),
+                     "r"(w[j][0]), "r"(w[j][1]), "r"(w[j + 1][0]), "r"(w[j + 1][1])
+                     : "memory");
+    }
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        int row = lane / 8 + 4 * q;
+        uint4 v = *(const uint4 *)(buf + row * OUT_PITCH + r * 16);
+        if (row < left)
+            *(uint4 *)(dst + (size_t)row * ld + r * 8) = v;
+    }
+    __syncwarp();
 }
 
 struct tile_t {
@@ -244,37 +283,47 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (lane == 0)
             s_bar_arrive(&s.empty[prev]);
 
-        /* the epilogue: thread holds rows r, r + 8, columns 8i + q, 8i + q + 1 (i < 32) */
-        const int nrows = s.row0[tl.e + 1] - s.row0[tl.e];
-        const int lr = tl.mt * BM + cw * 64 + warp * 16 + lane / 4, q = 2 * (lane % 4);
-        const size_t grow = (size_t)s.row0[tl.e] + lr;
+        /* the epilogue, 64 columns at a time through the warp's staging rows */
+        const int wrow = tl.mt * BM + cw * 64 + warp * 16; /* the warp's first row */
+        const int left = s.row0[tl.e + 1] - s.row0[tl.e] - wrow;
+        if (left <= 0)
+            continue;
+        const size_t grow = (size_t)s.row0[tl.e] + wrow;
+        uint8_t *buf = s.out[cw * 4 + warp];
+        uint32_t w[8][2];
         if (!SWIGLU) {
-            bf16 *c = C + grow * N + tl.nt * BN + q;
+            bf16 *c = C + grow * N + tl.nt * BN;
 #pragma unroll
-            for (int h = 0; h < 2; h++)
-                if (lr + 8 * h < nrows)
+            for (int sl = 0; sl < 4; sl++) {
 #pragma unroll
-                    for (int i = 0; i < 32; i++)
-                        s_st2(c + (size_t)8 * h * N + 8 * i, d[4 * i + 2 * h],
-                              d[4 * i + 2 * h + 1]);
-        } else { /* columns 0-127 are a, 128-255 the matching b */
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+                        w[j][h] = s_pack(d[4 * (8 * sl + j) + 2 * h],
+                                         d[4 * (8 * sl + j) + 2 * h + 1]);
+                s_store_slice(buf, w, c + 64 * sl, N, left, lane);
+            }
+        } else { /* accumulator columns 0-127 are a, 128-255 the matching b */
             const int f = N / 2;
-            bf16 *ca = C + grow * N + tl.nt * (BN / 2) + q, *gg = G + grow * f + tl.nt * (BN / 2) + q;
+            bf16 *ca = C + grow * N + tl.nt * (BN / 2), *gg = G + grow * f + tl.nt * (BN / 2);
 #pragma unroll
-            for (int h = 0; h < 2; h++)
-                if (lr + 8 * h < nrows)
+            for (int sl = 0; sl < 2; sl++) {
+                uint32_t wb[8][2], wg[8][2];
 #pragma unroll
-                    for (int i = 0; i < 16; i++) {
-                        float a0 = s_bf(d[4 * i + 2 * h]), a1 = s_bf(d[4 * i + 2 * h + 1]);
-                        float b0 = s_bf(d[4 * (i + 16) + 2 * h]);
-                        float b1 = s_bf(d[4 * (i + 16) + 2 * h + 1]);
-                        size_t o = (size_t)8 * h * N + 8 * i;
-                        s_st2(ca + o, a0, a1);
-                        s_st2(ca + o + f, b0, b1);
-                        s_st2(gg + (size_t)8 * h * f + 8 * i,
-                              s_bf(a0 / (1.0f + expf(-a0))) * b0,
-                              s_bf(a1 / (1.0f + expf(-a1))) * b1);
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        int ia = 4 * (8 * sl + j) + 2 * h, ib = ia + 64;
+                        float a0 = s_bf(d[ia]), a1 = s_bf(d[ia + 1]);
+                        float b0 = s_bf(d[ib]), b1 = s_bf(d[ib + 1]);
+                        w[j][h] = s_pack(a0, a1);
+                        wb[j][h] = s_pack(b0, b1);
+                        wg[j][h] = s_pack(s_silu_bf(a0) * b0, s_silu_bf(a1) * b1);
                     }
+                s_store_slice(buf, w, ca + 64 * sl, N, left, lane);
+                s_store_slice(buf, wb, ca + f + 64 * sl, N, left, lane);
+                s_store_slice(buf, wg, gg + 64 * sl, f, left, lane);
+            }
         }
     }
 }
