@@ -35,7 +35,7 @@ struct smem_t {
     uint64_t full[STAGES], empty[STAGES];
     int tile0[MAX_E + 1]; /* each expert's first tile; [E]: the total */
     int row0[MAX_E + 1];  /* each expert's first row; [E]: all rows */
-    uint8_t out[CONSUMER_WARPS][16 * OUT_PITCH]; /* each consumer warp's epilogue staging */
+    alignas(16) uint8_t out[CONSUMER_WARPS][16 * OUT_PITCH]; /* each consumer warp's staging */
 };
 constexpr size_t SMEM_BYTES = sizeof(smem_t) + 1024; /* + the slack to align it */
 
