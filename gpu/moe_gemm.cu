@@ -84,12 +84,15 @@ __device__ __forceinline__ void s_tma(void *dst, const CUtensorMap *map, int c0,
                  : "memory");
 }
 
-/* A shared-memory matrix descriptor for a K-major operand in the 128-byte swizzle: 8-row
- * groups of 128-byte rows 1024 bytes apart (the stride byte offset; the leading one is unused
- * in this mode). Stepping 16 elements of K is adding 32 bytes to the start address. */
-__device__ __forceinline__ uint64_t s_desc(uint32_t addr)
+/* A shared-memory matrix descriptor in the 128-byte swizzle (start address, leading and stride
+ * byte offsets). K-major (A, and B stored (N, K)): 8-row groups of 128-byte rows, 1024 bytes
+ * apart (stride; leading unused); stepping 16 elements of K is adding 32 bytes to the start.
+ * N-major (B stored (K, N), TMA boxes of 64 N by 64 K): 64 N-elements per 128-byte row, one
+ * row per k, 8-k groups 1024 bytes apart (stride), the next 64 N-elements one box (8 KiB) on
+ * (leading); stepping 16 of K is 16 rows, 2048 bytes. */
+__device__ __forceinline__ uint64_t s_desc(uint32_t addr, uint32_t lead)
 {
-    return (uint64_t)((addr & 0x3ffff) >> 4) | ((uint64_t)1 << 16) |
+    return (uint64_t)((addr & 0x3ffff) >> 4) | ((uint64_t)(lead >> 4) << 16) |
            ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
 
@@ -98,7 +101,9 @@ __device__ __forceinline__ uint64_t s_desc(uint32_t addr)
         "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define S_F32(i) S_F8(i), S_F8(i + 8), S_F8(i + 16), S_F8(i + 24)
 
-/* d (64 x 256 per warpgroup, fp32) = (accumulate ? d : 0) + A (64 x 16) B^T (16 x 256). */
+/* d (64 x 256 per warpgroup, fp32) = (accumulate ? d : 0) + A (64 x 16) B^T (16 x 256); B
+ * K-major (TB 0) or N-major (TB 1) in shared memory. */
+template <int TB>
 __device__ __forceinline__ void s_wgmma(float (&d)[128], uint64_t da, uint64_t db,
                                         int accumulate)
 {
@@ -113,9 +118,9 @@ __device__ __forceinline__ void s_wgmma(float (&d)[128], uint64_t da, uint64_t d
         "%87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, "
         "%103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, "
         "%117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-        "%128, %129, p, 1, 1, 0, 0;\n}\n"
+        "%128, %129, p, 1, 1, 0, %131;\n}\n"
         : S_F32(0), S_F32(32), S_F32(64), S_F32(96)
-        : "l"(da), "l"(db), "r"(accumulate));
+        : "l"(da), "l"(db), "r"(accumulate), "n"(TB));
 }
 
 __device__ __forceinline__ void s_wgmma_fence()
@@ -176,6 +181,59 @@ __device__ __forceinline__ void s_store_slice(uint8_t *buf, const uint32_t (&w)[
     __syncwarp();
 }
 
+/* SwiGLU's backward on a warp's 16 x 64 slice of dg (w as in s_store_slice, rounded to bf16 as
+ * the unfused path stores dg): with a, b from ab (row pitch 2f) at the same rows and columns (b
+ * f columns on), [da | db] = [bf16(dg b) s (1 + a (1 - s)) | dg bf16(silu(a))], s = sigmoid(a),
+ * to dab (same layout as ab); rows from `left` on skipped. */
+__device__ __forceinline__ void s_dswiglu_slice(uint8_t *buf, const uint32_t (&w)[8][2],
+                                                const bf16 *ab, bf16 *dab, int f, int left,
+                                                int lane)
+{
+    const uint32_t base = s_addr(buf);
+    const int mi = lane / 8, r = lane % 8;
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+        uint32_t a = base + ((mi & 1) * 8 + r) * OUT_PITCH + (j + (mi >> 1)) * 16;
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(a),
+                     "r"(w[j][0]), "r"(w[j][1]), "r"(w[j + 1][0]), "r"(w[j + 1][1])
+                     : "memory");
+    }
+    __syncwarp();
+    uint4 vg[4], va[4], vb[4];
+#pragma unroll
+    for (int q = 0; q < 4; q++) { /* every load first: one round trip for the slice */
+        int row = lane / 8 + 4 * q;
+        vg[q] = *(const uint4 *)(buf + row * OUT_PITCH + r * 16);
+        if (row < left) {
+            const bf16 *p = ab + (size_t)row * 2 * f + r * 8;
+            va[q] = *(const uint4 *)p;
+            vb[q] = *(const uint4 *)(p + f);
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        int row = lane / 8 + 4 * q;
+        if (row >= left)
+            continue;
+        const bf16 *g8 = (const bf16 *)&vg[q], *a8 = (const bf16 *)&va[q],
+                   *b8 = (const bf16 *)&vb[q];
+        uint4 oa, ob;
+        bf16 *da8 = (bf16 *)&oa, *db8 = (bf16 *)&ob;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float a = __bfloat162float(a8[i]), b = __bfloat162float(b8[i]);
+            float g = __bfloat162float(g8[i]);
+            float sg = __fdividef(1.0f, 1.0f + __expf(-a));
+            da8[i] = __float2bfloat16(s_bf(g * b) * sg * (1.0f + a * (1.0f - sg)));
+            db8[i] = __float2bfloat16(g * s_bf(a * sg));
+        }
+        bf16 *p = dab + (size_t)row * 2 * f + r * 8;
+        *(uint4 *)p = oa;
+        *(uint4 *)(p + f) = ob;
+    }
+}
+
 struct tile_t {
     int e, mt, nt;
 };
@@ -192,15 +250,17 @@ __device__ __forceinline__ tile_t s_tile(const smem_t &s, int ntiles, int t)
     return {e, g * GROUP_M + r % gm, r / gm};
 }
 
-template <bool SWIGLU>
+/* C = A B_e^T per expert, epilogue EPI (gpu_moe_epi_t), B_e stored (N, K) (BKN 0) or (K, N)
+ * (BKN 1). N is the GEMM's own width: for SWIGLU 2f ([a | b]), for DSWIGLU f (dg). */
+template <int EPI, int BKN>
 __global__ void __launch_bounds__(THREADS, 1)
     s_gemm_kernel(const __grid_constant__ CUtensorMap tma_a,
                   const __grid_constant__ CUtensorMap tma_b, const int32_t *counts, int E, int N,
-                  int K, bf16 *C, bf16 *G)
+                  int K, bf16 *C, bf16 *G, const bf16 *AB)
 {
     extern __shared__ uint8_t s_raw[];
     smem_t &s = *(smem_t *)(((uintptr_t)s_raw + 1023) & ~(uintptr_t)1023);
-    const int ntiles = SWIGLU ? N / 2 / (BN / 2) : N / BN, ksteps = K / BK;
+    const int ntiles = N / BN, ksteps = K / BK;
 
     if (threadIdx.x == 0) {
         int t = 0, r = 0;
@@ -231,14 +291,22 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
             tile_t tl = s_tile(s, ntiles, t);
             int arow = s.row0[tl.e] + tl.mt * BM;
-            int b0 = tl.e * N + tl.nt * (SWIGLU ? BN / 2 : BN);
-            int b1 = SWIGLU ? b0 + N / 2 : b0 + BN / 2;
+            /* B rows (BKN 0): 256 of the expert's N, or for SwiGLU 128 of W1's and W3's */
+            int b0 = tl.e * N + tl.nt * (EPI == GPU_MOE_EPI_SWIGLU ? BN / 2 : BN);
+            int b1 = EPI == GPU_MOE_EPI_SWIGLU ? b0 + N / 2 : b0 + BN / 2;
             for (int kt = 0; kt < ksteps; kt++) {
                 s_bar_wait(&s.empty[st], ph ^ 1);
                 s_bar_expect(&s.full[st], A_BYTES + B_BYTES);
                 s_tma(s.a[st], &tma_a, kt * BK, arow, &s.full[st]);
-                s_tma(s.b[st], &tma_b, kt * BK, b0, &s.full[st]);
-                s_tma(s.b[st] + (BN / 2) * BK, &tma_b, kt * BK, b1, &s.full[st]);
+                if (BKN) { /* four 64 x 64 boxes along N, rows k of expert e */
+#pragma unroll
+                    for (int q = 0; q < 4; q++)
+                        s_tma(s.b[st] + q * 64 * BK, &tma_b, tl.nt * BN + 64 * q,
+                              tl.e * K + kt * BK, &s.full[st]);
+                } else {
+                    s_tma(s.b[st], &tma_b, kt * BK, b0, &s.full[st]);
+                    s_tma(s.b[st] + (BN / 2) * BK, &tma_b, kt * BK, b1, &s.full[st]);
+                }
                 if (++st == STAGES) {
                     st = 0;
                     ph ^= 1;
@@ -266,7 +334,9 @@ __global__ void __launch_bounds__(THREADS, 1)
             s_wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BK / 16; kk++)
-                s_wgmma(d, s_desc(a + kk * 32), s_desc(b + kk * 32), kt | kk);
+                s_wgmma<BKN>(d, s_desc(a + kk * 32, 16),
+                             BKN ? s_desc(b + kk * 2048, 64 * BK * 2) : s_desc(b + kk * 32, 16),
+                             kt | kk);
             s_wgmma_commit();
             if (kt > 0) { /* the previous stage's products are done: release it */
                 s_wgmma_wait<1>();
@@ -291,19 +361,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         const size_t grow = (size_t)s.row0[tl.e] + wrow;
         uint8_t *buf = s.out[cw * 4 + warp];
         uint32_t w[8][2];
-        if (!SWIGLU) {
-            bf16 *c = C + grow * N + tl.nt * BN;
-#pragma unroll
-            for (int sl = 0; sl < 4; sl++) {
-#pragma unroll
-                for (int j = 0; j < 8; j++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++)
-                        w[j][h] = s_pack(d[4 * (8 * sl + j) + 2 * h],
-                                         d[4 * (8 * sl + j) + 2 * h + 1]);
-                s_store_slice(buf, w, c + 64 * sl, N, left, lane);
-            }
-        } else { /* accumulator columns 0-127 are a, 128-255 the matching b */
+        if (EPI == GPU_MOE_EPI_SWIGLU) { /* accumulator columns 0-127 are a, 128-255 b */
             const int f = N / 2;
             bf16 *ca = C + grow * N + tl.nt * (BN / 2), *gg = G + grow * f + tl.nt * (BN / 2);
 #pragma unroll
@@ -323,6 +381,22 @@ __global__ void __launch_bounds__(THREADS, 1)
                 s_store_slice(buf, w, ca + 64 * sl, N, left, lane);
                 s_store_slice(buf, wb, ca + f + 64 * sl, N, left, lane);
                 s_store_slice(buf, wg, gg + 64 * sl, f, left, lane);
+            }
+        } else {
+#pragma unroll
+            for (int sl = 0; sl < 4; sl++) {
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+                        w[j][h] = s_pack(d[4 * (8 * sl + j) + 2 * h],
+                                         d[4 * (8 * sl + j) + 2 * h + 1]);
+                size_t col = (size_t)tl.nt * BN + 64 * sl;
+                if (EPI == GPU_MOE_EPI_DSWIGLU)
+                    s_dswiglu_slice(buf, w, AB + grow * 2 * N + col, C + grow * 2 * N + col, N,
+                                    left, lane);
+                else
+                    s_store_slice(buf, w, C + grow * N + col, N, left, lane);
             }
         }
     }
@@ -348,12 +422,13 @@ PFN_cuTensorMapEncodeTiled_v12000 s_encode_fn(void)
     return fn;
 }
 
-/* A 2D row-major bf16 (rows, cols) tensor as 64 x 128 boxes in the 128-byte swizzle. */
-CUtensorMap s_map(const bf16 *p, int rows, int cols)
+/* A 2D row-major bf16 (rows, cols) tensor as boxes of 64 columns by box_rows rows in the
+ * 128-byte swizzle. */
+CUtensorMap s_map(const bf16 *p, int rows, int cols, int box_rows)
 {
     CUtensorMap m;
     cuuint64_t dim[2] = {(cuuint64_t)cols, (cuuint64_t)rows}, stride[1] = {(cuuint64_t)cols * 2};
-    cuuint32_t box[2] = {BK, BN / 2}, step[2] = {1, 1};
+    cuuint32_t box[2] = {64, (cuuint32_t)box_rows}, step[2] = {1, 1};
     CUresult r = s_encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)p, dim, stride,
                                box, step, CU_TENSOR_MAP_INTERLEAVE_NONE,
                                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -366,9 +441,24 @@ CUtensorMap s_map(const bf16 *p, int rows, int cols)
     return m;
 }
 
+template <int EPI, int BKN> void s_allow_smem(void)
+{
+    GPU_CHECK(cudaFuncSetAttribute(s_gemm_kernel<EPI, BKN>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_BYTES));
+}
+
+template <int EPI, int BKN> void s_launch(const gpu_moe_gemm_args_t *g, int nsm, cudaStream_t st)
+{
+    CUtensorMap ma = s_map(g->A, g->mrows, g->K, BM);
+    CUtensorMap mb = BKN ? s_map(g->B, g->E * g->K, g->N, BK) : s_map(g->B, g->E * g->N, g->K, BN / 2);
+    s_gemm_kernel<EPI, BKN><<<nsm, THREADS, SMEM_BYTES, st>>>(ma, mb, g->counts, g->E, g->N, g->K,
+                                                             g->C, g->G, g->AB);
+    GPU_CHECK_LAUNCH();
+}
+
 } // namespace
 
-bool gpu_moe_gemm_ok(int N, int K, bool swiglu)
+bool gpu_moe_gemm_ok(int N, int K)
 {
     static signed char ok_dev[64]; /* 0 unknown, 1 yes, -1 no */
     int dev = 0;
@@ -379,21 +469,17 @@ bool gpu_moe_gemm_ok(int N, int K, bool swiglu)
         bool yes = cudaGetDeviceProperties(&pr, dev) == cudaSuccess && pr.major == 9 &&
                    pr.minor == 0 && s_encode_fn() != NULL;
         if (yes) {
-            GPU_CHECK(cudaFuncSetAttribute(s_gemm_kernel<false>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)SMEM_BYTES));
-            GPU_CHECK(cudaFuncSetAttribute(s_gemm_kernel<true>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)SMEM_BYTES));
+            s_allow_smem<GPU_MOE_EPI_PLAIN, 0>();
+            s_allow_smem<GPU_MOE_EPI_PLAIN, 1>();
+            s_allow_smem<GPU_MOE_EPI_SWIGLU, 0>();
+            s_allow_smem<GPU_MOE_EPI_DSWIGLU, 1>();
         }
         ok_dev[dev] = yes ? 1 : -1;
     }
-    (void)swiglu; /* SwiGLU's f = N/2 a multiple of 128 is N a multiple of 256 as well */
     return ok_dev[dev] > 0 && K >= BK && K % BK == 0 && N >= BN && N % BN == 0;
 }
 
-void gpu_moe_gemm(const bf16 *A, int mrows, int K, const bf16 *B, int N, int E,
-                  const int32_t *counts, bf16 *C, bf16 *G, bool swiglu, cudaStream_t st)
+void gpu_moe_gemm(const gpu_moe_gemm_args_t *g, cudaStream_t st)
 {
     static int nsm;
     if (!nsm) {
@@ -401,10 +487,16 @@ void gpu_moe_gemm(const bf16 *A, int mrows, int K, const bf16 *B, int N, int E,
         GPU_CHECK(cudaGetDevice(&dev));
         GPU_CHECK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
     }
-    CUtensorMap ma = s_map(A, mrows, K), mb = s_map(B, E * N, K);
-    if (swiglu)
-        s_gemm_kernel<true><<<nsm, THREADS, SMEM_BYTES, st>>>(ma, mb, counts, E, N, K, C, G);
-    else
-        s_gemm_kernel<false><<<nsm, THREADS, SMEM_BYTES, st>>>(ma, mb, counts, E, N, K, C, G);
-    GPU_CHECK_LAUNCH();
+    if (g->epi == GPU_MOE_EPI_SWIGLU && !g->b_kn)
+        s_launch<GPU_MOE_EPI_SWIGLU, 0>(g, nsm, st);
+    else if (g->epi == GPU_MOE_EPI_DSWIGLU && g->b_kn)
+        s_launch<GPU_MOE_EPI_DSWIGLU, 1>(g, nsm, st);
+    else if (g->epi == GPU_MOE_EPI_PLAIN)
+        g->b_kn ? s_launch<GPU_MOE_EPI_PLAIN, 1>(g, nsm, st)
+                : s_launch<GPU_MOE_EPI_PLAIN, 0>(g, nsm, st);
+    else {
+        fprintf(stderr, "semoe gpu_moe_gemm: epilogue %d with B %s is not built\n", (int)g->epi,
+                g->b_kn ? "(K, N)" : "(N, K)");
+        abort();
+    }
 }

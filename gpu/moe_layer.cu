@@ -380,10 +380,19 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
     *self_p = NULL;
 }
 
-/* Whether gpu/moe_gemm.h's kernel takes this layer's two forward GEMMs. */
+/* Whether gpu/moe_gemm.h's kernel takes this layer's two forward GEMMs (the backward ones
+ * check for themselves and fall back to cuBLAS). */
 static bool s_fused_ok(const gpu_moe_t *m)
 {
-    return gpu_moe_gemm_ok(2 * m->f, m->d, true) && gpu_moe_gemm_ok(m->d, m->f, false);
+    return gpu_moe_gemm_ok(2 * m->f, m->d) && gpu_moe_gemm_ok(m->d, m->f);
+}
+
+/* gpu_moe_gemm on m's rows and counts. */
+static void s_own_gemm(const gpu_moe_t *m, gpu_moe_epi_t epi, const bf16 *A, int K, const bf16 *B,
+                       bool b_kn, int N, bf16 *C, bf16 *G, const bf16 *AB)
+{
+    gpu_moe_gemm_args_t g = {A, m->M, K, B, b_kn, N, m->E, m->counts, epi, C, G, AB};
+    gpu_moe_gemm(&g, gpu_stream());
 }
 
 extern "C" gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode)
@@ -549,11 +558,11 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
     }
     s_stage(m, P_W13, 2, sc->ev_fwd);
     if (m->gemm == GPU_MOE_GEMM_FUSED) { /* SwiGLU inside the first GEMM */
-        gpu_moe_gemm(m->h, m->M, d, w13, 2 * f, E, m->counts, m->ab, sc->g, true, st);
+        s_own_gemm(m, GPU_MOE_EPI_SWIGLU, m->h, d, w13, false, 2 * f, m->ab, sc->g, NULL);
         sc->g_owner = m;
         s_mark(m, 3);
         s_mark(m, 4);
-        gpu_moe_gemm(sc->g, m->M, f, w2, d, E, m->counts, m->y, NULL, false, st);
+        s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->g, f, w2, false, d, m->y, NULL, NULL);
     } else if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
         s_experts_fwd_streams(m);
         s_mark(m, 3);
@@ -637,6 +646,19 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         s_experts_bwd_streams(m);
         s_mark(m, 9);
         s_mark(m, 10);
+    } else if (m->gemm == GPU_MOE_GEMM_FUSED && gpu_moe_gemm_ok(f, d)) {
+        /* dW2 (cuBLAS, reading g), then dg = dy W2[e] with SwiGLU's backward in the epilogue
+         * (dg never stored, g kept), dW13 (cuBLAS) and dh = [da | db] W13[e] */
+        s_run(m, P_DW2);
+        s_own_gemm(m, GPU_MOE_EPI_DSWIGLU, sc->dy, d, w2, true, f, sc->dab, NULL, m->ab);
+        s_mark(m, 9);
+        s_mark(m, 10);
+        s_run(m, P_DW13);
+        s_run(m, P_DW3);
+        if (gpu_moe_gemm_ok(d, 2 * f))
+            s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->dab, 2 * f, w13, true, d, sc->dh, NULL, NULL);
+        else
+            s_run(m, P_DH);
     } else {
         s_run(m, P_DW2);
         s_run(m, P_DG);

@@ -48,10 +48,12 @@ typedef enum {
                                * expert's memory-bound SwiGLU runs beside another's GEMMs, and
                                * one GEMM's last wave beside the next's first (phase timing
                                * then puts the GEMMs and SwiGLU of each pass in one phase) */
-    GPU_MOE_GEMM_FUSED = 3    /* forward: gpu/moe_gemm.h's kernel of our own, all experts in
-                               * one launch, SwiGLU in the first GEMM's epilogue (phase timing
-                               * puts it in gemm_w13); backward: as LOOP. Hopper only, d and f
-                               * multiples of 256 and 64 (d) or 128 (f) */
+    GPU_MOE_GEMM_FUSED = 3    /* gpu/moe_gemm.h's kernel of our own, all experts in one
+                               * launch, for the GEMMs over the weights' rows: [a | b] with
+                               * SwiGLU in its epilogue, y, dg with SwiGLU's backward in its
+                               * epilogue, dh (phase timing puts each SwiGLU in its GEMM's
+                               * phase); cuBLAS per expert for dW2 and dW13. Hopper only; d a
+                               * multiple of 256, f of 128 (of 256 for dg, else cuBLAS) */
 } gpu_moe_gemm_t;
 
 /* The weights, bf16, nn.Linear layout. */
