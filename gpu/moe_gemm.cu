@@ -199,39 +199,42 @@ __device__ __forceinline__ void s_dswiglu_slice(uint8_t *buf, const uint32_t (&w
                      : "memory");
     }
     __syncwarp();
-    uint4 vg[4], va[4], vb[4];
 #pragma unroll
-    for (int q = 0; q < 4; q++) { /* every load first: one round trip for the slice */
-        int row = lane / 8 + 4 * q;
-        vg[q] = *(const uint4 *)(buf + row * OUT_PITCH + r * 16);
-        if (row < left) {
-            const bf16 *p = ab + (size_t)row * 2 * f + r * 8;
-            va[q] = *(const uint4 *)p;
-            vb[q] = *(const uint4 *)(p + f);
+    for (int q0 = 0; q0 < 4; q0 += 2) { /* two rows' loads in flight per lane at a time */
+        uint4 vg[2], va[2], vb[2];
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            int row = lane / 8 + 4 * (q0 + q);
+            vg[q] = *(const uint4 *)(buf + row * OUT_PITCH + r * 16);
+            if (row < left) {
+                const bf16 *p = ab + (size_t)row * 2 * f + r * 8;
+                va[q] = *(const uint4 *)p;
+                vb[q] = *(const uint4 *)(p + f);
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            int row = lane / 8 + 4 * (q0 + q);
+            if (row >= left)
+                continue;
+            const bf16 *g8 = (const bf16 *)&vg[q], *a8 = (const bf16 *)&va[q],
+                       *b8 = (const bf16 *)&vb[q];
+            uint4 oa, ob;
+            bf16 *da8 = (bf16 *)&oa, *db8 = (bf16 *)&ob;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float a = __bfloat162float(a8[i]), b = __bfloat162float(b8[i]);
+                float g = __bfloat162float(g8[i]);
+                float sg = __fdividef(1.0f, 1.0f + __expf(-a));
+                da8[i] = __float2bfloat16(s_bf(g * b) * sg * (1.0f + a * (1.0f - sg)));
+                db8[i] = __float2bfloat16(g * s_bf(a * sg));
+            }
+            bf16 *p = dab + (size_t)row * 2 * f + r * 8;
+            *(uint4 *)p = oa;
+            *(uint4 *)(p + f) = ob;
         }
     }
-    __syncwarp();
-#pragma unroll
-    for (int q = 0; q < 4; q++) {
-        int row = lane / 8 + 4 * q;
-        if (row >= left)
-            continue;
-        const bf16 *g8 = (const bf16 *)&vg[q], *a8 = (const bf16 *)&va[q],
-                   *b8 = (const bf16 *)&vb[q];
-        uint4 oa, ob;
-        bf16 *da8 = (bf16 *)&oa, *db8 = (bf16 *)&ob;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            float a = __bfloat162float(a8[i]), b = __bfloat162float(b8[i]);
-            float g = __bfloat162float(g8[i]);
-            float sg = __fdividef(1.0f, 1.0f + __expf(-a));
-            da8[i] = __float2bfloat16(s_bf(g * b) * sg * (1.0f + a * (1.0f - sg)));
-            db8[i] = __float2bfloat16(g * s_bf(a * sg));
-        }
-        bf16 *p = dab + (size_t)row * 2 * f + r * 8;
-        *(uint4 *)p = oa;
-        *(uint4 *)(p + f) = ob;
-    }
+    __syncwarp(); /* the staging rows are free for the next slice */
 }
 
 struct tile_t {

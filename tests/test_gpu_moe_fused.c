@@ -6,8 +6,9 @@
  *     same reference, so that the reference is checked too;
  *   - the routing of both paths identical, and experts muted through the router bias getting
  *     no rows (the kernel's empty experts), the others row counts that leave partial tiles;
- *   - its backward (cuBLAS, reading the [a | b] and g our kernel wrote) against LOOP's: dx and
- *     every weight gradient within 1e-2.
+ *   - its backward (dg with SwiGLU's backward fused and dh on our kernel, dW on cuBLAS reading
+ *     the [a | b] and g our forward wrote) against LOOP's: dx and every weight gradient within
+ *     1e-2. f = 384 leaves dg to cuBLAS (f not a multiple of 256), the other cases do not.
  * Skipped (77) without a CUDA device. */
 #include <math.h>
 #include <stdint.h>
@@ -215,6 +216,7 @@ int main(void)
     static const s_case_t cases[] = {
         {777, 256, 384, 8, 2, 1},
         {600, 512, 256, 16, 4, 3},
+        {1000, 256, 512, 8, 2, 2},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         test_case(&cases[i]);
