@@ -241,7 +241,7 @@ static void s_usage(void)
 {
     fprintf(stderr, "usage: bench_moe_layer [--json FILE] [--dump DIR] "
                     "[--gemm grouped|loop|streams|fused|all]"
-                    " [--shapes all|small] [--phases]\n");
+                    " [--shapes all|mixtral|deepseek|small] [--phases]\n");
 }
 
 int main(int argc, char **argv)
@@ -275,9 +275,12 @@ int main(int argc, char **argv)
         modes[nmodes++] = GPU_MOE_GEMM_STREAMS;
     if (!strcmp(gemm, "fused") || !strcmp(gemm, "all"))
         modes[nmodes++] = GPU_MOE_GEMM_FUSED;
-    if (!nmodes || (strcmp(shapes, "all") && strcmp(shapes, "small"))) {
+    int known = !strcmp(shapes, "all");
+    for (size_t s = 0; s < sizeof s_shapes / sizeof s_shapes[0]; s++)
+        known |= !strcmp(shapes, s_shapes[s].name);
+    if (!nmodes || !known) {
         fprintf(stderr, "bench_moe_layer: --gemm %s --shapes %s: need grouped, loop, streams, "
-                        "fused or all, and all or small\n", gemm, shapes);
+                        "fused or all, and all, mixtral, deepseek or small\n", gemm, shapes);
         return 2;
     }
     FILE *jf = NULL;
@@ -296,7 +299,7 @@ int main(int argc, char **argv)
     int rc = 0;
     for (size_t s = 0; s < sizeof s_shapes / sizeof s_shapes[0]; s++) {
         const s_shape_t *sh = &s_shapes[s];
-        if (!strcmp(shapes, "small") && strcmp(sh->name, "small"))
+        if (strcmp(shapes, "all") && strcmp(sh->name, shapes))
             continue;
         s_layer_t L;
         s_layer_init(&L, sh, 42);

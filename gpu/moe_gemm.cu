@@ -9,7 +9,7 @@
  * memory descriptors, one group in flight while the previous stage is released, then the
  * epilogue: the 128 fp32 accumulators per thread rounded to bf16 (SwiGLU on them), each warp
  * staging 16 x 64 slices in shared memory (stmatrix) and storing whole 128-byte rows, masked to
- * the expert's rows. Tiles go expert by expert, within an expert GROUP_M row tiles at a time
+ * the expert's rows. Tiles go expert by expert, within an expert 16 row tiles at a time
  * across all column tiles, so that a wave of CTAs shares A and B in L2. */
 #include "gpu/moe_gemm.h"
 #include "gpu/stream.h"
@@ -23,7 +23,7 @@ typedef __nv_bfloat16 bf16;
 
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 16, MAX_E = 256;
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, MAX_E = 256;
 constexpr int THREADS = 384;                     /* warpgroup 0 loads, 1 and 2 compute */
 constexpr int CONSUMER_WARPS = 8;
 constexpr uint32_t A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
@@ -241,16 +241,23 @@ struct tile_t {
     int e, mt, nt;
 };
 
-/* Tile t's expert, row tile and column tile (ntiles column tiles per expert). */
-__device__ __forceinline__ tile_t s_tile(const smem_t &s, int ntiles, int t)
+/* Tile t's expert, row tile and column tile (ntiles column tiles per expert): group > 0 takes
+ * `group` row tiles at a time across all column tiles (row tiles fastest), group < 0 -group
+ * column tiles at a time across all row tiles (column tiles fastest). */
+__device__ __forceinline__ tile_t s_tile(const smem_t &s, int ntiles, int group, int t)
 {
     int e = 0;
     while (s.tile0[e + 1] <= t)
         e++;
     int lt = t - s.tile0[e], mtiles = (s.row0[e + 1] - s.row0[e] + BM - 1) / BM;
-    int per = GROUP_M * ntiles, g = lt / per, r = lt % per;
-    int gm = min(GROUP_M, mtiles - g * GROUP_M);
-    return {e, g * GROUP_M + r % gm, r / gm};
+    if (group < 0) {
+        int gs = -group, per = gs * mtiles, g = lt / per, r = lt % per;
+        int gn = min(gs, ntiles - g * gs);
+        return {e, r / gn, g * gs + r % gn};
+    }
+    int per = group * ntiles, g = lt / per, r = lt % per;
+    int gm = min(group, mtiles - g * group);
+    return {e, g * group + r % gm, r / gm};
 }
 
 /* C = A B_e^T per expert, epilogue EPI (gpu_moe_epi_t), B_e stored (N, K) (BKN 0) or (K, N)
@@ -259,7 +266,7 @@ template <int EPI, int BKN>
 __global__ void __launch_bounds__(THREADS, 1)
     s_gemm_kernel(const __grid_constant__ CUtensorMap tma_a,
                   const __grid_constant__ CUtensorMap tma_b, const int32_t *counts, int E, int N,
-                  int K, bf16 *C, bf16 *G, const bf16 *AB)
+                  int K, bf16 *C, bf16 *G, const bf16 *AB, int group)
 {
     extern __shared__ uint8_t s_raw[];
     smem_t &s = *(smem_t *)(((uintptr_t)s_raw + 1023) & ~(uintptr_t)1023);
@@ -292,7 +299,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         int st = 0;
         uint32_t ph = 0;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
-            tile_t tl = s_tile(s, ntiles, t);
+            tile_t tl = s_tile(s, ntiles, group, t);
             int arow = s.row0[tl.e] + tl.mt * BM;
             /* B rows (BKN 0): 256 of the expert's N, or for SwiGLU 128 of W1's and W3's */
             int b0 = tl.e * N + tl.nt * (EPI == GPU_MOE_EPI_SWIGLU ? BN / 2 : BN);
@@ -329,7 +336,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     int st = 0;
     uint32_t ph = 0;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        tile_t tl = s_tile(s, ntiles, t);
+        tile_t tl = s_tile(s, ntiles, group, t);
         int prev = 0;
         for (int kt = 0; kt < ksteps; kt++) {
             s_bar_wait(&s.full[st], ph);
@@ -444,6 +451,19 @@ CUtensorMap s_map(const bf16 *p, int rows, int cols, int box_rows)
     return m;
 }
 
+/* The tile order (s_tile's group): 16 row tiles at a time, or SEMOE_MOE_GEMM_GROUP (a nonzero
+ * integer within +-64, for measuring others). */
+int s_group(void)
+{
+    static int group;
+    if (!group) {
+        const char *v = getenv("SEMOE_MOE_GEMM_GROUP");
+        int g = v ? atoi(v) : 0;
+        group = g && g >= -64 && g <= 64 ? g : 16;
+    }
+    return group;
+}
+
 template <int EPI, int BKN> void s_allow_smem(void)
 {
     GPU_CHECK(cudaFuncSetAttribute(s_gemm_kernel<EPI, BKN>,
@@ -455,7 +475,7 @@ template <int EPI, int BKN> void s_launch(const gpu_moe_gemm_args_t *g, int nsm,
     CUtensorMap ma = s_map(g->A, g->mrows, g->K, BM);
     CUtensorMap mb = BKN ? s_map(g->B, g->E * g->K, g->N, BK) : s_map(g->B, g->E * g->N, g->K, BN / 2);
     s_gemm_kernel<EPI, BKN><<<nsm, THREADS, SMEM_BYTES, st>>>(ma, mb, g->counts, g->E, g->N, g->K,
-                                                             g->C, g->G, g->AB);
+                                                             g->C, g->G, g->AB, s_group());
     GPU_CHECK_LAUNCH();
 }
 

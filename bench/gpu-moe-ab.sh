@@ -1,0 +1,44 @@
+#!/bin/bash
+# A/B of the MoE layer's GEMM paths on one shape, alternating so that the GPU's thermal and
+# power state falls on both alike: ROUNDS rounds of bench_moe_layer --gemm loop, then --gemm
+# fused under each SEMOE_MOE_GEMM_GROUP in GROUPS (gpu/moe_gemm.cu's tile order), with the SM
+# clock and board power sampled every 100 ms beside it. From the repo root on the GPU machine,
+# after a release build in $BUILD (default build-rel):
+#   SHAPE=mixtral ROUNDS=3 GROUPS="16 8 -8" bash bench/gpu-moe-ab.sh
+# Prints one line per run (path, group, ms, tok/s) and the per-path medians; the clock log goes
+# to $OUT/clocks.csv with its summary printed per run.
+set -uo pipefail
+out=${OUT:-/tmp/semoe-gpu-out}
+mkdir -p "$out"
+BUILD=${BUILD:-build-rel}
+SHAPE=${SHAPE:-mixtral}
+echo "== semoe bench/gpu-moe-ab.sh  shape $SHAPE  commit ${SEMOE_COMMIT:-?}  $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader \
+  -lms 100 >"$out/clocks.csv" 2>/dev/null &
+smi=$!
+trap 'kill $smi 2>/dev/null' EXIT
+one() { # path group
+  local from=$(wc -l <"$out/clocks.csv")
+  local line
+  line=$(SEMOE_MOE_GEMM_GROUP=$2 timeout 120 "$BUILD/bench/bench_moe_layer" --gemm "$1" \
+    --shapes "$SHAPE" | grep '"impl": "semoe"')
+  local clk
+  clk=$(tail -n +$((from + 1)) "$out/clocks.csv" | awk -F', ' '{gsub(/ MHz/,"",$2); gsub(/ W/,"",$3);
+    c+=$2; p+=$3; n++} END {if (n) printf "sm %.0f MHz, %.0f W (%d samples)", c/n, p/n, n}')
+  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(f"{sys.argv[2]:6} group {sys.argv[3]:>4}  {r[\"ms\"]:.3f} ms  {r[\"tok_s\"]:.0f} tok/s  {r[\"pct_dense\"]}% dense  {sys.argv[4]}")' \
+    "$line" "$1" "$2" "$clk" | tee -a "$out/ab.txt"
+}
+for ((r = 1; r <= ${ROUNDS:-3}; r++)); do
+  one loop 16
+  for g in ${GROUPS:-16}; do one fused "$g"; done
+done
+python3 - "$out/ab.txt" <<'PY'
+import collections, statistics, sys
+ms = collections.defaultdict(list)
+for l in open(sys.argv[1]):
+    w = l.split()
+    ms[(w[0], w[2])].append(float(w[3]))
+for (p, g), v in ms.items():
+    print(f'median {p:6} group {g:>4}: {statistics.median(v):.3f} ms over {len(v)} ({", ".join(f"{x:.2f}" for x in v)})')
+PY
