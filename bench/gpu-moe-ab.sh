@@ -1,10 +1,10 @@
 #!/bin/bash
 # A/B of the MoE layer's GEMM paths on one shape, alternating so that the GPU's thermal and
 # power state falls on both alike: ROUNDS rounds of bench_moe_layer --gemm loop, then --gemm
-# fused under each SEMOE_MOE_GEMM_GROUP in GROUPS (gpu/moe_gemm.cu's tile order), with the SM
+# fused under each SEMOE_MOE_GEMM_GROUP in ORDERS (gpu/moe_gemm.cu's tile order), with the SM
 # clock and board power sampled every 100 ms beside it. From the repo root on the GPU machine,
 # after a release build in $BUILD (default build-rel):
-#   SHAPE=mixtral ROUNDS=3 GROUPS="16 8 -8" bash bench/gpu-moe-ab.sh
+#   SHAPE=mixtral ROUNDS=3 ORDERS="16 8 -8" bash bench/gpu-moe-ab.sh
 # Prints one line per run (path, group, ms, tok/s) and the per-path medians; the clock log goes
 # to $OUT/clocks.csv with its summary printed per run.
 set -uo pipefail
@@ -26,12 +26,16 @@ one() { # path group
   local clk
   clk=$(tail -n +$((from + 1)) "$out/clocks.csv" | awk -F', ' '{gsub(/ MHz/,"",$2); gsub(/ W/,"",$3);
     c+=$2; p+=$3; n++} END {if (n) printf "sm %.0f MHz, %.0f W (%d samples)", c/n, p/n, n}')
-  python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(f"{sys.argv[2]:6} group {sys.argv[3]:>4}  {r[\"ms\"]:.3f} ms  {r[\"tok_s\"]:.0f} tok/s  {r[\"pct_dense\"]}% dense  {sys.argv[4]}")' \
-    "$line" "$1" "$2" "$clk" | tee -a "$out/ab.txt"
+  python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+ms, tok, pct = r["ms"], r["tok_s"], r["pct_dense"]
+print(f"{sys.argv[2]:6} group {sys.argv[3]:>4}  {ms:.3f} ms  {tok:.0f} tok/s  {pct}% dense  "
+      + sys.argv[4])' "$line" "$1" "$2" "$clk" | tee -a "$out/ab.txt"
 }
 for ((r = 1; r <= ${ROUNDS:-3}; r++)); do
   one loop 16
-  for g in ${GROUPS:-16}; do one fused "$g"; done
+  for g in ${ORDERS:-16}; do one fused "$g"; done
 done
 python3 - "$out/ab.txt" <<'PY'
 import collections, statistics, sys
