@@ -61,35 +61,6 @@ __device__ __forceinline__ void s_bar_arrive(uint64_t *bar)
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(s_addr(bar)) : "memory");
 }
 
-/* This CTA's rank in its cluster of 2, and the shared-memory address of the same variable in
- * the CTA of rank `cta` (for arriving on its barriers). */
-__device__ __forceinline__ uint32_t s_cluster_rank(void)
-{
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-
-__device__ __forceinline__ uint32_t s_peer_addr(uint32_t addr, uint32_t cta)
-{
-    uint32_t r;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(cta));
-    return r;
-}
-
-__device__ __forceinline__ void s_bar_arrive_peer(uint32_t cluster_addr)
-{
-    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(cluster_addr) : "memory");
-}
-
-/* Every thread of both CTAs of the cluster (the barriers initialised before either CTA's TMA
- * or arrivals reach the other). */
-__device__ __forceinline__ void s_cluster_sync(void)
-{
-    asm volatile("barrier.cluster.arrive.release.aligned;\n"
-                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
 /* Returns once the barrier's phase of the given parity has completed. */
 __device__ __forceinline__ void s_bar_wait(uint64_t *bar, uint32_t parity)
 {
@@ -101,17 +72,6 @@ __device__ __forceinline__ void s_bar_wait(uint64_t *bar, uint32_t parity)
                      : "=r"(done)
                      : "r"(s_addr(bar)), "r"(parity)
                      : "memory");
-}
-
-/* The (c0 inner, c1 outer) box of map into dst of both CTAs of the cluster, counted on the
- * barrier at bar's offset in each. */
-__device__ __forceinline__ void s_tma_both(void *dst, const CUtensorMap *map, int c0, int c1,
-                                           uint64_t *bar)
-{
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                 ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(s_addr(dst)),
-                 "l"((uint64_t)map), "r"(c0), "r"(c1), "r"(s_addr(bar)), "h"((uint16_t)3)
-                 : "memory");
 }
 
 /* The (c0 inner, c1 outer) box of map into dst, counted on bar. */
@@ -281,16 +241,15 @@ struct tile_t {
     int e, mt, nt;
 };
 
-/* Cluster tile t's expert, row-tile pair and column tile (ntiles column tiles per expert; the
- * pair's row tiles are the cluster's two CTAs'): group > 0 takes `group` pairs at a time across
- * all column tiles (pairs fastest), group < 0 -group column tiles at a time across all pairs
- * (column tiles fastest). */
+/* Tile t's expert, row tile and column tile (ntiles column tiles per expert): group > 0 takes
+ * `group` row tiles at a time across all column tiles (row tiles fastest), group < 0 -group
+ * column tiles at a time across all row tiles (column tiles fastest). */
 __device__ __forceinline__ tile_t s_tile(const smem_t &s, int ntiles, int group, int t)
 {
     int e = 0;
     while (s.tile0[e + 1] <= t)
         e++;
-    int lt = t - s.tile0[e], mtiles = (s.row0[e + 1] - s.row0[e] + 2 * BM - 1) / (2 * BM);
+    int lt = t - s.tile0[e], mtiles = (s.row0[e + 1] - s.row0[e] + BM - 1) / BM;
     if (group < 0) {
         int gs = -group, per = gs * mtiles, g = lt / per, r = lt % per;
         int gn = min(gs, ntiles - g * gs);
@@ -319,21 +278,19 @@ __global__ void __launch_bounds__(THREADS, 1)
             int n = counts[e];
             s.tile0[e] = t;
             s.row0[e] = r;
-            t += (n + 2 * BM - 1) / (2 * BM) * ntiles; /* pairs of row tiles */
+            t += (n + BM - 1) / BM * ntiles;
             r += n;
         }
         s.tile0[E] = t;
         s.row0[E] = r;
         for (int i = 0; i < STAGES; i++) {
             s_bar_init(&s.full[i], 1);
-            s_bar_init(&s.empty[i], 2 * CONSUMER_WARPS); /* both CTAs' consumers */
+            s_bar_init(&s.empty[i], CONSUMER_WARPS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-    s_cluster_sync();
+    __syncthreads();
     const int total = s.tile0[E], wg = threadIdx.x / 128;
-    const uint32_t rank = s_cluster_rank();
-    const int cluster = blockIdx.x / 2, nclusters = gridDim.x / 2;
 
     if (wg == 0) { /* the producer */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -341,9 +298,9 @@ __global__ void __launch_bounds__(THREADS, 1)
             return;
         int st = 0;
         uint32_t ph = 0;
-        for (int t = cluster; t < total; t += nclusters) {
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
             tile_t tl = s_tile(s, ntiles, group, t);
-            int arow = s.row0[tl.e] + (2 * tl.mt + (int)rank) * BM;
+            int arow = s.row0[tl.e] + tl.mt * BM;
             /* B rows (BKN 0): 256 of the expert's N, or for SwiGLU 128 of W1's and W3's */
             int b0 = tl.e * N + tl.nt * (EPI == GPU_MOE_EPI_SWIGLU ? BN / 2 : BN);
             int b1 = EPI == GPU_MOE_EPI_SWIGLU ? b0 + N / 2 : b0 + BN / 2;
@@ -351,29 +308,19 @@ __global__ void __launch_bounds__(THREADS, 1)
                 s_bar_wait(&s.empty[st], ph ^ 1);
                 s_bar_expect(&s.full[st], A_BYTES + B_BYTES);
                 s_tma(s.a[st], &tma_a, kt * BK, arow, &s.full[st]);
-                /* B: this CTA's half, into both CTAs (the other half comes from the peer) */
-                if (BKN) { /* two of the four 64 x 64 boxes along N, rows k of expert e */
+                if (BKN) { /* four 64 x 64 boxes along N, rows k of expert e */
 #pragma unroll
-                    for (int q = 2 * rank; q < 2 * (int)rank + 2; q++)
-                        s_tma_both(s.b[st] + q * 64 * BK, &tma_b, tl.nt * BN + 64 * q,
-                                   tl.e * K + kt * BK, &s.full[st]);
+                    for (int q = 0; q < 4; q++)
+                        s_tma(s.b[st] + q * 64 * BK, &tma_b, tl.nt * BN + 64 * q,
+                              tl.e * K + kt * BK, &s.full[st]);
                 } else {
-                    s_tma_both(s.b[st] + rank * (BN / 2) * BK, &tma_b, kt * BK, rank ? b1 : b0,
-                               &s.full[st]);
+                    s_tma(s.b[st], &tma_b, kt * BK, b0, &s.full[st]);
+                    s_tma(s.b[st] + (BN / 2) * BK, &tma_b, kt * BK, b1, &s.full[st]);
                 }
                 if (++st == STAGES) {
                     st = 0;
                     ph ^= 1;
                 }
-            }
-        }
-        /* the tail: every stage released by both CTAs' consumers, so that no arrival from the
-         * peer reaches this CTA after it exits */
-        for (int i = 0; i < STAGES; i++) {
-            s_bar_wait(&s.empty[st], ph ^ 1);
-            if (++st == STAGES) {
-                st = 0;
-                ph ^= 1;
             }
         }
         return;
@@ -386,12 +333,10 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
     for (int i = 0; i < 128; i++)
         d[i] = 0.0f;
-    const uint32_t peer_empty = s_peer_addr(s_addr(&s.empty[0]), rank ^ 1);
     int st = 0;
     uint32_t ph = 0;
-    for (int t = cluster; t < total; t += nclusters) {
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
         tile_t tl = s_tile(s, ntiles, group, t);
-        tl.mt = 2 * tl.mt + (int)rank; /* past the expert's rows: computed, not stored */
         int prev = 0;
         for (int kt = 0; kt < ksteps; kt++) {
             s_bar_wait(&s.full[st], ph);
@@ -405,10 +350,8 @@ __global__ void __launch_bounds__(THREADS, 1)
             s_wgmma_commit();
             if (kt > 0) { /* the previous stage's products are done: release it */
                 s_wgmma_wait<1>();
-                if (lane == 0) {
+                if (lane == 0)
                     s_bar_arrive(&s.empty[prev]);
-                    s_bar_arrive_peer(peer_empty + 8 * prev);
-                }
             }
             prev = st;
             if (++st == STAGES) {
@@ -417,10 +360,8 @@ __global__ void __launch_bounds__(THREADS, 1)
             }
         }
         s_wgmma_wait<0>();
-        if (lane == 0) {
+        if (lane == 0)
             s_bar_arrive(&s.empty[prev]);
-            s_bar_arrive_peer(peer_empty + 8 * prev);
-        }
 
         /* the epilogue, 64 columns at a time through the warp's staging rows */
         const int wrow = tl.mt * BM + cw * 64 + warp * 16; /* the warp's first row */
@@ -529,52 +470,13 @@ template <int EPI, int BKN> void s_allow_smem(void)
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_BYTES));
 }
 
-/* How many clusters of 2 CTAs fit on the device at once (an SM holds one CTA; a GPC with an
- * odd number of SMs leaves one idle): the persistent grid. */
-template <int EPI, int BKN> int s_clusters(void)
-{
-    static int n;
-    if (!n) {
-        cudaLaunchAttribute at[1];
-        at[0].id = cudaLaunchAttributeClusterDimension;
-        at[0].val.clusterDim.x = 2;
-        at[0].val.clusterDim.y = 1;
-        at[0].val.clusterDim.z = 1;
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(2, 1, 1);
-        cfg.blockDim = dim3(THREADS, 1, 1);
-        cfg.dynamicSmemBytes = SMEM_BYTES;
-        cfg.attrs = at;
-        cfg.numAttrs = 1;
-        GPU_CHECK(cudaOccupancyMaxActiveClusters(&n, s_gemm_kernel<EPI, BKN>, &cfg));
-        if (getenv("SEMOE_MOE_GEMM_VERBOSE"))
-            fprintf(stderr, "gpu_moe_gemm: %d clusters of 2 CTAs at once\n", n);
-        if (n < 1) {
-            fprintf(stderr, "semoe gpu_moe_gemm: no cluster of 2 CTAs fits on this device\n");
-            abort();
-        }
-    }
-    return n;
-}
-
-template <int EPI, int BKN> void s_launch(const gpu_moe_gemm_args_t *g, cudaStream_t st)
+template <int EPI, int BKN> void s_launch(const gpu_moe_gemm_args_t *g, int nsm, cudaStream_t st)
 {
     CUtensorMap ma = s_map(g->A, g->mrows, g->K, BM);
     CUtensorMap mb = BKN ? s_map(g->B, g->E * g->K, g->N, BK) : s_map(g->B, g->E * g->N, g->K, BN / 2);
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = 2;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(2 * s_clusters<EPI, BKN>(), 1, 1);
-    cfg.blockDim = dim3(THREADS, 1, 1);
-    cfg.dynamicSmemBytes = SMEM_BYTES;
-    cfg.stream = st;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    GPU_CHECK(cudaLaunchKernelEx(&cfg, s_gemm_kernel<EPI, BKN>, ma, mb, g->counts, g->E, g->N,
-                                 g->K, g->C, g->G, g->AB, s_group()));
+    s_gemm_kernel<EPI, BKN><<<nsm, THREADS, SMEM_BYTES, st>>>(ma, mb, g->counts, g->E, g->N, g->K,
+                                                             g->C, g->G, g->AB, s_group());
+    GPU_CHECK_LAUNCH();
 }
 
 } // namespace
@@ -602,13 +504,19 @@ bool gpu_moe_gemm_ok(int N, int K)
 
 void gpu_moe_gemm(const gpu_moe_gemm_args_t *g, cudaStream_t st)
 {
+    static int nsm;
+    if (!nsm) {
+        int dev = 0;
+        GPU_CHECK(cudaGetDevice(&dev));
+        GPU_CHECK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
+    }
     if (g->epi == GPU_MOE_EPI_SWIGLU && !g->b_kn)
-        s_launch<GPU_MOE_EPI_SWIGLU, 0>(g, st);
+        s_launch<GPU_MOE_EPI_SWIGLU, 0>(g, nsm, st);
     else if (g->epi == GPU_MOE_EPI_DSWIGLU && g->b_kn)
-        s_launch<GPU_MOE_EPI_DSWIGLU, 1>(g, st);
+        s_launch<GPU_MOE_EPI_DSWIGLU, 1>(g, nsm, st);
     else if (g->epi == GPU_MOE_EPI_PLAIN)
-        g->b_kn ? s_launch<GPU_MOE_EPI_PLAIN, 1>(g, st)
-                : s_launch<GPU_MOE_EPI_PLAIN, 0>(g, st);
+        g->b_kn ? s_launch<GPU_MOE_EPI_PLAIN, 1>(g, nsm, st)
+                : s_launch<GPU_MOE_EPI_PLAIN, 0>(g, nsm, st);
     else {
         fprintf(stderr, "semoe gpu_moe_gemm: epilogue %d with B %s is not built\n", (int)g->epi,
                 g->b_kn ? "(K, N)" : "(N, K)");
