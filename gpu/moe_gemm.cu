@@ -23,32 +23,21 @@ typedef __nv_bfloat16 bf16;
 
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, MAX_E = 256;
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, MAX_E = 256;
 constexpr int THREADS = 384;                     /* warpgroup 0 loads, 1 and 2 compute */
 constexpr int CONSUMER_WARPS = 8;
 constexpr uint32_t A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
 constexpr int OUT_PITCH = 144; /* bytes per staged output row: 64 bf16 and 16 against conflicts */
-constexpr int BOX_BYTES = BM * 64 * 2; /* an output box: 128 rows of 64 columns, 16 KiB */
 
-/* Shared memory: ST stages of A and B, then OUTB bytes of output staging: four output boxes
- * for the TMA-store epilogue (ASYNC) or each consumer warp's 16 rows for the direct one. */
-template <int ST, int OUTB> struct smem_t {
-    bf16 a[ST][BM * BK]; /* 16 KiB a stage, 1024-byte aligned as the swizzle needs */
-    bf16 b[ST][BN * BK]; /* 32 KiB: rows 0-127 one TMA box, 128-255 another */
-    uint8_t out[OUTB];   /* 1024-byte aligned as well (the stages are multiples) */
-    uint64_t full[ST], empty[ST];
+struct smem_t {
+    bf16 a[STAGES][BM * BK]; /* 16 KiB a stage, 1024-byte aligned as the swizzle needs */
+    bf16 b[STAGES][BN * BK]; /* 32 KiB: rows 0-127 one TMA box, 128-255 another */
+    uint64_t full[STAGES], empty[STAGES];
     int tile0[MAX_E + 1]; /* each expert's first tile; [E]: the total */
     int row0[MAX_E + 1];  /* each expert's first row; [E]: all rows */
+    alignas(16) uint8_t out[CONSUMER_WARPS][16 * OUT_PITCH]; /* each consumer warp's staging */
 };
-
-/* The two shapes of a CTA: the TMA-store epilogue needs a 64 KiB staging tile, which leaves
- * room for 3 stages; the direct epilogue keeps 4. */
-template <bool ASYNC> struct layout_t {
-    static constexpr int ST = ASYNC ? 3 : 4;
-    static constexpr int OUTB = ASYNC ? 4 * BOX_BYTES : CONSUMER_WARPS * 16 * OUT_PITCH;
-    typedef smem_t<ST, OUTB> smem;
-    static constexpr size_t BYTES = sizeof(smem) + 1024; /* + the slack to align it */
-};
+constexpr size_t SMEM_BYTES = sizeof(smem_t) + 1024; /* + the slack to align it */
 
 __device__ __forceinline__ uint32_t s_addr(const void *p)
 {
@@ -248,57 +237,6 @@ __device__ __forceinline__ void s_dswiglu_slice(uint8_t *buf, const uint32_t (&w
     __syncwarp(); /* the staging rows are free for the next slice */
 }
 
-/* The (c0 inner, c1 outer) box of map from src (a bulk group of this thread's). */
-__device__ __forceinline__ void s_tma_store(const CUtensorMap *map, int c0, int c1,
-                                            const void *src)
-{
-    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];"
-                 ::"l"((uint64_t)map), "r"(c0), "r"(c1), "r"(s_addr(src))
-                 : "memory");
-}
-
-__device__ __forceinline__ void s_tma_store_commit(void)
-{
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-}
-
-/* This thread's bulk stores have read their shared memory. */
-__device__ __forceinline__ void s_tma_store_read_wait(void)
-{
-    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-}
-
-/* This thread's shared-memory writes visible to the TMA (the async proxy). */
-__device__ __forceinline__ void s_proxy_fence(void)
-{
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-/* The two consumer warpgroups (256 threads) meet. */
-__device__ __forceinline__ void s_consumers_sync(void)
-{
-    asm volatile("bar.sync 1, 256;" ::: "memory");
-}
-
-/* A warp's 16 rows (from row rr of the tile) of accumulator columns 64*box .. 64*box+63, as
- * packed words w (s_store_slice's layout), into output box `box` of the staging tile: 128 rows
- * of 128 bytes in the 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8)), the layout a
- * TMA store of a 64 x 128 box reads. */
-__device__ __forceinline__ void s_stage_box(uint8_t *out, int box, int rr,
-                                            const uint32_t (&w)[8][2], int lane)
-{
-    const uint32_t base = s_addr(out + box * BOX_BYTES);
-    const int mi = lane / 8, row = rr + (mi & 1) * 8 + lane % 8;
-#pragma unroll
-    for (int j = 0; j < 8; j += 2) {
-        int cg = j + (mi >> 1);
-        uint32_t a = base + row * 128 + ((cg ^ (row & 7)) << 4);
-        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(a),
-                     "r"(w[j][0]), "r"(w[j][1]), "r"(w[j + 1][0]), "r"(w[j + 1][1])
-                     : "memory");
-    }
-}
-
 struct tile_t {
     int e, mt, nt;
 };
@@ -306,13 +244,12 @@ struct tile_t {
 /* Tile t's expert, row tile and column tile (ntiles column tiles per expert): group > 0 takes
  * `group` row tiles at a time across all column tiles (row tiles fastest), group < 0 -group
  * column tiles at a time across all row tiles (column tiles fastest). */
-__device__ __forceinline__ tile_t s_tile(const int *tile0, const int *row0, int ntiles, int group,
-                                         int t)
+__device__ __forceinline__ tile_t s_tile(const smem_t &s, int ntiles, int group, int t)
 {
     int e = 0;
-    while (tile0[e + 1] <= t)
+    while (s.tile0[e + 1] <= t)
         e++;
-    int lt = t - tile0[e], mtiles = (row0[e + 1] - row0[e] + BM - 1) / BM;
+    int lt = t - s.tile0[e], mtiles = (s.row0[e + 1] - s.row0[e] + BM - 1) / BM;
     if (group < 0) {
         int gs = -group, per = gs * mtiles, g = lt / per, r = lt % per;
         int gn = min(gs, ntiles - g * gs);
@@ -324,23 +261,15 @@ __device__ __forceinline__ tile_t s_tile(const int *tile0, const int *row0, int 
 }
 
 /* C = A B_e^T per expert, epilogue EPI (gpu_moe_epi_t), B_e stored (N, K) (BKN 0) or (K, N)
- * (BKN 1). N is the GEMM's own width: for SWIGLU 2f ([a | b]), for DSWIGLU f (dg). ASYNC
- * (PLAIN and SWIGLU): a tile whose 128 rows are all its expert's goes out by TMA stores from
- * the staging tile (tma_c: C, tma_g: G, 64 x 128 boxes), so that the consumers return to the
- * tensor cores after writing shared memory; partial tiles, and every tile without ASYNC, go
- * through each warp's rows with masked 16-byte stores. */
-template <int EPI, int BKN, bool ASYNC>
+ * (BKN 1). N is the GEMM's own width: for SWIGLU 2f ([a | b]), for DSWIGLU f (dg). */
+template <int EPI, int BKN>
 __global__ void __launch_bounds__(THREADS, 1)
     s_gemm_kernel(const __grid_constant__ CUtensorMap tma_a,
-                  const __grid_constant__ CUtensorMap tma_b,
-                  const __grid_constant__ CUtensorMap tma_c,
-                  const __grid_constant__ CUtensorMap tma_g, const int32_t *counts, int E, int N,
+                  const __grid_constant__ CUtensorMap tma_b, const int32_t *counts, int E, int N,
                   int K, bf16 *C, bf16 *G, const bf16 *AB, int group)
 {
-    typedef layout_t<ASYNC> L;
-    constexpr int STAGES = L::ST;
     extern __shared__ uint8_t s_raw[];
-    typename L::smem &s = *(typename L::smem *)(((uintptr_t)s_raw + 1023) & ~(uintptr_t)1023);
+    smem_t &s = *(smem_t *)(((uintptr_t)s_raw + 1023) & ~(uintptr_t)1023);
     const int ntiles = N / BN, ksteps = K / BK;
 
     if (threadIdx.x == 0) {
@@ -370,7 +299,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         int st = 0;
         uint32_t ph = 0;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
-            tile_t tl = s_tile(s.tile0, s.row0, ntiles, group, t);
+            tile_t tl = s_tile(s, ntiles, group, t);
             int arow = s.row0[tl.e] + tl.mt * BM;
             /* B rows (BKN 0): 256 of the expert's N, or for SwiGLU 128 of W1's and W3's */
             int b0 = tl.e * N + tl.nt * (EPI == GPU_MOE_EPI_SWIGLU ? BN / 2 : BN);
@@ -407,7 +336,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     int st = 0;
     uint32_t ph = 0;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        tile_t tl = s_tile(s.tile0, s.row0, ntiles, group, t);
+        tile_t tl = s_tile(s, ntiles, group, t);
         int prev = 0;
         for (int kt = 0; kt < ksteps; kt++) {
             s_bar_wait(&s.full[st], ph);
@@ -434,80 +363,14 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (lane == 0)
             s_bar_arrive(&s.empty[prev]);
 
-        const int nrows = s.row0[tl.e + 1] - s.row0[tl.e];
-        const int rr = cw * 64 + warp * 16; /* the warp's first row in the tile */
-        uint32_t w[8][2];
-        if constexpr (ASYNC) {
-            /* the previous tile's TMA stores have read the staging tile */
-            if (threadIdx.x == 128)
-                s_tma_store_read_wait();
-            s_consumers_sync();
-            if ((tl.mt + 1) * BM <= nrows) { /* the whole tile: TMA stores */
-            const int row = s.row0[tl.e] + tl.mt * BM;
-            /* [a | b] (SWIGLU: boxes 0-1 a, 2-3 b) or C's 256 columns */
-#pragma unroll
-            for (int box = 0; box < 4; box++) {
-#pragma unroll
-                for (int j = 0; j < 8; j++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        int i = 4 * (8 * box + j) + 2 * h;
-                        w[j][h] = s_pack(d[i], d[i + 1]);
-                    }
-                s_stage_box(s.out, box, rr, w, lane);
-            }
-            s_proxy_fence();
-            s_consumers_sync();
-            if (threadIdx.x == 128) {
-                if (EPI == GPU_MOE_EPI_SWIGLU) {
-                    const int c0 = tl.nt * (BN / 2), f = N / 2;
-                    s_tma_store(&tma_c, c0, row, s.out);
-                    s_tma_store(&tma_c, c0 + 64, row, s.out + BOX_BYTES);
-                    s_tma_store(&tma_c, f + c0, row, s.out + 2 * BOX_BYTES);
-                    s_tma_store(&tma_c, f + c0 + 64, row, s.out + 3 * BOX_BYTES);
-                } else {
-#pragma unroll
-                    for (int box = 0; box < 4; box++)
-                        s_tma_store(&tma_c, tl.nt * BN + 64 * box, row, s.out + box * BOX_BYTES);
-                }
-                s_tma_store_commit();
-            }
-            if (EPI == GPU_MOE_EPI_SWIGLU) { /* then g, from the same registers, boxes 0-1 */
-                if (threadIdx.x == 128)
-                    s_tma_store_read_wait();
-                s_consumers_sync();
-#pragma unroll
-                for (int box = 0; box < 2; box++) {
-#pragma unroll
-                    for (int j = 0; j < 8; j++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            int ia = 4 * (8 * box + j) + 2 * h, ib = ia + 64;
-                            float a0 = s_bf(d[ia]), a1 = s_bf(d[ia + 1]);
-                            float b0 = s_bf(d[ib]), b1 = s_bf(d[ib + 1]);
-                            w[j][h] = s_pack(s_silu_bf(a0) * b0, s_silu_bf(a1) * b1);
-                        }
-                    s_stage_box(s.out, box, rr, w, lane);
-                }
-                s_proxy_fence();
-                s_consumers_sync();
-                if (threadIdx.x == 128) {
-                    s_tma_store(&tma_g, tl.nt * (BN / 2), row, s.out);
-                    s_tma_store(&tma_g, tl.nt * (BN / 2) + 64, row, s.out + BOX_BYTES);
-                    s_tma_store_commit();
-                }
-            }
-            continue;
-            }
-        }
-
-        /* the direct epilogue, 64 columns at a time through the warp's staging rows */
-        const int wrow = tl.mt * BM + rr; /* the warp's first row in the expert */
-        const int left = nrows - wrow;
+        /* the epilogue, 64 columns at a time through the warp's staging rows */
+        const int wrow = tl.mt * BM + cw * 64 + warp * 16; /* the warp's first row */
+        const int left = s.row0[tl.e + 1] - s.row0[tl.e] - wrow;
         if (left <= 0)
             continue;
         const size_t grow = (size_t)s.row0[tl.e] + wrow;
-        uint8_t *buf = s.out + (cw * 4 + warp) * 16 * OUT_PITCH;
+        uint8_t *buf = s.out[cw * 4 + warp];
+        uint32_t w[8][2];
         if (EPI == GPU_MOE_EPI_SWIGLU) { /* accumulator columns 0-127 are a, 128-255 b */
             const int f = N / 2;
             bf16 *ca = C + grow * N + tl.nt * (BN / 2), *gg = G + grow * f + tl.nt * (BN / 2);
@@ -547,8 +410,6 @@ __global__ void __launch_bounds__(THREADS, 1)
             }
         }
     }
-    if (ASYNC && threadIdx.x == 128) /* the staging tile stays until the stores have read it */
-        s_tma_store_read_wait();
 }
 
 /* cuTensorMapEncodeTiled from the driver, found once through the runtime (no -lcuda). */
@@ -603,35 +464,18 @@ int s_group(void)
     return group;
 }
 
-template <int EPI, int BKN, bool ASYNC> void s_allow_smem(void)
+template <int EPI, int BKN> void s_allow_smem(void)
 {
-    GPU_CHECK(cudaFuncSetAttribute(s_gemm_kernel<EPI, BKN, ASYNC>,
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   (int)layout_t<ASYNC>::BYTES));
+    GPU_CHECK(cudaFuncSetAttribute(s_gemm_kernel<EPI, BKN>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)SMEM_BYTES));
 }
 
-/* The TMA-store epilogue unless SEMOE_MOE_GEMM_SYNC=1 (for measuring the direct one). */
-bool s_async(void)
-{
-    static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("SEMOE_MOE_GEMM_SYNC");
-        v = !(e && atoi(e) == 1);
-    }
-    return v != 0;
-}
-
-template <int EPI, int BKN, bool ASYNC>
-void s_launch(const gpu_moe_gemm_args_t *g, int nsm, cudaStream_t st)
+template <int EPI, int BKN> void s_launch(const gpu_moe_gemm_args_t *g, int nsm, cudaStream_t st)
 {
     CUtensorMap ma = s_map(g->A, g->mrows, g->K, BM);
-    CUtensorMap mb = BKN ? s_map(g->B, g->E * g->K, g->N, BK)
-                         : s_map(g->B, g->E * g->N, g->K, BN / 2);
-    /* the stores' maps: C (mrows, N) and G (mrows, N/2) in 64 x 128 boxes (unused: A's) */
-    CUtensorMap mc = ASYNC ? s_map(g->C, g->mrows, g->N, BM) : ma;
-    CUtensorMap mg = ASYNC && EPI == GPU_MOE_EPI_SWIGLU ? s_map(g->G, g->mrows, g->N / 2, BM) : ma;
-    s_gemm_kernel<EPI, BKN, ASYNC><<<nsm, THREADS, layout_t<ASYNC>::BYTES, st>>>(
-        ma, mb, mc, mg, g->counts, g->E, g->N, g->K, g->C, g->G, g->AB, s_group());
+    CUtensorMap mb = BKN ? s_map(g->B, g->E * g->K, g->N, BK) : s_map(g->B, g->E * g->N, g->K, BN / 2);
+    s_gemm_kernel<EPI, BKN><<<nsm, THREADS, SMEM_BYTES, st>>>(ma, mb, g->counts, g->E, g->N, g->K,
+                                                             g->C, g->G, g->AB, s_group());
     GPU_CHECK_LAUNCH();
 }
 
@@ -648,13 +492,10 @@ bool gpu_moe_gemm_ok(int N, int K)
         bool yes = cudaGetDeviceProperties(&pr, dev) == cudaSuccess && pr.major == 9 &&
                    pr.minor == 0 && s_encode_fn() != NULL;
         if (yes) {
-            s_allow_smem<GPU_MOE_EPI_PLAIN, 0, true>();
-            s_allow_smem<GPU_MOE_EPI_PLAIN, 1, true>();
-            s_allow_smem<GPU_MOE_EPI_SWIGLU, 0, true>();
-            s_allow_smem<GPU_MOE_EPI_PLAIN, 0, false>();
-            s_allow_smem<GPU_MOE_EPI_PLAIN, 1, false>();
-            s_allow_smem<GPU_MOE_EPI_SWIGLU, 0, false>();
-            s_allow_smem<GPU_MOE_EPI_DSWIGLU, 1, false>();
+            s_allow_smem<GPU_MOE_EPI_PLAIN, 0>();
+            s_allow_smem<GPU_MOE_EPI_PLAIN, 1>();
+            s_allow_smem<GPU_MOE_EPI_SWIGLU, 0>();
+            s_allow_smem<GPU_MOE_EPI_DSWIGLU, 1>();
         }
         ok_dev[dev] = yes ? 1 : -1;
     }
@@ -669,18 +510,13 @@ void gpu_moe_gemm(const gpu_moe_gemm_args_t *g, cudaStream_t st)
         GPU_CHECK(cudaGetDevice(&dev));
         GPU_CHECK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
     }
-    const bool as = s_async();
     if (g->epi == GPU_MOE_EPI_SWIGLU && !g->b_kn)
-        as ? s_launch<GPU_MOE_EPI_SWIGLU, 0, true>(g, nsm, st)
-           : s_launch<GPU_MOE_EPI_SWIGLU, 0, false>(g, nsm, st);
+        s_launch<GPU_MOE_EPI_SWIGLU, 0>(g, nsm, st);
     else if (g->epi == GPU_MOE_EPI_DSWIGLU && g->b_kn)
-        s_launch<GPU_MOE_EPI_DSWIGLU, 1, false>(g, nsm, st);
-    else if (g->epi == GPU_MOE_EPI_PLAIN && g->b_kn)
-        as ? s_launch<GPU_MOE_EPI_PLAIN, 1, true>(g, nsm, st)
-           : s_launch<GPU_MOE_EPI_PLAIN, 1, false>(g, nsm, st);
+        s_launch<GPU_MOE_EPI_DSWIGLU, 1>(g, nsm, st);
     else if (g->epi == GPU_MOE_EPI_PLAIN)
-        as ? s_launch<GPU_MOE_EPI_PLAIN, 0, true>(g, nsm, st)
-           : s_launch<GPU_MOE_EPI_PLAIN, 0, false>(g, nsm, st);
+        g->b_kn ? s_launch<GPU_MOE_EPI_PLAIN, 1>(g, nsm, st)
+                : s_launch<GPU_MOE_EPI_PLAIN, 0>(g, nsm, st);
     else {
         fprintf(stderr, "semoe gpu_moe_gemm: epilogue %d with B %s is not built\n", (int)g->epi,
                 g->b_kn ? "(K, N)" : "(N, K)");
