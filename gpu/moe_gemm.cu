@@ -153,13 +153,9 @@ __device__ __forceinline__ float s_silu_bf(float a)
     return s_bf(__fdividef(a, 1.0f + __expf(-a)));
 }
 
-/* A warp's 16 x 64 slice of bf16 output to dst (row pitch ld elements; rows from `left` on
- * skipped): w[j][h] holds the accumulator fragment's packed pair for columns 8j .. 8j+7 and
- * rows h*8 .. h*8+7 (row lane/4, columns 2(lane%4), +1). stmatrix puts the 16 rows into the
- * warp's staging buffer (OUT_PITCH bytes a row: conflict-free), from where each lane stores
- * 16-byte pieces, a warp covering 4 whole 128-byte rows per instruction. */
-__device__ __forceinline__ void s_store_slice(uint8_t *buf, const uint32_t (&w)[8][2], bf16 *dst,
-                                              int ld, int left, int lane)
+/* The warp's 16 x 64 slice w (s_store_slice's layout) into its staging rows (OUT_PITCH bytes
+ * a row: conflict-free), readable by the whole warp on return. */
+__device__ __forceinline__ void s_stage_rows(uint8_t *buf, const uint32_t (&w)[8][2], int lane)
 {
     const uint32_t base = s_addr(buf);
     const int mi = lane / 8, r = lane % 8;
@@ -171,6 +167,18 @@ __device__ __forceinline__ void s_store_slice(uint8_t *buf, const uint32_t (&w)[
                      : "memory");
     }
     __syncwarp();
+}
+
+/* A warp's 16 x 64 slice of bf16 output to dst (row pitch ld elements; rows from `left` on
+ * skipped): w[j][h] holds the accumulator fragment's packed pair for columns 8j .. 8j+7 and
+ * rows h*8 .. h*8+7 (row lane/4, columns 2(lane%4), +1). stmatrix puts the 16 rows into the
+ * warp's staging buffer (OUT_PITCH bytes a row: conflict-free), from where each lane stores
+ * 16-byte pieces, a warp covering 4 whole 128-byte rows per instruction. */
+__device__ __forceinline__ void s_store_slice(uint8_t *buf, const uint32_t (&w)[8][2], bf16 *dst,
+                                              int ld, int left, int lane)
+{
+    const int r = lane % 8;
+    s_stage_rows(buf, w, lane);
 #pragma unroll
     for (int q = 0; q < 4; q++) {
         int row = lane / 8 + 4 * q;
@@ -189,16 +197,8 @@ __device__ __forceinline__ void s_dswiglu_slice(uint8_t *buf, const uint32_t (&w
                                                 const bf16 *ab, bf16 *dab, int f, int left,
                                                 int lane)
 {
-    const uint32_t base = s_addr(buf);
-    const int mi = lane / 8, r = lane % 8;
-#pragma unroll
-    for (int j = 0; j < 8; j += 2) {
-        uint32_t a = base + ((mi & 1) * 8 + r) * OUT_PITCH + (j + (mi >> 1)) * 16;
-        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(a),
-                     "r"(w[j][0]), "r"(w[j][1]), "r"(w[j + 1][0]), "r"(w[j + 1][1])
-                     : "memory");
-    }
-    __syncwarp();
+    const int r = lane % 8;
+    s_stage_rows(buf, w, lane);
 #pragma unroll
     for (int q0 = 0; q0 < 4; q0 += 2) { /* two rows' loads in flight per lane at a time */
         uint4 vg[2], va[2], vb[2];
