@@ -6,9 +6,13 @@ and the FLOPs per SM per clock (the rate's share of the tensor cores' per-clock 
 dense bf16 FLOP/clk/SM on Hopper). It tells whether a sustained GEMM load keeps the clock
 where a short benchmark sees it: the MoE layer's GEMMs (bench/gpu-moe-ab.sh) run at
 1650-1770 MHz.
-    python3 bench/dense_sustained.py [--n 8192] [--seconds 6] [--window 0.5]
+    python3 bench/dense_sustained.py [--n 8192] [--seconds 6] [--window 0.5] [--json FILE]
+--json writes {"impl": "dense_sustained", "n", "tflops" (the median window after the first),
+"mhz", "watts"} to FILE.
 """
 import argparse
+import json
+import statistics
 import subprocess
 import time
 
@@ -20,6 +24,7 @@ def main():
     ap.add_argument('--n', type=int, default=8192)
     ap.add_argument('--seconds', type=float, default=6.0)
     ap.add_argument('--window', type=float, default=0.5)
+    ap.add_argument('--json')
     a = ap.parse_args()
     n = a.n
     x = torch.randn(n, n, device='cuda', dtype=torch.bfloat16)
@@ -50,13 +55,22 @@ def main():
     # nvidia-smi's samples are spread evenly over the run; give each window its share
     per = max(1, len(samples) // max(1, len(windows)))
     print(f'{torch.cuda.get_device_name(0)}, {nsm} SMs, bf16 {n}^3, torch {torch.__version__}')
+    rows = []
     for i, (t0, t1, tf) in enumerate(windows):
         chunk = samples[i * per:(i + 1) * per] or samples[-1:]
         mhz = sum(float(c[0]) for c in chunk) / len(chunk)
         watt = sum(float(c[1]) for c in chunk) / len(chunk)
         eff = tf * 1e12 / (nsm * mhz * 1e6)
+        rows.append((tf, mhz, watt))
         print(f'window {i:2d}: {tf:6.1f} TFLOP/s  sm {mhz:5.0f} MHz  {watt:4.0f} W  '
               f'{eff:5.0f} FLOP/clk/SM ({100 * eff / 4096:.1f}% of 4096)')
+    if a.json:
+        held = rows[1:] or rows  # the first window is the ramp up to the power cap
+        with open(a.json, 'w') as f:
+            json.dump({'impl': 'dense_sustained', 'n': n,
+                       'tflops': round(statistics.median(r[0] for r in held), 1),
+                       'mhz': round(statistics.median(r[1] for r in held)),
+                       'watts': round(statistics.median(r[2] for r in held))}, f)
 
 
 if __name__ == '__main__':
