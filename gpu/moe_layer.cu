@@ -387,19 +387,19 @@ static bool s_fused_ok(const gpu_moe_t *m)
     return gpu_moe_gemm_ok(2 * m->f, m->d) && gpu_moe_gemm_ok(m->d, m->f);
 }
 
-/* Which GEMMs GPU_MOE_GEMM_FUSED puts on our kernel (each where the shape allows), and whether
- * dh runs beside dW13: all of them, or the bits of SEMOE_MOE_OWN (for measuring the mixes;
+/* Whether GEMM `which` of this call runs on our kernel: on GPU_MOE_GEMM_FUSED, each where the
+ * shape allows, all of them or the bits of SEMOE_MOE_OWN (for measuring the mixes;
  * bench/gpu-moe-ab.sh). */
-enum { S_OWN_W13 = 1, S_OWN_W2 = 2, S_OWN_DG = 4, S_OWN_DH = 8, S_OWN_OVERLAP = 16 };
+enum { S_OWN_W13 = 1, S_OWN_W2 = 2, S_OWN_DG = 4, S_OWN_DH = 8 };
 
 static bool s_own(const gpu_moe_t *m, int which)
 {
     static int mask = -1;
     if (mask < 0) {
         const char *v = getenv("SEMOE_MOE_OWN");
-        mask = v ? atoi(v) & 31 : S_OWN_W13 | S_OWN_W2 | S_OWN_DG | S_OWN_DH;
+        mask = v ? atoi(v) & 15 : S_OWN_W13 | S_OWN_W2 | S_OWN_DG | S_OWN_DH;
     }
-    if (!(mask & which))
+    if (m->gemm != GPU_MOE_GEMM_FUSED || !(mask & which))
         return false;
     switch (which) { /* N and K of each (gpu/moe_gemm.h) */
     case S_OWN_W13:
@@ -408,10 +408,8 @@ static bool s_own(const gpu_moe_t *m, int which)
         return gpu_moe_gemm_ok(m->d, m->f);
     case S_OWN_DG:
         return gpu_moe_gemm_ok(m->f, m->d);
-    case S_OWN_DH:
+    default: /* S_OWN_DH */
         return gpu_moe_gemm_ok(m->d, 2 * m->f);
-    default:
-        return true;
     }
 }
 
@@ -585,7 +583,11 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         o += (size_t)n;
     }
     s_stage(m, P_W13, 2, sc->ev_fwd);
-    if (m->gemm == GPU_MOE_GEMM_FUSED) { /* each GEMM on our kernel where s_own says so */
+    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+        s_experts_fwd_streams(m);
+        s_mark(m, 3);
+        s_mark(m, 4);
+    } else { /* in order; on FUSED, each GEMM on our kernel where s_own says so */
         if (s_own(m, S_OWN_W13)) { /* SwiGLU inside the first GEMM */
             s_own_gemm(m, GPU_MOE_EPI_SWIGLU, m->h, d, w13, false, 2 * f, m->ab, sc->g, NULL);
             sc->g_owner = m;
@@ -600,16 +602,6 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
             s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->g, f, w2, false, d, m->y, NULL, NULL);
         else
             s_run(m, P_W2);
-    } else if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
-        s_experts_fwd_streams(m);
-        s_mark(m, 3);
-        s_mark(m, 4);
-    } else {
-        s_run(m, P_W13);
-        s_mark(m, 3);
-        s_swiglu(m);
-        s_mark(m, 4);
-        s_run(m, P_W2);
     }
     s_mark(m, 5);
     s_combine_kernel<<<T, s_row_threads(d), 0, st>>>((bf16 *)out_, out32, res32, m->y, m->pos,
@@ -683,11 +675,8 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         s_experts_bwd_streams(m);
         s_mark(m, 9);
         s_mark(m, 10);
-    } else if (m->gemm == GPU_MOE_GEMM_FUSED) {
-        /* dW2 (cuBLAS, reading g); dg = dy W2[e] with SwiGLU's backward in our epilogue (dg
-         * never stored, g kept) or cuBLAS and the kernel; dW13 (cuBLAS) and dh = [da | db]
-         * W13[e], ours first and cuBLAS's dW13 beside it on the second stream when s_own
-         * says so (its CTAs fill the SMs ours leaves at its tail) */
+    } else { /* in order; on FUSED, dg (with SwiGLU's backward in our epilogue: dg never stored,
+              * g kept) and dh on our kernel where s_own says so */
         s_run(m, P_DW2);
         if (s_own(m, S_OWN_DG)) {
             s_own_gemm(m, GPU_MOE_EPI_DSWIGLU, sc->dy, d, w2, true, f, sc->dab, NULL, m->ab);
@@ -699,34 +688,12 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
             sc->g_owner = NULL; /* g now holds dg */
         }
         s_mark(m, 10);
-        if (s_own(m, S_OWN_DH) && s_own(m, S_OWN_OVERLAP)) {
-            s_fork(sc);
-            s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->dab, 2 * f, w13, true, d, sc->dh, NULL, NULL);
-            s_run_loop(sc->blas2, &q[P_DW13], 0, 1);
-            s_run_loop(sc->blas2, &q[P_DW3], 0, 1);
-            s_join(sc);
-        } else {
-            s_run(m, P_DW13);
-            s_run(m, P_DW3);
-            if (s_own(m, S_OWN_DH))
-                s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->dab, 2 * f, w13, true, d, sc->dh, NULL,
-                           NULL);
-            else
-                s_run(m, P_DH);
-        }
-    } else {
-        s_run(m, P_DW2);
-        s_run(m, P_DG);
-        s_mark(m, 9);
-        size_t n8 = (size_t)m->M * f / S_VEC;
-        s_swiglu_bwd_kernel<<<s_grid(n8, 256), 256, 0, st>>>(sc->dab, dg, m->ab, n8,
-                                                             f / S_VEC);
-        GPU_CHECK_LAUNCH();
-        sc->g_owner = NULL; /* g now holds dg */
-        s_mark(m, 10);
         s_run(m, P_DW13);
         s_run(m, P_DW3);
-        s_run(m, P_DH);
+        if (s_own(m, S_OWN_DH))
+            s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->dab, 2 * f, w13, true, d, sc->dh, NULL, NULL);
+        else
+            s_run(m, P_DH);
     }
     s_mark(m, 11);
 
