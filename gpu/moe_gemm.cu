@@ -2,7 +2,8 @@
  * A CTA (384 threads, one per SM, persistent) computes 128 x 256 output tiles: rows of one
  * expert's tokens by 256 columns of its weights (for SwiGLU: 128 columns of W1 and the same 128
  * of W3, so that a and b of one element land in one thread). Warpgroup 0 is the producer: one
- * thread issues the TMA loads of A (128 x 64) and B (2 x 128 x 64) per 64-wide K step into a
+ * thread issues the TMA loads of A (128 x 64) and B (256 x 64: two 128-row boxes, or four
+ * 64 x 64 boxes along N when B is stored (K, N)) per 64-wide K step into a
  * 4-stage ring (128-byte swizzle, the layout wgmma reads), an mbarrier per stage saying full
  * (TMA bytes arrived) and one saying empty (the 8 consumer warps are done with it).
  * Warpgroups 1 and 2 each own 64 of the 128 rows: per stage four wgmma m64n256k16 on shared
