@@ -1,11 +1,12 @@
 #!/bin/bash
 # A/B of the MoE layer's GEMM paths on one shape, alternating so that the GPU's thermal and
-# power state falls on all alike: ROUNDS rounds of bench_moe_layer --gemm loop, then --gemm
-# fused under each of VARIANTS (comma-separated environment settings: SEMOE_MOE_OWN, the
-# GEMMs on our kernel, gpu/moe_layer.cu; SEMOE_MOE_GEMM_GROUP, its tile order,
-# gpu/moe_gemm.cu), with the SM clock and board power sampled every 100 ms beside it. From the
-# repo root on the GPU machine, after a release build in $BUILD (default build-rel):
-#   SHAPE=mixtral ROUNDS=3 VARIANTS="SEMOE_MOE_OWN=15 SEMOE_MOE_OWN=1,SEMOE_MOE_GEMM_GROUP=8" \
+# power state falls on all alike: ROUNDS rounds of bench_moe_layer under each of VARIANTS, each
+# a path (loop, streams, fused) and comma-separated environment settings after it (e.g.
+# SEMOE_GEMM_TUNE=0: cublasGemmEx's own algorithms, gpu/gemm_tuned.h; SEMOE_MOE_OWN, the GEMMs
+# on our kernel, gpu/moe_layer.cu; SEMOE_MOE_GEMM_GROUP, its tile order, gpu/moe_gemm.cu), with
+# the SM clock and board power sampled every 100 ms beside it. From the repo root on the GPU
+# machine, after a release build in $BUILD (default build-rel):
+#   SHAPE=mixtral ROUNDS=3 VARIANTS="loop,SEMOE_GEMM_TUNE=0 loop fused,SEMOE_MOE_OWN=1" \
 #     bash bench/gpu-moe-ab.sh
 # Prints one line per run (path, group, ms, tok/s) and the per-path medians; the clock log goes
 # to $OUT/clocks.csv with its summary printed per run.
@@ -23,7 +24,7 @@ trap 'kill $smi 2>/dev/null' EXIT
 one() { # path variant
   local from=$(wc -l <"$out/clocks.csv")
   local line
-  line=$(env ${2//,/ } timeout 120 "$BUILD/bench/bench_moe_layer" --gemm "$1" \
+  line=$(env SEMOE_AB=1 ${2//,/ } timeout 120 "$BUILD/bench/bench_moe_layer" --gemm "$1" \
     --shapes "$SHAPE" | grep '"impl": "semoe"')
   local clk
   clk=$(tail -n +$((from + 1)) "$out/clocks.csv" | awk -F', ' '{gsub(/ MHz/,"",$2); gsub(/ W/,"",$3);
@@ -36,8 +37,11 @@ print(f"{sys.argv[2]:6} {sys.argv[3]:40}  {ms:.3f} ms  {tok:.0f} tok/s  {pct}% d
       + sys.argv[4])' "$line" "$1" "$2" "$clk" | tee -a "$out/ab.txt"
 }
 for ((r = 1; r <= ${ROUNDS:-3}; r++)); do
-  one loop SEMOE_AB=cublas
-  for v in ${VARIANTS:-SEMOE_MOE_OWN=15}; do one fused "$v"; done
+  for v in ${VARIANTS:-loop,SEMOE_GEMM_TUNE=0 loop}; do
+    p=${v%%,*}
+    [[ $v == *,* ]] && e=${v#*,} || e=SEMOE_AB=1
+    one "$p" "$e"
+  done
 done
 python3 - "$out/ab.txt" <<'PY'
 import collections, statistics, sys
