@@ -53,6 +53,7 @@ struct desc_t {
 pthread_mutex_t s_lock = PTHREAD_MUTEX_INITIALIZER;
 entry_t s_cache[MAX_SHAPES];
 int s_ncache, s_nshapes, s_npicks;
+int s_on = -1; /* tuning: -1 from SEMOE_GEMM_TUNE on first use */
 double s_saved_ms;
 
 /* x rounded up to a multiple of 1/16 of the power of two at or above it (at least 64). */
@@ -328,11 +329,10 @@ void gpu_lt_gemm(gpu_lt_t *lt, cublasOperation_t ta, cublasOperation_t tb, int m
                  const void *A, int lda, const void *B, int ldb, float beta, void *C,
                  cudaDataType_t ct, int ldc)
 {
-    static int on = -1;
-    if (on < 0)
-        on = s_env("SEMOE_GEMM_TUNE", true);
+    if (s_on < 0)
+        s_on = s_env("SEMOE_GEMM_TUNE", true);
     const call_t c = {ta, tb, m, n, k, A, lda, B, ldb, beta, C, ct, ldc};
-    const entry_t *e = on && m > 0 && n > 0 && k > 0 ? s_entry(lt, &c) : NULL;
+    const entry_t *e = s_on && m > 0 && n > 0 && k > 0 ? s_entry(lt, &c) : NULL;
     if (e && e->lt) {
         desc_t d;
         if (s_desc(&d, &c)) {
@@ -354,6 +354,8 @@ extern "C" void gpu_lt_gemm_c(char ta, char tb, int m, int n, int k, const uint1
                 tb == 'T' ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k, A, lda, B, ldb, beta, C,
                 c32 ? CUDA_R_32F : CUDA_R_16BF, ldc);
 }
+
+extern "C" void gpu_lt_set_tuning(int on) { s_on = on != 0; }
 
 extern "C" void gpu_lt_stats(int *shapes, int *lt_picks, double *saved_ms)
 {

@@ -48,6 +48,10 @@ extern "C" {
 void gpu_lt_gemm_c(char ta, char tb, int m, int n, int k, const uint16_t *A, int lda,
                    const uint16_t *B, int ldb, float beta, void *C, int c32, int ldc);
 
+/* Tuning on (1) or off (0: cublasGemmEx, the cache kept) from now on, over SEMOE_GEMM_TUNE;
+ * for measuring the two side by side in one process. */
+void gpu_lt_set_tuning(int on);
+
 /* How many shapes this process has measured, how many of them took a cuBLASLt algorithm over
  * cublasGemmEx's, and the sum over those of the time saved per run (ms), for tests and logs. */
 void gpu_lt_stats(int *shapes, int *lt_picks, double *saved_ms);
