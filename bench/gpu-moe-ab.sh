@@ -2,11 +2,11 @@
 # A/B of the MoE layer's GEMM paths on one shape, alternating so that the GPU's thermal and
 # power state falls on all alike: ROUNDS rounds of bench_moe_layer under each of VARIANTS, each
 # a path (loop, streams, fused) and comma-separated environment settings after it (e.g.
-# SEMOE_GEMM_TUNE=0: cublasGemmEx's own algorithms, gpu/gemm_tuned.h; SEMOE_MOE_OWN, the GEMMs
-# on our kernel, gpu/moe_layer.cu; SEMOE_MOE_GEMM_GROUP, its tile order, gpu/moe_gemm.cu), with
+# SEMOE_MOE_OWN, the GEMMs on our kernel, gpu/moe_layer.cu; SEMOE_MOE_GEMM_GROUP, its tile
+# order, gpu/moe_gemm.cu), with
 # the SM clock and board power sampled every 100 ms beside it. From the repo root on the GPU
 # machine, after a release build in $BUILD (default build-rel):
-#   SHAPE=mixtral ROUNDS=3 VARIANTS="loop,SEMOE_GEMM_TUNE=0 loop fused,SEMOE_MOE_OWN=1" \
+#   SHAPE=mixtral ROUNDS=3 VARIANTS="loop fused fused,SEMOE_MOE_OWN=1,SEMOE_MOE_GEMM_GROUP=8" \
 #     bash bench/gpu-moe-ab.sh
 # Prints one line per run (path, group, ms, tok/s) and the per-path medians; the clock log goes
 # to $OUT/clocks.csv with its summary printed per run.
@@ -37,7 +37,7 @@ print(f"{sys.argv[2]:6} {sys.argv[3]:40}  {ms:.3f} ms  {tok:.0f} tok/s  {pct}% d
       + sys.argv[4])' "$line" "$1" "$2" "$clk" | tee -a "$out/ab.txt"
 }
 for ((r = 1; r <= ${ROUNDS:-3}; r++)); do
-  for v in ${VARIANTS:-loop,SEMOE_GEMM_TUNE=0 loop}; do
+  for v in ${VARIANTS:-loop fused}; do
     p=${v%%,*}
     [[ $v == *,* ]] && e=${v#*,} || e=SEMOE_AB=1
     one "$p" "$e"

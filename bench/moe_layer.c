@@ -2,7 +2,6 @@
  * shapes of ../shared/peers/moe_layer_torch.py with its inputs, loss and timing, against a dense
  * cuBLAS bf16 GEMM measured in the same run; --dump writes a small shape's inputs, output and
  * gradients for bench/moe_check.py. bench/README.md says what it measures. */
-#include "gpu/gemm_tuned.h"
 #include "gpu/moe_layer.h"
 #include "gpu/ops.h"
 
@@ -114,42 +113,6 @@ static int s_cmp_float(const void *a, const void *b)
 static float s_median_ms(s_layer_t *L)
 {
     return gpu_moe_median_ms(s_step, L, S_WARM, S_ITERS);
-}
-
-#define S_AB_PAIRS 6
-#define S_AB_ITERS 5
-
-/* --ab-tune: the path's step with the GEMM algorithms measured per shape (gpu/gemm_tuned.h)
- * and with cublasGemmEx's own, alternating in this one process (S_AB_PAIRS pairs of medians
- * over S_AB_ITERS steps, off first), so that the GPU's clock and temperature fall on both
- * alike, and the tuning's own runs, done before, on neither. One JSON line. */
-static void s_ab_tune(s_layer_t *L, const s_shape_t *sh, const char *path, FILE *jf)
-{
-    float off[S_AB_PAIRS], on[S_AB_PAIRS], so[S_AB_PAIRS], sn[S_AB_PAIRS];
-    gpu_lt_set_tuning(1);
-    gpu_moe_median_ms(s_step, L, S_WARM, 1); /* every bucket measured */
-    for (int r = 0; r < S_AB_PAIRS; r++) {
-        gpu_lt_set_tuning(0);
-        off[r] = so[r] = gpu_moe_median_ms(s_step, L, 1, S_AB_ITERS);
-        gpu_lt_set_tuning(1);
-        on[r] = sn[r] = gpu_moe_median_ms(s_step, L, 1, S_AB_ITERS);
-    }
-    qsort(so, S_AB_PAIRS, sizeof(float), s_cmp_float);
-    qsort(sn, S_AB_PAIRS, sizeof(float), s_cmp_float);
-    float mo = (so[S_AB_PAIRS / 2 - 1] + so[S_AB_PAIRS / 2]) / 2,
-          mn = (sn[S_AB_PAIRS / 2 - 1] + sn[S_AB_PAIRS / 2]) / 2;
-    char line[1024];
-    int n = snprintf(line, sizeof line, "{\"impl\": \"semoe_ab_tune\", \"gemm\": \"%s\", "
-                     "\"shape\": \"%s\", \"off_ms\": %.3f, \"on_ms\": %.3f, "
-                     "\"speedup\": %.4f, \"pairs\": [", path, sh->name, mo, mn, mo / mn);
-    for (int r = 0; r < S_AB_PAIRS && n < (int)sizeof line - 32; r++)
-        n += snprintf(line + n, sizeof line - n, "%s[%.3f, %.3f]", r ? ", " : "", off[r],
-                      on[r]);
-    snprintf(line + n, sizeof line - n, "]}");
-    puts(line);
-    if (jf)
-        fprintf(jf, "%s\n", line);
-    fflush(stdout);
 }
 
 static const char *s_gemm_name(gpu_moe_gemm_t g)
@@ -278,17 +241,17 @@ static void s_usage(void)
 {
     fprintf(stderr, "usage: bench_moe_layer [--json FILE] [--dump DIR] "
                     "[--gemm grouped|loop|streams|fused|all]"
-                    " [--shapes all|mixtral|deepseek|small] [--phases] [--ab-tune]\n");
+                    " [--shapes all|mixtral|deepseek|small] [--phases]\n");
 }
 
 int main(int argc, char **argv)
 {
     const char *json = NULL, *dump = NULL, *gemm = "all", *shapes = "all";
-    int phases = 0, ab_tune = 0;
+    int phases = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "--phases") || !strcmp(a, "--ab-tune")) {
-            *(a[2] == 'p' ? &phases : &ab_tune) = 1;
+        if (!strcmp(a, "--phases")) {
+            phases = 1;
             continue;
         }
         const char **dst = !strcmp(a, "--json")     ? &json
@@ -367,8 +330,6 @@ int main(int argc, char **argv)
             fflush(stdout);
             if (phases)
                 s_phases(&L, sh, used, jf);
-            if (ab_tune)
-                s_ab_tune(&L, sh, s_gemm_name(used), jf);
         }
         s_layer_free(&L);
     }

@@ -5,7 +5,6 @@
 #include "gpu/graph_bf16.h"
 #include "gpu/bf16_ops.h"
 #include "gpu/cublas.h"
-#include "gpu/gemm_tuned.h"
 #include "gpu/flash_attn.h"
 #include "gpu/moe_layer.h"
 #include "gpu/ops.h"
@@ -369,12 +368,14 @@ extern "C" const char *gpu_graph_bf16_kind(int kind)
 /* ---------------------------------------------------------------------- the pass */
 
 /* C (m, n) column-major = op(A) op(B), bf16 A and B, fp32 accumulation; C bf16 (beta 0) or,
- * with c32, fp32 accumulated (beta 1); the algorithm measured per shape (gpu/gemm_tuned.h). */
+ * with c32, fp32 accumulated (beta 1). */
 static void s_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                    const void *A, int lda, const void *B, int ldb, void *C, int ldc, int c32)
 {
-    gpu_lt_gemm(gpu_lt_thread(), ta, tb, m, n, k, A, lda, B, ldb, c32 ? 1.0f : 0.0f, C,
-                c32 ? CUDA_R_32F : CUDA_R_16BF, ldc);
+    const float alpha = 1.0f, beta = c32 ? 1.0f : 0.0f;
+    GPU_CUBLAS(cublasGemmEx(gpu_cublas(), ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B,
+                            CUDA_R_16BF, ldb, &beta, C, c32 ? CUDA_R_32F : CUDA_R_16BF, ldc,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 /* y (N, out) = x (N, in) W^T, W (out, in) row-major: bf16 y, or fp32 y += with c32. */

@@ -4,7 +4,6 @@
 #include "gpu/moe_layer.h"
 #include "gpu/moe_kernels.cuh"
 #include "gpu/moe_gemm.h"
-#include "gpu/gemm_tuned.h"
 #include "gpu/cublas.h"
 #include "gpu/ops.h"
 #include "gpu/stream.h"
@@ -53,13 +52,11 @@ typedef struct {
     void **hptr;    // same, pinned host staging
     const gpu_moe_t *g_owner;
     cublasHandle_t blas;
-    gpu_lt_t *lt; /* the GEMMs on blas's stream, through gpu/gemm_tuned.h */
     cudaEvent_t ev_fwd, ev_bwd; /* after each staging copy: the host may rewrite it */
     /* GPU_MOE_GEMM_STREAMS: a second stream with its own cuBLAS handle (and workspace), and
      * the events that fork it from the layer's stream and join it back */
     cudaStream_t side;
     cublasHandle_t blas2;
-    gpu_lt_t *lt2;
     cudaEvent_t fork, join;
 } s_scratch_t;
 
@@ -88,12 +85,22 @@ struct gpu_moe {
 
 /* ---------------------------------------------------------------------- GEMMs */
 
-/* Problems first, first + step, ... of p on lt's stream. */
-static void s_run_loop(gpu_lt_t *lt, const s_problem_t *p, int first, int step)
+/* Plain GEMM in column-major terms, bf16 A and B, fp32 compute, C of type ct. */
+static void s_gemm(cublasHandle_t hb, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
+                   int k, const void *A, int lda, const void *B, int ldb, float beta, void *C,
+                   cudaDataType_t ct, int ldc)
+{
+    const float alpha = 1.0f;
+    GPU_CUBLAS(cublasGemmEx(hb, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF,
+                          ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+/* Problems first, first + step, ... of p on handle hb. */
+static void s_run_loop(cublasHandle_t hb, const s_problem_t *p, int first, int step)
 {
     for (int i = first; i < p->n; i += step)
-        gpu_lt_gemm(lt, p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->A[i], p->lda, p->B[i],
-                    p->ldb, p->beta, p->C[i], p->ct, p->ldc);
+        s_gemm(hb, p->ta, p->tb, p->m[i], p->nn[i], p->k[i], p->A[i], p->lda, p->B[i], p->ldb,
+               p->beta, p->C[i], p->ct, p->ldc);
 }
 
 /* Problem `slot`'s device pointer arrays are at dptr + slot*3E (A, B, C, E each), already
@@ -131,7 +138,7 @@ static void s_run(gpu_moe_t *m, int slot)
                 n, cublasGetStatusString(st));
         m->gemm = GPU_MOE_GEMM_LOOP;
     }
-    s_run_loop(m->sc->lt, p, 0, 1);
+    s_run_loop(m->sc->blas, p, 0, 1);
 }
 
 /* The stream fork and join of GPU_MOE_GEMM_STREAMS. */
@@ -147,10 +154,10 @@ static void s_join(s_scratch_t *sc)
     GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), sc->join, 0));
 }
 
-/* Problem i of p alone, on lt's stream. */
-static void s_run_one(gpu_lt_t *lt, const s_problem_t *p, int i)
+/* Problem i of p alone, on handle hb. */
+static void s_run_one(cublasHandle_t hb, const s_problem_t *p, int i)
 {
-    s_run_loop(lt, p, i, p->n);
+    s_run_loop(hb, p, i, p->n);
 }
 
 
@@ -270,8 +277,6 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
     GPU_CHECK(cudaStreamCreateWithFlags(&sc->side, cudaStreamNonBlocking));
     GPU_CUBLAS(cublasCreate(&sc->blas2));
     GPU_CUBLAS(cublasSetStream(sc->blas2, sc->side));
-    sc->lt = gpu_lt_new(sc->blas);
-    sc->lt2 = gpu_lt_new(sc->blas2);
     GPU_CHECK(cudaEventCreateWithFlags(&sc->fork, cudaEventDisableTiming));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->join, cudaEventDisableTiming));
     sc->refs = 1;
@@ -364,8 +369,6 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         cudaFreeHost(sc->hptr);
         cudaEventDestroy(sc->ev_fwd);
         cudaEventDestroy(sc->ev_bwd);
-        gpu_lt_destroy(&sc->lt);
-        gpu_lt_destroy(&sc->lt2);
         cublasDestroy(sc->blas);
         cublasDestroy(sc->blas2);
         cudaEventDestroy(sc->fork);
@@ -497,11 +500,11 @@ static void s_experts_fwd_streams(gpu_moe_t *m)
     const s_problem_t *p13 = &m->prob[P_W13], *p2 = &m->prob[P_W2];
     s_fork(sc);
     for (int i = 0; i < p13->n; i++) {
-        gpu_lt_t *lt = i & 1 ? sc->lt2 : sc->lt;
+        cublasHandle_t hb = i & 1 ? sc->blas2 : sc->blas;
         cudaStream_t s = i & 1 ? sc->side : gpu_stream();
-        s_run_one(lt, p13, i);
+        s_run_one(hb, p13, i);
         s_swiglu_rows(m, m->prow0[i], m->prows[i], s);
-        s_run_one(lt, p2, i);
+        s_run_one(hb, p2, i);
     }
     s_join(sc);
     sc->g_owner = m;
@@ -514,15 +517,15 @@ static void s_experts_bwd_streams(gpu_moe_t *m)
     const s_problem_t *q = m->prob;
     s_fork(sc);
     for (int i = 0; i < q[P_DW2].n; i++) {
-        gpu_lt_t *lt = i & 1 ? sc->lt2 : sc->lt;
+        cublasHandle_t hb = i & 1 ? sc->blas2 : sc->blas;
         cudaStream_t s = i & 1 ? sc->side : gpu_stream();
-        s_run_one(lt, &q[P_DW2], i);
-        s_run_one(lt, &q[P_DG], i);
+        s_run_one(hb, &q[P_DW2], i);
+        s_run_one(hb, &q[P_DG], i);
         s_swiglu_bwd_rows(m, m->prow0[i], m->prows[i], s);
-        s_run_one(lt, &q[P_DW13], i);
+        s_run_one(hb, &q[P_DW13], i);
         if (q[P_DW3].n)
-            s_run_one(lt, &q[P_DW3], i);
-        s_run_one(lt, &q[P_DH], i);
+            s_run_one(hb, &q[P_DW3], i);
+        s_run_one(hb, &q[P_DH], i);
     }
     s_join(sc);
     sc->g_owner = NULL; /* g now holds dg */
@@ -540,7 +543,7 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
     s_mark(m, 0);
     /* route: logits^T (E, T) = wg (E, d) x^T in cuBLAS's column-major view of the row-major
      * data (wg is stored as the column-major (d, E): transposed) */
-    gpu_lt_gemm(sc->lt, CUBLAS_OP_T, CUBLAS_OP_N, E, T, d, wg, d, x, d, 0.0f, m->logits,
+    s_gemm(sc->blas, CUBLAS_OP_T, CUBLAS_OP_N, E, T, d, wg, d, x, d, 0.0f, m->logits,
            CUDA_R_32F, E);
     s_route_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->probs, m->idx, m->wts, m->logits, w->bias,
                                                 m->round_logits, T, E, K);
@@ -701,9 +704,9 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
                                                     gr->daux, T, E, K);
     GPU_CHECK_LAUNCH();
     s_mark(m, 12);
-    gpu_lt_gemm(sc->lt, CUBLAS_OP_N, CUBLAS_OP_T, d, E, T, x, d, sc->dlog, E, f32 ? 1.0f : 0.0f,
+    s_gemm(sc->blas, CUBLAS_OP_N, CUBLAS_OP_T, d, E, T, x, d, sc->dlog, E, f32 ? 1.0f : 0.0f,
            gr->dwg, f32 ? CUDA_R_32F : CUDA_R_16BF, d);
-    gpu_lt_gemm(sc->lt, CUBLAS_OP_N, CUBLAS_OP_N, d, T, E, wg, d, sc->dlog, E, 0.0f, sc->dxr,
+    s_gemm(sc->blas, CUBLAS_OP_N, CUBLAS_OP_N, d, T, E, wg, d, sc->dlog, E, 0.0f, sc->dxr,
            CUDA_R_32F, d);
     s_mark(m, 13);
     s_dx_kernel<<<T, s_row_threads(d), 0, st>>>(dx, sc->dxr, sc->dh, m->pos, d, K);
