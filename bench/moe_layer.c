@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #define S_WARM 3
 #define S_ITERS 10
@@ -113,6 +114,39 @@ static int s_cmp_float(const void *a, const void *b)
 static float s_median_ms(s_layer_t *L)
 {
     return gpu_moe_median_ms(s_step, L, S_WARM, S_ITERS);
+}
+
+/* --hold S: steps back to back for S seconds after the timed ones (each timed alone, as
+ * gpu_moe_median_ms does), so that the GPU settles at what it sustains; the median over the
+ * second half, and the wall-clock window (Unix ms) for matching a clock and power log. */
+static void s_hold(s_layer_t *L, const s_shape_t *sh, const char *path, double seconds, FILE *jf)
+{
+    size_t cap = 4096, n = 0;
+    float *ts = malloc(cap * sizeof *ts);
+    if (!ts)
+        exit(1);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_REALTIME, &t0);
+    double el = 0.0, mid_ms = 0.0;
+    while (el < seconds && n < cap) {
+        ts[n++] = gpu_moe_time_ms(s_step, L);
+        clock_gettime(CLOCK_REALTIME, &t);
+        el = (double)(t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) * 1e-9;
+        if (!mid_ms && el >= seconds / 2)
+            mid_ms = t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+    }
+    size_t h = n / 2;
+    qsort(ts + h, n - h, sizeof(float), s_cmp_float);
+    char line[512];
+    snprintf(line, sizeof line, "{\"impl\": \"semoe_hold\", \"gemm\": \"%s\", \"shape\": \"%s\", "
+             "\"seconds\": %.1f, \"steps\": %zu, \"ms\": %.3f, \"from_unix_ms\": %.0f, "
+             "\"to_unix_ms\": %.0f}", path, sh->name, el, n, ts[h + (n - h) / 2], mid_ms,
+             t.tv_sec * 1e3 + t.tv_nsec * 1e-6);
+    puts(line);
+    if (jf)
+        fprintf(jf, "%s\n", line);
+    fflush(stdout);
+    free(ts);
 }
 
 static const char *s_gemm_name(gpu_moe_gemm_t g)
@@ -241,12 +275,12 @@ static void s_usage(void)
 {
     fprintf(stderr, "usage: bench_moe_layer [--json FILE] [--dump DIR] "
                     "[--gemm grouped|loop|streams|fused|all]"
-                    " [--shapes all|mixtral|deepseek|small] [--phases]\n");
+                    " [--shapes all|mixtral|deepseek|small] [--phases] [--hold SECONDS]\n");
 }
 
 int main(int argc, char **argv)
 {
-    const char *json = NULL, *dump = NULL, *gemm = "all", *shapes = "all";
+    const char *json = NULL, *dump = NULL, *gemm = "all", *shapes = "all", *hold = NULL;
     int phases = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -258,6 +292,7 @@ int main(int argc, char **argv)
                            : !strcmp(a, "--dump")   ? &dump
                            : !strcmp(a, "--gemm")   ? &gemm
                            : !strcmp(a, "--shapes") ? &shapes
+                           : !strcmp(a, "--hold")   ? &hold
                                                     : NULL;
         if (!dst || i + 1 >= argc) {
             s_usage();
@@ -275,6 +310,12 @@ int main(int argc, char **argv)
         modes[nmodes++] = GPU_MOE_GEMM_STREAMS;
     if (!strcmp(gemm, "fused") || !strcmp(gemm, "all"))
         modes[nmodes++] = GPU_MOE_GEMM_FUSED;
+    char *end = NULL;
+    double hold_s = hold ? strtod(hold, &end) : 0.0;
+    if (hold && (end == hold || *end || !(hold_s > 0.0 && hold_s <= 600.0))) {
+        fprintf(stderr, "bench_moe_layer: --hold %s: need seconds in (0, 600]\n", hold);
+        return 2;
+    }
     int known = !strcmp(shapes, "all");
     for (size_t s = 0; s < sizeof s_shapes / sizeof s_shapes[0]; s++)
         known |= !strcmp(shapes, s_shapes[s].name);
@@ -330,6 +371,8 @@ int main(int argc, char **argv)
             fflush(stdout);
             if (phases)
                 s_phases(&L, sh, used, jf);
+            if (hold_s > 0.0)
+                s_hold(&L, sh, s_gemm_name(used), hold_s, jf);
         }
         s_layer_free(&L);
     }

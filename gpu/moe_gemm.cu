@@ -510,6 +510,12 @@ void gpu_moe_gemm(const gpu_moe_gemm_args_t *g, cudaStream_t st)
         int dev = 0;
         GPU_CHECK(cudaGetDevice(&dev));
         GPU_CHECK(cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev));
+        /* SEMOE_MOE_GEMM_SMS: fewer CTAs than SMs, for measuring what the kernel gains from
+         * each SM (the rest left to other streams' kernels) */
+        const char *v = getenv("SEMOE_MOE_GEMM_SMS");
+        int want = v ? atoi(v) : 0;
+        if (want > 0 && want < nsm)
+            nsm = want;
     }
     if (g->epi == GPU_MOE_EPI_SWIGLU && !g->b_kn)
         s_launch<GPU_MOE_EPI_SWIGLU, 0>(g, nsm, st);
