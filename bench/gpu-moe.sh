@@ -4,7 +4,7 @@
 # dump, check the dump against PyTorch autograd (bench/moe_check.py), run the PyTorch peers
 # (../shared/peers/moe_layer_torch.py, carried as .device/peers/), print a comparison table.
 # From the repo root, through the device tool with carry [".device"]:
-#   source .device/on-device.sh && [ROUNDS=3] bash bench/gpu-moe.sh
+#   source .device/on-device.sh && [ROUNDS=3] [HOLD=6] bash bench/gpu-moe.sh
 # Everything it prints goes to $OUT/gpu-moe.log; the JSON to $OUT/semoe.json, $OUT/peers.json.
 # The dump (~0.7 GB) goes to $DUMP, outside $OUT, so that it does not travel back.
 set -uo pipefail
@@ -103,5 +103,14 @@ for r in semoe:
         row += f' {", ".join(f"{x:.3f}" for x in qs)} | {statistics.median(qs):.3f}x |' if qs else ' - | - |'
     print(row)
 PY
+# HOLD > 0 (default 6): the Mixtral step and the peer's held back to back for HOLD s each,
+# ROUNDS rounds alternating, at the power cap where a training job runs (bench/gpu-power.sh):
+# the held ratio, beside the table's 10-step bursts, whose clocks depend on what ran before
+if [ -n "$PEERS" ] && [ "${HOLD:-6}" != 0 ]; then
+  echo
+  echo "== held: the Mixtral step, ours on its default path and the peer's, ${HOLD:-6} s each, alternating"
+  PEERS=$PEERS BUILD=$BUILD OUT="$out/held" SHAPE=mixtral HOLD=${HOLD:-6} ROUNDS=${ROUNDS:-1} \
+    VARIANTS="peer loop" timeout 300 bash bench/gpu-power.sh | tail -n +2
+fi
 echo "== done ${SECONDS}s (moe_check exit $check)"
 exit $check
