@@ -1,0 +1,429 @@
+/* gpu/nccl.h: communicators made non-blocking (every NCCL call may answer ncclInProgress, and
+ * s_settle polls until it has taken effect), collectives on the communicator's own stream
+ * between two events, and bounded waits. A failure revokes the communicator (its in-flight
+ * work stopped, the communicator kept so that survivors can shrink it); if even that does not
+ * settle in time, it is aborted outright. */
+#include "gpu/nccl.h"
+#include "gpu/stream.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct gpu_nccl {
+    ncclComm_t comm;
+    int rank, world, dev;
+    cudaStream_t st;
+    cudaEvent_t ready, done; /* gpu_stream -> st before a collective, st -> gpu_stream after */
+    std::atomic<int> abort_req;
+    int broken;  /* 1: revoked (shrinkable), 2: aborted (comm gone) */
+    char why[256]; /* what broke it, repeated by every later call */
+    float *bucket; /* gpu_nccl_allreduce_buckets' packing buffer */
+    size_t bucket_floats;
+    uint64_t a2a_out, ar_floats;
+};
+
+namespace {
+
+constexpr int SETTLE_MS = 5000; /* how long a revoke may take before an abort */
+
+double s_now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+void s_nap(void)
+{
+    struct timespec t = {0, 200000}; /* 0.2 ms */
+    nanosleep(&t, NULL);
+}
+
+/* Breaks c with the reason (printf-style) and returns code: revokes its work (polled for
+ * SETTLE_MS), or aborts it when the revoke fails or does not settle. */
+semoe_rc s_break(gpu_nccl_t *c, semoe_rc code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+semoe_rc s_break(gpu_nccl_t *c, semoe_rc code, const char *fmt, ...)
+{
+    if (!c->broken) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->why, sizeof c->why, fmt, ap);
+        va_end(ap);
+        c->broken = 2;
+        ncclResult_t rv = ncclCommRevoke(c->comm, NCCL_REVOKE_DEFAULT);
+        if (rv == ncclSuccess || rv == ncclInProgress) {
+            double t0 = s_now_ms();
+            ncclResult_t st = ncclInProgress;
+            while (s_now_ms() - t0 < SETTLE_MS) {
+                if (ncclCommGetAsyncError(c->comm, &st) != ncclSuccess || st != ncclInProgress)
+                    break;
+                s_nap();
+            }
+            if (st == ncclSuccess)
+                c->broken = 1;
+        }
+        if (c->broken == 2) {
+            ncclCommAbort(c->comm);
+            c->comm = NULL;
+        }
+    }
+    return semoe_err(code, "nccl rank %d of %d: %s", c->rank, c->world, c->why);
+}
+
+/* The error that broke c, again. */
+semoe_rc s_broken(const gpu_nccl_t *c)
+{
+    return semoe_err(c->why[0] && strstr(c->why, "abort") ? SEMOE_ESTOPPED : SEMOE_ECUDA,
+                     "nccl rank %d of %d: broken earlier: %s", c->rank, c->world, c->why);
+}
+
+/* Polls until the communicator's last call has taken effect (not ncclInProgress), an error,
+ * the abort flag or timeout_ms. */
+semoe_rc s_settle(gpu_nccl_t *c, const char *what, int timeout_ms)
+{
+    double t0 = s_now_ms();
+    for (;;) {
+        ncclResult_t st = ncclInProgress;
+        ncclResult_t r = ncclCommGetAsyncError(c->comm, &st);
+        if (r != ncclSuccess)
+            st = r;
+        if (st == ncclSuccess)
+            return SEMOE_OK;
+        if (st != ncclInProgress)
+            return s_break(c, SEMOE_ECUDA, "%s: %s (%s)", what, ncclGetErrorString(st),
+                           ncclGetLastError(c->comm));
+        if (c->abort_req.load())
+            return s_break(c, SEMOE_ESTOPPED, "%s: aborted", what);
+        if (s_now_ms() - t0 > timeout_ms)
+            return s_break(c, SEMOE_ETIMEDOUT,
+                           "%s: not done after %d ms (a rank dead, silent or not joined)", what,
+                           timeout_ms);
+        s_nap();
+    }
+}
+
+/* Checks c before a collective and orders its stream after the caller's. */
+semoe_rc s_begin(gpu_nccl_t *c)
+{
+    if (c->broken)
+        return s_broken(c);
+    if (c->abort_req.load())
+        return s_break(c, SEMOE_ESTOPPED, "aborted");
+    GPU_CHECK(cudaEventRecord(c->ready, gpu_stream()));
+    GPU_CHECK(cudaStreamWaitEvent(c->st, c->ready, 0));
+    return SEMOE_OK;
+}
+
+/* After a collective's NCCL calls (r, the last one's result): settles them and orders the
+ * caller's stream after c's. */
+semoe_rc s_end(gpu_nccl_t *c, ncclResult_t r, const char *what)
+{
+    if (r != ncclSuccess && r != ncclInProgress)
+        return s_break(c, SEMOE_ECUDA, "%s: %s (%s)", what, ncclGetErrorString(r),
+                       ncclGetLastError(c->comm));
+    SEMOE_CHECK(s_settle(c, what, SETTLE_MS));
+    GPU_CHECK(cudaEventRecord(c->done, c->st));
+    GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), c->done, 0));
+    return SEMOE_OK;
+}
+
+/* A communicator struct around comm (settled): its stream and events on the current device. */
+gpu_nccl_t *s_wrap(ncclComm_t comm)
+{
+    gpu_nccl_t *c = new gpu_nccl_t();
+    c->comm = comm;
+    ncclCommUserRank(comm, &c->rank);
+    ncclCommCount(comm, &c->world);
+    GPU_CHECK(cudaGetDevice(&c->dev));
+    GPU_CHECK(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));
+    GPU_CHECK(cudaEventCreateWithFlags(&c->ready, cudaEventDisableTiming));
+    GPU_CHECK(cudaEventCreateWithFlags(&c->done, cudaEventDisableTiming));
+    return c;
+}
+
+void s_free(gpu_nccl_t *c)
+{
+    cudaStreamSynchronize(c->st);
+    cudaStreamDestroy(c->st);
+    cudaEventDestroy(c->ready);
+    cudaEventDestroy(c->done);
+    if (c->bucket)
+        cudaFree(c->bucket);
+    delete c;
+}
+
+/* Polls a communicator being made (comm non-NULL, its state ncclInProgress) until it is ready,
+ * fails, or timeout_ms / the abort flag of `owner` (may be NULL) ends the wait; aborts it then. */
+semoe_rc s_made(ncclComm_t comm, ncclResult_t r, int rank, int world, int timeout_ms,
+                const char *what, const gpu_nccl_t *owner)
+{
+    double t0 = s_now_ms();
+    while (r == ncclSuccess || r == ncclInProgress) {
+        ncclResult_t st = ncclInProgress;
+        if (ncclCommGetAsyncError(comm, &st) != ncclSuccess)
+            st = ncclInternalError;
+        if (st == ncclSuccess)
+            return SEMOE_OK;
+        if (st != ncclInProgress) {
+            r = st;
+            break;
+        }
+        bool stop = owner && const_cast<gpu_nccl_t *>(owner)->abort_req.load();
+        if (stop || s_now_ms() - t0 > timeout_ms) {
+            ncclCommAbort(comm);
+            return semoe_err(stop ? SEMOE_ESTOPPED : SEMOE_ETIMEDOUT,
+                             "nccl rank %d of %d: %s: %s", rank, world, what,
+                             stop ? "aborted" : "not every rank joined in time");
+        }
+        s_nap();
+    }
+    const char *last = ncclGetLastError(comm);
+    ncclCommAbort(comm);
+    return semoe_err(SEMOE_ECUDA, "nccl rank %d of %d: %s: %s (%s)", rank, world, what,
+                     ncclGetErrorString(r), last);
+}
+
+} // namespace
+
+extern "C" semoe_rc gpu_nccl_unique_id(uint8_t id[GPU_NCCL_ID_BYTES])
+{
+    static_assert(sizeof(ncclUniqueId) == GPU_NCCL_ID_BYTES, "ncclUniqueId size");
+    ncclUniqueId u;
+    ncclResult_t r = ncclGetUniqueId(&u);
+    if (r != ncclSuccess)
+        return semoe_err(SEMOE_ECUDA, "ncclGetUniqueId: %s", ncclGetErrorString(r));
+    memcpy(id, &u, sizeof u);
+    return SEMOE_OK;
+}
+
+extern "C" semoe_rc gpu_nccl_new(const uint8_t id[GPU_NCCL_ID_BYTES], int rank, int world,
+                                 int timeout_ms, gpu_nccl_t **out)
+{
+    *out = NULL;
+    if (world < 1 || rank < 0 || rank >= world || timeout_ms <= 0)
+        return semoe_err(SEMOE_EINVAL, "gpu_nccl_new: rank %d of %d, timeout %d ms", rank, world,
+                         timeout_ms);
+    ncclUniqueId u;
+    memcpy(&u, id, sizeof u);
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0;
+    ncclComm_t comm = NULL;
+    ncclResult_t r = ncclCommInitRankConfig(&comm, world, u, rank, &cfg);
+    if (!comm)
+        return semoe_err(SEMOE_ECUDA, "nccl rank %d of %d: ncclCommInitRankConfig: %s", rank,
+                         world, ncclGetErrorString(r));
+    SEMOE_CHECK(s_made(comm, r, rank, world, timeout_ms, "ncclCommInitRankConfig", NULL));
+    *out = s_wrap(comm);
+    return SEMOE_OK;
+}
+
+extern "C" semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, int timeout_ms,
+                                    gpu_nccl_t **out)
+{
+    *out = NULL;
+    if (c->broken == 2)
+        return semoe_err(SEMOE_ECUDA, "nccl rank %d of %d: cannot shrink: aborted after: %s",
+                         c->rank, c->world, c->why);
+    if (n < 1 || n >= c->world)
+        return semoe_err(SEMOE_EINVAL, "gpu_nccl_shrink: %d of %d ranks excluded", n, c->world);
+    for (int i = 0; i < n; i++) {
+        bool dup = false;
+        for (int j = 0; j < i; j++)
+            dup |= exclude[j] == exclude[i];
+        if (exclude[i] < 0 || exclude[i] >= c->world || dup || exclude[i] == c->rank)
+            return semoe_err(SEMOE_EINVAL, "gpu_nccl_shrink: rank %d of %d: excluded rank %d "
+                             "is out of range, repeated or this rank", c->rank, c->world,
+                             exclude[i]);
+    }
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0;
+    ncclComm_t comm = NULL;
+    ncclResult_t r = ncclCommShrink(c->comm, const_cast<int *>(exclude), n, &comm, &cfg,
+                                    c->broken ? NCCL_SHRINK_DEFAULT : NCCL_SHRINK_ABORT);
+    if (!comm)
+        return semoe_err(SEMOE_ECUDA, "nccl rank %d of %d: ncclCommShrink: %s (%s)", c->rank,
+                         c->world, ncclGetErrorString(r), ncclGetLastError(c->comm));
+    int world = c->world - n;
+    SEMOE_CHECK(s_made(comm, r, -1, world, timeout_ms, "ncclCommShrink", c));
+    *out = s_wrap(comm);
+    return SEMOE_OK;
+}
+
+extern "C" int gpu_nccl_rank(const gpu_nccl_t *c) { return c->rank; }
+extern "C" int gpu_nccl_world(const gpu_nccl_t *c) { return c->world; }
+extern "C" int gpu_nccl_broken(const gpu_nccl_t *c) { return c->broken != 0; }
+
+extern "C" semoe_rc gpu_nccl_alltoallv(gpu_nccl_t *c, const void *send, const size_t *send_bytes,
+                                       const size_t *send_off, void *recv,
+                                       const size_t *recv_bytes, const size_t *recv_off)
+{
+    const int me = c->rank;
+    if (send_bytes[me] != recv_bytes[me])
+        return semoe_err(SEMOE_EINVAL, "gpu_nccl_alltoallv: rank %d sends itself %zu bytes but "
+                         "receives %zu", me, send_bytes[me], recv_bytes[me]);
+    SEMOE_CHECK(s_begin(c));
+    const uint8_t *s = (const uint8_t *)send;
+    uint8_t *d = (uint8_t *)recv;
+    if (send_bytes[me])
+        GPU_CHECK(cudaMemcpyAsync(d + recv_off[me], s + send_off[me], send_bytes[me],
+                                  cudaMemcpyDeviceToDevice, c->st));
+    ncclResult_t r = ncclGroupStart();
+    for (int k = 1; k < c->world && (r == ncclSuccess || r == ncclInProgress); k++) {
+        int to = (me + k) % c->world, from = (me - k + c->world) % c->world;
+        if (send_bytes[to]) {
+            r = ncclSend(s + send_off[to], send_bytes[to], ncclUint8, to, c->comm, c->st);
+            c->a2a_out += send_bytes[to];
+        }
+        if (recv_bytes[from] && (r == ncclSuccess || r == ncclInProgress))
+            r = ncclRecv(d + recv_off[from], recv_bytes[from], ncclUint8, from, c->comm, c->st);
+    }
+    ncclResult_t g = ncclGroupEnd();
+    return s_end(c, r == ncclSuccess || r == ncclInProgress ? g : r, "all-to-all");
+}
+
+extern "C" semoe_rc gpu_nccl_allreduce_sum(gpu_nccl_t *c, float *buf, size_t n)
+{
+    SEMOE_CHECK(s_begin(c));
+    c->ar_floats += n;
+    return s_end(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, c->comm, c->st),
+                 "all-reduce");
+}
+
+extern "C" semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs,
+                                               const size_t *lens, int n, size_t bucket_bytes)
+{
+    size_t cap = (bucket_bytes ? bucket_bytes : GPU_NCCL_BUCKET_BYTES) / sizeof(float);
+    if (cap == 0)
+        return semoe_err(SEMOE_EINVAL, "gpu_nccl_allreduce_buckets: bucket of %zu bytes",
+                         bucket_bytes);
+    SEMOE_CHECK(s_begin(c));
+    ncclResult_t r = ncclSuccess;
+    int i = 0;
+    while (i < n && (r == ncclSuccess || r == ncclInProgress)) {
+        /* the bucket: tensors i .. j-1, adjacent in memory (one span, in place) or packed */
+        size_t total = lens[i];
+        bool span = true;
+        int j = i + 1;
+        while (j < n && total + lens[j] <= cap) {
+            span = span && bufs[j] == bufs[j - 1] + lens[j - 1];
+            total += lens[j++];
+        }
+        if (total == 0) {
+            i = j;
+            continue;
+        }
+        if (span || j == i + 1) {
+            r = ncclAllReduce(bufs[i], bufs[i], total, ncclFloat, ncclSum, c->comm, c->st);
+        } else {
+            if (!c->bucket) {
+                if (cudaMalloc((void **)&c->bucket, cap * sizeof(float)) != cudaSuccess) {
+                    cudaGetLastError();
+                    return semoe_err(SEMOE_ENOMEM, "gpu_nccl_allreduce_buckets: a bucket of "
+                                     "%zu bytes on the device", cap * sizeof(float));
+                }
+                c->bucket_floats = cap;
+            }
+            size_t o = 0;
+            for (int t = i; t < j; o += lens[t++])
+                GPU_CHECK(cudaMemcpyAsync(c->bucket + o, bufs[t], lens[t] * sizeof(float),
+                                          cudaMemcpyDeviceToDevice, c->st));
+            r = ncclAllReduce(c->bucket, c->bucket, total, ncclFloat, ncclSum, c->comm, c->st);
+            /* the unpacking copies must follow the reduce on the stream: settle it first */
+            if (r == ncclSuccess || r == ncclInProgress)
+                SEMOE_CHECK(s_settle(c, "bucketed all-reduce", SETTLE_MS));
+            o = 0;
+            for (int t = i; t < j; o += lens[t++])
+                GPU_CHECK(cudaMemcpyAsync(bufs[t], c->bucket + o, lens[t] * sizeof(float),
+                                          cudaMemcpyDeviceToDevice, c->st));
+        }
+        c->ar_floats += total;
+        i = j;
+    }
+    return s_end(c, r, "bucketed all-reduce");
+}
+
+extern "C" semoe_rc gpu_nccl_wait(gpu_nccl_t *c, int timeout_ms)
+{
+    if (c->broken)
+        return s_broken(c);
+    double t0 = s_now_ms();
+    for (;;) {
+        cudaError_t e = cudaEventQuery(c->done);
+        if (e == cudaSuccess)
+            return SEMOE_OK;
+        if (e != cudaErrorNotReady)
+            return s_break(c, SEMOE_ECUDA, "waiting: %s", cudaGetErrorString(e));
+        ncclResult_t st = ncclSuccess;
+        if (ncclCommGetAsyncError(c->comm, &st) != ncclSuccess ||
+            (st != ncclSuccess && st != ncclInProgress))
+            return s_break(c, SEMOE_ECUDA, "waiting: %s (%s)", ncclGetErrorString(st),
+                           ncclGetLastError(c->comm));
+        if (c->abort_req.load())
+            return s_break(c, SEMOE_ESTOPPED, "waiting: aborted");
+        if (s_now_ms() - t0 > timeout_ms)
+            return s_break(c, SEMOE_ETIMEDOUT,
+                           "a collective not done after %d ms (a rank dead or silent)",
+                           timeout_ms);
+        s_nap();
+    }
+}
+
+extern "C" void gpu_nccl_abort(gpu_nccl_t *c)
+{
+    if (c)
+        c->abort_req.store(1);
+}
+
+extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
+{
+    if (!c_p || !*c_p)
+        return;
+    gpu_nccl_t *c = *c_p;
+    *c_p = NULL;
+    ncclResult_t fr = c->broken ? ncclInvalidUsage : ncclCommFinalize(c->comm);
+    if (fr == ncclSuccess || fr == ncclInProgress) {
+        double t0 = s_now_ms();
+        ncclResult_t st = ncclInProgress;
+        while (s_now_ms() - t0 < SETTLE_MS &&
+               ncclCommGetAsyncError(c->comm, &st) == ncclSuccess && st == ncclInProgress)
+            s_nap();
+        if (st == ncclSuccess) {
+            ncclCommDestroy(c->comm);
+            c->comm = NULL;
+        }
+    }
+    if (c->comm)
+        ncclCommAbort(c->comm);
+    s_free(c);
+}
+
+extern "C" semoe_rc gpu_nccl_ref_alltoall(gpu_nccl_t *c, const void *send, void *recv,
+                                          size_t per)
+{
+    SEMOE_CHECK(s_begin(c));
+    return s_end(c, ncclAlltoAll(send, recv, per, ncclUint8, c->comm, c->st), "ncclAlltoAll");
+}
+
+extern "C" semoe_rc gpu_nccl_ref_allreduce(gpu_nccl_t *c, float *buf, size_t n)
+{
+    SEMOE_CHECK(s_begin(c));
+    return s_end(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, c->comm, c->st),
+                 "ncclAllReduce");
+}
+
+extern "C" void gpu_nccl_traffic(const gpu_nccl_t *c, uint64_t *a2a_bytes_out,
+                                 uint64_t *allreduce_floats)
+{
+    if (a2a_bytes_out)
+        *a2a_bytes_out = c->a2a_out;
+    if (allreduce_floats)
+        *allreduce_floats = c->ar_floats;
+}

@@ -1,0 +1,108 @@
+/* NCCL communicators for the GPU workers' data plane, behind a plain C header: one per plan
+ * generation, made from a unique id that the generation's rank 0 creates (gpu_nccl_unique_id)
+ * and the coordinator relays to every rank (PROTO_COMM); all-to-all with variable byte counts
+ * per peer (grouped ncclSend / ncclRecv), all-reduce of fp32 sums, and bucketed all-reduce of
+ * many tensors (the dense gradients) as few large ones.
+ *
+ * Streams. A communicator has its own stream on the device that was current when it was made.
+ * A collective is enqueued there after everything the calling thread enqueued on gpu_stream()
+ * before it (an event), and gpu_stream() waits for it (another), so that the caller's later
+ * kernels see its result without a host wait; the call returns once it is enqueued. Compute
+ * enqueued on gpu_stream() after that waits for it, so a caller that wants compute beside
+ * communication enqueues the compute first (gpu/nccl.h's collectives on data that is ready).
+ *
+ * Never a hang. Nothing here blocks on the GPU without a bound: gpu_nccl_wait polls the
+ * collectives' completion, NCCL's asynchronous error and the abort flag every millisecond, up
+ * to its timeout. On an error, a timeout (a peer dead or silent) or gpu_nccl_abort, the
+ * communicator is aborted (ncclCommAbort, which also unblocks its kernels) and broken: every
+ * later call fails at once; destroy it and make the next generation's (or shrink it).
+ * Creation is non-blocking and bounded the same way. */
+#ifndef SEMOE_GPU_NCCL_H
+#define SEMOE_GPU_NCCL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "actors/err.h"
+
+#define GPU_NCCL_ID_BYTES 128 /* sizeof(ncclUniqueId) */
+#define GPU_NCCL_BUCKET_BYTES ((size_t)32 << 20) /* gpu_nccl_allreduce_buckets' default */
+
+typedef struct gpu_nccl gpu_nccl_t;
+
+/* A fresh communicator id (ncclGetUniqueId). The calling process hosts the id's bootstrap
+ * root until the communicator is made, so the rank that calls it must be one of its ranks. */
+semoe_rc gpu_nccl_unique_id(uint8_t id[GPU_NCCL_ID_BYTES]);
+
+/* Joins the communicator of `world` ranks named by id as `rank`, on the calling thread's current
+ * device (gpu_backend_init). Waits at most timeout_ms for every rank to join: SEMOE_ETIMEDOUT
+ * (the communicator aborted) when one does not. Caller owns *out. */
+semoe_rc gpu_nccl_new(const uint8_t id[GPU_NCCL_ID_BYTES], int rank, int world, int timeout_ms,
+                      gpu_nccl_t **out);
+
+/* A communicator of the ranks of c that are not in exclude (n of them, distinct, in range),
+ * renumbered in order (ncclCommShrink): survivors of a death keep their NCCL resources and
+ * need no new id. Every survivor calls it with the same list. A broken c is shrunk with its
+ * work aborted. Waits at most timeout_ms. Caller owns *out; c is left as it was (destroy it). */
+semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, int timeout_ms,
+                         gpu_nccl_t **out);
+
+int gpu_nccl_rank(const gpu_nccl_t *c);
+int gpu_nccl_world(const gpu_nccl_t *c);
+
+/* All-to-all of bytes between device buffers: send_bytes[r] bytes at send + send_off[r] go to
+ * rank r, recv_bytes[r] bytes from rank r land at recv + recv_off[r] (world entries each; the
+ * sizes of a pair must agree on both sides, as each rank learns them from the routing it
+ * shares, e.g. by a first all-to-all of counts). Our own part is a device copy. Enqueued as
+ * described above; SEMOE_EINVAL for a size over 2^31 - 1 or an offset that overflows, and
+ * the error that broke c if it is broken. */
+semoe_rc gpu_nccl_alltoallv(gpu_nccl_t *c, const void *send, const size_t *send_bytes,
+                            const size_t *send_off, void *recv, const size_t *recv_bytes,
+                            const size_t *recv_off);
+
+/* buf (n fp32, device) = its sum over the ranks, in place. Enqueued as above. */
+semoe_rc gpu_nccl_allreduce_sum(gpu_nccl_t *c, float *buf, size_t n);
+
+/* Each of the n tensors bufs[i] (lens[i] fp32, device) summed over the ranks, as fused
+ * all-reduces of at most bucket_bytes each (0: GPU_NCCL_BUCKET_BYTES): tensors adjacent in
+ * memory go as one span, in place; the others are packed into a bucket buffer of the
+ * communicator's, reduced and unpacked. Every rank passes the same lens in the same order.
+ * Enqueued as above. */
+semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs, const size_t *lens,
+                                    int n, size_t bucket_bytes);
+
+/* Waits until every collective enqueued on c so far has finished, polling NCCL's errors and
+ * the abort flag; at most timeout_ms (then SEMOE_ETIMEDOUT and c aborted). */
+semoe_rc gpu_nccl_wait(gpu_nccl_t *c, int timeout_ms);
+
+/* Asks c to abort: safe from any thread (a signal handler's excepted). A thread waiting in
+ * gpu_nccl_new, gpu_nccl_wait or gpu_nccl_shrink returns SEMOE_ESTOPPED within a
+ * millisecond or so, having aborted c; without a waiter, the next call on c aborts it. */
+void gpu_nccl_abort(gpu_nccl_t *c);
+
+/* Whether c is broken (after an error, a timeout or an abort). */
+int gpu_nccl_broken(const gpu_nccl_t *c);
+
+/* Frees c: a healthy one finalised (its work flushed, at most a few seconds), a broken one
+ * aborted. Nulls *c_p; NULL is a no-op. */
+void gpu_nccl_destroy(gpu_nccl_t **c_p);
+
+/* NCCL's own collectives on c, without what the calls above add (the ceiling the benchmarks
+ * hold them to, bench/nccl.c): ncclAlltoAll of `per` bytes to and from every rank, and
+ * ncclAllReduce of n fp32 in place on one buffer. Ordered and waited for as above. */
+semoe_rc gpu_nccl_ref_alltoall(gpu_nccl_t *c, const void *send, void *recv, size_t per);
+semoe_rc gpu_nccl_ref_allreduce(gpu_nccl_t *c, float *buf, size_t n);
+
+/* What c moved since it was made: payload bytes this rank sent to other ranks by all-to-all,
+ * and fp32 elements it all-reduced. */
+void gpu_nccl_traffic(const gpu_nccl_t *c, uint64_t *a2a_bytes_out, uint64_t *allreduce_floats);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
