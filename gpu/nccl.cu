@@ -388,7 +388,9 @@ extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
         return;
     gpu_nccl_t *c = *c_p;
     *c_p = NULL;
-    ncclResult_t fr = c->broken ? ncclInvalidUsage : ncclCommFinalize(c->comm);
+    /* broken or asked to abort: no flush (peers may be gone), straight to the abort */
+    ncclResult_t fr = c->broken || c->abort_req.load() ? ncclInvalidUsage
+                                                       : ncclCommFinalize(c->comm);
     if (fr == ncclSuccess || fr == ncclInProgress) {
         double t0 = s_now_ms();
         ncclResult_t st = ncclInProgress;

@@ -516,7 +516,7 @@ int main(int argc, char **argv)
     }
     int rc = s_test_abort();
     if (rc < 0)
-        rc = s_test_kill(argv[0]);
+        rc = s_test_kill("/proc/self/exe");
     if (rc >= 0)
         return rc;
     for (int r = 0; r < s_world; r++) {
