@@ -58,7 +58,11 @@ semoe_rc s_break(gpu_nccl_t *c, semoe_rc code, const char *fmt, ...)
         vsnprintf(c->why, sizeof c->why, fmt, ap);
         va_end(ap);
         c->broken = 2;
+#ifdef NCCL_REVOKE_DEFAULT /* ncclCommRevoke: NCCL 2.28.9 on */
         ncclResult_t rv = ncclCommRevoke(c->comm, NCCL_REVOKE_DEFAULT);
+#else
+        ncclResult_t rv = ncclInvalidUsage; /* no revoke: straight to the abort */
+#endif
         if (rv == ncclSuccess || rv == ncclInProgress) {
             double t0 = s_now_ms();
             ncclResult_t st = ncclInProgress;
@@ -255,6 +259,22 @@ extern "C" semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, in
     SEMOE_CHECK(s_made(comm, r, -1, world, timeout_ms, "ncclCommShrink", c));
     *out = s_wrap(comm);
     return SEMOE_OK;
+}
+
+extern "C" int gpu_nccl_version(void)
+{
+    int v = 0;
+    ncclGetVersion(&v);
+    return v;
+}
+
+extern "C" int gpu_nccl_revocable(void)
+{
+#ifdef NCCL_REVOKE_DEFAULT
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 extern "C" int gpu_nccl_rank(const gpu_nccl_t *c) { return c->rank; }

@@ -14,8 +14,9 @@
  * Never a hang. Nothing here blocks on the GPU without a bound: gpu_nccl_wait polls the
  * collectives' completion, NCCL's asynchronous error and the abort flag every millisecond, up
  * to its timeout. On an error, a timeout (a peer dead or silent) or gpu_nccl_abort, the
- * communicator is aborted (ncclCommAbort, which also unblocks its kernels) and broken: every
- * later call fails at once; destroy it and make the next generation's (or shrink it).
+ * communicator is revoked (its work stopped, gpu_nccl_revocable) or else aborted
+ * (ncclCommAbort, which also unblocks its kernels) and broken: every later call fails at once;
+ * destroy it and make the next generation's (or shrink a revoked one).
  * Creation is non-blocking and bounded the same way. */
 #ifndef SEMOE_GPU_NCCL_H
 #define SEMOE_GPU_NCCL_H
@@ -50,6 +51,13 @@ semoe_rc gpu_nccl_new(const uint8_t id[GPU_NCCL_ID_BYTES], int rank, int world, 
  * work aborted. Waits at most timeout_ms. Caller owns *out; c is left as it was (destroy it). */
 semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, int timeout_ms,
                          gpu_nccl_t **out);
+
+/* The NCCL library's version code (e.g. 22809 for 2.28.9). */
+int gpu_nccl_version(void);
+/* Whether this build's NCCL can revoke a communicator (2.28.9 on): without it a failure aborts
+ * the communicator outright, and it cannot be shrunk afterwards (the survivors make a new one
+ * from a new id instead). */
+int gpu_nccl_revocable(void);
 
 int gpu_nccl_rank(const gpu_nccl_t *c);
 int gpu_nccl_world(const gpu_nccl_t *c);
