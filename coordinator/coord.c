@@ -172,11 +172,18 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED, "JOIN refused: %s", bad);
         return;
     }
-    if (strcmp(self->job->train.precision, "bf16") == 0 && strcmp(j->device_kind, "cuda") != 0) {
-        log_debug("JOIN from %s refused: a bf16 job and a %s worker", j->id, j->device_kind);
+    /* what only GPU workers can do: bf16, and NCCL collectives */
+    const char *gpu_only = strcmp(self->job->train.precision, "bf16") == 0
+                               ? "train.precision \"bf16\""
+                           : strcmp(self->job->train.collectives, "nccl") == 0
+                               ? "train.collectives \"nccl\""
+                               : NULL;
+    if (gpu_only && strcmp(j->device_kind, "cuda") != 0) {
+        log_debug("JOIN from %s refused: a job with %s and a %s worker", j->id, gpu_only,
+                  j->device_kind);
         s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED,
-                     "JOIN refused: the job trains with train.precision \"bf16\", which runs on "
-                     "GPU workers (semoe-worker --device cuda:N); this one computes on the %s",
+                     "JOIN refused: the job trains with %s, which runs on GPU workers "
+                     "(semoe-worker --device cuda:N); this one computes on the %s", gpu_only,
                      j->device_kind);
         return;
     }

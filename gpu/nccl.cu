@@ -21,6 +21,8 @@ struct gpu_nccl {
     cudaStream_t st;
     cudaEvent_t ready, done; /* gpu_stream -> st before a collective, st -> gpu_stream after */
     std::atomic<int> abort_req;
+    int (*intr)(void *); /* gpu_nccl_set_interrupt's */
+    void *intr_arg;
     int broken;  /* 1: revoked (shrinkable), 2: aborted (comm gone) */
     char why[256]; /* what broke it, repeated by every later call */
     float *bucket; /* gpu_nccl_allreduce_buckets' packing buffer */
@@ -29,6 +31,19 @@ struct gpu_nccl {
 };
 
 namespace {
+
+/* Whether a waiter on c should stop: gpu_nccl_abort, or the interrupt callback. */
+bool s_stop(const gpu_nccl_t *c)
+{
+    return const_cast<gpu_nccl_t *>(c)->abort_req.load() || (c->intr && c->intr(c->intr_arg));
+}
+
+/* What an NCCL error means to a caller: a peer or the network gone (SEMOE_EIO: a comm fault,
+ * wait for the next plan) or something wrong here (SEMOE_ECUDA). */
+semoe_rc s_code(ncclResult_t r)
+{
+    return r == ncclRemoteError || r == ncclSystemError ? SEMOE_EIO : SEMOE_ECUDA;
+}
 
 constexpr int SETTLE_MS = 5000; /* how long a revoke may take before an abort */
 
@@ -102,9 +117,9 @@ semoe_rc s_settle(gpu_nccl_t *c, const char *what, int timeout_ms)
         if (st == ncclSuccess)
             return SEMOE_OK;
         if (st != ncclInProgress)
-            return s_break(c, SEMOE_ECUDA, "%s: %s (%s)", what, ncclGetErrorString(st),
+            return s_break(c, s_code(st), "%s: %s (%s)", what, ncclGetErrorString(st),
                            ncclGetLastError(c->comm));
-        if (c->abort_req.load())
+        if (s_stop(c))
             return s_break(c, SEMOE_ESTOPPED, "%s: aborted", what);
         if (s_now_ms() - t0 > timeout_ms)
             return s_break(c, SEMOE_ETIMEDOUT,
@@ -180,7 +195,7 @@ semoe_rc s_made(ncclComm_t comm, ncclResult_t r, int rank, int world, int timeou
             r = st;
             break;
         }
-        bool stop = owner && const_cast<gpu_nccl_t *>(owner)->abort_req.load();
+        bool stop = owner && s_stop(owner);
         if (stop || s_now_ms() - t0 > timeout_ms) {
             ncclCommAbort(comm);
             return semoe_err(stop ? SEMOE_ESTOPPED : SEMOE_ETIMEDOUT,
@@ -279,6 +294,12 @@ extern "C" int gpu_nccl_revocable(void)
 
 extern "C" int gpu_nccl_rank(const gpu_nccl_t *c) { return c->rank; }
 extern "C" int gpu_nccl_world(const gpu_nccl_t *c) { return c->world; }
+extern "C" void gpu_nccl_set_interrupt(gpu_nccl_t *c, int (*fn)(void *arg), void *arg)
+{
+    c->intr = fn;
+    c->intr_arg = arg;
+}
+
 extern "C" int gpu_nccl_broken(const gpu_nccl_t *c) { return c->broken != 0; }
 
 extern "C" semoe_rc gpu_nccl_alltoallv(gpu_nccl_t *c, const void *send, const size_t *send_bytes,
@@ -384,9 +405,9 @@ extern "C" semoe_rc gpu_nccl_wait(gpu_nccl_t *c, int timeout_ms)
         ncclResult_t st = ncclSuccess;
         if (ncclCommGetAsyncError(c->comm, &st) != ncclSuccess ||
             (st != ncclSuccess && st != ncclInProgress))
-            return s_break(c, SEMOE_ECUDA, "waiting: %s (%s)", ncclGetErrorString(st),
+            return s_break(c, s_code(st), "waiting: %s (%s)", ncclGetErrorString(st),
                            ncclGetLastError(c->comm));
-        if (c->abort_req.load())
+        if (s_stop(c))
             return s_break(c, SEMOE_ESTOPPED, "waiting: aborted");
         if (s_now_ms() - t0 > timeout_ms)
             return s_break(c, SEMOE_ETIMEDOUT,

@@ -92,6 +92,12 @@ semoe_rc gpu_nccl_wait(gpu_nccl_t *c, int timeout_ms);
  * millisecond or so, having aborted c; without a waiter, the next call on c aborts it. */
 void gpu_nccl_abort(gpu_nccl_t *c);
 
+/* A callback that gpu_nccl_wait (and the settling of each call) asks every millisecond or so,
+ * from the waiting thread: non-zero ends the wait as gpu_nccl_abort would (SEMOE_ESTOPPED, c
+ * broken). The trainer's checks its poke socket: a newer plan ends a wait on the old one. NULL
+ * clears it. */
+void gpu_nccl_set_interrupt(gpu_nccl_t *c, int (*fn)(void *arg), void *arg);
+
 /* Whether c is broken (after an error, a timeout or an abort). */
 int gpu_nccl_broken(const gpu_nccl_t *c);
 

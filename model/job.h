@@ -35,6 +35,11 @@ typedef struct {
          * weights, gradients and residual stream (gpu/graph_bf16.h), on GPU workers that hold
          * every expert */
         char precision[8];
+        /* the dense gradients' all-reduce: "zmq" (the default: over the workers' ZeroMQ peer
+         * sockets, staged through the host on GPU workers) or "nccl" (on the device, every
+         * worker a GPU one on a device of its own: a communicator per generation, its id relayed
+         * by the coordinator in COMM) */
+        char collectives[8];
     } train;
     struct {
         char **paths;               /* files or directories, as given */

@@ -365,6 +365,7 @@ static const struct {
     {"seq_len_gt_positions.json", "train.seq_len=2048:", "max_position_embeddings (1024)"},
     {"bad_schedule.json", "train.schedule=\"linear\":", "\"cosine\" or \"constant\""},
     {"bad_precision.json", "train.precision=\"fp16\":", "\"fp32\" or \"bf16\""},
+    {"bad_collectives.json", "train.collectives=\"mpi\":", "\"zmq\" or \"nccl\""},
     {"duplicate_key.json", "train.steps:", "given twice"},
     {"not_object.json", "not_object.json: must be one JSON object", "not an array"},
     {"section_not_object.json", "train=[...]:", "must be an object"},
@@ -597,7 +598,7 @@ static void s_mutate(cJSON *root)
                                  "paths", "heartbeat_ms", "liveness", "threshold", "ssd_bytes",
                                  "ssd_dir", "schedule", "hidden_act", "sliding_window",
                                  "lr_max", "Hidden_Size", "", "\n", "architectures",
-                                 "router_bias", "freeze_router", "precision"};
+                                 "router_bias", "freeze_router", "precision", "collectives"};
     cJSON *objs[64];
     int n = 0;
     s_collect(root, objs, &n, 64);

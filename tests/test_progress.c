@@ -315,10 +315,11 @@ static char *s_relative(const char *path, char *buf, size_t n)
     return buf;
 }
 
-/* A job with train.precision "bf16" takes GPU workers only: a JOIN from one that computes on
- * the CPU gets ERROR REFUSED saying why (it would fail its first step), one from a cuda worker
- * gets WELCOME. Its own coordinator on ports of its own. */
-static void s_check_bf16_joins(const char *data_rel)
+/* A job with train.precision "bf16" or train.collectives "nccl" (`field`, naming `word`) takes
+ * GPU workers only: a JOIN from one that computes on the CPU gets ERROR REFUSED saying why (it
+ * would fail its first step), one from a cuda worker gets WELCOME. Its own coordinator on ports
+ * of its own. */
+static void s_check_gpu_joins(const char *data_rel, const char *field, const char *word)
 {
     proc_ports_t pp;
     if (!proc_ports_pick(&pp)) {
@@ -329,18 +330,21 @@ static void s_check_bf16_joins(const char *data_rel)
     snprintf(text, sizeof text,
              "{" FAKE_WORKER_MODEL_JSON ","
              " \"train\": {\"seq_len\": 64, \"global_batch\": 8, \"micro_batch\": 4,"
-             " \"steps\": 3, \"precision\": \"bf16\"},"
+             " \"steps\": 3, %s},"
              " \"data\": {\"paths\": [\"%s\"]},"
              " \"cluster\": {\"heartbeat_ms\": 200, \"liveness\": 25, \"expected_workers\": 1}}\n",
-             S_LAYERS, S_EXPERTS, data_rel);
-    proc_tmp_path(job, sizeof job, "job-bf16.json");
+             S_LAYERS, S_EXPERTS, field, data_rel);
+    char name[64];
+    snprintf(name, sizeof name, "job-%s.json", word);
+    proc_tmp_path(job, sizeof job, name);
     if (!proc_write_file(job, text)) {
         CHECK(false, "write %s", job);
         return;
     }
-    proc_t *coord = proc_start_coordinator("coordinator-bf16", job, &pp, NULL);
+    snprintf(name, sizeof name, "coordinator-%s", word);
+    proc_t *coord = proc_start_coordinator(name, job, &pp, NULL);
     if (!coord) {
-        CHECK(false, "the bf16 job's coordinator did not start");
+        CHECK(false, "the %s job's coordinator did not start", word);
         return;
     }
     static const char *const kinds[] = {"cpu", "cuda"};
@@ -366,21 +370,21 @@ static void s_check_bf16_joins(const char *data_rel)
             zmq_msg_close(&msg);
         }
         if (i == 0)
-            CHECK(got == PROTO_ERROR && code == PROTO_ERR_REFUSED && strstr(said, "bf16") &&
+            CHECK(got == PROTO_ERROR && code == PROTO_ERR_REFUSED && strstr(said, word) &&
                       strstr(said, "cuda"),
-                  "a cpu worker's JOIN to a bf16 job: %s %u \"%s\", want ERROR REFUSED naming "
-                  "bf16 and cuda", got ? proto_type_name(got) : "nothing", code, said);
+                  "a cpu worker's JOIN to a %s job: %s %u \"%s\", want ERROR REFUSED naming "
+                  "%s and cuda", word, got ? proto_type_name(got) : "nothing", code, said, word);
         else
-            CHECK(got == PROTO_WELCOME, "a cuda worker's JOIN to a bf16 job: %s, want WELCOME",
-                  got ? proto_type_name(got) : "nothing");
-        fprintf(stderr, "  bf16 job, %s worker: %s%s%s\n", kinds[i],
+            CHECK(got == PROTO_WELCOME, "a cuda worker's JOIN to a %s job: %s, want WELCOME",
+                  word, got ? proto_type_name(got) : "nothing");
+        fprintf(stderr, "  %s job, %s worker: %s%s%s\n", word, kinds[i],
                 got ? proto_type_name(got) : "nothing", said[0] ? ": " : "", said);
         fake_worker_close(&w);
     }
     int status;
     CHECK(proc_signal(coord, SIGTERM) && proc_wait(coord, S_WAIT_MS, &status) &&
               proc_exit_code(status) == 0,
-          "the bf16 job's coordinator did not exit 0 on SIGTERM");
+          "the %s job's coordinator did not exit 0 on SIGTERM", word);
 }
 
 int main(void)
@@ -547,7 +551,8 @@ int main(void)
 
     for (int i = 0; i < 2; i++)
         fake_worker_close(&s_fakes[i].w);
-    s_check_bf16_joins(rel);
+    s_check_gpu_joins(rel, "\"precision\": \"bf16\"", "bf16");
+    s_check_gpu_joins(rel, "\"collectives\": \"nccl\"", "nccl");
     fake_worker_term();
     free(data_abs);
     return test_finish();

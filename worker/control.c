@@ -3,6 +3,7 @@
  * plans. Paranoid Pirate, worker side: any message is life, HEARTBEAT every interval, silence
  * for liveness intervals: a new socket after a backoff of 1 s doubling to a cap. */
 #include "worker/control.h"
+#include "worker/commid.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -44,6 +45,7 @@ typedef struct {
     void *dealer;                 /* NULL while in backoff, left or stopped */
     actor_t *trainer;             /* owns the data port; trains */
     worker_trainer_config_t tcfg;
+    worker_commid_t *commid;      /* COMM's id, from here to the trainer (worker/commid.h) */
     void *poke;                   /* PAIR to the trainer: interrupts its collectives */
     char poke_ep[64];
     bool plan_acked;              /* the current plan's ACK went out (the trainer took it up) */
@@ -496,7 +498,11 @@ static void s_on_message(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
     case PROTO_PLAN:
         s_on_plan(self, msg);
         break;
-    case PROTO_COMM:
+    case PROTO_COMM: /* the relayed id of this generation's communicator: for the trainer */
+        if (worker_commid_put(self->commid, msg->hdr.generation, msg->comm.comm_id.data,
+                              msg->comm.comm_id.size) != SEMOE_OK)
+            log_warn("COMM of generation %" PRIu64 ": %s", msg->hdr.generation,
+                     semoe_err_msg());
         s_send_ack(self, PROTO_COMM, msg->hdr.generation, 0, 0);
         break;
     case PROTO_PAUSE:
@@ -563,6 +569,25 @@ static void s_drain_dealer(s_ctl_t *self)
 
 /* PROGRESS from the trainer: keep it for the heartbeats, and send one at once (a step's news
  * reaches the coordinator without waiting for the timer, at most every S_PROGRESS_HB_MS). */
+/* The trainer, as the new rank 0, made its generation's communicator id: [generation, 8 bytes
+ * little endian][id]. Up in COMM, for the coordinator to relay to every rank (this one too). */
+static void s_send_comm(s_ctl_t *self, const uint8_t *body, size_t len)
+{
+    uint64_t gen = 0;
+    memcpy(&gen, body, 8);
+    if (self->state != S_MEMBER || !self->have_plan || gen != self->plan.generation) {
+        log_debug("dropping the communicator id of generation %" PRIu64 " (plan %" PRIu64 ")",
+                  gen, self->have_plan ? self->plan.generation : 0);
+        return;
+    }
+    proto_msg_t msg = {0};
+    msg.hdr = s_header(self, PROTO_COMM, gen);
+    msg.comm.world = self->plan.world;
+    msg.comm.comm_id = (proto_bytes_t){body + 8, (uint32_t)(len - 8)};
+    s_send(self, &msg);
+    log_info("generation %" PRIu64 ": sent the communicator id (%zu bytes) up", gen, len - 8);
+}
+
 static void s_on_trainer(s_ctl_t *self)
 {
     void *pipe = actor_pipe(self->trainer);
@@ -575,6 +600,13 @@ static void s_on_trainer(s_ctl_t *self)
             break;
         }
         more = zmq_msg_more(&f[n]);
+    }
+    if (n == 2 && zmq_msg_size(&f[0]) == 6 && !memcmp(zmq_msg_data(&f[0]), "COMMID", 6) &&
+        zmq_msg_size(&f[1]) > 8 && zmq_msg_size(&f[1]) <= 8 + PROTO_MAX_COMM) {
+        s_send_comm(self, zmq_msg_data(&f[1]), zmq_msg_size(&f[1]));
+        for (int i = 0; i < n; i++)
+            zmq_msg_close(&f[i]);
+        return;
     }
     bool ok = n == 3 && zmq_msg_size(&f[0]) == 8 && memcmp(zmq_msg_data(&f[0]), "PROGRESS", 8) == 0 &&
               zmq_msg_size(&f[1]) == sizeof(worker_progress_t);
@@ -807,6 +839,7 @@ semoe_rc worker_control_advertised(const char *bound, const char *advertise, con
 static semoe_rc s_start_trainer(s_ctl_t *self)
 {
     worker_control_config_t *cfg = self->cfg;
+    self->commid = worker_commid_new();
     snprintf(self->poke_ep, sizeof self->poke_ep, "inproc://semoe-poke-%p", (void *)self);
     self->poke = zmq_socket(cfg->ctx, ZMQ_PAIR);
     int linger = 0;
@@ -820,7 +853,7 @@ static semoe_rc s_start_trainer(s_ctl_t *self)
     self->tcfg = (worker_trainer_config_t){
         .ctx = cfg->ctx, .id = cfg->id, .host = cfg->host, .advertise = cfg->advertise,
         .data_bind = cfg->data_bind, .threads = cfg->threads, .metrics_log = cfg->metrics_log,
-        .poke = self->poke_ep,
+        .poke = self->poke_ep, .commid = self->commid,
         .cuda_device = strcmp(cfg->device.kind, "cuda") == 0 ? (int)cfg->device.index : -1};
     self->trainer = actor_new(cfg->ctx, worker_trainer_actor, &self->tcfg);
     if (!self->trainer) {
@@ -837,6 +870,7 @@ static void s_destroy(s_ctl_t *self)
 {
     s_close_dealer(self, 0);
     actor_destroy(&self->trainer);
+    worker_commid_destroy(&self->commid); /* the trainer, which waits on it, is gone */
     if (self->poke)
         zmq_close(self->poke);
     s_forget_plan(self);

@@ -26,9 +26,11 @@
 #if SEMOE_HAVE_CUDA
 #include "gpu/backend.h"
 #include "gpu/graph_bf16.h"
+#include "gpu/nccl.h"
 #endif
 #include "worker/ckpt.h"
 #include "worker/comm.h"
+#include "worker/commid.h"
 #include "worker/control.h"
 #include "worker/exchange.h"
 #include "worker/migrate.h"
@@ -74,6 +76,9 @@ typedef struct {
     bool want_stop;           /* a STOP came: checkpoint at the next boundary, then stop */
     bool stopped;             /* the STOP's checkpoint is done: no more steps */
     comm_t *comm;
+#if SEMOE_HAVE_CUDA
+    gpu_nccl_t *nccl;         /* train.collectives nccl: the generation's NCCL communicator */
+#endif
     worker_exchange_t *ex;
     model_exchange_f32 exf;
     model_params_t *params;
@@ -211,6 +216,9 @@ static void s_teardown(s_tr_t *self)
 {
     self->ready = false;
     worker_exchange_destroy(&self->ex);
+#if SEMOE_HAVE_CUDA
+    gpu_nccl_destroy(&self->nccl);
+#endif
     comm_destroy(&self->comm);
     free(self->owner);
     free(self->tokens);
@@ -258,13 +266,25 @@ static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
     (void)grads, (void)n; /* dense_bufs point into the trainer's gradient slab */
     s_tr_t *self = arg;
     int64_t t0 = clock_mono_us();
-    /* over ZeroMQ the sums run on the host: a device slab goes there and back (NCCL, on the
-     * device, is gpu/'s later) */
+    semoe_rc rc;
+#if SEMOE_HAVE_CUDA
+    if (self->nccl) { /* on the device, in buckets */
+        rc = gpu_nccl_allreduce_buckets(self->nccl, self->dense_bufs, self->dense_lens,
+                                        self->n_dense, 0 /* NCCL's larger default */);
+        if (rc == SEMOE_OK)
+            rc = gpu_nccl_wait(self->nccl, S_COMM_TIMEOUT_MS);
+        self->t_reduce += (double)(clock_mono_us() - t0) / 1e6;
+        if (rc == SEMOE_OK)
+            rc = worker_exchange_sum_replicas(self->ex, self->params, model_train_grads(self->tr));
+        return rc;
+    }
+#endif
+    /* over ZeroMQ the sums run on the host: a device slab goes there and back */
     float **bufs = self->dense_host ? self->dense_host : self->dense_bufs;
     for (int i = 0; self->dense_host && i < self->n_dense; i++)
         s_be->to_host(bufs[i], self->dense_bufs[i], self->dense_lens[i] * sizeof(float));
-    semoe_rc rc = comm_allreduce_buckets(self->comm, bufs, self->dense_lens, self->n_dense,
-                                         S_BUCKET_BYTES, S_COMM_TIMEOUT_MS);
+    rc = comm_allreduce_buckets(self->comm, bufs, self->dense_lens, self->n_dense,
+                                S_BUCKET_BYTES, S_COMM_TIMEOUT_MS);
     for (int i = 0; rc == SEMOE_OK && self->dense_host && i < self->n_dense; i++)
         s_be->to_device(self->dense_bufs[i], bufs[i], self->dense_lens[i] * sizeof(float));
     self->t_reduce += (double)(clock_mono_us() - t0) / 1e6;
@@ -375,6 +395,53 @@ static semoe_rc s_migrate(s_tr_t *self, model_params_t *params, model_train_t *t
     return rc;
 }
 
+#if SEMOE_HAVE_CUDA
+/* Whether the control actor poked: a newer PLAN is on its way (the poke stays unread; the PLAN's
+ * handling drains it). */
+static int s_poked(void *arg)
+{
+    s_tr_t *self = arg;
+    zmq_pollitem_t it = {self->poke, 0, ZMQ_POLLIN, 0};
+    return zmq_poll(&it, 1, 0) > 0;
+}
+
+static bool s_poked_b(void *arg)
+{
+    return s_poked(arg) != 0;
+}
+
+/* The generation's NCCL communicator: the new rank 0 makes the id and hands it to the control
+ * actor ("COMMID" [generation][id]), which sends it up in COMM; the coordinator relays it to
+ * every rank, whose control actor puts it in cfg->commid, where each waits for it. A newer
+ * PLAN (the poke) ends the wait, as it ends every collective of the old generation. */
+static semoe_rc s_nccl_setup(s_tr_t *self)
+{
+    const worker_plan_t *p = &self->plan;
+    if (p->rank == 0) {
+        uint8_t body[8 + GPU_NCCL_ID_BYTES];
+        memcpy(body, &p->generation, 8);
+        SEMOE_CHECK(gpu_nccl_unique_id(body + 8));
+        if (zmq_send(self->pipe, "COMMID", 6, ZMQ_SNDMORE) != 6 ||
+            zmq_send(self->pipe, body, sizeof body, 0) != (int)sizeof body)
+            return semoe_err(SEMOE_EIO, "trainer: handing the communicator id to the control "
+                             "actor: %s", zmq_strerror(zmq_errno()));
+    }
+    uint8_t id[GPU_NCCL_ID_BYTES];
+    size_t len = 0;
+    SEMOE_CHECK(worker_commid_wait(self->cfg->commid, p->generation, id, sizeof id, &len,
+                                   S_COMM_TIMEOUT_MS, s_poked_b, self));
+    if (len != sizeof id)
+        return semoe_err(SEMOE_EPROTO, "generation %" PRIu64 ": a communicator id of %zu bytes "
+                         "(NCCL's are %zu): is every worker a GPU one?", p->generation, len,
+                         sizeof id);
+    SEMOE_CHECK(gpu_nccl_new(id, (int)p->rank, (int)p->world, S_COMM_TIMEOUT_MS, &self->nccl));
+    gpu_nccl_set_interrupt(self->nccl, s_poked, self);
+    log_info("generation %" PRIu64 ": NCCL communicator of %u ranks up (rank %u)",
+             p->generation, p->world, p->rank);
+    return SEMOE_OK;
+}
+#endif
+
 /* Builds what the generation's steps need: the new tensors (migrated, or rewound to the last
  * checkpoint), then the training communicator and the exchange. Returns an error of the comm
  * (a peer gone: wait for the next plan) or of the job (this worker cannot train it). */
@@ -398,6 +465,11 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
     self->micro_steps = (max_rows + mb - 1) / mb;
     uint32_t per_micro = (max_rows + self->micro_steps - 1) / self->micro_steps;
 
+    bool nccl = strcmp(job->train.collectives, "nccl") == 0;
+    if (nccl && (self->cfg->cuda_device < 0 || !SEMOE_HAVE_CUDA))
+        return semoe_err(SEMOE_EINVAL, "trainer: train.collectives \"nccl\" runs on GPU "
+                         "workers (--device cuda:N, a device of its own each); this one computes "
+                         "on the CPU: use \"zmq\"");
     model_params_t *params = NULL;
     model_train_t *tr = NULL;
     /* train.precision bf16: the GPU's bf16 graph, which runs every expert here */
@@ -467,7 +539,7 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
             self->dense_lens[self->n_dense++] = (size_t)t->numel;
         }
     }
-    if (self->cfg->cuda_device >= 0 && self->n_dense > 0) { /* staged through the host */
+    if (self->cfg->cuda_device >= 0 && self->n_dense > 0 && !nccl) { /* through the host */
         size_t total = 0;
         for (int i = 0; i < self->n_dense; i++)
             total += self->dense_lens[i];
@@ -490,6 +562,10 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
                                     (int)cfg->num_local_experts, p->holder_off, p->holders,
                                     S_COMM_TIMEOUT_MS, &self->ex));
     self->exf = worker_exchange_f32(self->ex);
+#if SEMOE_HAVE_CUDA
+    if (nccl)
+        SEMOE_CHECK(s_nccl_setup(self));
+#endif
     self->ready = true;
     return SEMOE_OK;
 }

@@ -46,6 +46,7 @@ typedef struct {
     int cuda_device;          /* -1: train on the CPU backend; N: on gpu/'s, device cuda:N */
     const char *metrics_log;  /* NULL, or a file to append one JSON line per step to */
     const char *poke;         /* inproc endpoint the control actor's poke PAIR is bound to */
+    struct worker_commid *commid; /* COMM's ids from the control actor (worker/commid.h) */
     char data_endpoint[PROTO_MAX_ENDPOINT + 1]; /* set by the actor before it signals ready */
     char error[512];          /* why the actor could not start */
     int error_exit;           /* exit code that suits error (2: a bad flag value) */
