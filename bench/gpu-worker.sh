@@ -1,8 +1,9 @@
 #!/bin/bash
 # One device call for training through semoe-worker on a GPU: the demo model (2 heads of 64 on
 # 1 kv head, so that the bf16 flash kernels take it) for 30 steps, one run per configuration
-# (a worker on the CPU in fp32, one on cuda:0 in fp32, one on cuda:0 with train.precision
-# bf16), same job and seed, losses compared step by step with the CPU's. From the repo root,
+# (a worker on the CPU in fp32, one on cuda:0 in fp32, one there with train.collectives nccl,
+# one on cuda:0 with train.precision bf16), same job and seed, losses compared step by step with
+# the CPU's (and the nccl run's with the zmq one's: one rank, so the same bits). From the repo root,
 # after ../shared/device/prepare.sh fortunes-min fortunes (the demo job's data):
 #   source .device/on-device.sh && bash bench/gpu-worker.sh [BUILD_DIR]
 # BUILD_DIR (default build-rel) is built with CUDA first if it does not exist. Everything it
@@ -22,27 +23,31 @@ echo "== built ${SECONDS}s"
 
 sys=${SEMOE_DEVICE_SYS:-/tmp/device-sys}
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-for run in cpu-fp32 cuda-fp32 cuda-bf16; do
-  dev=${run%%-*} prec=${run#*-}
+for run in cpu-fp32 cuda-fp32 cuda-fp32-nccl cuda-bf16; do
+  dev=${run%%-*} rest=${run#*-}
+  prec=${rest%%-*} coll=zmq
+  [[ $rest == *-nccl ]] && coll=nccl
   [ "$dev" = cuda ] && dev=cuda:0
-  python3 - "$sys" "$out/job-$prec.json" "$prec" <<'PY'
+  python3 - "$sys" "$out/job-$run.json" "$prec" "$coll" <<'PY'
 import json, sys
 job = json.load(open("deploy/jobs/demo.json"))
 job["data"]["paths"] = [sys.argv[1] + "/usr/share/games/fortunes"]
 job["model"].update(num_attention_heads=2, num_key_value_heads=1)
 job["train"].update(steps=30, eval_interval=1000000, checkpoint_dir="", checkpoint_interval=0,
-                    precision=sys.argv[3])
+                    precision=sys.argv[3], collectives=sys.argv[4])
 job["cluster"]["expected_workers"] = 1
 json.dump(job, open(sys.argv[2], "w"), indent=1)
 PY
   ctl="tcp://127.0.0.1:$(port)" st="tcp://127.0.0.1:$(port)" met="127.0.0.1:$(port)"
-  "$build"/coordinator/semoe-coordinator --config "$out/job-$prec.json" --bind "$ctl" \
+  "$build"/coordinator/semoe-coordinator --config "$out/job-$run.json" --bind "$ctl" \
       --status "$st" --metrics "$met" 2>"$out/coordinator-$run.log" &
   cpid=$!
   timeout 240 "$build"/worker/semoe-worker --coordinator "$ctl" --device "$dev" --id "w-$run" \
       --metrics-log "$out/train-$run.jsonl" 2>"$out/worker-$run.log"
   echo "== $run worker exited $?, ${SECONDS}s"
   wait $cpid
+  grep -hE "communicator id|NCCL communicator" "$out/coordinator-$run.log" "$out/worker-$run.log" |
+    sed 's/^/   /' | head -4
 done
 python3 - "$out" <<'PY'
 import json, sys
@@ -53,7 +58,12 @@ def steps(p):
         return {}
 out = sys.argv[1]
 ref = steps(f"{out}/train-cpu-fp32.jsonl")
-for run, tol in (("cuda-fp32", 1e-5), ("cuda-bf16", 1e-2)):
+same = steps(f"{out}/train-cuda-fp32.jsonl")
+nccl = steps(f"{out}/train-cuda-fp32-nccl.jsonl")
+diff = [s for s in same if s not in nccl or nccl[s]["loss"] != same[s]["loss"]]
+print(f"== cuda-fp32-nccl against cuda-fp32 (zmq): {len(nccl)} of {len(same)} steps, "
+      f"{len(diff)} with another loss: {'ok' if same and not diff else 'FAIL'}")
+for run, tol in (("cuda-fp32", 1e-5), ("cuda-fp32-nccl", 1e-5), ("cuda-bf16", 1e-2)):
     got = steps(f"{out}/train-{run}.jsonl")
     worst = 0.0
     for s in sorted(ref):
