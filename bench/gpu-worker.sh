@@ -3,7 +3,9 @@
 # 1 kv head, so that the bf16 flash kernels take it) for 30 steps, one run per configuration
 # (a worker on the CPU in fp32, one on cuda:0 in fp32, one there with train.collectives nccl,
 # one on cuda:0 with train.precision bf16), same job and seed, losses compared step by step with
-# the CPU's (and the nccl run's with the zmq one's: one rank, so the same bits). From the repo root,
+# the CPU's (and the nccl run's with the zmq one's, within 1e-6: one rank, so the collectives
+# change nothing, but the fp32 path's scatter-adds (gpu/rows.cu, atomicAdd) are not
+# bit-reproducible from run to run). From the repo root,
 # after ../shared/device/prepare.sh fortunes-min fortunes (the demo job's data):
 #   source .device/on-device.sh && bash bench/gpu-worker.sh [BUILD_DIR]
 # BUILD_DIR (default build-rel) is built with CUDA first if it does not exist. Everything it
@@ -60,9 +62,11 @@ out = sys.argv[1]
 ref = steps(f"{out}/train-cpu-fp32.jsonl")
 same = steps(f"{out}/train-cuda-fp32.jsonl")
 nccl = steps(f"{out}/train-cuda-fp32-nccl.jsonl")
-diff = [s for s in same if s not in nccl or nccl[s]["loss"] != same[s]["loss"]]
-print(f"== cuda-fp32-nccl against cuda-fp32 (zmq): {len(nccl)} of {len(same)} steps, "
-      f"{len(diff)} with another loss: {'ok' if same and not diff else 'FAIL'}")
+gap = max((abs(nccl[s]["loss"] - same[s]["loss"]) / abs(same[s]["loss"]) for s in same
+           if s in nccl), default=float("inf"))
+ok = bool(same) and len(nccl) == len(same) and gap <= 1e-6
+print(f"== cuda-fp32-nccl against cuda-fp32 (zmq): {len(nccl)} of {len(same)} steps, worst "
+      f"relative loss difference {gap:.3e} (bound 1e-6): {'ok' if ok else 'FAIL'}")
 for run, tol in (("cuda-fp32", 1e-5), ("cuda-fp32-nccl", 1e-5), ("cuda-bf16", 1e-2)):
     got = steps(f"{out}/train-{run}.jsonl")
     worst = 0.0
