@@ -330,6 +330,37 @@ extern "C" semoe_rc gpu_nccl_alltoallv(gpu_nccl_t *c, const void *send, const si
     return s_end(c, r == ncclSuccess || r == ncclInProgress ? g : r, "all-to-all");
 }
 
+extern "C" semoe_rc gpu_nccl_sendrecv(gpu_nccl_t *c, const gpu_nccl_op_t *ops, int n)
+{
+    for (int i = 0; i < n; i++) {
+        const gpu_nccl_op_t *o = &ops[i];
+        bool local = o->peer == c->rank;
+        if (o->peer < 0 || o->peer >= c->world || (local && (!o->send || !o->recv)) ||
+            (!local && !o->send == !o->recv))
+            return semoe_err(SEMOE_EINVAL, "gpu_nccl_sendrecv: transfer %d: peer %d of %d, "
+                             "send %p, recv %p", i, o->peer, c->world, o->send, o->recv);
+    }
+    SEMOE_CHECK(s_begin(c));
+    for (int i = 0; i < n; i++)
+        if (ops[i].peer == c->rank && ops[i].bytes)
+            GPU_CHECK(cudaMemcpyAsync(ops[i].recv, ops[i].send, ops[i].bytes,
+                                      cudaMemcpyDeviceToDevice, c->st));
+    ncclResult_t r = ncclGroupStart();
+    for (int i = 0; i < n && (r == ncclSuccess || r == ncclInProgress); i++) {
+        const gpu_nccl_op_t *o = &ops[i];
+        if (o->peer == c->rank || !o->bytes)
+            continue;
+        if (o->send) {
+            r = ncclSend(o->send, o->bytes, ncclUint8, o->peer, c->comm, c->st);
+            c->a2a_out += o->bytes;
+        } else {
+            r = ncclRecv(o->recv, o->bytes, ncclUint8, o->peer, c->comm, c->st);
+        }
+    }
+    ncclResult_t g = ncclGroupEnd();
+    return s_end(c, r == ncclSuccess || r == ncclInProgress ? g : r, "send/receive");
+}
+
 extern "C" semoe_rc gpu_nccl_allreduce_sum(gpu_nccl_t *c, float *buf, size_t n)
 {
     SEMOE_CHECK(s_begin(c));

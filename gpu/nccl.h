@@ -72,6 +72,21 @@ semoe_rc gpu_nccl_alltoallv(gpu_nccl_t *c, const void *send, const size_t *send_
                             const size_t *send_off, void *recv, const size_t *recv_bytes,
                             const size_t *recv_off);
 
+/* One point-to-point transfer of gpu_nccl_sendrecv: to another rank, send (recv NULL); from
+ * one, recv (send NULL); with peer this rank, a local copy from send to recv. */
+typedef struct {
+    int peer;
+    const void *send;
+    void *recv;
+    size_t bytes;
+} gpu_nccl_op_t;
+
+/* The n transfers as one group (device buffers): the local copies first, then every send and
+ * receive at once. Between two ranks, sends and receives pair up in the order each lists them,
+ * so both must list a pair's transfers in the same order (the exchange lists them by expert).
+ * Zero-byte transfers are skipped. Enqueued as above. */
+semoe_rc gpu_nccl_sendrecv(gpu_nccl_t *c, const gpu_nccl_op_t *ops, int n);
+
 /* buf (n fp32, device) = its sum over the ranks, in place. Enqueued as above. */
 semoe_rc gpu_nccl_allreduce_sum(gpu_nccl_t *c, float *buf, size_t n);
 

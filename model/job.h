@@ -35,10 +35,10 @@ typedef struct {
          * weights, gradients and residual stream (gpu/graph_bf16.h), on GPU workers that hold
          * every expert */
         char precision[8];
-        /* the dense gradients' all-reduce: "zmq" (the default: over the workers' ZeroMQ peer
-         * sockets, staged through the host on GPU workers) or "nccl" (on the device, every
-         * worker a GPU one on a device of its own: a communicator per generation, its id relayed
-         * by the coordinator in COMM) */
+        /* the data plane: "zmq" (the default: the dense gradients' all-reduce and the expert
+         * rows' all-to-all over the workers' ZeroMQ peer sockets, staged through the host on
+         * GPU workers) or "nccl" (both on the device, every worker a GPU one on a device of its
+         * own: a communicator per generation, its id relayed by the coordinator in COMM) */
         char collectives[8];
     } train;
     struct {

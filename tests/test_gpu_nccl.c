@@ -3,7 +3,8 @@
  * GPU (NCCL puts no two ranks on one device) only the first two points, on a communicator of
  * one rank, and a communicator whose second rank never comes: SEMOE_ETIMEDOUT within its
  * timeout, not a hang. With two or more:
- *   - all-to-all with random byte counts per pair (some zero), bit-exact;
+ *   - all-to-all with random byte counts per pair (some zero), bit-exact, and the same bytes
+ *     through gpu_nccl_sendrecv in two pieces a pair (local copy for this rank's own);
  *   - all-reduce and bucketed all-reduce (tensors adjacent in one slab, scattered, one larger
  *     than the bucket; a small bucket so that several go) against the sum in double, 1e-6;
  *   - a rank that never joins a collective: the others return SEMOE_ETIMEDOUT within the
@@ -92,7 +93,8 @@ typedef struct {
     semoe_rc rc;
     char err[512];
     /* results for main to check */
-    int a2a_ok;                /* every received byte as sent */
+    int a2a_ok;                /* every received byte as sent (all-to-all) */
+    int p2p_ok;                /* the same through gpu_nccl_sendrecv */
     size_t a2a_bad_at;         /* first wrong byte's offset when not */
     double ar_err, bk_err;     /* all-reduce and bucketed, against double */
     semoe_rc silent_rc;        /* the collective a rank did not join (ranks > 0) */
@@ -127,6 +129,8 @@ static double s_err_vs_sum(const float *got, size_t off, size_t n, int world)
     return sqrt(num / (den > 0 ? den : 1.0));
 }
 
+static int s_a2a_check(s_rank_t *R, const uint8_t *got, const size_t *rb, const size_t *roff);
+
 static void s_alltoall(s_rank_t *R, gpu_nccl_t *c)
 {
     int me = R->rank;
@@ -145,21 +149,54 @@ static void s_alltoall(s_rank_t *R, gpu_nccl_t *c)
     }
     uint8_t *got = semoe_xmalloc(rt + 1);
     gpu_to_host(got, recv, rt);
-    R->a2a_ok = 1;
-    for (int p = 0; p < s_world && R->a2a_ok; p++) {
+    R->a2a_ok = s_a2a_check(R, got, rb, roff);
+    /* the same transfers as gpu_nccl_sendrecv, each pair's bytes in two pieces listed in order
+     * (they must pair up in that order), this rank's own as a local copy */
+    gpu_zero(recv, rt + 1);
+    gpu_nccl_op_t ops[4 * S_MAXW];
+    int n = 0;
+    for (int p = 0; p < s_world; p++) {
+        size_t hs = sb[p] / 2, hr = rb[p] / 2;
+        if (p == me) {
+            ops[n++] = (gpu_nccl_op_t){p, (uint8_t *)send + soff[p], (uint8_t *)recv + roff[p],
+                                       sb[p]};
+            continue;
+        }
+        ops[n++] = (gpu_nccl_op_t){p, (uint8_t *)send + soff[p], NULL, hs};
+        ops[n++] = (gpu_nccl_op_t){p, (uint8_t *)send + soff[p] + hs, NULL, sb[p] - hs};
+        ops[n++] = (gpu_nccl_op_t){p, NULL, (uint8_t *)recv + roff[p], hr};
+        ops[n++] = (gpu_nccl_op_t){p, NULL, (uint8_t *)recv + roff[p] + hr, rb[p] - hr};
+    }
+    rc = gpu_nccl_sendrecv(c, ops, n);
+    if (rc == SEMOE_OK)
+        rc = gpu_nccl_wait(c, S_TIMEOUT);
+    if (rc != SEMOE_OK) {
+        s_fail(R, rc, "send/receive");
+        free(got);
+        return;
+    }
+    gpu_to_host(got, recv, rt);
+    R->p2p_ok = s_a2a_check(R, got, rb, roff);
+    free(got);
+    gpu_free(send);
+    gpu_free(recv);
+}
+
+/* Whether got (rb[p] bytes from each rank p at roff[p]) holds what each rank sent this one. */
+static int s_a2a_check(s_rank_t *R, const uint8_t *got, const size_t *rb, const size_t *roff)
+{
+    int me = R->rank;
+    for (int p = 0; p < s_world; p++) {
         size_t from = 0; /* where rank p's bytes for me sit in p's payload */
         for (int q = 0; q < me; q++)
             from += s_bytes[p][q];
         for (size_t i = 0; i < rb[p]; i++)
             if (got[roff[p] + i] != s_payload[p][from + i]) {
-                R->a2a_ok = 0;
                 R->a2a_bad_at = roff[p] + i;
-                break;
+                return 0;
             }
     }
-    free(got);
-    gpu_free(send);
-    gpu_free(recv);
+    return 1;
 }
 
 static void s_reduces(s_rank_t *R, gpu_nccl_t *c)
@@ -525,9 +562,11 @@ int main(int argc, char **argv)
         CHECK(R->rc == SEMOE_OK, "%s", R->err);
         if (R->rc != SEMOE_OK)
             continue;
-        printf("rank %d: all-to-all %s; all-reduce rel %.2e, bucketed %.2e\n", r,
-               R->a2a_ok ? "bit-exact" : "WRONG", R->ar_err, R->bk_err);
+        printf("rank %d: all-to-all %s, send/receive %s; all-reduce rel %.2e, bucketed %.2e\n",
+               r, R->a2a_ok ? "bit-exact" : "WRONG", R->p2p_ok ? "bit-exact" : "WRONG",
+               R->ar_err, R->bk_err);
         CHECK(R->a2a_ok, "rank %d: all-to-all byte %zu differs", r, R->a2a_bad_at);
+        CHECK(R->p2p_ok, "rank %d: send/receive byte %zu differs", r, R->a2a_bad_at);
         CHECK(R->ar_err <= S_TOL, "rank %d: all-reduce rel %.3g", r, R->ar_err);
         CHECK(R->bk_err <= S_TOL, "rank %d: bucketed all-reduce rel %.3g", r, R->bk_err);
         if (r == 0)

@@ -1,6 +1,8 @@
 /* Expert parallelism over the CPU collectives (worker/exchange.h): dispatch and combine of an
  * MoE layer's expert rows as one comm_alltoallv each, messages [E int32 counts][rows], and the
- * global sum of the loss statistics. */
+ * global sum of the loss statistics. With an NCCL communicator (worker_exchange_set_nccl), the
+ * rows go device to device instead: the counts first, over ZeroMQ (the host needs them to lay
+ * the rows out), then one group of NCCL sends and receives, a chunk per (peer, expert). */
 #include "worker/exchange.h"
 
 #include <stdlib.h>
@@ -28,6 +30,11 @@ struct worker_exchange {
     uint64_t *acc;    /* (L, E) rows received per expert by dispatch since the last take */
     uint64_t *routed; /* (L, E) rows this rank's dispatches sent per expert, since then */
     worker_exchange_traffic_t traffic; /* since the last take */
+#if SEMOE_HAVE_CUDA
+    gpu_nccl_t *nccl; /* not owned; NULL: the rows go through the host and ZeroMQ */
+    gpu_nccl_op_t *ops;
+    size_t ops_cap;   /* entries */
+#endif
 };
 
 static void *s_reserve(void *p, size_t *cap, size_t need)
@@ -107,6 +114,9 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     free(x->rmsg);
     free(x->sbytes);
     free(x->rbytes);
+#if SEMOE_HAVE_CUDA
+    free(x->ops);
+#endif
     free(x);
     *self_p = NULL;
 }
@@ -212,6 +222,140 @@ static int32_t s_chunk_start(const worker_exchange_t *x, size_t e, const int32_t
     return before;
 }
 
+#if SEMOE_HAVE_CUDA
+/* Room for n transfers. */
+static gpu_nccl_op_t *s_ops(worker_exchange_t *x, size_t n)
+{
+    x->ops = s_reserve(x->ops, &x->ops_cap, n * sizeof *x->ops);
+    return x->ops;
+}
+
+/* Runs the n transfers of x->ops and waits for them (bounded: a dead peer is an error here,
+ * not a hang in the graph's next kernel). */
+static semoe_rc s_transfer(worker_exchange_t *x, int n)
+{
+    int64_t t0 = clock_mono_us();
+    semoe_rc rc = gpu_nccl_sendrecv(x->nccl, x->ops, n);
+    if (rc == SEMOE_OK)
+        rc = gpu_nccl_wait(x->nccl, x->timeout_ms);
+    x->traffic.seconds += (double)(clock_mono_us() - t0) / 1e6;
+    return rc;
+}
+
+/* s_dispatch over NCCL, from where the two part: start[e] is where expert e's rows begin in
+ * send, x->to (this layer's) how they split over the ranks. The counts go over ZeroMQ and are
+ * checked as s_header checks the host messages; then each (rank, expert) chunk goes device to
+ * device, laid out as s_dispatch lays the host rows out: by expert, then by sender. */
+static semoe_rc s_dispatch_nccl(worker_exchange_t *x, int layer, int D, const float *send,
+                                const int32_t *send_counts, const size_t *start, float *recv,
+                                int32_t *recv_counts, int recv_cap)
+{
+    int W = x->W, E = x->E;
+    size_t base = (size_t)layer * E, hb = (size_t)E * sizeof(int32_t), rowb = (size_t)D * 4;
+    const int32_t *to = x->to + base * W;
+    x->smsg = s_reserve(x->smsg, &x->smsg_cap, (size_t)W * hb);
+    for (int r = 0; r < W; r++) {
+        int32_t *hdr = (int32_t *)(x->smsg + (size_t)r * hb);
+        for (int e = 0; e < E; e++)
+            hdr[e] = to[(size_t)e * W + r];
+        x->sbytes[r] = hb;
+    }
+    SEMOE_CHECK(s_alltoallv(x, (size_t)W * hb));
+    int32_t *cnt = x->cnt + (size_t)layer * W * E;
+    int64_t total = 0;
+    for (int s = 0; s < W; s++) {
+        if (x->rbytes[s] != hb)
+            return semoe_err(SEMOE_EPROTO, "exchange dispatch: layer %d: %zu bytes of counts "
+                             "from rank %d, want %zu", layer, x->rbytes[s], s, hb);
+        memcpy(cnt + (size_t)s * E, x->rmsg + (size_t)s * hb, hb);
+        for (int e = 0; e < E; e++) {
+            int32_t c = cnt[(size_t)s * E + e];
+            if (c < 0 || (c > 0 && !x->mine[base + e]))
+                return semoe_err(SEMOE_EPROTO, "exchange dispatch: layer %d: rank %d announces "
+                                 "%d rows of expert %d (held here: %s)", layer, s, c, e,
+                                 x->mine[base + e] ? "yes" : "no");
+            total += c;
+        }
+    }
+    if (total > recv_cap)
+        return semoe_err(SEMOE_EINVAL, "exchange dispatch: layer %d: %lld rows arrive, the "
+                         "receive capacity is %d: allocate the activations with expert_rows "
+                         ">= %lld", layer, (long long)total, recv_cap, (long long)total);
+    gpu_nccl_op_t *ops = s_ops(x, (size_t)2 * W * E + 1);
+    int n = 0;
+    size_t at = 0; /* rows of recv laid out so far */
+    for (int e = 0; e < E; e++) {
+        recv_counts[e] = 0;
+        for (int s = 0; s < W; s++) {
+            int32_t c = cnt[(size_t)s * E + e];
+            if (c > 0 && s == x->me) { /* our own chunk: a local copy */
+                size_t first = start[e] + (size_t)s_chunk_start(x, base + e, to + (size_t)e * W, s);
+                ops[n++] = (gpu_nccl_op_t){s, send + first * D, recv + at * D, (size_t)c * rowb};
+            } else if (c > 0) {
+                ops[n++] = (gpu_nccl_op_t){s, NULL, recv + at * D, (size_t)c * rowb};
+            }
+            at += (size_t)c;
+            recv_counts[e] += c;
+        }
+        x->acc[base + e] += (uint64_t)recv_counts[e];
+    }
+    for (int r = 0; r < W; r++) /* our chunks for the others, by expert as they list them */
+        for (int e = 0; e < E && r != x->me; e++) {
+            const int32_t *te = to + (size_t)e * W;
+            if (te[r] == 0)
+                continue;
+            size_t first = start[e] + (size_t)s_chunk_start(x, base + e, te, r);
+            ops[n++] = (gpu_nccl_op_t){r, send + first * D, NULL, (size_t)te[r] * rowb};
+            x->traffic.dispatch_rows_out += (uint64_t)te[r];
+            x->traffic.dispatch_bytes_out += (uint64_t)te[r] * rowb;
+        }
+    x->traffic.dispatches++;
+    for (int e = 0; e < E; e++)
+        x->routed[base + e] += (uint64_t)send_counts[e];
+    memcpy(x->sent + base, send_counts, hb);
+    return s_transfer(x, n);
+}
+
+/* s_combine over NCCL: every chunk back the way its dispatch came (the counts are that
+ * dispatch's, on both sides: nothing to announce). rstart[e] is where expert e's rows begin in
+ * send (by sender within it), start[e] where this rank's own rows of e begin in recv. */
+static semoe_rc s_combine_nccl(worker_exchange_t *x, int layer, int D, const float *send,
+                               const size_t *rstart, const size_t *start, float *recv)
+{
+    int W = x->W, E = x->E;
+    size_t base = (size_t)layer * E, rowb = (size_t)D * 4;
+    const int32_t *to = x->to + base * W;
+    const int32_t *cnt = x->cnt + (size_t)layer * W * E;
+    gpu_nccl_op_t *ops = s_ops(x, (size_t)2 * W * E + 1);
+    int n = 0;
+    for (int e = 0; e < E; e++) {
+        size_t before = 0; /* rows of e from senders before s */
+        for (int s = 0; s < W; s++) {
+            int32_t c = cnt[(size_t)s * E + e];
+            const float *src = send + (rstart[e] + before) * D;
+            before += (size_t)(c > 0 ? c : 0);
+            if (c <= 0)
+                continue;
+            if (s == x->me) {
+                size_t first = start[e] + (size_t)s_chunk_start(x, base + e, to + (size_t)e * W, s);
+                ops[n++] = (gpu_nccl_op_t){s, src, recv + first * D, (size_t)c * rowb};
+            } else {
+                ops[n++] = (gpu_nccl_op_t){s, src, NULL, (size_t)c * rowb};
+            }
+        }
+    }
+    for (int r = 0; r < W; r++) /* ours back from the others, by expert as they list them */
+        for (int e = 0; e < E && r != x->me; e++) {
+            const int32_t *te = to + (size_t)e * W;
+            if (te[r] == 0)
+                continue;
+            size_t first = start[e] + (size_t)s_chunk_start(x, base + e, te, r);
+            ops[n++] = (gpu_nccl_op_t){r, NULL, recv + first * D, (size_t)te[r] * rowb};
+        }
+    return s_transfer(x, n);
+}
+#endif
+
 static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *send,
                            const int32_t *send_counts, float *recv, int32_t *recv_counts,
                            int recv_cap)
@@ -229,6 +373,11 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
         n += (size_t)send_counts[e];
         s_split(x, base + e, send_counts[e], to + (size_t)e * W);
     }
+#if SEMOE_HAVE_CUDA
+    if (x->nccl)
+        return s_dispatch_nccl(x, layer, D, send, send_counts, start, recv, recv_counts,
+                               recv_cap);
+#endif
     x->rows = s_reserve(x->rows, &x->rows_cap, n * rowb);
     x->be->to_host(x->rows, send, n * rowb);
 
@@ -340,6 +489,10 @@ static semoe_rc s_combine(void *state, int layer, int E, int D, const float *sen
         start[e] = n;
         n += (size_t)sent[e];
     }
+#if SEMOE_HAVE_CUDA
+    if (x->nccl)
+        return s_combine_nccl(x, layer, D, send, rstart, start, recv);
+#endif
     x->rows = s_reserve(x->rows, &x->rows_cap, nr * rowb);
     x->be->to_host(x->rows, send, nr * rowb);
 
@@ -416,6 +569,13 @@ static semoe_rc s_reduce_stats(void *state, double *buf, size_t n)
     }
     return SEMOE_OK;
 }
+
+#if SEMOE_HAVE_CUDA
+void worker_exchange_set_nccl(worker_exchange_t *x, gpu_nccl_t *nccl)
+{
+    x->nccl = nccl;
+}
+#endif
 
 model_exchange_f32 worker_exchange_f32(worker_exchange_t *self)
 {

@@ -29,7 +29,11 @@
 #include "model/backend.h"
 #include "model/graph.h"
 #include "model/params.h"
+#include "semoe_config.h"
 #include "worker/comm.h"
+#if SEMOE_HAVE_CUDA
+#include "gpu/nccl.h"
+#endif
 
 typedef struct worker_exchange worker_exchange_t;
 
@@ -51,6 +55,14 @@ semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L,
                              worker_exchange_t **out);
 /* Frees; nulls *self_p; NULL is a no-op. */
 void worker_exchange_destroy(worker_exchange_t **self_p);
+
+#if SEMOE_HAVE_CUDA
+/* From now on, dispatch and combine move the rows device to device over nccl (the graph's
+ * buffers must be device memory: a GPU worker's; the ranks and their order as the comm's), the
+ * counts still over the comm; every rank of the comm must set the same. NULL: back to the host
+ * path. Not owned; must outlive its use. */
+void worker_exchange_set_nccl(worker_exchange_t *x, gpu_nccl_t *nccl);
+#endif
 
 /* The exchange table for the graph and model_train_hooks_t.ex: state is self (which must
  * outlive its use); dispatch, combine and reduce_stats as described above. */

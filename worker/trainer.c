@@ -436,6 +436,7 @@ static semoe_rc s_nccl_setup(s_tr_t *self)
                          sizeof id);
     SEMOE_CHECK(gpu_nccl_new(id, (int)p->rank, (int)p->world, S_COMM_TIMEOUT_MS, &self->nccl));
     gpu_nccl_set_interrupt(self->nccl, s_poked, self);
+    worker_exchange_set_nccl(self->ex, self->nccl); /* the expert rows device to device too */
     log_info("generation %" PRIu64 ": NCCL communicator of %u ranks up (rank %u)",
              p->generation, p->world, p->rank);
     return SEMOE_OK;
