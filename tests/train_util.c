@@ -78,6 +78,8 @@ bool train_util_write_job(const char *path, const train_util_job_t *job)
     }
     if (job->freeze_router)
         r += snprintf(r, 32, ", \"freeze_router\": true");
+    if (job->collectives)
+        r += snprintf(r, 48, ", \"collectives\": \"%.12s\"", job->collectives);
     char text[4 * PATH_MAX];
     int len = snprintf(text, sizeof text,
              "{\n"
@@ -138,11 +140,17 @@ bool train_util_output_has(const proc_t *p, const char *needle)
 bool train_util_start_worker(train_util_worker_t *w, const char *prefix, int i,
                              const proc_ports_t *pp)
 {
+    return train_util_start_worker_on(w, prefix, i, pp, "cpu");
+}
+
+bool train_util_start_worker_on(train_util_worker_t *w, const char *prefix, int i,
+                                const proc_ports_t *pp, const char *device)
+{
     char file[96];
     snprintf(w->id, sizeof w->id, "%s-w%d-%05x", prefix, i, (unsigned)test_rand_below(1u << 20));
     snprintf(file, sizeof file, "%s.metrics.jsonl", w->id);
     proc_tmp_path(w->log, sizeof w->log, file);
-    const char *argv[] = {"--coordinator", pp->control_ep, "--id", w->id, "--device", "cpu",
+    const char *argv[] = {"--coordinator", pp->control_ep, "--id", w->id, "--device", device,
                           "--data-bind", "tcp://127.0.0.1:*", "--threads", "1",
                           "--metrics-log", w->log};
     w->proc = proc_startv(w->id, PROC_WORKER, (int)(sizeof argv / sizeof argv[0]), argv);

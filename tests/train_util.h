@@ -42,6 +42,7 @@ typedef struct {
     const double *router_bias;   /* train.router_bias: TRAIN_UTIL_EXPERTS values, or NULL */
     bool freeze_router;          /* train.freeze_router */
     int heartbeat_ms, liveness;  /* cluster.*; 0: 200 ms and 5 */
+    const char *collectives;     /* train.collectives, or NULL (the default, zmq) */
 } train_util_job_t;
 
 /* One line of a worker's --metrics-log, as docs/training.md "Metrics" lists the fields. */
@@ -86,6 +87,9 @@ bool train_util_write_job(const char *path, const train_util_job_t *job);
  * empty until its first step). False (said why) when it could not be started. */
 bool train_util_start_worker(train_util_worker_t *w, const char *prefix, int i,
                              const proc_ports_t *pp);
+/* The same on `device` (--device: "cpu", "cuda:N"). */
+bool train_util_start_worker_on(train_util_worker_t *w, const char *prefix, int i,
+                                const proc_ports_t *pp, const char *device);
 
 /* Reads w's metrics log into w->line[0..w->n) (freeing what was there): every line a whole
  * metrics line of this worker, CHECKed (failures name run); it stops at the first that is not.
