@@ -596,6 +596,56 @@ static bool s_replicated(const worker_exchange_t *x, size_t e)
     return x->hoff[e + 1] - x->hoff[e] > 1;
 }
 
+#if SEMOE_HAVE_CUDA
+#define S_SCRATCH_FLOATS ((size_t)64 << 20) /* 256 MiB of zeros for tensors not held here */
+
+/* worker_exchange_sum_replicas over NCCL, on the device: every replicated expert's tensors in
+ * table order, in place where this rank holds them, zeros from a device scratch where it does
+ * not. The tensors go in groups of at most S_SCRATCH_FLOATS (or one larger tensor), cut by their
+ * lengths alone so that every rank cuts the same groups and buckets; within a group each tensor
+ * not held here has a region of the scratch of its own (the sums the all-reduce writes back
+ * there are dropped), zeroed before the group. NCCL's sum is not taken in rank order, but it is
+ * the same on every rank: the replicas stay identical. */
+static semoe_rc s_sum_replicas_nccl(worker_exchange_t *x, const model_params_t *p, float *grads)
+{
+    size_t n = model_params_count(p), k = 0, cap = S_SCRATCH_FLOATS;
+    float **bufs = semoe_xcalloc(n + 1, sizeof *bufs);
+    size_t *lens = semoe_xcalloc(n + 1, sizeof *lens);
+    for (size_t i = 0; i < n; i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->kind != MODEL_PARAM_EXPERT ||
+            !s_replicated(x, (size_t)t->layer * x->E + (size_t)t->expert))
+            continue;
+        bufs[k] = t->data ? grads + t->offset : NULL;
+        lens[k++] = t->numel;
+        cap = t->numel > cap ? t->numel : cap;
+    }
+    float *zero = x->be->alloc(cap * sizeof(float));
+    semoe_rc rc = SEMOE_OK;
+    int64_t t0 = clock_mono_us();
+    for (size_t i = 0; i < k && rc == SEMOE_OK;) {
+        size_t j = i, sum = 0, used = 0;
+        while (j < k && (j == i || sum + lens[j] <= cap))
+            sum += lens[j++];
+        x->be->zero(zero, sum * sizeof(float));
+        for (size_t t = i; t < j; t++)
+            if (!bufs[t]) {
+                bufs[t] = zero + used;
+                used += lens[t];
+            }
+        rc = gpu_nccl_allreduce_buckets(x->nccl, bufs + i, lens + i, (int)(j - i), 0);
+        if (rc == SEMOE_OK) /* the scratch is zeroed again for the next group */
+            rc = gpu_nccl_wait(x->nccl, x->timeout_ms);
+        i = j;
+    }
+    x->traffic.seconds += (double)(clock_mono_us() - t0) / 1e6;
+    x->be->free(zero);
+    free(bufs);
+    free(lens);
+    return rc;
+}
+#endif
+
 semoe_rc worker_exchange_sum_replicas(worker_exchange_t *x, const model_params_t *p,
                                       float *grads)
 {
@@ -608,6 +658,10 @@ semoe_rc worker_exchange_sum_replicas(worker_exchange_t *x, const model_params_t
     }
     if (total == 0)
         return SEMOE_OK;
+#if SEMOE_HAVE_CUDA
+    if (x->nccl)
+        return s_sum_replicas_nccl(x, p, grads);
+#endif
     /* every replicated expert's tensors back to back in table order: this rank's where it
      * holds them, zeros elsewhere (x + 0 = x exactly: the rank-order sum is the holders' sum) */
     float *buf = semoe_xcalloc(total, sizeof *buf), *at = buf;
