@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call for the NCCL data plane (issue 6) on a machine of two or more GPUs: a release
-# build with CUDA, the gpu suite's NCCL test (tests/test_gpu_nccl.c), then bench_nccl (our
+# build with CUDA, the gpu suite's NCCL tests (tests/test_gpu_nccl.c, the communicator;
+# tests/test_gpu_ep.c, the daemons on two GPUs against one), then bench_nccl (our
 # all-to-all and bucketed all-reduce against NCCL's own on the same communicator). From the repo
 # root, through the device tool (kind nvidia-h200-x2 or larger) with carry [".device"]:
 #   source .device/on-device.sh && SEMOE_COMMIT=<hash> bash bench/gpu-nccl.sh [parts]
@@ -21,10 +22,11 @@ nvidia-smi topo -m 2>/dev/null | head -8
 ninja -C build-rel >"$out/build.log" 2>&1 || { grep -A6 -E "error|FAILED" "$out/build.log" | head -60; exit 1; }
 echo "== built ${SECONDS}s"
 if has test; then
-  timeout 300 meson test -C build-rel --no-rebuild --suite gpu gpu_nccl >"$out/test.txt" 2>&1
+  timeout 420 meson test -C build-rel --no-rebuild --suite gpu gpu_nccl gpu_ep >"$out/test.txt" 2>&1
   grep -E "^ *[0-9]+/|^Ok|^Fail" "$out/test.txt"
   cp build-rel/meson-logs/testlog.txt "$out/testlog.txt" 2>/dev/null
-  grep -hE "^(rank|abort|survivor|[0-9]+ ranks)|FAIL|failed|passed" "$out/testlog.txt" | head -40
+  grep -hE "^(rank|abort|survivor|a communicator|[0-9]+ ranks)|^  (ref|ep|crash)|FAIL|failed|passed|skipped" \
+    "$out/testlog.txt" | head -60
   echo "== test ${SECONDS}s"
 fi
 if has bench; then
