@@ -242,6 +242,31 @@ static semoe_rc s_transfer(worker_exchange_t *x, int n)
     return rc;
 }
 
+/* Appends to ops, for every other rank r and then every expert e (the order that rank lists
+ * its transfers with this one in), this rank's chunk of e's rows for r, its rows laid out from
+ * start[e] (layer `base`'s splits): sent from send, or received into recv. Returns the new
+ * count; adds the rows to *rows (NULL: not counted). */
+static int s_own_chunks(const worker_exchange_t *x, size_t base, const size_t *start, int D,
+                        const float *send, float *recv, gpu_nccl_op_t *ops, int n,
+                        uint64_t *rows)
+{
+    const int W = x->W, E = x->E;
+    const int32_t *to = x->to + base * W;
+    for (int r = 0; r < W; r++)
+        for (int e = 0; e < E && r != x->me; e++) {
+            const int32_t *te = to + (size_t)e * W;
+            if (te[r] == 0)
+                continue;
+            size_t first = start[e] + (size_t)s_chunk_start(x, base + e, te, r);
+            size_t bytes = (size_t)te[r] * D * sizeof(float);
+            ops[n++] = send ? (gpu_nccl_op_t){r, send + first * D, NULL, bytes}
+                            : (gpu_nccl_op_t){r, NULL, recv + first * D, bytes};
+            if (rows)
+                *rows += (uint64_t)te[r];
+        }
+    return n;
+}
+
 /* s_dispatch over NCCL, from where the two part: start[e] is where expert e's rows begin in
  * send, x->to (this layer's) how they split over the ranks. The counts go over ZeroMQ and are
  * checked as s_header checks the host messages; then each (rank, expert) chunk goes device to
@@ -299,16 +324,10 @@ static semoe_rc s_dispatch_nccl(worker_exchange_t *x, int layer, int D, const fl
         }
         x->acc[base + e] += (uint64_t)recv_counts[e];
     }
-    for (int r = 0; r < W; r++) /* our chunks for the others, by expert as they list them */
-        for (int e = 0; e < E && r != x->me; e++) {
-            const int32_t *te = to + (size_t)e * W;
-            if (te[r] == 0)
-                continue;
-            size_t first = start[e] + (size_t)s_chunk_start(x, base + e, te, r);
-            ops[n++] = (gpu_nccl_op_t){r, send + first * D, NULL, (size_t)te[r] * rowb};
-            x->traffic.dispatch_rows_out += (uint64_t)te[r];
-            x->traffic.dispatch_bytes_out += (uint64_t)te[r] * rowb;
-        }
+    uint64_t out = 0;
+    n = s_own_chunks(x, base, start, D, send, NULL, ops, n, &out);
+    x->traffic.dispatch_rows_out += out;
+    x->traffic.dispatch_bytes_out += out * rowb;
     x->traffic.dispatches++;
     for (int e = 0; e < E; e++)
         x->routed[base + e] += (uint64_t)send_counts[e];
@@ -344,14 +363,7 @@ static semoe_rc s_combine_nccl(worker_exchange_t *x, int layer, int D, const flo
             }
         }
     }
-    for (int r = 0; r < W; r++) /* ours back from the others, by expert as they list them */
-        for (int e = 0; e < E && r != x->me; e++) {
-            const int32_t *te = to + (size_t)e * W;
-            if (te[r] == 0)
-                continue;
-            size_t first = start[e] + (size_t)s_chunk_start(x, base + e, te, r);
-            ops[n++] = (gpu_nccl_op_t){r, NULL, recv + first * D, (size_t)te[r] * rowb};
-        }
+    n = s_own_chunks(x, base, start, D, NULL, recv, ops, n, NULL); /* ours back */
     return s_transfer(x, n);
 }
 #endif
