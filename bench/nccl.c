@@ -137,7 +137,7 @@ static void *s_rank_main(void *arg)
     }
     pthread_barrier_wait(&s_bar);
     s_ctx_t x = {0};
-    if (gpu_nccl_new(s_id, R->rank, s_world, S_TIMEOUT, &x.c) != SEMOE_OK) {
+    if (gpu_nccl_new(s_id, R->rank, s_world, S_TIMEOUT, NULL, NULL, &x.c) != SEMOE_OK) {
         fprintf(stderr, "rank %d: %s\n", R->rank, semoe_err_msg());
         exit(1);
     }

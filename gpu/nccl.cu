@@ -25,6 +25,9 @@ struct gpu_nccl {
     void *intr_arg;
     int broken;  /* 1: revoked (shrinkable), 2: aborted (comm gone) */
     char why[256]; /* what broke it, repeated by every later call */
+    semoe_rc code; /* and the code it broke with */
+    int timeout_ms; /* how long a call may wait for its peers (a launch, too: NCCL connects
+                     * lazily, inside the first launch with each peer) */
     float *bucket; /* gpu_nccl_allreduce_buckets' packing buffer */
     size_t bucket_floats;
     uint64_t a2a_out, ar_floats;
@@ -72,6 +75,7 @@ semoe_rc s_break(gpu_nccl_t *c, semoe_rc code, const char *fmt, ...)
         va_start(ap, fmt);
         vsnprintf(c->why, sizeof c->why, fmt, ap);
         va_end(ap);
+        c->code = code;
         c->broken = 2;
 #ifdef NCCL_REVOKE_DEFAULT /* ncclCommRevoke: NCCL 2.28.9 on */
         ncclResult_t rv = ncclCommRevoke(c->comm, NCCL_REVOKE_DEFAULT);
@@ -100,8 +104,8 @@ semoe_rc s_break(gpu_nccl_t *c, semoe_rc code, const char *fmt, ...)
 /* The error that broke c, again. */
 semoe_rc s_broken(const gpu_nccl_t *c)
 {
-    return semoe_err(c->why[0] && strstr(c->why, "abort") ? SEMOE_ESTOPPED : SEMOE_ECUDA,
-                     "nccl rank %d of %d: broken earlier: %s", c->rank, c->world, c->why);
+    return semoe_err(c->code, "nccl rank %d of %d: broken earlier: %s", c->rank, c->world,
+                     c->why);
 }
 
 /* Polls until the communicator's last call has taken effect (not ncclInProgress), an error,
@@ -146,19 +150,20 @@ semoe_rc s_begin(gpu_nccl_t *c)
 semoe_rc s_end(gpu_nccl_t *c, ncclResult_t r, const char *what)
 {
     if (r != ncclSuccess && r != ncclInProgress)
-        return s_break(c, SEMOE_ECUDA, "%s: %s (%s)", what, ncclGetErrorString(r),
+        return s_break(c, s_code(r), "%s: %s (%s)", what, ncclGetErrorString(r),
                        ncclGetLastError(c->comm));
-    SEMOE_CHECK(s_settle(c, what, SETTLE_MS));
+    SEMOE_CHECK(s_settle(c, what, c->timeout_ms));
     GPU_CHECK(cudaEventRecord(c->done, c->st));
     GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), c->done, 0));
     return SEMOE_OK;
 }
 
 /* A communicator struct around comm (settled): its stream and events on the current device. */
-gpu_nccl_t *s_wrap(ncclComm_t comm)
+gpu_nccl_t *s_wrap(ncclComm_t comm, int timeout_ms)
 {
     gpu_nccl_t *c = new gpu_nccl_t();
     c->comm = comm;
+    c->timeout_ms = timeout_ms;
     ncclCommUserRank(comm, &c->rank);
     ncclCommCount(comm, &c->world);
     GPU_CHECK(cudaGetDevice(&c->dev));
@@ -182,7 +187,7 @@ void s_free(gpu_nccl_t *c)
 /* Polls a communicator being made (comm non-NULL, its state ncclInProgress) until it is ready,
  * fails, or timeout_ms / the abort flag of `owner` (may be NULL) ends the wait; aborts it then. */
 semoe_rc s_made(ncclComm_t comm, ncclResult_t r, int rank, int world, int timeout_ms,
-                const char *what, const gpu_nccl_t *owner)
+                const char *what, int (*intr)(void *), void *arg)
 {
     double t0 = s_now_ms();
     while (r == ncclSuccess || r == ncclInProgress) {
@@ -195,7 +200,7 @@ semoe_rc s_made(ncclComm_t comm, ncclResult_t r, int rank, int world, int timeou
             r = st;
             break;
         }
-        bool stop = owner && s_stop(owner);
+        bool stop = intr && intr(arg);
         if (stop || s_now_ms() - t0 > timeout_ms) {
             ncclCommAbort(comm);
             return semoe_err(stop ? SEMOE_ESTOPPED : SEMOE_ETIMEDOUT,
@@ -224,7 +229,8 @@ extern "C" semoe_rc gpu_nccl_unique_id(uint8_t id[GPU_NCCL_ID_BYTES])
 }
 
 extern "C" semoe_rc gpu_nccl_new(const uint8_t id[GPU_NCCL_ID_BYTES], int rank, int world,
-                                 int timeout_ms, gpu_nccl_t **out)
+                                 int timeout_ms, int (*intr)(void *arg), void *arg,
+                                 gpu_nccl_t **out)
 {
     *out = NULL;
     if (world < 1 || rank < 0 || rank >= world || timeout_ms <= 0)
@@ -239,8 +245,9 @@ extern "C" semoe_rc gpu_nccl_new(const uint8_t id[GPU_NCCL_ID_BYTES], int rank, 
     if (!comm)
         return semoe_err(SEMOE_ECUDA, "nccl rank %d of %d: ncclCommInitRankConfig: %s", rank,
                          world, ncclGetErrorString(r));
-    SEMOE_CHECK(s_made(comm, r, rank, world, timeout_ms, "ncclCommInitRankConfig", NULL));
-    *out = s_wrap(comm);
+    SEMOE_CHECK(s_made(comm, r, rank, world, timeout_ms, "ncclCommInitRankConfig", intr, arg));
+    *out = s_wrap(comm, timeout_ms);
+    gpu_nccl_set_interrupt(*out, intr, arg);
     return SEMOE_OK;
 }
 
@@ -265,14 +272,23 @@ extern "C" semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, in
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
     ncclComm_t comm = NULL;
+    /* a revoked parent is quiescent (DEFAULT); a live one may have work stuck on the excluded
+     * ranks: ABORT terminates it first, and the parent is broken from then on */
     ncclResult_t r = ncclCommShrink(c->comm, const_cast<int *>(exclude), n, &comm, &cfg,
                                     c->broken ? NCCL_SHRINK_DEFAULT : NCCL_SHRINK_ABORT);
+    if (!c->broken) {
+        snprintf(c->why, sizeof c->why, "shrunk with its work aborted");
+        c->code = SEMOE_ESTOPPED;
+        c->broken = 1;
+    }
     if (!comm)
         return semoe_err(SEMOE_ECUDA, "nccl rank %d of %d: ncclCommShrink: %s (%s)", c->rank,
                          c->world, ncclGetErrorString(r), ncclGetLastError(c->comm));
     int world = c->world - n;
-    SEMOE_CHECK(s_made(comm, r, -1, world, timeout_ms, "ncclCommShrink", c));
-    *out = s_wrap(comm);
+    /* not interruptible: the parent's abort flag or poke, which may be what broke it, would end
+     * the shrink at once */
+    SEMOE_CHECK(s_made(comm, r, -1, world, timeout_ms, "ncclCommShrink", NULL, NULL));
+    *out = s_wrap(comm, timeout_ms);
     return SEMOE_OK;
 }
 
@@ -394,6 +410,10 @@ extern "C" semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs
         }
         if (span || j == i + 1) {
             r = ncclAllReduce(bufs[i], bufs[i], total, ncclFloat, ncclSum, c->comm, c->st);
+            /* taken effect before the next call: a non-blocking communicator refuses a call
+             * while the last is in progress */
+            if (r == ncclSuccess || r == ncclInProgress)
+                SEMOE_CHECK(s_settle(c, "bucketed all-reduce", c->timeout_ms));
         } else {
             if (!c->bucket) {
                 if (cudaMalloc((void **)&c->bucket, cap * sizeof(float)) != cudaSuccess) {
@@ -410,7 +430,7 @@ extern "C" semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs
             r = ncclAllReduce(c->bucket, c->bucket, total, ncclFloat, ncclSum, c->comm, c->st);
             /* the unpacking copies must follow the reduce on the stream: settle it first */
             if (r == ncclSuccess || r == ncclInProgress)
-                SEMOE_CHECK(s_settle(c, "bucketed all-reduce", SETTLE_MS));
+                SEMOE_CHECK(s_settle(c, "bucketed all-reduce", c->timeout_ms));
             o = 0;
             for (int t = i; t < j; o += lens[t++])
                 GPU_CHECK(cudaMemcpyAsync(bufs[t], c->bucket + o, lens[t] * sizeof(float),

@@ -41,14 +41,18 @@ semoe_rc gpu_nccl_unique_id(uint8_t id[GPU_NCCL_ID_BYTES]);
 
 /* Joins the communicator of `world` ranks named by id as `rank`, on the calling thread's current
  * device (gpu_backend_init). Waits at most timeout_ms for every rank to join: SEMOE_ETIMEDOUT
- * (the communicator aborted) when one does not. Caller owns *out. */
+ * (the communicator aborted) when one does not, SEMOE_ESTOPPED when intr(arg) (NULL: none) says
+ * so first; intr then stays the communicator's (gpu_nccl_set_interrupt). timeout_ms also bounds
+ * each later call's wait for its peers. Caller owns *out. */
 semoe_rc gpu_nccl_new(const uint8_t id[GPU_NCCL_ID_BYTES], int rank, int world, int timeout_ms,
-                      gpu_nccl_t **out);
+                      int (*intr)(void *arg), void *arg, gpu_nccl_t **out);
 
 /* A communicator of the ranks of c that are not in exclude (n of them, distinct, in range),
  * renumbered in order (ncclCommShrink): survivors of a death keep their NCCL resources and
- * need no new id. Every survivor calls it with the same list. A broken c is shrunk with its
- * work aborted. Waits at most timeout_ms. Caller owns *out; c is left as it was (destroy it). */
+ * need no new id. Every survivor calls it with the same list. A revoked c (broken, where NCCL
+ * can revoke) is quiescent and shrunk as it is; a live one has its work aborted first and is
+ * broken afterwards; an aborted one cannot be shrunk. Waits at most timeout_ms, not
+ * interruptible. Caller owns *out; destroy c. */
 semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, int timeout_ms,
                          gpu_nccl_t **out);
 
@@ -66,8 +70,8 @@ int gpu_nccl_world(const gpu_nccl_t *c);
  * rank r, recv_bytes[r] bytes from rank r land at recv + recv_off[r] (world entries each; the
  * sizes of a pair must agree on both sides, as each rank learns them from the routing it
  * shares, e.g. by a first all-to-all of counts). Our own part is a device copy. Enqueued as
- * described above; SEMOE_EINVAL for a size over 2^31 - 1 or an offset that overflows, and
- * the error that broke c if it is broken. */
+ * described above; SEMOE_EINVAL when this rank's own part differs in size between send and
+ * receive, and the error that broke c if it is broken. */
 semoe_rc gpu_nccl_alltoallv(gpu_nccl_t *c, const void *send, const size_t *send_bytes,
                             const size_t *send_off, void *recv, const size_t *recv_bytes,
                             const size_t *recv_off);

@@ -3,7 +3,8 @@
  * wait, not a poll of the clock); an id of an older generation does not satisfy it and a newer
  * one ends the wait (SEMOE_ESTOPPED); nothing within the timeout is SEMOE_ETIMEDOUT; the
  * interrupt callback ends it too; an id too long for the caller is SEMOE_EPROTO, and one over
- * WORKER_COMMID_MAX is refused when put. Random ids from the test seed. */
+ * WORKER_COMMID_MAX is refused when put; a reset (a new run) forgets the id, so that a lower
+ * generation's is taken again. Random ids from the test seed. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -87,6 +88,15 @@ int main(void)
     static uint8_t big[WORKER_COMMID_MAX + 1];
     CHECK(worker_commid_put(box, p.gen + 1, big, sizeof big) == SEMOE_EINVAL,
           "an id over the maximum was kept");
+
+    /* a new run: forgotten, and a lower generation's id is taken again */
+    worker_commid_reset(box);
+    rc = worker_commid_wait(box, p.gen, got, sizeof got, &len, 0, NULL, NULL);
+    CHECK(rc == SEMOE_ETIMEDOUT, "after a reset the old id is still there (rc %d)", (int)rc);
+    worker_commid_put(box, 1, p.id, 32);
+    rc = worker_commid_wait(box, 1, got, sizeof got, &len, 0, NULL, NULL);
+    CHECK(rc == SEMOE_OK && len == 32, "after a reset generation 1's id was refused (rc %d)",
+          (int)rc);
 
     /* interrupted from another thread */
     s_put_t w = {.box = box};

@@ -6,8 +6,9 @@
  *   (2) the same 2 workers with every expert on both (elastic.min_replicas 2), one killed
  *       (kill -9) mid-run: the survivor does not hang, trains on alone in a new generation (a
  *       new communicator of one rank), and a worker that joins on the freed GPU gets the experts
- *       and a new communicator of two; every step's loss within 1e-5 of (1)'s reference, no step
- *       missing; the time from the kill to the first step of the new generation is printed.
+ *       and a new communicator of two (it logs steps of world 2); every step up to (1)'s last
+ *       within 1e-5 of the reference, no step missing, every loss finite; the time from the
+ *       kill to the first step of the new generation is printed.
  * Every worker must say that its NCCL communicator came up. */
 #include <inttypes.h>
 #include <limits.h>
@@ -25,7 +26,8 @@
 #include "tests/status_client.h"
 #include "tests/train_util.h"
 
-#define S_STEPS 20
+#define S_STEPS 20  /* the reference and (1) */
+#define S_LONG 400  /* (2): long enough for a death, a recovery and a join to happen mid-run */
 #define S_EVAL 5
 #define S_TOL 1e-5
 #define S_RUN_MS 180000   /* a whole run */
@@ -55,7 +57,7 @@ static double s_now(void)
 
 /* Starts the run's coordinator and n workers, worker i on cuda:i. */
 static bool s_start(s_run_t *r, const char *name, int n, const char *collectives,
-                    int min_replicas)
+                    int min_replicas, int steps)
 {
     memset(r, 0, sizeof *r);
     r->name = name;
@@ -64,7 +66,7 @@ static bool s_start(s_run_t *r, const char *name, int n, const char *collectives
     snprintf(file, sizeof file, "%s.json", name);
     proc_tmp_path(r->job, sizeof r->job, file);
     train_util_job_t job = {.seed = s_seed, .corpus = s_corpus, .checkpoint_dir = "",
-                            .steps = S_STEPS, .eval_interval = S_EVAL,
+                            .steps = steps, .eval_interval = steps > S_STEPS ? 50 : S_EVAL,
                             .expected_workers = n, .min_replicas = min_replicas,
                             .threshold = 1e9, .collectives = collectives};
     CHECK(train_util_write_job(r->job, &job), "%s: cannot write %s", name, r->job);
@@ -123,22 +125,24 @@ static bool s_finish(s_run_t *r)
     return ok;
 }
 
-/* Every line of every worker of r against the reference's line for its step: loss, eval loss
- * and grad norm within S_TOL; each step 1..S_STEPS logged by some worker. */
-static void s_against(const s_run_t *r, const s_run_t *ref)
+/* Every line of every worker of r against the reference's line for its step (steps past the
+ * reference's: finite only): loss, eval loss and grad norm within S_TOL; each step 1..steps
+ * logged by some worker. */
+static void s_against(const s_run_t *r, const s_run_t *ref, int steps)
 {
-    bool seen[S_STEPS + 1] = {false};
+    bool seen[S_LONG + 1] = {false};
     double worst = 0.0;
     for (int i = 0; i < r->n; i++) {
         const train_util_worker_t *w = &r->w[i];
         for (int k = 0; k < w->n; k++) {
             const train_util_line_t *l = &w->line[k];
+            if (l->step >= 1 && l->step <= (uint64_t)steps)
+                seen[l->step] = true;
+            CHECK(isfinite(l->lossv) && isfinite(l->gnormv), "%s: %s step %" PRIu64 ": loss %s "
+                  "grad_norm %s", r->name, w->id, l->step, l->loss, l->gnorm);
             const train_util_line_t *m = train_util_find_step(&ref->w[0], l->step);
-            CHECK(m != NULL, "%s: step %" PRIu64 " is not in the reference", r->name, l->step);
             if (!m)
                 continue;
-            if (l->step <= S_STEPS)
-                seen[l->step] = true;
             double d = fabs(l->lossv - m->lossv) / fabs(m->lossv);
             double g = fabs(l->gnormv - m->gnormv) / fabs(m->gnormv);
             worst = d > worst ? d : worst;
@@ -152,7 +156,7 @@ static void s_against(const s_run_t *r, const s_run_t *ref)
             }
         }
     }
-    for (int s = 1; s <= S_STEPS; s++)
+    for (int s = 1; s <= steps; s++)
         CHECK(seen[s], "%s: step %d logged by no worker", r->name, s);
     fprintf(stderr, "  %s: worst relative loss difference to the 1-GPU reference %.3g\n",
             r->name, worst);
@@ -169,36 +173,42 @@ int main(void)
     s_seed = train_util_begin(s_corpus);
 
     s_run_t ref, ep, el;
-    bool ok = s_start(&ref, "ref-1gpu", 1, NULL, 0) && s_finish(&ref);
+    bool ok = s_start(&ref, "ref-1gpu", 1, NULL, 0, S_STEPS) && s_finish(&ref);
     REQUIRE(ok, "the 1-GPU reference run failed");
 
     /* (1) experts split over two GPUs, NCCL */
-    if (s_start(&ep, "ep-2gpu", 2, "nccl", 0) && s_finish(&ep))
-        s_against(&ep, &ref);
+    if (s_start(&ep, "ep-2gpu", 2, "nccl", 0, S_STEPS) && s_finish(&ep))
+        s_against(&ep, &ref, S_STEPS);
 
     /* (2) a death and a join */
-    if (s_start(&el, "crash-2gpu", 2, "nccl", 2) && s_wait(&el, 6, 0)) {
-        uint64_t step = 0, gen = 0;
+    if (s_start(&el, "crash-2gpu", 2, "nccl", 2, S_LONG) && s_wait(&el, 10, 0)) {
+        uint64_t step = 0, gen = 0, g2 = 0;
         train_util_progress(el.w, el.n, &step, &gen);
         el.victim = 1;
         double t_kill = s_now();
         CHECK(proc_kill(el.w[1].proc), "cannot kill %s", el.w[1].id);
         /* the survivor alone: a step of a newer generation */
-        if (s_wait(&el, step + 1, gen + 1)) {
-            double t_back = s_now();
+        bool back = s_wait(&el, step + 1, gen + 1);
+        if (back) {
             fprintf(stderr, "  crash-2gpu: the survivor trained again %.2f s after the kill "
-                    "(generation %" PRIu64 " -> newer)\n", t_back - t_kill, gen);
-            uint64_t g2 = 0;
+                    "(it was in generation %" PRIu64 ")\n", s_now() - t_kill, gen);
             train_util_progress(el.w, el.n, &step, &g2);
-            /* a worker joins on the freed GPU */
-            if (train_util_start_worker_on(&el.w[el.n], "crash-2gpu-join", 2, &el.pp,
-                                           "cuda:1")) {
-                el.n++;
-                s_wait(&el, step + 1, g2 + 1);
-            }
         }
-        if (s_finish(&el))
-            s_against(&el, &ref);
+        /* a worker joins on the freed GPU: it trains in a generation of two */
+        bool joined = back && train_util_start_worker_on(&el.w[el.n], "crash-2gpu-join", 2,
+                                                         &el.pp, "cuda:1");
+        if (joined) {
+            el.n++;
+            CHECK(s_wait(&el, step + 1, g2 + 1), "crash-2gpu: no generation after the join");
+        }
+        if (s_finish(&el)) {
+            s_against(&el, &ref, S_LONG);
+            const train_util_worker_t *j = joined ? &el.w[el.n - 1] : NULL;
+            bool two = false;
+            for (int k = 0; j && k < j->n; k++)
+                two |= j->line[k].world == 2;
+            CHECK(two, "crash-2gpu: the joining worker logged no step of a world of 2");
+        }
     }
     return test_finish();
 }

@@ -321,7 +321,7 @@ static void *s_rank_main(void *arg)
         s_fail(R, SEMOE_ECUDA, "unique id");
     pthread_barrier_wait(&s_bar); /* the id is there */
     gpu_nccl_t *c = NULL;
-    rc = gpu_nccl_new(s_id, R->rank, s_world, S_TIMEOUT, &c);
+    rc = gpu_nccl_new(s_id, R->rank, s_world, S_TIMEOUT, NULL, NULL, &c);
     if (rc != SEMOE_OK) {
         s_fail(R, rc, "gpu_nccl_new");
         pthread_barrier_wait(&s_bar); /* s_silent's two, so that the others go on */
@@ -369,7 +369,7 @@ static void *s_join_only(void *arg)
     s_join_t *j = arg;
     j->rc = gpu_backend_init(1);
     if (j->rc == SEMOE_OK)
-        j->rc = gpu_nccl_new(s_id, 1, 2, S_TIMEOUT, &j->c);
+        j->rc = gpu_nccl_new(s_id, 1, 2, S_TIMEOUT, NULL, NULL, &j->c);
     return NULL;
 }
 
@@ -382,15 +382,17 @@ static int s_test_abort(void)
     pthread_t th;
     pthread_create(&th, NULL, s_join_only, &j);
     gpu_nccl_t *c = NULL;
-    semoe_rc rc = gpu_nccl_new(s_id, 0, 2, S_TIMEOUT, &c);
+    semoe_rc rc = gpu_nccl_new(s_id, 0, 2, S_TIMEOUT, NULL, NULL, &c);
     pthread_join(th, NULL);
     REQUIRE(rc == SEMOE_OK && j.rc == SEMOE_OK, "two ranks: %s", semoe_err_msg());
     float *d = test_gpu_upf(s_vals[0], 1000);
     s_abort_ctx_t a = {.c = c};
     pthread_create(&th, NULL, s_aborter, &a);
     double t0 = s_ms();
-    rc = gpu_nccl_allreduce_sum(c, d, 1000);
+    /* waiting from here: NCCL connects inside the first launch with a peer, so the call itself
+     * may be what waits for rank 1 */
     atomic_store(&a.waiting, 1);
+    rc = gpu_nccl_allreduce_sum(c, d, 1000);
     if (rc == SEMOE_OK)
         rc = gpu_nccl_wait(c, 10 * S_TIMEOUT);
     double ms = s_ms() - t0;
@@ -416,7 +418,7 @@ static int s_test_missing(void)
     REQUIRE(gpu_nccl_unique_id(s_id) == SEMOE_OK, "unique id: %s", semoe_err_msg());
     gpu_nccl_t *c = NULL;
     double t0 = s_ms();
-    semoe_rc rc = gpu_nccl_new(s_id, 0, 2, S_SHORT, &c);
+    semoe_rc rc = gpu_nccl_new(s_id, 0, 2, S_SHORT, NULL, NULL, &c);
     double ms = s_ms() - t0;
     printf("a communicator of 2 with rank 1 missing: rc %d after %.0f ms (%s)\n", (int)rc, ms,
            semoe_err_msg());
@@ -450,7 +452,7 @@ static int s_child(int rank, const char *hex)
                 return 2;
     }
     gpu_nccl_t *c = NULL;
-    if (gpu_nccl_new(id, rank, 2, S_TIMEOUT, &c) != SEMOE_OK) {
+    if (gpu_nccl_new(id, rank, 2, S_TIMEOUT, NULL, NULL, &c) != SEMOE_OK) {
         fprintf(stderr, "child %d: %s\n", rank, semoe_err_msg());
         return 2;
     }

@@ -40,6 +40,15 @@ void worker_commid_destroy(worker_commid_t **self_p)
     *self_p = NULL;
 }
 
+void worker_commid_reset(worker_commid_t *self)
+{
+    pthread_mutex_lock(&self->mu);
+    self->have = false;
+    self->gen = 0;
+    self->len = 0;
+    pthread_mutex_unlock(&self->mu);
+}
+
 semoe_rc worker_commid_put(worker_commid_t *self, uint64_t gen, const uint8_t *id, size_t len)
 {
     if (len > WORKER_COMMID_MAX)

@@ -20,6 +20,9 @@ worker_commid_t *worker_commid_new(void);
 /* Frees; nulls *self_p; NULL is a no-op. */
 void worker_commid_destroy(worker_commid_t **self_p);
 
+/* Forgets the id kept (a new run: its generations may be numbered below the old run's). */
+void worker_commid_reset(worker_commid_t *self);
+
 /* Keeps the id of generation gen (len bytes, at most WORKER_COMMID_MAX: longer is refused with
  * SEMOE_EINVAL) and wakes a waiter. An older generation's than the one kept is dropped. */
 semoe_rc worker_commid_put(worker_commid_t *self, uint64_t gen, const uint8_t *id, size_t len);

@@ -321,6 +321,7 @@ static void s_on_welcome(s_ctl_t *self, const proto_msg_t *msg, int64_t now)
     self->liveness = w->liveness ? w->liveness : S_DEFAULT_LIVENESS;
     self->run_id = msg->hdr.run_id;
     self->generation = msg->hdr.generation;
+    worker_commid_reset(self->commid); /* a new run's generations may count from lower */
     s_take_job(self, w->job);
     actor_send_str(actor_pipe(self->trainer), "JOB", ZMQ_SNDMORE);
     zmq_send(actor_pipe(self->trainer), w->job.data, w->job.size, 0);

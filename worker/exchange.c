@@ -33,7 +33,9 @@ struct worker_exchange {
 #if SEMOE_HAVE_CUDA
     gpu_nccl_t *nccl; /* not owned; NULL: the rows go through the host and ZeroMQ */
     gpu_nccl_op_t *ops;
-    size_t ops_cap;   /* entries */
+    size_t ops_cap;   /* bytes */
+    float *zero;      /* device zeros standing in for replicated tensors not held here */
+    size_t zero_cap;  /* floats */
 #endif
 };
 
@@ -116,6 +118,8 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     free(x->rbytes);
 #if SEMOE_HAVE_CUDA
     free(x->ops);
+    if (x->zero)
+        x->be->free(x->zero);
 #endif
     free(x);
     *self_p = NULL;
@@ -609,7 +613,7 @@ static bool s_replicated(const worker_exchange_t *x, size_t e)
 }
 
 #if SEMOE_HAVE_CUDA
-#define S_SCRATCH_FLOATS ((size_t)64 << 20) /* 256 MiB of zeros for tensors not held here */
+#define S_SCRATCH_FLOATS ((size_t)64 << 20) /* tensors per group: 256 MiB at most, or one */
 
 /* worker_exchange_sum_replicas over NCCL, on the device: every replicated expert's tensors in
  * table order, in place where this rank holds them, zeros from a device scratch where it does
@@ -632,17 +636,24 @@ static semoe_rc s_sum_replicas_nccl(worker_exchange_t *x, const model_params_t *
         lens[k++] = t->numel;
         cap = t->numel > cap ? t->numel : cap;
     }
-    float *zero = x->be->alloc(cap * sizeof(float));
     semoe_rc rc = SEMOE_OK;
     int64_t t0 = clock_mono_us();
     for (size_t i = 0; i < k && rc == SEMOE_OK;) {
-        size_t j = i, sum = 0, used = 0;
-        while (j < k && (j == i || sum + lens[j] <= cap))
+        size_t j = i, sum = 0, absent = 0;
+        while (j < k && (j == i || sum + lens[j] <= cap)) {
+            absent += bufs[j] ? 0 : lens[j];
             sum += lens[j++];
-        x->be->zero(zero, sum * sizeof(float));
-        for (size_t t = i; t < j; t++)
+        }
+        if (absent > x->zero_cap) { /* kept for the next steps: grown, never shrunk */
+            x->be->free(x->zero);
+            x->zero = x->be->alloc(absent * sizeof(float));
+            x->zero_cap = absent;
+        }
+        if (absent)
+            x->be->zero(x->zero, absent * sizeof(float));
+        for (size_t t = i, used = 0; t < j; t++)
             if (!bufs[t]) {
-                bufs[t] = zero + used;
+                bufs[t] = x->zero + used;
                 used += lens[t];
             }
         rc = gpu_nccl_allreduce_buckets(x->nccl, bufs + i, lens + i, (int)(j - i), 0);
@@ -651,7 +662,6 @@ static semoe_rc s_sum_replicas_nccl(worker_exchange_t *x, const model_params_t *
         i = j;
     }
     x->traffic.seconds += (double)(clock_mono_us() - t0) / 1e6;
-    x->be->free(zero);
     free(bufs);
     free(lens);
     return rc;

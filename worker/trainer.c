@@ -434,8 +434,8 @@ static semoe_rc s_nccl_setup(s_tr_t *self)
         return semoe_err(SEMOE_EPROTO, "generation %" PRIu64 ": a communicator id of %zu bytes "
                          "(NCCL's are %zu): is every worker a GPU one?", p->generation, len,
                          sizeof id);
-    SEMOE_CHECK(gpu_nccl_new(id, (int)p->rank, (int)p->world, S_COMM_TIMEOUT_MS, &self->nccl));
-    gpu_nccl_set_interrupt(self->nccl, s_poked, self);
+    SEMOE_CHECK(gpu_nccl_new(id, (int)p->rank, (int)p->world, S_COMM_TIMEOUT_MS, s_poked, self,
+                             &self->nccl));
     worker_exchange_set_nccl(self->ex, self->nccl); /* the expert rows device to device too */
     log_info("generation %" PRIu64 ": NCCL communicator of %u ranks up (rank %u)",
              p->generation, p->world, p->rank);
