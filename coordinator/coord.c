@@ -223,6 +223,20 @@ static void s_on_join(coord_t *self, const void *rid, size_t rid_len, member_t *
         members_clear_progress(m);
         members_set_experts(m, NULL, 0);
     } else {
+        /* every rank needs a sequence of the global batch: no more workers than that, the
+         * others wait (their JOIN is retried) until one goes */
+        uint32_t staying = 0;
+        for (const member_t *w = members_first(self->members); w; w = w->next)
+            staying += !w->leaving;
+        if (staying >= self->job->train.global_batch) {
+            log_debug("JOIN from %s refused: %u workers train a global batch of %u", j->id,
+                      staying, self->job->train.global_batch);
+            s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED,
+                         "JOIN refused: %u workers already train the global batch of %u "
+                         "sequences (train.global_batch), one at least each; retry when one "
+                         "goes", staying, self->job->train.global_batch);
+            return;
+        }
         m = members_add(self->members, rid, rid_len, j->id);
         if (!m) {
             s_send_error(self, rid, rid_len, PROTO_ERR_REFUSED, "the job has %u workers already",

@@ -315,6 +315,88 @@ static char *s_relative(const char *path, char *buf, size_t n)
     return buf;
 }
 
+/* A job takes no more workers than its global batch has sequences (every rank trains one at
+ * least): with global_batch 2, two fake workers get WELCOME and a third ERROR REFUSED naming
+ * train.global_batch (it retries, as any refused JOIN does); once one of the two leaves, the
+ * third's JOIN is welcome. Its own coordinator on ports of its own. */
+static void s_check_batch_cap(const char *data_rel)
+{
+    proc_ports_t pp;
+    if (!proc_ports_pick(&pp)) {
+        CHECK(false, "no free ports");
+        return;
+    }
+    char job[PATH_MAX], text[3 * PATH_MAX];
+    snprintf(text, sizeof text,
+             "{" FAKE_WORKER_MODEL_JSON ","
+             " \"train\": {\"seq_len\": 64, \"global_batch\": 2, \"micro_batch\": 2,"
+             " \"steps\": 3},"
+             " \"data\": {\"paths\": [\"%s\"]},"
+             " \"cluster\": {\"heartbeat_ms\": 200, \"liveness\": 25, \"expected_workers\": 2}}\n",
+             S_LAYERS, S_EXPERTS, data_rel);
+    proc_tmp_path(job, sizeof job, "job-cap.json");
+    if (!proc_write_file(job, text)) {
+        CHECK(false, "write %s", job);
+        return;
+    }
+    proc_t *coord = proc_start_coordinator("coordinator-cap", job, &pp, NULL);
+    if (!coord) {
+        CHECK(false, "the capped job's coordinator did not start");
+        return;
+    }
+    fake_worker_t w[3];
+    uint32_t got[3] = {0};
+    char said[PROTO_MAX_TEXT + 1] = "";
+    for (int i = 0; i < 3; i++) {
+        char id[32];
+        snprintf(id, sizeof id, "cap-worker-%d", i);
+        if (!fake_worker_open(&w[i], pp.control_ep, id)) {
+            CHECK(false, "fake worker %s", id);
+            return;
+        }
+        fake_worker_join_as(&w[i], "cpu");
+        zmq_msg_t msg;
+        proto_msg_t m;
+        if (fake_worker_recv(&w[i], S_WAIT_MS, &msg, &m) == FAKE_WORKER_MSG) {
+            got[i] = m.hdr.type;
+            if (got[i] == PROTO_ERROR)
+                snprintf(said, sizeof said, "%s", m.error.text);
+            zmq_msg_close(&msg);
+        }
+    }
+    CHECK(got[0] == PROTO_WELCOME && got[1] == PROTO_WELCOME, "the first two JOINs to a job of "
+          "global_batch 2: %s, %s, want WELCOME", got[0] ? proto_type_name(got[0]) : "nothing",
+          got[1] ? proto_type_name(got[1]) : "nothing");
+    CHECK(got[2] == PROTO_ERROR && strstr(said, "global_batch"), "a third JOIN to a job of "
+          "global_batch 2: %s \"%s\", want ERROR REFUSED naming train.global_batch",
+          got[2] ? proto_type_name(got[2]) : "nothing", said);
+    fprintf(stderr, "  global_batch 2, third worker: %s%s%s\n",
+            got[2] ? proto_type_name(got[2]) : "nothing", said[0] ? ": " : "", said);
+    /* one of the two leaves: the third's JOIN, again, is welcome */
+    proto_msg_t leave = {.hdr.type = PROTO_LEAVE};
+    snprintf(leave.leave.reason, sizeof leave.leave.reason, "test");
+    fake_worker_send(&w[1], &leave);
+    bool welcome = false;
+    for (int64_t end = proc_now_ms() + S_WAIT_MS; !welcome && proc_now_ms() < end;) {
+        fake_worker_join_as(&w[2], "cpu");
+        zmq_msg_t msg;
+        proto_msg_t m;
+        for (int k = 0; k < 8 && !welcome; k++) {
+            if (fake_worker_recv(&w[2], 200, &msg, &m) != FAKE_WORKER_MSG)
+                break;
+            welcome = m.hdr.type == PROTO_WELCOME;
+            zmq_msg_close(&msg);
+        }
+    }
+    CHECK(welcome, "the third worker's JOIN was not welcome after one of the two left");
+    for (int i = 0; i < 3; i++)
+        fake_worker_close(&w[i]);
+    int status;
+    CHECK(proc_signal(coord, SIGTERM) && proc_wait(coord, S_WAIT_MS, &status) &&
+              proc_exit_code(status) == 0,
+          "the capped job's coordinator did not exit 0 on SIGTERM");
+}
+
 /* A job with train.precision "bf16" or train.collectives "nccl" (`field`, naming `word`) takes
  * GPU workers only: a JOIN from one that computes on the CPU gets ERROR REFUSED saying why (it
  * would fail its first step), one from a cuda worker gets WELCOME. Its own coordinator on ports
@@ -553,6 +635,7 @@ int main(void)
         fake_worker_close(&s_fakes[i].w);
     s_check_gpu_joins(rel, "\"precision\": \"bf16\"", "bf16");
     s_check_gpu_joins(rel, "\"collectives\": \"nccl\"", "nccl");
+    s_check_batch_cap(rel);
     fake_worker_term();
     free(data_abs);
     return test_finish();
