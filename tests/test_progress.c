@@ -347,11 +347,11 @@ static void s_check_batch_cap(const char *data_rel)
     fake_worker_t w[3];
     uint32_t got[3] = {0};
     char said[PROTO_MAX_TEXT + 1] = "";
+    char ids[3][32]; /* the fakes keep pointing at their ids */
     for (int i = 0; i < 3; i++) {
-        char id[32];
-        snprintf(id, sizeof id, "cap-worker-%d", i);
-        if (!fake_worker_open(&w[i], pp.control_ep, id)) {
-            CHECK(false, "fake worker %s", id);
+        snprintf(ids[i], sizeof ids[i], "cap-worker-%d", i);
+        if (!fake_worker_open(&w[i], pp.control_ep, ids[i])) {
+            CHECK(false, "fake worker %s", ids[i]);
             return;
         }
         fake_worker_join_as(&w[i], "cpu");
