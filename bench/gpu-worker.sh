@@ -1,11 +1,11 @@
 #!/bin/bash
 # One device call for training through semoe-worker on a GPU: the demo model (2 heads of 64 on
 # 1 kv head, so that the bf16 flash kernels take it) for 30 steps, one run per configuration
-# (a worker on the CPU in fp32, one on cuda:0 in fp32, one there with train.collectives nccl,
-# one on cuda:0 with train.precision bf16), same job and seed, losses compared step by step with
-# the CPU's (and the nccl run's with the zmq one's, within 1e-6: one rank, so the collectives
-# change nothing, but the fp32 path's scatter-adds (gpu/rows.cu, atomicAdd) are not
-# bit-reproducible from run to run). From the repo root,
+# (a worker on the CPU in fp32, one on cuda:0 in fp32, one on cuda:0 with train.precision bf16,
+# each of the two on cuda:0 also with train.collectives nccl), same job and seed, losses
+# compared step by step with the CPU's, and each nccl run's with its zmq twin's (within 1e-6 in
+# fp32, 1e-3 in bf16: one rank, so the collectives change nothing, but atomics (gpu/rows.cu's
+# scatter-adds, the flash backward's dQ) make runs differ in the last bits). From the repo root,
 # after ../shared/device/prepare.sh fortunes-min fortunes (the demo job's data):
 #   source .device/on-device.sh && bash bench/gpu-worker.sh [BUILD_DIR]
 # BUILD_DIR (default build-rel) is built with CUDA first if it does not exist. Everything it
@@ -25,7 +25,7 @@ echo "== built ${SECONDS}s"
 
 sys=${SEMOE_DEVICE_SYS:-/tmp/device-sys}
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-for run in cpu-fp32 cuda-fp32 cuda-fp32-nccl cuda-bf16; do
+for run in cpu-fp32 cuda-fp32 cuda-fp32-nccl cuda-bf16 cuda-bf16-nccl; do
   dev=${run%%-*} rest=${run#*-}
   prec=${rest%%-*} coll=zmq
   [[ $rest == *-nccl ]] && coll=nccl
@@ -60,14 +60,15 @@ def steps(p):
         return {}
 out = sys.argv[1]
 ref = steps(f"{out}/train-cpu-fp32.jsonl")
-same = steps(f"{out}/train-cuda-fp32.jsonl")
-nccl = steps(f"{out}/train-cuda-fp32-nccl.jsonl")
-gap = max((abs(nccl[s]["loss"] - same[s]["loss"]) / abs(same[s]["loss"]) for s in same
-           if s in nccl), default=float("inf"))
-ok = bool(same) and len(nccl) == len(same) and gap <= 1e-6
-print(f"== cuda-fp32-nccl against cuda-fp32 (zmq): {len(nccl)} of {len(same)} steps, worst "
-      f"relative loss difference {gap:.3e} (bound 1e-6): {'ok' if ok else 'FAIL'}")
-for run, tol in (("cuda-fp32", 1e-5), ("cuda-fp32-nccl", 1e-5), ("cuda-bf16", 1e-2)):
+for a, b, bound in (("cuda-fp32", "cuda-fp32-nccl", 1e-6), ("cuda-bf16", "cuda-bf16-nccl", 1e-3)):
+    same, nccl = steps(f"{out}/train-{a}.jsonl"), steps(f"{out}/train-{b}.jsonl")
+    gap = max((abs(nccl[s]["loss"] - same[s]["loss"]) / abs(same[s]["loss"]) for s in same
+               if s in nccl), default=float("inf"))
+    ok = bool(same) and len(nccl) == len(same) and gap <= bound
+    print(f"== {b} against {a} (zmq): {len(nccl)} of {len(same)} steps, worst relative loss "
+          f"difference {gap:.3e} (bound {bound:g}): {'ok' if ok else 'FAIL'}")
+for run, tol in (("cuda-fp32", 1e-5), ("cuda-fp32-nccl", 1e-5), ("cuda-bf16", 1e-2),
+                 ("cuda-bf16-nccl", 1e-2)):
     got = steps(f"{out}/train-{run}.jsonl")
     worst = 0.0
     for s in sorted(ref):

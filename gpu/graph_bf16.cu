@@ -72,6 +72,8 @@ struct gpu_graph_bf16 {
     double *aux_grad;  /* (E) host: E f_e / M */
     int fwd_done;
     const model_exchange_f32 *ex; /* the last forward's, for backward's load accounting */
+    void (*ready)(void *arg, int layer); /* model_pass_t's on_dense_ready */
+    void *ready_arg;
 };
 
 /* ---------------------------------------------------------------------- setup */
@@ -587,6 +589,8 @@ extern "C" semoe_rc gpu_graph_bf16_backward(gpu_graph_bf16_t *g, const float *w,
         s_section(GPU_GRAPH_NORM_LOSS);
         gpu_bf16_rmsnorm_bwd(g->dres, gr + ly->ln1, g->dln, x, w + ly->ln1,
                              g->rstd1 + (size_t)l * N, N, D);
+        if (g->ready) /* ln1, q/k/v/o, ln2 and the gate of layer l are final */
+            g->ready(g->ready_arg, l);
     }
     s_section(GPU_GRAPH_CONVERT);
     gpu_embedding_bwd(gr + g->embed, g->dres, inputs, N, D);
@@ -622,5 +626,12 @@ static semoe_rc s_pass_backward(void *self, const float *w, float *g, double sca
     return gpu_graph_bf16_backward((gpu_graph_bf16_t *)self, w, g, scale);
 }
 
+static void s_pass_on_ready(void *self, void (*fn)(void *arg, int layer), void *arg)
+{
+    gpu_graph_bf16_t *g = (gpu_graph_bf16_t *)self;
+    g->ready = fn;
+    g->ready_arg = arg;
+}
+
 extern "C" const model_pass_t gpu_pass_bf16 = {"bf16", s_pass_create, s_pass_destroy, s_pass_bias,
-                                               s_pass_forward, s_pass_backward};
+                                               s_pass_forward, s_pass_backward, s_pass_on_ready};

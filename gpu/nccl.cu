@@ -147,15 +147,21 @@ semoe_rc s_begin(gpu_nccl_t *c)
 
 /* After a collective's NCCL calls (r, the last one's result): settles them and orders the
  * caller's stream after c's. */
-semoe_rc s_end(gpu_nccl_t *c, ncclResult_t r, const char *what)
+semoe_rc s_end_as(gpu_nccl_t *c, ncclResult_t r, const char *what, bool join)
 {
     if (r != ncclSuccess && r != ncclInProgress)
         return s_break(c, s_code(r), "%s: %s (%s)", what, ncclGetErrorString(r),
                        ncclGetLastError(c->comm));
     SEMOE_CHECK(s_settle(c, what, c->timeout_ms));
     GPU_CHECK(cudaEventRecord(c->done, c->st));
-    GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), c->done, 0));
+    if (join)
+        GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), c->done, 0));
     return SEMOE_OK;
+}
+
+semoe_rc s_end(gpu_nccl_t *c, ncclResult_t r, const char *what)
+{
+    return s_end_as(c, r, what, true);
 }
 
 /* A communicator struct around comm (settled): its stream and events on the current device. */
@@ -385,8 +391,31 @@ extern "C" semoe_rc gpu_nccl_allreduce_sum(gpu_nccl_t *c, float *buf, size_t n)
                  "all-reduce");
 }
 
+namespace {
+semoe_rc s_buckets(gpu_nccl_t *c, float *const *bufs, const size_t *lens, int n,
+                   size_t bucket_bytes, bool join);
+}
+
 extern "C" semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs,
                                                const size_t *lens, int n, size_t bucket_bytes)
+{
+    return s_buckets(c, bufs, lens, n, bucket_bytes, true);
+}
+
+extern "C" semoe_rc gpu_nccl_allreduce_buckets_bg(gpu_nccl_t *c, float *const *bufs,
+                                                  const size_t *lens, int n, size_t bucket_bytes)
+{
+    return s_buckets(c, bufs, lens, n, bucket_bytes, false);
+}
+
+extern "C" void gpu_nccl_join(gpu_nccl_t *c)
+{
+    GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), c->done, 0));
+}
+
+namespace {
+semoe_rc s_buckets(gpu_nccl_t *c, float *const *bufs, const size_t *lens, int n,
+                   size_t bucket_bytes, bool join)
 {
     size_t cap = (bucket_bytes ? bucket_bytes : GPU_NCCL_BUCKET_BYTES) / sizeof(float);
     if (cap == 0)
@@ -439,8 +468,9 @@ extern "C" semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs
         c->ar_floats += total;
         i = j;
     }
-    return s_end(c, r, "bucketed all-reduce");
+    return s_end_as(c, r, "bucketed all-reduce", join);
 }
+} // namespace
 
 extern "C" semoe_rc gpu_nccl_wait(gpu_nccl_t *c, int timeout_ms)
 {

@@ -102,6 +102,15 @@ semoe_rc gpu_nccl_allreduce_sum(gpu_nccl_t *c, float *buf, size_t n);
 semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs, const size_t *lens,
                                     int n, size_t bucket_bytes);
 
+/* gpu_nccl_allreduce_buckets in the background: ordered after the caller's stream as every
+ * call is, but the caller's stream does not wait for it (its next kernels may not touch bufs
+ * until gpu_nccl_join, or until a later call of c that is not in the background, which joins
+ * everything before it too: c's stream runs its work in order). */
+semoe_rc gpu_nccl_allreduce_buckets_bg(gpu_nccl_t *c, float *const *bufs, const size_t *lens,
+                                       int n, size_t bucket_bytes);
+/* Makes the caller's stream wait for everything enqueued on c so far. */
+void gpu_nccl_join(gpu_nccl_t *c);
+
 /* Waits until every collective enqueued on c so far has finished, polling NCCL's errors and
  * the abort flag; at most timeout_ms (then SEMOE_ETIMEDOUT and c aborted). */
 semoe_rc gpu_nccl_wait(gpu_nccl_t *c, int timeout_ms);

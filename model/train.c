@@ -312,7 +312,14 @@ semoe_rc model_train_step(model_train_t *tr, const uint8_t *tokens, uint32_t n_r
                               : (double)rows / tr->gb;
         int direct = sp.n == 1 && scale == 1.0;
         if (tr->pass) { /* scales its loss gradient itself: straight into g */
-            SEMOE_CHECK(tr->pass->backward(acts->ps, tr->w, tr->g, scale));
+            /* the last micro-batch finishes each layer's gradients: say so as it goes */
+            bool tell = i + 1 == sp.n && hooks->dense_ready && tr->pass->on_dense_ready;
+            if (tell)
+                tr->pass->on_dense_ready(acts->ps, hooks->dense_ready, hooks->arg);
+            semoe_rc brc = tr->pass->backward(acts->ps, tr->w, tr->g, scale);
+            if (tell)
+                tr->pass->on_dense_ready(acts->ps, NULL, NULL);
+            SEMOE_CHECK(brc);
         } else if (direct) {
             SEMOE_CHECK(s_backward(tr, acts, tr->g, hooks->ex));
         } else {

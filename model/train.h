@@ -29,6 +29,12 @@ typedef struct {
      * dense tensors and over the expert tensors it holds, kept apart so that a wrapper can
      * count replicated tensors once. NULL: *global = dense + expert. */
     semoe_rc (*reduce_sumsq)(void *arg, double dense, double expert, double *global);
+    /* Called during the step's last backward, with a pass that can (model_pass_t's
+     * on_dense_ready: the bf16 graph), once per layer as soon as that layer's dense gradients
+     * are final, so that their all-reduce can start while backward goes on (nothing the
+     * backward does later may wait for it); reduce_grads follows as always, for the rest. NULL:
+     * nothing. */
+    void (*dense_ready)(void *arg, int layer);
     /* The expert exchange for forward and backward; NULL: the local one (every expert held). */
     const model_exchange_f32 *ex;
     /* Micro-batches per step; 0: n_rows / micro_batch rounded up (chunks of micro_batch, a
@@ -91,6 +97,10 @@ typedef struct {
     /* model_backward_f32's, for the loss times scale: g += scale * d loss / d w (the trainer's
      * micro-batch weight, so that micro-batches accumulate into one slab) */
     semoe_rc (*backward)(void *self, const float *w, float *g, double scale);
+    /* Optional (NULL: the pass cannot): from now on, backward calls fn(arg, layer) as soon as
+     * layer `layer`'s dense gradients are final in g (layers from the last to the first; the
+     * embedding, final norm and lm_head are not reported); fn NULL: no more calls. */
+    void (*on_dense_ready)(void *self, void (*fn)(void *arg, int layer), void *arg);
 } model_pass_t;
 
 /* model_train_new with pass (NULL: model/graph.h's). */

@@ -90,6 +90,10 @@ typedef struct {
     float **dense_bufs;       /* the dense tensors of the gradient slab, for the all-reduce */
     float **dense_host;       /* their host copies when the slab is device memory, else NULL */
     size_t *dense_lens;
+    int32_t *dense_layer;     /* each dense tensor's layer (-1: embedding, norm, lm_head) */
+    bool *dense_sent;         /* this step: its all-reduce already started during backward */
+    semoe_rc bg_rc;           /* the first error of an all-reduce started during backward */
+    char bg_err[256];         /* and its message */
     int n_dense;
     uint64_t *rows_in;        /* (L*E) the exchange's counts of the last step: received, */
     uint64_t *rows_out;       /* and sent (this rank's tokens' routing) */
@@ -229,6 +233,10 @@ static void s_teardown(s_tr_t *self)
     free(self->dense_host);
     self->dense_host = NULL;
     free(self->dense_lens);
+    free(self->dense_layer);
+    free(self->dense_sent);
+    self->dense_layer = NULL;
+    self->dense_sent = NULL;
     free(self->rows_in);
     free(self->rows_out);
     self->rows_out = NULL;
@@ -261,6 +269,50 @@ static void s_drop_job(s_tr_t *self)
     self->failed = false;
 }
 
+#if SEMOE_HAVE_CUDA
+/* Starts the NCCL all-reduce of the dense tensors of `layer` (-2: every one) not started yet
+ * this step, in fused buckets (a layer's tensors are adjacent in the slab: one span); joined
+ * (the caller's stream waits for it and for everything before it on the communicator) or in
+ * the background. */
+static semoe_rc s_dense_allreduce(s_tr_t *self, int layer, bool join)
+{
+    float **bufs = semoe_xcalloc((size_t)self->n_dense + 1, sizeof *bufs);
+    size_t *lens = semoe_xcalloc((size_t)self->n_dense + 1, sizeof *lens);
+    int k = 0;
+    for (int i = 0; i < self->n_dense; i++)
+        if (!self->dense_sent[i] && (layer == -2 || self->dense_layer[i] == layer)) {
+            bufs[k] = self->dense_bufs[i];
+            lens[k++] = self->dense_lens[i];
+            self->dense_sent[i] = true;
+        }
+    semoe_rc rc = SEMOE_OK;
+    if (k > 0)
+        rc = join ? gpu_nccl_allreduce_buckets(self->nccl, bufs, lens, k, 0)
+                  : gpu_nccl_allreduce_buckets_bg(self->nccl, bufs, lens, k, 0);
+    else if (join)
+        gpu_nccl_join(self->nccl);
+    free(bufs);
+    free(lens);
+    return rc;
+}
+
+/* The last backward finished layer `layer`'s dense gradients (model_train_hooks_t's
+ * dense_ready): their all-reduce starts now, beside the rest of backward (the paper's fused
+ * communication overlapped with backward). An error is kept for s_reduce_grads to return. */
+static void s_dense_ready(void *arg, int layer)
+{
+    s_tr_t *self = arg;
+    if (!self->nccl || self->bg_rc != SEMOE_OK)
+        return;
+    semoe_rc rc = s_dense_allreduce(self, layer, false);
+    if (rc != SEMOE_OK) {
+        self->bg_rc = rc;
+        snprintf(self->bg_err, sizeof self->bg_err, "the all-reduce of layer %d's dense "
+                 "gradients: %s", layer, semoe_err_msg());
+    }
+}
+#endif
+
 static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
 {
     (void)grads, (void)n; /* dense_bufs point into the trainer's gradient slab */
@@ -268,11 +320,16 @@ static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
     int64_t t0 = clock_mono_us();
     semoe_rc rc;
 #if SEMOE_HAVE_CUDA
-    if (self->nccl) { /* on the device, in buckets */
-        rc = gpu_nccl_allreduce_buckets(self->nccl, self->dense_bufs, self->dense_lens,
-                                        self->n_dense, 0 /* NCCL's larger default */);
+    if (self->nccl) { /* on the device, in buckets: what backward did not start already */
+        rc = self->bg_rc;
+        if (rc != SEMOE_OK)
+            rc = semoe_err(rc, "%s", self->bg_err);
+        if (rc == SEMOE_OK)
+            rc = s_dense_allreduce(self, -2, true);
         if (rc == SEMOE_OK)
             rc = gpu_nccl_wait(self->nccl, S_COMM_TIMEOUT_MS);
+        memset(self->dense_sent, 0, (size_t)self->n_dense * sizeof *self->dense_sent);
+        self->bg_rc = SEMOE_OK;
         self->t_reduce += (double)(clock_mono_us() - t0) / 1e6;
         if (rc == SEMOE_OK)
             rc = worker_exchange_sum_replicas(self->ex, self->params, model_train_grads(self->tr));
@@ -532,11 +589,15 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
     size_t n = model_params_count(self->params);
     self->dense_bufs = semoe_xcalloc(n, sizeof *self->dense_bufs);
     self->dense_lens = semoe_xcalloc(n, sizeof *self->dense_lens);
+    self->dense_layer = semoe_xcalloc(n + 1, sizeof *self->dense_layer);
+    self->dense_sent = semoe_xcalloc(n + 1, sizeof *self->dense_sent);
+    self->bg_rc = SEMOE_OK;
     float *g = model_train_grads(self->tr);
     for (size_t i = 0; i < n; i++) {
         const model_param_t *t = model_params_at(self->params, i);
         if (t->data && t->kind == MODEL_PARAM_DENSE) {
             self->dense_bufs[self->n_dense] = g + t->offset;
+            self->dense_layer[self->n_dense] = t->layer;
             self->dense_lens[self->n_dense++] = (size_t)t->numel;
         }
     }
@@ -646,6 +707,9 @@ static semoe_rc s_step(s_tr_t *self)
     SEMOE_CHECK(model_data_batch_rows(self->data, self->step, lo, rows, self->tokens,
                                       self->sample_ids, NULL));
     model_train_hooks_t hooks = {.arg = self, .reduce_grads = s_reduce_grads,
+#if SEMOE_HAVE_CUDA
+                                 .dense_ready = s_dense_ready,
+#endif
                                  .reduce_sumsq = s_reduce_sumsq, .ex = &self->exf,
                                  .micro_steps = self->micro_steps};
     model_train_report_t rep;
