@@ -3,9 +3,13 @@
  * loss and gradients (dense ones after an all-reduce, expert ones on their holders, replicas'
  * shares summed), receive exactly the rows the routing implies between them, and train to the
  * same losses over several AdamW steps. Each world size runs with one holder per expert and
- * again with random replicas. */
+ * again with random replicas, each twice: the rows as host messages over the comm, and through
+ * a direct transport (worker_exchange_set_xfer, the path NCCL takes on GPUs) that here moves
+ * them between the threads' buffers in host memory, pairing sends and receives in order. */
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <zmq.h>
@@ -141,6 +145,87 @@ static int s_dense(const model_params_t *p, float *slab, float **bufs, size_t *l
     return n;
 }
 
+/* --- a direct transport in host memory --------------------------------------------------- */
+
+#define Q_CAP 256 /* posted sends per (sender, receiver) pair at a time */
+
+/* What every rank of a world posts and takes: per (from, to) pair a FIFO of sends. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    const void *buf[MAXW][MAXW][Q_CAP];
+    size_t bytes[MAXW][MAXW][Q_CAP];
+    uint64_t head[MAXW][MAXW], tail[MAXW][MAXW]; /* taken, posted */
+} s_board_t;
+
+typedef struct {
+    s_board_t *b;
+    int me;
+} s_board_rank_t;
+
+/* Waits on the board's condition until deadline (CLOCK_REALTIME); false once it passed. */
+static bool s_board_wait(s_board_t *b, const struct timespec *deadline)
+{
+    return pthread_cond_timedwait(&b->cv, &b->mu, deadline) != ETIMEDOUT;
+}
+
+/* worker_xfer_t's run: posts this rank's sends, takes its receives in the order listed (each
+ * waits for the sender's next post to this rank and must match its size), copies its own
+ * chunks, and returns once the others took all it posted (the buffers are its caller's). */
+static semoe_rc s_board_run(void *state, const worker_xfer_op_t *ops, int n, int timeout_ms)
+{
+    s_board_rank_t *br = state;
+    s_board_t *b = br->b;
+    int me = br->me;
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += timeout_ms / 1000 + 1;
+    semoe_rc rc = SEMOE_OK;
+    pthread_mutex_lock(&b->mu);
+    for (int i = 0; i < n; i++) {
+        const worker_xfer_op_t *o = &ops[i];
+        if (o->peer == me || !o->send)
+            continue;
+        uint64_t t = b->tail[me][o->peer]++;
+        if (t - b->head[me][o->peer] >= Q_CAP) {
+            rc = semoe_err(SEMOE_EPROTO, "board: more than %d sends to rank %d", Q_CAP, o->peer);
+            break;
+        }
+        b->buf[me][o->peer][t % Q_CAP] = o->send;
+        b->bytes[me][o->peer][t % Q_CAP] = o->bytes;
+    }
+    pthread_cond_broadcast(&b->cv);
+    for (int i = 0; i < n && rc == SEMOE_OK; i++) {
+        const worker_xfer_op_t *o = &ops[i];
+        if (o->peer == me) {
+            memcpy(o->recv, o->send, o->bytes);
+            continue;
+        }
+        if (!o->recv)
+            continue;
+        int p = o->peer;
+        while (b->head[p][me] == b->tail[p][me] && rc == SEMOE_OK)
+            if (!s_board_wait(b, &dl))
+                rc = semoe_err(SEMOE_ETIMEDOUT, "board: rank %d: nothing from rank %d", me, p);
+        if (rc != SEMOE_OK)
+            break;
+        uint64_t h = b->head[p][me]++;
+        if (b->bytes[p][me][h % Q_CAP] != o->bytes) {
+            rc = semoe_err(SEMOE_EPROTO, "board: rank %d expects %zu bytes from rank %d, which "
+                           "sent %zu", me, o->bytes, p, b->bytes[p][me][h % Q_CAP]);
+            break;
+        }
+        memcpy(o->recv, b->buf[p][me][h % Q_CAP], o->bytes);
+        pthread_cond_broadcast(&b->cv);
+    }
+    for (int p = 0; p < MAXW && rc == SEMOE_OK; p++) /* ours taken: our buffers are free */
+        while (b->head[me][p] != b->tail[me][p] && rc == SEMOE_OK)
+            if (!s_board_wait(b, &dl))
+                rc = semoe_err(SEMOE_ETIMEDOUT, "board: rank %d's sends to %d not taken", me, p);
+    pthread_mutex_unlock(&b->mu);
+    return rc;
+}
+
 /* --- one rank ------------------------------------------------------------------------------ */
 
 typedef struct {
@@ -149,6 +234,7 @@ typedef struct {
     uint32_t rank;
     comm_port_t *port;
     const char *const *eps;
+    s_board_t *board; /* NULL: the rows as host messages over the comm */
     pthread_t th;
 } s_rank_t;
 
@@ -208,6 +294,9 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
     TCHECK(rc == SEMOE_OK, "rank %u: exchange: %s", r, semoe_err_msg());
     if (!p || rc != SEMOE_OK)
         goto done;
+    s_board_rank_t br = {me->board, (int)r};
+    if (me->board)
+        worker_exchange_set_xfer(x, &(worker_xfer_t){&br, s_board_run});
     model_exchange_f32 ex = worker_exchange_f32(x);
 
     /* forward + backward over this rank's rows, dense gradients summed over ranks */
@@ -351,9 +440,13 @@ static void s_place(s_ref_t *ref, uint32_t W, bool replicas)
     ref->world = W;
 }
 
-static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas)
+static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, bool direct)
 {
     s_place(ref, W, replicas);
+    static s_board_t board;
+    memset(&board, 0, sizeof board);
+    pthread_mutex_init(&board.mu, NULL);
+    pthread_cond_init(&board.cv, NULL);
     int LE = (int)(ref->job.model.num_hidden_layers * ref->job.model.num_local_experts);
     memset(ref->recv_sum, 0, sizeof ref->recv_sum);
     ref->max_loss_err = ref->max_dense_err = ref->max_expert_err = ref->max_step_err = 0;
@@ -370,7 +463,8 @@ static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas)
     }
     s_rank_t ranks[MAXW];
     for (uint32_t r = 0; r < W; r++) {
-        ranks[r] = (s_rank_t){.ref = ref, .out = ref, .rank = r, .port = ports[r], .eps = eps};
+        ranks[r] = (s_rank_t){.ref = ref, .out = ref, .rank = r, .port = ports[r], .eps = eps,
+                              .board = direct ? &board : NULL};
         pthread_create(&ranks[r].th, NULL, s_rank_main, &ranks[r]);
     }
     for (uint32_t r = 0; r < W; r++)
@@ -382,9 +476,12 @@ static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas)
         CHECK(ref->recv_sum[e] == ref->routed[e], "W %u: expert %d: its %u holders received %lld "
               "rows, %d were routed to it", W, e, ref->hoff[e + 1] - ref->hoff[e],
               (long long)ref->recv_sum[e], ref->routed[e]);
-    printf("W=%u, %u copies of %d experts: relative errors: loss %.2e, dense grads %.2e, expert "
-           "grads %.2e, 5 steps %.2e\n", W, copies, LE, ref->max_loss_err, ref->max_dense_err,
+    printf("W=%u, %u copies of %d experts, rows %s: relative errors: loss %.2e, dense grads "
+           "%.2e, expert grads %.2e, 5 steps %.2e\n", W, copies, LE,
+           direct ? "direct" : "over the comm", ref->max_loss_err, ref->max_dense_err,
            ref->max_expert_err, ref->max_step_err);
+    pthread_cond_destroy(&board.cv);
+    pthread_mutex_destroy(&board.mu);
 }
 
 /* A local exchange with an identity reduce_stats must give the NULL exchange's results: the
@@ -467,10 +564,11 @@ int main(void)
     model_train_destroy(&tr);
 
     void *ctx = zmq_ctx_new();
-    for (uint32_t W = 2; W <= MAXW; W++) {
-        s_run_world(&ref, ctx, W, false);
-        s_run_world(&ref, ctx, W, true);
-    }
+    for (uint32_t W = 2; W <= MAXW; W++)
+        for (int direct = 0; direct < 2; direct++) {
+            s_run_world(&ref, ctx, W, false, direct);
+            s_run_world(&ref, ctx, W, true, direct);
+        }
     zmq_ctx_term(ctx);
 
     free(ref.routed);

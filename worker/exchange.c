@@ -1,8 +1,9 @@
 /* Expert parallelism over the CPU collectives (worker/exchange.h): dispatch and combine of an
  * MoE layer's expert rows as one comm_alltoallv each, messages [E int32 counts][rows], and the
- * global sum of the loss statistics. With an NCCL communicator (worker_exchange_set_nccl), the
- * rows go device to device instead: the counts first, over ZeroMQ (the host needs them to lay
- * the rows out), then one group of NCCL sends and receives, a chunk per (peer, expert). */
+ * global sum of the loss statistics. With a direct transport (worker_exchange_set_xfer; NCCL's,
+ * worker_exchange_set_nccl), the rows go straight between the graph's buffers instead: the
+ * counts first, over the comm (the host needs them to lay the rows out), then one group of
+ * sends and receives, a chunk per (peer, expert). */
 #include "worker/exchange.h"
 
 #include <stdlib.h>
@@ -30,10 +31,11 @@ struct worker_exchange {
     uint64_t *acc;    /* (L, E) rows received per expert by dispatch since the last take */
     uint64_t *routed; /* (L, E) rows this rank's dispatches sent per expert, since then */
     worker_exchange_traffic_t traffic; /* since the last take */
-#if SEMOE_HAVE_CUDA
-    gpu_nccl_t *nccl; /* not owned; NULL: the rows go through the host and ZeroMQ */
-    gpu_nccl_op_t *ops;
+    worker_xfer_t xfer; /* run NULL: the rows go through the host and the comm */
+    worker_xfer_op_t *ops;
     size_t ops_cap;   /* bytes */
+#if SEMOE_HAVE_CUDA
+    gpu_nccl_t *nccl; /* not owned: the xfer's, and the replicas' sums */
     float *zero;      /* device zeros standing in for replicated tensors not held here */
     size_t zero_cap;  /* floats */
 #endif
@@ -116,8 +118,8 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     free(x->rmsg);
     free(x->sbytes);
     free(x->rbytes);
-#if SEMOE_HAVE_CUDA
     free(x->ops);
+#if SEMOE_HAVE_CUDA
     if (x->zero)
         x->be->free(x->zero);
 #endif
@@ -226,22 +228,19 @@ static int32_t s_chunk_start(const worker_exchange_t *x, size_t e, const int32_t
     return before;
 }
 
-#if SEMOE_HAVE_CUDA
 /* Room for n transfers. */
-static gpu_nccl_op_t *s_ops(worker_exchange_t *x, size_t n)
+static worker_xfer_op_t *s_ops(worker_exchange_t *x, size_t n)
 {
     x->ops = s_reserve(x->ops, &x->ops_cap, n * sizeof *x->ops);
     return x->ops;
 }
 
-/* Runs the n transfers of x->ops and waits for them (bounded: a dead peer is an error here,
- * not a hang in the graph's next kernel). */
+/* Runs the n transfers of x->ops through the transport, which waits for them (bounded: a dead
+ * peer is an error here, not a hang in the graph's next kernel). */
 static semoe_rc s_transfer(worker_exchange_t *x, int n)
 {
     int64_t t0 = clock_mono_us();
-    semoe_rc rc = gpu_nccl_sendrecv(x->nccl, x->ops, n);
-    if (rc == SEMOE_OK)
-        rc = gpu_nccl_wait(x->nccl, x->timeout_ms);
+    semoe_rc rc = x->xfer.run(x->xfer.state, x->ops, n, x->timeout_ms);
     x->traffic.seconds += (double)(clock_mono_us() - t0) / 1e6;
     return rc;
 }
@@ -251,7 +250,7 @@ static semoe_rc s_transfer(worker_exchange_t *x, int n)
  * start[e] (layer `base`'s splits): sent from send, or received into recv. Returns the new
  * count; adds the rows to *rows (NULL: not counted). */
 static int s_own_chunks(const worker_exchange_t *x, size_t base, const size_t *start, int D,
-                        const float *send, float *recv, gpu_nccl_op_t *ops, int n,
+                        const float *send, float *recv, worker_xfer_op_t *ops, int n,
                         uint64_t *rows)
 {
     const int W = x->W, E = x->E;
@@ -263,19 +262,19 @@ static int s_own_chunks(const worker_exchange_t *x, size_t base, const size_t *s
                 continue;
             size_t first = start[e] + (size_t)s_chunk_start(x, base + e, te, r);
             size_t bytes = (size_t)te[r] * D * sizeof(float);
-            ops[n++] = send ? (gpu_nccl_op_t){r, send + first * D, NULL, bytes}
-                            : (gpu_nccl_op_t){r, NULL, recv + first * D, bytes};
+            ops[n++] = send ? (worker_xfer_op_t){r, send + first * D, NULL, bytes}
+                            : (worker_xfer_op_t){r, NULL, recv + first * D, bytes};
             if (rows)
                 *rows += (uint64_t)te[r];
         }
     return n;
 }
 
-/* s_dispatch over NCCL, from where the two part: start[e] is where expert e's rows begin in
+/* s_dispatch over the direct transport, from where the two part: start[e] is where expert e's rows begin in
  * send, x->to (this layer's) how they split over the ranks. The counts go over ZeroMQ and are
  * checked as s_header checks the host messages; then each (rank, expert) chunk goes device to
  * device, laid out as s_dispatch lays the host rows out: by expert, then by sender. */
-static semoe_rc s_dispatch_nccl(worker_exchange_t *x, int layer, int D, const float *send,
+static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int D, const float *send,
                                 const int32_t *send_counts, const size_t *start, float *recv,
                                 int32_t *recv_counts, int recv_cap)
 {
@@ -310,7 +309,7 @@ static semoe_rc s_dispatch_nccl(worker_exchange_t *x, int layer, int D, const fl
         return semoe_err(SEMOE_EINVAL, "exchange dispatch: layer %d: %lld rows arrive, the "
                          "receive capacity is %d: allocate the activations with expert_rows "
                          ">= %lld", layer, (long long)total, recv_cap, (long long)total);
-    gpu_nccl_op_t *ops = s_ops(x, (size_t)2 * W * E + 1);
+    worker_xfer_op_t *ops = s_ops(x, (size_t)2 * W * E + 1);
     int n = 0;
     size_t at = 0; /* rows of recv laid out so far */
     for (int e = 0; e < E; e++) {
@@ -319,9 +318,9 @@ static semoe_rc s_dispatch_nccl(worker_exchange_t *x, int layer, int D, const fl
             int32_t c = cnt[(size_t)s * E + e];
             if (c > 0 && s == x->me) { /* our own chunk: a local copy */
                 size_t first = start[e] + (size_t)s_chunk_start(x, base + e, to + (size_t)e * W, s);
-                ops[n++] = (gpu_nccl_op_t){s, send + first * D, recv + at * D, (size_t)c * rowb};
+                ops[n++] = (worker_xfer_op_t){s, send + first * D, recv + at * D, (size_t)c * rowb};
             } else if (c > 0) {
-                ops[n++] = (gpu_nccl_op_t){s, NULL, recv + at * D, (size_t)c * rowb};
+                ops[n++] = (worker_xfer_op_t){s, NULL, recv + at * D, (size_t)c * rowb};
             }
             at += (size_t)c;
             recv_counts[e] += c;
@@ -339,17 +338,17 @@ static semoe_rc s_dispatch_nccl(worker_exchange_t *x, int layer, int D, const fl
     return s_transfer(x, n);
 }
 
-/* s_combine over NCCL: every chunk back the way its dispatch came (the counts are that
+/* s_combine over the direct transport: every chunk back the way its dispatch came (the counts are that
  * dispatch's, on both sides: nothing to announce). rstart[e] is where expert e's rows begin in
  * send (by sender within it), start[e] where this rank's own rows of e begin in recv. */
-static semoe_rc s_combine_nccl(worker_exchange_t *x, int layer, int D, const float *send,
+static semoe_rc s_combine_direct(worker_exchange_t *x, int layer, int D, const float *send,
                                const size_t *rstart, const size_t *start, float *recv)
 {
     int W = x->W, E = x->E;
     size_t base = (size_t)layer * E, rowb = (size_t)D * 4;
     const int32_t *to = x->to + base * W;
     const int32_t *cnt = x->cnt + (size_t)layer * W * E;
-    gpu_nccl_op_t *ops = s_ops(x, (size_t)2 * W * E + 1);
+    worker_xfer_op_t *ops = s_ops(x, (size_t)2 * W * E + 1);
     int n = 0;
     for (int e = 0; e < E; e++) {
         size_t before = 0; /* rows of e from senders before s */
@@ -361,16 +360,16 @@ static semoe_rc s_combine_nccl(worker_exchange_t *x, int layer, int D, const flo
                 continue;
             if (s == x->me) {
                 size_t first = start[e] + (size_t)s_chunk_start(x, base + e, to + (size_t)e * W, s);
-                ops[n++] = (gpu_nccl_op_t){s, src, recv + first * D, (size_t)c * rowb};
+                ops[n++] = (worker_xfer_op_t){s, src, recv + first * D, (size_t)c * rowb};
             } else {
-                ops[n++] = (gpu_nccl_op_t){s, src, NULL, (size_t)c * rowb};
+                ops[n++] = (worker_xfer_op_t){s, src, NULL, (size_t)c * rowb};
             }
         }
     }
     n = s_own_chunks(x, base, start, D, NULL, recv, ops, n, NULL); /* ours back */
     return s_transfer(x, n);
 }
-#endif
+
 
 static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *send,
                            const int32_t *send_counts, float *recv, int32_t *recv_counts,
@@ -389,11 +388,9 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
         n += (size_t)send_counts[e];
         s_split(x, base + e, send_counts[e], to + (size_t)e * W);
     }
-#if SEMOE_HAVE_CUDA
-    if (x->nccl)
-        return s_dispatch_nccl(x, layer, D, send, send_counts, start, recv, recv_counts,
-                               recv_cap);
-#endif
+    if (x->xfer.run)
+        return s_dispatch_direct(x, layer, D, send, send_counts, start, recv, recv_counts,
+                                 recv_cap);
     x->rows = s_reserve(x->rows, &x->rows_cap, n * rowb);
     x->be->to_host(x->rows, send, n * rowb);
 
@@ -505,10 +502,8 @@ static semoe_rc s_combine(void *state, int layer, int E, int D, const float *sen
         start[e] = n;
         n += (size_t)sent[e];
     }
-#if SEMOE_HAVE_CUDA
-    if (x->nccl)
-        return s_combine_nccl(x, layer, D, send, rstart, start, recv);
-#endif
+    if (x->xfer.run)
+        return s_combine_direct(x, layer, D, send, rstart, start, recv);
     x->rows = s_reserve(x->rows, &x->rows_cap, nr * rowb);
     x->be->to_host(x->rows, send, nr * rowb);
 
@@ -586,10 +581,26 @@ static semoe_rc s_reduce_stats(void *state, double *buf, size_t n)
     return SEMOE_OK;
 }
 
+void worker_exchange_set_xfer(worker_exchange_t *x, const worker_xfer_t *xfer)
+{
+    x->xfer = xfer ? *xfer : (worker_xfer_t){0};
+}
+
 #if SEMOE_HAVE_CUDA
+/* The NCCL transport: one gpu_nccl_sendrecv group, waited for. */
+static semoe_rc s_nccl_run(void *state, const worker_xfer_op_t *ops, int n, int timeout_ms)
+{
+    _Static_assert(sizeof(worker_xfer_op_t) == sizeof(gpu_nccl_op_t), "the same transfers");
+    gpu_nccl_t *c = state;
+    semoe_rc rc = gpu_nccl_sendrecv(c, (const gpu_nccl_op_t *)ops, n);
+    return rc == SEMOE_OK ? gpu_nccl_wait(c, timeout_ms) : rc;
+}
+
 void worker_exchange_set_nccl(worker_exchange_t *x, gpu_nccl_t *nccl)
 {
     x->nccl = nccl;
+    worker_xfer_t t = {nccl, s_nccl_run};
+    worker_exchange_set_xfer(x, nccl ? &t : NULL);
 }
 #endif
 

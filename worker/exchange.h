@@ -56,11 +56,33 @@ semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L,
 /* Frees; nulls *self_p; NULL is a no-op. */
 void worker_exchange_destroy(worker_exchange_t **self_p);
 
+/* One transfer of a direct transport: to another rank, send (recv NULL); from one, recv (send
+ * NULL); with peer this rank, a copy from send to recv (gpu_nccl_op_t's layout). */
+typedef struct {
+    int peer;
+    const void *send;
+    void *recv;
+    size_t bytes;
+} worker_xfer_op_t;
+
+/* A transport that moves bytes straight between the graph's buffers: run does the n transfers as
+ * one group and returns once they are done, at most timeout_ms later; between two ranks, sends
+ * and receives pair up in the order each lists them. */
+typedef struct {
+    void *state;
+    semoe_rc (*run)(void *state, const worker_xfer_op_t *ops, int n, int timeout_ms);
+} worker_xfer_t;
+
+/* From now on, dispatch and combine move the rows through xfer (copied; NULL: back to the host
+ * messages over the comm), the counts still over the comm; every rank of the comm must set
+ * the same kind. The rows land laid out exactly as the host path lays them. */
+void worker_exchange_set_xfer(worker_exchange_t *x, const worker_xfer_t *xfer);
+
 #if SEMOE_HAVE_CUDA
-/* From now on, dispatch and combine move the rows device to device over nccl (the graph's
- * buffers must be device memory: a GPU worker's; the ranks and their order as the comm's), the
- * counts still over the comm; every rank of the comm must set the same. NULL: back to the host
- * path. Not owned; must outlive its use. */
+/* worker_exchange_set_xfer with NCCL's transport: the rows device to device over nccl (the
+ * graph's buffers must be device memory: a GPU worker's; the ranks and their order as the
+ * comm's), and replicated experts' gradients summed over it too. NULL: back to the host path.
+ * Not owned; must outlive its use. */
 void worker_exchange_set_nccl(worker_exchange_t *x, gpu_nccl_t *nccl);
 #endif
 
