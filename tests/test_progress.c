@@ -315,6 +315,35 @@ static char *s_relative(const char *path, char *buf, size_t n)
     return buf;
 }
 
+/* A coordinator of its own (fresh ports into *pp) on a small job: train's fields as given,
+ * cluster.expected_workers expected; its files named after `word`. NULL (CHECKed) when it
+ * could not be started. */
+static proc_t *s_own_coordinator(const char *data_rel, const char *train, int expected,
+                                 const char *word, proc_ports_t *pp)
+{
+    if (!proc_ports_pick(pp)) {
+        CHECK(false, "no free ports");
+        return NULL;
+    }
+    char job[PATH_MAX], text[3 * PATH_MAX], name[64];
+    snprintf(text, sizeof text,
+             "{" FAKE_WORKER_MODEL_JSON ","
+             " \"train\": {\"seq_len\": 64, \"steps\": 3, %s},"
+             " \"data\": {\"paths\": [\"%s\"]},"
+             " \"cluster\": {\"heartbeat_ms\": 200, \"liveness\": 25, \"expected_workers\": %d}}\n",
+             S_LAYERS, S_EXPERTS, train, data_rel, expected);
+    snprintf(name, sizeof name, "job-%s.json", word);
+    proc_tmp_path(job, sizeof job, name);
+    if (!proc_write_file(job, text)) {
+        CHECK(false, "write %s", job);
+        return NULL;
+    }
+    snprintf(name, sizeof name, "coordinator-%s", word);
+    proc_t *coord = proc_start_coordinator(name, job, pp, NULL);
+    CHECK(coord != NULL, "the %s job's coordinator did not start", word);
+    return coord;
+}
+
 /* A job takes no more workers than its global batch has sequences (every rank trains one at
  * least): with global_batch 2, two fake workers get WELCOME and a third ERROR REFUSED naming
  * train.global_batch (it retries, as any refused JOIN does); once one of the two leaves, the
@@ -322,28 +351,10 @@ static char *s_relative(const char *path, char *buf, size_t n)
 static void s_check_batch_cap(const char *data_rel)
 {
     proc_ports_t pp;
-    if (!proc_ports_pick(&pp)) {
-        CHECK(false, "no free ports");
+    proc_t *coord = s_own_coordinator(data_rel, "\"global_batch\": 2, \"micro_batch\": 2", 2,
+                                      "cap", &pp);
+    if (!coord)
         return;
-    }
-    char job[PATH_MAX], text[3 * PATH_MAX];
-    snprintf(text, sizeof text,
-             "{" FAKE_WORKER_MODEL_JSON ","
-             " \"train\": {\"seq_len\": 64, \"global_batch\": 2, \"micro_batch\": 2,"
-             " \"steps\": 3},"
-             " \"data\": {\"paths\": [\"%s\"]},"
-             " \"cluster\": {\"heartbeat_ms\": 200, \"liveness\": 25, \"expected_workers\": 2}}\n",
-             S_LAYERS, S_EXPERTS, data_rel);
-    proc_tmp_path(job, sizeof job, "job-cap.json");
-    if (!proc_write_file(job, text)) {
-        CHECK(false, "write %s", job);
-        return;
-    }
-    proc_t *coord = proc_start_coordinator("coordinator-cap", job, &pp, NULL);
-    if (!coord) {
-        CHECK(false, "the capped job's coordinator did not start");
-        return;
-    }
     fake_worker_t w[3];
     uint32_t got[3] = {0};
     char said[PROTO_MAX_TEXT + 1] = "";
@@ -404,31 +415,11 @@ static void s_check_batch_cap(const char *data_rel)
 static void s_check_gpu_joins(const char *data_rel, const char *field, const char *word)
 {
     proc_ports_t pp;
-    if (!proc_ports_pick(&pp)) {
-        CHECK(false, "no free ports");
+    char train[128];
+    snprintf(train, sizeof train, "\"global_batch\": 8, \"micro_batch\": 4, %s", field);
+    proc_t *coord = s_own_coordinator(data_rel, train, 1, word, &pp);
+    if (!coord)
         return;
-    }
-    char job[PATH_MAX], text[3 * PATH_MAX];
-    snprintf(text, sizeof text,
-             "{" FAKE_WORKER_MODEL_JSON ","
-             " \"train\": {\"seq_len\": 64, \"global_batch\": 8, \"micro_batch\": 4,"
-             " \"steps\": 3, %s},"
-             " \"data\": {\"paths\": [\"%s\"]},"
-             " \"cluster\": {\"heartbeat_ms\": 200, \"liveness\": 25, \"expected_workers\": 1}}\n",
-             S_LAYERS, S_EXPERTS, field, data_rel);
-    char name[64];
-    snprintf(name, sizeof name, "job-%s.json", word);
-    proc_tmp_path(job, sizeof job, name);
-    if (!proc_write_file(job, text)) {
-        CHECK(false, "write %s", job);
-        return;
-    }
-    snprintf(name, sizeof name, "coordinator-%s", word);
-    proc_t *coord = proc_start_coordinator(name, job, &pp, NULL);
-    if (!coord) {
-        CHECK(false, "the %s job's coordinator did not start", word);
-        return;
-    }
     static const char *const kinds[] = {"cpu", "cuda"};
     for (int i = 0; i < 2; i++) {
         fake_worker_t w;
