@@ -1,0 +1,90 @@
+#!/bin/bash
+# Weak scaling of training through the real daemons on 1, 2 (and 4) GPUs of one machine: issue
+# 5's 2.3 B MoE (8 layers, hidden 2048, 16 heads / 4 kv heads, 8 experts of 5632, top-2, vocab
+# 32000, seq 2048) in bf16 with train.collectives nccl, 32 sequences per GPU a step (tokens per
+# GPU fixed), every expert on every worker (elastic.min_replicas = the workers: data parallel;
+# the bf16 graph holds every expert), the dense gradients all-reduced during backward and the
+# experts' summed over NCCL. Per run: tokens/s over the steps after the warm-up (step time the
+# slowest worker's), per GPU, the efficiency against one GPU, and MFU (6 x active parameters x
+# tokens + attention, over the dense bf16 GEMM rate bench/dense_sustained.py holds on the same
+# machine first). From the repo root on the GPU machine (kind nvidia-h200-x2 or larger), after
+# ../shared/device/prepare.sh fortunes-min fortunes:
+#   source .device/on-device.sh && SEMOE_COMMIT=<hash> GPUS="1 2" bash bench/gpu-scale.sh
+set -uo pipefail
+out=${OUT:-/tmp/semoe-gpu-out}
+build=${BUILD:-build-rel}
+mkdir -p "$out"
+exec > >(tee "$out/gpu-scale.log") 2>&1
+export NCCL_NVLS_ENABLE=0
+STEPS=${STEPS:-8}
+WARM=${WARM:-3}
+echo "== semoe bench/gpu-scale.sh  GPUs ${GPUS:-1 2}  commit ${SEMOE_COMMIT:-?}  $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+[ -d "$build" ] || meson setup "$build" -Dcuda=enabled --buildtype=release >"$out/setup.log" 2>&1 ||
+  { tail -30 "$out/setup.log"; exit 1; }
+ninja -C "$build" coordinator/semoe-coordinator worker/semoe-worker >"$out/build.log" 2>&1 ||
+  { grep -A5 -E "error|FAILED" "$out/build.log" | head -60; exit 1; }
+echo "== built ${SECONDS}s"
+timeout 60 python3 bench/dense_sustained.py --seconds 4 --json "$out/dense.json" | tail -1
+
+sys=${SEMOE_DEVICE_SYS:-/tmp/device-sys}
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+for n in ${GPUS:-1 2}; do
+  python3 - "$sys" "$out/job-$n.json" "$n" "$STEPS" <<'PY'
+import json, sys
+job = json.load(open("deploy/jobs/demo.json"))
+n = int(sys.argv[3])
+job["data"]["paths"] = [sys.argv[1] + "/usr/share/games/fortunes"]
+job["model"].update(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                    num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                    num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048)
+job["train"].update(seq_len=2048, global_batch=32 * n, micro_batch=32, steps=int(sys.argv[4]),
+                    eval_interval=1000000, checkpoint_dir="", checkpoint_interval=0,
+                    precision="bf16", collectives="nccl")
+job["cluster"].update(expected_workers=n, heartbeat_ms=1000, liveness=10)
+job["elastic"].update(min_replicas=n, threshold=1e9)
+json.dump(job, open(sys.argv[2], "w"), indent=1)
+PY
+  ctl="tcp://127.0.0.1:$(port)" st="tcp://127.0.0.1:$(port)" met="127.0.0.1:$(port)"
+  "$build"/coordinator/semoe-coordinator --config "$out/job-$n.json" --bind "$ctl" \
+      --status "$st" --metrics "$met" 2>"$out/coordinator-$n.log" &
+  cpid=$!
+  pids=()
+  for ((i = 0; i < n; i++)); do
+    timeout 400 "$build"/worker/semoe-worker --coordinator "$ctl" --device "cuda:$i" \
+        --id "g$n-w$i" --metrics-log "$out/train-$n-w$i.jsonl" 2>"$out/worker-$n-w$i.log" &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  wait $cpid
+  echo "== $n GPU(s) done, ${SECONDS}s"
+  grep -hE " E |NCCL communicator" "$out"/worker-$n-w*.log | head -4
+done
+python3 - "$out" "${GPUS:-1 2}" "$WARM" <<'PY'
+import glob, json, os, statistics, sys
+out, gpus, warm = sys.argv[1], [int(x) for x in sys.argv[2].split()], int(sys.argv[3])
+L, d, f, E, k, V, H, KV, hd, T = 8, 2048, 5632, 8, 2, 32000, 16, 4, 128, 2048
+active = 2 * V * d + L * (d * (H + 2 * KV) * hd + H * hd * d + 2 * d + d * E + k * 3 * d * f) + d
+flops_tok = 6 * active + 12 * L * T * H * hd / 2  # causal attention: half the score matrix
+dense = json.load(open(f"{out}/dense.json")).get("tflops") if os.path.exists(f"{out}/dense.json") else None
+rows, base = [], None
+for n in gpus:
+    per = {}
+    for p in glob.glob(f"{out}/train-{n}-w*.jsonl"):
+        for l in map(json.loads, open(p)):
+            per.setdefault(l["step"], []).append(l["step_time_s"])
+    steps = [s for s in sorted(per) if s > warm and len(per[s]) == n]
+    if not steps:
+        print(f"{n} GPU(s): no complete step after the warm-up")
+        continue
+    t = statistics.median(max(per[s]) for s in steps)
+    tok = 32 * n * T / t
+    base = base or tok / n
+    mfu = flops_tok * tok / (dense * 1e12 * n) if dense else float("nan")
+    rows.append((n, t, tok, tok / n, tok / n / base, mfu, len(steps)))
+print(f"\nactive parameters {active / 1e9:.2f} B; dense bf16 held {dense} TFLOP/s a GPU\n")
+print("| GPUs | step s | tokens/s | tokens/s a GPU | efficiency | MFU (held dense) | steps |")
+print("|---|---|---|---|---|---|---|")
+for n, t, tok, tpg, eff, mfu, ns in rows:
+    print(f"| {n} | {t:.3f} | {tok:.0f} | {tpg:.0f} | {100 * eff:.1f}% | {100 * mfu:.1f}% | {ns} |")
+PY
