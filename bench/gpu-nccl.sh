@@ -25,6 +25,11 @@ if has test; then
   timeout 420 meson test -C build-rel --no-rebuild --suite gpu gpu_nccl gpu_ep >"$out/test.txt" 2>&1
   grep -E "^ *[0-9]+/|^Ok|^Fail" "$out/test.txt"
   cp build-rel/meson-logs/testlog.txt "$out/testlog.txt" 2>/dev/null
+  # the expert exchange in two hops: the GPUs as two emulated hosts
+  SEMOE_EMULATE_HOSTS=2 timeout 300 meson test -C build-rel --no-rebuild --suite gpu gpu_ep \
+    >"$out/test-2hosts.txt" 2>&1
+  grep -E "^ *[0-9]+/" "$out/test-2hosts.txt" | sed 's/$/   (SEMOE_EMULATE_HOSTS=2)/'
+  cp build-rel/meson-logs/testlog.txt "$out/testlog-2hosts.txt" 2>/dev/null
   grep -hE "^(rank|abort|survivor|a communicator|[0-9]+ ranks)|^  (ref|ep|crash)|FAIL|failed|passed|skipped" \
     "$out/testlog.txt" | head -60
   echo "== test ${SECONDS}s"

@@ -3,9 +3,11 @@
  * loss and gradients (dense ones after an all-reduce, expert ones on their holders, replicas'
  * shares summed), receive exactly the rows the routing implies between them, and train to the
  * same losses over several AdamW steps. Each world size runs with one holder per expert and
- * again with random replicas, each twice: the rows as host messages over the comm, and through
- * a direct transport (worker_exchange_set_xfer, the path NCCL takes on GPUs) that here moves
- * them between the threads' buffers in host memory, pairing sends and receives in order. */
+ * again with random replicas, each two or three ways: the rows as host messages over the comm;
+ * through a direct transport (worker_exchange_set_xfer, the path NCCL takes on GPUs) that here
+ * moves them between the threads' buffers in host memory, pairing sends and receives in order;
+ * and for even W the same in two hops, the ranks split into two emulated hosts
+ * (worker_exchange_set_hosts: within hosts first, then across). */
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
@@ -235,6 +237,7 @@ typedef struct {
     comm_port_t *port;
     const char *const *eps;
     s_board_t *board; /* NULL: the rows as host messages over the comm */
+    bool hosts;       /* with board: two emulated hosts, two hops */
     pthread_t th;
 } s_rank_t;
 
@@ -297,6 +300,13 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
     s_board_rank_t br = {me->board, (int)r};
     if (me->board)
         worker_exchange_set_xfer(x, &(worker_xfer_t){&br, s_board_run});
+    if (me->board && me->hosts) { /* two emulated hosts: ranks 0 .. W/2-1 and the rest */
+        int host[MAXW];
+        for (uint32_t k = 0; k < W; k++)
+            host[k] = (int)(k >= W / 2);
+        rc = worker_exchange_set_hosts(x, host);
+        TCHECK(rc == SEMOE_OK, "rank %u: hosts: %s", r, semoe_err_msg());
+    }
     model_exchange_f32 ex = worker_exchange_f32(x);
 
     /* forward + backward over this rank's rows, dense gradients summed over ranks */
@@ -440,7 +450,7 @@ static void s_place(s_ref_t *ref, uint32_t W, bool replicas)
     ref->world = W;
 }
 
-static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, bool direct)
+static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, int direct)
 {
     s_place(ref, W, replicas);
     static s_board_t board;
@@ -464,7 +474,7 @@ static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, bool
     s_rank_t ranks[MAXW];
     for (uint32_t r = 0; r < W; r++) {
         ranks[r] = (s_rank_t){.ref = ref, .out = ref, .rank = r, .port = ports[r], .eps = eps,
-                              .board = direct ? &board : NULL};
+                              .board = direct ? &board : NULL, .hosts = direct == 2};
         pthread_create(&ranks[r].th, NULL, s_rank_main, &ranks[r]);
     }
     for (uint32_t r = 0; r < W; r++)
@@ -478,7 +488,8 @@ static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, bool
               (long long)ref->recv_sum[e], ref->routed[e]);
     printf("W=%u, %u copies of %d experts, rows %s: relative errors: loss %.2e, dense grads "
            "%.2e, expert grads %.2e, 5 steps %.2e\n", W, copies, LE,
-           direct ? "direct" : "over the comm", ref->max_loss_err, ref->max_dense_err,
+           direct == 2 ? "direct, two hosts" : direct ? "direct" : "over the comm",
+           ref->max_loss_err, ref->max_dense_err,
            ref->max_expert_err, ref->max_step_err);
     pthread_cond_destroy(&board.cv);
     pthread_mutex_destroy(&board.mu);
@@ -565,7 +576,7 @@ int main(void)
 
     void *ctx = zmq_ctx_new();
     for (uint32_t W = 2; W <= MAXW; W++)
-        for (int direct = 0; direct < 2; direct++) {
+        for (int direct = 0; direct < (W % 2 ? 2 : 3); direct++) {
             s_run_world(&ref, ctx, W, false, direct);
             s_run_world(&ref, ctx, W, true, direct);
         }

@@ -34,6 +34,16 @@ struct worker_exchange {
     worker_xfer_t xfer; /* run NULL: the rows go through the host and the comm */
     worker_xfer_op_t *ops;
     size_t ops_cap;   /* bytes */
+    /* the direct path in two hops (worker_exchange_set_hosts): H hosts of G ranks each */
+    int H, G;         /* H 0: one hop */
+    int *host, *lidx; /* (W) each rank's host and index among its host's ranks */
+    int *at;          /* (H, G) the rank of (host, index) */
+    int32_t *stage;   /* (L, G, H, E) rows the rank of my host with index g sends through me to
+                       * host h's rank of my index, per expert (g = mine: my own) */
+    size_t *rp;       /* (E, W) where sender s's rows of expert e start in dispatch's recv */
+    size_t *soff;     /* (H, G, E) where they sit in the staging buffer */
+    float *stg;       /* the staging buffer, the backend's memory */
+    size_t stg_cap;   /* floats */
 #if SEMOE_HAVE_CUDA
     gpu_nccl_t *nccl; /* not owned: the xfer's, and the replicas' sums */
     float *zero;      /* device zeros standing in for replicated tensors not held here */
@@ -119,6 +129,14 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     free(x->sbytes);
     free(x->rbytes);
     free(x->ops);
+    free(x->host);
+    free(x->lidx);
+    free(x->at);
+    free(x->stage);
+    free(x->rp);
+    free(x->soff);
+    if (x->stg)
+        x->be->free(x->stg);
 #if SEMOE_HAVE_CUDA
     if (x->zero)
         x->be->free(x->zero);
@@ -270,6 +288,255 @@ static int s_own_chunks(const worker_exchange_t *x, size_t base, const size_t *s
     return n;
 }
 
+/* --- the direct path in two hops --------------------------------------------------------
+ * Hosts of G ranks each. A rank's rows for a rank of another host go first to the rank of its
+ * own host with the destination's index (the gateway: maybe itself), which sends on everything
+ * its host has for that destination in one go; rows within a host go straight. Dispatch: hop
+ * one within hosts (direct rows, and rows to stage at the gateway), hop two across hosts (the
+ * staged rows, by original sender and expert). Combine reverses it. Every chunk lands where the
+ * one-hop path puts it. */
+
+/* From the counts message of rank s of my host (hdr: E counts for me, then, when s is not me,
+ * E counts for each other host's rank of my index): what s stages at me, per host and expert;
+ * my own from to. */
+static void s_take_stage(worker_exchange_t *x, int layer, int s, const int32_t *to,
+                         const int32_t *hdr)
+{
+    const int H = x->H, G = x->G, E = x->E, W = x->W, me = x->me;
+    int32_t *st = x->stage + (((size_t)layer * G + (size_t)x->lidx[s]) * H) * E;
+    for (int h = 0, k = 1; h < H; h++) {
+        if (h == x->host[me]) {
+            memset(st + (size_t)h * E, 0, (size_t)E * sizeof *st);
+            continue;
+        }
+        for (int e = 0; e < E; e++)
+            st[(size_t)h * E + e] = s == me ? to[(size_t)e * W + x->at[h * G + x->lidx[me]]]
+                                            : hdr[(size_t)k * E + e];
+        k++;
+    }
+}
+
+/* x->rp (where each sender's rows of each expert start in dispatch's recv, and in combine's
+ * send) from the layer's counts; x->soff (where each staged block sits) and the staging buffer
+ * big enough for them. */
+static void s_hops_layout(worker_exchange_t *x, int layer, int D)
+{
+    const int H = x->H, G = x->G, E = x->E, W = x->W;
+    const int32_t *cnt = x->cnt + (size_t)layer * W * E;
+    size_t at = 0;
+    for (int e = 0; e < E; e++)
+        for (int s = 0; s < W; s++) {
+            x->rp[(size_t)e * W + s] = at;
+            at += (size_t)cnt[(size_t)s * E + e];
+        }
+    const int32_t *st = x->stage + (size_t)layer * G * H * E;
+    size_t rows = 0;
+    for (int h = 0; h < H; h++)
+        for (int g = 0; g < G; g++)
+            for (int e = 0; e < E; e++) {
+                x->soff[((size_t)h * G + g) * E + e] = rows;
+                if (g != x->lidx[x->me])
+                    rows += (size_t)st[((size_t)g * H + h) * E + e];
+            }
+    if (rows * D > x->stg_cap) {
+        if (x->stg)
+            x->be->free(x->stg);
+        x->stg_cap = rows * D;
+        x->stg = x->be->alloc(x->stg_cap * sizeof(float));
+    }
+}
+
+/* Appends a transfer unless it is empty. */
+static void s_op(worker_xfer_op_t *ops, int *n, int peer, const float *send, float *recv,
+                 size_t rows, int D)
+{
+    if (rows)
+        ops[(*n)++] = (worker_xfer_op_t){peer, send, recv, rows * D * sizeof(float)};
+}
+
+static semoe_rc s_hops_dispatch(worker_exchange_t *x, int layer, int D, const float *send,
+                                const size_t *start, float *recv)
+{
+    const int H = x->H, G = x->G, E = x->E, W = x->W, me = x->me, mh = x->host[me];
+    const size_t base = (size_t)layer * E;
+    const int32_t *to = x->to + base * W, *cnt = x->cnt + (size_t)layer * W * E;
+    const int32_t *st = x->stage + (size_t)layer * G * H * E;
+    s_hops_layout(x, layer, D);
+    worker_xfer_op_t *ops = s_ops(x, (size_t)4 * W * E * (H + 1) + 1);
+    int n = 0;
+    /* hop one: within my host */
+    for (int g = 0; g < G; g++) {
+        int r = x->at[mh * G + g];
+        for (int e = 0; e < E; e++) { /* r's own rows: straight, into place */
+            const int32_t *te = to + (size_t)e * W;
+            const float *src = send + (start[e] + (size_t)s_chunk_start(x, base + e, te, r)) * D;
+            if (r == me)
+                s_op(ops, &n, r, src, recv + x->rp[(size_t)e * W + me] * D, (size_t)te[r], D);
+            else {
+                s_op(ops, &n, r, src, NULL, (size_t)te[r], D);
+                s_op(ops, &n, r, NULL, recv + x->rp[(size_t)e * W + r] * D,
+                     (size_t)cnt[(size_t)r * E + e], D);
+            }
+        }
+        if (r == me)
+            continue;
+        for (int h = 0; h < H; h++) { /* rows for other hosts, staged at r and at me */
+            if (h == mh)
+                continue;
+            int d = x->at[h * G + g];
+            for (int e = 0; e < E; e++) {
+                const int32_t *te = to + (size_t)e * W;
+                s_op(ops, &n, r,
+                     send + (start[e] + (size_t)s_chunk_start(x, base + e, te, d)) * D, NULL,
+                     (size_t)te[d], D);
+            }
+            for (int e = 0; e < E; e++)
+                s_op(ops, &n, r, NULL, x->stg + x->soff[((size_t)h * G + g) * E + e] * D,
+                     (size_t)st[((size_t)g * H + h) * E + e], D);
+        }
+    }
+    SEMOE_CHECK(s_transfer(x, n));
+    /* hop two: across hosts, my host's rows for each other host's rank of my index, and the
+     * other hosts' for me from their rank of my index */
+    n = 0;
+    for (int h = 0; h < H; h++) {
+        if (h == mh)
+            continue;
+        int d = x->at[h * G + x->lidx[me]];
+        for (int g = 0; g < G; g++) {
+            int s = x->at[mh * G + g];
+            for (int e = 0; e < E; e++) {
+                const int32_t *te = to + (size_t)e * W;
+                const float *src = s == me
+                    ? send + (start[e] + (size_t)s_chunk_start(x, base + e, te, d)) * D
+                    : x->stg + x->soff[((size_t)h * G + g) * E + e] * D;
+                s_op(ops, &n, d, src, NULL, (size_t)st[((size_t)g * H + h) * E + e], D);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            int s = x->at[h * G + g];
+            for (int e = 0; e < E; e++)
+                s_op(ops, &n, d, NULL, recv + x->rp[(size_t)e * W + s] * D,
+                     (size_t)cnt[(size_t)s * E + e], D);
+        }
+    }
+    return s_transfer(x, n);
+}
+
+static semoe_rc s_hops_combine(worker_exchange_t *x, int layer, int D, const float *send,
+                               const size_t *start, float *recv)
+{
+    const int H = x->H, G = x->G, E = x->E, W = x->W, me = x->me, mh = x->host[me];
+    const size_t base = (size_t)layer * E;
+    const int32_t *to = x->to + base * W, *cnt = x->cnt + (size_t)layer * W * E;
+    const int32_t *st = x->stage + (size_t)layer * G * H * E;
+    s_hops_layout(x, layer, D);
+    worker_xfer_op_t *ops = s_ops(x, (size_t)4 * W * E * (H + 1) + 1);
+    int n = 0;
+    /* hop one: across hosts, the outputs of another host's rows to its rank of my index, and
+     * from the other hosts' rank of my index the outputs of my host's rows */
+    for (int h = 0; h < H; h++) {
+        if (h == mh)
+            continue;
+        int gw = x->at[h * G + x->lidx[me]];
+        for (int g = 0; g < G; g++) {
+            int s = x->at[h * G + g];
+            for (int e = 0; e < E; e++)
+                s_op(ops, &n, gw, send + x->rp[(size_t)e * W + s] * D, NULL,
+                     (size_t)cnt[(size_t)s * E + e], D);
+        }
+        for (int g = 0; g < G; g++) {
+            int s = x->at[mh * G + g];
+            for (int e = 0; e < E; e++) {
+                const int32_t *te = to + (size_t)e * W;
+                float *dst = s == me
+                    ? recv + (start[e] + (size_t)s_chunk_start(x, base + e, te, gw)) * D
+                    : x->stg + x->soff[((size_t)h * G + g) * E + e] * D;
+                s_op(ops, &n, gw, NULL, dst, (size_t)st[((size_t)g * H + h) * E + e], D);
+            }
+        }
+    }
+    SEMOE_CHECK(s_transfer(x, n));
+    /* hop two: within my host */
+    n = 0;
+    for (int g = 0; g < G; g++) {
+        int r = x->at[mh * G + g];
+        for (int e = 0; e < E; e++) { /* r's rows I hold: straight back, into place */
+            const int32_t *te = to + (size_t)e * W;
+            float *dst = recv + (start[e] + (size_t)s_chunk_start(x, base + e, te, r)) * D;
+            const float *src = send + x->rp[(size_t)e * W + r] * D;
+            if (r == me)
+                s_op(ops, &n, r, src, dst, (size_t)te[me], D);
+            else {
+                s_op(ops, &n, r, src, NULL, (size_t)cnt[(size_t)r * E + e], D);
+                s_op(ops, &n, r, NULL, dst, (size_t)te[r], D);
+            }
+        }
+        if (r == me)
+            continue;
+        for (int h = 0; h < H; h++) { /* what I staged for r, and what r staged for me */
+            if (h == mh)
+                continue;
+            int d = x->at[h * G + g];
+            for (int e = 0; e < E; e++)
+                s_op(ops, &n, r, x->stg + x->soff[((size_t)h * G + g) * E + e] * D, NULL,
+                     (size_t)st[((size_t)g * H + h) * E + e], D);
+            for (int e = 0; e < E; e++) {
+                const int32_t *te = to + (size_t)e * W;
+                s_op(ops, &n, r, NULL,
+                     recv + (start[e] + (size_t)s_chunk_start(x, base + e, te, d)) * D,
+                     (size_t)te[d], D);
+            }
+        }
+    }
+    return s_transfer(x, n);
+}
+
+semoe_rc worker_exchange_set_hosts(worker_exchange_t *x, const int *host)
+{
+    const int W = x->W;
+    free(x->host), free(x->lidx), free(x->at), free(x->stage), free(x->rp), free(x->soff);
+    x->host = x->lidx = x->at = NULL;
+    x->stage = NULL, x->rp = x->soff = NULL;
+    x->H = x->G = 0;
+    if (!host)
+        return SEMOE_OK;
+    int H = 0, *count = semoe_xcalloc((size_t)W + 1, sizeof *count);
+    semoe_rc rc = SEMOE_OK;
+    for (int r = 0; r < W && rc == SEMOE_OK; r++) {
+        if (host[r] < 0 || host[r] >= W) {
+            rc = semoe_err(SEMOE_EINVAL, "exchange: rank %d on host %d: hosts are 0..%d", r,
+                           host[r], W - 1);
+            break;
+        }
+        H = host[r] + 1 > H ? host[r] + 1 : H;
+        count[host[r]]++;
+    }
+    for (int h = 0; h < H && rc == SEMOE_OK; h++)
+        if (count[h] != count[0])
+            rc = semoe_err(SEMOE_EINVAL, "exchange: host %d has %d ranks, host 0 %d: two hops "
+                           "need the same on every host", h, count[h], count[0]);
+    const int G = count[0];
+    free(count);
+    if (rc != SEMOE_OK || H < 2)
+        return rc; /* one host: one hop */
+    x->H = H, x->G = G;
+    x->host = semoe_xmalloc((size_t)W * sizeof *x->host);
+    x->lidx = semoe_xmalloc((size_t)W * sizeof *x->lidx);
+    x->at = semoe_xmalloc((size_t)W * sizeof *x->at);
+    int *seen = semoe_xcalloc((size_t)H, sizeof *seen);
+    for (int r = 0; r < W; r++) {
+        x->host[r] = host[r];
+        x->lidx[r] = seen[host[r]]++;
+        x->at[host[r] * G + x->lidx[r]] = r;
+    }
+    free(seen);
+    x->stage = semoe_xcalloc((size_t)x->L * G * H * x->E + 1, sizeof *x->stage);
+    x->rp = semoe_xcalloc((size_t)x->E * W + 1, sizeof *x->rp);
+    x->soff = semoe_xcalloc((size_t)H * G * x->E + 1, sizeof *x->soff);
+    return SEMOE_OK;
+}
+
 /* s_dispatch over the direct transport, from where the two part: start[e] is where expert e's rows begin in
  * send, x->to (this layer's) how they split over the ranks. The counts go over ZeroMQ and are
  * checked as s_header checks the host messages; then each (rank, expert) chunk goes device to
@@ -281,21 +548,41 @@ static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int D, const 
     int W = x->W, E = x->E;
     size_t base = (size_t)layer * E, hb = (size_t)E * sizeof(int32_t), rowb = (size_t)D * 4;
     const int32_t *to = x->to + base * W;
-    x->smsg = s_reserve(x->smsg, &x->smsg_cap, (size_t)W * hb);
+    /* to rank r: my rows of each expert for r; in two hops, to a rank r of my host also those
+     * for each other host's rank of r's index, which r passes on */
+    const int H = x->H, me = x->me;
+    size_t mb = H ? (size_t)H * hb : hb, off = 0;
+    x->smsg = s_reserve(x->smsg, &x->smsg_cap, (size_t)W * mb);
     for (int r = 0; r < W; r++) {
-        int32_t *hdr = (int32_t *)(x->smsg + (size_t)r * hb);
+        int32_t *hdr = (int32_t *)(x->smsg + off);
         for (int e = 0; e < E; e++)
             hdr[e] = to[(size_t)e * W + r];
         x->sbytes[r] = hb;
+        if (H && r != me && x->host[r] == x->host[me])
+            for (int h = 0, k = 1; h < H; h++) {
+                if (h == x->host[me])
+                    continue;
+                int d = x->at[h * x->G + x->lidx[r]];
+                for (int e = 0; e < E; e++)
+                    hdr[(size_t)k * E + e] = to[(size_t)e * W + d];
+                k++;
+                x->sbytes[r] += hb;
+            }
+        off += x->sbytes[r];
     }
-    SEMOE_CHECK(s_alltoallv(x, (size_t)W * hb));
+    SEMOE_CHECK(s_alltoallv(x, (size_t)W * mb));
     int32_t *cnt = x->cnt + (size_t)layer * W * E;
     int64_t total = 0;
+    size_t roff = 0;
     for (int s = 0; s < W; s++) {
-        if (x->rbytes[s] != hb)
+        size_t want = H && s != me && x->host[s] == x->host[me] ? mb : hb;
+        if (x->rbytes[s] != want)
             return semoe_err(SEMOE_EPROTO, "exchange dispatch: layer %d: %zu bytes of counts "
-                             "from rank %d, want %zu", layer, x->rbytes[s], s, hb);
-        memcpy(cnt + (size_t)s * E, x->rmsg + (size_t)s * hb, hb);
+                             "from rank %d, want %zu", layer, x->rbytes[s], s, want);
+        memcpy(cnt + (size_t)s * E, x->rmsg + roff, hb);
+        if (H && x->host[s] == x->host[me])
+            s_take_stage(x, layer, s, to, (const int32_t *)(x->rmsg + roff));
+        roff += x->rbytes[s];
         for (int e = 0; e < E; e++) {
             int32_t c = cnt[(size_t)s * E + e];
             if (c < 0 || (c > 0 && !x->mine[base + e]))
@@ -309,6 +596,25 @@ static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int D, const 
         return semoe_err(SEMOE_EINVAL, "exchange dispatch: layer %d: %lld rows arrive, the "
                          "receive capacity is %d: allocate the activations with expert_rows "
                          ">= %lld", layer, (long long)total, recv_cap, (long long)total);
+    if (H) {
+        for (int e = 0; e < E; e++) {
+            recv_counts[e] = 0;
+            for (int s2 = 0; s2 < W; s2++)
+                recv_counts[e] += cnt[(size_t)s2 * E + e];
+            x->acc[base + e] += (uint64_t)recv_counts[e];
+        }
+        uint64_t out = 0;
+        for (int r = 0; r < W; r++)
+            for (int e = 0; e < E && r != me; e++)
+                out += (uint64_t)to[(size_t)e * W + r];
+        x->traffic.dispatch_rows_out += out;
+        x->traffic.dispatch_bytes_out += out * rowb;
+        x->traffic.dispatches++;
+        for (int e = 0; e < E; e++)
+            x->routed[base + e] += (uint64_t)send_counts[e];
+        memcpy(x->sent + base, send_counts, hb);
+        return s_hops_dispatch(x, layer, D, send, start, recv);
+    }
     worker_xfer_op_t *ops = s_ops(x, (size_t)2 * W * E + 1);
     int n = 0;
     size_t at = 0; /* rows of recv laid out so far */
@@ -344,6 +650,8 @@ static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int D, const 
 static semoe_rc s_combine_direct(worker_exchange_t *x, int layer, int D, const float *send,
                                const size_t *rstart, const size_t *start, float *recv)
 {
+    if (x->H)
+        return s_hops_combine(x, layer, D, send, start, recv);
     int W = x->W, E = x->E;
     size_t base = (size_t)layer * E, rowb = (size_t)D * 4;
     const int32_t *to = x->to + base * W;

@@ -78,6 +78,14 @@ typedef struct {
  * the same kind. The rows land laid out exactly as the host path lays them. */
 void worker_exchange_set_xfer(worker_exchange_t *x, const worker_xfer_t *xfer);
 
+/* The hosts of the ranks (W entries, 0..W-1; NULL: forget them): with two hosts or more, each
+ * of the same number of ranks, the direct path goes in two hops, within hosts first: a rank's
+ * rows for another host go to the rank of its own host with the destination's index, which
+ * sends on everything its host has for that destination at once (hierarchical all-to-all:
+ * fewer, larger transfers across hosts). Every rank must give the same hosts. SEMOE_EINVAL
+ * for a host out of range or hosts of different sizes (nothing changed then). */
+semoe_rc worker_exchange_set_hosts(worker_exchange_t *x, const int *host);
+
 #if SEMOE_HAVE_CUDA
 /* worker_exchange_set_xfer with NCCL's transport: the rows device to device over nccl (the
  * graph's buffers must be device memory: a GPU worker's; the ranks and their order as the

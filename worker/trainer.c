@@ -467,6 +467,48 @@ static bool s_poked_b(void *arg)
     return s_poked(arg) != 0;
 }
 
+/* The ranks' hosts for the exchange's two hops (worker_exchange_set_hosts): the host part of
+ * each peer's data endpoint ("tcp://HOST:port"), or SEMOE_EMULATE_HOSTS=k hosts of W/k ranks
+ * each in rank order (to check the two hops on one machine). One host, or hosts of different
+ * sizes (logged): one hop. */
+static void s_hosts(s_tr_t *self)
+{
+    const worker_plan_t *p = &self->plan;
+    const int W = (int)p->world;
+    int *host = semoe_xcalloc((size_t)W + 1, sizeof *host), H = 0;
+    const char *emu = getenv("SEMOE_EMULATE_HOSTS");
+    int k = emu ? atoi(emu) : 0;
+    if (k >= 2 && W % k == 0) {
+        for (int r = 0; r < W; r++)
+            host[r] = r / (W / k);
+        H = k;
+    } else {
+        for (int r = 0; r < W; r++) {
+            const char *a = p->peers[r].endpoint, *ae = strrchr(a, ':');
+            size_t al = ae ? (size_t)(ae - a) : strlen(a);
+            host[r] = H;
+            for (int q = 0; q < r; q++) {
+                const char *b = p->peers[q].endpoint, *be = strrchr(b, ':');
+                size_t bl = be ? (size_t)(be - b) : strlen(b);
+                if (al == bl && !memcmp(a, b, al)) {
+                    host[r] = host[q];
+                    break;
+                }
+            }
+            H += host[r] == H;
+        }
+    }
+    if (H >= 2) {
+        if (worker_exchange_set_hosts(self->ex, host) == SEMOE_OK)
+            log_info("generation %" PRIu64 ": %d hosts: the expert rows in two hops",
+                     p->generation, H);
+        else
+            log_warn("generation %" PRIu64 ": %s: the expert rows in one hop", p->generation,
+                     semoe_err_msg());
+    }
+    free(host);
+}
+
 /* The generation's NCCL communicator: the new rank 0 makes the id and hands it to the control
  * actor ("COMMID" [generation][id]), which sends it up in COMM; the coordinator relays it to
  * every rank, whose control actor puts it in cfg->commid, where each waits for it. A newer
@@ -494,6 +536,7 @@ static semoe_rc s_nccl_setup(s_tr_t *self)
     SEMOE_CHECK(gpu_nccl_new(id, (int)p->rank, (int)p->world, S_COMM_TIMEOUT_MS, s_poked, self,
                              &self->nccl));
     worker_exchange_set_nccl(self->ex, self->nccl); /* the expert rows device to device too */
+    s_hosts(self);
     log_info("generation %" PRIu64 ": NCCL communicator of %u ranks up (rank %u)",
              p->generation, p->world, p->rank);
     return SEMOE_OK;
