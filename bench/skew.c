@@ -36,6 +36,7 @@
 typedef struct {
     const char *job, *json, *dir, *coord_bin, *worker_bin, *cli_bin;
     int workers, threads, hidden, intermediate, layers, experts, top_k, hot;
+    int gpus; /* 0: CPU workers; N: each on a GPU of its own (of cuda:0..N-1), over NCCL */
     int seq_len, global_batch, micro_batch;
     double bias, threshold;
     int static_steps, window, warmup, settle, measure;
@@ -49,6 +50,7 @@ typedef struct {
     uint32_t L, E;
     coordproc_t *coord;
     skewlog_worker_t w[S_MAX_WORKERS + 1];
+    int gpu[S_MAX_WORKERS + 1]; /* with --gpus: the GPU of each worker */
     int n;                   /* workers started */
     cJSON *status;           /* the last status reply */
     int64_t status_at;       /* clock_mono_ms of it */
@@ -114,6 +116,8 @@ static semoe_rc s_write_job(const s_opts_t *o, const char *path)
     bench_job_set_num(e, "window", o->window);
     bench_job_set_num(e, "patience", o->static_steps);
     bench_job_set_num(e, "min_replicas", 1);
+    if (o->gpus > 0)
+        bench_job_set(t, "collectives", cJSON_CreateString("nccl"));
     return bench_job_write(root, path);
 }
 
@@ -128,9 +132,25 @@ static semoe_rc s_spawn(s_bench_t *b, int i)
     snprintf(w->metrics, sizeof w->metrics, "%s/w%d.jsonl", b->o.dir, i);
     snprintf(w->log, sizeof w->log, "%s/w%d.log", b->o.dir, i);
     unlink(w->metrics); /* the worker appends */
+    char dev[24] = "cpu";
+    if (b->o.gpus > 0) { /* the lowest GPU no live worker of the bench is on (a joiner after a
+                          * kill takes the dead one's) */
+        int g = 0;
+        for (bool used = true; used && g < b->o.gpus; g += used) {
+            used = false;
+            for (int k = 0; k < b->n; k++)
+                used |= k != i && b->w[k].pid > 0 && b->gpu[k] == g;
+        }
+        if (g >= b->o.gpus)
+            return semoe_err(SEMOE_EINVAL, "bench_skew: no free GPU of %d for worker %d",
+                             b->o.gpus, i);
+        b->gpu[i] = g;
+        snprintf(dev, sizeof dev, "cuda:%d", g);
+    }
     char *const argv[] = {(char *)b->o.worker_bin, "--coordinator",
                           (char *)coordproc_control(b->coord), "--id", w->id, "--threads",
-                          threads, "--metrics-log", w->metrics, "--log-level", "warn", NULL};
+                          threads, "--device", dev, "--metrics-log", w->metrics, "--log-level",
+                          "warn", NULL};
     w->spawned = s_wall();
     SEMOE_CHECK(coordproc_spawn(w->log, argv, &w->pid));
     if (i >= b->n)
@@ -550,7 +570,8 @@ static int s_write_json(const s_bench_t *b)
 static void s_usage(FILE *f)
 {
     fprintf(f,
-            "usage: bench_skew [--workers 2] [--threads 1] [--hidden 256] [--intermediate F]\n"
+            "usage: bench_skew [--workers 2] [--threads 1] [--gpus N] [--hidden 256]\n"
+            "                  [--intermediate F]\n"
             "                  [--layers 4] [--experts 16] [--top-k 2] [--hot 2] [--bias B]\n"
             "                  [--seq-len 128] [--global-batch G] [--micro-batch 8]\n"
             "                  [--static-steps 10] [--window 4] [--threshold 1.3]\n"
@@ -576,6 +597,7 @@ static int s_parse(int argc, char **argv, s_opts_t *o)
 {
     static const struct option opts[] = {
         {"workers", required_argument, 0, 'n'},      {"threads", required_argument, 0, 't'},
+        {"gpus", required_argument, 0, 'G'},
         {"hidden", required_argument, 0, 'H'},       {"intermediate", required_argument, 0, 'F'},
         {"layers", required_argument, 0, 'L'},       {"experts", required_argument, 0, 'E'},
         {"top-k", required_argument, 0, 'k'},        {"hot", required_argument, 0, 'h' + 256},
@@ -595,6 +617,7 @@ static int s_parse(int argc, char **argv, s_opts_t *o)
     while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (ch) {
         case 'n': o->workers = atoi(optarg); break;
+        case 'G': o->gpus = atoi(optarg); break;
         case 't': o->threads = atoi(optarg); break;
         case 'H': o->hidden = atoi(optarg); break;
         case 'F': o->intermediate = atoi(optarg); break;
@@ -633,6 +656,7 @@ static int s_parse(int argc, char **argv, s_opts_t *o)
     if (isnan(o->bias))
         o->bias = 2.5 * 0.02 * sqrt((double)o->hidden);
     if (o->workers < 1 || o->workers > S_MAX_WORKERS || o->threads < 1 || o->hidden < 1 ||
+        o->gpus < 0 || (o->gpus > 0 && o->gpus < o->workers) ||
         o->layers < 1 || o->experts < 2 || o->top_k < 1 || o->top_k > o->experts ||
         o->hot < 1 || o->hot >= o->experts || o->seq_len < 1 || o->micro_batch < 1 ||
         o->global_batch < o->workers || o->static_steps < 1 || o->window < 1 ||
