@@ -665,7 +665,8 @@ static int s_parse(int argc, char **argv, s_opts_t *o)
         fprintf(stderr, "bench_skew: --workers 1..%d, --threads, --hidden, --layers >= 1, "
                         "--experts >= 2, 1 <= --top-k <= experts, 1 <= --hot < experts, "
                         "--global-batch >= workers, --static-steps, --window, --settle, "
-                        "--measure >= 1, --threshold >= 1, --heartbeat-ms >= 10\n",
+                        "--measure >= 1, --threshold >= 1, --heartbeat-ms >= 10, --gpus 0 "
+                        "(CPU workers) or at least --workers\n",
                 S_MAX_WORKERS);
         return 2;
     }
