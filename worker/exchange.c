@@ -338,10 +338,11 @@ static void s_hops_layout(worker_exchange_t *x, int layer, int D)
                 if (g != x->lidx[x->me])
                     rows += (size_t)st[((size_t)g * H + h) * E + e];
             }
-    if (rows * D > x->stg_cap) {
+    if (!x->stg || rows * D > x->stg_cap) { /* at least one float: the chunk pointers into it
+                                               * are computed even when nothing is staged */
         if (x->stg)
             x->be->free(x->stg);
-        x->stg_cap = rows * D;
+        x->stg_cap = rows * D > 0 ? rows * D : 1;
         x->stg = x->be->alloc(x->stg_cap * sizeof(float));
     }
 }
