@@ -444,11 +444,17 @@ semoe_rc s_buckets(gpu_nccl_t *c, float *const *bufs, const size_t *lens, int n,
             if (r == ncclSuccess || r == ncclInProgress)
                 SEMOE_CHECK(s_settle(c, "bucketed all-reduce", c->timeout_ms));
         } else {
-            if (!c->bucket) {
+            if (!c->bucket || cap > c->bucket_floats) { /* grown for a larger bucket size */
+                if (c->bucket) {
+                    GPU_CHECK(cudaStreamSynchronize(c->st));
+                    GPU_CHECK(cudaFree(c->bucket));
+                    c->bucket = NULL;
+                }
                 if (cudaMalloc((void **)&c->bucket, cap * sizeof(float)) != cudaSuccess) {
                     cudaGetLastError();
-                    return semoe_err(SEMOE_ENOMEM, "gpu_nccl_allreduce_buckets: a bucket of "
-                                     "%zu bytes on the device", cap * sizeof(float));
+                    /* buckets may be enqueued already: the ranks no longer match, so break */
+                    return s_break(c, SEMOE_ENOMEM, "bucketed all-reduce: a bucket of %zu bytes "
+                                   "on the device", cap * sizeof(float));
                 }
                 c->bucket_floats = cap;
             }

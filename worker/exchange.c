@@ -6,6 +6,7 @@
  * sends and receives, a chunk per (peer, expert). */
 #include "worker/exchange.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -299,8 +300,8 @@ static int s_own_chunks(const worker_exchange_t *x, size_t base, const size_t *s
 /* From the counts message of rank s of my host (hdr: E counts for me, then, when s is not me,
  * E counts for each other host's rank of my index): what s stages at me, per host and expert;
  * my own from to. */
-static void s_take_stage(worker_exchange_t *x, int layer, int s, const int32_t *to,
-                         const int32_t *hdr)
+static semoe_rc s_take_stage(worker_exchange_t *x, int layer, int s, const int32_t *to,
+                             const int32_t *hdr)
 {
     const int H = x->H, G = x->G, E = x->E, W = x->W, me = x->me;
     int32_t *st = x->stage + (((size_t)layer * G + (size_t)x->lidx[s]) * H) * E;
@@ -309,11 +310,17 @@ static void s_take_stage(worker_exchange_t *x, int layer, int s, const int32_t *
             memset(st + (size_t)h * E, 0, (size_t)E * sizeof *st);
             continue;
         }
-        for (int e = 0; e < E; e++)
+        for (int e = 0; e < E; e++) {
             st[(size_t)h * E + e] = s == me ? to[(size_t)e * W + x->at[h * G + x->lidx[me]]]
                                             : hdr[(size_t)k * E + e];
+            if (st[(size_t)h * E + e] < 0)
+                return semoe_err(SEMOE_EPROTO, "exchange dispatch: layer %d: rank %d stages %d "
+                                 "rows of expert %d for host %d", layer, s,
+                                 st[(size_t)h * E + e], e, h);
+        }
         k++;
     }
+    return SEMOE_OK;
 }
 
 /* x->rp (where each sender's rows of each expert start in dispatch's recv, and in combine's
@@ -582,7 +589,7 @@ static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int D, const 
                              "from rank %d, want %zu", layer, x->rbytes[s], s, want);
         memcpy(cnt + (size_t)s * E, x->rmsg + roff, hb);
         if (H && x->host[s] == x->host[me])
-            s_take_stage(x, layer, s, to, (const int32_t *)(x->rmsg + roff));
+            SEMOE_CHECK(s_take_stage(x, layer, s, to, (const int32_t *)(x->rmsg + roff)));
         roff += x->rbytes[s];
         for (int e = 0; e < E; e++) {
             int32_t c = cnt[(size_t)s * E + e];
@@ -899,7 +906,12 @@ void worker_exchange_set_xfer(worker_exchange_t *x, const worker_xfer_t *xfer)
 /* The NCCL transport: one gpu_nccl_sendrecv group, waited for. */
 static semoe_rc s_nccl_run(void *state, const worker_xfer_op_t *ops, int n, int timeout_ms)
 {
-    _Static_assert(sizeof(worker_xfer_op_t) == sizeof(gpu_nccl_op_t), "the same transfers");
+    _Static_assert(sizeof(worker_xfer_op_t) == sizeof(gpu_nccl_op_t) &&
+                       offsetof(worker_xfer_op_t, peer) == offsetof(gpu_nccl_op_t, peer) &&
+                       offsetof(worker_xfer_op_t, send) == offsetof(gpu_nccl_op_t, send) &&
+                       offsetof(worker_xfer_op_t, recv) == offsetof(gpu_nccl_op_t, recv) &&
+                       offsetof(worker_xfer_op_t, bytes) == offsetof(gpu_nccl_op_t, bytes),
+                   "the same transfers");
     gpu_nccl_t *c = state;
     semoe_rc rc = gpu_nccl_sendrecv(c, (const gpu_nccl_op_t *)ops, n);
     return rc == SEMOE_OK ? gpu_nccl_wait(c, timeout_ms) : rc;

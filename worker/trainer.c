@@ -326,6 +326,8 @@ static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
             rc = semoe_err(rc, "%s", self->bg_err);
         if (rc == SEMOE_OK)
             rc = s_dense_allreduce(self, -2, true);
+        if (rc != SEMOE_OK) /* whatever backward started writes the slab until it is done */
+            gpu_nccl_join(self->nccl);
         if (rc == SEMOE_OK)
             rc = gpu_nccl_wait(self->nccl, S_COMM_TIMEOUT_MS);
         memset(self->dense_sent, 0, (size_t)self->n_dense * sizeof *self->dense_sent);
@@ -469,8 +471,8 @@ static bool s_poked_b(void *arg)
 
 /* The ranks' hosts for the exchange's two hops (worker_exchange_set_hosts): the host part of
  * each peer's data endpoint ("tcp://HOST:port"), or SEMOE_EMULATE_HOSTS=k hosts of W/k ranks
- * each in rank order (to check the two hops on one machine). One host, or hosts of different
- * sizes (logged): one hop. */
+ * each in rank order (to check the two hops on one machine). One host, hosts of different
+ * sizes, or ranks that disagree (logged): one hop. A collective (one reduce_stats). */
 static void s_hosts(s_tr_t *self)
 {
     const worker_plan_t *p = &self->plan;
@@ -498,7 +500,20 @@ static void s_hosts(s_tr_t *self)
             H += host[r] == H;
         }
     }
-    if (H >= 2) {
+    /* every rank must take the same hosts (the environment is each process's own): the sum and
+     * the sum of squares of a fingerprint over the ranks say whether all agree, the same answer
+     * on every rank */
+    double v = H, st[2]; /* integers well under 2^26: the sums below are exact */
+    for (int r = 0; r < W; r++)
+        v += (double)host[r] * (r + 1);
+    st[0] = v, st[1] = v * v;
+    semoe_rc rc = self->exf.reduce_stats(self->exf.state, st, 2);
+    bool agree = rc == SEMOE_OK && st[1] * W == st[0] * st[0];
+    if (rc != SEMOE_OK || !agree)
+        log_warn("generation %" PRIu64 ": %s: the expert rows in one hop", p->generation,
+                 rc != SEMOE_OK ? semoe_err_msg() : "the ranks do not agree on their hosts "
+                 "(SEMOE_EMULATE_HOSTS set for some only?)");
+    if (H >= 2 && agree) {
         if (worker_exchange_set_hosts(self->ex, host) == SEMOE_OK)
             log_info("generation %" PRIu64 ": %d hosts: the expert rows in two hops",
                      p->generation, H);
