@@ -503,12 +503,13 @@ static void s_hosts(s_tr_t *self)
     /* every rank must take the same hosts (the environment is each process's own): the sum and
      * the sum of squares of a fingerprint over the ranks say whether all agree, the same answer
      * on every rank */
-    double v = H, st[2]; /* integers well under 2^26: the sums below are exact */
+    long f = 0; /* a fingerprint of host[] below 4093: its sums over the ranks stay exact */
     for (int r = 0; r < W; r++)
-        v += (double)host[r] * (r + 1);
-    st[0] = v, st[1] = v * v;
-    semoe_rc rc = self->exf.reduce_stats(self->exf.state, st, 2);
-    bool agree = rc == SEMOE_OK && st[1] * W == st[0] * st[0];
+        f = (f * 31 + host[r] + 1) % 4093;
+    double st[4] = {H, (double)H * H, (double)f, (double)f * f};
+    semoe_rc rc = self->exf.reduce_stats(self->exf.state, st, 4);
+    /* all equal exactly when each value's sum of squares is W times its mean squared */
+    bool agree = rc == SEMOE_OK && st[1] * W == st[0] * st[0] && st[3] * W == st[2] * st[2];
     if (rc != SEMOE_OK || !agree)
         log_warn("generation %" PRIu64 ": %s: the expert rows in one hop", p->generation,
                  rc != SEMOE_OK ? semoe_err_msg() : "the ranks do not agree on their hosts "
