@@ -362,15 +362,35 @@ static void s_op(worker_xfer_op_t *ops, int *n, int peer, const float *send, flo
         ops[(*n)++] = (worker_xfer_op_t){peer, send, recv, rows * D * sizeof(float)};
 }
 
+/* One hop pass's view of layer `layer`: the shape, its splits (to), counts (cnt) and staged
+ * counts (st), the layout made (s_hops_layout) and room for its transfers. */
+typedef struct {
+    int H, G, E, W, me, mh;
+    size_t base;
+    const int32_t *to, *cnt, *st;
+    worker_xfer_op_t *ops;
+} s_hops_t;
+
+static s_hops_t s_hops_begin(worker_exchange_t *x, int layer, int D)
+{
+    const int H = x->H, G = x->G, E = x->E, W = x->W;
+    const size_t base = (size_t)layer * E;
+    s_hops_layout(x, layer, D);
+    return (s_hops_t){.H = H, .G = G, .E = E, .W = W, .me = x->me, .mh = x->host[x->me],
+                      .base = base, .to = x->to + base * W,
+                      .cnt = x->cnt + (size_t)layer * W * E,
+                      .st = x->stage + (size_t)layer * G * H * E,
+                      .ops = s_ops(x, (size_t)4 * W * E * (H + 1) + 1)};
+}
+
 static semoe_rc s_hops_dispatch(worker_exchange_t *x, int layer, int D, const float *send,
                                 const size_t *start, float *recv)
 {
-    const int H = x->H, G = x->G, E = x->E, W = x->W, me = x->me, mh = x->host[me];
-    const size_t base = (size_t)layer * E;
-    const int32_t *to = x->to + base * W, *cnt = x->cnt + (size_t)layer * W * E;
-    const int32_t *st = x->stage + (size_t)layer * G * H * E;
-    s_hops_layout(x, layer, D);
-    worker_xfer_op_t *ops = s_ops(x, (size_t)4 * W * E * (H + 1) + 1);
+    const s_hops_t k = s_hops_begin(x, layer, D);
+    const int H = k.H, G = k.G, E = k.E, W = k.W, me = k.me, mh = k.mh;
+    const int32_t *to = k.to, *cnt = k.cnt, *st = k.st;
+    const size_t base = k.base;
+    worker_xfer_op_t *ops = k.ops;
     int n = 0;
     /* hop one: within my host */
     for (int g = 0; g < G; g++) {
@@ -434,12 +454,11 @@ static semoe_rc s_hops_dispatch(worker_exchange_t *x, int layer, int D, const fl
 static semoe_rc s_hops_combine(worker_exchange_t *x, int layer, int D, const float *send,
                                const size_t *start, float *recv)
 {
-    const int H = x->H, G = x->G, E = x->E, W = x->W, me = x->me, mh = x->host[me];
-    const size_t base = (size_t)layer * E;
-    const int32_t *to = x->to + base * W, *cnt = x->cnt + (size_t)layer * W * E;
-    const int32_t *st = x->stage + (size_t)layer * G * H * E;
-    s_hops_layout(x, layer, D);
-    worker_xfer_op_t *ops = s_ops(x, (size_t)4 * W * E * (H + 1) + 1);
+    const s_hops_t k = s_hops_begin(x, layer, D);
+    const int H = k.H, G = k.G, E = k.E, W = k.W, me = k.me, mh = k.mh;
+    const int32_t *to = k.to, *cnt = k.cnt, *st = k.st;
+    const size_t base = k.base;
+    worker_xfer_op_t *ops = k.ops;
     int n = 0;
     /* hop one: across hosts, the outputs of another host's rows to its rank of my index, and
      * from the other hosts' rank of my index the outputs of my host's rows */
