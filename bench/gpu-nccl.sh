@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call for the NCCL data plane (issue 6) on a machine of two or more GPUs: a release
-# build with CUDA, the gpu suite's NCCL tests (tests/test_gpu_nccl.c, the communicator;
+# build with CUDA, the gpu suite (with tests/test_gpu_nccl.c, the communicator;
 # tests/test_gpu_ep.c, the daemons on two GPUs against one), then bench_nccl (our
 # all-to-all and bucketed all-reduce against NCCL's own on the same communicator). From the repo
 # root, through the device tool (kind nvidia-h200-x2 or larger) with carry [".device"]:
@@ -22,7 +22,8 @@ nvidia-smi topo -m 2>/dev/null | head -8
 ninja -C build-rel >"$out/build.log" 2>&1 || { grep -A6 -E "error|FAILED" "$out/build.log" | head -60; exit 1; }
 echo "== built ${SECONDS}s"
 if has test; then
-  timeout 420 meson test -C build-rel --no-rebuild --suite gpu gpu_nccl gpu_ep >"$out/test.txt" 2>&1
+  # the whole gpu suite (gpu_ep_bf16 and gpu_ep's part (0) run on one GPU too)
+  timeout 480 meson test -C build-rel --no-rebuild --suite gpu >"$out/test.txt" 2>&1
   grep -E "^ *[0-9]+/|^Ok|^Fail" "$out/test.txt"
   cp build-rel/meson-logs/testlog.txt "$out/testlog.txt" 2>/dev/null
   # the expert exchange in two hops: the GPUs as two emulated hosts
@@ -30,8 +31,8 @@ if has test; then
     >"$out/test-2hosts.txt" 2>&1
   grep -E "^ *[0-9]+/" "$out/test-2hosts.txt" | sed 's/$/   (SEMOE_EMULATE_HOSTS=2)/'
   cp build-rel/meson-logs/testlog.txt "$out/testlog-2hosts.txt" 2>/dev/null
-  grep -hE "^(rank|abort|survivor|a communicator|[0-9]+ ranks)|^  (ref|ep|crash)|FAIL|failed|passed|skipped" \
-    "$out/testlog.txt" | head -60
+  grep -hE "^(rank|abort|survivor|a communicator|[0-9]+ ranks|W=|refusals)|^  (ref|ep|crash)|FAIL|failed|passed|skipped" \
+    "$out/testlog.txt" | head -80
   echo "== test ${SECONDS}s"
 fi
 if has bench; then

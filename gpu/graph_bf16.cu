@@ -24,14 +24,18 @@ typedef uint16_t bf16_t; /* bit patterns on this side */
  * into the graph's weight copy. */
 typedef struct {
     size_t ln1, qkv, o, ln2, gate;                /* slab offsets; qkv: q_proj, k, v follow */
-    size_t *w1, *w2, *w3;                         /* (E) slab offsets per expert */
-    bf16_t *bqkv, *bo, *bgate, *bw13, *bw2;       /* into the bf16 copy */
+    size_t *w1, *w2, *w3;                         /* (E) slab offsets per expert (SIZE_MAX:
+                                                   * not held) */
+    int32_t *slot;                                /* (E) index among the held experts, or -1 */
+    int held;                                     /* experts held */
+    bf16_t *bqkv, *bo, *bgate, *bw13, *bw2;       /* into the bf16 copy (held experts only) */
     void **gp;                                    /* (3E) gradient pointers for the MoE layer */
 } s_layer_t;
 
 struct gpu_graph_bf16 {
     const model_params_t *params;
     int B, T, N, L, D, H, KVH, hd, Q, KV, QKV, E, K, F, V;
+    int R; /* expert rows per MoE layer from an exchange (expert parallelism); 0: local */
     float eps, aux_coef;
     double theta;
     size_t embed, norm, lm;
@@ -78,19 +82,22 @@ struct gpu_graph_bf16 {
 
 /* ---------------------------------------------------------------------- setup */
 
-static semoe_rc s_off(const model_params_t *params, size_t *off, const char *fmt, int a, int b)
+/* A tensor's offset in the slabs; one not held is an error unless `may_lack` (an expert under
+ * expert parallelism: SIZE_MAX). */
+static semoe_rc s_off(const model_params_t *params, size_t *off, int may_lack, const char *fmt,
+                      int a, int b)
 {
     char name[MODEL_PARAM_NAME_MAX];
     snprintf(name, sizeof name, fmt, a, b);
     const model_param_t *p = model_params_lookup(params, name);
     if (!p)
         return semoe_err(SEMOE_EINVAL, "bf16 graph: parameter %s missing from the table", name);
-    if (!p->data)
+    if (!p->data && !may_lack)
         return semoe_err(SEMOE_EINVAL,
-                         "bf16 graph: %s is not held here: the bf16 graph runs every expert "
-                         "on this process (expert parallelism on GPUs comes with NCCL)",
-                         name);
-    *off = (size_t)p->offset;
+                         "bf16 graph: %s is not held here: without expert rows (an exchange "
+                         "that sends the rows to the experts' holders) the graph runs every "
+                         "expert on this process", name);
+    *off = p->data ? (size_t)p->offset : SIZE_MAX;
     return SEMOE_OK;
 }
 
@@ -99,41 +106,49 @@ static semoe_rc s_offsets(gpu_graph_bf16_t *g)
 {
     const model_params_t *P = g->params;
     const model_config_t *cfg = model_params_config(P);
-    SEMOE_CHECK(s_off(P, &g->embed, "model.embed_tokens.weight%.0d%.0d", 0, 0));
-    SEMOE_CHECK(s_off(P, &g->norm, "model.norm.weight%.0d%.0d", 0, 0));
+    SEMOE_CHECK(s_off(P, &g->embed, 0, "model.embed_tokens.weight%.0d%.0d", 0, 0));
+    SEMOE_CHECK(s_off(P, &g->norm, 0, "model.norm.weight%.0d%.0d", 0, 0));
     if (cfg->tie_word_embeddings)
         g->lm = g->embed;
     else
-        SEMOE_CHECK(s_off(P, &g->lm, "lm_head.weight%.0d%.0d", 0, 0));
+        SEMOE_CHECK(s_off(P, &g->lm, 0, "lm_head.weight%.0d%.0d", 0, 0));
     for (int l = 0; l < g->L; l++) {
         s_layer_t *ly = &g->layer[l];
         size_t k = 0, v = 0;
-        SEMOE_CHECK(s_off(P, &ly->ln1, "model.layers.%d.input_layernorm.weight%.0d", l, 0));
-        SEMOE_CHECK(s_off(P, &ly->qkv, "model.layers.%d.self_attn.q_proj.weight%.0d", l, 0));
-        SEMOE_CHECK(s_off(P, &k, "model.layers.%d.self_attn.k_proj.weight%.0d", l, 0));
-        SEMOE_CHECK(s_off(P, &v, "model.layers.%d.self_attn.v_proj.weight%.0d", l, 0));
+        SEMOE_CHECK(s_off(P, &ly->ln1, 0, "model.layers.%d.input_layernorm.weight%.0d", l, 0));
+        SEMOE_CHECK(s_off(P, &ly->qkv, 0, "model.layers.%d.self_attn.q_proj.weight%.0d", l, 0));
+        SEMOE_CHECK(s_off(P, &k, 0, "model.layers.%d.self_attn.k_proj.weight%.0d", l, 0));
+        SEMOE_CHECK(s_off(P, &v, 0, "model.layers.%d.self_attn.v_proj.weight%.0d", l, 0));
         if (k != ly->qkv + (size_t)g->Q * g->D || v != k + (size_t)g->KV * g->D)
             return semoe_err(SEMOE_EINVAL, "bf16 graph: layer %d: q_proj, k_proj and v_proj are "
                              "not adjacent in the slab", l);
-        SEMOE_CHECK(s_off(P, &ly->o, "model.layers.%d.self_attn.o_proj.weight%.0d", l, 0));
-        SEMOE_CHECK(s_off(P, &ly->ln2, "model.layers.%d.post_attention_layernorm.weight%.0d", l,
+        SEMOE_CHECK(s_off(P, &ly->o, 0, "model.layers.%d.self_attn.o_proj.weight%.0d", l, 0));
+        SEMOE_CHECK(s_off(P, &ly->ln2, 0, "model.layers.%d.post_attention_layernorm.weight%.0d", l,
                           0));
-        SEMOE_CHECK(s_off(P, &ly->gate, "model.layers.%d.block_sparse_moe.gate.weight%.0d", l,
+        SEMOE_CHECK(s_off(P, &ly->gate, 0, "model.layers.%d.block_sparse_moe.gate.weight%.0d", l,
                           0));
+        ly->held = 0;
         for (int e = 0; e < g->E; e++) {
-            SEMOE_CHECK(s_off(P, &ly->w1[e], "model.layers.%d.block_sparse_moe.experts.%d.w1.weight",
-                              l, e));
-            SEMOE_CHECK(s_off(P, &ly->w2[e], "model.layers.%d.block_sparse_moe.experts.%d.w2.weight",
-                              l, e));
-            SEMOE_CHECK(s_off(P, &ly->w3[e], "model.layers.%d.block_sparse_moe.experts.%d.w3.weight",
-                              l, e));
+            int ep = g->R > 0;
+            SEMOE_CHECK(s_off(P, &ly->w1[e], ep,
+                              "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, e));
+            SEMOE_CHECK(s_off(P, &ly->w2[e], ep,
+                              "model.layers.%d.block_sparse_moe.experts.%d.w2.weight", l, e));
+            SEMOE_CHECK(s_off(P, &ly->w3[e], ep,
+                              "model.layers.%d.block_sparse_moe.experts.%d.w3.weight", l, e));
+            int has = ly->w1[e] != SIZE_MAX;
+            if (has != (ly->w2[e] != SIZE_MAX) || has != (ly->w3[e] != SIZE_MAX))
+                return semoe_err(SEMOE_EINVAL, "bf16 graph: layer %d expert %d: w1, w2 and w3 "
+                                 "not all held, or all not", l, e);
+            ly->slot[e] = has ? ly->held++ : -1;
         }
     }
     return SEMOE_OK;
 }
 
-/* The bf16 weight copy's layout: per layer qkv (QKV, D), o (D, Q), gate (E, D), w13 (E, 2F, D),
- * w2 (E, D, F); then the LM head (V, D). */
+/* The bf16 weight copy's layout: per layer qkv (QKV, D), o (D, Q), gate (E, D), w13 (held, 2F,
+ * D), w2 (held, D, F) for the experts held, in expert order (s_layer_t's slot); then the LM
+ * head (V, D). */
 static semoe_rc s_weights_new(gpu_graph_bf16_t *g)
 {
     size_t D = (size_t)g->D, F = (size_t)g->F, E = (size_t)g->E, L = (size_t)g->L;
@@ -146,8 +161,8 @@ static semoe_rc s_weights_new(gpu_graph_bf16_t *g)
         sz[i] = (size_t)g->QKV * D * 2, ptrs[i] = (void **)&ly->bqkv;
         sz[i + 1] = D * g->Q * 2, ptrs[i + 1] = (void **)&ly->bo;
         sz[i + 2] = E * D * 2, ptrs[i + 2] = (void **)&ly->bgate;
-        sz[i + 3] = E * 2 * F * D * 2, ptrs[i + 3] = (void **)&ly->bw13;
-        sz[i + 4] = E * D * F * 2, ptrs[i + 4] = (void **)&ly->bw2;
+        sz[i + 3] = (size_t)ly->held * 2 * F * D * 2, ptrs[i + 3] = (void **)&ly->bw13;
+        sz[i + 4] = (size_t)ly->held * D * F * 2, ptrs[i + 4] = (void **)&ly->bw2;
     }
     sz[5 * L] = (size_t)g->V * D * 2, ptrs[5 * L] = (void **)&g->blm;
     size_t total = 0;
@@ -199,7 +214,7 @@ static semoe_rc s_acts_new(gpu_graph_bf16_t *g)
                          "for %d x %d tokens)", total / 1073741824.0, g->B, g->T);
     g->moe = (gpu_moe_t **)semoe_xcalloc(L ? L : 1, sizeof *g->moe);
     for (int l = 0; l < g->L; l++) {
-        g->moe[l] = l == 0 ? gpu_moe_new(g->N, g->D, g->F, g->E, g->K)
+        g->moe[l] = l == 0 ? gpu_moe_new_ep(g->N, g->D, g->F, g->E, g->K, g->R)
                            : gpu_moe_new_sharing(g->moe[0]);
         if (!g->moe[l])
             return semoe_err(SEMOE_EINVAL, "bf16 graph: layer %d: no MoE layer for N=%d D=%d "
@@ -211,18 +226,19 @@ static semoe_rc s_acts_new(gpu_graph_bf16_t *g)
 }
 
 extern "C" semoe_rc gpu_graph_bf16_new(const model_params_t *params, int B, int T,
-                                       gpu_graph_bf16_t **out)
+                                       int expert_rows, gpu_graph_bf16_t **out)
 {
     *out = NULL;
     const model_config_t *cfg = model_params_config(params);
-    if (B <= 0 || T <= 0)
-        return semoe_err(SEMOE_EINVAL, "bf16 graph: B=%d, T=%d: need at least one token", B, T);
+    if (B <= 0 || T <= 0 || expert_rows < 0)
+        return semoe_err(SEMOE_EINVAL, "bf16 graph: B=%d, T=%d, expert_rows=%d: need at least "
+                         "one token and no negative capacity", B, T, expert_rows);
     if (cfg->sliding_window && (uint32_t)T > cfg->sliding_window)
         return semoe_err(SEMOE_EINVAL, "bf16 graph: T=%d exceeds sliding_window=%u, which it "
                          "does not implement", T, cfg->sliding_window);
     gpu_graph_bf16_t *g = (gpu_graph_bf16_t *)semoe_xcalloc(1, sizeof *g);
     g->params = params;
-    g->B = B, g->T = T, g->N = B * T;
+    g->B = B, g->T = T, g->N = B * T, g->R = expert_rows;
     g->L = (int)cfg->num_hidden_layers, g->D = (int)cfg->hidden_size;
     g->H = (int)cfg->num_attention_heads, g->KVH = (int)cfg->num_key_value_heads;
     g->hd = (int)cfg->head_dim, g->E = (int)cfg->num_local_experts;
@@ -248,6 +264,7 @@ extern "C" semoe_rc gpu_graph_bf16_new(const model_params_t *params, int B, int 
         g->layer[l].w2 = g->layer[l].w1 + g->E;
         g->layer[l].w3 = g->layer[l].w2 + g->E;
         g->layer[l].gp = (void **)semoe_xcalloc(3 * (size_t)g->E, sizeof(void *));
+        g->layer[l].slot = (int32_t *)semoe_xcalloc((size_t)g->E, sizeof(int32_t));
     }
     g->h_losses = (float *)semoe_xcalloc(g->N, sizeof(float));
     g->h_psum = (float *)semoe_xcalloc((size_t)g->L * g->E + 1, sizeof(float));
@@ -280,6 +297,7 @@ extern "C" void gpu_graph_bf16_destroy(gpu_graph_bf16_t **self_p)
     for (int l = 0; g->layer && l < g->L; l++) {
         free(g->layer[l].w1);
         free(g->layer[l].gp);
+        free(g->layer[l].slot);
     }
     free(g->layer);
     free(g->h_losses);
@@ -405,9 +423,12 @@ static void s_round_weights(gpu_graph_bf16_t *g, const float *w)
         gpu_bf16_from_f32(ly->bo, w + ly->o, D * g->Q);
         gpu_bf16_from_f32(ly->bgate, w + ly->gate, (size_t)g->E * D);
         for (int e = 0; e < g->E; e++) {
-            gpu_bf16_from_f32(ly->bw13 + (size_t)e * 2 * F * D, w + ly->w1[e], F * D);
-            gpu_bf16_from_f32(ly->bw13 + (size_t)e * 2 * F * D + F * D, w + ly->w3[e], F * D);
-            gpu_bf16_from_f32(ly->bw2 + (size_t)e * D * F, w + ly->w2[e], D * F);
+            if (ly->slot[e] < 0)
+                continue;
+            size_t s = (size_t)ly->slot[e];
+            gpu_bf16_from_f32(ly->bw13 + s * 2 * F * D, w + ly->w1[e], F * D);
+            gpu_bf16_from_f32(ly->bw13 + s * 2 * F * D + F * D, w + ly->w3[e], F * D);
+            gpu_bf16_from_f32(ly->bw2 + s * D * F, w + ly->w2[e], D * F);
         }
     }
     gpu_bf16_from_f32(g->blm, w + g->lm, (size_t)g->V * D);
@@ -416,8 +437,43 @@ static void s_round_weights(gpu_graph_bf16_t *g, const float *w)
 static gpu_moe_weights_t s_moe_weights(const gpu_graph_bf16_t *g, int l)
 {
     const s_layer_t *ly = &g->layer[l];
-    gpu_moe_weights_t mw = {ly->bgate, ly->bw13, ly->bw2, g->rbias};
+    gpu_moe_weights_t mw = {ly->bgate, ly->bw13, ly->bw2, g->rbias,
+                            ly->held < g->E ? ly->slot : NULL};
     return mw;
+}
+
+/* Expert parallelism: one MoE layer's exchange (gpu/moe_layer.h) over the graph's
+ * model_exchange_f32, a bf16 row of D passing as D / 2 floats (D is a multiple of 8). */
+typedef struct {
+    const model_exchange_f32 *ex;
+    int layer, E, D;
+} s_xch_t;
+
+static semoe_rc s_xch_dispatch(void *state, const uint16_t *send, const int32_t *send_counts,
+                               uint16_t *recv, int32_t *recv_counts, int recv_cap)
+{
+    const s_xch_t *x = (const s_xch_t *)state;
+    return x->ex->dispatch(x->ex->state, x->layer, x->E, x->D / 2, (const float *)send,
+                           send_counts, (float *)recv, recv_counts, recv_cap);
+}
+
+static semoe_rc s_xch_combine(void *state, const uint16_t *send, const int32_t *send_counts,
+                              uint16_t *recv, const int32_t *recv_counts)
+{
+    const s_xch_t *x = (const s_xch_t *)state;
+    return x->ex->combine(x->ex->state, x->layer, x->E, x->D / 2, (const float *)send,
+                          send_counts, (float *)recv, recv_counts);
+}
+
+/* Layer l's exchange in *mx (state in *st), or NULL when the graph runs its experts locally. */
+static const gpu_moe_exchange_t *s_xch(const gpu_graph_bf16_t *g, const model_exchange_f32 *ex,
+                                       int l, s_xch_t *st, gpu_moe_exchange_t *mx)
+{
+    if (!g->R)
+        return NULL;
+    *st = (s_xch_t){ex, l, g->E, g->D};
+    *mx = (gpu_moe_exchange_t){st, s_xch_dispatch, s_xch_combine};
+    return mx;
 }
 
 /* The losses of the pass: ce from the per-token losses, aux from the layers' expert counts and
@@ -457,6 +513,9 @@ extern "C" semoe_rc gpu_graph_bf16_forward(gpu_graph_bf16_t *g, const float *w,
     const int B = g->B, T = g->T, N = g->N, D = g->D, V = g->V, E = g->E;
     const size_t ND = (size_t)N * D;
     g->fwd_done = 0;
+    if (g->R && (!ex || !ex->dispatch || !ex->combine))
+        return semoe_err(SEMOE_EINVAL, "bf16 graph: made with expert rows (expert parallelism) "
+                         "but given no exchange that dispatches and combines");
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             int32_t in = tokens[(size_t)b * (T + 1) + t], tg = tokens[(size_t)b * (T + 1) + t + 1];
@@ -499,8 +558,16 @@ extern "C" semoe_rc gpu_graph_bf16_forward(gpu_graph_bf16_t *g, const float *w,
         s_section(GPU_GRAPH_MOE_OTHER);
         gpu_moe_set_phases(g->moe[l], s_prof_on);
         gpu_moe_weights_t mw = s_moe_weights(g, l);
-        gpu_moe_fwd(g->moe[l], &mw, ln2, NULL, res2, res1); /* res2 = res1 + moe */
-        if (ex && ex->note_local)
+        s_xch_t xs;
+        gpu_moe_exchange_t mx;
+        const gpu_moe_exchange_t *lx = s_xch(g, ex, l, &xs, &mx);
+        semoe_rc mrc = gpu_moe_fwd_ex(g->moe[l], &mw, ln2, NULL, res2, res1, lx); /* res2 =
+                                                                                     res1 + moe */
+        if (mrc != SEMOE_OK) {
+            s_section(-1);
+            return mrc;
+        }
+        if (!lx && ex && ex->note_local)
             ex->note_local(ex->state, l, E, gpu_moe_counts(g->moe[l]));
         s_section(GPU_GRAPH_NORM_LOSS);
         gpu_bf16_column_sum(g->psum + (size_t)l * E, gpu_moe_probs(g->moe[l]), N, E, g->colwork);
@@ -559,15 +626,24 @@ extern "C" semoe_rc gpu_graph_bf16_backward(gpu_graph_bf16_t *g, const float *w,
 
         /* MoE: dres is d loss / d res2; res2 = res1 + moe(ln2) */
         for (int e = 0; e < E; e++) {
-            ly->gp[e] = gr + ly->w1[e];
-            ly->gp[E + e] = gr + ly->w3[e];
-            ly->gp[2 * E + e] = gr + ly->w2[e];
+            int has = ly->slot[e] >= 0;
+            ly->gp[e] = has ? gr + ly->w1[e] : NULL;
+            ly->gp[E + e] = has ? gr + ly->w3[e] : NULL;
+            ly->gp[2 * E + e] = has ? gr + ly->w2[e] : NULL;
         }
         gpu_moe_grads_t mg = {1, gr + ly->gate, ly->gp, ly->gp + E, ly->gp + 2 * E, g->daux};
         gpu_moe_weights_t mw = s_moe_weights(g, l);
         s_section(GPU_GRAPH_MOE_OTHER);
-        gpu_moe_bwd(g->moe[l], &mw, ln2, NULL, g->dres, g->dln, &mg);
-        if (g->ex && g->ex->note_local) /* as backward's dispatch (combine's transpose) would */
+        s_xch_t xs;
+        gpu_moe_exchange_t mx;
+        const gpu_moe_exchange_t *lx = s_xch(g, g->ex, l, &xs, &mx);
+        semoe_rc mrc = gpu_moe_bwd_ex(g->moe[l], &mw, ln2, NULL, g->dres, g->dln, &mg, lx);
+        if (mrc != SEMOE_OK) {
+            s_section(-1);
+            return mrc;
+        }
+        if (!lx && g->ex && g->ex->note_local) /* as backward's dispatch (combine's transpose)
+                                                * would */
             g->ex->note_local(g->ex->state, l, E, gpu_moe_counts(g->moe[l]));
         s_section(GPU_GRAPH_NORM_LOSS);
         s_moe_phases(g->moe[l]);
@@ -600,9 +676,10 @@ extern "C" semoe_rc gpu_graph_bf16_backward(gpu_graph_bf16_t *g, const float *w,
 
 /* ---------------------------------------------------------------------- the trainer's pass */
 
-static semoe_rc s_pass_create(const model_params_t *params, int rows, int seq, void **out)
+static semoe_rc s_pass_create(const model_params_t *params, int rows, int seq, int expert_rows,
+                              void **out)
 {
-    return gpu_graph_bf16_new(params, rows, seq, (gpu_graph_bf16_t **)out);
+    return gpu_graph_bf16_new(params, rows, seq, expert_rows, (gpu_graph_bf16_t **)out);
 }
 
 static void s_pass_destroy(void **self_p)

@@ -12,10 +12,13 @@
  * those GEMMs (q/k/v stacked, W1 over W3 per expert); backward accumulates fp32 gradients
  * straight into the params-shaped gradient slab (cuBLAS with fp32 C and beta 1).
  *
- * Every expert of the model must be held by this process (the MoE block runs locally); an
- * exchange passed to forward/backward contributes only reduce_stats (the global losses, as
- * model/graph.h does) and note_local (the load accounting), its dispatch and combine are not
- * used. router_jitter_noise is not
+ * Made without expert rows, the graph holds every expert of the model and runs the MoE block
+ * locally: an exchange passed to forward/backward contributes only reduce_stats (the global
+ * losses, as model/graph.h does) and note_local (the load accounting). Made with expert rows
+ * (expert parallelism), it holds the experts params holds and every MoE layer's rows travel
+ * through the exchange's dispatch and combine as bf16 (rows of D/2 floats to the exchange,
+ * which only moves them), each rank running its experts on the rows that arrive: forward and
+ * backward are then collectives, with the exchange required. router_jitter_noise is not
  * applied. Memory: linear in T (no attention probabilities).
  *
  * Device pointers are the calling thread's current device (gpu_backend_init); everything runs
@@ -35,10 +38,13 @@ extern "C" {
 typedef struct gpu_graph_bf16 gpu_graph_bf16_t;
 
 /* The pass for B sequences of T tokens of params' model (its config and tensor offsets; params
- * must outlive the graph). Allocates every activation and scratch buffer once. SEMOE_EINVAL
- * when an expert is not held, hd is not 64 or 128, a width is not a multiple of 8, or the MoE
- * layer refuses the shape; SEMOE_ENOMEM (the message says how much) when the device is full. */
-semoe_rc gpu_graph_bf16_new(const model_params_t *params, int B, int T, gpu_graph_bf16_t **out);
+ * must outlive the graph). expert_rows: 0, or the capacity for the rows an exchange delivers per
+ * MoE layer (expert parallelism: B T K times the ranks is always enough). Allocates every
+ * activation and scratch buffer once. SEMOE_EINVAL when an expert is not held without expert
+ * rows, hd is not 64 or 128, a width is not a multiple of 8, or the MoE layer refuses the
+ * shape; SEMOE_ENOMEM (the message says how much) when the device is full. */
+semoe_rc gpu_graph_bf16_new(const model_params_t *params, int B, int T, int expert_rows,
+                            gpu_graph_bf16_t **out);
 void gpu_graph_bf16_destroy(gpu_graph_bf16_t **self_p);
 
 /* (E) fp32 device memory added to every layer's router logits in later forwards, or NULL
@@ -48,14 +54,16 @@ void gpu_graph_bf16_set_router_bias(gpu_graph_bf16_t *self, const float *bias);
 /* Forward on tokens (host, B rows of T + 1: inputs tokens[:, :T], targets tokens[:, 1:]) with
  * the fp32 master weights w (a params-shaped slab in device memory). Fills *loss; keeps what
  * backward needs. ex NULL or without reduce_stats: local means. Errors: a token out of range,
- * reduce_stats' failure. Waits for the device (the loss is read back). */
+ * reduce_stats' failure; with expert rows, no exchange (or one without dispatch and combine)
+ * and the exchange's errors. Waits for the device (the loss is read back). */
 semoe_rc gpu_graph_bf16_forward(gpu_graph_bf16_t *self, const float *w, const int32_t *tokens,
                                 const model_exchange_f32 *ex, model_loss_t *loss);
 
 /* Backward of the last forward (same w): ACCUMULATES scale * d loss / d w into g
  * (params-shaped, fp32, device), loss = ce + router_aux_loss_coef * aux as the forward
- * reported it (with reduce_stats: this process's share of the global loss's gradient).
- * Enqueued. */
+ * reported it (with reduce_stats: this process's share of the global loss's gradient), the
+ * experts' only for those held here. Enqueued (with expert rows, the exchange waits for the
+ * device at each MoE layer); the exchange's errors. */
 semoe_rc gpu_graph_bf16_backward(gpu_graph_bf16_t *self, const float *w, float *g,
                                  double scale);
 

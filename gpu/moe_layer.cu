@@ -48,6 +48,9 @@ typedef struct {
     bf16 *dh;       // (M, d) dab W13
     bf16 *dlog;     // (T, E)
     float *dxr;     // (T, d) dlog wg
+    bf16 *ye;       // EP: (R, d) the experts' outputs before combine
+    bf16 *dye;      // EP: (R, d) dy for the rows received
+    bf16 *dhe;      // EP: (R, d) dh of the rows received, before combine
     void **dptr;    // (S_NPROB, 3, E) device pointer arrays of the grouped calls
     void **hptr;    // same, pinned host staging
     const gpu_moe_t *g_owner;
@@ -62,6 +65,8 @@ typedef struct {
 
 struct gpu_moe {
     int T, d, f, E, k, M, nblk; /* M = T k rows; nblk: blocks of the counting sort */
+    int R;      /* gpu_moe_new_ep's receive capacity in rows; 0: every expert here */
+    int Mx;     /* rows the expert side may hold: max(M, R) */
     gpu_moe_gemm_t gemm;
     int round_logits;
     s_scratch_t *sc;
@@ -74,9 +79,17 @@ struct gpu_moe {
     int32_t *rowtok; // (M) token of each row
     int32_t *counts; // (E)
     bf16 *h;        // (M, d) tokens in expert order
-    bf16 *ab;       // (M, 2f) [h W1^T | h W3^T]
-    bf16 *y;        // (M, d) g W2^T
+    bf16 *ab;       // (Mx, 2f) [xe W1^T | xe W3^T]
+    bf16 *y;        // (M, d) the experts' outputs, rows as h
     int32_t *hcounts; // (E) pinned host
+    /* The expert side: its input rows xe (h, or with EP the rows received, hr), per expert
+     * ecnt on the host (hcounts or rcounts) and ecnt_d on the device, Me of them in all. */
+    bf16 *hr;         // EP: (R, d)
+    int32_t *rcounts; // EP: (E) pinned host
+    int32_t *rcnt_d;  // EP: (E) device
+    bf16 *xe;
+    int32_t *ecnt, *ecnt_d;
+    int Me;
     int phases;                 /* gpu_moe_set_phases: record pev at each phase boundary */
     cudaEvent_t pev[GPU_MOE_NPHASES + 1]; /* made on first enable; [0] fwd start */
     s_problem_t prob[S_NPROB];
@@ -255,13 +268,15 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
         fprintf(stderr, "gpu_moe_new: out of host memory\n");
         abort();
     }
-    size_t M = (size_t)m->M, T = (size_t)m->T, d = (size_t)m->d, f = (size_t)m->f,
-           E = (size_t)m->E;
-    size_t sz[] = {(size_t)m->nblk * E * 4, M * 4, M * f * 2, M * d * 2, M * 2 * f * 2,
-                   M * d * 2, T * E * 2, T * d * 4, (size_t)S_NPROB * 3 * E * sizeof(void *)};
+    size_t M = (size_t)m->M, X = (size_t)m->Mx, R = (size_t)m->R, T = (size_t)m->T,
+           d = (size_t)m->d, f = (size_t)m->f, E = (size_t)m->E;
+    size_t sz[] = {(size_t)m->nblk * E * 4, M * 4, X * f * 2, M * d * 2, X * 2 * f * 2,
+                   M * d * 2, T * E * 2, T * d * 4, R * d * 2, R * d * 2, R * d * 2,
+                   (size_t)S_NPROB * 3 * E * sizeof(void *)};
     void **const ptrs[] = {(void **)&sc->hist, (void **)&sc->dwt, (void **)&sc->g,
                            (void **)&sc->dy,   (void **)&sc->dab, (void **)&sc->dh,
-                           (void **)&sc->dlog, (void **)&sc->dxr, (void **)&sc->dptr};
+                           (void **)&sc->dlog, (void **)&sc->dxr, (void **)&sc->ye,
+                           (void **)&sc->dye,  (void **)&sc->dhe, (void **)&sc->dptr};
     sc->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
     if (!sc->slab) {
         free(sc);
@@ -293,20 +308,26 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
     }
     m->T = shape->T, m->d = shape->d, m->f = shape->f, m->E = shape->E, m->k = shape->k;
     m->M = shape->M, m->nblk = shape->nblk, m->gemm = shape->gemm;
+    m->R = shape->R, m->Mx = shape->Mx;
     m->round_logits = shape->round_logits;
-    size_t M = (size_t)m->M, TE = (size_t)m->T * m->E, d = (size_t)m->d, f = (size_t)m->f;
+    size_t M = (size_t)m->M, X = (size_t)m->Mx, TE = (size_t)m->T * m->E, d = (size_t)m->d,
+           f = (size_t)m->f, E = (size_t)m->E;
     size_t sz[] = {TE * 4, TE * 4, M * 4,     M * 2,         M * 4,    M * 4,
-                   (size_t)m->E * 4, M * d * 2, M * 2 * f * 2, M * d * 2};
+                   E * 4,  M * d * 2, X * 2 * f * 2, M * d * 2, (size_t)m->R * d * 2,
+                   m->R ? E * 4 : 0};
     void **const ptrs[] = {(void **)&m->logits, (void **)&m->probs, (void **)&m->idx,
                            (void **)&m->wts,    (void **)&m->pos,   (void **)&m->rowtok,
                            (void **)&m->counts, (void **)&m->h,     (void **)&m->ab,
-                           (void **)&m->y};
+                           (void **)&m->y,      (void **)&m->hr,    (void **)&m->rcnt_d};
     m->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
     if (!m->slab) {
         free(m);
         return NULL;
     }
-    GPU_CHECK(cudaMallocHost((void **)&m->hcounts, (size_t)m->E * sizeof(int32_t)));
+    /* hcounts, then (EP) rcounts */
+    GPU_CHECK(cudaMallocHost((void **)&m->hcounts, 2 * E * sizeof(int32_t)));
+    m->rcounts = m->hcounts + E;
+    m->xe = m->h, m->ecnt = m->hcounts, m->ecnt_d = m->counts, m->Me = m->M;
     m->sc = sc ? sc : s_scratch_new(m);
     if (!m->sc) {
         gpu_free(m->slab);
@@ -318,7 +339,7 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
     return m;
 }
 
-extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
+extern "C" gpu_moe_t *gpu_moe_new_ep(int T, int d, int f, int E, int k, int rows)
 {
     if (T < 1 || d < 8 || f < 8 || d % S_VEC || f % S_VEC) {
         fprintf(stderr, "gpu_moe_new: T=%d d=%d f=%d: need T >= 1 and d, f positive multiples "
@@ -330,20 +351,31 @@ extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
                 E, k, S_MAX_E, S_MAX_K);
         return NULL;
     }
+    if (rows < 0) {
+        fprintf(stderr, "gpu_moe_new_ep: rows=%d: need >= 0\n", rows);
+        return NULL;
+    }
     size_t M = (size_t)T * k, wide = (size_t)(d > 2 * f ? d : 2 * f);
-    if (M * wide >= ((size_t)1 << 31) || (size_t)E * 2 * d * f >= ((size_t)1 << 31)) {
-        fprintf(stderr, "gpu_moe_new: T*k*max(d,2f)=%zu or E*2f*d=%zu: need both under 2^31 "
-                        "(cuBLAS int leading dimensions and offsets)\n", M * wide,
+    size_t X = M > (size_t)rows ? M : (size_t)rows;
+    if (X * wide >= ((size_t)1 << 31) || (size_t)E * 2 * d * f >= ((size_t)1 << 31)) {
+        fprintf(stderr, "gpu_moe_new: max(T*k, rows)*max(d,2f)=%zu or E*2f*d=%zu: need both "
+                        "under 2^31 (cuBLAS int leading dimensions and offsets)\n", X * wide,
                 (size_t)E * 2 * d * f);
         return NULL;
     }
     gpu_moe_t shape;
     memset(&shape, 0, sizeof shape);
     shape.T = T, shape.d = d, shape.f = f, shape.E = E, shape.k = k, shape.M = (int)M;
+    shape.R = rows, shape.Mx = (int)X;
     shape.nblk = (int)((M + S_SORT_BLOCK - 1) / S_SORT_BLOCK);
     shape.gemm = s_gemm_for(T, d, f, E, k);
     shape.round_logits = 1;
     return s_layer_new(&shape, NULL);
+}
+
+extern "C" gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k)
+{
+    return gpu_moe_new_ep(T, d, f, E, k, 0);
 }
 
 extern "C" gpu_moe_t *gpu_moe_new_sharing(gpu_moe_t *other)
@@ -413,11 +445,11 @@ static bool s_own(const gpu_moe_t *m, int which)
     }
 }
 
-/* gpu_moe_gemm on m's rows and counts. */
+/* gpu_moe_gemm on the expert side's rows and counts. */
 static void s_own_gemm(const gpu_moe_t *m, gpu_moe_epi_t epi, const bf16 *A, int K, const bf16 *B,
                        bool b_kn, int N, bf16 *C, bf16 *G, const bf16 *AB)
 {
-    gpu_moe_gemm_args_t g = {A, m->M, K, B, b_kn, N, m->E, m->counts, epi, C, G, AB};
+    gpu_moe_gemm_args_t g = {A, m->Me, K, B, b_kn, N, m->E, m->ecnt_d, epi, C, G, AB};
     gpu_moe_gemm(&g, gpu_stream());
 }
 
@@ -466,7 +498,7 @@ extern "C" const float *gpu_moe_probs(const gpu_moe_t *self) { return self->prob
 /* g = silu(a) b from m->ab into the scratch's g; the scratch remembers whose it is. */
 static void s_swiglu(gpu_moe_t *m)
 {
-    size_t n8 = (size_t)m->M * m->f / S_VEC;
+    size_t n8 = (size_t)m->Me * m->f / S_VEC;
     s_swiglu_kernel<<<s_grid(n8, 256), 256, 0, gpu_stream()>>>(m->sc->g, m->ab, n8,
                                                                m->f / S_VEC);
     GPU_CHECK_LAUNCH();
@@ -531,19 +563,40 @@ static void s_experts_bwd_streams(gpu_moe_t *m)
     sc->g_owner = NULL; /* g now holds dg */
 }
 
-extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
-                            uint16_t *out_, float *out32, const float *res32)
+/* Expert e's index in the weights' w13 and w2 (the slot map, or e itself); -1: not held. */
+static inline int s_slot(const gpu_moe_weights_t *w, int e)
 {
-    const bf16 *x = (const bf16 *)x_, *wg = (const bf16 *)w->wg, *w13 = (const bf16 *)w->w13,
-               *w2 = (const bf16 *)w->w2;
-    const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k;
+    return w->slot ? w->slot[e] : e;
+}
+
+/* EP: the rows of an expert not held here arrived (an exchange that disagrees with the weights'
+ * slot map), or more than the capacity. */
+static semoe_rc s_check_recv(const gpu_moe_t *m, const gpu_moe_weights_t *w, const int32_t *cnt)
+{
+    int64_t total = 0;
+    for (int e = 0; e < m->E; e++) {
+        if (cnt[e] < 0 || (cnt[e] > 0 && s_slot(w, e) < 0))
+            return semoe_err(SEMOE_EPROTO, "gpu_moe: the exchange delivered %d rows of expert "
+                             "%d, which is not held here", cnt[e], e);
+        total += cnt[e];
+    }
+    if (total > m->R)
+        return semoe_err(SEMOE_EPROTO, "gpu_moe: the exchange delivered %lld rows; the "
+                         "capacity is %d", (long long)total, m->R);
+    return SEMOE_OK;
+}
+
+/* route: logits, softmax, top-k; the counting sort; h = x's rows in expert order, hcounts on
+ * the host (the stream synchronised). */
+static void s_route_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const bf16 *x)
+{
+    const int T = m->T, d = m->d, E = m->E, K = m->k;
     s_scratch_t *sc = m->sc;
     cudaStream_t st = gpu_stream();
-
     s_mark(m, 0);
-    /* route: logits^T (E, T) = wg (E, d) x^T in cuBLAS's column-major view of the row-major
-     * data (wg is stored as the column-major (d, E): transposed) */
-    s_gemm(sc->blas, CUBLAS_OP_T, CUBLAS_OP_N, E, T, d, wg, d, x, d, 0.0f, m->logits,
+    /* logits^T (E, T) = wg (E, d) x^T in cuBLAS's column-major view of the row-major data (wg
+     * is stored as the column-major (d, E): transposed) */
+    s_gemm(sc->blas, CUBLAS_OP_T, CUBLAS_OP_N, E, T, d, w->wg, d, x, d, 0.0f, m->logits,
            CUDA_R_32F, E);
     s_route_kernel<<<(T + 7) / 8, 256, 0, st>>>(m->probs, m->idx, m->wts, m->logits, w->bias,
                                                 m->round_logits, T, E, K);
@@ -564,21 +617,29 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
     GPU_CHECK_LAUNCH();
     s_mark(m, 2);
     GPU_CHECK(cudaStreamSynchronize(st));
+}
 
-    /* per expert (row-major): [a | b] = h W13[e]^T, y = g W2[e]^T; as column-major
-     * [a | b]^T (2f, n) = W13[e] (2f, d) h^T (d, n), W13[e] stored as the column-major (d, 2f)
-     * (transposed), h^T as stored; y^T (d, n) = W2[e] (d, f) g^T (f, n) likewise */
+/* The experts' forward on the expert side's rows: [a | b] = xe W13[e]^T, g = silu(a) b,
+ * ye = g W2[e]^T per expert (row-major; as column-major [a | b]^T (2f, n) = W13[e] (2f, d)
+ * xe^T (d, n), W13[e] stored as the column-major (d, 2f) (transposed), xe^T as stored; ye^T
+ * (d, n) = W2[e] (d, f) g^T (f, n) likewise). */
+static void s_experts_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, bf16 *ye)
+{
+    const bf16 *w13 = (const bf16 *)w->w13, *w2 = (const bf16 *)w->w2;
+    const int d = m->d, f = m->f, E = m->E;
+    s_scratch_t *sc = m->sc;
     s_problem_t *p13 = &m->prob[P_W13], *p2 = &m->prob[P_W2];
     s_set(p13, CUBLAS_OP_T, CUBLAS_OP_N, d, d, 2 * f, 0);
     s_set(p2, CUBLAS_OP_T, CUBLAS_OP_N, f, f, d, 0);
     size_t o = 0, df = (size_t)d * f;
     for (int e = 0; e < E; e++) {
-        int n = m->hcounts[e];
+        int n = m->ecnt[e];
         if (n > 0) {
+            size_t s = (size_t)s_slot(w, e);
             m->prow0[p13->n] = (int)o;
             m->prows[p13->n] = n;
-            s_add(p13, 2 * f, n, d, w13 + e * 2 * df, m->h + o * d, m->ab + o * 2 * f);
-            s_add(p2, d, n, f, w2 + e * df, sc->g + o * f, m->y + o * d);
+            s_add(p13, 2 * f, n, d, w13 + s * 2 * df, m->xe + o * d, m->ab + o * 2 * f);
+            s_add(p2, d, n, f, w2 + s * df, sc->g + o * f, ye + o * d);
         }
         o += (size_t)n;
     }
@@ -587,39 +648,161 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         s_experts_fwd_streams(m);
         s_mark(m, 3);
         s_mark(m, 4);
-    } else { /* in order; on FUSED, each GEMM on our kernel where s_own says so */
-        if (s_own(m, S_OWN_W13)) { /* SwiGLU inside the first GEMM */
-            s_own_gemm(m, GPU_MOE_EPI_SWIGLU, m->h, d, w13, false, 2 * f, m->ab, sc->g, NULL);
-            sc->g_owner = m;
-            s_mark(m, 3);
-        } else {
-            s_run(m, P_W13);
-            s_mark(m, 3);
-            s_swiglu(m);
-        }
-        s_mark(m, 4);
-        if (s_own(m, S_OWN_W2))
-            s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->g, f, w2, false, d, m->y, NULL, NULL);
-        else
-            s_run(m, P_W2);
+        return;
+    }
+    /* in order; on FUSED, each GEMM on our kernel where s_own says so (with the slot map only
+     * where it is the identity: the kernel indexes the weights by expert) */
+    bool own = !w->slot;
+    if (own && s_own(m, S_OWN_W13)) { /* SwiGLU inside the first GEMM */
+        s_own_gemm(m, GPU_MOE_EPI_SWIGLU, m->xe, d, w13, false, 2 * f, m->ab, sc->g, NULL);
+        sc->g_owner = m;
+        s_mark(m, 3);
+    } else {
+        s_run(m, P_W13);
+        s_mark(m, 3);
+        s_swiglu(m);
+    }
+    s_mark(m, 4);
+    if (own && s_own(m, S_OWN_W2))
+        s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->g, f, w2, false, d, ye, NULL, NULL);
+    else
+        s_run(m, P_W2);
+}
+
+extern "C" semoe_rc gpu_moe_fwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
+                                   uint16_t *out_, float *out32, const float *res32,
+                                   const gpu_moe_exchange_t *ex)
+{
+    const bf16 *x = (const bf16 *)x_;
+    const int T = m->T, d = m->d, E = m->E, K = m->k;
+    cudaStream_t st = gpu_stream();
+    if (ex && !m->R)
+        return semoe_err(SEMOE_EINVAL, "gpu_moe: an exchange needs a layer from gpu_moe_new_ep");
+    s_route_fwd(m, w, x);
+    if (ex) { /* the rows to their experts' holders; the expert side is what arrived */
+        SEMOE_CHECK(ex->dispatch(ex->state, (const uint16_t *)m->h, m->hcounts,
+                                 (uint16_t *)m->hr, m->rcounts, m->R));
+        SEMOE_CHECK(s_check_recv(m, w, m->rcounts));
+        m->xe = m->hr, m->ecnt = m->rcounts, m->ecnt_d = m->rcnt_d, m->Me = 0;
+        for (int e = 0; e < E; e++)
+            m->Me += m->rcounts[e];
+        GPU_CHECK(cudaMemcpyAsync(m->rcnt_d, m->rcounts, E * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, st));
+        s_experts_fwd(m, w, m->sc->ye);
+        SEMOE_CHECK(ex->combine(ex->state, (const uint16_t *)m->sc->ye, m->rcounts,
+                                (uint16_t *)m->y, m->hcounts));
+    } else {
+        for (int e = 0; e < E; e++)
+            if (m->hcounts[e] > 0 && s_slot(w, e) < 0)
+                return semoe_err(SEMOE_EINVAL, "gpu_moe: %d rows routed to expert %d, which "
+                                 "is not held here, and no exchange", m->hcounts[e], e);
+        m->xe = m->h, m->ecnt = m->hcounts, m->ecnt_d = m->counts, m->Me = m->M;
+        s_experts_fwd(m, w, m->y);
     }
     s_mark(m, 5);
     s_combine_kernel<<<T, s_row_threads(d), 0, st>>>((bf16 *)out_, out32, res32, m->y, m->pos,
                                                       m->wts, d, K);
     GPU_CHECK_LAUNCH();
     s_mark(m, 6);
+    return SEMOE_OK;
 }
 
-extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
-                            const uint16_t *dout_, const float *dout32, uint16_t *dx_,
-                            const gpu_moe_grads_t *gr)
+extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x,
+                            uint16_t *out, float *out32, const float *res32)
 {
-    bf16 *dx = (bf16 *)dx_;
-    const bf16 *x = (const bf16 *)x_, *wg = (const bf16 *)w->wg, *w13 = (const bf16 *)w->w13,
-               *w2 = (const bf16 *)w->w2;
-    const int T = m->T, d = m->d, f = m->f, E = m->E, K = m->k, f32 = gr->fp32 != 0;
+    if (gpu_moe_fwd_ex(m, w, x, out, out32, res32, NULL) != SEMOE_OK) {
+        fprintf(stderr, "gpu_moe_fwd: %s\n", semoe_err_msg());
+        abort();
+    }
+}
+
+/* The experts' backward on the expert side's rows, given dye (the gradient of their outputs):
+ * row-major dW2[e] = dye^T g, dg = dye W2[e], dW13[e] = [da | db]^T xe, dhe = [da | db] W13[e];
+ * each in column-major terms, e.g. dW2[e] is the column-major (f, d) g^T (f, n) dye (n, d):
+ * g^T as stored (N), dye stored as dye^T (T). dg overwrites g (the dW2 GEMM before it on the
+ * stream has read g). dW1 and dW3 as one GEMM when their tensors are adjacent. */
+static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const bf16 *dye, bf16 *dhe,
+                          const gpu_moe_grads_t *gr)
+{
+    const bf16 *w13 = (const bf16 *)w->w13, *w2 = (const bf16 *)w->w2;
+    const int d = m->d, f = m->f, E = m->E, f32 = gr->fp32 != 0;
     s_scratch_t *sc = m->sc;
     cudaStream_t st = gpu_stream();
+    const size_t df = (size_t)d * f, esz = f32 ? 4 : 2;
+    int fuse13 = 1;
+    for (int e = 0; e < E; e++)
+        if (s_slot(w, e) >= 0 && (char *)gr->dw3[e] != (char *)gr->dw1[e] + df * esz)
+            fuse13 = 0;
+    s_problem_t *q = m->prob;
+    bf16 *dg = sc->g;
+    s_set(&q[P_DW2], CUBLAS_OP_N, CUBLAS_OP_T, f, d, f, f32);
+    s_set(&q[P_DG], CUBLAS_OP_N, CUBLAS_OP_N, f, d, f, 0);
+    s_set(&q[P_DW13], CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, d, f32);
+    s_set(&q[P_DW3], CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, d, f32);
+    s_set(&q[P_DH], CUBLAS_OP_N, CUBLAS_OP_N, d, 2 * f, d, 0);
+    size_t o = 0;
+    for (int e = 0; e < E; e++) {
+        int n = m->ecnt[e];
+        size_t s = (size_t)s_slot(w, e);
+        if (n > 0) {
+            const bf16 *dab = sc->dab + o * 2 * f;
+            s_add(&q[P_DW2], f, d, n, sc->g + o * f, dye + o * d, gr->dw2[e]);
+            s_add(&q[P_DG], f, n, d, w2 + s * df, dye + o * d, dg + o * f);
+            if (fuse13) {
+                s_add(&q[P_DW13], d, 2 * f, n, m->xe + o * d, dab, gr->dw1[e]);
+            } else {
+                s_add(&q[P_DW13], d, f, n, m->xe + o * d, dab, gr->dw1[e]);
+                s_add(&q[P_DW3], d, f, n, m->xe + o * d, dab + f, gr->dw3[e]);
+            }
+            s_add(&q[P_DH], d, n, 2 * f, w13 + s * 2 * df, dab, dhe + o * d);
+        } else if (!f32 && s_slot(w, e) >= 0) { /* no token: zero gradients, no GEMM writes them */
+            GPU_CHECK(cudaMemsetAsync(gr->dw1[e], 0, df * 2, st));
+            GPU_CHECK(cudaMemsetAsync(gr->dw3[e], 0, df * 2, st));
+            GPU_CHECK(cudaMemsetAsync(gr->dw2[e], 0, df * 2, st));
+        }
+        o += (size_t)n;
+    }
+    s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd);
+    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+        s_experts_bwd_streams(m);
+        s_mark(m, 9);
+        s_mark(m, 10);
+        return;
+    }
+    /* in order; on FUSED, dg (with SwiGLU's backward in our epilogue: dg never stored, g kept)
+     * and dh on our kernel where s_own says so */
+    bool own = !w->slot;
+    s_run(m, P_DW2);
+    if (own && s_own(m, S_OWN_DG)) {
+        s_own_gemm(m, GPU_MOE_EPI_DSWIGLU, dye, d, w2, true, f, sc->dab, NULL, m->ab);
+        s_mark(m, 9);
+    } else {
+        s_run(m, P_DG);
+        s_mark(m, 9);
+        s_swiglu_bwd_rows(m, 0, m->Me, st);
+        sc->g_owner = NULL; /* g now holds dg */
+    }
+    s_mark(m, 10);
+    s_run(m, P_DW13);
+    s_run(m, P_DW3);
+    if (own && s_own(m, S_OWN_DH))
+        s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->dab, 2 * f, w13, true, d, dhe, NULL, NULL);
+    else
+        s_run(m, P_DH);
+}
+
+extern "C" semoe_rc gpu_moe_bwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
+                                   const uint16_t *dout_, const float *dout32, uint16_t *dx_,
+                                   const gpu_moe_grads_t *gr, const gpu_moe_exchange_t *ex)
+{
+    bf16 *dx = (bf16 *)dx_;
+    const bf16 *x = (const bf16 *)x_, *wg = (const bf16 *)w->wg;
+    const int T = m->T, d = m->d, E = m->E, K = m->k, f32 = gr->fp32 != 0;
+    s_scratch_t *sc = m->sc;
+    cudaStream_t st = gpu_stream();
+    if ((ex != NULL) != (m->xe == m->hr && m->R))
+        return semoe_err(SEMOE_EINVAL, "gpu_moe: backward %s an exchange after a forward %s "
+                         "one", ex ? "with" : "without", ex ? "without" : "with");
 
     s_mark(m, 7);
     if (dout32)
@@ -633,67 +816,20 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
         s_swiglu(m);
     s_mark(m, 8);
 
-    /* row-major dW2[e] = dy^T g, dg = dy W2[e], dW13[e] = [da | db]^T h, dh = [da | db] W13[e];
-     * each in column-major terms, e.g. dW2[e] is the column-major (f, d) g^T (f, n) dy (n, d):
-     * g^T as stored (N), dy stored as dy^T (T). dg overwrites g (the dW2 GEMM before it on the
-     * stream has read g). dW1 and dW3 as one GEMM when their tensors are adjacent. */
-    const size_t df = (size_t)d * f, esz = f32 ? 4 : 2;
-    int fuse13 = 1;
-    for (int e = 0; e < E; e++)
-        if ((char *)gr->dw3[e] != (char *)gr->dw1[e] + df * esz)
-            fuse13 = 0;
-    s_problem_t *q = m->prob;
-    bf16 *dg = sc->g;
-    s_set(&q[P_DW2], CUBLAS_OP_N, CUBLAS_OP_T, f, d, f, f32);
-    s_set(&q[P_DG], CUBLAS_OP_N, CUBLAS_OP_N, f, d, f, 0);
-    s_set(&q[P_DW13], CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, d, f32);
-    s_set(&q[P_DW3], CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, d, f32);
-    s_set(&q[P_DH], CUBLAS_OP_N, CUBLAS_OP_N, d, 2 * f, d, 0);
-    size_t o = 0;
-    for (int e = 0; e < E; e++) {
-        int n = m->hcounts[e];
-        if (n > 0) {
-            const bf16 *dab = sc->dab + o * 2 * f;
-            s_add(&q[P_DW2], f, d, n, sc->g + o * f, sc->dy + o * d, gr->dw2[e]);
-            s_add(&q[P_DG], f, n, d, w2 + e * df, sc->dy + o * d, dg + o * f);
-            if (fuse13) {
-                s_add(&q[P_DW13], d, 2 * f, n, m->h + o * d, dab, gr->dw1[e]);
-            } else {
-                s_add(&q[P_DW13], d, f, n, m->h + o * d, dab, gr->dw1[e]);
-                s_add(&q[P_DW3], d, f, n, m->h + o * d, dab + f, gr->dw3[e]);
-            }
-            s_add(&q[P_DH], d, n, 2 * f, w13 + e * 2 * df, dab, sc->dh + o * d);
-        } else if (!f32) { /* no token: the expert's gradients are zero, and no GEMM writes them */
-            GPU_CHECK(cudaMemsetAsync(gr->dw1[e], 0, df * 2, st));
-            GPU_CHECK(cudaMemsetAsync(gr->dw3[e], 0, df * 2, st));
-            GPU_CHECK(cudaMemsetAsync(gr->dw2[e], 0, df * 2, st));
-        }
-        o += (size_t)n;
-    }
-    s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd);
-    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
-        s_experts_bwd_streams(m);
-        s_mark(m, 9);
-        s_mark(m, 10);
-    } else { /* in order; on FUSED, dg (with SwiGLU's backward in our epilogue: dg never stored,
-              * g kept) and dh on our kernel where s_own says so */
-        s_run(m, P_DW2);
-        if (s_own(m, S_OWN_DG)) {
-            s_own_gemm(m, GPU_MOE_EPI_DSWIGLU, sc->dy, d, w2, true, f, sc->dab, NULL, m->ab);
-            s_mark(m, 9);
-        } else {
-            s_run(m, P_DG);
-            s_mark(m, 9);
-            s_swiglu_bwd_rows(m, 0, m->M, st);
-            sc->g_owner = NULL; /* g now holds dg */
-        }
-        s_mark(m, 10);
-        s_run(m, P_DW13);
-        s_run(m, P_DW3);
-        if (s_own(m, S_OWN_DH))
-            s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->dab, 2 * f, w13, true, d, sc->dh, NULL, NULL);
-        else
-            s_run(m, P_DH);
+    if (ex) { /* dy to the experts' holders as the forward's rows went (combine's transpose),
+               * the experts' backward there, and dh back (dispatch's) */
+        int32_t cnt[S_MAX_E];
+        SEMOE_CHECK(ex->dispatch(ex->state, (const uint16_t *)sc->dy, m->hcounts,
+                                 (uint16_t *)sc->dye, cnt, m->R));
+        for (int e = 0; e < E; e++)
+            if (cnt[e] != m->rcounts[e])
+                return semoe_err(SEMOE_EPROTO, "gpu_moe: backward's exchange delivered %d rows "
+                                 "of expert %d, the forward's %d", cnt[e], e, m->rcounts[e]);
+        s_experts_bwd(m, w, sc->dye, sc->dhe, gr);
+        SEMOE_CHECK(ex->combine(ex->state, (const uint16_t *)sc->dhe, m->rcounts,
+                                (uint16_t *)sc->dh, m->hcounts));
+    } else {
+        s_experts_bwd(m, w, sc->dy, sc->dh, gr);
     }
     s_mark(m, 11);
 
@@ -712,4 +848,15 @@ extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
     s_dx_kernel<<<T, s_row_threads(d), 0, st>>>(dx, sc->dxr, sc->dh, m->pos, d, K);
     GPU_CHECK_LAUNCH();
     s_mark(m, 14);
+    return SEMOE_OK;
+}
+
+extern "C" void gpu_moe_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x,
+                            const uint16_t *dout, const float *dout32, uint16_t *dx,
+                            const gpu_moe_grads_t *gr)
+{
+    if (gpu_moe_bwd_ex(m, w, x, dout, dout32, dx, gr, NULL) != SEMOE_OK) {
+        fprintf(stderr, "gpu_moe_bwd: %s\n", semoe_err_msg());
+        abort();
+    }
 }

@@ -38,6 +38,8 @@
 extern "C" {
 #endif
 
+#include "actors/err.h"
+
 typedef struct gpu_moe gpu_moe_t;
 
 typedef enum {
@@ -62,6 +64,10 @@ typedef struct {
     const uint16_t *w13; /* (E, 2f, d): expert e's W1 (f, d) rows, then its W3 (f, d) rows */
     const uint16_t *w2;  /* (E, d, f) */
     const float *bias;   /* (E) fp32 added to every token's logits before the softmax, or NULL */
+    /* HOST (E) or NULL: expert e's index into w13 and w2 (slot[e] < 0: not held here; its
+     * rows must go elsewhere through an exchange); NULL: e itself (every expert, in order).
+     * With a map, the expert GEMMs run on cuBLAS (our kernel indexes by expert). */
+    const int32_t *slot;
 } gpu_moe_weights_t;
 
 /* Where backward puts the weight gradients. fp32 0: bf16, OVERWRITTEN (an expert without
@@ -83,6 +89,10 @@ typedef struct {
  * the device memory. Returns NULL (with a message on stderr naming the value or the size)
  * otherwise. Caller owns it. */
 gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k);
+/* Expert parallelism: gpu_moe_new's layer that may run its experts on rows other processes
+ * send, up to `rows` rows per call (gpu_moe_fwd_ex); rows 0 is gpu_moe_new. The expert side's
+ * buffers are sized max(T k, rows). */
+gpu_moe_t *gpu_moe_new_ep(int T, int d, int f, int E, int k, int rows);
 /* Another layer of other's shape sharing other's scratch (other's settings copied). Destroy
  * the layers in any order; the scratch goes with the last. */
 gpu_moe_t *gpu_moe_new_sharing(gpu_moe_t *other);
@@ -105,12 +115,43 @@ void gpu_moe_set_round_logits(gpu_moe_t *self, int on);
 void gpu_moe_fwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x, uint16_t *out,
                  float *out32, const float *res32);
 
+/* The exchange of an expert-parallel layer (model/graph.h's model_exchange_f32 for one layer,
+ * on rows of d bf16): dispatch sends the layer's rows, grouped by expert 0..E-1 (send_counts,
+ * host), to the processes holding each expert and writes into recv the rows for the experts
+ * held here, grouped by expert, with recv_counts (host, E); combine is its reverse (send
+ * grouped as the dispatch's recv, recv as its send). Both are collectives. */
+typedef struct {
+    void *state;
+    semoe_rc (*dispatch)(void *state, const uint16_t *send, const int32_t *send_counts,
+                         uint16_t *recv, int32_t *recv_counts, int recv_cap);
+    semoe_rc (*combine)(void *state, const uint16_t *send, const int32_t *send_counts,
+                        uint16_t *recv, const int32_t *recv_counts);
+} gpu_moe_exchange_t;
+
+/* gpu_moe_fwd, with the experts' rows through ex when ex is not NULL (a layer of
+ * gpu_moe_new_ep): routed and sorted here, dispatched, the held experts run on the rows that
+ * arrive (from every process), their outputs combined back, weighted and summed here. Returns
+ * SEMOE_OK, the exchange's error, or SEMOE_EPROTO when rows arrive for an expert not held
+ * (w->slot) or beyond the capacity, SEMOE_EINVAL for rows routed to an expert not held without
+ * an exchange. (gpu_moe_fwd is this with ex NULL and aborts on an error.) */
+semoe_rc gpu_moe_fwd_ex(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
+                        uint16_t *out, float *out32, const float *res32,
+                        const gpu_moe_exchange_t *ex);
+
 /* The gradients of the last gpu_moe_fwd (same x and weights, unchanged since) given the
  * output's gradient, dout (T, d) bf16 or dout32 (T, d) fp32 (exactly one): dx (T, d) bf16
  * OVERWRITTEN, the weights' as gr says. Enqueued; returns at once. */
 void gpu_moe_bwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
                  const uint16_t *dout, const float *dout32, uint16_t *dx,
                  const gpu_moe_grads_t *gr);
+/* gpu_moe_bwd for a forward through ex (the same exchange, or NULL for a forward without):
+ * dy travels to the experts' holders as the forward's rows did, the held experts' gradients are
+ * accumulated here (gr's pointers of the experts not held are not used), dh comes back. The
+ * exchange's error, SEMOE_EPROTO when its counts differ from the forward's, SEMOE_EINVAL when
+ * ex does not match the forward's. */
+semoe_rc gpu_moe_bwd_ex(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
+                        const uint16_t *dout, const float *dout32, uint16_t *dx,
+                        const gpu_moe_grads_t *gr, const gpu_moe_exchange_t *ex);
 
 /* The last forward's routing, device memory owned by the layer: idx (T, k) int32, the bf16
  * weights (T, k), the softmax p (T, E) fp32; counts on the host (E ints, valid after

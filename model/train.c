@@ -5,6 +5,7 @@
 
 #include <math.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -80,7 +81,7 @@ static semoe_rc s_acts_new(model_train_t *tr, int rows, s_acts_t *a)
 {
     *a = (s_acts_t){0};
     if (tr->pass) {
-        SEMOE_CHECK(tr->pass->create(tr->params, rows, (int)tr->seq, &a->ps));
+        SEMOE_CHECK(tr->pass->create(tr->params, rows, (int)tr->seq, tr->R, &a->ps));
         tr->pass->set_router_bias(a->ps, tr->rbias);
     } else {
         SEMOE_CHECK(model_acts_new_f32(tr->be, tr->params, rows, (int)tr->seq, tr->R, &a->acts));
@@ -222,6 +223,8 @@ static semoe_rc s_prepare(model_train_t *tr, const uint8_t *tokens, uint32_t row
     for (size_t i = 0; i < (size_t)rows * (tr->seq + 1); i++)
         tr->tok[i] = tokens[i];
     if (rows == tr->mb) {
+        if (tr->acts.rows == 0) /* a failed model_train_set_expert_rows could not restore them */
+            SEMOE_CHECK(s_acts_new(tr, (int)rows, &tr->acts));
         *acts = &tr->acts;
         return SEMOE_OK;
     }
@@ -426,21 +429,21 @@ semoe_rc model_train_set_expert_rows(model_train_t *tr, int rows)
 {
     if (rows < 0)
         return semoe_err(SEMOE_EINVAL, "model train: expert_rows=%d: need >= 0", rows);
-    if (tr->pass && rows > 0)
-        return semoe_err(SEMOE_EINVAL, "model train: the %s pass runs every expert on this "
-                         "process: it takes no rows from an exchange", tr->pass->name);
+    /* the old activations go first: on a device, both at once may not fit */
     int keep = tr->R;
-    tr->R = rows;
-    s_acts_t acts;
-    semoe_rc rc = s_acts_new(tr, (int)tr->mb, &acts);
-    if (rc != SEMOE_OK) {
-        tr->R = keep;
-        return rc;
-    }
     s_acts_destroy(tr, &tr->acts);
     s_acts_destroy(tr, &tr->tail[0]);
     s_acts_destroy(tr, &tr->tail[1]);
-    tr->acts = acts;
+    tr->R = rows;
+    semoe_rc rc = s_acts_new(tr, (int)tr->mb, &tr->acts);
+    if (rc != SEMOE_OK) { /* back to the old capacity: what the trainer had works as before */
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", semoe_err_msg());
+        tr->R = keep;
+        if (s_acts_new(tr, (int)tr->mb, &tr->acts) != SEMOE_OK)
+            tr->acts = (s_acts_t){0}; /* s_prepare tries again */
+        return semoe_err(rc, "%s", msg);
+    }
     return SEMOE_OK;
 }
 

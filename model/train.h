@@ -82,12 +82,16 @@ semoe_rc model_train_new(const model_backend_f32_t *be, model_params_t *params,
 /* A forward/backward pass the trainer runs instead of model/graph.h's over its table: a
  * device's own mixed-precision graph (gpu/graph_bf16.h's, through gpu/backend.h's
  * gpu_pass_bf16). Weights and gradients stay the trainer's fp32 params-shaped slabs in the
- * table's memory; the pass holds every expert (the trainer refuses expert rows from an
- * exchange, model_train_set_expert_rows) and uses only an exchange's reduce_stats. */
+ * table's memory. Created without expert rows (model_train_set_expert_rows 0), the pass holds
+ * every expert and uses only an exchange's reduce_stats (and note_local); with them, it sends
+ * every MoE layer's rows through the exchange's dispatch and combine, as model/graph.h's does. */
 typedef struct {
     const char *name; /* "bf16" */
-    /* state for rows sequences of seq tokens of params' model */
-    semoe_rc (*create)(const model_params_t *params, int rows, int seq, void **out);
+    /* state for rows sequences of seq tokens of params' model; expert_rows > 0: the capacity
+     * for rows an exchange delivers per MoE layer (SEMOE_EINVAL from a pass that cannot take
+     * them) */
+    semoe_rc (*create)(const model_params_t *params, int rows, int seq, int expert_rows,
+                       void **out);
     void (*destroy)(void **self_p);
     /* (E) floats in the table's memory added to the router logits, or NULL; not owned */
     void (*set_router_bias)(void *self, const float *bias);

@@ -108,7 +108,7 @@ static bool s_pass_once(int which, int B, int T, bool bias, int draw, bool *same
 
     /* the bf16 graph */
     gpu_graph_bf16_t *g = NULL;
-    S_NEED(gpu_graph_bf16_new(p, B, T, &g) == SEMOE_OK, "bf16 graph: %s", semoe_err_msg());
+    S_NEED(gpu_graph_bf16_new(p, B, T, 0, &g) == SEMOE_OK, "bf16 graph: %s", semoe_err_msg());
     float *wd = test_gpu_upf(wc, nf), *gd = gpu_alloc(nf * sizeof(float));
     float *bd = test_gpu_upf(hb, E);
     if (bias)
@@ -193,12 +193,12 @@ static void s_check_refusals(void)
     s_config(&cfg, 0);
     model_params_t *p = test_tiny_params(&cfg, 7, 0.1);
     gpu_graph_bf16_t *g = NULL;
-    CHECK(gpu_graph_bf16_new(p, 0, 4, &g) == SEMOE_EINVAL && !g, "B=0 accepted");
+    CHECK(gpu_graph_bf16_new(p, 0, 4, 0, &g) == SEMOE_EINVAL && !g, "B=0 accepted");
     /* 33.5 M tokens: far more activations than the device holds, an error and not an abort */
-    semoe_rc big = gpu_graph_bf16_new(p, 4096, 8192, &g);
+    semoe_rc big = gpu_graph_bf16_new(p, 4096, 8192, 0, &g);
     CHECK(big != SEMOE_OK && !g, "a graph for 4096 x 8192 tokens: rc %d", (int)big);
     printf("4096 x 8192 tokens: %s\n", semoe_err_msg());
-    S_NEED(gpu_graph_bf16_new(p, 1, 4, &g) == SEMOE_OK, "graph: %s", semoe_err_msg());
+    S_NEED(gpu_graph_bf16_new(p, 1, 4, 0, &g) == SEMOE_OK, "graph: %s", semoe_err_msg());
     int32_t tok[5] = {1, 2, 96, 3, 4};
     size_t nf = model_params_slab_floats(p);
     float *wd = gpu_alloc(nf * sizeof(float)), *gd = gpu_alloc(nf * sizeof(float));
@@ -213,7 +213,7 @@ static void s_check_refusals(void)
     uint32_t held[] = {0, 1, 2};
     model_params_t *part = NULL;
     S_NEED(model_params_new(&cfg, held, 3, &part) == SEMOE_OK, "params: %s", semoe_err_msg());
-    CHECK(gpu_graph_bf16_new(part, 1, 4, &g) == SEMOE_EINVAL && !g,
+    CHECK(gpu_graph_bf16_new(part, 1, 4, 0, &g) == SEMOE_EINVAL && !g,
           "a graph over 3 of 12 experts");
     printf("refusals: %s\n", semoe_err_msg());
     model_params_destroy(&part);

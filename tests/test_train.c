@@ -679,8 +679,11 @@ typedef struct {
     const model_params_t *params;
 } s_pass_t;
 
-static semoe_rc s_pass_create(const model_params_t *params, int rows, int seq, void **out)
+static semoe_rc s_pass_create(const model_params_t *params, int rows, int seq, int expert_rows,
+                              void **out)
 {
+    if (expert_rows > 0)
+        return semoe_err(SEMOE_EINVAL, "cpu-test pass: no exchange rows");
     s_pass_t *ps = calloc(1, sizeof *ps);
     ps->params = params;
     semoe_rc rc = model_acts_new_f32(&cpu_backend_f32, params, rows, seq, 0, &ps->acts);
@@ -747,7 +750,7 @@ static void s_check_pass(void)
     }
     CHECK(model_train_set_expert_rows(tp, 100) == SEMOE_EINVAL &&
               model_train_set_expert_rows(tp, 0) == SEMOE_OK,
-          "a pass takes no exchange rows, and 0 (none) is fine");
+          "a pass that cannot take exchange rows refuses them, and 0 (none) is fine");
     size_t n = model_train_slab_floats(tg);
     bool same = true;
     for (int s = 0; s < 3; s++) {

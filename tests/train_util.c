@@ -69,7 +69,7 @@ bool train_util_write_job(const char *path, const train_util_job_t *job)
     if (job->patience > 0)
         e += snprintf(e, 48, ", \"patience\": %d", job->patience);
     /* the router knobs: a bias of one %.17g per expert, the aux term off, a frozen gate */
-    char router[TRAIN_UTIL_EXPERTS * 32 + 128] = "", *r = router;
+    char router[TRAIN_UTIL_EXPERTS * 32 + 192] = "", *r = router;
     if (job->router_bias) {
         r += snprintf(r, 32, ",\n    \"router_bias\": [");
         for (int i = 0; i < TRAIN_UTIL_EXPERTS; i++)
@@ -80,12 +80,13 @@ bool train_util_write_job(const char *path, const train_util_job_t *job)
         r += snprintf(r, 32, ", \"freeze_router\": true");
     if (job->collectives)
         r += snprintf(r, 48, ", \"collectives\": \"%.12s\"", job->collectives);
+    if (job->bf16)
+        r += snprintf(r, 48, ", \"precision\": \"bf16\"");
     char text[4 * PATH_MAX];
     int len = snprintf(text, sizeof text,
              "{\n"
              "  \"model\": {\"vocab_size\": %d, \"hidden_size\": %d, \"intermediate_size\": %d,\n"
-             "    \"num_hidden_layers\": %d, \"num_attention_heads\": 4,\n"
-             "    \"num_key_value_heads\": 2,\n"
+             "    \"num_hidden_layers\": %d, %s,\n"
              "    \"num_local_experts\": %d, \"num_experts_per_tok\": %d,\n"
              "    \"max_position_embeddings\": 64%s},\n"
              "  \"train\": {\"seq_len\": %d, \"global_batch\": %d, \"micro_batch\": %d,\n"
@@ -97,6 +98,9 @@ bool train_util_write_job(const char *path, const train_util_job_t *job)
              "  \"elastic\": {%s}\n"
              "}\n",
              TRAIN_UTIL_VOCAB, TRAIN_UTIL_HIDDEN, TRAIN_UTIL_FFN, TRAIN_UTIL_LAYERS,
+             job->bf16 ? "\"num_attention_heads\": 2, \"num_key_value_heads\": 1, "
+                         "\"head_dim\": 64"
+                       : "\"num_attention_heads\": 4, \"num_key_value_heads\": 2",
              TRAIN_UTIL_EXPERTS, job->top_k > 0 ? job->top_k : TRAIN_UTIL_TOPK,
              job->no_aux ? ", \"router_aux_loss_coef\": 0" : "", TRAIN_UTIL_SEQ,
              TRAIN_UTIL_BATCH, TRAIN_UTIL_BATCH, job->steps, job->seed, job->checkpoint_dir,

@@ -43,6 +43,8 @@ typedef struct {
     bool freeze_router;          /* train.freeze_router */
     int heartbeat_ms, liveness;  /* cluster.*; 0: 200 ms and 5 */
     const char *collectives;     /* train.collectives, or NULL (the default, zmq) */
+    bool bf16;                   /* train.precision "bf16" (GPU workers), with attention the
+                                  * bf16 graph takes: 2 heads on 1 of 64 (else 4 on 2 of 8) */
 } train_util_job_t;
 
 /* One line of a worker's --metrics-log, as docs/training.md "Metrics" lists the fields. */

@@ -589,7 +589,7 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
                          "on the CPU: use \"zmq\"");
     model_params_t *params = NULL;
     model_train_t *tr = NULL;
-    /* train.precision bf16: the GPU's bf16 graph, which runs every expert here */
+    /* train.precision bf16: the GPU's bf16 graph */
     const model_pass_t *pass = NULL;
     if (strcmp(job->train.precision, "bf16") == 0) {
 #if SEMOE_HAVE_CUDA
@@ -608,7 +608,14 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
     if (rc == SEMOE_OK && rows > INT32_MAX)
         rc = semoe_err(SEMOE_EINVAL, "trainer: %lld expert rows per micro-batch: lower "
                        "train.micro_batch", (long long)rows);
-    if (rc == SEMOE_OK && !pass)
+    /* the bf16 pass runs its experts on the rows that arrive only when some expert is not on
+     * every rank (expert parallelism); with every expert everywhere (data parallel) each rank
+     * keeps its rows, and the replicas' gradients are summed as always. Every rank decides
+     * from the same plan, so all of them dispatch or none does. */
+    bool ep = !pass;
+    for (uint32_t e = 0; e < p->num_layers * p->num_experts && !ep; e++)
+        ep = p->holder_off[e + 1] - p->holder_off[e] < p->world;
+    if (rc == SEMOE_OK && ep)
         rc = model_train_set_expert_rows(tr, (int)rows);
     worker_migrate_result_t res = {0};
     if (rc == SEMOE_OK) {
