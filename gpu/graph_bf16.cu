@@ -36,6 +36,7 @@ struct gpu_graph_bf16 {
     const model_params_t *params;
     int B, T, N, L, D, H, KVH, hd, Q, KV, QKV, E, K, F, V;
     int R; /* expert rows per MoE layer from an exchange (expert parallelism); 0: local */
+    int missing; /* the first expert (l E + e) params does not hold, or -1 */
     float eps, aux_coef;
     double theta;
     size_t embed, norm, lm;
@@ -82,8 +83,8 @@ struct gpu_graph_bf16 {
 
 /* ---------------------------------------------------------------------- setup */
 
-/* A tensor's offset in the slabs; one not held is an error unless `may_lack` (an expert under
- * expert parallelism: SIZE_MAX). */
+/* A tensor's offset in the slabs; one not held is an error unless `may_lack` (an expert: SIZE_MAX,
+ * and the forward refuses to run without expert rows). */
 static semoe_rc s_off(const model_params_t *params, size_t *off, int may_lack, const char *fmt,
                       int a, int b)
 {
@@ -94,9 +95,7 @@ static semoe_rc s_off(const model_params_t *params, size_t *off, int may_lack, c
         return semoe_err(SEMOE_EINVAL, "bf16 graph: parameter %s missing from the table", name);
     if (!p->data && !may_lack)
         return semoe_err(SEMOE_EINVAL,
-                         "bf16 graph: %s is not held here: without expert rows (an exchange "
-                         "that sends the rows to the experts' holders) the graph runs every "
-                         "expert on this process", name);
+                         "bf16 graph: %s is not held here", name);
     *off = p->data ? (size_t)p->offset : SIZE_MAX;
     return SEMOE_OK;
 }
@@ -129,18 +128,19 @@ static semoe_rc s_offsets(gpu_graph_bf16_t *g)
                           0));
         ly->held = 0;
         for (int e = 0; e < g->E; e++) {
-            int ep = g->R > 0;
-            SEMOE_CHECK(s_off(P, &ly->w1[e], ep,
+            SEMOE_CHECK(s_off(P, &ly->w1[e], 1,
                               "model.layers.%d.block_sparse_moe.experts.%d.w1.weight", l, e));
-            SEMOE_CHECK(s_off(P, &ly->w2[e], ep,
+            SEMOE_CHECK(s_off(P, &ly->w2[e], 1,
                               "model.layers.%d.block_sparse_moe.experts.%d.w2.weight", l, e));
-            SEMOE_CHECK(s_off(P, &ly->w3[e], ep,
+            SEMOE_CHECK(s_off(P, &ly->w3[e], 1,
                               "model.layers.%d.block_sparse_moe.experts.%d.w3.weight", l, e));
             int has = ly->w1[e] != SIZE_MAX;
             if (has != (ly->w2[e] != SIZE_MAX) || has != (ly->w3[e] != SIZE_MAX))
                 return semoe_err(SEMOE_EINVAL, "bf16 graph: layer %d expert %d: w1, w2 and w3 "
                                  "not all held, or all not", l, e);
             ly->slot[e] = has ? ly->held++ : -1;
+            if (!has && g->missing < 0)
+                g->missing = l * g->E + e;
         }
     }
     return SEMOE_OK;
@@ -238,7 +238,7 @@ extern "C" semoe_rc gpu_graph_bf16_new(const model_params_t *params, int B, int 
                          "does not implement", T, cfg->sliding_window);
     gpu_graph_bf16_t *g = (gpu_graph_bf16_t *)semoe_xcalloc(1, sizeof *g);
     g->params = params;
-    g->B = B, g->T = T, g->N = B * T, g->R = expert_rows;
+    g->B = B, g->T = T, g->N = B * T, g->R = expert_rows, g->missing = -1;
     g->L = (int)cfg->num_hidden_layers, g->D = (int)cfg->hidden_size;
     g->H = (int)cfg->num_attention_heads, g->KVH = (int)cfg->num_key_value_heads;
     g->hd = (int)cfg->head_dim, g->E = (int)cfg->num_local_experts;
@@ -516,6 +516,11 @@ extern "C" semoe_rc gpu_graph_bf16_forward(gpu_graph_bf16_t *g, const float *w,
     if (g->R && (!ex || !ex->dispatch || !ex->combine))
         return semoe_err(SEMOE_EINVAL, "bf16 graph: made with expert rows (expert parallelism) "
                          "but given no exchange that dispatches and combines");
+    if (!g->R && g->missing >= 0)
+        return semoe_err(SEMOE_EINVAL, "bf16 graph: expert %d of layer %d is not held here: "
+                         "without expert rows (an exchange that sends the rows to the experts' "
+                         "holders) the graph runs every expert on this process",
+                         g->missing % E, g->missing / E);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             int32_t in = tokens[(size_t)b * (T + 1) + t], tg = tokens[(size_t)b * (T + 1) + t + 1];

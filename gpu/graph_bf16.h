@@ -40,8 +40,8 @@ typedef struct gpu_graph_bf16 gpu_graph_bf16_t;
 /* The pass for B sequences of T tokens of params' model (its config and tensor offsets; params
  * must outlive the graph). expert_rows: 0, or the capacity for the rows an exchange delivers per
  * MoE layer (expert parallelism: B T K times the ranks is always enough). Allocates every
- * activation and scratch buffer once. SEMOE_EINVAL when an expert is not held without expert
- * rows, hd is not 64 or 128, a width is not a multiple of 8, or the MoE layer refuses the
+ * activation and scratch buffer once (and bf16 copies of the held experts only). SEMOE_EINVAL
+ * when hd is not 64 or 128, a width is not a multiple of 8, or the MoE layer refuses the
  * shape; SEMOE_ENOMEM (the message says how much) when the device is full. */
 semoe_rc gpu_graph_bf16_new(const model_params_t *params, int B, int T, int expert_rows,
                             gpu_graph_bf16_t **out);
@@ -54,8 +54,8 @@ void gpu_graph_bf16_set_router_bias(gpu_graph_bf16_t *self, const float *bias);
 /* Forward on tokens (host, B rows of T + 1: inputs tokens[:, :T], targets tokens[:, 1:]) with
  * the fp32 master weights w (a params-shaped slab in device memory). Fills *loss; keeps what
  * backward needs. ex NULL or without reduce_stats: local means. Errors: a token out of range,
- * reduce_stats' failure; with expert rows, no exchange (or one without dispatch and combine)
- * and the exchange's errors. Waits for the device (the loss is read back). */
+ * reduce_stats' failure; an expert not held without expert rows; with expert rows, no
+ * exchange (or one without dispatch and combine) and the exchange's errors. Waits for the device (the loss is read back). */
 semoe_rc gpu_graph_bf16_forward(gpu_graph_bf16_t *self, const float *w, const int32_t *tokens,
                                 const model_exchange_f32 *ex, model_loss_t *loss);
 
