@@ -449,19 +449,21 @@ typedef struct {
     int layer, E, D;
 } s_xch_t;
 
-static semoe_rc s_xch_dispatch(void *state, const uint16_t *send, const int32_t *send_counts,
-                               uint16_t *recv, int32_t *recv_counts, int recv_cap)
+static semoe_rc s_xch_dispatch(void *state, int part, const uint16_t *send,
+                               const int32_t *send_counts, uint16_t *recv, int32_t *recv_counts,
+                               int recv_cap)
 {
     const s_xch_t *x = (const s_xch_t *)state;
-    return x->ex->dispatch(x->ex->state, x->layer, x->E, x->D / 2, (const float *)send,
+    return x->ex->dispatch(x->ex->state, x->layer, part, x->E, x->D / 2, (const float *)send,
                            send_counts, (float *)recv, recv_counts, recv_cap);
 }
 
-static semoe_rc s_xch_combine(void *state, const uint16_t *send, const int32_t *send_counts,
-                              uint16_t *recv, const int32_t *recv_counts)
+static semoe_rc s_xch_combine(void *state, int part, const uint16_t *send,
+                              const int32_t *send_counts, uint16_t *recv,
+                              const int32_t *recv_counts)
 {
     const s_xch_t *x = (const s_xch_t *)state;
-    return x->ex->combine(x->ex->state, x->layer, x->E, x->D / 2, (const float *)send,
+    return x->ex->combine(x->ex->state, x->layer, part, x->E, x->D / 2, (const float *)send,
                           send_counts, (float *)recv, recv_counts);
 }
 
@@ -472,7 +474,7 @@ static const gpu_moe_exchange_t *s_xch(const gpu_graph_bf16_t *g, const model_ex
     if (!g->R)
         return NULL;
     *st = (s_xch_t){ex, l, g->E, g->D};
-    *mx = (gpu_moe_exchange_t){st, s_xch_dispatch, s_xch_combine};
+    *mx = (gpu_moe_exchange_t){st, ex->parts, s_xch_dispatch, s_xch_combine};
     return mx;
 }
 

@@ -139,9 +139,11 @@ __global__ void s_scan_kernel(int32_t *hist, int32_t *counts, int nblk, int E)
 
 /* Each flat entry i = t k + j gets its row: its block's first row for its expert plus the
  * entries of the same expert before it in the block (earlier warps, then earlier lanes), so
- * rows are in (token, slot) order within an expert. blockDim.x == S_SORT_BLOCK. */
+ * rows are in (token, slot) order within an expert; pos holds row0 + that row (a part's rows
+ * start at row0), rowtok the entry's token (i / K, within the entries given). blockDim.x ==
+ * S_SORT_BLOCK. */
 __global__ void s_place_kernel(int32_t *pos, int32_t *rowtok, const int32_t *idx,
-                               const int32_t *hist, int M, int E, int K)
+                               const int32_t *hist, int M, int E, int K, int row0)
 {
     extern __shared__ int32_t wc[]; /* (S_SORT_BLOCK / 32, E) */
     const int nw = S_SORT_BLOCK / 32;
@@ -160,7 +162,7 @@ __global__ void s_place_kernel(int32_t *pos, int32_t *rowtok, const int32_t *idx
         int r = hist[(size_t)blockIdx.x * E + e] + rank;
         for (int w = 0; w < warp; w++)
             r += wc[w * E + e];
-        pos[i] = r;
+        pos[i] = row0 + r;
         rowtok[r] = i / K;
     }
 }

@@ -31,6 +31,9 @@ typedef struct {
     void *C[S_MAX_E];
 } s_problem_t;
 
+/* The most parts (gpu_moe_exchange_t.parts) a layer's tokens go in. */
+#define S_MAX_PARTS 16
+
 /* fwd: W13, W2; bwd: dW2, dG, dW13 (or dW1), dW3, dH */
 enum { P_W13, P_W2, P_DW2, P_DG, P_DW13, P_DW3, P_DH, S_NPROB };
 
@@ -61,6 +64,12 @@ typedef struct {
     cudaStream_t side;
     cublasHandle_t blas2;
     cudaEvent_t fork, join;
+    /* parts (expert parallelism, gpu_moe_exchange_t.parts > 1): the experts of each part run on
+     * xst (with blasx) while the layer's stream moves the next part's rows; ev_part[p] marks
+     * part p's experts done */
+    cudaStream_t xst;
+    cublasHandle_t blasx;
+    cudaEvent_t xfork, ev_part[S_MAX_PARTS];
 } s_scratch_t;
 
 struct gpu_moe {
@@ -77,19 +86,23 @@ struct gpu_moe {
     bf16 *wts;      // (T, k) routing weights, bf16
     int32_t *pos;   // (T, k) row of each (token, slot) in expert order
     int32_t *rowtok; // (M) token of each row
-    int32_t *counts; // (E)
+    int32_t *counts; // (S_MAX_PARTS, E) per part (part 0: all tokens when in one part)
     bf16 *h;        // (M, d) tokens in expert order
     bf16 *ab;       // (Mx, 2f) [xe W1^T | xe W3^T]
     bf16 *y;        // (M, d) the experts' outputs, rows as h
-    int32_t *hcounts; // (E) pinned host
-    /* The expert side: its input rows xe (h, or with EP the rows received, hr), per expert
-     * ecnt on the host (hcounts or rcounts) and ecnt_d on the device, Me of them in all. */
+    int32_t *hcounts; // (E) pinned host: rows routed per expert, every part
+    int32_t *hcc;     // (S_MAX_PARTS, E) pinned host: per part
+    /* The expert side: its input rows xe (h, or with EP the rows received, hr), Me of them;
+     * with EP part p's are rows [roff[p], roff[p + 1]), rcc[p] (host) and rcnt_d (device) per
+     * expert. */
     bf16 *hr;         // EP: (R, d)
-    int32_t *rcounts; // EP: (E) pinned host
-    int32_t *rcnt_d;  // EP: (E) device
+    int32_t *rcc;     // EP: (S_MAX_PARTS, E) pinned host
+    int32_t *rcnt_d;  // EP: (S_MAX_PARTS, E) device
     bf16 *xe;
-    int32_t *ecnt, *ecnt_d;
     int Me;
+    int P;                        /* parts of the last forward */
+    int t0[S_MAX_PARTS + 1];      /* part p's tokens: [t0[p], t0[p + 1]) */
+    int roff[S_MAX_PARTS + 1];    /* EP: part p's received rows in hr */
     int phases;                 /* gpu_moe_set_phases: record pev at each phase boundary */
     cudaEvent_t pev[GPU_MOE_NPHASES + 1]; /* made on first enable; [0] fwd start */
     s_problem_t prob[S_NPROB];
@@ -117,8 +130,8 @@ static void s_run_loop(cublasHandle_t hb, const s_problem_t *p, int first, int s
 }
 
 /* Problem `slot`'s device pointer arrays are at dptr + slot*3E (A, B, C, E each), already
- * copied from the staging area. */
-static void s_run(gpu_moe_t *m, int slot)
+ * copied from the staging area; on handle hb (whose stream the staging copy went on). */
+static void s_run(gpu_moe_t *m, int slot, cublasHandle_t hb)
 {
     const s_problem_t *p = &m->prob[slot];
     if (p->n == 0)
@@ -140,7 +153,7 @@ static void s_run(gpu_moe_t *m, int slot)
         }
         void **dp = m->sc->dptr + (size_t)slot * 3 * m->E;
         cublasStatus_t st = cublasGemmGroupedBatchedEx(
-            m->sc->blas, ta, tb, p->m, p->nn, p->k, alpha, (const void *const *)dp, CUDA_R_16BF,
+            hb, ta, tb, p->m, p->nn, p->k, alpha, (const void *const *)dp, CUDA_R_16BF,
             lda, (const void *const *)(dp + m->E), CUDA_R_16BF, ldb, beta,
             (void *const *)(dp + 2 * m->E), p->ct, ldc, n, gs, CUBLAS_COMPUTE_32F);
         if (st == CUBLAS_STATUS_SUCCESS)
@@ -151,7 +164,7 @@ static void s_run(gpu_moe_t *m, int slot)
                 n, cublasGetStatusString(st));
         m->gemm = GPU_MOE_GEMM_LOOP;
     }
-    s_run_loop(m->sc->blas, p, 0, 1);
+    s_run_loop(hb, p, 0, 1);
 }
 
 /* The stream fork and join of GPU_MOE_GEMM_STREAMS. */
@@ -174,8 +187,9 @@ static void s_run_one(cublasHandle_t hb, const s_problem_t *p, int i)
 }
 
 
-/* Stages the pointer arrays of problems [first, first+n) and copies them to the device. */
-static void s_stage(gpu_moe_t *m, int first, int n, cudaEvent_t ev)
+/* Stages the pointer arrays of problems [first, first+n) and copies them to the device on
+ * stream st. */
+static void s_stage(gpu_moe_t *m, int first, int n, cudaEvent_t ev, cudaStream_t st)
 {
     if (m->gemm != GPU_MOE_GEMM_GROUPED)
         return;
@@ -192,9 +206,8 @@ static void s_stage(gpu_moe_t *m, int first, int n, cudaEvent_t ev)
     }
     size_t off = (size_t)first * 3 * E;
     GPU_CHECK(cudaMemcpyAsync(m->sc->dptr + off, m->sc->hptr + off,
-                              (size_t)n * 3 * E * sizeof(void *), cudaMemcpyHostToDevice,
-                              gpu_stream()));
-    GPU_CHECK(cudaEventRecord(ev, gpu_stream()));
+                              (size_t)n * 3 * E * sizeof(void *), cudaMemcpyHostToDevice, st));
+    GPU_CHECK(cudaEventRecord(ev, st));
 }
 
 static void s_set(s_problem_t *p, cublasOperation_t ta, cublasOperation_t tb, int lda, int ldb,
@@ -294,6 +307,12 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
     GPU_CUBLAS(cublasSetStream(sc->blas2, sc->side));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->fork, cudaEventDisableTiming));
     GPU_CHECK(cudaEventCreateWithFlags(&sc->join, cudaEventDisableTiming));
+    GPU_CHECK(cudaStreamCreateWithFlags(&sc->xst, cudaStreamNonBlocking));
+    GPU_CUBLAS(cublasCreate(&sc->blasx));
+    GPU_CUBLAS(cublasSetStream(sc->blasx, sc->xst));
+    GPU_CHECK(cudaEventCreateWithFlags(&sc->xfork, cudaEventDisableTiming));
+    for (int p = 0; p < S_MAX_PARTS; p++)
+        GPU_CHECK(cudaEventCreateWithFlags(&sc->ev_part[p], cudaEventDisableTiming));
     sc->refs = 1;
     return sc;
 }
@@ -313,8 +332,8 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
     size_t M = (size_t)m->M, X = (size_t)m->Mx, TE = (size_t)m->T * m->E, d = (size_t)m->d,
            f = (size_t)m->f, E = (size_t)m->E;
     size_t sz[] = {TE * 4, TE * 4, M * 4,     M * 2,         M * 4,    M * 4,
-                   E * 4,  M * d * 2, X * 2 * f * 2, M * d * 2, (size_t)m->R * d * 2,
-                   m->R ? E * 4 : 0};
+                   S_MAX_PARTS * E * 4, M * d * 2, X * 2 * f * 2, M * d * 2,
+                   (size_t)m->R * d * 2, m->R ? S_MAX_PARTS * E * 4 : 0};
     void **const ptrs[] = {(void **)&m->logits, (void **)&m->probs, (void **)&m->idx,
                            (void **)&m->wts,    (void **)&m->pos,   (void **)&m->rowtok,
                            (void **)&m->counts, (void **)&m->h,     (void **)&m->ab,
@@ -324,10 +343,11 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
         free(m);
         return NULL;
     }
-    /* hcounts, then (EP) rcounts */
-    GPU_CHECK(cudaMallocHost((void **)&m->hcounts, 2 * E * sizeof(int32_t)));
-    m->rcounts = m->hcounts + E;
-    m->xe = m->h, m->ecnt = m->hcounts, m->ecnt_d = m->counts, m->Me = m->M;
+    /* hcounts, hcc, then (EP) rcc */
+    GPU_CHECK(cudaMallocHost((void **)&m->hcounts, (1 + 2 * S_MAX_PARTS) * E * sizeof(int32_t)));
+    m->hcc = m->hcounts + E;
+    m->rcc = m->hcc + S_MAX_PARTS * E;
+    m->xe = m->h, m->Me = m->M, m->P = 1;
     m->sc = sc ? sc : s_scratch_new(m);
     if (!m->sc) {
         gpu_free(m->slab);
@@ -406,6 +426,12 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         cudaEventDestroy(sc->fork);
         cudaEventDestroy(sc->join);
         cudaStreamDestroy(sc->side);
+        GPU_CHECK(cudaStreamSynchronize(sc->xst));
+        cublasDestroy(sc->blasx);
+        cudaEventDestroy(sc->xfork);
+        for (int p = 0; p < S_MAX_PARTS; p++)
+            cudaEventDestroy(sc->ev_part[p]);
+        cudaStreamDestroy(sc->xst);
         free(sc);
     }
     free(m);
@@ -445,12 +471,22 @@ static bool s_own(const gpu_moe_t *m, int which)
     }
 }
 
-/* gpu_moe_gemm on the expert side's rows and counts. */
-static void s_own_gemm(const gpu_moe_t *m, gpu_moe_epi_t epi, const bf16 *A, int K, const bf16 *B,
-                       bool b_kn, int N, bf16 *C, bf16 *G, const bf16 *AB)
+/* One call's share of the expert side: rows [r0, r0 + rows) of it (of xe, ab, g, dab and the
+ * output buffers), cnt (host) and cnt_d (device) of them per expert, run on st with hb (hb's
+ * stream). The whole side in one part, or one part of an expert-parallel layer. */
+typedef struct {
+    int r0, rows;
+    const int32_t *cnt, *cnt_d;
+    cudaStream_t st;
+    cublasHandle_t hb;
+} s_view_t;
+
+/* gpu_moe_gemm on the view's rows and counts (A, C, G, AB at the view's first row). */
+static void s_own_gemm(const gpu_moe_t *m, const s_view_t *v, gpu_moe_epi_t epi, const bf16 *A,
+                       int K, const bf16 *B, bool b_kn, int N, bf16 *C, bf16 *G, const bf16 *AB)
 {
-    gpu_moe_gemm_args_t g = {A, m->Me, K, B, b_kn, N, m->E, m->ecnt_d, epi, C, G, AB};
-    gpu_moe_gemm(&g, gpu_stream());
+    gpu_moe_gemm_args_t g = {A, v->rows, K, B, b_kn, N, m->E, v->cnt_d, epi, C, G, AB};
+    gpu_moe_gemm(&g, v->st);
 }
 
 extern "C" gpu_moe_gemm_t gpu_moe_set_gemm(gpu_moe_t *self, gpu_moe_gemm_t mode)
@@ -570,8 +606,9 @@ static inline int s_slot(const gpu_moe_weights_t *w, int e)
 }
 
 /* EP: the rows of an expert not held here arrived (an exchange that disagrees with the weights'
- * slot map), or more than the capacity. */
-static semoe_rc s_check_recv(const gpu_moe_t *m, const gpu_moe_weights_t *w, const int32_t *cnt)
+ * slot map), or more than the room left (cap). */
+static semoe_rc s_check_recv(const gpu_moe_t *m, const gpu_moe_weights_t *w, const int32_t *cnt,
+                             int cap, int *rows)
 {
     int64_t total = 0;
     for (int e = 0; e < m->E; e++) {
@@ -580,14 +617,17 @@ static semoe_rc s_check_recv(const gpu_moe_t *m, const gpu_moe_weights_t *w, con
                              "%d, which is not held here", cnt[e], e);
         total += cnt[e];
     }
-    if (total > m->R)
-        return semoe_err(SEMOE_EPROTO, "gpu_moe: the exchange delivered %lld rows; the "
-                         "capacity is %d", (long long)total, m->R);
+    if (total > cap)
+        return semoe_err(SEMOE_EPROTO, "gpu_moe: the exchange delivered %lld rows; the room "
+                         "left is %d of %d", (long long)total, cap, m->R);
+    *rows = (int)total;
     return SEMOE_OK;
 }
 
-/* route: logits, softmax, top-k; the counting sort; h = x's rows in expert order, hcounts on
- * the host (the stream synchronised). */
+/* route: logits, softmax, top-k for every token; then per part p (tokens [t0[p], t0[p+1]))
+ * the counting sort of its entries (rows t0[p] K on: pos global, rowtok within the part), h =
+ * the part's rows in expert order, its counts into hcc[p]; hcounts the sums (the stream
+ * synchronised). */
 static void s_route_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const bf16 *x)
 {
     const int T = m->T, d = m->d, E = m->E, K = m->k;
@@ -602,28 +642,39 @@ static void s_route_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const bf16 *x)
                                                 m->round_logits, T, E, K);
     GPU_CHECK_LAUNCH();
     s_mark(m, 1);
-    /* the counting sort: per-block histograms, their scan, each entry's row */
-    s_hist_kernel<<<m->nblk, S_SORT_BLOCK, E * sizeof(int32_t), st>>>(sc->hist, m->idx, m->M, E);
-    GPU_CHECK_LAUNCH();
-    s_scan_kernel<<<1, 256, 0, st>>>(sc->hist, m->counts, m->nblk, E);
-    GPU_CHECK_LAUNCH();
-    s_place_kernel<<<m->nblk, S_SORT_BLOCK, (S_SORT_BLOCK / 32) * E * sizeof(int32_t), st>>>(
-        m->pos, m->rowtok, m->idx, sc->hist, m->M, E, K);
-    GPU_CHECK_LAUNCH();
-    /* the one host round trip per layer call: cuBLAS takes the group sizes on the host */
-    GPU_CHECK(cudaMemcpyAsync(m->hcounts, m->counts, E * sizeof(int32_t),
-                              cudaMemcpyDeviceToHost, st));
-    s_gather_kernel<<<m->M, 128, 0, st>>>(m->h, x, m->rowtok, d);
-    GPU_CHECK_LAUNCH();
+    for (int p = 0; p < m->P; p++) {
+        int r0 = m->t0[p] * K, n = (m->t0[p + 1] - m->t0[p]) * K;
+        int nblk = (n + S_SORT_BLOCK - 1) / S_SORT_BLOCK;
+        int32_t *cnt = m->counts + (size_t)p * E;
+        s_hist_kernel<<<nblk, S_SORT_BLOCK, E * sizeof(int32_t), st>>>(sc->hist, m->idx + r0,
+                                                                      n, E);
+        GPU_CHECK_LAUNCH();
+        s_scan_kernel<<<1, 256, 0, st>>>(sc->hist, cnt, nblk, E);
+        GPU_CHECK_LAUNCH();
+        s_place_kernel<<<nblk, S_SORT_BLOCK, (S_SORT_BLOCK / 32) * E * sizeof(int32_t), st>>>(
+            m->pos + r0, m->rowtok + r0, m->idx + r0, sc->hist, n, E, K, r0);
+        GPU_CHECK_LAUNCH();
+        /* the one host round trip per layer call: cuBLAS takes the group sizes on the host */
+        GPU_CHECK(cudaMemcpyAsync(m->hcc + (size_t)p * E, cnt, E * sizeof(int32_t),
+                                  cudaMemcpyDeviceToHost, st));
+        s_gather_kernel<<<n, 128, 0, st>>>(m->h + (size_t)r0 * d, x + (size_t)m->t0[p] * d,
+                                           m->rowtok + r0, d);
+        GPU_CHECK_LAUNCH();
+    }
     s_mark(m, 2);
     GPU_CHECK(cudaStreamSynchronize(st));
+    for (int e = 0; e < E; e++) {
+        m->hcounts[e] = 0;
+        for (int p = 0; p < m->P; p++)
+            m->hcounts[e] += m->hcc[(size_t)p * E + e];
+    }
 }
 
-/* The experts' forward on the expert side's rows: [a | b] = xe W13[e]^T, g = silu(a) b,
+/* The experts' forward on view v of the expert side: [a | b] = xe W13[e]^T, g = silu(a) b,
  * ye = g W2[e]^T per expert (row-major; as column-major [a | b]^T (2f, n) = W13[e] (2f, d)
  * xe^T (d, n), W13[e] stored as the column-major (d, 2f) (transposed), xe^T as stored; ye^T
- * (d, n) = W2[e] (d, f) g^T (f, n) likewise). */
-static void s_experts_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, bf16 *ye)
+ * (d, n) = W2[e] (d, f) g^T (f, n) likewise). ye is the output's row 0. */
+static void s_experts_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view_t *v, bf16 *ye)
 {
     const bf16 *w13 = (const bf16 *)w->w13, *w2 = (const bf16 *)w->w2;
     const int d = m->d, f = m->f, E = m->E;
@@ -631,9 +682,9 @@ static void s_experts_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, bf16 *ye)
     s_problem_t *p13 = &m->prob[P_W13], *p2 = &m->prob[P_W2];
     s_set(p13, CUBLAS_OP_T, CUBLAS_OP_N, d, d, 2 * f, 0);
     s_set(p2, CUBLAS_OP_T, CUBLAS_OP_N, f, f, d, 0);
-    size_t o = 0, df = (size_t)d * f;
+    size_t o = (size_t)v->r0, df = (size_t)d * f;
     for (int e = 0; e < E; e++) {
-        int n = m->ecnt[e];
+        int n = v->cnt[e];
         if (n > 0) {
             size_t s = (size_t)s_slot(w, e);
             m->prow0[p13->n] = (int)o;
@@ -643,8 +694,8 @@ static void s_experts_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, bf16 *ye)
         }
         o += (size_t)n;
     }
-    s_stage(m, P_W13, 2, sc->ev_fwd);
-    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+    s_stage(m, P_W13, 2, sc->ev_fwd, v->st);
+    if (m->gemm == GPU_MOE_GEMM_STREAMS && v->st == gpu_stream()) { /* the three phases as one */
         s_experts_fwd_streams(m);
         s_mark(m, 3);
         s_mark(m, 4);
@@ -652,21 +703,119 @@ static void s_experts_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, bf16 *ye)
     }
     /* in order; on FUSED, each GEMM on our kernel where s_own says so (with the slot map only
      * where it is the identity: the kernel indexes the weights by expert) */
+    const size_t r0 = (size_t)v->r0;
     bool own = !w->slot;
     if (own && s_own(m, S_OWN_W13)) { /* SwiGLU inside the first GEMM */
-        s_own_gemm(m, GPU_MOE_EPI_SWIGLU, m->xe, d, w13, false, 2 * f, m->ab, sc->g, NULL);
-        sc->g_owner = m;
+        s_own_gemm(m, v, GPU_MOE_EPI_SWIGLU, m->xe + r0 * d, d, w13, false, 2 * f,
+                   m->ab + r0 * 2 * f, sc->g + r0 * f, NULL);
         s_mark(m, 3);
     } else {
-        s_run(m, P_W13);
+        s_run(m, P_W13, v->hb);
         s_mark(m, 3);
-        s_swiglu(m);
+        s_swiglu_rows(m, v->r0, v->rows, v->st);
     }
+    sc->g_owner = m;
     s_mark(m, 4);
     if (own && s_own(m, S_OWN_W2))
-        s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->g, f, w2, false, d, ye, NULL, NULL);
+        s_own_gemm(m, v, GPU_MOE_EPI_PLAIN, sc->g + r0 * f, f, w2, false, d, ye + r0 * d, NULL,
+                   NULL);
     else
-        s_run(m, P_W2);
+        s_run(m, P_W2, v->hb);
+}
+
+/* The parts a call asking for `parts` runs in: at least 1, at most S_MAX_PARTS and T. */
+static int s_parts_for(const gpu_moe_t *m, int parts)
+{
+    int P = parts < 1 ? 1 : parts;
+    P = P > S_MAX_PARTS ? S_MAX_PARTS : P;
+    return P > m->T ? m->T : P;
+}
+
+/* The parts of a call: tokens split evenly. */
+static void s_parts(gpu_moe_t *m, int parts)
+{
+    int P = s_parts_for(m, parts);
+    m->P = P;
+    for (int p = 0; p <= P; p++)
+        m->t0[p] = (int)((int64_t)m->T * p / P);
+}
+
+/* Part p's view of the expert side of an expert-parallel call: on the layer's stream when the
+ * call is in one part, else on xst once the stream's work so far (p's rows arrived) is done. */
+static s_view_t s_part_view(gpu_moe_t *m, int p)
+{
+    s_scratch_t *sc = m->sc;
+    s_view_t v = {m->roff[p], m->roff[p + 1] - m->roff[p], m->rcc + (size_t)p * m->E,
+                  m->rcnt_d + (size_t)p * m->E, gpu_stream(), sc->blas};
+    if (m->P > 1) {
+        GPU_CHECK(cudaEventRecord(sc->xfork, gpu_stream()));
+        GPU_CHECK(cudaStreamWaitEvent(sc->xst, sc->xfork, 0));
+        v.st = sc->xst;
+        v.hb = sc->blasx;
+    }
+    return v;
+}
+
+/* After part p's experts were enqueued on v: its mark; the layer's stream waits for part q's
+ * experts (xst) before it sends their output back. */
+static void s_part_done(gpu_moe_t *m, const s_view_t *v, int p)
+{
+    if (m->P > 1)
+        GPU_CHECK(cudaEventRecord(m->sc->ev_part[p], v->st));
+}
+
+static void s_part_join(gpu_moe_t *m, int q)
+{
+    if (m->P > 1)
+        GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), m->sc->ev_part[q], 0));
+}
+
+/* The layer's stream waits for whatever xst has (an error's way out: nothing may run on
+ * buffers the caller frees). */
+static void s_join_all(gpu_moe_t *m)
+{
+    if (m->P > 1) {
+        GPU_CHECK(cudaEventRecord(m->sc->xfork, m->sc->xst));
+        GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), m->sc->xfork, 0));
+    }
+}
+
+/* EP forward: per part, dispatch its rows, run its experts (on xst when in parts, beside the
+ * next part's dispatch), and combine the previous part's outputs back once they are done. */
+static semoe_rc s_fwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w,
+                            const gpu_moe_exchange_t *ex)
+{
+    const int d = m->d, E = m->E, K = m->k;
+    s_scratch_t *sc = m->sc;
+    m->roff[0] = 0;
+    for (int p = 0; p < m->P; p++) {
+        int32_t *rc = m->rcc + (size_t)p * E, rows = 0;
+        const int32_t *hc = m->hcc + (size_t)p * E;
+        int room = m->R - m->roff[p];
+        SEMOE_CHECK(ex->dispatch(ex->state, p, (const uint16_t *)(m->h + (size_t)m->t0[p] * K * d),
+                                 hc, (uint16_t *)(m->hr + (size_t)m->roff[p] * d), rc, room));
+        SEMOE_CHECK(s_check_recv(m, w, rc, room, &rows));
+        m->roff[p + 1] = m->roff[p] + rows;
+        GPU_CHECK(cudaMemcpyAsync(m->rcnt_d + (size_t)p * E, rc, E * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, gpu_stream()));
+        s_view_t v = s_part_view(m, p);
+        s_experts_fwd(m, w, &v, sc->ye);
+        s_part_done(m, &v, p);
+        /* the previous part's outputs back (its experts ran beside this part's dispatch), and
+         * at the end the last one's */
+        for (int q = p > 0 ? p - 1 : 0; q <= p; q++) {
+            if (q == p && p + 1 < m->P)
+                break;
+            s_part_join(m, q);
+            SEMOE_CHECK(ex->combine(ex->state, q,
+                                    (const uint16_t *)(sc->ye + (size_t)m->roff[q] * d),
+                                    m->rcc + (size_t)q * E,
+                                    (uint16_t *)(m->y + (size_t)m->t0[q] * K * d),
+                                    m->hcc + (size_t)q * E));
+        }
+    }
+    m->Me = m->roff[m->P];
+    return SEMOE_OK;
 }
 
 extern "C" semoe_rc gpu_moe_fwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
@@ -678,26 +827,23 @@ extern "C" semoe_rc gpu_moe_fwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, con
     cudaStream_t st = gpu_stream();
     if (ex && !m->R)
         return semoe_err(SEMOE_EINVAL, "gpu_moe: an exchange needs a layer from gpu_moe_new_ep");
+    s_parts(m, ex ? ex->parts : 1);
     s_route_fwd(m, w, x);
     if (ex) { /* the rows to their experts' holders; the expert side is what arrived */
-        SEMOE_CHECK(ex->dispatch(ex->state, (const uint16_t *)m->h, m->hcounts,
-                                 (uint16_t *)m->hr, m->rcounts, m->R));
-        SEMOE_CHECK(s_check_recv(m, w, m->rcounts));
-        m->xe = m->hr, m->ecnt = m->rcounts, m->ecnt_d = m->rcnt_d, m->Me = 0;
-        for (int e = 0; e < E; e++)
-            m->Me += m->rcounts[e];
-        GPU_CHECK(cudaMemcpyAsync(m->rcnt_d, m->rcounts, E * sizeof(int32_t),
-                                  cudaMemcpyHostToDevice, st));
-        s_experts_fwd(m, w, m->sc->ye);
-        SEMOE_CHECK(ex->combine(ex->state, (const uint16_t *)m->sc->ye, m->rcounts,
-                                (uint16_t *)m->y, m->hcounts));
+        m->xe = m->hr;
+        semoe_rc rc = s_fwd_parts(m, w, ex);
+        if (rc != SEMOE_OK) {
+            s_join_all(m);
+            return rc;
+        }
     } else {
         for (int e = 0; e < E; e++)
             if (m->hcounts[e] > 0 && s_slot(w, e) < 0)
                 return semoe_err(SEMOE_EINVAL, "gpu_moe: %d rows routed to expert %d, which "
                                  "is not held here, and no exchange", m->hcounts[e], e);
-        m->xe = m->h, m->ecnt = m->hcounts, m->ecnt_d = m->counts, m->Me = m->M;
-        s_experts_fwd(m, w, m->y);
+        m->xe = m->h, m->Me = m->M;
+        s_view_t v = {0, m->M, m->hcounts, m->counts, st, m->sc->blas};
+        s_experts_fwd(m, w, &v, m->y);
     }
     s_mark(m, 5);
     s_combine_kernel<<<T, s_row_threads(d), 0, st>>>((bf16 *)out_, out32, res32, m->y, m->pos,
@@ -716,18 +862,18 @@ extern "C" void gpu_moe_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint
     }
 }
 
-/* The experts' backward on the expert side's rows, given dye (the gradient of their outputs):
- * row-major dW2[e] = dye^T g, dg = dye W2[e], dW13[e] = [da | db]^T xe, dhe = [da | db] W13[e];
- * each in column-major terms, e.g. dW2[e] is the column-major (f, d) g^T (f, n) dye (n, d):
- * g^T as stored (N), dye stored as dye^T (T). dg overwrites g (the dW2 GEMM before it on the
- * stream has read g). dW1 and dW3 as one GEMM when their tensors are adjacent. */
-static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const bf16 *dye, bf16 *dhe,
-                          const gpu_moe_grads_t *gr)
+/* The experts' backward on view v, given dye (the gradient of their outputs, row 0 of its
+ * buffer): row-major dW2[e] = dye^T g, dg = dye W2[e], dW13[e] = [da | db]^T xe,
+ * dhe = [da | db] W13[e]; each in column-major terms, e.g. dW2[e] is the column-major (f, d)
+ * g^T (f, n) dye (n, d): g^T as stored (N), dye stored as dye^T (T). dg overwrites g (the dW2
+ * GEMM before it on the stream has read g). dW1 and dW3 as one GEMM when their tensors are
+ * adjacent. */
+static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view_t *v,
+                          const bf16 *dye, bf16 *dhe, const gpu_moe_grads_t *gr)
 {
     const bf16 *w13 = (const bf16 *)w->w13, *w2 = (const bf16 *)w->w2;
     const int d = m->d, f = m->f, E = m->E, f32 = gr->fp32 != 0;
     s_scratch_t *sc = m->sc;
-    cudaStream_t st = gpu_stream();
     const size_t df = (size_t)d * f, esz = f32 ? 4 : 2;
     int fuse13 = 1;
     for (int e = 0; e < E; e++)
@@ -740,9 +886,9 @@ static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const bf16 *
     s_set(&q[P_DW13], CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, d, f32);
     s_set(&q[P_DW3], CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, d, f32);
     s_set(&q[P_DH], CUBLAS_OP_N, CUBLAS_OP_N, d, 2 * f, d, 0);
-    size_t o = 0;
+    size_t o = (size_t)v->r0;
     for (int e = 0; e < E; e++) {
-        int n = m->ecnt[e];
+        int n = v->cnt[e];
         size_t s = (size_t)s_slot(w, e);
         if (n > 0) {
             const bf16 *dab = sc->dab + o * 2 * f;
@@ -756,14 +902,14 @@ static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const bf16 *
             }
             s_add(&q[P_DH], d, n, 2 * f, w13 + s * 2 * df, dab, dhe + o * d);
         } else if (!f32 && s_slot(w, e) >= 0) { /* no token: zero gradients, no GEMM writes them */
-            GPU_CHECK(cudaMemsetAsync(gr->dw1[e], 0, df * 2, st));
-            GPU_CHECK(cudaMemsetAsync(gr->dw3[e], 0, df * 2, st));
-            GPU_CHECK(cudaMemsetAsync(gr->dw2[e], 0, df * 2, st));
+            GPU_CHECK(cudaMemsetAsync(gr->dw1[e], 0, df * 2, v->st));
+            GPU_CHECK(cudaMemsetAsync(gr->dw3[e], 0, df * 2, v->st));
+            GPU_CHECK(cudaMemsetAsync(gr->dw2[e], 0, df * 2, v->st));
         }
         o += (size_t)n;
     }
-    s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd);
-    if (m->gemm == GPU_MOE_GEMM_STREAMS) { /* the three phases as one */
+    s_stage(m, P_DW2, S_NPROB - P_DW2, sc->ev_bwd, v->st);
+    if (m->gemm == GPU_MOE_GEMM_STREAMS && v->st == gpu_stream()) { /* the three phases as one */
         s_experts_bwd_streams(m);
         s_mark(m, 9);
         s_mark(m, 10);
@@ -771,24 +917,63 @@ static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const bf16 *
     }
     /* in order; on FUSED, dg (with SwiGLU's backward in our epilogue: dg never stored, g kept)
      * and dh on our kernel where s_own says so */
+    const size_t r0 = (size_t)v->r0;
     bool own = !w->slot;
-    s_run(m, P_DW2);
+    s_run(m, P_DW2, v->hb);
     if (own && s_own(m, S_OWN_DG)) {
-        s_own_gemm(m, GPU_MOE_EPI_DSWIGLU, dye, d, w2, true, f, sc->dab, NULL, m->ab);
+        s_own_gemm(m, v, GPU_MOE_EPI_DSWIGLU, dye + r0 * d, d, w2, true, f, sc->dab + r0 * 2 * f,
+                   NULL, m->ab + r0 * 2 * f);
         s_mark(m, 9);
     } else {
-        s_run(m, P_DG);
+        s_run(m, P_DG, v->hb);
         s_mark(m, 9);
-        s_swiglu_bwd_rows(m, 0, m->Me, st);
+        s_swiglu_bwd_rows(m, v->r0, v->rows, v->st);
         sc->g_owner = NULL; /* g now holds dg */
     }
     s_mark(m, 10);
-    s_run(m, P_DW13);
-    s_run(m, P_DW3);
+    s_run(m, P_DW13, v->hb);
+    s_run(m, P_DW3, v->hb);
     if (own && s_own(m, S_OWN_DH))
-        s_own_gemm(m, GPU_MOE_EPI_PLAIN, sc->dab, 2 * f, w13, true, d, dhe, NULL, NULL);
+        s_own_gemm(m, v, GPU_MOE_EPI_PLAIN, sc->dab + r0 * 2 * f, 2 * f, w13, true, d,
+                   dhe + r0 * d, NULL, NULL);
     else
-        s_run(m, P_DH);
+        s_run(m, P_DH, v->hb);
+}
+
+/* EP backward: per part, dy to the experts' holders as the forward's rows went (combine's
+ * transpose), the experts' backward there (on xst when in parts, beside the next part's
+ * dispatch), and dh back (dispatch's transpose) once the part is done. */
+static semoe_rc s_bwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w, const gpu_moe_grads_t *gr,
+                            const gpu_moe_exchange_t *ex)
+{
+    const int d = m->d, E = m->E, K = m->k;
+    s_scratch_t *sc = m->sc;
+    for (int p = 0; p < m->P; p++) {
+        int32_t cnt[S_MAX_E];
+        const int32_t *rc = m->rcc + (size_t)p * E, *hc = m->hcc + (size_t)p * E;
+        SEMOE_CHECK(ex->dispatch(ex->state, p, (const uint16_t *)(sc->dy + (size_t)m->t0[p] * K * d),
+                                 hc, (uint16_t *)(sc->dye + (size_t)m->roff[p] * d), cnt,
+                                 m->R - m->roff[p]));
+        for (int e = 0; e < E; e++)
+            if (cnt[e] != rc[e])
+                return semoe_err(SEMOE_EPROTO, "gpu_moe: backward's exchange delivered %d rows "
+                                 "of expert %d in part %d, the forward's %d", cnt[e], e, p,
+                                 rc[e]);
+        s_view_t v = s_part_view(m, p);
+        s_experts_bwd(m, w, &v, sc->dye, sc->dhe, gr);
+        s_part_done(m, &v, p);
+        for (int q = p > 0 ? p - 1 : 0; q <= p; q++) { /* as s_fwd_parts */
+            if (q == p && p + 1 < m->P)
+                break;
+            s_part_join(m, q);
+            SEMOE_CHECK(ex->combine(ex->state, q,
+                                    (const uint16_t *)(sc->dhe + (size_t)m->roff[q] * d),
+                                    m->rcc + (size_t)q * E,
+                                    (uint16_t *)(sc->dh + (size_t)m->t0[q] * K * d),
+                                    m->hcc + (size_t)q * E));
+        }
+    }
+    return SEMOE_OK;
 }
 
 extern "C" semoe_rc gpu_moe_bwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, const uint16_t *x_,
@@ -803,6 +988,12 @@ extern "C" semoe_rc gpu_moe_bwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, con
     if ((ex != NULL) != (m->xe == m->hr && m->R))
         return semoe_err(SEMOE_EINVAL, "gpu_moe: backward %s an exchange after a forward %s "
                          "one", ex ? "with" : "without", ex ? "without" : "with");
+    if (ex && s_parts_for(m, ex->parts) != m->P)
+        return semoe_err(SEMOE_EINVAL, "gpu_moe: backward in %d parts after a forward in %d",
+                         ex->parts, m->P);
+    if (m->P > 1 && !f32)
+        return semoe_err(SEMOE_EINVAL, "gpu_moe: a layer in %d parts accumulates its gradients "
+                         "(gpu_moe_grads_t.fp32 1), which bf16 ones are not", m->P);
 
     s_mark(m, 7);
     if (dout32)
@@ -816,20 +1007,15 @@ extern "C" semoe_rc gpu_moe_bwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, con
         s_swiglu(m);
     s_mark(m, 8);
 
-    if (ex) { /* dy to the experts' holders as the forward's rows went (combine's transpose),
-               * the experts' backward there, and dh back (dispatch's) */
-        int32_t cnt[S_MAX_E];
-        SEMOE_CHECK(ex->dispatch(ex->state, (const uint16_t *)sc->dy, m->hcounts,
-                                 (uint16_t *)sc->dye, cnt, m->R));
-        for (int e = 0; e < E; e++)
-            if (cnt[e] != m->rcounts[e])
-                return semoe_err(SEMOE_EPROTO, "gpu_moe: backward's exchange delivered %d rows "
-                                 "of expert %d, the forward's %d", cnt[e], e, m->rcounts[e]);
-        s_experts_bwd(m, w, sc->dye, sc->dhe, gr);
-        SEMOE_CHECK(ex->combine(ex->state, (const uint16_t *)sc->dhe, m->rcounts,
-                                (uint16_t *)sc->dh, m->hcounts));
+    if (ex) {
+        semoe_rc rc = s_bwd_parts(m, w, gr, ex);
+        if (rc != SEMOE_OK) {
+            s_join_all(m);
+            return rc;
+        }
     } else {
-        s_experts_bwd(m, w, sc->dy, sc->dh, gr);
+        s_view_t v = {0, m->M, m->hcounts, m->counts, st, sc->blas};
+        s_experts_bwd(m, w, &v, sc->dy, sc->dh, gr);
     }
     s_mark(m, 11);
 

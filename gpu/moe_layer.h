@@ -116,15 +116,22 @@ void gpu_moe_fwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
                  float *out32, const float *res32);
 
 /* The exchange of an expert-parallel layer (model/graph.h's model_exchange_f32 for one layer,
- * on rows of d bf16): dispatch sends the layer's rows, grouped by expert 0..E-1 (send_counts,
- * host), to the processes holding each expert and writes into recv the rows for the experts
- * held here, grouped by expert, with recv_counts (host, E); combine is its reverse (send
- * grouped as the dispatch's recv, recv as its send). Both are collectives. */
+ * on rows of d bf16): dispatch sends the rows of one part of the layer's tokens, grouped by
+ * expert 0..E-1 (send_counts, host), to the processes holding each expert and writes into recv
+ * the rows for the experts held here, grouped by expert, with recv_counts (host, E); combine is
+ * the reverse of that part's dispatch (send grouped as its recv, recv as its send). Both are
+ * collectives.
+ * parts (1, or 0: one; at most 16 and T): the tokens go in that many even parts (Tutel's
+ * overlap). Each part is dispatched, its experts run on a stream of the layer's own, and it is
+ * combined after the next part's dispatch, so that one part's transfers run beside another's
+ * expert GEMMs: dispatch 0, experts 0, dispatch 1, experts 1, combine 0, dispatch 2, ...; the
+ * backward goes the same way. More parts: more overlap, smaller GEMMs. */
 typedef struct {
     void *state;
-    semoe_rc (*dispatch)(void *state, const uint16_t *send, const int32_t *send_counts,
+    int parts;
+    semoe_rc (*dispatch)(void *state, int part, const uint16_t *send, const int32_t *send_counts,
                          uint16_t *recv, int32_t *recv_counts, int recv_cap);
-    semoe_rc (*combine)(void *state, const uint16_t *send, const int32_t *send_counts,
+    semoe_rc (*combine)(void *state, int part, const uint16_t *send, const int32_t *send_counts,
                         uint16_t *recv, const int32_t *recv_counts);
 } gpu_moe_exchange_t;
 
@@ -148,7 +155,8 @@ void gpu_moe_bwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
  * dy travels to the experts' holders as the forward's rows did, the held experts' gradients are
  * accumulated here (gr's pointers of the experts not held are not used), dh comes back. The
  * exchange's error, SEMOE_EPROTO when its counts differ from the forward's, SEMOE_EINVAL when
- * ex does not match the forward's. */
+ * ex does not match the forward's (or its parts); in parts, bf16 gradients (gr->fp32 0:
+ * they are not accumulated). */
 semoe_rc gpu_moe_bwd_ex(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
                         const uint16_t *dout, const float *dout32, uint16_t *dx,
                         const gpu_moe_grads_t *gr, const gpu_moe_exchange_t *ex);

@@ -17,6 +17,9 @@
 #include "model/backend.h"
 #include "model/params.h"
 
+/* The most parts (model_exchange_f32's part) a layer's rows go in. */
+#define MODEL_EXCHANGE_MAX_PARTS 16
+
 /* The losses of one forward pass: loss = ce + router_aux_loss_coef * aux. */
 typedef struct {
     double loss;
@@ -38,14 +41,18 @@ typedef struct {
          * by expert 0..E-1. Writes recv (R, D): the rows for the experts this process holds \
          * (from every process), grouped by expert 0..E-1, and recv_counts (E; 0 for experts \
          * not held here); R = sum recv_counts must be <= recv_cap, else an error. A         \
-         * distributed exchange remembers per layer how the rows were split among peers. */ \
-        semoe_rc (*dispatch)(void *state, int layer, int E, int D, const T *send,             \
+         * distributed exchange remembers per (layer, part) how the rows were split among    \
+         * peers. part: 0, or which of the pieces a pass cut the layer's tokens into (so that \
+         * the pieces' transfers overlap the experts' compute on others; parts of a layer go \
+         * in order 0, 1, ..., each combined after its dispatch, and a part 0 starts the     \
+         * layer anew), < MODEL_EXCHANGE_MAX_PARTS. */                                      \
+        semoe_rc (*dispatch)(void *state, int layer, int part, int E, int D, const T *send,   \
                              const int32_t *send_counts, T *recv, int32_t *recv_counts,       \
                              int recv_cap);                                                    \
-        /* The reverse of layer `layer`'s dispatch: send (R, D) grouped as that dispatch's   \
-         * recv (send_counts = its recv_counts); writes recv grouped as its send (recv_counts \
-         * = its send_counts). */                                                             \
-        semoe_rc (*combine)(void *state, int layer, int E, int D, const T *send,              \
+        /* The reverse of layer `layer`'s dispatch of that part: send (R, D) grouped as that \
+         * dispatch's recv (send_counts = its recv_counts); writes recv grouped as its send  \
+         * (recv_counts = its send_counts). */                                               \
+        semoe_rc (*combine)(void *state, int layer, int part, int E, int D, const T *send,    \
                             const int32_t *send_counts, T *recv, const int32_t *recv_counts); \
         /* Optional (NULL: this process's batch is the whole batch). buf[i] = the sum over   \
          * every process of its buf[i], i < n, the same bits on every process (a collective: \
@@ -60,6 +67,11 @@ typedef struct {
          * (E, host) where a dispatch would have counted them: once per dispatch it stands   \
          * in for (forward, and backward's transpose), for the exchange's load accounting. */ \
         void (*note_local)(void *state, int layer, int E, const int32_t *counts);            \
+        /* Into how many parts a pass that can (gpu/graph_bf16.h's) cuts each MoE layer's    \
+         * tokens, each part's rows dispatched, run and combined on their own so that one    \
+         * part's transfers overlap another's expert compute (Tutel's overlap); 0 or 1: one, \
+         * the whole layer at once. */                                                       \
+        int parts;                                                                             \
     } model_exchange_##S;                                                                      \
                                                                                                \
     /* The activation pointer table, llm.c style: every field points into one slab. Shapes:  \

@@ -164,10 +164,11 @@ static int64_t G(s_count)(const int32_t *counts, int E)
     return n;
 }
 
-static semoe_rc G(s_local_dispatch)(void *state, int layer, int E, int D, const T *send,
-                                    const int32_t *send_counts, T *recv,
+static semoe_rc G(s_local_dispatch)(void *state, int layer, int part, int E, int D,
+                                    const T *send, const int32_t *send_counts, T *recv,
                                     int32_t *recv_counts, int recv_cap)
 {
+    (void)part;
     const BE_T *be = state;
     int64_t n = G(s_count)(send_counts, E);
     if (n > recv_cap)
@@ -180,10 +181,11 @@ static semoe_rc G(s_local_dispatch)(void *state, int layer, int E, int D, const 
     return SEMOE_OK;
 }
 
-static semoe_rc G(s_local_combine)(void *state, int layer, int E, int D, const T *send,
-                                   const int32_t *send_counts, T *recv,
+static semoe_rc G(s_local_combine)(void *state, int layer, int part, int E, int D,
+                                   const T *send, const int32_t *send_counts, T *recv,
                                    const int32_t *recv_counts)
 {
+    (void)part;
     const BE_T *be = state;
     int64_t n = G(s_count)(send_counts, E);
     if (n != G(s_count)(recv_counts, E))
@@ -389,9 +391,9 @@ semoe_rc G(model_forward)(const BE_T *be, const model_params_t *params, const T 
         G(s_plan)(be, s, l);
         int32_t *sc = s->send_counts + (size_t)l * E, *rc = s->recv_counts + (size_t)l * E;
         be->gather_rows(xs, ln2, rows, NK, D);
-        SEMOE_CHECK(ex->dispatch(ex->state, l, E, D, xs, sc, xr, rc, R));
+        SEMOE_CHECK(ex->dispatch(ex->state, l, 0, E, D, xs, sc, xr, rc, R));
         SEMOE_CHECK(G(s_experts_fwd)(be, s, w, l, xr, ea, eb, eh, yr));
-        SEMOE_CHECK(ex->combine(ex->state, l, E, D, yr, rc, ys, sc));
+        SEMOE_CHECK(ex->combine(ex->state, l, 0, E, D, yr, rc, ys, sc));
         be->zero(moe, ND * sizeof(T));
         be->scatter_rows(moe, ys, rows, rw, slots, NK, D);
         be->add(res2, res1, moe, ND);
@@ -465,13 +467,13 @@ semoe_rc G(model_backward)(const BE_T *be, const model_params_t *params, const T
                              NK, D);
         /* combine's transpose is a dispatch with the same counts */
         int32_t rcb[E > 0 ? E : 1];
-        SEMOE_CHECK(ex->dispatch(ex->state, l, E, D, d->ys + oS, sc, d->yr + oR, rcb, R));
+        SEMOE_CHECK(ex->dispatch(ex->state, l, 0, E, D, d->ys + oS, sc, d->yr + oR, rcb, R));
         if (memcmp(rcb, rc, (size_t)E * sizeof(int32_t)) != 0)
             return semoe_err(SEMOE_EPROTO,
                              "layer %d: the exchange returned different counts in backward",
                              l);
         G(s_experts_bwd)(be, s, w, g, l, a, d);
-        SEMOE_CHECK(ex->combine(ex->state, l, E, D, d->xr + oR, rc, d->xs + oS, sc));
+        SEMOE_CHECK(ex->combine(ex->state, l, 0, E, D, d->xr + oR, rc, d->xs + oS, sc));
         be->gather_rows_bwd(d->ln2 + oD, d->xs + oS, rows, NK, D);
 
         /* router: d rw from the combine, d probs from the aux loss */

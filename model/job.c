@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/graph.h"
 #include "model/spec.h"
 
 #define S_MAX_PATHS 4096u
@@ -53,6 +54,7 @@ static const model_spec_field_t s_train[] = {
     S_FIELD(train, freeze_router, MODEL_SPEC_BOOL),
     S_FIELD(train, precision, MODEL_SPEC_STR),
     S_FIELD(train, collectives, MODEL_SPEC_STR),
+    S_FIELD(train, a2a_chunks, MODEL_SPEC_U32),
     S_OTHER("router_bias"),
 };
 #define S_TRAIN_ROUTER_BIAS (S_LEN(s_train) - 1)
@@ -96,6 +98,7 @@ void model_job_defaults(model_job_t *job)
     snprintf(job->train.schedule, sizeof job->train.schedule, "cosine");
     snprintf(job->train.precision, sizeof job->train.precision, "fp32");
     snprintf(job->train.collectives, sizeof job->train.collectives, "zmq");
+    job->train.a2a_chunks = 1;
     job->train.weight_decay = 0.1;
     job->train.beta1 = 0.9;
     job->train.beta2 = 0.95;
@@ -260,6 +263,9 @@ static semoe_rc s_validate(const model_job_t *j, const char *origin)
     if (strcmp(j->train.collectives, "zmq") != 0 && strcmp(j->train.collectives, "nccl") != 0)
         return model_spec_err_str(w, "collectives", j->train.collectives,
                                   "must be \"zmq\" or \"nccl\" (nccl: GPU workers only)");
+    if (j->train.a2a_chunks < 1 || j->train.a2a_chunks > MODEL_EXCHANGE_MAX_PARTS)
+        return model_spec_err_u64(w, "a2a_chunks", j->train.a2a_chunks,
+                                  "must be 1 to 16 (chunks of an MoE layer's tokens)");
     if (!(j->train.weight_decay >= 0))
         return model_spec_err_f64(w, "weight_decay", j->train.weight_decay, "must be >= 0");
     if (!(j->train.beta1 >= 0 && j->train.beta1 < 1))

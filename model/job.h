@@ -32,9 +32,12 @@ typedef struct {
         double *router_bias;
         bool freeze_router;         /* the router (gate) weights get no update */
         /* "fp32" (every backend) or "bf16": bf16 weights and activations with fp32 master
-         * weights, gradients and residual stream (gpu/graph_bf16.h), on GPU workers that hold
-         * every expert */
+         * weights, gradients and residual stream (gpu/graph_bf16.h), on GPU workers */
         char precision[8];
+        /* bf16 with experts split over workers: each MoE layer's tokens in this many chunks,
+         * one chunk's all-to-all beside another's expert GEMMs (Tutel's overlap); 1 (the
+         * default): the whole layer at once. 1..16 */
+        uint32_t a2a_chunks;
         /* the data plane: "zmq" (the default: the dense gradients' all-reduce and the expert
          * rows' all-to-all over the workers' ZeroMQ peer sockets, staged through the host on
          * GPU workers) or "nccl" (both on the device, every worker a GPU one on a device of its

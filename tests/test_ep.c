@@ -278,6 +278,66 @@ static semoe_rc s_reduce_sumsq(void *arg, double dense, double expert, double *g
     return SEMOE_OK;
 }
 
+/* A layer's rows in parts, several dispatched before the first comes back (the bf16 pass's
+ * overlap: dispatch 0, dispatch 1, combine 0, dispatch 2, combine 1, combine 2): each part's
+ * rows reach the experts' holders and return bit for bit through their own part's combine, and
+ * what the holders received adds up over the parts. The counts and values depend on rank, part
+ * and expert, so that a part combined with another's records would show. */
+static void s_check_parts(const s_ref_t *ref, uint32_t r, const model_exchange_f32 *ex,
+                          worker_exchange_t *x)
+{
+    enum { P = 3, D = 3 };
+    const model_config_t *cfg = &ref->job.model;
+    int E = (int)cfg->num_local_experts, l = (int)cfg->num_hidden_layers - 1;
+    int cap = 4 * E * (int)ref->world;
+    int32_t sc[P][64], rc[P][64];
+    float *send[P], *recv[P], *back[P];
+    int n[P], got[64] = {0};
+    for (int p = 0; p < P; p++) {
+        n[p] = 0;
+        for (int e = 0; e < E; e++)
+            n[p] += sc[p][e] = (int32_t)((r * 7 + (uint32_t)p * 3 + (uint32_t)e * 5) % 5);
+        send[p] = malloc(((size_t)n[p] + 1) * D * sizeof(float));
+        recv[p] = malloc((size_t)cap * D * sizeof(float));
+        back[p] = malloc(((size_t)n[p] + 1) * D * sizeof(float));
+        for (int i = 0; i < n[p] * D; i++)
+            send[p][i] = (float)(r * 100000 + (uint32_t)p * 10000 + (uint32_t)i);
+    }
+    static const struct {
+        int part;
+        bool disp;
+    } order[2 * P] = {{0, true}, {1, true}, {0, false}, {2, true}, {1, false}, {2, false}};
+    semoe_rc rc0 = SEMOE_OK;
+    for (int step = 0; step < 2 * P && rc0 == SEMOE_OK; step++) {
+        int p = order[step].part;
+        bool disp = order[step].disp;
+        if (disp)
+            rc0 = ex->dispatch(ex->state, l, p, E, D, send[p], sc[p], recv[p], rc[p], cap);
+        else
+            rc0 = ex->combine(ex->state, l, p, E, D, recv[p], rc[p], back[p], sc[p]);
+        TCHECK(rc0 == SEMOE_OK, "rank %u: part %d %s: %s", r, p, disp ? "dispatch" : "combine",
+               semoe_err_msg());
+        if (disp)
+            for (int e = 0; e < E; e++)
+                got[e] += rc[p][e];
+    }
+    for (int p = 0; p < P && rc0 == SEMOE_OK; p++)
+        TCHECK(memcmp(send[p], back[p], (size_t)n[p] * D * sizeof(float)) == 0,
+               "rank %u: part %d's rows came back changed", r, p);
+    for (int e = 0; e < E && rc0 == SEMOE_OK; e++)
+        TCHECK(worker_exchange_received(x, l, e) == got[e], "rank %u: expert %d: %lld received "
+               "over the parts, the dispatches said %d", r, e,
+               (long long)worker_exchange_received(x, l, e), got[e]);
+    /* a combine of a part never dispatched is refused */
+    TCHECK(ex->combine(ex->state, l, P + 1, E, D, recv[0], rc[0], back[0], sc[0]) ==
+               SEMOE_EINVAL, "rank %u: a combine of part %d without its dispatch", r, P + 1);
+    for (int p = 0; p < P; p++) {
+        free(send[p]);
+        free(recv[p]);
+        free(back[p]);
+    }
+}
+
 static void s_rank_body(s_rank_t *me, comm_t *comm)
 {
     const s_ref_t *ref = me->ref;
@@ -395,6 +455,8 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
                rep.loss, rep.grad_norm, ref->step_loss[step], ref->step_norm[step]);
         s_max(&me->out->max_step_err, fmax(e, en));
     }
+    if (rc == SEMOE_OK)
+        s_check_parts(ref, r, &ex, x);
 done:
     model_train_destroy(&tr);
     model_slab_destroy_f32(be, &grads);

@@ -1,7 +1,8 @@
 /* Expert parallelism on GPUs (suite gpu; skipped, 77, without a device), the real daemons on
  * loopback, the tiny model of train_util.h and a seeded corpus:
- *   (0) train.precision bf16 (the bf16 graph, its MoE layers' rows through the exchange) with
- *       the experts split between 2 workers that share cuda:0, over ZeroMQ, gives the losses,
+ *   (0) train.precision bf16 (the bf16 graph, its MoE layers' rows through the exchange in 2
+ *       chunks, train.a2a_chunks) with the experts split between 2 workers that share cuda:0,
+ *       over ZeroMQ, gives the losses,
  *       eval losses and grad norms of 1 worker (every expert) within 1e-2 (the bf16 bound),
  *       every step, and rows did travel between them;
  * and with two devices or more:
@@ -78,7 +79,8 @@ static bool s_start(s_run_t *r, const char *name, int n, const char *collectives
     train_util_job_t job = {.seed = s_seed, .corpus = s_corpus, .checkpoint_dir = "",
                             .steps = steps, .eval_interval = steps > S_STEPS ? 50 : S_EVAL,
                             .expected_workers = n, .min_replicas = min_replicas,
-                            .threshold = 1e9, .collectives = collectives, .bf16 = bf16};
+                            .threshold = 1e9, .collectives = collectives, .bf16 = bf16,
+                            .a2a_chunks = bf16 ? 2 : 0};
     CHECK(train_util_write_job(r->job, &job), "%s: cannot write %s", name, r->job);
     cJSON *st = test_status_start_coordinator(r->job, &r->pp, &r->coord);
     CHECK(st != NULL, "%s: no coordinator answering on its status socket", name);

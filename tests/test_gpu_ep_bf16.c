@@ -1,7 +1,9 @@
 /* Expert parallelism in the bf16 graph (gpu/graph_bf16.h made with expert rows) on one GPU:
  * W ranks as threads, each on its own stream of device 0, holding a share of the experts (one
  * holder each, or random replicas) and of the batch, the rows travelling as bf16 through
- * worker/exchange.c (host messages over its comm on loopback). Against the same bf16 graph
+ * worker/exchange.c (host messages over its comm on loopback), each layer whole or in 3 chunks
+ * (model_exchange_f32.parts: Tutel's overlap, the experts of one chunk on a stream of their own
+ * beside the next chunk's transfers). Against the same bf16 graph
  * holding every expert on the whole batch, every rank must report the global loss, ce and aux
  * (within 1e-3), route its tokens as the whole-batch graph does, receive exactly the rows the
  * routing sends to the experts it holds, and give its share of every gradient: summed over the
@@ -76,6 +78,7 @@ typedef struct {
     int32_t *route;        /* (L, N, K) expert ids */
     int64_t routed[64];    /* (L * E) rows routed to each expert */
     uint32_t world;
+    int parts;             /* the exchange's */
     uint32_t hoff[65], hold[64 * MAXW];
     /* per rank */
     model_params_t *p[MAXW];
@@ -172,6 +175,7 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
     if (rc != SEMOE_OK)
         goto done;
     model_exchange_f32 ex = worker_exchange_f32(x);
+    ex.parts = ref->parts;
     rc = gpu_graph_bf16_forward(g, wd, ref->tok + (size_t)b0 * (T_SEQ + 1), &ex, &ref->l[r]);
     TCHECK(rc == SEMOE_OK, "W %u rank %u: forward: %s", W, r, semoe_err_msg());
     if (rc == SEMOE_OK)
@@ -255,7 +259,7 @@ static bool s_compare(s_ref_t *ref, bool replicas)
     int L = (int)c->num_hidden_layers, E = (int)c->num_local_experts;
     for (uint32_t r = 0; r < W; r++)
         if (!ref->g[r] || !ref->same_route[r]) {
-            printf("W=%u replicas=%d: rank %u %s: redrawn\n", W, replicas, r,
+            printf("W=%u replicas=%d parts=%d: rank %u %s: redrawn\n", W, replicas, ref->parts, r,
                    ref->g[r] ? "routed differently from the reference" : "failed");
             return !ref->g[r]; /* a failure was reported already: no redraw */
         }
@@ -306,13 +310,14 @@ static bool s_compare(s_ref_t *ref, bool replicas)
         }
         free(sum);
     }
-    printf("W=%u replicas=%d (%u copies of %d experts): loss rel %.2e; gradients worst %.2e "
-           "(%s)\n", W, replicas, ref->hoff[L * E], L * E, wl, worst, wname);
+    printf("W=%u replicas=%d parts=%d (%u copies of %d experts): loss rel %.2e; gradients worst "
+           "%.2e (%s)\n", W, replicas, ref->parts, ref->hoff[L * E], L * E, wl, worst, wname);
     return true;
 }
 
-static void s_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas)
+static void s_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, int parts)
 {
+    ref->parts = parts;
     for (int d = 0; d < S_DRAWS; d++) {
         s_draw(ref);
         s_place(ref, W, replicas);
@@ -385,10 +390,12 @@ int main(void)
     s_config(&ref.cfg);
     s_refusals(&ref);
     void *ctx = zmq_ctx_new();
-    s_world(&ref, ctx, 2, false);
-    s_world(&ref, ctx, 2, true);
-    s_world(&ref, ctx, 3, false);
-    s_world(&ref, ctx, 3, true);
+    for (int parts = 1; parts <= 3; parts += 2) {
+        s_world(&ref, ctx, 2, false, parts);
+        s_world(&ref, ctx, 2, true, parts);
+        s_world(&ref, ctx, 3, false, parts);
+        s_world(&ref, ctx, 3, true, parts);
+    }
     zmq_ctx_term(ctx);
     model_params_destroy(&ref.full);
     free(ref.grads);

@@ -366,6 +366,8 @@ static const struct {
     {"bad_schedule.json", "train.schedule=\"linear\":", "\"cosine\" or \"constant\""},
     {"bad_precision.json", "train.precision=\"fp16\":", "\"fp32\" or \"bf16\""},
     {"bad_collectives.json", "train.collectives=\"mpi\":", "\"zmq\" or \"nccl\""},
+    {"a2a_chunks_0.json", "train.a2a_chunks=0:", "1 to 16"},
+    {"a2a_chunks_17.json", "train.a2a_chunks=17:", "1 to 16"},
     {"duplicate_key.json", "train.steps:", "given twice"},
     {"not_object.json", "not_object.json: must be one JSON object", "not an array"},
     {"section_not_object.json", "train=[...]:", "must be an object"},
@@ -598,7 +600,8 @@ static void s_mutate(cJSON *root)
                                  "paths", "heartbeat_ms", "liveness", "threshold", "ssd_bytes",
                                  "ssd_dir", "schedule", "hidden_act", "sliding_window",
                                  "lr_max", "Hidden_Size", "", "\n", "architectures",
-                                 "router_bias", "freeze_router", "precision", "collectives"};
+                                 "router_bias", "freeze_router", "precision", "collectives",
+                                 "a2a_chunks"};
     cJSON *objs[64];
     int n = 0;
     s_collect(root, objs, &n, 64);

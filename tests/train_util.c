@@ -82,6 +82,8 @@ bool train_util_write_job(const char *path, const train_util_job_t *job)
         r += snprintf(r, 48, ", \"collectives\": \"%.12s\"", job->collectives);
     if (job->bf16)
         r += snprintf(r, 48, ", \"precision\": \"bf16\"");
+    if (job->a2a_chunks > 0)
+        r += snprintf(r, 48, ", \"a2a_chunks\": %d", job->a2a_chunks);
     char text[4 * PATH_MAX];
     int len = snprintf(text, sizeof text,
              "{\n"

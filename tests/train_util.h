@@ -45,6 +45,7 @@ typedef struct {
     const char *collectives;     /* train.collectives, or NULL (the default, zmq) */
     bool bf16;                   /* train.precision "bf16" (GPU workers), with attention the
                                   * bf16 graph takes: 2 heads on 1 of 64 (else 4 on 2 of 8) */
+    int a2a_chunks;              /* train.a2a_chunks; 0: the default */
 } train_util_job_t;
 
 /* One line of a worker's --metrics-log, as docs/training.md "Metrics" lists the fields. */

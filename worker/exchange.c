@@ -45,6 +45,13 @@ struct worker_exchange {
     size_t *soff;     /* (H, G, E) where they sit in the staging buffer */
     float *stg;       /* the staging buffer, the backend's memory */
     size_t stg_cap;   /* floats */
+    /* A layer's rows may go in parts (model_exchange_f32's part), several dispatched before the
+     * first is combined: each part's records (cnt, sent, to, stage) are kept here after its
+     * dispatch and put back before its combine. */
+    int P;            /* parts with room */
+    int32_t *pcnt, *psent, *pto, *pstage; /* (P, L, record) */
+    uint8_t *pdone;   /* (P, L) whether the part's dispatch stored its records */
+    int *nparts;      /* (L) parts dispatched since the layer's last part 0 */
 #if SEMOE_HAVE_CUDA
     gpu_nccl_t *nccl; /* not owned: the xfer's, and the replicas' sums */
     float *zero;      /* device zeros standing in for replicated tensors not held here */
@@ -106,6 +113,7 @@ semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L,
     x->sent = semoe_xcalloc(le + 1, sizeof(int32_t));
     x->sbytes = semoe_xcalloc((size_t)W, sizeof(size_t));
     x->rbytes = semoe_xcalloc((size_t)W, sizeof(size_t));
+    x->nparts = semoe_xcalloc((size_t)L + 1, sizeof(int));
     *out = x;
     return SEMOE_OK;
 }
@@ -118,6 +126,8 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     free(x->hoff);
     free(x->hold);
     free(x->mine);
+    free(x->pcnt), free(x->psent), free(x->pto), free(x->pstage), free(x->pdone);
+    free(x->nparts);
     free(x->cnt);
     free(x->to);
     free(x->acc);
@@ -166,9 +176,91 @@ int64_t worker_exchange_received(const worker_exchange_t *x, int layer, int j)
     if (layer < 0 || layer >= x->L || j < 0 || j >= x->E)
         return 0;
     int64_t n = 0;
-    for (int s = 0; s < x->W; s++)
-        n += x->cnt[((size_t)layer * x->W + s) * x->E + j];
+    for (int p = 0; p < x->nparts[layer]; p++) {
+        size_t rec = (size_t)p * x->L + (size_t)layer;
+        if (!x->pdone[rec])
+            continue;
+        for (int s = 0; s < x->W; s++)
+            n += x->pcnt[(rec * x->W + s) * x->E + j];
+    }
     return n;
+}
+
+/* --- parts ----------------------------------------------------------------------------- */
+
+/* The sizes (int32s) of one layer's records: cnt, sent, to, stage. */
+static void s_rec_sizes(const worker_exchange_t *x, size_t sz[4])
+{
+    size_t W = (size_t)x->W, E = (size_t)x->E;
+    sz[0] = W * E, sz[1] = E, sz[2] = E * W, sz[3] = x->H ? (size_t)x->G * x->H * E : 0;
+}
+
+/* Room for part `part`'s records. */
+static void s_parts_reserve(worker_exchange_t *x, int part)
+{
+    if (part < x->P)
+        return;
+    size_t sz[4], L = (size_t)x->L, P = (size_t)part + 1, old = (size_t)x->P;
+    s_rec_sizes(x, sz);
+    int32_t **arr[4] = {&x->pcnt, &x->psent, &x->pto, &x->pstage};
+    for (int i = 0; i < 4; i++) {
+        *arr[i] = semoe_xrealloc(*arr[i], (P * L * sz[i] + 1) * sizeof(int32_t));
+        memset(*arr[i] + old * L * sz[i], 0, (P - old) * L * sz[i] * sizeof(int32_t));
+    }
+    x->pdone = semoe_xrealloc(x->pdone, P * L + 1);
+    memset(x->pdone + old * L, 0, (P - old) * L);
+    x->P = (int)P;
+}
+
+/* Copies layer's records to (store) or from part `part`'s slot. */
+static void s_part_copy(worker_exchange_t *x, int layer, int part, bool store)
+{
+    size_t sz[4], rec = (size_t)part * x->L + (size_t)layer;
+    s_rec_sizes(x, sz);
+    int32_t *live[4] = {x->cnt, x->sent, x->to, x->stage};
+    int32_t *kept[4] = {x->pcnt, x->psent, x->pto, x->pstage};
+    for (int i = 0; i < 4; i++) {
+        if (!sz[i])
+            continue;
+        int32_t *a = live[i] + (size_t)layer * sz[i], *b = kept[i] + rec * sz[i];
+        memcpy(store ? b : a, store ? a : b, sz[i] * sizeof(int32_t));
+    }
+}
+
+/* After part `part` of layer's dispatch: its records kept (a part 0 starts the layer's series). */
+static void s_part_store(worker_exchange_t *x, int layer, int part)
+{
+    s_parts_reserve(x, part);
+    if (part == 0) {
+        for (int p = 1; p < x->P; p++)
+            x->pdone[(size_t)p * x->L + (size_t)layer] = 0;
+        x->nparts[layer] = 0;
+    }
+    s_part_copy(x, layer, part, true);
+    x->pdone[(size_t)part * x->L + (size_t)layer] = 1;
+    if (x->nparts[layer] < part + 1)
+        x->nparts[layer] = part + 1;
+}
+
+/* Before part `part` of layer's combine: its dispatch's records back in place. */
+static semoe_rc s_part_load(worker_exchange_t *x, int layer, int part)
+{
+    if (layer < 0 || layer >= x->L || part < 0 || part >= x->P ||
+        !x->pdone[(size_t)part * x->L + (size_t)layer])
+        return semoe_err(SEMOE_EINVAL, "exchange combine: layer %d part %d: no dispatch of it "
+                         "to reverse", layer, part);
+    s_part_copy(x, layer, part, false);
+    return SEMOE_OK;
+}
+
+/* Forgets every part's records (the hosts changed the record layout). */
+static void s_parts_reset(worker_exchange_t *x)
+{
+    free(x->pcnt), free(x->psent), free(x->pto), free(x->pstage), free(x->pdone);
+    x->pcnt = x->psent = x->pto = x->pstage = NULL;
+    x->pdone = NULL;
+    x->P = 0;
+    memset(x->nparts, 0, (size_t)x->L * sizeof(int));
 }
 
 static semoe_rc s_check_call(const worker_exchange_t *x, const char *what, int layer, int E,
@@ -526,6 +618,7 @@ semoe_rc worker_exchange_set_hosts(worker_exchange_t *x, const int *host)
     x->host = x->lidx = x->at = NULL;
     x->stage = NULL, x->rp = x->soff = NULL;
     x->H = x->G = 0;
+    s_parts_reset(x);
     if (!host)
         return SEMOE_OK;
     int H = 0, *count = semoe_xcalloc((size_t)W + 1, sizeof *count);
@@ -944,10 +1037,34 @@ void worker_exchange_set_nccl(worker_exchange_t *x, gpu_nccl_t *nccl)
 }
 #endif
 
+/* The table's dispatch: the layer's part goes, and its records are kept for its combine. */
+static semoe_rc s_dispatch_part(void *state, int layer, int part, int E, int D,
+                                const float *send, const int32_t *send_counts, float *recv,
+                                int32_t *recv_counts, int recv_cap)
+{
+    worker_exchange_t *x = state;
+    if (part < 0 || part >= MODEL_EXCHANGE_MAX_PARTS)
+        return semoe_err(SEMOE_EINVAL, "exchange dispatch: part %d: need 0..%d", part,
+                         MODEL_EXCHANGE_MAX_PARTS - 1);
+    SEMOE_CHECK(s_dispatch(x, layer, E, D, send, send_counts, recv, recv_counts, recv_cap));
+    s_part_store(x, layer, part);
+    return SEMOE_OK;
+}
+
+static semoe_rc s_combine_part(void *state, int layer, int part, int E, int D,
+                               const float *send, const int32_t *send_counts, float *recv,
+                               const int32_t *recv_counts)
+{
+    worker_exchange_t *x = state;
+    SEMOE_CHECK(s_part_load(x, layer, part));
+    return s_combine(x, layer, E, D, send, send_counts, recv, recv_counts);
+}
+
 model_exchange_f32 worker_exchange_f32(worker_exchange_t *self)
 {
-    return (model_exchange_f32){.state = self, .dispatch = s_dispatch, .combine = s_combine,
-                                .reduce_stats = s_reduce_stats, .note_local = s_note_local};
+    return (model_exchange_f32){.state = self, .dispatch = s_dispatch_part,
+                                .combine = s_combine_part, .reduce_stats = s_reduce_stats,
+                                .note_local = s_note_local};
 }
 
 /* --- replicated experts' gradients --------------------------------------------------------- */

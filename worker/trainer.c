@@ -690,6 +690,7 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
                                     (int)cfg->num_local_experts, p->holder_off, p->holders,
                                     S_COMM_TIMEOUT_MS, &self->ex));
     self->exf = worker_exchange_f32(self->ex);
+    self->exf.parts = (int)job->train.a2a_chunks; /* the bf16 pass's chunks per MoE layer */
 #if SEMOE_HAVE_CUDA
     if (nccl)
         SEMOE_CHECK(s_nccl_setup(self));
