@@ -10,6 +10,9 @@
 # machine first). From the repo root on the GPU machine (kind nvidia-h200-x2 or larger), after
 # ../shared/device/prepare.sh fortunes-min fortunes:
 #   source .device/on-device.sh && SEMOE_COMMIT=<hash> GPUS="1 2" bash bench/gpu-scale.sh
+# MODE=ep (default dp): the experts split over the workers instead (elastic.min_replicas 1,
+# expert parallelism in the bf16 graph), each MoE layer's tokens in CHUNKS chunks
+# (train.a2a_chunks, default 2) so that the all-to-all overlaps the expert GEMMs.
 set -uo pipefail
 out=${OUT:-/tmp/semoe-gpu-out}
 build=${BUILD:-build-rel}
@@ -17,8 +20,10 @@ mkdir -p "$out"
 exec > >(tee "$out/gpu-scale.log") 2>&1
 export NCCL_NVLS_ENABLE=0
 STEPS=${STEPS:-8}
+MODE=${MODE:-dp}
+CHUNKS=${CHUNKS:-2}
 WARM=${WARM:-3}
-echo "== semoe bench/gpu-scale.sh  GPUs ${GPUS:-1 2}  commit ${SEMOE_COMMIT:-?}  $(date -u +%FT%TZ)"
+echo "== semoe bench/gpu-scale.sh  GPUs ${GPUS:-1 2}  mode $MODE (chunks $CHUNKS)  commit ${SEMOE_COMMIT:-?}  $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 [ -d "$build" ] || meson setup "$build" -Dcuda=enabled --buildtype=release >"$out/setup.log" 2>&1 ||
   { tail -30 "$out/setup.log"; exit 1; }
@@ -30,7 +35,7 @@ timeout 60 python3 bench/dense_sustained.py --seconds 4 --json "$out/dense.json"
 sys=${SEMOE_DEVICE_SYS:-/tmp/device-sys}
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 for n in ${GPUS:-1 2}; do
-  python3 - "$sys" "$out/job-$n.json" "$n" "$STEPS" <<'PY'
+  python3 - "$sys" "$out/job-$n.json" "$n" "$STEPS" "$MODE" "$CHUNKS" <<'PY'
 import json, sys
 job = json.load(open("deploy/jobs/demo.json"))
 n = int(sys.argv[3])
@@ -42,7 +47,9 @@ job["train"].update(seq_len=2048, global_batch=32 * n, micro_batch=32, steps=int
                     eval_interval=1000000, checkpoint_dir="", checkpoint_interval=0,
                     precision="bf16", collectives="nccl")
 job["cluster"].update(expected_workers=n, heartbeat_ms=1000, liveness=10)
-job["elastic"].update(min_replicas=n, threshold=1e9)
+ep = sys.argv[5] == "ep"
+job["train"]["a2a_chunks"] = int(sys.argv[6]) if ep else 1
+job["elastic"].update(min_replicas=1 if ep else n, threshold=1e9)
 json.dump(job, open(sys.argv[2], "w"), indent=1)
 PY
   ctl="tcp://127.0.0.1:$(port)" st="tcp://127.0.0.1:$(port)" met="127.0.0.1:$(port)"

@@ -37,6 +37,8 @@ typedef struct {
     const char *job, *json, *dir, *coord_bin, *worker_bin, *cli_bin;
     int workers, threads, hidden, intermediate, layers, experts, top_k, hot;
     int gpus; /* 0: CPU workers; N: each on a GPU of its own (of cuda:0..N-1), over NCCL */
+    bool bf16;      /* with gpus: train.precision bf16 (the bf16 graph, experts split) */
+    int a2a_chunks; /* train.a2a_chunks */
     int seq_len, global_batch, micro_batch;
     double bias, threshold;
     int static_steps, window, warmup, settle, measure;
@@ -118,6 +120,9 @@ static semoe_rc s_write_job(const s_opts_t *o, const char *path)
     bench_job_set_num(e, "min_replicas", 1);
     if (o->gpus > 0)
         bench_job_set(t, "collectives", cJSON_CreateString("nccl"));
+    if (o->bf16)
+        bench_job_set(t, "precision", cJSON_CreateString("bf16"));
+    bench_job_set_num(t, "a2a_chunks", o->a2a_chunks);
     return bench_job_write(root, path);
 }
 
@@ -455,12 +460,14 @@ static void s_print(const s_bench_t *b)
     const s_opts_t *o = &b->o;
     const model_config_t *c = &b->job->model;
     printf("\nskew: hidden %u, layers %u, experts %u (top-%u) of intermediate %u; batch %u x %u "
-           "tokens (micro %u); %d workers x %d threads; router_bias %g on experts 0..%d, frozen "
-           "router, no aux loss; elastic threshold %g, window %d, patience %d\n\n",
+           "tokens (micro %u); %d workers x %d threads%s; %s, %s, a2a_chunks %u; router_bias %g "
+           "on experts 0..%d, frozen router, no aux loss; elastic threshold %g, window %d, "
+           "patience %d\n\n",
            c->hidden_size, c->num_hidden_layers, c->num_local_experts, c->num_experts_per_tok,
            c->intermediate_size, b->job->train.global_batch, b->job->train.seq_len,
-           b->job->train.micro_batch, o->workers, o->threads, o->bias, o->hot - 1, o->threshold,
-           o->window, o->static_steps);
+           b->job->train.micro_batch, o->workers, o->threads, o->gpus ? " (each on a GPU)" : "",
+           b->job->train.precision, b->job->train.collectives, b->job->train.a2a_chunks, o->bias,
+           o->hot - 1, o->threshold, o->window, o->static_steps);
     printf("other processes on the machine during the run: %.2f cores on average%s\n\n",
            b->foreign_cores, b->foreign_cores > 0.1 ? " (WARNING: the times are disturbed)"
                                                     : "");
@@ -529,8 +536,11 @@ static int s_write_json(const s_bench_t *b)
     fprintf(f, "  \"model\": {\"hidden\": %u, \"layers\": %u, \"experts\": %u, \"top_k\": %u, "
                "\"intermediate\": %u},\n", c->hidden_size, c->num_hidden_layers,
             c->num_local_experts, c->num_experts_per_tok, c->intermediate_size);
-    fprintf(f, "  \"train\": {\"global_batch\": %u, \"micro_batch\": %u, \"seq_len\": %u},\n",
-            b->job->train.global_batch, b->job->train.micro_batch, b->job->train.seq_len);
+    fprintf(f, "  \"train\": {\"global_batch\": %u, \"micro_batch\": %u, \"seq_len\": %u, "
+               "\"precision\": \"%s\", \"collectives\": \"%s\", \"a2a_chunks\": %u, \"gpus\": %d},\n",
+            b->job->train.global_batch, b->job->train.micro_batch, b->job->train.seq_len,
+            b->job->train.precision, b->job->train.collectives, b->job->train.a2a_chunks,
+            o->gpus);
     fprintf(f, "  \"skew\": {\"hot_experts\": %d, \"bias\": %g, \"threshold\": %g, \"window\": "
                "%d, \"patience\": %d},\n", o->hot, o->bias, o->threshold, o->window,
             o->static_steps);
@@ -570,8 +580,8 @@ static int s_write_json(const s_bench_t *b)
 static void s_usage(FILE *f)
 {
     fprintf(f,
-            "usage: bench_skew [--workers 2] [--threads 1] [--gpus N] [--hidden 256]\n"
-            "                  [--intermediate F]\n"
+            "usage: bench_skew [--workers 2] [--threads 1] [--gpus N] [--bf16]\n"
+            "                  [--a2a-chunks 1] [--hidden 256] [--intermediate F]\n"
             "                  [--layers 4] [--experts 16] [--top-k 2] [--hot 2] [--bias B]\n"
             "                  [--seq-len 128] [--global-batch G] [--micro-batch 8]\n"
             "                  [--static-steps 10] [--window 4] [--threshold 1.3]\n"
@@ -583,6 +593,8 @@ static void s_usage(FILE *f)
             "                  B = 2.5 x 0.02 x sqrt(hidden), 2.5 times the logits' spread at\n"
             "                  init)\n"
             "  --global-batch  default 8 x workers; --intermediate default 2 x hidden\n"
+            "  --bf16          with --gpus: train.precision bf16 (--hidden a multiple of 64,\n"
+            "                  at least 128: heads of 64); --a2a-chunks: train.a2a_chunks\n"
             "  --static-steps  elastic.patience: the steps above the threshold, under the first\n"
             "                  PLAN's placement, before the coordinator rebalances\n"
             "  --warmup        static steps not counted; --settle: steps of the rebalanced\n"
@@ -597,7 +609,8 @@ static int s_parse(int argc, char **argv, s_opts_t *o)
 {
     static const struct option opts[] = {
         {"workers", required_argument, 0, 'n'},      {"threads", required_argument, 0, 't'},
-        {"gpus", required_argument, 0, 'G'},
+        {"gpus", required_argument, 0, 'G'},         {"bf16", no_argument, 0, 'f' + 256},
+        {"a2a-chunks", required_argument, 0, 'c' + 256},
         {"hidden", required_argument, 0, 'H'},       {"intermediate", required_argument, 0, 'F'},
         {"layers", required_argument, 0, 'L'},       {"experts", required_argument, 0, 'E'},
         {"top-k", required_argument, 0, 'k'},        {"hot", required_argument, 0, 'h' + 256},
@@ -618,6 +631,8 @@ static int s_parse(int argc, char **argv, s_opts_t *o)
         switch (ch) {
         case 'n': o->workers = atoi(optarg); break;
         case 'G': o->gpus = atoi(optarg); break;
+        case 'f' + 256: o->bf16 = true; break;
+        case 'c' + 256: o->a2a_chunks = atoi(optarg); break;
         case 't': o->threads = atoi(optarg); break;
         case 'H': o->hidden = atoi(optarg); break;
         case 'F': o->intermediate = atoi(optarg); break;
@@ -661,12 +676,15 @@ static int s_parse(int argc, char **argv, s_opts_t *o)
         o->hot < 1 || o->hot >= o->experts || o->seq_len < 1 || o->micro_batch < 1 ||
         o->global_batch < o->workers || o->static_steps < 1 || o->window < 1 ||
         o->threshold < 1 || o->warmup < 0 || o->settle < 1 || o->measure < 1 ||
-        o->heartbeat_ms < 10 || o->liveness < 1 || o->timeout_s < 1 || !isfinite(o->bias)) {
+        o->heartbeat_ms < 10 || o->liveness < 1 || o->timeout_s < 1 || !isfinite(o->bias) ||
+        (o->bf16 && (o->gpus < 1 || o->hidden < 128 || o->hidden % 64)) ||
+        o->a2a_chunks < 1 || o->a2a_chunks > 16) {
         fprintf(stderr, "bench_skew: --workers 1..%d, --threads, --hidden, --layers >= 1, "
                         "--experts >= 2, 1 <= --top-k <= experts, 1 <= --hot < experts, "
                         "--global-batch >= workers, --static-steps, --window, --settle, "
                         "--measure >= 1, --threshold >= 1, --heartbeat-ms >= 10, --gpus 0 "
-                        "(CPU workers) or at least --workers\n",
+                        "(CPU workers) or at least --workers, --bf16 with --gpus and --hidden "
+                        "a multiple of 64 >= 128, --a2a-chunks 1..16\n",
                 S_MAX_WORKERS);
         return 2;
     }
@@ -681,7 +699,7 @@ int main(int argc, char **argv)
                     .layers = 4, .experts = 16, .top_k = 2, .hot = 2, .seq_len = 128,
                     .micro_batch = 8, .bias = NAN, .threshold = 1.3, .static_steps = 10,
                     .window = 4, .warmup = 2, .settle = 2, .measure = 8, .heartbeat_ms = 200,
-                    .liveness = 5, .timeout_s = 3600, .faults = true};
+                    .liveness = 5, .timeout_s = 3600, .faults = true, .a2a_chunks = 1};
     int prc = s_parse(argc, argv, o);
     if (prc)
         return prc;
