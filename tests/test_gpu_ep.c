@@ -15,7 +15,10 @@
  *       and a new communicator of two (it logs steps of world 2); every step up to (1)'s last
  *       within 1e-5 of the reference, no step missing, every loss finite; the time from the
  *       kill to the first step of the new generation is printed.
- *   (3) (0) with the 2 workers on cuda:0 and cuda:1 over NCCL.
+ *   (3) (0) with the 2 workers on cuda:0 and cuda:1 over NCCL;
+ *   (4) bf16 on 2 GPUs over NCCL with every expert on both (elastic.min_replicas 2: data
+ *       parallel, the replicas' gradient sums started layer by layer during backward) against
+ *       (0)'s reference, within 1e-2.
  * Every worker of an NCCL run must say that its NCCL communicator came up. */
 #include <inttypes.h>
 #include <limits.h>
@@ -207,7 +210,7 @@ int main(void)
         return test_finish();
     }
 
-    s_run_t ref, ep, el, bnc;
+    s_run_t ref, ep, el, bnc, bdp;
     bool ok = s_start(&ref, "ref-1gpu", 1, NULL, 0, S_STEPS, false, false) && s_finish(&ref);
     REQUIRE(ok, "the 1-GPU reference run failed");
 
@@ -221,6 +224,11 @@ int main(void)
         s_against(&bnc, &bref, S_STEPS, S_TOL_BF16);
         CHECK(s_rows_moved(&bnc), "ep-bf16-2gpu: no rows went to another rank");
     }
+
+    /* (4) bf16, every expert on both GPUs (data parallel), NCCL */
+    if (bok && s_start(&bdp, "dp-bf16-2gpu", 2, "nccl", 2, S_STEPS, true, false) &&
+        s_finish(&bdp))
+        s_against(&bdp, &bref, S_STEPS, S_TOL_BF16);
 
     /* (2) a death and a join */
     if (s_start(&el, "crash-2gpu", 2, "nccl", 2, S_LONG, false, false) && s_wait(&el, 10, 0)) {

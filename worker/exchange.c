@@ -56,6 +56,11 @@ struct worker_exchange {
     gpu_nccl_t *nccl; /* not owned: the xfer's, and the replicas' sums */
     float *zero;      /* device zeros standing in for replicated tensors not held here */
     size_t zero_cap;  /* floats */
+    /* the replicas' sums layer by layer during backward (worker_exchange_sum_replicas_layer) */
+    int bylayer;      /* -1: not decided yet for this exchange; 0: after backward; 1: by layer */
+    bool *rstarted;   /* (L) layers whose sums this step's backward started */
+    float *lzero;     /* zeros for every layer's tensors not held here, a region per layer */
+    size_t *loff;     /* (L + 1) the regions */
 #endif
 };
 
@@ -113,6 +118,9 @@ semoe_rc worker_exchange_new(comm_t *comm, const model_backend_f32_t *be, int L,
     x->sent = semoe_xcalloc(le + 1, sizeof(int32_t));
     x->sbytes = semoe_xcalloc((size_t)W, sizeof(size_t));
     x->rbytes = semoe_xcalloc((size_t)W, sizeof(size_t));
+#if SEMOE_HAVE_CUDA
+    x->bylayer = -1;
+#endif
     x->nparts = semoe_xcalloc((size_t)L + 1, sizeof(int));
     *out = x;
     return SEMOE_OK;
@@ -151,6 +159,10 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
 #if SEMOE_HAVE_CUDA
     if (x->zero)
         x->be->free(x->zero);
+    if (x->lzero)
+        x->be->free(x->lzero);
+    free(x->rstarted);
+    free(x->loff);
 #endif
     free(x);
     *self_p = NULL;
@@ -1083,8 +1095,95 @@ static bool s_replicated(const worker_exchange_t *x, size_t e)
 #if SEMOE_HAVE_CUDA
 #define S_SCRATCH_FLOATS ((size_t)64 << 20) /* tensors per group: 256 MiB at most, or one */
 
+/* Whether rank holds expert e. */
+static bool s_holds(const worker_exchange_t *x, size_t e, int rank)
+{
+    for (uint32_t i = x->hoff[e]; i < x->hoff[e + 1]; i++)
+        if (x->hold[i] == (uint32_t)rank)
+            return true;
+    return false;
+}
+
+/* The floats of layer's replicated expert tensors that rank does not hold. */
+static size_t s_absent(const worker_exchange_t *x, const model_params_t *p, int layer, int rank)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < model_params_count(p); i++) {
+        const model_param_t *t = model_params_at(p, i);
+        size_t e = (size_t)t->layer * x->E + (size_t)t->expert;
+        if (t->kind == MODEL_PARAM_EXPERT && (int)t->layer == layer && s_replicated(x, e) &&
+            !s_holds(x, e, rank))
+            n += t->numel;
+    }
+    return n;
+}
+
+/* Decides, once per exchange and the same on every rank (from the placement alone), whether
+ * the replicas' sums go layer by layer during backward: over NCCL, some expert replicated, and
+ * the zeros standing in for the tensors a rank does not hold, a region per layer, within
+ * S_SCRATCH_FLOATS on every rank (with every expert everywhere, data parallel: none at all).
+ * Allocates this rank's zeros. */
+static bool s_bylayer(worker_exchange_t *x, const model_params_t *p)
+{
+    if (x->bylayer >= 0)
+        return x->bylayer == 1;
+    x->bylayer = 0;
+    bool any = false;
+    for (size_t e = 0; e < (size_t)x->L * x->E && !any; e++)
+        any = s_replicated(x, e);
+    if (!x->nccl || !any)
+        return false;
+    size_t worst = 0;
+    for (int r = 0; r < x->W; r++) {
+        size_t n = 0;
+        for (int l = 0; l < x->L; l++)
+            n += s_absent(x, p, l, r);
+        worst = n > worst ? n : worst;
+    }
+    if (worst > S_SCRATCH_FLOATS)
+        return false;
+    x->loff = semoe_xcalloc((size_t)x->L + 1, sizeof *x->loff);
+    for (int l = 0; l < x->L; l++)
+        x->loff[l + 1] = x->loff[l] + s_absent(x, p, l, x->me);
+    if (x->loff[x->L])
+        x->lzero = x->be->alloc(x->loff[x->L] * sizeof(float));
+    x->rstarted = semoe_xcalloc((size_t)x->L + 1, sizeof *x->rstarted);
+    x->bylayer = 1;
+    return true;
+}
+
+semoe_rc worker_exchange_sum_replicas_layer(worker_exchange_t *x, const model_params_t *p,
+                                            float *grads, int layer)
+{
+    if (layer < 0 || layer >= x->L)
+        return semoe_err(SEMOE_EINVAL, "exchange: replica sums of layer %d of %d", layer, x->L);
+    if (!s_bylayer(x, p) || x->rstarted[layer])
+        return SEMOE_OK;
+    size_t n = model_params_count(p), k = 0, used = 0;
+    float **bufs = semoe_xcalloc(n + 1, sizeof *bufs);
+    size_t *lens = semoe_xcalloc(n + 1, sizeof *lens);
+    float *zero = x->lzero ? x->lzero + x->loff[layer] : NULL;
+    size_t absent = x->loff[layer + 1] - x->loff[layer];
+    if (absent) /* on the caller's stream, which the all-reduce waits for */
+        x->be->zero(zero, absent * sizeof(float));
+    for (size_t i = 0; i < n; i++) {
+        const model_param_t *t = model_params_at(p, i);
+        if (t->kind != MODEL_PARAM_EXPERT || (int)t->layer != layer ||
+            !s_replicated(x, (size_t)t->layer * x->E + (size_t)t->expert))
+            continue;
+        bufs[k] = t->data ? grads + t->offset : zero + used;
+        used += t->data ? 0 : t->numel;
+        lens[k++] = t->numel;
+    }
+    x->rstarted[layer] = true;
+    semoe_rc rc = k ? gpu_nccl_allreduce_buckets_bg(x->nccl, bufs, lens, (int)k, 0) : SEMOE_OK;
+    free(bufs);
+    free(lens);
+    return rc;
+}
+
 /* worker_exchange_sum_replicas over NCCL, on the device: every replicated expert's tensors in
- * table order, in place where this rank holds them, zeros from a device scratch where it does
+ * table order (but those of layers whose sums backward started already), in place where this rank holds them, zeros from a device scratch where it does
  * not. The tensors go in groups of at most S_SCRATCH_FLOATS (or one larger tensor), cut by their
  * lengths alone so that every rank cuts the same groups and buckets; within a group each tensor
  * not held here has a region of the scratch of its own (the sums the all-reduce writes back
@@ -1095,10 +1194,14 @@ static semoe_rc s_sum_replicas_nccl(worker_exchange_t *x, const model_params_t *
     size_t n = model_params_count(p), k = 0, cap = S_SCRATCH_FLOATS;
     float **bufs = semoe_xcalloc(n + 1, sizeof *bufs);
     size_t *lens = semoe_xcalloc(n + 1, sizeof *lens);
+    bool started = false;
+    for (int l = 0; x->rstarted && l < x->L; l++)
+        started = started || x->rstarted[l];
     for (size_t i = 0; i < n; i++) {
         const model_param_t *t = model_params_at(p, i);
         if (t->kind != MODEL_PARAM_EXPERT ||
-            !s_replicated(x, (size_t)t->layer * x->E + (size_t)t->expert))
+            !s_replicated(x, (size_t)t->layer * x->E + (size_t)t->expert) ||
+            (x->rstarted && x->rstarted[t->layer]))
             continue;
         bufs[k] = t->data ? grads + t->offset : NULL;
         lens[k++] = t->numel;
@@ -1128,6 +1231,12 @@ static semoe_rc s_sum_replicas_nccl(worker_exchange_t *x, const model_params_t *
         if (rc == SEMOE_OK) /* the scratch is zeroed again for the next group */
             rc = gpu_nccl_wait(x->nccl, x->timeout_ms);
         i = j;
+    }
+    if (started) { /* what backward started is done before the gradients are used */
+        gpu_nccl_join(x->nccl);
+        if (rc == SEMOE_OK)
+            rc = gpu_nccl_wait(x->nccl, x->timeout_ms);
+        memset(x->rstarted, 0, (size_t)x->L * sizeof *x->rstarted);
     }
     x->traffic.seconds += (double)(clock_mono_us() - t0) / 1e6;
     free(bufs);

@@ -116,6 +116,19 @@ void worker_exchange_take(worker_exchange_t *x, uint64_t *rows_in, uint64_t *row
 semoe_rc worker_exchange_sum_replicas(worker_exchange_t *x, const model_params_t *p,
                                       float *grads);
 
+#if SEMOE_HAVE_CUDA
+/* Over NCCL, during the step's last backward once layer `layer`'s expert gradients are final
+ * (model_train_hooks_t's dense_ready): starts the all-reduce of that layer's replicated experts'
+ * tensors in the background (the caller's stream does not wait), beside the rest of backward,
+ * when the placement allows it on every rank (decided once per exchange from the placement: the
+ * zeros standing in for tensors a rank does not hold fit 256 MiB; with every expert everywhere
+ * they are none); else nothing. worker_exchange_sum_replicas then sums only the layers not
+ * started, and waits for all. A collective: every rank calls it for the same layers in the
+ * same order. */
+semoe_rc worker_exchange_sum_replicas_layer(worker_exchange_t *x, const model_params_t *p,
+                                            float *grads, int layer);
+#endif
+
 /* This rank's share of the global gradient norm's expert part: the sum of squares of the
  * expert tensors it holds as their first (lowest-rank) holder, so that summed over ranks each
  * expert counts once however many replicas it has. */

@@ -298,17 +298,24 @@ static semoe_rc s_dense_allreduce(s_tr_t *self, int layer, bool join)
 
 /* The last backward finished layer `layer`'s dense gradients (model_train_hooks_t's
  * dense_ready): their all-reduce starts now, beside the rest of backward (the paper's fused
- * communication overlapped with backward). An error is kept for s_reduce_grads to return. */
+ * communication overlapped with backward), and so do the sums of its replicated experts'
+ * gradients where the placement lets them. An error is kept for s_reduce_grads to return. */
 static void s_dense_ready(void *arg, int layer)
 {
     s_tr_t *self = arg;
     if (!self->nccl || self->bg_rc != SEMOE_OK)
         return;
     semoe_rc rc = s_dense_allreduce(self, layer, false);
+    const char *what = "dense gradients";
+    if (rc == SEMOE_OK) { /* its experts' are final too: replicas' sums, where they go so */
+        rc = worker_exchange_sum_replicas_layer(self->ex, self->params,
+                                                model_train_grads(self->tr), layer);
+        what = "replicated experts' gradients";
+    }
     if (rc != SEMOE_OK) {
         self->bg_rc = rc;
-        snprintf(self->bg_err, sizeof self->bg_err, "the all-reduce of layer %d's dense "
-                 "gradients: %s", layer, semoe_err_msg());
+        snprintf(self->bg_err, sizeof self->bg_err, "the all-reduce of layer %d's %s: %s",
+                 layer, what, semoe_err_msg());
     }
 }
 #endif
