@@ -2,9 +2,12 @@
  * loopback, the tiny model of train_util.h and a seeded corpus:
  *   (0) train.precision bf16 (the bf16 graph, its MoE layers' rows through the exchange in 2
  *       chunks, train.a2a_chunks) with the experts split between 2 workers that share cuda:0,
- *       over ZeroMQ, gives the losses,
- *       eval losses and grad norms of 1 worker (every expert) within 1e-2 (the bf16 bound),
- *       every step, and rows did travel between them;
+ *       over ZeroMQ, gives the losses, eval losses and grad norms of 1 worker (every expert)
+ *       within 1e-2 (the bf16 bound), every step, and rows did travel between them;
+ *   (5) as (0) with checkpoints every 5 steps for 400 steps, one worker killed (kill -9)
+ *       mid-run: the survivor rewinds to the last checkpoint and trains on alone (every expert),
+ *       a worker that joins on cuda:0 gets its experts back (split again, a world of 2); every
+ *       step within 1e-2 of a 1-worker run of the same length, none missing;
  * and with two devices or more:
  *   (1) the job on 2 workers (cuda:0 and cuda:1, train.collectives "nccl": experts split, the
  *       expert rows and the dense gradients over NCCL) gives the losses, eval losses and grad
@@ -67,23 +70,35 @@ static double s_now(void)
     return (double)t.tv_sec + t.tv_nsec / 1e9;
 }
 
-/* Starts the run's coordinator and n workers, worker i on cuda:i (with one_gpu, all on cuda:0);
- * bf16: train.precision "bf16". */
-static bool s_start(s_run_t *r, const char *name, int n, const char *collectives,
-                    int min_replicas, int steps, bool bf16, bool one_gpu)
+/* How a run trains. */
+typedef struct {
+    const char *collectives; /* NULL: zmq */
+    int min_replicas;        /* 0: the default (one holder per expert) */
+    int steps;
+    bool bf16;               /* train.precision bf16, in 2 chunks (train.a2a_chunks) */
+    bool one_gpu;            /* every worker on cuda:0 (else worker i on cuda:i) */
+    int ckpt_interval;       /* 0: no checkpoints; else every so many steps, in the run's dir */
+} s_how_t;
+
+/* Starts the run's coordinator and n workers. */
+static bool s_start(s_run_t *r, const char *name, int n, s_how_t how)
 {
     memset(r, 0, sizeof *r);
     r->name = name;
-    r->collectives = collectives;
+    r->collectives = how.collectives;
     r->victim = -1;
-    char file[96];
+    char file[96], ck[PATH_MAX] = "";
+    snprintf(file, sizeof file, "%s-ckpt", name);
+    if (how.ckpt_interval)
+        proc_tmp_path(ck, sizeof ck, file);
     snprintf(file, sizeof file, "%s.json", name);
     proc_tmp_path(r->job, sizeof r->job, file);
-    train_util_job_t job = {.seed = s_seed, .corpus = s_corpus, .checkpoint_dir = "",
-                            .steps = steps, .eval_interval = steps > S_STEPS ? 50 : S_EVAL,
-                            .expected_workers = n, .min_replicas = min_replicas,
-                            .threshold = 1e9, .collectives = collectives, .bf16 = bf16,
-                            .a2a_chunks = bf16 ? 2 : 0};
+    train_util_job_t job = {.seed = s_seed, .corpus = s_corpus, .checkpoint_dir = ck,
+                            .checkpoint_interval = how.ckpt_interval, .steps = how.steps,
+                            .eval_interval = how.steps > S_STEPS ? 50 : S_EVAL,
+                            .expected_workers = n, .min_replicas = how.min_replicas,
+                            .threshold = 1e9, .collectives = how.collectives, .bf16 = how.bf16,
+                            .a2a_chunks = how.bf16 ? 2 : 0};
     CHECK(train_util_write_job(r->job, &job), "%s: cannot write %s", name, r->job);
     cJSON *st = test_status_start_coordinator(r->job, &r->pp, &r->coord);
     CHECK(st != NULL, "%s: no coordinator answering on its status socket", name);
@@ -92,7 +107,7 @@ static bool s_start(s_run_t *r, const char *name, int n, const char *collectives
         return false;
     for (int i = 0; i < n; i++) {
         char dev[16];
-        snprintf(dev, sizeof dev, "cuda:%d", one_gpu ? 0 : i);
+        snprintf(dev, sizeof dev, "cuda:%d", how.one_gpu ? 0 : i);
         if (!train_util_start_worker_on(&r->w[i], name, i, &r->pp, dev))
             return false;
         r->n++;
@@ -176,6 +191,44 @@ static void s_against(const s_run_t *r, const s_run_t *ref, int steps, double to
             r->name, worst);
 }
 
+/* A death and a join on run r (started, 2 workers): once step 10 shows, worker 1 is killed
+ * (kill -9); the survivor must train again in a newer generation (the time from the kill is
+ * printed), then a worker joins on join_dev and must train in a generation of two; the run
+ * ends, every line against ref's (s_against, tol). */
+static void s_crash(s_run_t *r, const s_run_t *ref, int steps, const char *join_dev, double tol)
+{
+    if (!s_wait(r, 10, 0))
+        return;
+    uint64_t step = 0, gen = 0, g2 = 0;
+    train_util_progress(r->w, r->n, &step, &gen);
+    r->victim = 1;
+    double t_kill = s_now();
+    CHECK(proc_kill(r->w[1].proc), "cannot kill %s", r->w[1].id);
+    /* the survivor alone: a step of a newer generation */
+    bool back = s_wait(r, step + 1, gen + 1);
+    if (back) {
+        fprintf(stderr, "  %s: the survivor trained again %.2f s after the kill (it was in "
+                "generation %" PRIu64 ")\n", r->name, s_now() - t_kill, gen);
+        train_util_progress(r->w, r->n, &step, &g2);
+    }
+    /* a worker joins: it trains in a generation of two */
+    char jname[96];
+    snprintf(jname, sizeof jname, "%s-join", r->name);
+    bool joined = back && train_util_start_worker_on(&r->w[r->n], jname, 2, &r->pp, join_dev);
+    if (joined) {
+        r->n++;
+        CHECK(s_wait(r, step + 1, g2 + 1), "%s: no generation after the join", r->name);
+    }
+    if (s_finish(r)) {
+        s_against(r, ref, steps, tol);
+        const train_util_worker_t *j = joined ? &r->w[r->n - 1] : NULL;
+        bool two = false;
+        for (int k = 0; j && k < j->n; k++)
+            two |= j->line[k].world == 2;
+        CHECK(two, "%s: the joining worker logged no step of a world of 2", r->name);
+    }
+}
+
 /* Some line of some worker of r says that this rank's dispatches sent rows to another rank. */
 static bool s_rows_moved(const s_run_t *r)
 {
@@ -197,68 +250,63 @@ int main(void)
     s_seed = train_util_begin(s_corpus);
 
     /* (0) bf16, experts split between two workers on one GPU, over ZeroMQ */
+    const s_how_t bf16_1gpu = {.steps = S_STEPS, .bf16 = true, .one_gpu = true};
     s_run_t bref, bep;
-    bool bok = s_start(&bref, "ref-bf16", 1, NULL, 0, S_STEPS, true, true) && s_finish(&bref);
+    bool bok = s_start(&bref, "ref-bf16", 1, bf16_1gpu) && s_finish(&bref);
     CHECK(bok, "the bf16 reference run failed");
-    if (bok && s_start(&bep, "ep-bf16-1gpu", 2, NULL, 0, S_STEPS, true, true) && s_finish(&bep)) {
+    if (bok && s_start(&bep, "ep-bf16-1gpu", 2, bf16_1gpu) && s_finish(&bep)) {
         s_against(&bep, &bref, S_STEPS, S_TOL_BF16);
         CHECK(s_rows_moved(&bep), "ep-bf16-1gpu: no rows went to another rank (no expert "
               "parallelism)");
     }
+
+    /* (5) bf16, experts split between two workers on one GPU, checkpoints every 5 steps: a
+     * death (the survivor rewinds to the last checkpoint and trains alone, every expert on it)
+     * and a join on the same GPU (the experts split again); every step within 1e-2 of a
+     * 1-worker run of the same length */
+    s_how_t long_1gpu = bf16_1gpu;
+    long_1gpu.steps = S_LONG;
+    s_run_t blong, bel;
+    bool lok = s_start(&blong, "ref-bf16-long", 1, long_1gpu) && s_finish(&blong);
+    CHECK(lok, "the long bf16 reference run failed");
+    long_1gpu.ckpt_interval = 5;
+    if (lok && s_start(&bel, "crash-bf16-1gpu", 2, long_1gpu))
+        s_crash(&bel, &blong, S_LONG, "cuda:0", S_TOL_BF16);
+
     if (n < 2) {
-        printf("gpu_ep: (1)-(3) skipped: %d CUDA device, they need 2\n", n);
+        printf("gpu_ep: (1)-(4) skipped: %d CUDA device, they need 2\n", n);
         return test_finish();
     }
 
     s_run_t ref, ep, el, bnc, bdp;
-    bool ok = s_start(&ref, "ref-1gpu", 1, NULL, 0, S_STEPS, false, false) && s_finish(&ref);
+    bool ok = s_start(&ref, "ref-1gpu", 1, (s_how_t){.steps = S_STEPS}) && s_finish(&ref);
     REQUIRE(ok, "the 1-GPU reference run failed");
 
     /* (1) experts split over two GPUs, NCCL */
-    if (s_start(&ep, "ep-2gpu", 2, "nccl", 0, S_STEPS, false, false) && s_finish(&ep))
+    if (s_start(&ep, "ep-2gpu", 2, (s_how_t){.collectives = "nccl", .steps = S_STEPS}) &&
+        s_finish(&ep))
         s_against(&ep, &ref, S_STEPS, S_TOL);
 
     /* (3) bf16, experts split over two GPUs, NCCL */
-    if (bok && s_start(&bnc, "ep-bf16-2gpu", 2, "nccl", 0, S_STEPS, true, false) &&
+    if (bok &&
+        s_start(&bnc, "ep-bf16-2gpu", 2,
+                (s_how_t){.collectives = "nccl", .steps = S_STEPS, .bf16 = true}) &&
         s_finish(&bnc)) {
         s_against(&bnc, &bref, S_STEPS, S_TOL_BF16);
         CHECK(s_rows_moved(&bnc), "ep-bf16-2gpu: no rows went to another rank");
     }
 
     /* (4) bf16, every expert on both GPUs (data parallel), NCCL */
-    if (bok && s_start(&bdp, "dp-bf16-2gpu", 2, "nccl", 2, S_STEPS, true, false) &&
+    if (bok &&
+        s_start(&bdp, "dp-bf16-2gpu", 2,
+                (s_how_t){.collectives = "nccl", .min_replicas = 2, .steps = S_STEPS,
+                          .bf16 = true}) &&
         s_finish(&bdp))
         s_against(&bdp, &bref, S_STEPS, S_TOL_BF16);
 
-    /* (2) a death and a join */
-    if (s_start(&el, "crash-2gpu", 2, "nccl", 2, S_LONG, false, false) && s_wait(&el, 10, 0)) {
-        uint64_t step = 0, gen = 0, g2 = 0;
-        train_util_progress(el.w, el.n, &step, &gen);
-        el.victim = 1;
-        double t_kill = s_now();
-        CHECK(proc_kill(el.w[1].proc), "cannot kill %s", el.w[1].id);
-        /* the survivor alone: a step of a newer generation */
-        bool back = s_wait(&el, step + 1, gen + 1);
-        if (back) {
-            fprintf(stderr, "  crash-2gpu: the survivor trained again %.2f s after the kill "
-                    "(it was in generation %" PRIu64 ")\n", s_now() - t_kill, gen);
-            train_util_progress(el.w, el.n, &step, &g2);
-        }
-        /* a worker joins on the freed GPU: it trains in a generation of two */
-        bool joined = back && train_util_start_worker_on(&el.w[el.n], "crash-2gpu-join", 2,
-                                                         &el.pp, "cuda:1");
-        if (joined) {
-            el.n++;
-            CHECK(s_wait(&el, step + 1, g2 + 1), "crash-2gpu: no generation after the join");
-        }
-        if (s_finish(&el)) {
-            s_against(&el, &ref, S_LONG, S_TOL);
-            const train_util_worker_t *j = joined ? &el.w[el.n - 1] : NULL;
-            bool two = false;
-            for (int k = 0; j && k < j->n; k++)
-                two |= j->line[k].world == 2;
-            CHECK(two, "crash-2gpu: the joining worker logged no step of a world of 2");
-        }
-    }
+    /* (2) a death and a join, NCCL, every expert on both */
+    if (s_start(&el, "crash-2gpu", 2,
+                (s_how_t){.collectives = "nccl", .min_replicas = 2, .steps = S_LONG}))
+        s_crash(&el, &ref, S_LONG, "cuda:1", S_TOL);
     return test_finish();
 }
