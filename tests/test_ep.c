@@ -21,6 +21,7 @@
 #include "model/job.h"
 #include "model/params.h"
 #include "model/train.h"
+#include "tests/ep_util.h"
 #include "tests/harness.h"
 #include "worker/comm.h"
 #include "worker/exchange.h"
@@ -46,8 +47,7 @@ typedef struct {
     int32_t *routed;               /* (L, E) rows routed to each expert over the batch */
     double step_loss[N_STEPS], step_norm[N_STEPS];
     /* per world size */
-    uint32_t world;
-    uint32_t hoff[65], hold[64 * MAXW]; /* (L*E) experts' holders, as a PLAN gives them */
+    test_ep_place_t pl;            /* the experts' holders, as a PLAN gives them */
     int64_t recv_sum[64];          /* rows each expert received, summed over its holders */
     double max_loss_err, max_dense_err, max_expert_err, max_step_err;
 } s_ref_t;
@@ -104,34 +104,6 @@ static void s_max(double *m, double v)
     test_unlock();
 }
 
-static bool s_holds(const s_ref_t *ref, int e, uint32_t rank)
-{
-    for (uint32_t i = ref->hoff[e]; i < ref->hoff[e + 1]; i++)
-        if (ref->hold[i] == rank)
-            return true;
-    return false;
-}
-
-/* A params object holding rank's experts, its tensors copied from the full one. */
-static model_params_t *s_rank_params(const s_ref_t *ref, uint32_t rank)
-{
-    const model_config_t *cfg = &ref->job.model;
-    int L = (int)cfg->num_hidden_layers, E = (int)cfg->num_local_experts;
-    uint32_t ids[64];
-    size_t n = 0;
-    for (int i = 0; i < L * E; i++)
-        if (s_holds(ref, i, rank))
-            ids[n++] = (uint32_t)i;
-    model_params_t *p = NULL;
-    if (model_params_new(cfg, ids, n, &p) != SEMOE_OK)
-        return NULL;
-    for (size_t i = 0; i < model_params_count(p); i++) {
-        const model_param_t *t = model_params_at(p, i);
-        if (t->data)
-            memcpy(t->data, model_params_at(ref->full, i)->data, t->numel * sizeof(float));
-    }
-    return p;
-}
 
 /* The held dense tensors of a params-shaped slab, for comm_allreduce_buckets. */
 static int s_dense(const model_params_t *p, float *slab, float **bufs, size_t *lens)
@@ -289,7 +261,7 @@ static void s_check_parts(const s_ref_t *ref, uint32_t r, const model_exchange_f
     enum { P = 3, D = 3 };
     const model_config_t *cfg = &ref->job.model;
     int E = (int)cfg->num_local_experts, l = (int)cfg->num_hidden_layers - 1;
-    int cap = 4 * E * (int)ref->world;
+    int cap = 4 * E * (int)ref->pl.world;
     int32_t sc[P][64], rc[P][64];
     float *send[P], *recv[P], *back[P];
     int n[P], got[64] = {0};
@@ -342,18 +314,18 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
 {
     const s_ref_t *ref = me->ref;
     const model_config_t *cfg = &ref->job.model;
-    uint32_t W = ref->world, r = me->rank;
+    uint32_t W = ref->pl.world, r = me->rank;
     int L = (int)cfg->num_hidden_layers, E = (int)cfg->num_local_experts;
     int K = (int)cfg->num_experts_per_tok;
     int b0 = (int)(r * B_SEQ / W), b1 = (int)((r + 1) * B_SEQ / W), nb = b1 - b0;
     int R = B_SEQ * T_SEQ * K; /* every routed row of the global batch: always enough */
-    model_params_t *p = s_rank_params(ref, r);
+    model_params_t *p = test_ep_rank_params(&ref->pl, ref->full, r);
     worker_exchange_t *x = NULL;
     model_acts_f32 *acts = NULL;
     float *grads = NULL;
     model_train_t *tr = NULL;
     TCHECK(p != NULL, "rank %u: params", r);
-    semoe_rc rc = worker_exchange_new(comm, be, L, E, ref->hoff, ref->hold, T_TIMEOUT, &x);
+    semoe_rc rc = worker_exchange_new(comm, be, L, E, ref->pl.hoff, ref->pl.hold, T_TIMEOUT, &x);
     TCHECK(rc == SEMOE_OK, "rank %u: exchange: %s", r, semoe_err_msg());
     if (!p || rc != SEMOE_OK)
         goto done;
@@ -415,9 +387,9 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
      * to them: checked after the threads); nothing else arrived */
     for (int l = 0; l < L; l++)
         for (int j = 0; j < E; j++) {
-            int e = l * E + j, held = s_holds(ref, e, r);
+            int e = l * E + j, held = test_ep_holds(&ref->pl, e, r);
             int64_t got = worker_exchange_received(x, l, j);
-            uint32_t k = ref->hoff[e + 1] - ref->hoff[e];
+            uint32_t k = ref->pl.hoff[e + 1] - ref->pl.hoff[e];
             TCHECK(got == acts->recv_counts[e] && (held || got == 0) &&
                        (!held || k > 1 || got == ref->routed[e]),
                    "W %u rank %u: layer %d expert %d (%u holders): %lld rows received "
@@ -469,7 +441,7 @@ static void *s_rank_main(void *arg)
 {
     s_rank_t *me = arg;
     comm_t *c = NULL;
-    semoe_rc rc = comm_new(me->port, 1, me->rank, me->ref->world, me->eps, &c);
+    semoe_rc rc = comm_new(me->port, 1, me->rank, me->ref->pl.world, me->eps, &c);
     TCHECK(rc == SEMOE_OK, "comm_new rank %u: %s", me->rank, semoe_err_msg());
     if (rc != SEMOE_OK)
         return NULL;
@@ -478,48 +450,14 @@ static void *s_rank_main(void *arg)
     return NULL;
 }
 
-/* Places the L * E experts on W ranks: a random permutation dealt out round robin, then with
- * replicas about half the experts get 1 to W - 1 more holders at random. */
-static void s_place(s_ref_t *ref, uint32_t W, bool replicas)
-{
-    int LE = (int)(ref->job.model.num_hidden_layers * ref->job.model.num_local_experts);
-    int perm[64];
-    uint32_t first[64];
-    for (int i = 0; i < LE; i++)
-        perm[i] = i;
-    for (int i = LE - 1; i > 0; i--) {
-        int j = (int)test_rand_below((uint64_t)i + 1), t = perm[i];
-        perm[i] = perm[j];
-        perm[j] = t;
-    }
-    for (int i = 0; i < LE; i++)
-        first[perm[i]] = (uint32_t)i % W;
-    uint32_t at = 0;
-    for (int e = 0; e < LE; e++) {
-        bool on[MAXW] = {false};
-        on[first[e]] = true;
-        if (replicas && test_rand_below(2)) {
-            uint32_t more = 1 + (uint32_t)test_rand_below(W - 1);
-            for (uint32_t k = 0; k < more; k++)
-                on[test_rand_below(W)] = true;
-        }
-        ref->hoff[e] = at;
-        for (uint32_t r = 0; r < W; r++)
-            if (on[r])
-                ref->hold[at++] = r;
-    }
-    ref->hoff[LE] = at;
-    ref->world = W;
-}
-
 static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, int direct)
 {
-    s_place(ref, W, replicas);
+    int LE = (int)(ref->job.model.num_hidden_layers * ref->job.model.num_local_experts);
+    test_ep_place(&ref->pl, LE, W, replicas);
     static s_board_t board;
     memset(&board, 0, sizeof board);
     pthread_mutex_init(&board.mu, NULL);
     pthread_cond_init(&board.cv, NULL);
-    int LE = (int)(ref->job.model.num_hidden_layers * ref->job.model.num_local_experts);
     memset(ref->recv_sum, 0, sizeof ref->recv_sum);
     ref->max_loss_err = ref->max_dense_err = ref->max_expert_err = ref->max_step_err = 0;
     comm_port_t *ports[MAXW] = {0};
@@ -543,10 +481,10 @@ static void s_run_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, int 
         pthread_join(ranks[r].th, NULL);
     for (uint32_t r = 0; r < W; r++)
         comm_port_destroy(&ports[r]);
-    uint32_t copies = ref->hoff[LE];
+    uint32_t copies = ref->pl.hoff[LE];
     for (int e = 0; e < LE; e++)
         CHECK(ref->recv_sum[e] == ref->routed[e], "W %u: expert %d: its %u holders received %lld "
-              "rows, %d were routed to it", W, e, ref->hoff[e + 1] - ref->hoff[e],
+              "rows, %d were routed to it", W, e, ref->pl.hoff[e + 1] - ref->pl.hoff[e],
               (long long)ref->recv_sum[e], ref->routed[e]);
     printf("W=%u, %u copies of %d experts, rows %s: relative errors: loss %.2e, dense grads "
            "%.2e, expert grads %.2e, 5 steps %.2e\n", W, copies, LE,

@@ -27,6 +27,7 @@
 #include "gpu/ops.h"
 #include "model/params.h"
 #include "tests/gpu_util.h"
+#include "tests/ep_util.h"
 #include "tests/harness.h"
 #include "tests/tiny_model.h"
 #include "worker/comm.h"
@@ -77,9 +78,8 @@ typedef struct {
     float *grads;          /* host, full params-shaped */
     int32_t *route;        /* (L, N, K) expert ids */
     int64_t routed[64];    /* (L * E) rows routed to each expert */
-    uint32_t world;
+    test_ep_place_t pl;
     int parts;             /* the exchange's */
-    uint32_t hoff[65], hold[64 * MAXW];
     /* per rank */
     model_params_t *p[MAXW];
     float *g[MAXW];        /* host copy of the rank's gradient slab */
@@ -88,61 +88,6 @@ typedef struct {
     bool same_route[MAXW];
 } s_ref_t;
 
-static bool s_holds(const s_ref_t *ref, int e, uint32_t rank)
-{
-    for (uint32_t i = ref->hoff[e]; i < ref->hoff[e + 1]; i++)
-        if (ref->hold[i] == rank)
-            return true;
-    return false;
-}
-
-/* A random placement: a permutation dealt round robin, then with replicas about half the
- * experts get more holders. */
-static void s_place(s_ref_t *ref, uint32_t W, bool replicas)
-{
-    int LE = (int)(ref->cfg.num_hidden_layers * ref->cfg.num_local_experts);
-    int perm[64];
-    for (int i = 0; i < LE; i++)
-        perm[i] = i;
-    for (int i = LE - 1; i > 0; i--) {
-        int j = (int)test_rand_below((uint64_t)i + 1), t = perm[i];
-        perm[i] = perm[j];
-        perm[j] = t;
-    }
-    uint32_t at = 0;
-    for (int e = 0; e < LE; e++) {
-        bool on[MAXW] = {false};
-        on[(uint32_t)perm[e] % W] = true;
-        if (replicas && test_rand_below(2))
-            on[test_rand_below(W)] = true;
-        ref->hoff[e] = at;
-        for (uint32_t r = 0; r < W; r++)
-            if (on[r])
-                ref->hold[at++] = r;
-    }
-    ref->hoff[LE] = at;
-    ref->world = W;
-}
-
-/* Rank r's params: its experts and every dense tensor, copied from the full set. */
-static model_params_t *s_rank_params(const s_ref_t *ref, uint32_t r)
-{
-    int LE = (int)(ref->cfg.num_hidden_layers * ref->cfg.num_local_experts);
-    uint32_t ids[64];
-    size_t n = 0;
-    for (int e = 0; e < LE; e++)
-        if (s_holds(ref, e, r))
-            ids[n++] = (uint32_t)e;
-    model_params_t *p = NULL;
-    if (model_params_new(&ref->cfg, ids, n, &p) != SEMOE_OK)
-        return NULL;
-    for (size_t i = 0; i < model_params_count(p); i++) {
-        const model_param_t *t = model_params_at(p, i);
-        if (t->data)
-            memcpy(t->data, model_params_at(ref->full, i)->data, t->numel * sizeof(float));
-    }
-    return p;
-}
 
 typedef struct {
     s_ref_t *ref;
@@ -156,7 +101,7 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
 {
     s_ref_t *ref = me->ref;
     const model_config_t *cfg = &ref->cfg;
-    uint32_t W = ref->world, r = me->rank;
+    uint32_t W = ref->pl.world, r = me->rank;
     int L = (int)cfg->num_hidden_layers, E = (int)cfg->num_local_experts;
     int K = (int)cfg->num_experts_per_tok;
     int b0 = (int)(r * B_SEQ / W), b1 = (int)((r + 1) * B_SEQ / W), nb = b1 - b0;
@@ -166,7 +111,7 @@ static void s_rank_body(s_rank_t *me, comm_t *comm)
     gpu_graph_bf16_t *g = NULL;
     size_t nf = model_params_slab_floats(p);
     float *wd = test_gpu_upf(model_params_slab(p), nf), *gd = gpu_alloc(nf * sizeof(float));
-    semoe_rc rc = worker_exchange_new(comm, &gpu_backend_f32, L, E, ref->hoff, ref->hold,
+    semoe_rc rc = worker_exchange_new(comm, &gpu_backend_f32, L, E, ref->pl.hoff, ref->pl.hold,
                                       S_TIMEOUT, &x);
     TCHECK(rc == SEMOE_OK, "rank %u: exchange: %s", r, semoe_err_msg());
     if (rc == SEMOE_OK)
@@ -206,7 +151,7 @@ static void *s_rank_main(void *arg)
     s_rank_t *me = arg;
     TCHECK(gpu_backend_init(0) == SEMOE_OK, "rank %u: device: %s", me->rank, semoe_err_msg());
     comm_t *c = NULL;
-    semoe_rc rc = comm_new(me->port, 1, me->rank, me->ref->world, me->eps, &c);
+    semoe_rc rc = comm_new(me->port, 1, me->rank, me->ref->pl.world, me->eps, &c);
     TCHECK(rc == SEMOE_OK, "comm_new rank %u: %s", me->rank, semoe_err_msg());
     if (rc != SEMOE_OK)
         return NULL;
@@ -254,7 +199,7 @@ static void s_draw(s_ref_t *ref)
 /* Rank results against the reference; false when a routing differed (nothing compared). */
 static bool s_compare(s_ref_t *ref, bool replicas)
 {
-    uint32_t W = ref->world;
+    uint32_t W = ref->pl.world;
     const model_config_t *c = &ref->cfg;
     int L = (int)c->num_hidden_layers, E = (int)c->num_local_experts;
     for (uint32_t r = 0; r < W; r++)
@@ -279,7 +224,7 @@ static bool s_compare(s_ref_t *ref, bool replicas)
     for (int e = 0; e < L * E; e++) {
         int64_t sum = 0;
         for (uint32_t r = 0; r < W; r++) {
-            CHECK(s_holds(ref, e, r) || ref->recv[r][e] == 0, "W %u rank %u received %lld rows "
+            CHECK(test_ep_holds(&ref->pl, e, r) || ref->recv[r][e] == 0, "W %u rank %u received %lld rows "
                   "of expert %d, which it does not hold", W, r, (long long)ref->recv[r][e], e);
             sum += ref->recv[r][e];
         }
@@ -311,7 +256,7 @@ static bool s_compare(s_ref_t *ref, bool replicas)
         free(sum);
     }
     printf("W=%u replicas=%d parts=%d (%u copies of %d experts): loss rel %.2e; gradients worst "
-           "%.2e (%s)\n", W, replicas, ref->parts, ref->hoff[L * E], L * E, wl, worst, wname);
+           "%.2e (%s)\n", W, replicas, ref->parts, ref->pl.hoff[L * E], L * E, wl, worst, wname);
     return true;
 }
 
@@ -320,7 +265,8 @@ static void s_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, int part
     ref->parts = parts;
     for (int d = 0; d < S_DRAWS; d++) {
         s_draw(ref);
-        s_place(ref, W, replicas);
+        test_ep_place(&ref->pl, (int)(ref->cfg.num_hidden_layers * ref->cfg.num_local_experts),
+                      W, replicas);
         comm_port_t *ports[MAXW] = {0};
         char text[MAXW][256];
         const char *eps[MAXW];
@@ -329,7 +275,7 @@ static void s_world(s_ref_t *ref, void *ctx, uint32_t W, bool replicas, int part
                          "comm_port_new: %s", semoe_err_msg());
             snprintf(text[r], sizeof text[r], "%s", comm_port_endpoint(ports[r]));
             eps[r] = text[r];
-            ref->p[r] = s_rank_params(ref, r);
+            ref->p[r] = test_ep_rank_params(&ref->pl, ref->full, r);
             S_NEED(ref->p[r] != NULL, "rank params: %s", semoe_err_msg());
             ref->g[r] = NULL;
         }
