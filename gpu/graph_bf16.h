@@ -38,9 +38,10 @@ extern "C" {
 typedef struct gpu_graph_bf16 gpu_graph_bf16_t;
 
 /* The pass for B sequences of T tokens of params' model (its config and tensor offsets; params
- * must outlive the graph). expert_rows: 0, or the capacity for the rows an exchange delivers per
- * MoE layer (expert parallelism: B T K times the ranks is always enough). Allocates every
- * activation and scratch buffer once (and bf16 copies of the held experts only). SEMOE_EINVAL
+ * must outlive the graph). expert_rows: 0, or the room for the rows an exchange delivers per
+ * MoE layer at first (expert parallelism; each layer's grows when a step delivers more, up to
+ * B T K times the ranks). Allocates every activation and scratch buffer once but that room (and
+ * bf16 copies of the held experts only). SEMOE_EINVAL
  * when hd is not 64 or 128, a width is not a multiple of 8, or the MoE layer refuses the
  * shape; SEMOE_ENOMEM (the message says how much) when the device is full. */
 semoe_rc gpu_graph_bf16_new(const model_params_t *params, int B, int T, int expert_rows,

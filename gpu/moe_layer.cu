@@ -11,6 +11,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -39,21 +40,29 @@ enum { P_W13, P_W2, P_DW2, P_DG, P_DW13, P_DW3, P_DH, S_NPROB };
 
 /* What lives only within one fwd or bwd call, shared by the layers of one model. g is the
  * SwiGLU output of the last forward that wrote it (g_owner; NULL after a backward, which
- * reuses the buffer for dg). */
+ * reuses the buffer for dg). The expert side's buffers (g, dab) are those of the local rows
+ * (gl, dabl: M rows) or, in a call with an exchange, of the rows received (gx, dabx: Rs rows,
+ * in xslab, grown with the largest layer's capacity). */
 typedef struct {
     int refs;
     void *slab;
     int32_t *hist;  // (nblk, E) per-block counts, then per-block row offsets
     float *dwt;     // (T, k) d loss / d weight, fp32
-    bf16 *g;        // (M, f) silu(a) b in forward; dg in backward
+    bf16 *g, *dab;  // the call's: gl, dabl or gx, dabx
+    bf16 *gl;       // (M, f) silu(a) b in forward; dg in backward
     bf16 *dy;       // (M, d)
-    bf16 *dab;      // (M, 2f) [da | db]
+    bf16 *dabl;     // (M, 2f) [da | db]
     bf16 *dh;       // (M, d) dab W13
     bf16 *dlog;     // (T, E)
     float *dxr;     // (T, d) dlog wg
-    bf16 *ye;       // EP: (R, d) the experts' outputs before combine
-    bf16 *dye;      // EP: (R, d) dy for the rows received
-    bf16 *dhe;      // EP: (R, d) dh of the rows received, before combine
+    int ep;         // whether g and dab are gx and dabx (the last call had an exchange)
+    int Rs;         // EP: the rows of xslab's buffers
+    void *xslab;
+    bf16 *gx;       // EP: (Rs, f)
+    bf16 *dabx;     // EP: (Rs, 2f)
+    bf16 *ye;       // EP: (Rs, d) the experts' outputs before combine
+    bf16 *dye;      // EP: (Rs, d) dy for the rows received
+    bf16 *dhe;      // EP: (Rs, d) dh of the rows received, before combine
     void **dptr;    // (S_NPROB, 3, E) device pointer arrays of the grouped calls
     void **hptr;    // same, pinned host staging
     const gpu_moe_t *g_owner;
@@ -74,8 +83,8 @@ typedef struct {
 
 struct gpu_moe {
     int T, d, f, E, k, M, nblk; /* M = T k rows; nblk: blocks of the counting sort */
-    int R;      /* gpu_moe_new_ep's receive capacity in rows; 0: every expert here */
-    int Mx;     /* rows the expert side may hold: max(M, R) */
+    int R;      /* EP: the rows received the layer has room for (gpu_moe_new_ep's, grown as
+                 * needed); 0: every expert here */
     gpu_moe_gemm_t gemm;
     int round_logits;
     s_scratch_t *sc;
@@ -88,14 +97,17 @@ struct gpu_moe {
     int32_t *rowtok; // (M) token of each row
     int32_t *counts; // (S_MAX_PARTS, E) per part (part 0: all tokens when in one part)
     bf16 *h;        // (M, d) tokens in expert order
-    bf16 *ab;       // (Mx, 2f) [xe W1^T | xe W3^T]
+    bf16 *ab;       // the call's: abl or abx, [xe W1^T | xe W3^T]
+    bf16 *abl;      // (M, 2f)
     bf16 *y;        // (M, d) the experts' outputs, rows as h
     int32_t *hcounts; // (E) pinned host: rows routed per expert, every part
     int32_t *hcc;     // (S_MAX_PARTS, E) pinned host: per part
     /* The expert side: its input rows xe (h, or with EP the rows received, hr), Me of them;
      * with EP part p's are rows [roff[p], roff[p + 1]), rcc[p] (host) and rcnt_d (device) per
      * expert. */
+    void *xslab;      // EP: hr and abx
     bf16 *hr;         // EP: (R, d)
+    bf16 *abx;        // EP: (R, 2f)
     int32_t *rcc;     // EP: (S_MAX_PARTS, E) pinned host
     int32_t *rcnt_d;  // EP: (S_MAX_PARTS, E) device
     bf16 *xe;
@@ -281,15 +293,13 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
         fprintf(stderr, "gpu_moe_new: out of host memory\n");
         abort();
     }
-    size_t M = (size_t)m->M, X = (size_t)m->Mx, R = (size_t)m->R, T = (size_t)m->T,
-           d = (size_t)m->d, f = (size_t)m->f, E = (size_t)m->E;
-    size_t sz[] = {(size_t)m->nblk * E * 4, M * 4, X * f * 2, M * d * 2, X * 2 * f * 2,
-                   M * d * 2, T * E * 2, T * d * 4, R * d * 2, R * d * 2, R * d * 2,
-                   (size_t)S_NPROB * 3 * E * sizeof(void *)};
-    void **const ptrs[] = {(void **)&sc->hist, (void **)&sc->dwt, (void **)&sc->g,
-                           (void **)&sc->dy,   (void **)&sc->dab, (void **)&sc->dh,
-                           (void **)&sc->dlog, (void **)&sc->dxr, (void **)&sc->ye,
-                           (void **)&sc->dye,  (void **)&sc->dhe, (void **)&sc->dptr};
+    size_t M = (size_t)m->M, T = (size_t)m->T, d = (size_t)m->d, f = (size_t)m->f,
+           E = (size_t)m->E;
+    size_t sz[] = {(size_t)m->nblk * E * 4, M * 4, M * f * 2, M * d * 2, M * 2 * f * 2,
+                   M * d * 2, T * E * 2, T * d * 4, (size_t)S_NPROB * 3 * E * sizeof(void *)};
+    void **const ptrs[] = {(void **)&sc->hist, (void **)&sc->dwt, (void **)&sc->gl,
+                           (void **)&sc->dy,   (void **)&sc->dabl, (void **)&sc->dh,
+                           (void **)&sc->dlog, (void **)&sc->dxr, (void **)&sc->dptr};
     sc->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
     if (!sc->slab) {
         free(sc);
@@ -317,6 +327,63 @@ static s_scratch_t *s_scratch_new(const gpu_moe_t *m)
     return sc;
 }
 
+/* A new slab of n buffers of rows x width[i] bf16 each into *ptrs[i], whose first keep rows
+ * are copied from the old buffers (old[i], NULL: nothing) on the stream, the old slab freed
+ * (after the stream's work so far). SEMOE_ENOMEM, nothing changed, when the device is full. */
+static semoe_rc s_regrow(void **slab, int n, bf16 **const *ptrs, const size_t *width, size_t rows,
+                         size_t keep)
+{
+    size_t sz[8];
+    bf16 *old[8], *fresh[8];
+    void **pp[8];
+    for (int i = 0; i < n; i++) {
+        sz[i] = rows * width[i] * 2;
+        old[i] = *ptrs[i];
+        pp[i] = (void **)&fresh[i];
+    }
+    size_t total = 0;
+    void *ns = gpu_alloc_slab(sz, pp, n, &total);
+    if (!ns) {
+        size_t fr = 0, all = 0;
+        cudaMemGetInfo(&fr, &all);
+        return semoe_err(SEMOE_ENOMEM, "gpu_moe: %.2f GiB on the device for the rows of other "
+                         "ranks' tokens (%zu rows; %.2f GiB free): fewer tokens per micro-batch, "
+                         "or more ranks holding the hot experts", total / 1073741824.0, rows,
+                         fr / 1073741824.0);
+    }
+    for (int i = 0; i < n; i++) {
+        if (old[i] && keep)
+            GPU_CHECK(cudaMemcpyAsync(fresh[i], old[i], keep * width[i] * 2,
+                                      cudaMemcpyDeviceToDevice, gpu_stream()));
+        *ptrs[i] = fresh[i];
+    }
+    gpu_free(*slab); /* waits for the stream: the copies are done */
+    *slab = ns;
+    return SEMOE_OK;
+}
+
+/* EP: room for `rows` rows received on layer m (its hr and abx) and in the scratch (gx, dabx,
+ * ye, dye, dhe), the rows so far kept. */
+static semoe_rc s_room(gpu_moe_t *m, int rows)
+{
+    s_scratch_t *sc = m->sc;
+    const size_t d = (size_t)m->d, f = (size_t)m->f;
+    if (rows > m->R || !m->xslab) {
+        bf16 **const lp[] = {&m->hr, &m->abx};
+        const size_t lw[] = {d, 2 * f};
+        SEMOE_CHECK(s_regrow(&m->xslab, 2, lp, lw, (size_t)rows, (size_t)(m->xslab ? m->R : 0)));
+        m->R = rows;
+    }
+    if (rows > sc->Rs || !sc->xslab) {
+        bf16 **const sp[] = {&sc->gx, &sc->dabx, &sc->ye, &sc->dye, &sc->dhe};
+        const size_t sw[] = {f, 2 * f, d, d, d};
+        SEMOE_CHECK(s_regrow(&sc->xslab, 5, sp, sw, (size_t)rows,
+                             (size_t)(sc->xslab ? sc->Rs : 0)));
+        sc->Rs = rows;
+    }
+    return SEMOE_OK;
+}
+
 /* The layer's own buffers (what its backward needs); sc shared or new. */
 static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
 {
@@ -327,17 +394,16 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
     }
     m->T = shape->T, m->d = shape->d, m->f = shape->f, m->E = shape->E, m->k = shape->k;
     m->M = shape->M, m->nblk = shape->nblk, m->gemm = shape->gemm;
-    m->R = shape->R, m->Mx = shape->Mx;
     m->round_logits = shape->round_logits;
-    size_t M = (size_t)m->M, X = (size_t)m->Mx, TE = (size_t)m->T * m->E, d = (size_t)m->d,
-           f = (size_t)m->f, E = (size_t)m->E;
+    size_t M = (size_t)m->M, TE = (size_t)m->T * m->E, d = (size_t)m->d, f = (size_t)m->f,
+           E = (size_t)m->E;
     size_t sz[] = {TE * 4, TE * 4, M * 4,     M * 2,         M * 4,    M * 4,
-                   S_MAX_PARTS * E * 4, M * d * 2, X * 2 * f * 2, M * d * 2,
-                   (size_t)m->R * d * 2, m->R ? S_MAX_PARTS * E * 4 : 0};
+                   S_MAX_PARTS * E * 4, M * d * 2, M * 2 * f * 2, M * d * 2,
+                   S_MAX_PARTS * E * 4};
     void **const ptrs[] = {(void **)&m->logits, (void **)&m->probs, (void **)&m->idx,
                            (void **)&m->wts,    (void **)&m->pos,   (void **)&m->rowtok,
-                           (void **)&m->counts, (void **)&m->h,     (void **)&m->ab,
-                           (void **)&m->y,      (void **)&m->hr,    (void **)&m->rcnt_d};
+                           (void **)&m->counts, (void **)&m->h,     (void **)&m->abl,
+                           (void **)&m->y,      (void **)&m->rcnt_d};
     m->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
     if (!m->slab) {
         free(m);
@@ -356,6 +422,12 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
         return NULL;
     }
     m->sc->refs += sc != NULL;
+    m->ab = m->abl, m->sc->g = m->sc->gl, m->sc->dab = m->sc->dabl;
+    if (shape->R > 0 && s_room(m, shape->R) != SEMOE_OK) {
+        fprintf(stderr, "gpu_moe_new_ep: %s\n", semoe_err_msg());
+        gpu_moe_destroy(&m);
+        return NULL;
+    }
     return m;
 }
 
@@ -376,17 +448,15 @@ extern "C" gpu_moe_t *gpu_moe_new_ep(int T, int d, int f, int E, int k, int rows
         return NULL;
     }
     size_t M = (size_t)T * k, wide = (size_t)(d > 2 * f ? d : 2 * f);
-    size_t X = M > (size_t)rows ? M : (size_t)rows;
-    if (X * wide >= ((size_t)1 << 31) || (size_t)E * 2 * d * f >= ((size_t)1 << 31)) {
-        fprintf(stderr, "gpu_moe_new: max(T*k, rows)*max(d,2f)=%zu or E*2f*d=%zu: need both "
-                        "under 2^31 (cuBLAS int leading dimensions and offsets)\n", X * wide,
-                (size_t)E * 2 * d * f);
+    if (M * wide >= ((size_t)1 << 31) || (size_t)E * 2 * d * f >= ((size_t)1 << 31)) {
+        fprintf(stderr, "gpu_moe_new: T*k*max(d,2f)=%zu or E*2f*d=%zu: need both under 2^31 "
+                        "(int offsets in the kernels)\n", M * wide, (size_t)E * 2 * d * f);
         return NULL;
     }
     gpu_moe_t shape;
     memset(&shape, 0, sizeof shape);
     shape.T = T, shape.d = d, shape.f = f, shape.E = E, shape.k = k, shape.M = (int)M;
-    shape.R = rows, shape.Mx = (int)X;
+    shape.R = rows;
     shape.nblk = (int)((M + S_SORT_BLOCK - 1) / S_SORT_BLOCK);
     shape.gemm = s_gemm_for(T, d, f, E, k);
     shape.round_logits = 1;
@@ -409,6 +479,7 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         return;
     gpu_moe_t *m = *self_p;
     gpu_free(m->slab); /* waits for the stream */
+    gpu_free(m->xslab);
     cudaFreeHost(m->hcounts);
     if (m->pev[0])
         for (int i = 0; i <= GPU_MOE_NPHASES; i++)
@@ -418,6 +489,7 @@ extern "C" void gpu_moe_destroy(gpu_moe_t **self_p)
         sc->g_owner = NULL;
     if (--sc->refs == 0) {
         gpu_free(sc->slab);
+        gpu_free(sc->xslab);
         cudaFreeHost(sc->hptr);
         cudaEventDestroy(sc->ev_fwd);
         cudaEventDestroy(sc->ev_bwd);
@@ -480,6 +552,15 @@ typedef struct {
     cudaStream_t st;
     cublasHandle_t hb;
 } s_view_t;
+
+/* Whether our kernel may run on view v: the slot map is the identity (it indexes the weights by
+ * expert) and the rows' offsets fit its int arithmetic (as gpu_moe_new checks for the local
+ * rows: the rows received may be more). */
+static bool s_own_view(const gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view_t *v)
+{
+    size_t wide = (size_t)(m->d > 2 * m->f ? m->d : 2 * m->f);
+    return !w->slot && (size_t)(v->r0 + v->rows) * wide < ((size_t)1 << 31);
+}
 
 /* gpu_moe_gemm on the view's rows and counts (A, C, G, AB at the view's first row). */
 static void s_own_gemm(const gpu_moe_t *m, const s_view_t *v, gpu_moe_epi_t epi, const bf16 *A,
@@ -704,7 +785,7 @@ static void s_experts_fwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view
     /* in order; on FUSED, each GEMM on our kernel where s_own says so (with the slot map only
      * where it is the identity: the kernel indexes the weights by expert) */
     const size_t r0 = (size_t)v->r0;
-    bool own = !w->slot;
+    bool own = s_own_view(m, w, v);
     if (own && s_own(m, S_OWN_W13)) { /* SwiGLU inside the first GEMM */
         s_own_gemm(m, v, GPU_MOE_EPI_SWIGLU, m->xe + r0 * d, d, w13, false, 2 * f,
                    m->ab + r0 * 2 * f, sc->g + r0 * f, NULL);
@@ -780,6 +861,20 @@ static void s_join_all(gpu_moe_t *m)
     }
 }
 
+/* The call's expert-side buffers: the rows received (ep) or the local ones. g_owner holds
+ * across a growth (s_room copies), not across a switch. */
+static void s_active(gpu_moe_t *m, bool ep)
+{
+    s_scratch_t *sc = m->sc;
+    if (sc->ep != (int)ep)
+        sc->g_owner = NULL;
+    sc->ep = ep;
+    sc->g = ep ? sc->gx : sc->gl;
+    sc->dab = ep ? sc->dabx : sc->dabl;
+    m->ab = ep ? m->abx : m->abl;
+    m->xe = ep ? m->hr : m->h;
+}
+
 /* EP forward: per part, dispatch its rows, run its experts (on xst when in parts, beside the
  * next part's dispatch), and combine the previous part's outputs back once they are done. */
 static semoe_rc s_fwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w,
@@ -789,13 +884,25 @@ static semoe_rc s_fwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w,
     s_scratch_t *sc = m->sc;
     m->roff[0] = 0;
     for (int p = 0; p < m->P; p++) {
-        int32_t *rc = m->rcc + (size_t)p * E, rows = 0;
+        int32_t *rc = m->rcc + (size_t)p * E, ann[S_MAX_E], rows = 0;
         const int32_t *hc = m->hcc + (size_t)p * E;
-        int room = m->R - m->roff[p];
-        SEMOE_CHECK(ex->dispatch(ex->state, p, (const uint16_t *)(m->h + (size_t)m->t0[p] * K * d),
-                                 hc, (uint16_t *)(m->hr + (size_t)m->roff[p] * d), rc, room));
-        SEMOE_CHECK(s_check_recv(m, w, rc, room, &rows));
-        m->roff[p + 1] = m->roff[p] + rows;
+        const uint16_t *send = (const uint16_t *)(m->h + (size_t)m->t0[p] * K * d);
+        /* the counts first: room for them (grown by half at least: few regrowths) */
+        SEMOE_CHECK(ex->dispatch(ex->state, p, send, hc, NULL, ann, 0));
+        SEMOE_CHECK(s_check_recv(m, w, ann, INT_MAX / 2 - m->roff[p], &rows));
+        int need = m->roff[p] + rows;
+        if (need > m->R) {
+            s_join_all(m); /* the parts before run on xst, on the buffers about to move */
+            SEMOE_CHECK(s_room(m, need > m->R + m->R / 2 ? need : m->R + m->R / 2));
+            s_active(m, true);
+        }
+        SEMOE_CHECK(ex->dispatch(ex->state, p, send, hc,
+                                 (uint16_t *)(m->hr + (size_t)m->roff[p] * d), rc,
+                                 m->R - m->roff[p]));
+        if (memcmp(rc, ann, (size_t)E * sizeof(int32_t)) != 0)
+            return semoe_err(SEMOE_EPROTO, "gpu_moe: the exchange announced other counts for "
+                             "part %d than it delivered", p);
+        m->roff[p + 1] = need;
         GPU_CHECK(cudaMemcpyAsync(m->rcnt_d + (size_t)p * E, rc, E * sizeof(int32_t),
                                   cudaMemcpyHostToDevice, gpu_stream()));
         s_view_t v = s_part_view(m, p);
@@ -828,9 +935,9 @@ extern "C" semoe_rc gpu_moe_fwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, con
     if (ex && !m->R)
         return semoe_err(SEMOE_EINVAL, "gpu_moe: an exchange needs a layer from gpu_moe_new_ep");
     s_parts(m, ex ? ex->parts : 1);
+    s_active(m, ex != NULL);
     s_route_fwd(m, w, x);
     if (ex) { /* the rows to their experts' holders; the expert side is what arrived */
-        m->xe = m->hr;
         semoe_rc rc = s_fwd_parts(m, w, ex);
         if (rc != SEMOE_OK) {
             s_join_all(m);
@@ -841,7 +948,7 @@ extern "C" semoe_rc gpu_moe_fwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, con
             if (m->hcounts[e] > 0 && s_slot(w, e) < 0)
                 return semoe_err(SEMOE_EINVAL, "gpu_moe: %d rows routed to expert %d, which "
                                  "is not held here, and no exchange", m->hcounts[e], e);
-        m->xe = m->h, m->Me = m->M;
+        m->Me = m->M;
         s_view_t v = {0, m->M, m->hcounts, m->counts, st, m->sc->blas};
         s_experts_fwd(m, w, &v, m->y);
     }
@@ -918,7 +1025,7 @@ static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view
     /* in order; on FUSED, dg (with SwiGLU's backward in our epilogue: dg never stored, g kept)
      * and dh on our kernel where s_own says so */
     const size_t r0 = (size_t)v->r0;
-    bool own = !w->slot;
+    bool own = s_own_view(m, w, v);
     s_run(m, P_DW2, v->hb);
     if (own && s_own(m, S_OWN_DG)) {
         s_own_gemm(m, v, GPU_MOE_EPI_DSWIGLU, dye + r0 * d, d, w2, true, f, sc->dab + r0 * 2 * f,
@@ -985,9 +1092,10 @@ extern "C" semoe_rc gpu_moe_bwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, con
     const int T = m->T, d = m->d, E = m->E, K = m->k, f32 = gr->fp32 != 0;
     s_scratch_t *sc = m->sc;
     cudaStream_t st = gpu_stream();
-    if ((ex != NULL) != (m->xe == m->hr && m->R))
+    if ((ex != NULL) != (m->R && m->xe == m->hr))
         return semoe_err(SEMOE_EINVAL, "gpu_moe: backward %s an exchange after a forward %s "
                          "one", ex ? "with" : "without", ex ? "without" : "with");
+    s_active(m, ex != NULL);
     if (ex && s_parts_for(m, ex->parts) != m->P)
         return semoe_err(SEMOE_EINVAL, "gpu_moe: backward in %d parts after a forward in %d",
                          ex->parts, m->P);

@@ -90,8 +90,9 @@ typedef struct {
  * otherwise. Caller owns it. */
 gpu_moe_t *gpu_moe_new(int T, int d, int f, int E, int k);
 /* Expert parallelism: gpu_moe_new's layer that may run its experts on rows other processes
- * send, up to `rows` rows per call (gpu_moe_fwd_ex); rows 0 is gpu_moe_new. The expert side's
- * buffers are sized max(T k, rows). */
+ * send (gpu_moe_fwd_ex), with room for `rows` of them at first; a call that receives more
+ * grows the room (by half at least; never shrunk), the exchange announcing the counts before
+ * the rows. rows 0 is gpu_moe_new. */
 gpu_moe_t *gpu_moe_new_ep(int T, int d, int f, int E, int k, int rows);
 /* Another layer of other's shape sharing other's scratch (other's settings copied). Destroy
  * the layers in any order; the scratch goes with the last. */
@@ -120,9 +121,11 @@ void gpu_moe_fwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
  * expert 0..E-1 (send_counts, host), to the processes holding each expert and writes into recv
  * the rows for the experts held here, grouped by expert, with recv_counts (host, E); combine is
  * the reverse of that part's dispatch (send grouped as its recv, recv as its send). Both are
- * collectives.
+ * collectives. A dispatch with recv NULL announces the counts alone (recv_counts filled,
+ * nothing moved); the layer then makes room and repeats the call with recv.
  * parts (1, or 0: one; at most 16 and T): the tokens go in that many even parts (Tutel's
- * overlap). Each part is dispatched, its experts run on a stream of the layer's own, and it is
+ * overlap). Each part is dispatched, its experts run on a stream of their own (the scratch's,
+ * shared by the layers of a model), and it is
  * combined after the next part's dispatch, so that one part's transfers run beside another's
  * expert GEMMs: dispatch 0, experts 0, dispatch 1, experts 1, combine 0, dispatch 2, ...; the
  * backward goes the same way. More parts: more overlap, smaller GEMMs. */
@@ -138,9 +141,10 @@ typedef struct {
 /* gpu_moe_fwd, with the experts' rows through ex when ex is not NULL (a layer of
  * gpu_moe_new_ep): routed and sorted here, dispatched, the held experts run on the rows that
  * arrive (from every process), their outputs combined back, weighted and summed here. Returns
- * SEMOE_OK, the exchange's error, or SEMOE_EPROTO when rows arrive for an expert not held
- * (w->slot) or beyond the capacity, SEMOE_EINVAL for rows routed to an expert not held without
- * an exchange. (gpu_moe_fwd is this with ex NULL and aborts on an error.) */
+ * SEMOE_OK, the exchange's error, SEMOE_EPROTO when rows arrive for an expert not held
+ * (w->slot) or the counts delivered differ from those announced, SEMOE_ENOMEM when the room
+ * for the rows received cannot grow (the device is full), SEMOE_EINVAL for rows routed to an
+ * expert not held without an exchange. (gpu_moe_fwd is this with ex NULL and aborts on an error.) */
 semoe_rc gpu_moe_fwd_ex(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
                         uint16_t *out, float *out32, const float *res32,
                         const gpu_moe_exchange_t *ex);
@@ -175,7 +179,9 @@ const int32_t *gpu_moe_counts(const gpu_moe_t *self);
  * gpu_moe_phase_name(i) names it; "between" is whatever the caller enqueued between the
  * forward and the backward; "sort_gather" ends before the host waits for the counts, so that
  * wait and the GEMM launches after it count in "gemm_w13". gpu_moe_phase_ms waits for the
- * last boundary and fills ms[GPU_MOE_NPHASES] for the last fwd + bwd pair; -1 when off. */
+ * last boundary and fills ms[GPU_MOE_NPHASES] for the last fwd + bwd pair; -1 when off. With
+ * an exchange in parts the experts run on another stream than the marks: the phases then time
+ * the exchange's share, not the expert GEMMs. */
 #define GPU_MOE_NPHASES 14
 void gpu_moe_set_phases(gpu_moe_t *self, int on);
 const char *gpu_moe_phase_name(int i);

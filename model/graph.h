@@ -45,7 +45,9 @@ typedef struct {
          * peers. part: 0, or which of the pieces a pass cut the layer's tokens into (so that \
          * the pieces' transfers overlap the experts' compute on others; parts of a layer go \
          * in order 0, 1, ..., each combined after its dispatch, and a part 0 starts the     \
-         * layer anew), < MODEL_EXCHANGE_MAX_PARTS. */                                      \
+         * layer anew), < MODEL_EXCHANGE_MAX_PARTS. recv NULL: the counts alone (a          \
+         * collective too): recv_counts filled, nothing moved, so that the caller can make    \
+         * room; the next call must be the same dispatch with recv, which moves the rows. */  \
         semoe_rc (*dispatch)(void *state, int layer, int part, int E, int D, const T *send,   \
                              const int32_t *send_counts, T *recv, int32_t *recv_counts,       \
                              int recv_cap);                                                    \

@@ -266,6 +266,10 @@ static semoe_rc s_validate(const model_job_t *j, const char *origin)
     if (j->train.a2a_chunks < 1 || j->train.a2a_chunks > MODEL_EXCHANGE_MAX_PARTS)
         return model_spec_err_u64(w, "a2a_chunks", j->train.a2a_chunks,
                                   "must be 1 to 16 (chunks of an MoE layer's tokens)");
+    /* every rank's micro-batch has a sequence at least: then every rank cuts as many chunks */
+    if (j->train.a2a_chunks > j->train.seq_len)
+        return model_spec_err_u64(w, "a2a_chunks", j->train.a2a_chunks,
+                                  "must be <= train.seq_len (chunks of a micro-batch's tokens)");
     if (!(j->train.weight_decay >= 0))
         return model_spec_err_f64(w, "weight_decay", j->train.weight_decay, "must be >= 0");
     if (!(j->train.beta1 >= 0 && j->train.beta1 < 1))

@@ -36,7 +36,7 @@ typedef struct {
         char precision[8];
         /* bf16 with experts split over workers: each MoE layer's tokens in this many chunks,
          * one chunk's all-to-all beside another's expert GEMMs (Tutel's overlap); 1 (the
-         * default): the whole layer at once. 1..16 */
+         * default): the whole layer at once. 1..16, at most seq_len */
         uint32_t a2a_chunks;
         /* the data plane: "zmq" (the default: the dense gradients' all-reduce and the expert
          * rows' all-to-all over the workers' ZeroMQ peer sockets, staged through the host on

@@ -251,9 +251,10 @@ static semoe_rc s_reduce_sumsq(void *arg, double dense, double expert, double *g
 }
 
 /* A layer's rows in parts, several dispatched before the first comes back (the bf16 pass's
- * overlap: dispatch 0, dispatch 1, combine 0, dispatch 2, combine 1, combine 2): each part's
- * rows reach the experts' holders and return bit for bit through their own part's combine, and
- * what the holders received adds up over the parts. The counts and values depend on rank, part
+ * overlap: dispatch 0, dispatch 1, combine 0, dispatch 2, combine 1, combine 2), parts 1 and 2
+ * announcing their counts first (a dispatch with recv NULL): each part's rows reach the
+ * experts' holders and return bit for bit through their own part's combine, the counts
+ * announced are those delivered, and what the holders received adds up over the parts. The counts and values depend on rank, part
  * and expert, so that a part combined with another's records would show. */
 static void s_check_parts(const s_ref_t *ref, uint32_t r, const model_exchange_f32 *ex,
                           worker_exchange_t *x)
@@ -283,6 +284,13 @@ static void s_check_parts(const s_ref_t *ref, uint32_t r, const model_exchange_f
     for (int step = 0; step < 2 * P && rc0 == SEMOE_OK; step++) {
         int p = order[step].part;
         bool disp = order[step].disp;
+        int32_t ann[64];
+        if (disp && p > 0) { /* the counts announced first (recv NULL), then the rows */
+            rc0 = ex->dispatch(ex->state, l, p, E, D, send[p], sc[p], NULL, ann, 0);
+            TCHECK(rc0 == SEMOE_OK, "rank %u: part %d's counts: %s", r, p, semoe_err_msg());
+            if (rc0 != SEMOE_OK)
+                break;
+        }
         if (disp)
             rc0 = ex->dispatch(ex->state, l, p, E, D, send[p], sc[p], recv[p], rc[p], cap);
         else
@@ -290,8 +298,11 @@ static void s_check_parts(const s_ref_t *ref, uint32_t r, const model_exchange_f
         TCHECK(rc0 == SEMOE_OK, "rank %u: part %d %s: %s", r, p, disp ? "dispatch" : "combine",
                semoe_err_msg());
         if (disp)
-            for (int e = 0; e < E; e++)
+            for (int e = 0; e < E; e++) {
                 got[e] += rc[p][e];
+                TCHECK(p == 0 || rc0 != SEMOE_OK || ann[e] == rc[p][e], "rank %u: part %d "
+                       "expert %d: %d rows announced, %d delivered", r, p, e, ann[e], rc[p][e]);
+            }
     }
     for (int p = 0; p < P && rc0 == SEMOE_OK; p++)
         TCHECK(memcmp(send[p], back[p], (size_t)n[p] * D * sizeof(float)) == 0,

@@ -3,7 +3,8 @@
  *   (0) train.precision bf16 (the bf16 graph, its MoE layers' rows through the exchange in 2
  *       chunks, train.a2a_chunks) with the experts split between 2 workers that share cuda:0,
  *       over ZeroMQ, gives the losses, eval losses and grad norms of 1 worker (every expert)
- *       within 1e-2 (the bf16 bound), every step, and rows did travel between them;
+ *       within 1e-3 (the issue's bf16 bound is 1e-2), every step, and rows did travel between
+ *       them;
  *   (5) as (0) with checkpoints every 5 steps for 100 steps, one worker killed (kill -9)
  *       mid-run: the survivor rewinds to the last checkpoint and trains on alone (every expert),
  *       a worker that joins on cuda:0 gets its experts back (split again, a world of 2); every
@@ -22,7 +23,7 @@
  *   (3) (0) with the 2 workers on cuda:0 and cuda:1 over NCCL;
  *   (4) bf16 on 2 GPUs over NCCL with every expert on both (elastic.min_replicas 2: data
  *       parallel, the replicas' gradient sums started layer by layer during backward) against
- *       (0)'s reference, within 1e-2.
+ *       (0)'s reference, within 1e-3.
  * Every worker of an NCCL run must say that its NCCL communicator came up. */
 #include <inttypes.h>
 #include <limits.h>
@@ -46,7 +47,8 @@
                      * drift (below) stays far inside the bound */
 #define S_EVAL 5
 #define S_TOL 1e-5
-#define S_TOL_BF16 1e-2
+#define S_TOL_BF16 1e-3      /* 20 steps of bf16 runs: (0) measured 1.6e-5 */
+#define S_TOL_BF16_LONG 1e-2 /* 100 steps: bf16 runs drift apart (s_against) */
 #define S_RUN_MS 180000   /* a whole run */
 #define S_STEP_MS 120000  /* until a step or a generation shows */
 #define S_EXIT_MS 20000
@@ -279,7 +281,7 @@ int main(void)
     CHECK(lok, "the long bf16 reference run failed");
     long_1gpu.ckpt_interval = 5;
     if (lok && s_start(&bel, "crash-bf16-1gpu", 2, long_1gpu))
-        s_crash(&bel, &blong, S_MID, "cuda:0", S_TOL_BF16, S_STEPS);
+        s_crash(&bel, &blong, S_MID, "cuda:0", S_TOL_BF16_LONG, S_STEPS);
 
     if (n < 2) {
         printf("gpu_ep: (1)-(4) skipped: %d CUDA device, they need 2\n", n);

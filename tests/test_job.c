@@ -368,6 +368,7 @@ static const struct {
     {"bad_collectives.json", "train.collectives=\"mpi\":", "\"zmq\" or \"nccl\""},
     {"a2a_chunks_0.json", "train.a2a_chunks=0:", "1 to 16"},
     {"a2a_chunks_17.json", "train.a2a_chunks=17:", "1 to 16"},
+    {"a2a_chunks_gt_seq.json", "train.a2a_chunks=8:", "<= train.seq_len"},
     {"duplicate_key.json", "train.steps:", "given twice"},
     {"not_object.json", "not_object.json: must be one JSON object", "not an array"},
     {"section_not_object.json", "train=[...]:", "must be an object"},

@@ -52,6 +52,10 @@ struct worker_exchange {
     int32_t *pcnt, *psent, *pto, *pstage; /* (P, L, record) */
     uint8_t *pdone;   /* (P, L) whether the part's dispatch stored its records */
     int *nparts;      /* (L) parts dispatched since the layer's last part 0 */
+    /* a dispatch's counts announced on their own (recv NULL) on the direct path: the rows'
+     * call for the same (layer, part) skips the counts' exchange */
+    bool pend;
+    int pend_layer, pend_part;
 #if SEMOE_HAVE_CUDA
     gpu_nccl_t *nccl; /* not owned: the xfer's, and the replicas' sums */
     float *zero;      /* device zeros standing in for replicated tensors not held here */
@@ -673,15 +677,14 @@ semoe_rc worker_exchange_set_hosts(worker_exchange_t *x, const int *host)
  * send, x->to (this layer's) how they split over the ranks. The counts go over ZeroMQ and are
  * checked as s_header checks the host messages; then each (rank, expert) chunk goes device to
  * device, laid out as s_dispatch lays the host rows out: by expert, then by sender. */
-static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int D, const float *send,
-                                const int32_t *send_counts, const size_t *start, float *recv,
-                                int32_t *recv_counts, int recv_cap)
+/* The direct path's counts: to rank r my rows of each expert for r (in two hops, to a rank r
+ * of my host also those for each other host's rank of r's index, which r passes on), over the
+ * comm; the layer's cnt (and stage) records filled and checked, *total the rows arriving. */
+static semoe_rc s_direct_counts(worker_exchange_t *x, int layer, int64_t *total_out)
 {
     int W = x->W, E = x->E;
-    size_t base = (size_t)layer * E, hb = (size_t)E * sizeof(int32_t), rowb = (size_t)D * 4;
+    size_t base = (size_t)layer * E, hb = (size_t)E * sizeof(int32_t);
     const int32_t *to = x->to + base * W;
-    /* to rank r: my rows of each expert for r; in two hops, to a rank r of my host also those
-     * for each other host's rank of r's index, which r passes on */
     const int H = x->H, me = x->me;
     size_t mb = H ? (size_t)H * hb : hb, off = 0;
     x->smsg = s_reserve(x->smsg, &x->smsg_cap, (size_t)W * mb);
@@ -724,6 +727,46 @@ static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int D, const 
             total += c;
         }
     }
+    *total_out = total;
+    return SEMOE_OK;
+}
+
+/* The layer's recv_counts from its cnt record. */
+static void s_recv_counts(const worker_exchange_t *x, int layer, int32_t *recv_counts)
+{
+    const int32_t *cnt = x->cnt + (size_t)layer * x->W * x->E;
+    for (int e = 0; e < x->E; e++) {
+        recv_counts[e] = 0;
+        for (int s = 0; s < x->W; s++)
+            recv_counts[e] += cnt[(size_t)s * x->E + e];
+    }
+}
+
+static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int part, int D,
+                                  const float *send, const int32_t *send_counts,
+                                  const size_t *start, float *recv, int32_t *recv_counts,
+                                  int recv_cap)
+{
+    int W = x->W, E = x->E;
+    size_t base = (size_t)layer * E, hb = (size_t)E * sizeof(int32_t), rowb = (size_t)D * 4;
+    const int32_t *to = x->to + base * W;
+    const int H = x->H, me = x->me;
+    int64_t total = 0;
+    bool counted = x->pend && x->pend_layer == layer && x->pend_part == part;
+    x->pend = false;
+    if (counted) {
+        s_recv_counts(x, layer, recv_counts);
+        for (int e = 0; e < E; e++)
+            total += recv_counts[e];
+    } else {
+        SEMOE_CHECK(s_direct_counts(x, layer, &total));
+    }
+    if (!recv) { /* the counts alone: the rows follow in the next call */
+        s_recv_counts(x, layer, recv_counts);
+        x->pend = true, x->pend_layer = layer, x->pend_part = part;
+        return SEMOE_OK;
+    }
+    const int32_t *cnt = x->cnt + (size_t)layer * W * E;
     if (total > recv_cap)
         return semoe_err(SEMOE_EINVAL, "exchange dispatch: layer %d: %lld rows arrive, the "
                          "receive capacity is %d: allocate the activations with expert_rows "
@@ -811,7 +854,40 @@ static semoe_rc s_combine_direct(worker_exchange_t *x, int layer, int D, const f
 }
 
 
-static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *send,
+/* The host path's counts alone (a dispatch with recv NULL): each rank's rows per expert for
+ * every other, over the comm; recv_counts the sums, checked against the placement. */
+static semoe_rc s_host_counts(worker_exchange_t *x, int layer, const int32_t *to,
+                              int32_t *recv_counts)
+{
+    int W = x->W, E = x->E;
+    size_t base = (size_t)layer * E, hb = (size_t)E * sizeof(int32_t);
+    x->smsg = s_reserve(x->smsg, &x->smsg_cap, (size_t)W * hb);
+    for (int r = 0; r < W; r++) {
+        int32_t *hdr = (int32_t *)(x->smsg + (size_t)r * hb);
+        for (int e = 0; e < E; e++)
+            hdr[e] = to[(size_t)e * W + r];
+        x->sbytes[r] = hb;
+    }
+    SEMOE_CHECK(s_alltoallv(x, (size_t)W * hb));
+    for (int e = 0; e < E; e++)
+        recv_counts[e] = 0;
+    for (int s = 0; s < W; s++) {
+        if (x->rbytes[s] != hb)
+            return semoe_err(SEMOE_EPROTO, "exchange dispatch: layer %d: %zu bytes of counts "
+                             "from rank %d, want %zu", layer, x->rbytes[s], s, hb);
+        const int32_t *c = (const int32_t *)(x->rmsg + (size_t)s * hb);
+        for (int e = 0; e < E; e++) {
+            if (c[e] < 0 || (c[e] > 0 && !x->mine[base + e]))
+                return semoe_err(SEMOE_EPROTO, "exchange dispatch: layer %d: rank %d announces "
+                                 "%d rows of expert %d (held here: %s)", layer, s, c[e], e,
+                                 x->mine[base + e] ? "yes" : "no");
+            recv_counts[e] += c[e];
+        }
+    }
+    return SEMOE_OK;
+}
+
+static semoe_rc s_dispatch(void *state, int layer, int part, int E, int D, const float *send,
                            const int32_t *send_counts, float *recv, int32_t *recv_counts,
                            int recv_cap)
 {
@@ -829,8 +905,10 @@ static semoe_rc s_dispatch(void *state, int layer, int E, int D, const float *se
         s_split(x, base + e, send_counts[e], to + (size_t)e * W);
     }
     if (x->xfer.run)
-        return s_dispatch_direct(x, layer, D, send, send_counts, start, recv, recv_counts,
+        return s_dispatch_direct(x, layer, part, D, send, send_counts, start, recv, recv_counts,
                                  recv_cap);
+    if (!recv) /* the counts alone; the rows' message carries them again */
+        return s_host_counts(x, layer, to, recv_counts);
     x->rows = s_reserve(x->rows, &x->rows_cap, n * rowb);
     x->be->to_host(x->rows, send, n * rowb);
 
@@ -1058,8 +1136,10 @@ static semoe_rc s_dispatch_part(void *state, int layer, int part, int E, int D,
     if (part < 0 || part >= MODEL_EXCHANGE_MAX_PARTS)
         return semoe_err(SEMOE_EINVAL, "exchange dispatch: part %d: need 0..%d", part,
                          MODEL_EXCHANGE_MAX_PARTS - 1);
-    SEMOE_CHECK(s_dispatch(x, layer, E, D, send, send_counts, recv, recv_counts, recv_cap));
-    s_part_store(x, layer, part);
+    SEMOE_CHECK(s_dispatch(x, layer, part, E, D, send, send_counts, recv, recv_counts,
+                           recv_cap));
+    if (recv) /* the rows went: the part's records are complete */
+        s_part_store(x, layer, part);
     return SEMOE_OK;
 }
 
@@ -1182,6 +1262,12 @@ semoe_rc worker_exchange_sum_replicas_layer(worker_exchange_t *x, const model_pa
     return rc;
 }
 
+void worker_exchange_sum_replicas_cancel(worker_exchange_t *x)
+{
+    if (x->rstarted)
+        memset(x->rstarted, 0, (size_t)x->L * sizeof *x->rstarted);
+}
+
 /* worker_exchange_sum_replicas over NCCL, on the device: every replicated expert's tensors in
  * table order (but those of layers whose sums backward started already), in place where this rank holds them, zeros from a device scratch where it does
  * not. The tensors go in groups of at most S_SCRATCH_FLOATS (or one larger tensor), cut by their
@@ -1236,7 +1322,7 @@ static semoe_rc s_sum_replicas_nccl(worker_exchange_t *x, const model_params_t *
         gpu_nccl_join(x->nccl);
         if (rc == SEMOE_OK)
             rc = gpu_nccl_wait(x->nccl, x->timeout_ms);
-        memset(x->rstarted, 0, (size_t)x->L * sizeof *x->rstarted);
+        worker_exchange_sum_replicas_cancel(x);
     }
     x->traffic.seconds += (double)(clock_mono_us() - t0) / 1e6;
     free(bufs);

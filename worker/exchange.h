@@ -119,7 +119,8 @@ semoe_rc worker_exchange_sum_replicas(worker_exchange_t *x, const model_params_t
 #if SEMOE_HAVE_CUDA
 /* Over NCCL, during the step's last backward once layer `layer`'s expert gradients are final
  * (model_train_hooks_t's dense_ready): starts the all-reduce of that layer's replicated experts'
- * tensors in the background (the caller's stream does not wait), beside the rest of backward,
+ * tensors in the background (the caller's stream does not wait), beside the rest of backward
+ * (on the communicator's stream, before the transfers of later dispatches),
  * when the placement allows it on every rank (decided once per exchange from the placement: the
  * zeros standing in for tensors a rank does not hold fit 256 MiB; with every expert everywhere
  * they are none); else nothing. worker_exchange_sum_replicas then sums only the layers not
@@ -127,6 +128,9 @@ semoe_rc worker_exchange_sum_replicas(worker_exchange_t *x, const model_params_t
  * same order. */
 semoe_rc worker_exchange_sum_replicas_layer(worker_exchange_t *x, const model_params_t *p,
                                             float *grads, int layer);
+/* Forgets the layers whose sums this step started (a step that failed before
+ * worker_exchange_sum_replicas: its caller joined what they started). */
+void worker_exchange_sum_replicas_cancel(worker_exchange_t *x);
 #endif
 
 /* This rank's share of the global gradient norm's expert part: the sum of squares of the
@@ -136,7 +140,7 @@ double worker_exchange_expert_sumsq(const worker_exchange_t *x, const model_para
                                     const float *grads);
 
 /* Rows of expert j of layer l this rank received from every rank in the layer's last
- * dispatch (0 for experts held elsewhere, or before any dispatch); for tests and metrics. */
+ * dispatch (summed over its parts) (0 for experts held elsewhere, or before any dispatch); for tests and metrics. */
 int64_t worker_exchange_received(const worker_exchange_t *self, int layer, int j);
 
 #endif

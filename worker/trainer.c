@@ -337,6 +337,8 @@ static semoe_rc s_reduce_grads(void *arg, float *grads, size_t n)
             gpu_nccl_join(self->nccl);
         if (rc == SEMOE_OK)
             rc = gpu_nccl_wait(self->nccl, S_COMM_TIMEOUT_MS);
+        if (rc != SEMOE_OK) /* the replicas' sums backward started: not to be skipped later */
+            worker_exchange_sum_replicas_cancel(self->ex);
         memset(self->dense_sent, 0, (size_t)self->n_dense * sizeof *self->dense_sent);
         self->bg_rc = SEMOE_OK;
         self->t_reduce += (double)(clock_mono_us() - t0) / 1e6;
@@ -622,6 +624,11 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
     bool ep = !pass;
     for (uint32_t e = 0; e < p->num_layers * p->num_experts && !ep; e++)
         ep = p->holder_off[e + 1] - p->holder_off[e] < p->world;
+    /* the pass grows its room for the rows as a step needs: it starts with twice a balanced
+     * rank's (the fp32 graph's is fixed: every row that may arrive) */
+    int64_t room = 2 * (int64_t)per_micro * job->train.seq_len * cfg->num_experts_per_tok;
+    if (pass && room < rows)
+        rows = room;
     if (rc == SEMOE_OK && ep)
         rc = model_train_set_expert_rows(tr, (int)rows);
     worker_migrate_result_t res = {0};
