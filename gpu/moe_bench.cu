@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef __nv_bfloat16 bf16;
 
@@ -146,4 +147,121 @@ extern "C" double gpu_moe_dense_tflops(int n, int warm, int iters)
     gpu_free((void *)g.b);
     gpu_free(g.c);
     return ms > 0 ? 2.0 * (double)n * n * n / (ms * 1e9) : 0.0;
+}
+
+/* ---------------------------------------------------------------------- the emulated link */
+
+struct gpu_moe_link {
+    int E, d;
+    double ns_per_byte; /* remote / gbps, in ns per byte of rows; 0: the copies alone */
+    cudaStream_t st;
+    cudaEvent_t ready, t0, t1;
+    double busy_ms;
+};
+
+/* Spins one block for ns nanoseconds of the GPU's global timer. */
+__global__ void s_spin_kernel(unsigned long long ns)
+{
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+
+/* One transfer: after the caller's stream's work so far, on the link's stream, the copy and
+ * the spin; the caller's stream waits for it, and so does the host (as the NCCL path does). */
+static void s_link_move(gpu_moe_link_t *l, void *dst, const void *src, size_t bytes)
+{
+    cudaStream_t main = gpu_stream();
+    GPU_CHECK(cudaEventRecord(l->ready, main));
+    GPU_CHECK(cudaStreamWaitEvent(l->st, l->ready, 0));
+    GPU_CHECK(cudaEventRecord(l->t0, l->st));
+    if (bytes)
+        GPU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, l->st));
+    if (l->ns_per_byte > 0 && bytes) {
+        s_spin_kernel<<<1, 32, 0, l->st>>>((unsigned long long)(l->ns_per_byte * bytes));
+        GPU_CHECK_LAUNCH();
+    }
+    GPU_CHECK(cudaEventRecord(l->t1, l->st));
+    GPU_CHECK(cudaStreamWaitEvent(main, l->t1, 0));
+    GPU_CHECK(cudaEventSynchronize(l->t1));
+    float ms = 0.0f;
+    GPU_CHECK(cudaEventElapsedTime(&ms, l->t0, l->t1));
+    l->busy_ms += ms;
+}
+
+static int s_link_rows(const gpu_moe_link_t *l, const int32_t *c)
+{
+    int n = 0;
+    for (int e = 0; e < l->E; e++)
+        n += c[e];
+    return n;
+}
+
+static semoe_rc s_link_dispatch(void *state, int part, const uint16_t *send,
+                                const int32_t *send_counts, uint16_t *recv, int32_t *recv_counts,
+                                int recv_cap)
+{
+    (void)part;
+    gpu_moe_link_t *l = (gpu_moe_link_t *)state;
+    memcpy(recv_counts, send_counts, (size_t)l->E * sizeof(int32_t));
+    if (!recv)
+        return SEMOE_OK;
+    int n = s_link_rows(l, send_counts);
+    if (n > recv_cap)
+        return semoe_err(SEMOE_EINVAL, "link: %d rows, room for %d", n, recv_cap);
+    s_link_move(l, recv, send, (size_t)n * l->d * 2);
+    return SEMOE_OK;
+}
+
+static semoe_rc s_link_combine(void *state, int part, const uint16_t *send,
+                               const int32_t *send_counts, uint16_t *recv,
+                               const int32_t *recv_counts)
+{
+    (void)part, (void)recv_counts;
+    gpu_moe_link_t *l = (gpu_moe_link_t *)state;
+    s_link_move(l, recv, send, (size_t)s_link_rows(l, send_counts) * l->d * 2);
+    return SEMOE_OK;
+}
+
+extern "C" gpu_moe_link_t *gpu_moe_link_new(int E, int d, double gbps, double remote)
+{
+    gpu_moe_link_t *l = (gpu_moe_link_t *)calloc(1, sizeof *l);
+    if (!l)
+        abort();
+    l->E = E, l->d = d;
+    l->ns_per_byte = gbps > 0 ? remote / gbps : 0.0;
+    GPU_CHECK(cudaStreamCreateWithFlags(&l->st, cudaStreamNonBlocking));
+    GPU_CHECK(cudaEventCreateWithFlags(&l->ready, cudaEventDisableTiming));
+    GPU_CHECK(cudaEventCreate(&l->t0));
+    GPU_CHECK(cudaEventCreate(&l->t1));
+    return l;
+}
+
+extern "C" void gpu_moe_link_destroy(gpu_moe_link_t **l_p)
+{
+    if (!l_p || !*l_p)
+        return;
+    gpu_moe_link_t *l = *l_p;
+    GPU_CHECK(cudaStreamSynchronize(l->st));
+    cudaEventDestroy(l->ready);
+    cudaEventDestroy(l->t0);
+    cudaEventDestroy(l->t1);
+    cudaStreamDestroy(l->st);
+    free(l);
+    *l_p = NULL;
+}
+
+extern "C" gpu_moe_exchange_t gpu_moe_link_exchange(gpu_moe_link_t *l, int parts)
+{
+    gpu_moe_exchange_t x = {l, parts, s_link_dispatch, s_link_combine};
+    return x;
+}
+
+extern "C" double gpu_moe_link_take_ms(gpu_moe_link_t *l)
+{
+    double ms = l->busy_ms;
+    l->busy_ms = 0.0;
+    return ms;
 }
