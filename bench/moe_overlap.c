@@ -13,6 +13,8 @@
  *   comm     the link's busy time per step at --gbps less that with the copies alone (the
  *            emulated transfers' own time);
  *   hidden   1 - (t_link - t_copy) / comm: the share of it the schedule hides.
+ * --no-host-wait: the host does not wait for each transfer (the streams alone order them),
+ * what the NCCL path would gain by bounding its waits per layer instead of per transfer.
  * Not a network: the schedule's overlap, measured; the issue's hidden share over NCCL needs two
  * GPUs (bench/gpu-nccl.sh). JSON lines to --json. */
 #include <stdio.h>
@@ -74,7 +76,7 @@ int main(int argc, char **argv)
 {
     const char *json = NULL, *only = "all";
     double gbps = 331.0, remote = 0.5;
-    int warm = 2, iters = 7;
+    int warm = 2, iters = 7, host_wait = 1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc)
             json = argv[++i];
@@ -84,9 +86,12 @@ int main(int argc, char **argv)
             gbps = atof(argv[++i]);
         else if (!strcmp(argv[i], "--remote") && i + 1 < argc)
             remote = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--no-host-wait"))
+            host_wait = 0;
         else {
             fprintf(stderr, "usage: bench_moe_overlap [--json FILE] [--shapes "
-                            "all|mixtral|deepseek|small] [--gbps 331] [--remote 0.5]\n");
+                            "all|mixtral|deepseek|small] [--gbps 331] [--remote 0.5] "
+                            "[--no-host-wait]\n");
             return 2;
         }
     }
@@ -131,23 +136,23 @@ int main(int argc, char **argv)
         c.gr = (gpu_moe_grads_t){.fp32 = 1, .dwg = dwg, .dw1 = c.p1, .dw3 = c.p3, .dw2 = c.p2};
         double t_local = s_time(&c, NULL, NULL, warm, iters, NULL);
         for (int parts = 1; parts <= 4; parts *= 2) {
-            gpu_moe_link_t *l0 = gpu_moe_link_new(s->E, s->d, 0.0, remote);
-            gpu_moe_link_t *lb = gpu_moe_link_new(s->E, s->d, gbps, remote);
+            gpu_moe_link_t *l0 = gpu_moe_link_new(s->E, s->d, 0.0, remote, host_wait);
+            gpu_moe_link_t *lb = gpu_moe_link_new(s->E, s->d, gbps, remote, host_wait);
             gpu_moe_exchange_t x0 = gpu_moe_link_exchange(l0, parts);
             gpu_moe_exchange_t xb = gpu_moe_link_exchange(lb, parts);
             double b0 = 0, bb = 0;
             double t_copy = s_time(&c, &x0, l0, warm, iters, &b0);
             double t_link = s_time(&c, &xb, lb, warm, iters, &bb);
             double comm = bb - b0, hidden = comm > 0 ? 1.0 - (t_link - t_copy) / comm : 0.0;
-            printf("| %s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f |\n", s->name, parts,
-                   t_local, t_copy, t_link, comm, hidden, t_link / t_local);
+            printf("| %s%s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f |\n", s->name,
+                   host_wait ? "" : " (no host wait)", parts, t_local, t_copy, t_link, comm, hidden, t_link / t_local);
             if (jf)
                 fprintf(jf, "{\"shape\": \"%s\", \"T\": %d, \"d\": %d, \"f\": %d, \"E\": %d, "
                             "\"k\": %d, \"parts\": %d, \"gbps\": %g, \"remote\": %g, "
                             "\"t_local_ms\": %.3f, \"t_copy_ms\": %.3f, \"t_link_ms\": %.3f, "
-                            "\"comm_ms\": %.3f, \"hidden\": %.4f}\n",
+                            "\"comm_ms\": %.3f, \"hidden\": %.4f, \"host_wait\": %d}\n",
                         s->name, s->T, s->d, s->f, s->E, s->k, parts, gbps, remote, t_local,
-                        t_copy, t_link, comm, hidden);
+                        t_copy, t_link, comm, hidden, host_wait);
             gpu_moe_link_destroy(&l0);
             gpu_moe_link_destroy(&lb);
         }

@@ -151,12 +151,15 @@ extern "C" double gpu_moe_dense_tflops(int n, int warm, int iters)
 
 /* ---------------------------------------------------------------------- the emulated link */
 
+#define S_LINK_MARKS 1024 /* transfers timed between two takes */
+
 struct gpu_moe_link {
     int E, d;
     double ns_per_byte; /* remote / gbps, in ns per byte of rows; 0: the copies alone */
+    int host_wait;      /* the host waits for each transfer (else the streams alone order) */
     cudaStream_t st;
-    cudaEvent_t ready, t0, t1;
-    double busy_ms;
+    cudaEvent_t ready, t0[S_LINK_MARKS], t1[S_LINK_MARKS];
+    int n;              /* transfers since the last take */
 };
 
 /* Spins one block for ns nanoseconds of the GPU's global timer. */
@@ -174,21 +177,20 @@ __global__ void s_spin_kernel(unsigned long long ns)
 static void s_link_move(gpu_moe_link_t *l, void *dst, const void *src, size_t bytes)
 {
     cudaStream_t main = gpu_stream();
+    int i = l->n < S_LINK_MARKS ? l->n++ : S_LINK_MARKS - 1;
     GPU_CHECK(cudaEventRecord(l->ready, main));
     GPU_CHECK(cudaStreamWaitEvent(l->st, l->ready, 0));
-    GPU_CHECK(cudaEventRecord(l->t0, l->st));
+    GPU_CHECK(cudaEventRecord(l->t0[i], l->st));
     if (bytes)
         GPU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, l->st));
     if (l->ns_per_byte > 0 && bytes) {
         s_spin_kernel<<<1, 32, 0, l->st>>>((unsigned long long)(l->ns_per_byte * bytes));
         GPU_CHECK_LAUNCH();
     }
-    GPU_CHECK(cudaEventRecord(l->t1, l->st));
-    GPU_CHECK(cudaStreamWaitEvent(main, l->t1, 0));
-    GPU_CHECK(cudaEventSynchronize(l->t1));
-    float ms = 0.0f;
-    GPU_CHECK(cudaEventElapsedTime(&ms, l->t0, l->t1));
-    l->busy_ms += ms;
+    GPU_CHECK(cudaEventRecord(l->t1[i], l->st));
+    GPU_CHECK(cudaStreamWaitEvent(main, l->t1[i], 0));
+    if (l->host_wait)
+        GPU_CHECK(cudaEventSynchronize(l->t1[i]));
 }
 
 static int s_link_rows(const gpu_moe_link_t *l, const int32_t *c)
@@ -225,17 +227,20 @@ static semoe_rc s_link_combine(void *state, int part, const uint16_t *send,
     return SEMOE_OK;
 }
 
-extern "C" gpu_moe_link_t *gpu_moe_link_new(int E, int d, double gbps, double remote)
+extern "C" gpu_moe_link_t *gpu_moe_link_new(int E, int d, double gbps, double remote,
+                                            int host_wait)
 {
     gpu_moe_link_t *l = (gpu_moe_link_t *)calloc(1, sizeof *l);
     if (!l)
         abort();
-    l->E = E, l->d = d;
+    l->E = E, l->d = d, l->host_wait = host_wait;
     l->ns_per_byte = gbps > 0 ? remote / gbps : 0.0;
     GPU_CHECK(cudaStreamCreateWithFlags(&l->st, cudaStreamNonBlocking));
     GPU_CHECK(cudaEventCreateWithFlags(&l->ready, cudaEventDisableTiming));
-    GPU_CHECK(cudaEventCreate(&l->t0));
-    GPU_CHECK(cudaEventCreate(&l->t1));
+    for (int i = 0; i < S_LINK_MARKS; i++) {
+        GPU_CHECK(cudaEventCreate(&l->t0[i]));
+        GPU_CHECK(cudaEventCreate(&l->t1[i]));
+    }
     return l;
 }
 
@@ -246,8 +251,10 @@ extern "C" void gpu_moe_link_destroy(gpu_moe_link_t **l_p)
     gpu_moe_link_t *l = *l_p;
     GPU_CHECK(cudaStreamSynchronize(l->st));
     cudaEventDestroy(l->ready);
-    cudaEventDestroy(l->t0);
-    cudaEventDestroy(l->t1);
+    for (int i = 0; i < S_LINK_MARKS; i++) {
+        cudaEventDestroy(l->t0[i]);
+        cudaEventDestroy(l->t1[i]);
+    }
     cudaStreamDestroy(l->st);
     free(l);
     *l_p = NULL;
@@ -261,7 +268,13 @@ extern "C" gpu_moe_exchange_t gpu_moe_link_exchange(gpu_moe_link_t *l, int parts
 
 extern "C" double gpu_moe_link_take_ms(gpu_moe_link_t *l)
 {
-    double ms = l->busy_ms;
-    l->busy_ms = 0.0;
+    GPU_CHECK(cudaStreamSynchronize(l->st));
+    double ms = 0.0;
+    for (int i = 0; i < l->n; i++) {
+        float t = 0.0f;
+        GPU_CHECK(cudaEventElapsedTime(&t, l->t0[i], l->t1[i]));
+        ms += t;
+    }
+    l->n = 0;
     return ms;
 }

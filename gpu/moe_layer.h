@@ -206,13 +206,15 @@ void gpu_moe_sync(void);
  * whose dispatch and combine copy the rows to where they go on a stream of the link's own,
  * after the caller's stream's work so far, and keep that stream busy for bytes x remote / gbps
  * (one block spinning on the GPU's global timer: the time the remote share of the rows would
- * take at gbps GB/s; gbps <= 0: the copies alone); the caller's stream and the host wait for
- * each transfer, as the NCCL path's do. Not a network: a schedule's overlap, measured. */
+ * take at gbps GB/s; gbps <= 0: the copies alone); the caller's stream waits for each transfer,
+ * and with host_wait so does the host (as the NCCL path's does). Not a network: a schedule's
+ * overlap, measured. */
 typedef struct gpu_moe_link gpu_moe_link_t;
-gpu_moe_link_t *gpu_moe_link_new(int E, int d, double gbps, double remote);
+gpu_moe_link_t *gpu_moe_link_new(int E, int d, double gbps, double remote, int host_wait);
 void gpu_moe_link_destroy(gpu_moe_link_t **l_p);
 gpu_moe_exchange_t gpu_moe_link_exchange(gpu_moe_link_t *l, int parts);
-/* Milliseconds the link's stream spent on transfers since the last take (CUDA events). */
+/* Milliseconds the link's stream spent on transfers since the last take (CUDA events; the
+ * first 1024 transfers). */
 double gpu_moe_link_take_ms(gpu_moe_link_t *l);
 
 #ifdef __cplusplus
