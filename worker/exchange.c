@@ -52,10 +52,9 @@ struct worker_exchange {
     int32_t *pcnt, *psent, *pto, *pstage; /* (P, L, record) */
     uint8_t *pdone;   /* (P, L) whether the part's dispatch stored its records */
     int *nparts;      /* (L) parts dispatched since the layer's last part 0 */
-    /* a dispatch's counts announced on their own (recv NULL) on the direct path: the rows'
-     * call for the same (layer, part) skips the counts' exchange */
-    bool pend;
-    int pend_layer, pend_part;
+    /* (P, L) on the direct path, a part whose counts a dispatch with recv NULL announced (its
+     * records kept): the rows' call for it skips the counts' exchange */
+    uint8_t *announced;
 #if SEMOE_HAVE_CUDA
     gpu_nccl_t *nccl; /* not owned: the xfer's, and the replicas' sums */
     float *zero;      /* device zeros standing in for replicated tensors not held here */
@@ -139,6 +138,7 @@ void worker_exchange_destroy(worker_exchange_t **self_p)
     free(x->hold);
     free(x->mine);
     free(x->pcnt), free(x->psent), free(x->pto), free(x->pstage), free(x->pdone);
+    free(x->announced);
     free(x->nparts);
     free(x->cnt);
     free(x->to);
@@ -225,6 +225,8 @@ static void s_parts_reserve(worker_exchange_t *x, int part)
     }
     x->pdone = semoe_xrealloc(x->pdone, P * L + 1);
     memset(x->pdone + old * L, 0, (P - old) * L);
+    x->announced = semoe_xrealloc(x->announced, P * L + 1);
+    memset(x->announced + old * L, 0, (P - old) * L);
     x->P = (int)P;
 }
 
@@ -273,8 +275,9 @@ static semoe_rc s_part_load(worker_exchange_t *x, int layer, int part)
 static void s_parts_reset(worker_exchange_t *x)
 {
     free(x->pcnt), free(x->psent), free(x->pto), free(x->pstage), free(x->pdone);
+    free(x->announced);
     x->pcnt = x->psent = x->pto = x->pstage = NULL;
-    x->pdone = NULL;
+    x->pdone = x->announced = NULL;
     x->P = 0;
     memset(x->nparts, 0, (size_t)x->L * sizeof(int));
 }
@@ -752,18 +755,24 @@ static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int part, int
     const int32_t *to = x->to + base * W;
     const int H = x->H, me = x->me;
     int64_t total = 0;
-    bool counted = x->pend && x->pend_layer == layer && x->pend_part == part;
-    x->pend = false;
-    if (counted) {
+    size_t rec = (size_t)part * x->L + (size_t)layer;
+    bool counted = part < x->P && x->announced[rec];
+    if (counted) { /* its records back in place */
+        s_part_copy(x, layer, part, false);
+        x->announced[rec] = 0;
         s_recv_counts(x, layer, recv_counts);
         for (int e = 0; e < E; e++)
             total += recv_counts[e];
     } else {
         SEMOE_CHECK(s_direct_counts(x, layer, &total));
     }
-    if (!recv) { /* the counts alone: the rows follow in the next call */
+    if (!recv) { /* the counts alone, kept with the part's records until its rows go */
         s_recv_counts(x, layer, recv_counts);
-        x->pend = true, x->pend_layer = layer, x->pend_part = part;
+        s_parts_reserve(x, part);
+        for (int p = 0; part == 0 && p < x->P; p++) /* a new series: none announced before */
+            x->announced[(size_t)p * x->L + (size_t)layer] = 0;
+        s_part_copy(x, layer, part, true);
+        x->announced[rec] = 1;
         return SEMOE_OK;
     }
     const int32_t *cnt = x->cnt + (size_t)layer * W * E;
