@@ -167,6 +167,30 @@ __global__ void s_place_kernel(int32_t *pos, int32_t *rowtok, const int32_t *idx
     }
 }
 
+/* Rows between a part's own layout (grouped by expert: expert e's rows at coff[e] .. coff[e+1])
+ * and the expert-major layout (that part's rows of e at moff[e] on): to_major scatters,
+ * dst[moff[e] + i - coff[e]] = src[i]; else gathers, dst[i] = src[moff[e] + i - coff[e]]. A
+ * block per row i of the part; tab is coff (E + 1) then moff (E); 16-byte vectors. */
+__global__ void s_regroup_kernel(bf16 *dst, const bf16 *src, const int32_t *tab, int E, int d,
+                                 int to_major)
+{
+    int i = blockIdx.x;
+    const int32_t *coff = tab, *moff = tab + E + 1;
+    int lo = 0, hi = E - 1; /* the last expert whose rows start at or before i: i's */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (coff[mid] <= i)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    size_t major = (size_t)moff[lo] + (size_t)(i - coff[lo]);
+    const uint4 *s = (const uint4 *)(src + (to_major ? (size_t)i : major) * d);
+    uint4 *t = (uint4 *)(dst + (to_major ? major : (size_t)i) * d);
+    for (int c = threadIdx.x; c < d / S_VEC; c += blockDim.x)
+        t[c] = s[c];
+}
+
 /* h[r] = x[rowtok[r]]: a block per row, 16-byte vectors. */
 __global__ void s_gather_kernel(bf16 *h, const bf16 *x, const int32_t *rowtok, int d)
 {

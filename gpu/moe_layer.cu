@@ -59,7 +59,9 @@ typedef struct {
     int Rs;         // EP: the rows of xslab's buffers
     void *xslab;
     bf16 *gx;       // EP: (Rs, f)
+    bf16 *dgx;      // EP: (Rs, f) dg (g stays for the weight gradients)
     bf16 *dabx;     // EP: (Rs, 2f)
+    bf16 *stg;      // EP: (Rs, d) a part's rows in its own layout, on their way in or out
     bf16 *ye;       // EP: (Rs, d) the experts' outputs before combine
     bf16 *dye;      // EP: (Rs, d) dy for the rows received
     bf16 *dhe;      // EP: (Rs, d) dh of the rows received, before combine
@@ -103,18 +105,20 @@ struct gpu_moe {
     int32_t *hcounts; // (E) pinned host: rows routed per expert, every part
     int32_t *hcc;     // (S_MAX_PARTS, E) pinned host: per part
     /* The expert side: its input rows xe (h, or with EP the rows received, hr), Me of them;
-     * with EP part p's are rows [roff[p], roff[p + 1]), rcc[p] (host) and rcnt_d (device) per
-     * expert. */
+     * with EP expert-major over the parts (s_ep_layout): expert e's rows at eoff[e], part p's
+     * rcc[p] (host) per expert. */
     void *xslab;      // EP: hr and abx
     bf16 *hr;         // EP: (R, d)
     bf16 *abx;        // EP: (R, 2f)
     int32_t *rcc;     // EP: (S_MAX_PARTS, E) pinned host
-    int32_t *rcnt_d;  // EP: (S_MAX_PARTS, E) device
+    int eoff[S_MAX_E + 1];
+    int32_t *rt_h;    // EP: (S_MAX_PARTS, 2E + 1) pinned host: per part coff (E + 1), moff (E)
+    int32_t *rt_d;    // EP: the same on the device
     bf16 *xe;
     int Me;
     int P;                        /* parts of the last forward */
     int t0[S_MAX_PARTS + 1];      /* part p's tokens: [t0[p], t0[p + 1]) */
-    int roff[S_MAX_PARTS + 1];    /* EP: part p's received rows in hr */
+    int roff[S_MAX_PARTS + 1];    /* EP: rows received before part p (its own layout) */
     int phases;                 /* gpu_moe_set_phases: record pev at each phase boundary */
     cudaEvent_t pev[GPU_MOE_NPHASES + 1]; /* made on first enable; [0] fwd start */
     s_problem_t prob[S_NPROB];
@@ -375,9 +379,9 @@ static semoe_rc s_room(gpu_moe_t *m, int rows)
         m->R = rows;
     }
     if (rows > sc->Rs || !sc->xslab) {
-        bf16 **const sp[] = {&sc->gx, &sc->dabx, &sc->ye, &sc->dye, &sc->dhe};
-        const size_t sw[] = {f, 2 * f, d, d, d};
-        SEMOE_CHECK(s_regrow(&sc->xslab, 5, sp, sw, (size_t)rows,
+        bf16 **const sp[] = {&sc->gx, &sc->dgx, &sc->dabx, &sc->ye, &sc->dye, &sc->dhe, &sc->stg};
+        const size_t sw[] = {f, f, 2 * f, d, d, d, d};
+        SEMOE_CHECK(s_regrow(&sc->xslab, 7, sp, sw, (size_t)rows,
                              (size_t)(sc->xslab ? sc->Rs : 0)));
         sc->Rs = rows;
     }
@@ -399,20 +403,23 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
            E = (size_t)m->E;
     size_t sz[] = {TE * 4, TE * 4, M * 4,     M * 2,         M * 4,    M * 4,
                    S_MAX_PARTS * E * 4, M * d * 2, M * 2 * f * 2, M * d * 2,
-                   S_MAX_PARTS * E * 4};
+                   S_MAX_PARTS * (2 * E + 1) * 4};
     void **const ptrs[] = {(void **)&m->logits, (void **)&m->probs, (void **)&m->idx,
                            (void **)&m->wts,    (void **)&m->pos,   (void **)&m->rowtok,
                            (void **)&m->counts, (void **)&m->h,     (void **)&m->abl,
-                           (void **)&m->y,      (void **)&m->rcnt_d};
+                           (void **)&m->y,      (void **)&m->rt_d};
     m->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
     if (!m->slab) {
         free(m);
         return NULL;
     }
-    /* hcounts, hcc, then (EP) rcc */
-    GPU_CHECK(cudaMallocHost((void **)&m->hcounts, (1 + 2 * S_MAX_PARTS) * E * sizeof(int32_t)));
+    /* hcounts, hcc, then (EP) rcc and rt_h */
+    GPU_CHECK(cudaMallocHost((void **)&m->hcounts,
+                             ((1 + 2 * S_MAX_PARTS) * E + S_MAX_PARTS * (2 * E + 1)) *
+                                 sizeof(int32_t)));
     m->hcc = m->hcounts + E;
     m->rcc = m->hcc + S_MAX_PARTS * E;
+    m->rt_h = m->rcc + S_MAX_PARTS * E;
     m->xe = m->h, m->Me = m->M, m->P = 1;
     m->sc = sc ? sc : s_scratch_new(m);
     if (!m->sc) {
@@ -826,8 +833,8 @@ static void s_parts(gpu_moe_t *m, int parts)
 static s_view_t s_part_view(gpu_moe_t *m, int p)
 {
     s_scratch_t *sc = m->sc;
-    s_view_t v = {m->roff[p], m->roff[p + 1] - m->roff[p], m->rcc + (size_t)p * m->E,
-                  m->rcnt_d + (size_t)p * m->E, gpu_stream(), sc->blas};
+    s_view_t v = {m->roff[p], m->roff[p + 1] - m->roff[p], m->rcc + (size_t)p * m->E, NULL,
+                  gpu_stream(), sc->blas};
     if (m->P > 1) {
         GPU_CHECK(cudaEventRecord(sc->xfork, gpu_stream()));
         GPU_CHECK(cudaStreamWaitEvent(sc->xst, sc->xfork, 0));
@@ -875,53 +882,135 @@ static void s_active(gpu_moe_t *m, bool ep)
     m->xe = ep ? m->hr : m->h;
 }
 
-/* EP forward: per part, dispatch its rows, run its experts (on xst when in parts, beside the
- * next part's dispatch), and combine the previous part's outputs back once they are done. */
+/* ---------------------------------------------------------------------- expert parallelism */
+
+/* The layout of the rows received (EP): expert-major over the parts, so that one expert's rows
+ * of every part lie together (its weight gradients: one GEMM): expert e's at eoff[e], of them
+ * part p's at moff[p][e]. Part p arrives grouped by expert (expert e's at coff[p][e] of the
+ * part's rows) and is regrouped into place; its device table (coff then moff) drives that. */
+static void s_ep_layout(gpu_moe_t *m)
+{
+    const int E = m->E, P = m->P;
+    m->eoff[0] = 0;
+    for (int e = 0; e < E; e++) {
+        int n = 0;
+        for (int p = 0; p < P; p++)
+            n += m->rcc[(size_t)p * E + e];
+        m->eoff[e + 1] = m->eoff[e] + n;
+    }
+    for (int p = 0; p < P; p++) {
+        int32_t *coff = m->rt_h + (size_t)p * (2 * E + 1), *moff = coff + E + 1;
+        const int32_t *rc = m->rcc + (size_t)p * E;
+        coff[0] = 0;
+        for (int e = 0; e < E; e++) {
+            coff[e + 1] = coff[e] + rc[e];
+            moff[e] = m->eoff[e];
+            for (int q = 0; q < p; q++)
+                moff[e] += m->rcc[(size_t)q * E + e];
+        }
+    }
+    GPU_CHECK(cudaMemcpyAsync(m->rt_d, m->rt_h, (size_t)P * (2 * E + 1) * sizeof(int32_t),
+                              cudaMemcpyHostToDevice, gpu_stream()));
+}
+
+/* Part p's rows between its own layout (rows, d) and the expert-major one (major), on the
+ * layer's stream: to_major scatters rows into major, else gathers them out. */
+static void s_ep_regroup(gpu_moe_t *m, int p, bf16 *rows, bf16 *major, int to_major)
+{
+    int n = m->roff[p + 1] - m->roff[p];
+    if (n == 0)
+        return;
+    const int32_t *tab = m->rt_d + (size_t)p * (2 * m->E + 1);
+    s_regroup_kernel<<<n, 128, 0, gpu_stream()>>>(to_major ? major : rows,
+                                                  to_major ? rows : major, tab, m->E, m->d,
+                                                  to_major);
+    GPU_CHECK_LAUNCH();
+}
+
+/* Part p's row of expert e in the expert-major layout. */
+static inline size_t s_ep_row(const gpu_moe_t *m, int p, int e)
+{
+    return (size_t)m->rt_h[(size_t)p * (2 * m->E + 1) + m->E + 1 + e];
+}
+
+/* Part p's experts forward (on v's stream): per expert, [a | b] = xe W13[e]^T, g = silu(a) b,
+ * ye = g W2[e]^T on its rows of the part (cuBLAS per expert; row-major as column-major, as
+ * s_experts_fwd). */
+static void s_ep_fwd_part(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view_t *v, int p)
+{
+    const bf16 *w13 = (const bf16 *)w->w13, *w2 = (const bf16 *)w->w2;
+    const int d = m->d, f = m->f, E = m->E;
+    const size_t df = (size_t)d * f;
+    s_scratch_t *sc = m->sc;
+    for (int e = 0; e < E; e++) {
+        int n = m->rcc[(size_t)p * E + e];
+        if (n == 0)
+            continue;
+        size_t s = (size_t)s_slot(w, e), r = s_ep_row(m, p, e);
+        s_gemm(v->hb, CUBLAS_OP_T, CUBLAS_OP_N, 2 * f, n, d, w13 + s * 2 * df, d,
+               m->xe + r * d, d, 0.0f, m->ab + r * 2 * f, CUDA_R_16BF, 2 * f);
+        s_swiglu_rows(m, (int)r, n, v->st);
+        s_gemm(v->hb, CUBLAS_OP_T, CUBLAS_OP_N, d, n, f, w2 + s * df, f, sc->g + r * f, f, 0.0f,
+               sc->ye + r * d, CUDA_R_16BF, d);
+    }
+}
+
+/* Part q's outputs (fwd: ye; bwd: dhe, expert-major) back to its senders' rows (out, part q's
+ * t0[q] K rows on), through a gather into the staging rows when there are several parts. */
+static semoe_rc s_ep_back(gpu_moe_t *m, const gpu_moe_exchange_t *ex, int q, bf16 *major,
+                          bf16 *out)
+{
+    const int d = m->d, E = m->E, K = m->k;
+    s_part_join(m, q);
+    const bf16 *send = major; /* one part: its own layout is the expert-major one */
+    if (m->P > 1) {
+        s_ep_regroup(m, q, m->sc->stg, major, 0);
+        send = m->sc->stg;
+    }
+    return ex->combine(ex->state, q, (const uint16_t *)send, m->rcc + (size_t)q * E,
+                       (uint16_t *)(out + (size_t)m->t0[q] * K * d), m->hcc + (size_t)q * E);
+}
+
+/* EP forward: every part's counts announced first (the layout and the room), then per part its
+ * rows dispatched and regrouped, its experts run (on xst when in parts, beside the next part's
+ * dispatch), and the previous part's outputs combined back once they are done. */
 static semoe_rc s_fwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w,
                             const gpu_moe_exchange_t *ex)
 {
-    const int d = m->d, E = m->E, K = m->k;
+    const int d = m->d, E = m->E, K = m->k, P = m->P;
     s_scratch_t *sc = m->sc;
     m->roff[0] = 0;
-    for (int p = 0; p < m->P; p++) {
-        int32_t *rc = m->rcc + (size_t)p * E, ann[S_MAX_E], rows = 0;
-        const int32_t *hc = m->hcc + (size_t)p * E;
-        const uint16_t *send = (const uint16_t *)(m->h + (size_t)m->t0[p] * K * d);
-        /* the counts first: room for them (grown by half at least: few regrowths) */
-        SEMOE_CHECK(ex->dispatch(ex->state, p, send, hc, NULL, ann, 0));
-        SEMOE_CHECK(s_check_recv(m, w, ann, INT_MAX / 2 - m->roff[p], &rows));
-        int need = m->roff[p] + rows;
-        if (need > m->R) {
-            s_join_all(m); /* the parts before run on xst, on the buffers about to move */
-            SEMOE_CHECK(s_room(m, need > m->R + m->R / 2 ? need : m->R + m->R / 2));
-            s_active(m, true);
-        }
-        SEMOE_CHECK(ex->dispatch(ex->state, p, send, hc,
-                                 (uint16_t *)(m->hr + (size_t)m->roff[p] * d), rc,
-                                 m->R - m->roff[p]));
-        if (memcmp(rc, ann, (size_t)E * sizeof(int32_t)) != 0)
+    for (int p = 0; p < P; p++) {
+        int rows = 0;
+        SEMOE_CHECK(ex->dispatch(ex->state, p, (const uint16_t *)(m->h + (size_t)m->t0[p] * K * d),
+                                 m->hcc + (size_t)p * E, NULL, m->rcc + (size_t)p * E, 0));
+        SEMOE_CHECK(s_check_recv(m, w, m->rcc + (size_t)p * E, INT_MAX / 2 - m->roff[p], &rows));
+        m->roff[p + 1] = m->roff[p] + rows;
+    }
+    int need = m->roff[P];
+    if (need > m->R) /* grown by half at least: few regrowths */
+        SEMOE_CHECK(s_room(m, need > m->R + m->R / 2 ? need : m->R + m->R / 2));
+    s_active(m, true);
+    s_ep_layout(m);
+    for (int p = 0; p < P; p++) {
+        int32_t rc[S_MAX_E];
+        bf16 *dst = P > 1 ? sc->stg : m->hr;
+        SEMOE_CHECK(ex->dispatch(ex->state, p, (const uint16_t *)(m->h + (size_t)m->t0[p] * K * d),
+                                 m->hcc + (size_t)p * E, (uint16_t *)dst, rc, m->R));
+        if (memcmp(rc, m->rcc + (size_t)p * E, (size_t)E * sizeof(int32_t)) != 0)
             return semoe_err(SEMOE_EPROTO, "gpu_moe: the exchange announced other counts for "
                              "part %d than it delivered", p);
-        m->roff[p + 1] = need;
-        GPU_CHECK(cudaMemcpyAsync(m->rcnt_d + (size_t)p * E, rc, E * sizeof(int32_t),
-                                  cudaMemcpyHostToDevice, gpu_stream()));
+        if (P > 1)
+            s_ep_regroup(m, p, sc->stg, m->hr, 1);
         s_view_t v = s_part_view(m, p);
-        s_experts_fwd(m, w, &v, sc->ye);
+        s_ep_fwd_part(m, w, &v, p);
         s_part_done(m, &v, p);
-        /* the previous part's outputs back (its experts ran beside this part's dispatch), and
-         * at the end the last one's */
-        for (int q = p > 0 ? p - 1 : 0; q <= p; q++) {
-            if (q == p && p + 1 < m->P)
-                break;
-            s_part_join(m, q);
-            SEMOE_CHECK(ex->combine(ex->state, q,
-                                    (const uint16_t *)(sc->ye + (size_t)m->roff[q] * d),
-                                    m->rcc + (size_t)q * E,
-                                    (uint16_t *)(m->y + (size_t)m->t0[q] * K * d),
-                                    m->hcc + (size_t)q * E));
-        }
+        if (p > 0) /* the previous part's outputs (its experts ran beside this dispatch) */
+            SEMOE_CHECK(s_ep_back(m, ex, p - 1, sc->ye, m->y));
     }
-    m->Me = m->roff[m->P];
+    SEMOE_CHECK(s_ep_back(m, ex, P - 1, sc->ye, m->y));
+    sc->g_owner = m;
+    m->Me = need;
     return SEMOE_OK;
 }
 
@@ -1047,39 +1136,102 @@ static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view
         s_run(m, P_DH, v->hb);
 }
 
+/* Part p's experts backward for the data (on v's stream): per expert on its rows of the part,
+ * dg = dye W2[e] (into dgx: g stays for dW2), SwiGLU's backward into dab, dhe = dab W13[e]. */
+static void s_ep_bwd_part(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view_t *v, int p)
+{
+    const bf16 *w13 = (const bf16 *)w->w13, *w2 = (const bf16 *)w->w2;
+    const int d = m->d, f = m->f, E = m->E;
+    const size_t df = (size_t)d * f;
+    s_scratch_t *sc = m->sc;
+    for (int e = 0; e < E; e++) {
+        int n = m->rcc[(size_t)p * E + e];
+        if (n == 0)
+            continue;
+        size_t s = (size_t)s_slot(w, e), r = s_ep_row(m, p, e);
+        s_gemm(v->hb, CUBLAS_OP_N, CUBLAS_OP_N, f, n, d, w2 + s * df, f, sc->dye + r * d, d,
+               0.0f, sc->dgx + r * f, CUDA_R_16BF, f);
+        size_t n8 = (size_t)n * f / S_VEC;
+        s_swiglu_bwd_kernel<<<s_grid(n8, 256), 256, 0, v->st>>>(
+            sc->dab + r * 2 * f, sc->dgx + r * f, m->ab + r * 2 * f, n8, f / S_VEC);
+        GPU_CHECK_LAUNCH();
+        s_gemm(v->hb, CUBLAS_OP_N, CUBLAS_OP_N, d, n, 2 * f, w13 + s * 2 * df, d,
+               sc->dab + r * 2 * f, 2 * f, 0.0f, sc->dhe + r * d, CUDA_R_16BF, d);
+    }
+}
+
+/* The weight gradients of every held expert, once over all its rows of every part (on v's
+ * stream): dW2[e] = dye^T g, dW13[e] = dab^T xe (dW1 and dW3 as one GEMM when adjacent);
+ * fp32 accumulated, or bf16 overwritten (zeros for an expert without rows). */
+static void s_ep_weights(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view_t *v,
+                         const gpu_moe_grads_t *gr)
+{
+    const int d = m->d, f = m->f, E = m->E, f32 = gr->fp32 != 0;
+    const size_t df = (size_t)d * f, esz = f32 ? 4 : 2;
+    const cudaDataType_t ct = f32 ? CUDA_R_32F : CUDA_R_16BF;
+    const float beta = f32 ? 1.0f : 0.0f;
+    s_scratch_t *sc = m->sc;
+    for (int e = 0; e < E; e++) {
+        if (s_slot(w, e) < 0)
+            continue;
+        size_t r = (size_t)m->eoff[e];
+        int n = m->eoff[e + 1] - m->eoff[e];
+        if (n == 0) {
+            if (!f32) {
+                GPU_CHECK(cudaMemsetAsync(gr->dw1[e], 0, df * 2, v->st));
+                GPU_CHECK(cudaMemsetAsync(gr->dw3[e], 0, df * 2, v->st));
+                GPU_CHECK(cudaMemsetAsync(gr->dw2[e], 0, df * 2, v->st));
+            }
+            continue;
+        }
+        s_gemm(v->hb, CUBLAS_OP_N, CUBLAS_OP_T, f, d, n, sc->g + r * f, f, sc->dye + r * d, d,
+               beta, gr->dw2[e], ct, f);
+        const bf16 *dab = sc->dab + r * 2 * f;
+        if ((char *)gr->dw3[e] == (char *)gr->dw1[e] + df * esz) {
+            s_gemm(v->hb, CUBLAS_OP_N, CUBLAS_OP_T, d, 2 * f, n, m->xe + r * d, d, dab, 2 * f,
+                   beta, gr->dw1[e], ct, d);
+        } else {
+            s_gemm(v->hb, CUBLAS_OP_N, CUBLAS_OP_T, d, f, n, m->xe + r * d, d, dab, 2 * f, beta,
+                   gr->dw1[e], ct, d);
+            s_gemm(v->hb, CUBLAS_OP_N, CUBLAS_OP_T, d, f, n, m->xe + r * d, d, dab + f, 2 * f,
+                   beta, gr->dw3[e], ct, d);
+        }
+    }
+}
+
 /* EP backward: per part, dy to the experts' holders as the forward's rows went (combine's
- * transpose), the experts' backward there (on xst when in parts, beside the next part's
- * dispatch), and dh back (dispatch's transpose) once the part is done. */
+ * transpose), regrouped, the experts' data gradients there (on xst when in parts, beside the
+ * next part's dispatch), dh back (dispatch's transpose) once the part is done; the weight
+ * gradients once per expert over every part's rows, beside the last part's way back. */
 static semoe_rc s_bwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w, const gpu_moe_grads_t *gr,
                             const gpu_moe_exchange_t *ex)
 {
-    const int d = m->d, E = m->E, K = m->k;
+    const int d = m->d, E = m->E, K = m->k, P = m->P;
     s_scratch_t *sc = m->sc;
-    for (int p = 0; p < m->P; p++) {
+    s_view_t v = {0};
+    for (int p = 0; p < P; p++) {
         int32_t cnt[S_MAX_E];
-        const int32_t *rc = m->rcc + (size_t)p * E, *hc = m->hcc + (size_t)p * E;
+        const int32_t *rc = m->rcc + (size_t)p * E;
+        bf16 *dst = P > 1 ? sc->stg : sc->dye;
         SEMOE_CHECK(ex->dispatch(ex->state, p, (const uint16_t *)(sc->dy + (size_t)m->t0[p] * K * d),
-                                 hc, (uint16_t *)(sc->dye + (size_t)m->roff[p] * d), cnt,
-                                 m->R - m->roff[p]));
+                                 m->hcc + (size_t)p * E, (uint16_t *)dst, cnt, m->R));
         for (int e = 0; e < E; e++)
             if (cnt[e] != rc[e])
                 return semoe_err(SEMOE_EPROTO, "gpu_moe: backward's exchange delivered %d rows "
                                  "of expert %d in part %d, the forward's %d", cnt[e], e, p,
                                  rc[e]);
-        s_view_t v = s_part_view(m, p);
-        s_experts_bwd(m, w, &v, sc->dye, sc->dhe, gr);
+        if (P > 1)
+            s_ep_regroup(m, p, sc->stg, sc->dye, 1);
+        v = s_part_view(m, p);
+        s_ep_bwd_part(m, w, &v, p);
         s_part_done(m, &v, p);
-        for (int q = p > 0 ? p - 1 : 0; q <= p; q++) { /* as s_fwd_parts */
-            if (q == p && p + 1 < m->P)
-                break;
-            s_part_join(m, q);
-            SEMOE_CHECK(ex->combine(ex->state, q,
-                                    (const uint16_t *)(sc->dhe + (size_t)m->roff[q] * d),
-                                    m->rcc + (size_t)q * E,
-                                    (uint16_t *)(sc->dh + (size_t)m->t0[q] * K * d),
-                                    m->hcc + (size_t)q * E));
-        }
+        if (p > 0)
+            SEMOE_CHECK(s_ep_back(m, ex, p - 1, sc->dhe, sc->dh));
     }
+    s_ep_weights(m, w, &v, gr); /* after the last part's data, on its stream */
+    SEMOE_CHECK(s_ep_back(m, ex, P - 1, sc->dhe, sc->dh));
+    s_join_all(m); /* the weight gradients too, before the caller's stream goes on */
+    sc->g_owner = NULL; /* the next forward's g: a layer's backward ends its use */
     return SEMOE_OK;
 }
 
@@ -1099,9 +1251,6 @@ extern "C" semoe_rc gpu_moe_bwd_ex(gpu_moe_t *m, const gpu_moe_weights_t *w, con
     if (ex && s_parts_for(m, ex->parts) != m->P)
         return semoe_err(SEMOE_EINVAL, "gpu_moe: backward in %d parts after a forward in %d",
                          ex->parts, m->P);
-    if (m->P > 1 && !f32)
-        return semoe_err(SEMOE_EINVAL, "gpu_moe: a layer in %d parts accumulates its gradients "
-                         "(gpu_moe_grads_t.fp32 1), which bf16 ones are not", m->P);
 
     s_mark(m, 7);
     if (dout32)

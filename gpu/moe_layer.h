@@ -156,11 +156,12 @@ void gpu_moe_bwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
                  const uint16_t *dout, const float *dout32, uint16_t *dx,
                  const gpu_moe_grads_t *gr);
 /* gpu_moe_bwd for a forward through ex (the same exchange, or NULL for a forward without):
- * dy travels to the experts' holders as the forward's rows did, the held experts' gradients are
- * accumulated here (gr's pointers of the experts not held are not used), dh comes back. The
- * exchange's error, SEMOE_EPROTO when its counts differ from the forward's, SEMOE_EINVAL when
- * ex does not match the forward's (or its parts); in parts, bf16 gradients (gr->fp32 0:
- * they are not accumulated). */
+ * dy travels to the experts' holders as the forward's rows did, part by part, each part's
+ * data gradients computed there beside the next part's transfers, dh comes back; the held
+ * experts' weight gradients once each over the rows of every part (the rows received lie
+ * expert-major across the parts), as gr says (its pointers of the experts not held are not
+ * used). The exchange's error, SEMOE_EPROTO when its counts differ from the forward's,
+ * SEMOE_EINVAL when ex does not match the forward's (or its parts). */
 semoe_rc gpu_moe_bwd_ex(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
                         const uint16_t *dout, const float *dout32, uint16_t *dx,
                         const gpu_moe_grads_t *gr, const gpu_moe_exchange_t *ex);
