@@ -114,6 +114,7 @@ struct gpu_moe {
     int eoff[S_MAX_E + 1];
     int32_t *rt_h;    // EP: (S_MAX_PARTS, 2E + 1) pinned host: per part coff (E + 1), moff (E)
     int32_t *rt_d;    // EP: the same on the device
+    int32_t *rcnt_d;  // EP in one part: rcc[0] on the device (our kernel's counts)
     bf16 *xe;
     int Me;
     int P;                        /* parts of the last forward */
@@ -403,11 +404,11 @@ static gpu_moe_t *s_layer_new(const gpu_moe_t *shape, s_scratch_t *sc)
            E = (size_t)m->E;
     size_t sz[] = {TE * 4, TE * 4, M * 4,     M * 2,         M * 4,    M * 4,
                    S_MAX_PARTS * E * 4, M * d * 2, M * 2 * f * 2, M * d * 2,
-                   S_MAX_PARTS * (2 * E + 1) * 4};
+                   S_MAX_PARTS * (2 * E + 1) * 4, E * 4};
     void **const ptrs[] = {(void **)&m->logits, (void **)&m->probs, (void **)&m->idx,
                            (void **)&m->wts,    (void **)&m->pos,   (void **)&m->rowtok,
                            (void **)&m->counts, (void **)&m->h,     (void **)&m->abl,
-                           (void **)&m->y,      (void **)&m->rt_d};
+                           (void **)&m->y,      (void **)&m->rt_d,  (void **)&m->rcnt_d};
     m->slab = s_carve(sz, ptrs, (int)(sizeof sz / sizeof sz[0]));
     if (!m->slab) {
         free(m);
@@ -1002,8 +1003,15 @@ static semoe_rc s_fwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w,
                              "part %d than it delivered", p);
         if (P > 1)
             s_ep_regroup(m, p, sc->stg, m->hr, 1);
-        s_view_t v = s_part_view(m, p);
-        s_ep_fwd_part(m, w, &v, p);
+        s_view_t v = s_part_view(m, p); /* on xst after the regroup, with several parts */
+        if (P > 1) {
+            s_ep_fwd_part(m, w, &v, p);
+        } else { /* one part: the rows as they came, the local path's GEMMs (streams, ours) */
+            GPU_CHECK(cudaMemcpyAsync(m->rcnt_d, m->rcc, E * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice, gpu_stream()));
+            v.cnt_d = m->rcnt_d;
+            s_experts_fwd(m, w, &v, sc->ye);
+        }
         s_part_done(m, &v, p);
         if (p > 0) /* the previous part's outputs (its experts ran beside this dispatch) */
             SEMOE_CHECK(s_ep_back(m, ex, p - 1, sc->ye, m->y));
@@ -1223,12 +1231,18 @@ static semoe_rc s_bwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w, const gpu_
         if (P > 1)
             s_ep_regroup(m, p, sc->stg, sc->dye, 1);
         v = s_part_view(m, p);
-        s_ep_bwd_part(m, w, &v, p);
+        if (P > 1) {
+            s_ep_bwd_part(m, w, &v, p);
+        } else { /* one part: the local path's GEMMs, the weight gradients among them */
+            v.cnt_d = m->rcnt_d;
+            s_experts_bwd(m, w, &v, sc->dye, sc->dhe, gr);
+        }
         s_part_done(m, &v, p);
         if (p > 0)
             SEMOE_CHECK(s_ep_back(m, ex, p - 1, sc->dhe, sc->dh));
     }
-    s_ep_weights(m, w, &v, gr); /* after the last part's data, on its stream */
+    if (P > 1)
+        s_ep_weights(m, w, &v, gr); /* after the last part's data, on its stream */
     SEMOE_CHECK(s_ep_back(m, ex, P - 1, sc->dhe, sc->dh));
     s_join_all(m); /* the weight gradients too, before the caller's stream goes on */
     sc->g_owner = NULL; /* the next forward's g: a layer's backward ends its use */
