@@ -367,8 +367,8 @@ static semoe_rc s_regrow(void **slab, int n, bf16 **const *ptrs, const size_t *w
     return SEMOE_OK;
 }
 
-/* EP: room for `rows` rows received on layer m (its hr and abx) and in the scratch (gx, dabx,
- * ye, dye, dhe), the rows so far kept. */
+/* EP: room for `rows` rows received on layer m (its hr and abx) and in the scratch (gx, dgx,
+ * dabx, ye, dye, dhe, stg), what they hold kept. */
 static semoe_rc s_room(gpu_moe_t *m, int rows)
 {
     s_scratch_t *sc = m->sc;
@@ -993,6 +993,7 @@ static semoe_rc s_fwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w,
         SEMOE_CHECK(s_room(m, need > m->R + m->R / 2 ? need : m->R + m->R / 2));
     s_active(m, true);
     s_ep_layout(m);
+    sc->g_owner = NULL; /* g is about to be this layer's (set again once it all is) */
     for (int p = 0; p < P; p++) {
         int32_t rc[S_MAX_E];
         bf16 *dst = P > 1 ? sc->stg : m->hr;
@@ -1006,6 +1007,10 @@ static semoe_rc s_fwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w,
         s_view_t v = s_part_view(m, p); /* on xst after the regroup, with several parts */
         if (P > 1) {
             s_ep_fwd_part(m, w, &v, p);
+            if (p == 0) { /* the phases' marks on the layer's stream (they time its share) */
+                s_mark(m, 3);
+                s_mark(m, 4);
+            }
         } else { /* one part: the rows as they came, the local path's GEMMs (streams, ours) */
             GPU_CHECK(cudaMemcpyAsync(m->rcnt_d, m->rcc, E * sizeof(int32_t),
                                       cudaMemcpyHostToDevice, gpu_stream()));
@@ -1233,6 +1238,10 @@ static semoe_rc s_bwd_parts(gpu_moe_t *m, const gpu_moe_weights_t *w, const gpu_
         v = s_part_view(m, p);
         if (P > 1) {
             s_ep_bwd_part(m, w, &v, p);
+            if (p == 0) {
+                s_mark(m, 9);
+                s_mark(m, 10);
+            }
         } else { /* one part: the local path's GEMMs, the weight gradients among them */
             v.cnt_d = m->rcnt_d;
             s_experts_bwd(m, w, &v, sc->dye, sc->dhe, gr);

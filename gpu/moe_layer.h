@@ -121,14 +121,16 @@ void gpu_moe_fwd(gpu_moe_t *self, const gpu_moe_weights_t *w, const uint16_t *x,
  * expert 0..E-1 (send_counts, host), to the processes holding each expert and writes into recv
  * the rows for the experts held here, grouped by expert, with recv_counts (host, E); combine is
  * the reverse of that part's dispatch (send grouped as its recv, recv as its send). Both are
- * collectives. A dispatch with recv NULL announces the counts alone (recv_counts filled,
- * nothing moved); the layer then makes room and repeats the call with recv.
+ * collectives. A dispatch with recv NULL announces a part's counts alone (recv_counts filled,
+ * nothing moved): the layer announces every part first, makes room once, then moves each
+ * part's rows with the same call and recv.
  * parts (1, or 0: one; at most 16 and T): the tokens go in that many even parts (Tutel's
- * overlap). Each part is dispatched, its experts run on a stream of their own (the scratch's,
- * shared by the layers of a model), and it is
- * combined after the next part's dispatch, so that one part's transfers run beside another's
- * expert GEMMs: dispatch 0, experts 0, dispatch 1, experts 1, combine 0, dispatch 2, ...; the
- * backward goes the same way. More parts: more overlap, smaller GEMMs. */
+ * overlap). After the announces, each part's rows are dispatched, its experts run on a stream
+ * of their own (the scratch's, shared by the layers of a model), and it is combined after the
+ * next part's dispatch, so that one part's transfers run beside another's expert GEMMs:
+ * dispatch 0, experts 0, dispatch 1, experts 1, combine 0, dispatch 2, ...; the backward goes
+ * the same way, the weight gradients once per expert after the last part. More parts: more
+ * overlap, smaller GEMMs, more launches. */
 typedef struct {
     void *state;
     int parts;

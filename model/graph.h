@@ -47,7 +47,9 @@ typedef struct {
          * in order 0, 1, ..., each combined after its dispatch, and a part 0 starts the     \
          * layer anew), < MODEL_EXCHANGE_MAX_PARTS. recv NULL: the counts alone (a          \
          * collective too): recv_counts filled, nothing moved, so that the caller can make    \
-         * room; the next call must be the same dispatch with recv, which moves the rows. */  \
+         * room; several parts of a layer may be announced so before any rows move (from    \
+         * part 0: it starts the layer anew), each part's rows then following in a dispatch \
+         * with recv and the same send_counts. */                                             \
         semoe_rc (*dispatch)(void *state, int layer, int part, int E, int D, const T *send,   \
                              const int32_t *send_counts, T *recv, int32_t *recv_counts,       \
                              int recv_cap);                                                    \

@@ -756,10 +756,15 @@ static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int part, int
     const int H = x->H, me = x->me;
     int64_t total = 0;
     size_t rec = (size_t)part * x->L + (size_t)layer;
-    bool counted = part < x->P && x->announced[rec];
-    if (counted) { /* its records back in place */
+    /* the rows of a part announced before: its records back in place (an announce always
+     * exchanges the counts anew) */
+    bool counted = recv && part < x->P && x->announced[rec];
+    if (counted) {
         s_part_copy(x, layer, part, false);
         x->announced[rec] = 0;
+        if (memcmp(x->sent + base, send_counts, hb) != 0)
+            return semoe_err(SEMOE_EINVAL, "exchange dispatch: layer %d part %d: the rows' "
+                             "counts differ from those announced", layer, part);
         s_recv_counts(x, layer, recv_counts);
         for (int e = 0; e < E; e++)
             total += recv_counts[e];
@@ -771,6 +776,7 @@ static semoe_rc s_dispatch_direct(worker_exchange_t *x, int layer, int part, int
         s_parts_reserve(x, part);
         for (int p = 0; part == 0 && p < x->P; p++) /* a new series: none announced before */
             x->announced[(size_t)p * x->L + (size_t)layer] = 0;
+        memcpy(x->sent + base, send_counts, hb); /* kept with the part, checked by its rows */
         s_part_copy(x, layer, part, true);
         x->announced[rec] = 1;
         return SEMOE_OK;
