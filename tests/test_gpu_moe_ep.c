@@ -169,18 +169,11 @@ static semoe_rc s_layer(const s_in_t *in, gpu_moe_gemm_t mode, const gpu_moe_exc
     return rc;
 }
 
-static double s_err_b(const uint16_t *got, const uint16_t *want, size_t n)
+/* ||got - want|| / ||want|| of n device values, bf16 or fp32. */
+static double s_err(const void *got, const void *want, size_t n, bool bf16)
 {
-    float *g = test_gpu_downb(got, n), *w = test_gpu_downb(want, n);
-    double e = test_rel_err(g, w, n, 1e-6);
-    free(g);
-    free(w);
-    return e;
-}
-
-static double s_err_f(const float *got, const float *want, size_t n)
-{
-    float *g = test_gpu_downf(got, n), *w = test_gpu_downf(want, n);
+    float *g = bf16 ? test_gpu_downb(got, n) : test_gpu_downf(got, n);
+    float *w = bf16 ? test_gpu_downb(want, n) : test_gpu_downf(want, n);
     double e = test_rel_err(g, w, n, 1e-6);
     free(g);
     free(w);
@@ -190,17 +183,14 @@ static double s_err_f(const float *got, const float *want, size_t n)
 /* r against ref: out, dx and the gradients (bf16's or fp32's); the worst relative error. */
 static double s_compare(const s_res_t *r, const s_res_t *ref, bool bf16, double e[5])
 {
-    e[0] = s_err_b(r->out, ref->out, (size_t)T_ * D_);
-    e[1] = s_err_b(r->dx, ref->dx, (size_t)T_ * D_);
-    if (bf16) {
-        e[2] = s_err_b(r->bwg, ref->bwg, (size_t)E_ * D_);
-        e[3] = s_err_b(r->bw13, ref->bw13, (size_t)E_ * 2 * F_ * D_);
-        e[4] = s_err_b(r->bw2, ref->bw2, (size_t)E_ * D_ * F_);
-    } else {
-        e[2] = s_err_f(r->dwg, ref->dwg, (size_t)E_ * D_);
-        e[3] = s_err_f(r->dw13, ref->dw13, (size_t)E_ * 2 * F_ * D_);
-        e[4] = s_err_f(r->dw2, ref->dw2, (size_t)E_ * D_ * F_);
-    }
+    e[0] = s_err(r->out, ref->out, (size_t)T_ * D_, true);
+    e[1] = s_err(r->dx, ref->dx, (size_t)T_ * D_, true);
+    e[2] = s_err(bf16 ? (void *)r->bwg : (void *)r->dwg, bf16 ? (void *)ref->bwg : (void *)ref->dwg,
+                 (size_t)E_ * D_, bf16);
+    e[3] = s_err(bf16 ? (void *)r->bw13 : (void *)r->dw13,
+                 bf16 ? (void *)ref->bw13 : (void *)ref->dw13, (size_t)E_ * 2 * F_ * D_, bf16);
+    e[4] = s_err(bf16 ? (void *)r->bw2 : (void *)r->dw2, bf16 ? (void *)ref->bw2 : (void *)ref->dw2,
+                 (size_t)E_ * D_ * F_, bf16);
     double worst = 0;
     for (int k = 0; k < 5; k++)
         worst = fmax(worst, e[k]);
