@@ -2,9 +2,8 @@
 # Weak scaling of training through the real daemons on 1, 2 (and 4) GPUs of one machine: issue
 # 5's 2.3 B MoE (8 layers, hidden 2048, 16 heads / 4 kv heads, 8 experts of 5632, top-2, vocab
 # 32000, seq 2048) in bf16 with train.collectives nccl, 32 sequences per GPU a step (tokens per
-# GPU fixed), every expert on every worker (elastic.min_replicas = the workers: data parallel;
-# the bf16 graph holds every expert), the dense gradients all-reduced during backward and the
-# experts' summed over NCCL. Per run: tokens/s over the steps after the warm-up (step time the
+# GPU fixed), every expert on every worker (elastic.min_replicas = the workers: data parallel),
+# the dense gradients and the experts' all-reduced layer by layer during backward over NCCL. Per run: tokens/s over the steps after the warm-up (step time the
 # slowest worker's), per GPU, the efficiency against one GPU, and MFU (6 x active parameters x
 # tokens + attention, over the dense bf16 GEMM rate bench/dense_sustained.py holds on the same
 # machine first). From the repo root on the GPU machine (kind nvidia-h200-x2 or larger), after
