@@ -74,7 +74,7 @@ static double s_time(s_ctx_t *c, const gpu_moe_exchange_t *ex, gpu_moe_link_t *l
 
 int main(int argc, char **argv)
 {
-    const char *json = NULL, *only = "all";
+    const char *json = NULL, *only = "all", *gemm = "auto";
     double gbps = 331.0, remote = 0.5;
     int warm = 2, iters = 7, host_wait = 1;
     for (int i = 1; i < argc; i++) {
@@ -88,10 +88,12 @@ int main(int argc, char **argv)
             remote = atof(argv[++i]);
         else if (!strcmp(argv[i], "--no-host-wait"))
             host_wait = 0;
+        else if (!strcmp(argv[i], "--gemm") && i + 1 < argc)
+            gemm = argv[++i];
         else {
             fprintf(stderr, "usage: bench_moe_overlap [--json FILE] [--shapes "
                             "all|mixtral|deepseek|small] [--gbps 331] [--remote 0.5] "
-                            "[--no-host-wait]\n");
+                            "[--no-host-wait] [--gemm auto|loop|grouped|streams|fused]\n");
             return 2;
         }
     }
@@ -116,6 +118,10 @@ int main(int argc, char **argv)
         c.m = gpu_moe_new_ep(s->T, s->d, s->f, s->E, s->k, s->T * s->k);
         if (!c.m)
             return 1;
+        static const char *const paths[] = {"grouped", "loop", "streams", "fused"};
+        for (int g = 0; g < 4; g++)
+            if (!strcmp(gemm, paths[g]))
+                gpu_moe_set_gemm(c.m, (gpu_moe_gemm_t)g);
         uint16_t *wg = gpu_alloc(E * d * 2), *w13 = gpu_alloc(E * 2 * f * d * 2);
         uint16_t *w2 = gpu_alloc(E * d * f * 2);
         c.x = gpu_alloc(T * d * 2), c.out = gpu_alloc(T * d * 2);
@@ -144,15 +150,17 @@ int main(int argc, char **argv)
             double t_copy = s_time(&c, &x0, l0, warm, iters, &b0);
             double t_link = s_time(&c, &xb, lb, warm, iters, &bb);
             double comm = bb - b0, hidden = comm > 0 ? 1.0 - (t_link - t_copy) / comm : 0.0;
-            printf("| %s%s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f |\n", s->name,
-                   host_wait ? "" : " (no host wait)", parts, t_local, t_copy, t_link, comm, hidden, t_link / t_local);
+            printf("| %s%s%s%s | %d | %.2f | %.2f | %.2f | %.2f | %.2f | %.3f |\n", s->name,
+                   host_wait ? "" : " (no host wait)", strcmp(gemm, "auto") ? " " : "",
+                   strcmp(gemm, "auto") ? gemm : "", parts, t_local, t_copy, t_link, comm, hidden, t_link / t_local);
             if (jf)
                 fprintf(jf, "{\"shape\": \"%s\", \"T\": %d, \"d\": %d, \"f\": %d, \"E\": %d, "
                             "\"k\": %d, \"parts\": %d, \"gbps\": %g, \"remote\": %g, "
                             "\"t_local_ms\": %.3f, \"t_copy_ms\": %.3f, \"t_link_ms\": %.3f, "
-                            "\"comm_ms\": %.3f, \"hidden\": %.4f, \"host_wait\": %d}\n",
+                            "\"comm_ms\": %.3f, \"hidden\": %.4f, \"host_wait\": %d, "
+                            "\"gemm\": \"%s\"}\n",
                         s->name, s->T, s->d, s->f, s->E, s->k, parts, gbps, remote, t_local,
-                        t_copy, t_link, comm, hidden, host_wait);
+                        t_copy, t_link, comm, hidden, host_wait, gemm);
             gpu_moe_link_destroy(&l0);
             gpu_moe_link_destroy(&lb);
         }

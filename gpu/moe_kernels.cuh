@@ -171,10 +171,9 @@ __global__ void s_place_kernel(int32_t *pos, int32_t *rowtok, const int32_t *idx
  * and the expert-major layout (that part's rows of e at moff[e] on): to_major scatters,
  * dst[moff[e] + i - coff[e]] = src[i]; else gathers, dst[i] = src[moff[e] + i - coff[e]]. A
  * block per row i of the part; tab is coff (E + 1) then moff (E); 16-byte vectors. */
-__global__ void s_regroup_kernel(bf16 *dst, const bf16 *src, const int32_t *tab, int E, int d,
-                                 int to_major)
+/* Row i of a part in the expert-major layout (tab: coff (E + 1) then moff (E)). */
+__device__ __forceinline__ size_t s_major_row(const int32_t *tab, int E, int i)
 {
-    int i = blockIdx.x;
     const int32_t *coff = tab, *moff = tab + E + 1;
     int lo = 0, hi = E - 1; /* the last expert whose rows start at or before i: i's */
     while (lo < hi) {
@@ -184,7 +183,14 @@ __global__ void s_regroup_kernel(bf16 *dst, const bf16 *src, const int32_t *tab,
         else
             hi = mid - 1;
     }
-    size_t major = (size_t)moff[lo] + (size_t)(i - coff[lo]);
+    return (size_t)moff[lo] + (size_t)(i - coff[lo]);
+}
+
+__global__ void s_regroup_kernel(bf16 *dst, const bf16 *src, const int32_t *tab, int E, int d,
+                                 int to_major)
+{
+    int i = blockIdx.x;
+    size_t major = s_major_row(tab, E, i);
     const uint4 *s = (const uint4 *)(src + (to_major ? (size_t)i : major) * d);
     uint4 *t = (uint4 *)(dst + (to_major ? major : (size_t)i) * d);
     for (int c = threadIdx.x; c < d / S_VEC; c += blockDim.x)
@@ -204,47 +210,73 @@ __global__ void s_gather_kernel(bf16 *h, const bf16 *x, const int32_t *rowtok, i
 /* g = silu(a) * b with the peer's roundings: silu(a) to bf16, then the product; a and b are the
  * halves of ab's rows (M, 2f). n8 vectors of 8 over g (M, f), f8 = f / 8 of them per row (f a
  * multiple of 8; the buffers are slab pointers, 256-byte aligned). */
+/* Vector c (8 columns) of row r: g from [a | b]. */
+__device__ __forceinline__ void s_swiglu_vec(bf16 *g, const bf16 *ab, size_t r, size_t c, int f8)
+{
+    const bf16 *a = ab + (r * 2 * f8 + c) * S_VEC, *b = a + (size_t)f8 * S_VEC;
+    float av[S_VEC], bv[S_VEC], gv[S_VEC];
+    gpu_ld<S_VEC>(av, a);
+    gpu_ld<S_VEC>(bv, b);
+#pragma unroll
+    for (int q = 0; q < S_VEC; q++) {
+        float s = s_bf(av[q] / (1.0f + expf(-av[q])));
+        gv[q] = s * bv[q];
+    }
+    gpu_st<S_VEC>(g + (r * f8 + c) * S_VEC, gv);
+}
+
 __global__ void s_swiglu_kernel(bf16 *g, const bf16 *ab, size_t n8, int f8)
 {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    for (; i < n8; i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / f8, c = i % f8;
-        const bf16 *a = ab + (r * 2 * f8 + c) * S_VEC, *b = a + (size_t)f8 * S_VEC;
-        float av[S_VEC], bv[S_VEC], gv[S_VEC];
-        gpu_ld<S_VEC>(av, a);
-        gpu_ld<S_VEC>(bv, b);
-#pragma unroll
-        for (int q = 0; q < S_VEC; q++) {
-            float s = s_bf(av[q] / (1.0f + expf(-av[q])));
-            gv[q] = s * bv[q];
-        }
-        gpu_st<S_VEC>(g + i * S_VEC, gv);
-    }
+    for (; i < n8; i += (size_t)gridDim.x * blockDim.x)
+        s_swiglu_vec(g, ab, i / f8, i % f8, f8);
 }
 
 /* [da | db] = [dg b silu'(a) | dg silu(a)]; silu'(a) = s (1 + a (1 - s)), s = sigmoid(a). n8
  * vectors of 8 over dg (M, f), as s_swiglu_kernel. */
+__device__ __forceinline__ void s_swiglu_bwd_vec(bf16 *dab, const bf16 *dg, const bf16 *ab,
+                                                 size_t r, size_t c, int f8)
+{
+    size_t o = (r * 2 * f8 + c) * S_VEC, ob = o + (size_t)f8 * S_VEC;
+    float av[S_VEC], bv[S_VEC], gvv[S_VEC], dav[S_VEC], dbv[S_VEC];
+    gpu_ld<S_VEC>(av, ab + o);
+    gpu_ld<S_VEC>(bv, ab + ob);
+    gpu_ld<S_VEC>(gvv, dg + (r * f8 + c) * S_VEC);
+#pragma unroll
+    for (int q = 0; q < S_VEC; q++) {
+        float s = 1.0f / (1.0f + expf(-av[q]));
+        float silu = s_bf(av[q] * s);
+        float dsilu = s_bf(gvv[q] * bv[q]);
+        dav[q] = dsilu * s * (1.0f + av[q] * (1.0f - s));
+        dbv[q] = gvv[q] * silu;
+    }
+    gpu_st<S_VEC>(dab + o, dav);
+    gpu_st<S_VEC>(dab + ob, dbv);
+}
+
 __global__ void s_swiglu_bwd_kernel(bf16 *dab, const bf16 *dg, const bf16 *ab, size_t n8,
                                     int f8)
 {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    for (; i < n8; i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / f8, c = i % f8, o = (r * 2 * f8 + c) * S_VEC, ob = o + (size_t)f8 * S_VEC;
-        float av[S_VEC], bv[S_VEC], gvv[S_VEC], dav[S_VEC], dbv[S_VEC];
-        gpu_ld<S_VEC>(av, ab + o);
-        gpu_ld<S_VEC>(bv, ab + ob);
-        gpu_ld<S_VEC>(gvv, dg + i * S_VEC);
-#pragma unroll
-        for (int q = 0; q < S_VEC; q++) {
-            float s = 1.0f / (1.0f + expf(-av[q]));
-            float silu = s_bf(av[q] * s);
-            float dsilu = s_bf(gvv[q] * bv[q]);
-            dav[q] = dsilu * s * (1.0f + av[q] * (1.0f - s));
-            dbv[q] = gvv[q] * silu;
-        }
-        gpu_st<S_VEC>(dab + o, dav);
-        gpu_st<S_VEC>(dab + ob, dbv);
-    }
+    for (; i < n8; i += (size_t)gridDim.x * blockDim.x)
+        s_swiglu_bwd_vec(dab, dg, ab, i / f8, i % f8, f8);
+}
+
+/* SwiGLU and its backward on a part's rows where the expert-major layout has them (tab as
+ * s_regroup_kernel's): a block per row of the part, one launch for all its experts. */
+__global__ void s_swiglu_part_kernel(bf16 *g, const bf16 *ab, const int32_t *tab, int E, int f8)
+{
+    size_t r = s_major_row(tab, E, blockIdx.x);
+    for (int c = threadIdx.x; c < f8; c += blockDim.x)
+        s_swiglu_vec(g, ab, r, c, f8);
+}
+
+__global__ void s_swiglu_bwd_part_kernel(bf16 *dab, const bf16 *dg, const bf16 *ab,
+                                         const int32_t *tab, int E, int f8)
+{
+    size_t r = s_major_row(tab, E, blockIdx.x);
+    for (int c = threadIdx.x; c < f8; c += blockDim.x)
+        s_swiglu_bwd_vec(dab, dg, ab, r, c, f8);
 }
 
 /* out[t] = sum_j bf16(w[t,j] y[pos[t,j]]), summed in fp32 in slot order, bf16 out; or, when

@@ -934,26 +934,47 @@ static inline size_t s_ep_row(const gpu_moe_t *m, int p, int e)
     return (size_t)m->rt_h[(size_t)p * (2 * m->E + 1) + m->E + 1 + e];
 }
 
-/* Part p's experts forward (on v's stream): per expert, [a | b] = xe W13[e]^T, g = silu(a) b,
- * ye = g W2[e]^T on its rows of the part (cuBLAS per expert; row-major as column-major, as
- * s_experts_fwd). */
+/* Part p's SwiGLU (backward: dg and [a | b] into [da | db]) on v's stream, one launch over its
+ * rows wherever the expert-major layout has them. */
+static void s_ep_swiglu(gpu_moe_t *m, const s_view_t *v, int p, bool bwd)
+{
+    int n = m->roff[p + 1] - m->roff[p];
+    if (n == 0)
+        return;
+    s_scratch_t *sc = m->sc;
+    const int32_t *tab = m->rt_d + (size_t)p * (2 * m->E + 1);
+    if (bwd)
+        s_swiglu_bwd_part_kernel<<<n, 128, 0, v->st>>>(sc->dab, sc->dgx, m->ab, tab, m->E,
+                                                       m->f / S_VEC);
+    else
+        s_swiglu_part_kernel<<<n, 128, 0, v->st>>>(sc->g, m->ab, tab, m->E, m->f / S_VEC);
+    GPU_CHECK_LAUNCH();
+}
+
+/* Part p's experts forward (on v's stream): [a | b] = xe W13[e]^T for every expert on its rows
+ * of the part, g = silu(a) b, ye = g W2[e]^T (row-major as column-major, as s_experts_fwd;
+ * per expert, or grouped on GPU_MOE_GEMM_GROUPED). */
 static void s_ep_fwd_part(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view_t *v, int p)
 {
     const bf16 *w13 = (const bf16 *)w->w13, *w2 = (const bf16 *)w->w2;
     const int d = m->d, f = m->f, E = m->E;
     const size_t df = (size_t)d * f;
     s_scratch_t *sc = m->sc;
+    s_problem_t *p13 = &m->prob[P_W13], *p2 = &m->prob[P_W2];
+    s_set(p13, CUBLAS_OP_T, CUBLAS_OP_N, d, d, 2 * f, 0);
+    s_set(p2, CUBLAS_OP_T, CUBLAS_OP_N, f, f, d, 0);
     for (int e = 0; e < E; e++) {
         int n = m->rcc[(size_t)p * E + e];
         if (n == 0)
             continue;
         size_t s = (size_t)s_slot(w, e), r = s_ep_row(m, p, e);
-        s_gemm(v->hb, CUBLAS_OP_T, CUBLAS_OP_N, 2 * f, n, d, w13 + s * 2 * df, d,
-               m->xe + r * d, d, 0.0f, m->ab + r * 2 * f, CUDA_R_16BF, 2 * f);
-        s_swiglu_rows(m, (int)r, n, v->st);
-        s_gemm(v->hb, CUBLAS_OP_T, CUBLAS_OP_N, d, n, f, w2 + s * df, f, sc->g + r * f, f, 0.0f,
-               sc->ye + r * d, CUDA_R_16BF, d);
+        s_add(p13, 2 * f, n, d, w13 + s * 2 * df, m->xe + r * d, m->ab + r * 2 * f);
+        s_add(p2, d, n, f, w2 + s * df, sc->g + r * f, sc->ye + r * d);
     }
+    s_stage(m, P_W13, 2, sc->ev_fwd, v->st);
+    s_run(m, P_W13, v->hb);
+    s_ep_swiglu(m, v, p, false);
+    s_run(m, P_W2, v->hb);
 }
 
 /* Part q's outputs (fwd: ye; bwd: dhe, expert-major) back to its senders' rows (out, part q's
@@ -1149,28 +1170,32 @@ static void s_experts_bwd(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view
         s_run(m, P_DH, v->hb);
 }
 
-/* Part p's experts backward for the data (on v's stream): per expert on its rows of the part,
- * dg = dye W2[e] (into dgx: g stays for dW2), SwiGLU's backward into dab, dhe = dab W13[e]. */
+/* Part p's experts backward for the data (on v's stream): dg = dye W2[e] on every expert's
+ * rows of the part (into dgx: g stays for dW2), SwiGLU's backward into dab, dhe = dab W13[e]
+ * (per expert, or grouped). */
 static void s_ep_bwd_part(gpu_moe_t *m, const gpu_moe_weights_t *w, const s_view_t *v, int p)
 {
     const bf16 *w13 = (const bf16 *)w->w13, *w2 = (const bf16 *)w->w2;
     const int d = m->d, f = m->f, E = m->E;
     const size_t df = (size_t)d * f;
     s_scratch_t *sc = m->sc;
+    s_problem_t *q = m->prob;
+    for (int k = P_DG; k <= P_DH; k++) /* the slots staged below; the weights' stay empty */
+        s_set(&q[k], CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, 0);
+    s_set(&q[P_DG], CUBLAS_OP_N, CUBLAS_OP_N, f, d, f, 0);
+    s_set(&q[P_DH], CUBLAS_OP_N, CUBLAS_OP_N, d, 2 * f, d, 0);
     for (int e = 0; e < E; e++) {
         int n = m->rcc[(size_t)p * E + e];
         if (n == 0)
             continue;
         size_t s = (size_t)s_slot(w, e), r = s_ep_row(m, p, e);
-        s_gemm(v->hb, CUBLAS_OP_N, CUBLAS_OP_N, f, n, d, w2 + s * df, f, sc->dye + r * d, d,
-               0.0f, sc->dgx + r * f, CUDA_R_16BF, f);
-        size_t n8 = (size_t)n * f / S_VEC;
-        s_swiglu_bwd_kernel<<<s_grid(n8, 256), 256, 0, v->st>>>(
-            sc->dab + r * 2 * f, sc->dgx + r * f, m->ab + r * 2 * f, n8, f / S_VEC);
-        GPU_CHECK_LAUNCH();
-        s_gemm(v->hb, CUBLAS_OP_N, CUBLAS_OP_N, d, n, 2 * f, w13 + s * 2 * df, d,
-               sc->dab + r * 2 * f, 2 * f, 0.0f, sc->dhe + r * d, CUDA_R_16BF, d);
+        s_add(&q[P_DG], f, n, d, w2 + s * df, sc->dye + r * d, sc->dgx + r * f);
+        s_add(&q[P_DH], d, n, 2 * f, w13 + s * 2 * df, sc->dab + r * 2 * f, sc->dhe + r * d);
     }
+    s_stage(m, P_DG, P_DH - P_DG + 1, sc->ev_bwd, v->st);
+    s_run(m, P_DG, v->hb);
+    s_ep_swiglu(m, v, p, true);
+    s_run(m, P_DH, v->hb);
 }
 
 /* The weight gradients of every held expert, once over all its rows of every part (on v's
