@@ -45,11 +45,17 @@ ref = {(r['coll'], r['bytes']): r for r in rows if r['impl'] == 'nccl'}
 print('\n| collective | GPUs | MiB | ours GB/s (bus) | NCCL GB/s (bus) | share of NCCL |')
 print('|---|---|---|---|---|---|')
 for r in rows:
-    if r['impl'] != 'semoe':
+    if r['impl'] != 'semoe' or 'busbw_gbs' not in r:
         continue
     n = ref.get((r['coll'], r['bytes']))
     share = f"{100 * r['busbw_gbs'] / n['busbw_gbs']:.1f}%" if n and n['busbw_gbs'] else '-'
     print(f"| {r['coll']} | {r['gpus']} | {r['bytes'] / 2**20:.0f} | {r['busbw_gbs']} | "
           f"{n['busbw_gbs'] if n else '-'} | {share} |")
+for r in rows:
+    if r['coll'] == 'alltoall_beside_allreduce':
+        print(f"\n{r['bytes'] / 2**20:.0f} MiB all-to-all right after {r['allreduce_bytes'] / 2**20:.0f} "
+              f"MiB of gradients went to the background lane: done after {r['ms']} ms (alone "
+              f"{r['alone_ms']}, the all-reduce alone {r['allreduce_ms']}; on one stream "
+              f"{r['alone_ms'] + r['allreduce_ms']:.3f})")
 PY
 fi

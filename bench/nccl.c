@@ -8,6 +8,11 @@
  * MB) as tensors of mixed sizes in 32 MiB buckets. Per size: 3 warm-ups, the median of 10 (CUDA
  * events on the caller's stream, every rank in lockstep; rank 0's times), bus bandwidth as
  * nccl-tests counts it (all-to-all: bytes (n-1)/n / t; all-reduce: bytes 2 (n-1)/n / t).
+ * Then the all-to-all beside the all-reduce: 128 MiB of rows enqueued right after 256 MiB of
+ * gradients went to the background lane (gpu_nccl_allreduce_buckets_bg), as a layer's rows in
+ * backward follow the previous layer's gradients; timed to the all-to-all's end (the caller's
+ * stream does not wait for the lane), against each alone. On one stream it would take both
+ * times added up.
  * One JSON line per (collective, size), and --json FILE. */
 #include <math.h>
 #include <pthread.h>
@@ -111,6 +116,14 @@ static int s_nccl_ar(void *p)
     return gpu_nccl_ref_allreduce(x->c, x->flat, x->nflat) != SEMOE_OK;
 }
 
+/* the gradients in the background, then the rows: the stream waits for the rows only */
+static int s_beside(void *p)
+{
+    s_ctx_t *x = p;
+    return gpu_nccl_allreduce_buckets_bg(x->c, x->bufs, x->lens, x->ntens, 0) != SEMOE_OK ||
+           s_ours_a2a(p);
+}
+
 static void s_report(const char *coll, const char *impl, size_t bytes, float ms, double factor)
 {
     double bus = ms > 0 ? bytes * factor / (ms * 1e6) : 0.0;
@@ -122,6 +135,59 @@ static void s_report(const char *coll, const char *impl, size_t bytes, float ms,
     fflush(stdout);
     if (s_json)
         fprintf(s_json, "%s\n", line);
+}
+
+/* The all-to-all's buffers: `bytes` in all, as much to every rank. */
+static void s_rows(s_ctx_t *x, size_t bytes)
+{
+    x->per = bytes / s_world;
+    x->send = gpu_alloc(x->per * s_world);
+    x->recv = gpu_alloc(x->per * s_world);
+    gpu_zero(x->send, x->per * s_world);
+    for (int r = 0; r < s_world; r++)
+        x->sb[r] = x->per, x->so[r] = r * x->per;
+}
+
+static void s_rows_free(s_ctx_t *x)
+{
+    gpu_free(x->send);
+    gpu_free(x->recv);
+}
+
+/* The dense gradients, `total` fp32: one slab in pieces of a transformer's tensor sizes, every
+ * fifth tensor elsewhere (packed into a bucket), as a trainer's would be. */
+static void s_grads(s_ctx_t *x, size_t total)
+{
+    const size_t sizes[] = {2048 * 2048, 2048 * 512, 2048, 2048 * 512, 2048 * 2048, 2048};
+    size_t cap = 4096, used = 0;
+    x->lens = calloc(cap, sizeof *x->lens);
+    x->bufs = calloc(cap, sizeof *x->bufs);
+    x->ntens = 0;
+    while (used < total && x->ntens < (int)cap) {
+        size_t l = sizes[x->ntens % 6];
+        l = l < total - used ? l : total - used;
+        x->lens[x->ntens++] = l;
+        used += l;
+    }
+    x->flat = gpu_alloc(total * sizeof(float));
+    gpu_zero(x->flat, total * sizeof(float));
+    size_t o = 0;
+    for (int t = 0; t < x->ntens; o += x->lens[t++]) {
+        x->bufs[t] = t % 5 == 4 ? gpu_alloc(x->lens[t] * sizeof(float)) : x->flat + o;
+        if (t % 5 == 4)
+            gpu_zero(x->bufs[t], x->lens[t] * sizeof(float));
+    }
+    x->nflat = total;
+}
+
+static void s_grads_free(s_ctx_t *x)
+{
+    for (int t = 0; t < x->ntens; t++)
+        if (t % 5 == 4)
+            gpu_free(x->bufs[t]);
+    gpu_free(x->flat);
+    free(x->lens);
+    free(x->bufs);
 }
 
 static void *s_rank_main(void *arg)
@@ -143,59 +209,44 @@ static void *s_rank_main(void *arg)
     }
     double n = s_world, fa = (n - 1) / n, fr = 2 * (n - 1) / n;
     for (size_t s = 0; s < sizeof s_a2a_mib / sizeof s_a2a_mib[0]; s++) {
-        size_t bytes = s_a2a_mib[s] << 20;
-        x.per = bytes / s_world;
-        x.send = gpu_alloc(x.per * s_world);
-        x.recv = gpu_alloc(x.per * s_world);
-        gpu_zero(x.send, x.per * s_world);
-        for (int r = 0; r < s_world; r++)
-            x.sb[r] = x.per, x.so[r] = r * x.per;
+        s_rows(&x, s_a2a_mib[s] << 20);
         float ours = s_time(s_ours_a2a, &x, x.c), ref = s_time(s_nccl_a2a, &x, x.c);
         if (R->rank == 0) {
             s_report("alltoall", "nccl", x.per * s_world, ref, fa);
             s_report("alltoall", "semoe", x.per * s_world, ours, fa);
         }
         R->failed |= ours < 0 || ref < 0;
-        gpu_free(x.send);
-        gpu_free(x.recv);
+        s_rows_free(&x);
     }
-    /* the dense gradients: one slab in pieces of a transformer's tensor sizes, every fifth
-     * tensor elsewhere (packed into a bucket), as a trainer's would be */
     for (size_t s = 0; s < sizeof s_ar_mib / sizeof s_ar_mib[0]; s++) {
         size_t total = (s_ar_mib[s] << 20) / sizeof(float);
-        const size_t sizes[] = {2048 * 2048, 2048 * 512, 2048, 2048 * 512, 2048 * 2048, 2048};
-        size_t cap = 4096, used = 0;
-        x.lens = calloc(cap, sizeof *x.lens);
-        x.bufs = calloc(cap, sizeof *x.bufs);
-        x.ntens = 0;
-        while (used < total && x.ntens < (int)cap) {
-            size_t l = sizes[x.ntens % 6];
-            l = l < total - used ? l : total - used;
-            x.lens[x.ntens++] = l;
-            used += l;
-        }
-        x.flat = gpu_alloc(total * sizeof(float));
-        gpu_zero(x.flat, total * sizeof(float));
-        size_t o = 0;
-        for (int t = 0; t < x.ntens; o += x.lens[t++]) {
-            x.bufs[t] = t % 5 == 4 ? gpu_alloc(x.lens[t] * sizeof(float)) : x.flat + o;
-            if (t % 5 == 4)
-                gpu_zero(x.bufs[t], x.lens[t] * sizeof(float));
-        }
-        x.nflat = total;
+        s_grads(&x, total);
         float ours = s_time(s_ours_ar, &x, x.c), ref = s_time(s_nccl_ar, &x, x.c);
         if (R->rank == 0) {
             s_report("allreduce", "nccl", total * sizeof(float), ref, fr);
             s_report("allreduce", "semoe", total * sizeof(float), ours, fr);
         }
         R->failed |= ours < 0 || ref < 0;
-        for (int t = 0; t < x.ntens; t++)
-            if (t % 5 == 4)
-                gpu_free(x.bufs[t]);
-        gpu_free(x.flat);
-        free(x.lens);
-        free(x.bufs);
+        s_grads_free(&x);
     }
+    s_rows(&x, (size_t)128 << 20);
+    s_grads(&x, ((size_t)256 << 20) / sizeof(float));
+    float a2a = s_time(s_ours_a2a, &x, x.c), ar = s_time(s_ours_ar, &x, x.c);
+    float both = s_time(s_beside, &x, x.c);
+    if (R->rank == 0) {
+        char line[256];
+        snprintf(line, sizeof line,
+                 "{\"coll\": \"alltoall_beside_allreduce\", \"impl\": \"semoe\", \"gpus\": %d, "
+                 "\"bytes\": %zu, \"allreduce_bytes\": %zu, \"ms\": %.3f, \"alone_ms\": %.3f, "
+                 "\"allreduce_ms\": %.3f}", s_world, x.per * s_world, x.nflat * sizeof(float),
+                 both, a2a, ar);
+        puts(line);
+        if (s_json)
+            fprintf(s_json, "%s\n", line);
+    }
+    R->failed |= a2a < 0 || ar < 0 || both < 0;
+    s_rows_free(&x);
+    s_grads_free(&x);
     gpu_nccl_destroy(&x.c);
     return NULL;
 }

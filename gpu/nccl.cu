@@ -2,7 +2,12 @@
  * s_settle polls until it has taken effect), collectives on the communicator's own stream
  * between two events, and bounded waits. A failure revokes the communicator (its in-flight
  * work stopped, the communicator kept so that survivors can shrink it); if even that does not
- * settle in time, it is aborted outright. */
+ * settle in time, it is aborted outright.
+ *
+ * The background lane: a second communicator split from the first (same ranks, same order)
+ * with a stream of its own, made by the first background call. It is a gpu_nccl_t too, whose
+ * `parent` is the communicator it serves: it stops when the parent is asked to, and a failure
+ * of either breaks both. */
 #include "gpu/nccl.h"
 #include "gpu/stream.h"
 
@@ -31,14 +36,25 @@ struct gpu_nccl {
     float *bucket; /* gpu_nccl_allreduce_buckets' packing buffer */
     size_t bucket_floats;
     uint64_t a2a_out, ar_floats;
+    gpu_nccl_t *lane;   /* the background lane, NULL until the first background call */
+    gpu_nccl_t *parent; /* on a lane: the communicator it serves */
 };
 
 namespace {
 
-/* Whether a waiter on c should stop: gpu_nccl_abort, or the interrupt callback. */
+/* Whether c (or, on a lane, its parent) was asked to abort. */
+bool s_aborting(const gpu_nccl_t *c)
+{
+    gpu_nccl_t *m = const_cast<gpu_nccl_t *>(c);
+    return m->abort_req.load() || (m->parent && m->parent->abort_req.load());
+}
+
+/* Whether a waiter on c should stop: gpu_nccl_abort, or the interrupt callback (a lane's is
+ * its parent's). */
 bool s_stop(const gpu_nccl_t *c)
 {
-    return const_cast<gpu_nccl_t *>(c)->abort_req.load() || (c->intr && c->intr(c->intr_arg));
+    const gpu_nccl_t *o = c->parent ? c->parent : c;
+    return s_aborting(c) || (o->intr && o->intr(o->intr_arg));
 }
 
 /* What an NCCL error means to a caller: a peer or the network gone (SEMOE_EIO: a comm fault,
@@ -97,6 +113,12 @@ semoe_rc s_break(gpu_nccl_t *c, semoe_rc code, const char *fmt, ...)
             ncclCommAbort(c->comm);
             c->comm = NULL;
         }
+        /* the lane and its parent fail together (each call below returns at once if the other
+         * is broken already) */
+        if (c->lane)
+            s_break(c->lane, code, "its communicator failed: %s", c->why);
+        if (c->parent)
+            s_break(c->parent, code, "its background lane failed: %s", c->why);
     }
     return semoe_err(code, "nccl rank %d of %d: %s", c->rank, c->world, c->why);
 }
@@ -138,7 +160,7 @@ semoe_rc s_begin(gpu_nccl_t *c)
 {
     if (c->broken)
         return s_broken(c);
-    if (c->abort_req.load())
+    if (s_aborting(c))
         return s_break(c, SEMOE_ESTOPPED, "aborted");
     GPU_CHECK(cudaEventRecord(c->ready, gpu_stream()));
     GPU_CHECK(cudaStreamWaitEvent(c->st, c->ready, 0));
@@ -221,6 +243,78 @@ semoe_rc s_made(ncclComm_t comm, ncclResult_t r, int rank, int world, int timeou
                      ncclGetErrorString(r), last);
 }
 
+/* c's background lane, split from it by the first call that needs one (every rank makes that
+ * call at the same point: ncclCommSplit is a collective of c). A lane that cannot be made
+ * breaks c. */
+semoe_rc s_lane(gpu_nccl_t *c, gpu_nccl_t **out)
+{
+    *out = c->lane;
+    if (c->lane)
+        return SEMOE_OK;
+    if (c->broken)
+        return s_broken(c);
+    if (s_aborting(c))
+        return s_break(c, SEMOE_ESTOPPED, "aborted");
+    ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+    cfg.blocking = 0;
+    ncclComm_t comm = NULL;
+    ncclResult_t r = ncclCommSplit(c->comm, 0, c->rank, &comm, &cfg);
+    if (!comm)
+        return s_break(c, s_code(r), "ncclCommSplit (the background lane): %s (%s)",
+                       ncclGetErrorString(r), ncclGetLastError(c->comm));
+    semoe_rc rc = s_made(comm, r, c->rank, c->world, c->timeout_ms,
+                         "ncclCommSplit (the background lane)", c->intr, c->intr_arg);
+    if (rc == SEMOE_OK)
+        rc = s_settle(c, "ncclCommSplit", c->timeout_ms);
+    if (rc != SEMOE_OK) /* the ranks no longer agree on what comes next */
+        return s_break(c, rc, "%s", semoe_err_msg());
+    c->lane = s_wrap(comm, c->timeout_ms);
+    c->lane->parent = c;
+    *out = c->lane;
+    return SEMOE_OK;
+}
+
+/* Drops c's lane (aborted: whatever it was running is lost), keeping what it moved. */
+void s_drop_lane(gpu_nccl_t *c)
+{
+    gpu_nccl_t *l = c->lane;
+    if (!l)
+        return;
+    c->lane = NULL;
+    c->a2a_out += l->a2a_out;
+    c->ar_floats += l->ar_floats;
+    if (l->comm)
+        ncclCommAbort(l->comm);
+    s_free(l);
+}
+
+/* Waits until the work enqueued on c's own stream so far is done (see gpu_nccl_wait). */
+semoe_rc s_wait(gpu_nccl_t *c, int timeout_ms)
+{
+    if (c->broken)
+        return s_broken(c);
+    double t0 = s_now_ms();
+    for (;;) {
+        cudaError_t e = cudaEventQuery(c->done);
+        if (e == cudaSuccess)
+            return SEMOE_OK;
+        if (e != cudaErrorNotReady)
+            return s_break(c, SEMOE_ECUDA, "waiting: %s", cudaGetErrorString(e));
+        ncclResult_t st = ncclSuccess;
+        if (ncclCommGetAsyncError(c->comm, &st) != ncclSuccess ||
+            (st != ncclSuccess && st != ncclInProgress))
+            return s_break(c, s_code(st), "waiting: %s (%s)", ncclGetErrorString(st),
+                           ncclGetLastError(c->comm));
+        if (s_stop(c))
+            return s_break(c, SEMOE_ESTOPPED, "waiting: aborted");
+        if (s_now_ms() - t0 > timeout_ms)
+            return s_break(c, SEMOE_ETIMEDOUT,
+                           "a collective not done after %d ms (a rank dead or silent)",
+                           timeout_ms);
+        s_nap();
+    }
+}
+
 } // namespace
 
 extern "C" semoe_rc gpu_nccl_unique_id(uint8_t id[GPU_NCCL_ID_BYTES])
@@ -275,6 +369,7 @@ extern "C" semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, in
                              "is out of range, repeated or this rank", c->rank, c->world,
                              exclude[i]);
     }
+    s_drop_lane(c); /* a new one is split from the result when needed */
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
     ncclComm_t comm = NULL;
@@ -405,12 +500,16 @@ extern "C" semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs
 extern "C" semoe_rc gpu_nccl_allreduce_buckets_bg(gpu_nccl_t *c, float *const *bufs,
                                                   const size_t *lens, int n, size_t bucket_bytes)
 {
-    return s_buckets(c, bufs, lens, n, bucket_bytes, false);
+    gpu_nccl_t *lane;
+    SEMOE_CHECK(s_lane(c, &lane));
+    return s_buckets(lane, bufs, lens, n, bucket_bytes, false);
 }
 
 extern "C" void gpu_nccl_join(gpu_nccl_t *c)
 {
     GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), c->done, 0));
+    if (c->lane)
+        GPU_CHECK(cudaStreamWaitEvent(gpu_stream(), c->lane->done, 0));
 }
 
 namespace {
@@ -480,28 +579,17 @@ semoe_rc s_buckets(gpu_nccl_t *c, float *const *bufs, const size_t *lens, int n,
 
 extern "C" semoe_rc gpu_nccl_wait(gpu_nccl_t *c, int timeout_ms)
 {
-    if (c->broken)
-        return s_broken(c);
     double t0 = s_now_ms();
-    for (;;) {
-        cudaError_t e = cudaEventQuery(c->done);
-        if (e == cudaSuccess)
-            return SEMOE_OK;
-        if (e != cudaErrorNotReady)
-            return s_break(c, SEMOE_ECUDA, "waiting: %s", cudaGetErrorString(e));
-        ncclResult_t st = ncclSuccess;
-        if (ncclCommGetAsyncError(c->comm, &st) != ncclSuccess ||
-            (st != ncclSuccess && st != ncclInProgress))
-            return s_break(c, s_code(st), "waiting: %s (%s)", ncclGetErrorString(st),
-                           ncclGetLastError(c->comm));
-        if (s_stop(c))
-            return s_break(c, SEMOE_ESTOPPED, "waiting: aborted");
-        if (s_now_ms() - t0 > timeout_ms)
-            return s_break(c, SEMOE_ETIMEDOUT,
-                           "a collective not done after %d ms (a rank dead or silent)",
-                           timeout_ms);
-        s_nap();
-    }
+    SEMOE_CHECK(s_wait(c, timeout_ms));
+    if (!c->lane)
+        return SEMOE_OK;
+    int left = timeout_ms - (int)(s_now_ms() - t0);
+    return s_wait(c->lane, left > 1 ? left : 1);
+}
+
+extern "C" semoe_rc gpu_nccl_wait_fg(gpu_nccl_t *c, int timeout_ms)
+{
+    return s_wait(c, timeout_ms);
 }
 
 extern "C" void gpu_nccl_abort(gpu_nccl_t *c)
@@ -516,6 +604,12 @@ extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
         return;
     gpu_nccl_t *c = *c_p;
     *c_p = NULL;
+    if (c->lane && !c->broken && !c->abort_req.load()) { /* flushed and finalised first */
+        c->a2a_out += c->lane->a2a_out;
+        c->ar_floats += c->lane->ar_floats;
+        gpu_nccl_destroy(&c->lane);
+    }
+    s_drop_lane(c); /* a broken or aborting communicator's: aborted */
     /* broken or asked to abort: no flush (peers may be gone), straight to the abort */
     ncclResult_t fr = c->broken || c->abort_req.load() ? ncclInvalidUsage
                                                        : ncclCommFinalize(c->comm);
@@ -552,8 +646,9 @@ extern "C" semoe_rc gpu_nccl_ref_allreduce(gpu_nccl_t *c, float *buf, size_t n)
 extern "C" void gpu_nccl_traffic(const gpu_nccl_t *c, uint64_t *a2a_bytes_out,
                                  uint64_t *allreduce_floats)
 {
+    const gpu_nccl_t *l = c->lane;
     if (a2a_bytes_out)
-        *a2a_bytes_out = c->a2a_out;
+        *a2a_bytes_out = c->a2a_out + (l ? l->a2a_out : 0);
     if (allreduce_floats)
-        *allreduce_floats = c->ar_floats;
+        *allreduce_floats = c->ar_floats + (l ? l->ar_floats : 0);
 }

@@ -103,17 +103,23 @@ semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs, const siz
                                     int n, size_t bucket_bytes);
 
 /* gpu_nccl_allreduce_buckets in the background: ordered after the caller's stream as every
- * call is, but the caller's stream does not wait for it (its next kernels may not touch bufs
- * until gpu_nccl_join, or until a later call of c that is not in the background, which joins
- * everything before it too: c's stream runs its work in order). */
+ * call is, but the caller's stream does not wait for it: its next kernels may not touch bufs
+ * until gpu_nccl_join. It runs on c's background lane, a second communicator of the same
+ * ranks (split from c by the first background call, which every rank makes at the same point)
+ * with a stream of its own, so that the calls of c that follow (e.g. the expert rows' all-to-all
+ * of the next layer in backward) go beside it rather than after it. Background calls run in
+ * order among themselves. A failure of the lane breaks c, and the other way round. */
 semoe_rc gpu_nccl_allreduce_buckets_bg(gpu_nccl_t *c, float *const *bufs, const size_t *lens,
                                        int n, size_t bucket_bytes);
-/* Makes the caller's stream wait for everything enqueued on c so far. */
+/* Makes the caller's stream wait for everything enqueued on c so far, the background too. */
 void gpu_nccl_join(gpu_nccl_t *c);
 
-/* Waits until every collective enqueued on c so far has finished, polling NCCL's errors and
- * the abort flag; at most timeout_ms (then SEMOE_ETIMEDOUT and c aborted). */
+/* Waits until every collective enqueued on c so far has finished (the background ones too),
+ * polling NCCL's errors and the abort flag; at most timeout_ms (then SEMOE_ETIMEDOUT and c
+ * aborted). */
 semoe_rc gpu_nccl_wait(gpu_nccl_t *c, int timeout_ms);
+/* The same for the calls not in the background only: the background lane goes on. */
+semoe_rc gpu_nccl_wait_fg(gpu_nccl_t *c, int timeout_ms);
 
 /* Asks c to abort: safe from any thread (a signal handler's excepted). A thread waiting in
  * gpu_nccl_new, gpu_nccl_wait or gpu_nccl_shrink returns SEMOE_ESTOPPED within a

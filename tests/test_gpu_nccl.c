@@ -7,9 +7,11 @@
  *     through gpu_nccl_sendrecv in two pieces a pair (local copy for this rank's own);
  *   - all-reduce and bucketed all-reduce (tensors adjacent in one slab, scattered, one larger
  *     than the bucket; a small bucket so that several go) against the sum in double, 1e-6;
+ *     the buckets again in the background (on the lane split from the communicator) with an
+ *     all-reduce enqueued beside them and waited for alone (gpu_nccl_wait_fg), both 1e-6;
  *   - a rank that never joins a collective: the others return SEMOE_ETIMEDOUT within the
  *     timeout (plus the revoke's bound), the communicator broken and every later call failing
- *     at once; the survivors shrink it without the silent rank and all-reduce on the result;
+ *     at once, in the background too; the survivors shrink it without the silent rank and all-reduce on the result;
  *   - gpu_nccl_abort from another thread ends a wait with SEMOE_ESTOPPED, long before its
  *     timeout;
  *   - a rank process killed (SIGKILL) after enqueueing its part: the survivor's wait returns an
@@ -97,9 +99,11 @@ typedef struct {
     int p2p_ok;                /* the same through gpu_nccl_sendrecv */
     size_t a2a_bad_at;         /* first wrong byte's offset when not */
     double ar_err, bk_err;     /* all-reduce and bucketed, against double */
+    double bg_err, fg_err;     /* bucketed in the background, and an all-reduce beside it */
     semoe_rc silent_rc;        /* the collective a rank did not join (ranks > 0) */
     double silent_ms;
     semoe_rc after_rc;         /* a call on the broken communicator */
+    semoe_rc after_bg_rc;      /* and one in the background (its lane broken with it) */
     double after_ms;
     semoe_rc shrink_rc;
     double shrink_err;         /* the all-reduce on the shrunk communicator */
@@ -199,6 +203,20 @@ static int s_a2a_check(s_rank_t *R, const uint8_t *got, const size_t *rb, const 
     return 1;
 }
 
+/* The worst error of the bucketed tensors (s_reduces' layout) against the sum. */
+static double s_buckets_err(float *const *bufs)
+{
+    double worst = 0.0;
+    size_t off = 0;
+    for (int t = 0; t < S_NTENS; off += s_lens[t++]) {
+        float *g = test_gpu_downf(bufs[t], s_lens[t]);
+        double e = s_err_vs_sum(g, off, s_lens[t], s_world);
+        worst = e > worst ? e : worst;
+        free(g);
+    }
+    return worst;
+}
+
 static void s_reduces(s_rank_t *R, gpu_nccl_t *c)
 {
     int me = R->rank;
@@ -228,18 +246,34 @@ static void s_reduces(s_rank_t *R, gpu_nccl_t *c)
         s_fail(R, rc, "bucketed all-reduce");
         return;
     }
-    double worst = 0.0;
+    R->bk_err = s_buckets_err(bufs);
+    /* again in the background (the lane split from c now), with a foreground all-reduce
+     * enqueued beside it and waited for on its own; then joined */
     off = 0;
-    for (int t = 0; t < S_NTENS; off += s_lens[t++]) {
-        float *g = test_gpu_downf(bufs[t], s_lens[t]);
-        double e = s_err_vs_sum(g, off, s_lens[t], s_world);
-        worst = e > worst ? e : worst;
-        free(g);
-        if (t >= 3)
-            gpu_free(bufs[t]);
+    for (int t = 0; t < S_NTENS; off += s_lens[t++])
+        gpu_to_device(bufs[t], s_vals[me] + off, s_lens[t] * sizeof(float));
+    d = test_gpu_upf(s_vals[me], s_total);
+    rc = gpu_nccl_allreduce_buckets_bg(c, bufs, s_lens, S_NTENS, (size_t)1 << 20);
+    if (rc == SEMOE_OK)
+        rc = gpu_nccl_allreduce_sum(c, d, s_total);
+    if (rc == SEMOE_OK)
+        rc = gpu_nccl_wait_fg(c, S_TIMEOUT);
+    if (rc == SEMOE_OK) {
+        h = test_gpu_downf(d, s_total);
+        R->fg_err = s_err_vs_sum(h, 0, s_total, s_world);
+        free(h);
+        gpu_nccl_join(c);
+        rc = gpu_nccl_wait(c, S_TIMEOUT);
     }
+    if (rc != SEMOE_OK) {
+        s_fail(R, rc, "bucketed all-reduce in the background");
+        return;
+    }
+    R->bg_err = s_buckets_err(bufs);
+    for (int t = 3; t < S_NTENS; t++)
+        gpu_free(bufs[t]);
     gpu_free(slab);
-    R->bk_err = worst;
+    gpu_free(d);
 }
 
 /* Rank 0 stays out of one all-reduce; the others time out. Then the others shrink the
@@ -264,6 +298,8 @@ static void s_silent(s_rank_t *R, gpu_nccl_t **cp)
     R->silent_ms = s_ms() - t0;
     t0 = s_ms();
     R->after_rc = gpu_nccl_allreduce_sum(c, d, 1);
+    size_t one = 1;
+    R->after_bg_rc = gpu_nccl_allreduce_buckets_bg(c, &d, &one, 1, 0);
     R->after_ms = s_ms() - t0;
     pthread_barrier_wait(&s_bar);
     pthread_barrier_wait(&s_bar); /* rank 0 is gone */
@@ -564,13 +600,16 @@ int main(int argc, char **argv)
         CHECK(R->rc == SEMOE_OK, "%s", R->err);
         if (R->rc != SEMOE_OK)
             continue;
-        printf("rank %d: all-to-all %s, send/receive %s; all-reduce rel %.2e, bucketed %.2e\n",
-               r, R->a2a_ok ? "bit-exact" : "WRONG", R->p2p_ok ? "bit-exact" : "WRONG",
-               R->ar_err, R->bk_err);
+        printf("rank %d: all-to-all %s, send/receive %s; all-reduce rel %.2e, bucketed %.2e; "
+               "in the background %.2e beside an all-reduce %.2e\n", r,
+               R->a2a_ok ? "bit-exact" : "WRONG", R->p2p_ok ? "bit-exact" : "WRONG", R->ar_err,
+               R->bk_err, R->bg_err, R->fg_err);
         CHECK(R->a2a_ok, "rank %d: all-to-all byte %zu differs", r, R->a2a_bad_at);
         CHECK(R->p2p_ok, "rank %d: send/receive byte %zu differs", r, R->a2a_bad_at);
         CHECK(R->ar_err <= S_TOL, "rank %d: all-reduce rel %.3g", r, R->ar_err);
         CHECK(R->bk_err <= S_TOL, "rank %d: bucketed all-reduce rel %.3g", r, R->bk_err);
+        CHECK(R->bg_err <= S_TOL && R->fg_err <= S_TOL, "rank %d: in the background rel %.3g, "
+              "the all-reduce beside it %.3g", r, R->bg_err, R->fg_err);
         if (r == 0)
             continue;
         printf("rank %d: without rank 0: rc %d after %.0f ms; next call rc %d after %.1f ms; "
@@ -581,8 +620,9 @@ int main(int argc, char **argv)
               r, (int)R->silent_rc);
         CHECK(R->silent_ms < S_SHORT + S_SETTLE + 3000, "rank %d: timing out took %.0f ms", r,
               R->silent_ms);
-        CHECK(R->after_rc != SEMOE_OK && R->after_ms < 100, "rank %d: a call on the broken "
-              "communicator gave %d after %.1f ms", r, (int)R->after_rc, R->after_ms);
+        CHECK(R->after_rc != SEMOE_OK && R->after_bg_rc != SEMOE_OK && R->after_ms < 100,
+              "rank %d: calls on the broken communicator gave %d and %d (background) after "
+              "%.1f ms", r, (int)R->after_rc, (int)R->after_bg_rc, R->after_ms);
         if (R->shrink_world < 0) {
             printf("rank %d: NCCL %d cannot revoke: shrink not tried\n", r, gpu_nccl_version());
             continue;

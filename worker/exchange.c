@@ -1120,7 +1120,8 @@ void worker_exchange_set_xfer(worker_exchange_t *x, const worker_xfer_t *xfer)
 }
 
 #if SEMOE_HAVE_CUDA
-/* The NCCL transport: one gpu_nccl_sendrecv group, waited for. */
+/* The NCCL transport: one gpu_nccl_sendrecv group, waited for (not the reductions that
+ * backward started in the background: they go on beside the rows). */
 static semoe_rc s_nccl_run(void *state, const worker_xfer_op_t *ops, int n, int timeout_ms)
 {
     _Static_assert(sizeof(worker_xfer_op_t) == sizeof(gpu_nccl_op_t) &&
@@ -1131,7 +1132,7 @@ static semoe_rc s_nccl_run(void *state, const worker_xfer_op_t *ops, int n, int 
                    "the same transfers");
     gpu_nccl_t *c = state;
     semoe_rc rc = gpu_nccl_sendrecv(c, (const gpu_nccl_op_t *)ops, n);
-    return rc == SEMOE_OK ? gpu_nccl_wait(c, timeout_ms) : rc;
+    return rc == SEMOE_OK ? gpu_nccl_wait_fg(c, timeout_ms) : rc;
 }
 
 void worker_exchange_set_nccl(worker_exchange_t *x, gpu_nccl_t *nccl)

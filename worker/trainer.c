@@ -289,7 +289,7 @@ static semoe_rc s_dense_allreduce(s_tr_t *self, int layer, bool join)
     if (k > 0)
         rc = join ? gpu_nccl_allreduce_buckets(self->nccl, bufs, lens, k, 0)
                   : gpu_nccl_allreduce_buckets_bg(self->nccl, bufs, lens, k, 0);
-    else if (join)
+    if (join) /* the background's too */
         gpu_nccl_join(self->nccl);
     free(bufs);
     free(lens);
