@@ -3,10 +3,12 @@
 # 5's 2.3 B MoE (8 layers, hidden 2048, 16 heads / 4 kv heads, 8 experts of 5632, top-2, vocab
 # 32000, seq 2048) in bf16 with train.collectives nccl, 32 sequences per GPU a step (tokens per
 # GPU fixed), every expert on every worker (elastic.min_replicas = the workers: data parallel),
-# the dense gradients and the experts' all-reduced layer by layer during backward over NCCL. Per run: tokens/s over the steps after the warm-up (step time the
-# slowest worker's), per GPU, the efficiency against one GPU, and MFU (6 x active parameters x
-# tokens + attention, over the dense bf16 GEMM rate bench/dense_sustained.py holds on the same
-# machine first). From the repo root on the GPU machine (kind nvidia-h200-x2 or larger), after
+# the dense gradients and the experts' all-reduced layer by layer during backward over NCCL.
+# Per run: tokens/s over the steps after the warm-up (a step's time the slowest worker's, from
+# the end of its last step to the end of this one: the whole loop, data and control included),
+# per GPU, the efficiency against one GPU, and MFU (bench_train_gpu's FLOPs per token,
+# 6 (N_active - V D) + 6 L H hd T, over the dense bf16 GEMM rate bench/dense_sustained.py holds
+# on the same machine first). The logs go into $OUT/gpu-scale-files.tgz. From the repo root on the GPU machine (kind nvidia-h200-x2 or larger), after
 # ../shared/device/prepare.sh fortunes-min fortunes:
 #   source .device/on-device.sh && SEMOE_COMMIT=<hash> GPUS="1 2" bash bench/gpu-scale.sh
 # MODE=ep (default dp): the experts split over the workers instead (elastic.min_replicas 1,
@@ -17,6 +19,11 @@ out=${OUT:-/tmp/semoe-gpu-out}
 build=${BUILD:-build-rel}
 mkdir -p "$out"
 exec > >(tee "$out/gpu-scale.log") 2>&1
+pack() { # everything but the log into one archive: the device tool brings back few files
+  (cd "$out" && ls | grep -vE '^gpu-scale(\.log|-files\.tgz)$' |
+     tar czf gpu-scale-files.tgz --remove-files -T - 2>/dev/null)
+}
+trap pack EXIT
 export NCCL_NVLS_ENABLE=0
 STEPS=${STEPS:-8}
 MODE=${MODE:-dp}
@@ -52,17 +59,18 @@ job["elastic"].update(min_replicas=1 if ep else n, threshold=1e9)
 json.dump(job, open(sys.argv[2], "w"), indent=1)
 PY
   ctl="tcp://127.0.0.1:$(port)" st="tcp://127.0.0.1:$(port)" met="127.0.0.1:$(port)"
-  "$build"/coordinator/semoe-coordinator --config "$out/job-$n.json" --bind "$ctl" \
+  # bounded: a worker that dies (out of memory, say) leaves the coordinator waiting for it
+  timeout 240 "$build"/coordinator/semoe-coordinator --config "$out/job-$n.json" --bind "$ctl" \
       --status "$st" --metrics "$met" 2>"$out/coordinator-$n.log" &
   cpid=$!
   pids=()
   for ((i = 0; i < n; i++)); do
-    timeout 400 "$build"/worker/semoe-worker --coordinator "$ctl" --device "cuda:$i" \
+    timeout 240 "$build"/worker/semoe-worker --coordinator "$ctl" --device "cuda:$i" \
         --id "g$n-w$i" --metrics-log "$out/train-$n-w$i.jsonl" 2>"$out/worker-$n-w$i.log" &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
-  wait $cpid
+  sleep 1; kill $cpid 2>/dev/null; wait $cpid
   echo "== $n GPU(s) done, ${SECONDS}s"
   grep -hE " E |NCCL communicator" "$out"/worker-$n-w*.log | head -4
 done
@@ -71,14 +79,17 @@ import glob, json, os, statistics, sys
 out, gpus, warm = sys.argv[1], [int(x) for x in sys.argv[2].split()], int(sys.argv[3])
 L, d, f, E, k, V, H, KV, hd, T = 8, 2048, 5632, 8, 2, 32000, 16, 4, 128, 2048
 active = 2 * V * d + L * (d * (H + 2 * KV) * hd + H * hd * d + 2 * d + d * E + k * 3 * d * f) + d
-flops_tok = 6 * active + 12 * L * T * H * hd / 2  # causal attention: half the score matrix
+flops_tok = 6 * (active - V * d) + 6 * L * H * hd * T  # bench_train_gpu's: no embedding lookup
 dense = json.load(open(f"{out}/dense.json")).get("tflops") if os.path.exists(f"{out}/dense.json") else None
 rows, base = [], None
 for n in gpus:
     per = {}
     for p in glob.glob(f"{out}/train-{n}-w*.jsonl"):
+        last = None
         for l in map(json.loads, open(p)):
-            per.setdefault(l["step"], []).append(l["step_time_s"])
+            if last is not None:
+                per.setdefault(l["step"], []).append(l["time"] - last)
+            last = l["time"]
     steps = [s for s in sorted(per) if s > warm and len(per[s]) == n]
     if not steps:
         print(f"{n} GPU(s): no complete step after the warm-up")

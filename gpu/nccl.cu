@@ -36,6 +36,7 @@ struct gpu_nccl {
     float *bucket; /* gpu_nccl_allreduce_buckets' packing buffer */
     size_t bucket_floats;
     uint64_t a2a_out, ar_floats;
+    ncclComm_t child;   /* where ncclCommSplit / ncclCommShrink put theirs (see s_child) */
     gpu_nccl_t *lane;   /* the background lane, NULL until the first background call */
     gpu_nccl_t *parent; /* on a lane: the communicator it serves */
 };
@@ -243,6 +244,37 @@ semoe_rc s_made(ncclComm_t comm, ncclResult_t r, int rank, int world, int timeou
                      ncclGetErrorString(r), last);
 }
 
+/* After ncclCommSplit or ncclCommShrink on c (r, its result) into c->child: with a non-blocking
+ * c, NCCL makes the child on a thread of its own and only writes it there once done, c's state
+ * in progress meanwhile. Polls for it, bounded by timeout_ms; a failure breaks c. */
+semoe_rc s_child(gpu_nccl_t *c, ncclResult_t r, const char *what, int timeout_ms,
+                 ncclComm_t *out)
+{
+    *out = NULL;
+    if (r != ncclSuccess && r != ncclInProgress)
+        return semoe_err(s_code(r), "nccl rank %d of %d: %s: %s (%s)", c->rank, c->world, what,
+                         ncclGetErrorString(r), ncclGetLastError(c->comm));
+    double t0 = s_now_ms();
+    for (;;) {
+        ncclComm_t got = __atomic_load_n(&c->child, __ATOMIC_ACQUIRE);
+        ncclResult_t st = ncclInProgress;
+        ncclResult_t q = ncclCommGetAsyncError(c->comm, &st);
+        if (q != ncclSuccess)
+            st = q;
+        if (got && st != ncclInProgress) {
+            *out = got;
+            return SEMOE_OK;
+        }
+        if (st != ncclSuccess && st != ncclInProgress)
+            return semoe_err(s_code(st), "nccl rank %d of %d: %s: %s (%s)", c->rank, c->world,
+                             what, ncclGetErrorString(st), ncclGetLastError(c->comm));
+        if (s_now_ms() - t0 > timeout_ms)
+            return semoe_err(SEMOE_ETIMEDOUT, "nccl rank %d of %d: %s: no communicator after "
+                             "%d ms", c->rank, c->world, what, timeout_ms);
+        s_nap();
+    }
+}
+
 /* c's background lane, split from it by the first call that needs one (every rank makes that
  * call at the same point: ncclCommSplit is a collective of c). A lane that cannot be made
  * breaks c. */
@@ -257,17 +289,15 @@ semoe_rc s_lane(gpu_nccl_t *c, gpu_nccl_t **out)
         return s_break(c, SEMOE_ESTOPPED, "aborted");
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
+    c->child = NULL;
+    ncclResult_t r = ncclCommSplit(c->comm, 0, c->rank, &c->child, &cfg);
     ncclComm_t comm = NULL;
-    ncclResult_t r = ncclCommSplit(c->comm, 0, c->rank, &comm, &cfg);
-    if (!comm)
-        return s_break(c, s_code(r), "ncclCommSplit (the background lane): %s (%s)",
-                       ncclGetErrorString(r), ncclGetLastError(c->comm));
-    semoe_rc rc = s_made(comm, r, c->rank, c->world, c->timeout_ms,
-                         "ncclCommSplit (the background lane)", c->intr, c->intr_arg);
+    semoe_rc rc = s_child(c, r, "ncclCommSplit (the background lane)", c->timeout_ms, &comm);
     if (rc == SEMOE_OK)
-        rc = s_settle(c, "ncclCommSplit", c->timeout_ms);
+        rc = s_made(comm, ncclInProgress, c->rank, c->world, c->timeout_ms,
+                    "ncclCommSplit (the background lane)", c->intr, c->intr_arg);
     if (rc != SEMOE_OK) /* the ranks no longer agree on what comes next */
-        return s_break(c, rc, "%s", semoe_err_msg());
+        return c->broken ? rc : s_break(c, rc, "%s", semoe_err_msg());
     c->lane = s_wrap(comm, c->timeout_ms);
     c->lane->parent = c;
     *out = c->lane;
@@ -300,9 +330,10 @@ semoe_rc s_wait(gpu_nccl_t *c, int timeout_ms)
             return SEMOE_OK;
         if (e != cudaErrorNotReady)
             return s_break(c, SEMOE_ECUDA, "waiting: %s", cudaGetErrorString(e));
-        ncclResult_t st = ncclSuccess;
-        if (ncclCommGetAsyncError(c->comm, &st) != ncclSuccess ||
-            (st != ncclSuccess && st != ncclInProgress))
+        ncclResult_t st = ncclSuccess, q = ncclCommGetAsyncError(c->comm, &st);
+        if (q != ncclSuccess)
+            st = q;
+        if (st != ncclSuccess && st != ncclInProgress)
             return s_break(c, s_code(st), "waiting: %s (%s)", ncclGetErrorString(st),
                            ncclGetLastError(c->comm));
         if (s_stop(c))
@@ -372,23 +403,23 @@ extern "C" semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, in
     s_drop_lane(c); /* a new one is split from the result when needed */
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
-    ncclComm_t comm = NULL;
+    c->child = NULL;
     /* a revoked parent is quiescent (DEFAULT); a live one may have work stuck on the excluded
      * ranks: ABORT terminates it first, and the parent is broken from then on */
-    ncclResult_t r = ncclCommShrink(c->comm, const_cast<int *>(exclude), n, &comm, &cfg,
+    ncclResult_t r = ncclCommShrink(c->comm, const_cast<int *>(exclude), n, &c->child, &cfg,
                                     c->broken ? NCCL_SHRINK_DEFAULT : NCCL_SHRINK_ABORT);
     if (!c->broken) {
         snprintf(c->why, sizeof c->why, "shrunk with its work aborted");
         c->code = SEMOE_ESTOPPED;
         c->broken = 1;
     }
-    if (!comm)
-        return semoe_err(SEMOE_ECUDA, "nccl rank %d of %d: ncclCommShrink: %s (%s)", c->rank,
-                         c->world, ncclGetErrorString(r), ncclGetLastError(c->comm));
+    ncclComm_t comm = NULL;
+    SEMOE_CHECK(s_child(c, r, "ncclCommShrink", timeout_ms, &comm));
     int world = c->world - n;
     /* not interruptible: the parent's abort flag or poke, which may be what broke it, would end
      * the shrink at once */
-    SEMOE_CHECK(s_made(comm, r, -1, world, timeout_ms, "ncclCommShrink", NULL, NULL));
+    SEMOE_CHECK(s_made(comm, ncclInProgress, -1, world, timeout_ms, "ncclCommShrink", NULL,
+                       NULL));
     *out = s_wrap(comm, timeout_ms);
     return SEMOE_OK;
 }

@@ -20,11 +20,15 @@
  *       and a new communicator of two (it logs steps of world 2); every step up to (1)'s last
  *       within 1e-5 of the reference, no step missing, every loss finite; the time from the
  *       kill to the first step of the new generation is printed.
- *   (3) (0) with the 2 workers on cuda:0 and cuda:1 over NCCL;
+ *   (3) (0) with the 2 workers on cuda:0 and cuda:1 over NCCL, within the issue's 1e-2;
  *   (4) bf16 on 2 GPUs over NCCL with every expert on both (elastic.min_replicas 2: data
  *       parallel, the replicas' gradient sums started layer by layer during backward) against
- *       (0)'s reference, within 1e-3.
- * Every worker of an NCCL run must say that its NCCL communicator came up. */
+ *       (0)'s reference, within 1e-2.
+ * Every worker of an NCCL run must say that its NCCL communicator came up, and with
+ * SEMOE_EMULATE_HOSTS set, that its expert rows go in two hops. When (1) fails, (2)-(4) are
+ * not tried (they would fail the same way, each after its timeouts). SEMOE_REQUIRE_GPUS=n makes
+ * fewer than n devices a failure rather than a skip (bench/gpu-nccl.sh sets it), and
+ * SEMOE_GPU_EP_PARTS (e.g. "1,3") runs only the parts it lists. */
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
@@ -42,15 +46,17 @@
 #include "tests/train_util.h"
 
 #define S_STEPS 20  /* the reference and (1) */
-#define S_LONG 400  /* (2): long enough for a death, a recovery and a join to happen mid-run */
+#define S_LONG 1500 /* (2): long enough for a death, a recovery and a join to happen mid-run
+                     * (its tiny fp32 steps take milliseconds each over NCCL) */
 #define S_MID 100   /* (5): as long, for its smaller steps on one GPU; short enough that bf16's
                      * drift (below) stays far inside the bound */
 #define S_EVAL 5
 #define S_TOL 1e-5
 #define S_TOL_BF16 1e-3      /* 20 steps of bf16 runs: (0) measured 1.6e-5 */
 #define S_TOL_BF16_LONG 1e-2 /* 100 steps: bf16 runs drift apart (s_against) */
-#define S_RUN_MS 180000   /* a whole run */
-#define S_STEP_MS 120000  /* until a step or a generation shows */
+#define S_RUN_MS 180000   /* a whole run of S_LONG or S_MID steps */
+#define S_RUN_SHORT_MS 60000 /* a whole run of S_STEPS (seconds on a GPU) */
+#define S_STEP_MS 60000   /* until a step or a generation shows */
 #define S_EXIT_MS 20000
 #define S_MAXW 3
 
@@ -66,6 +72,7 @@ typedef struct {
     int n;
     train_util_worker_t w[S_MAXW];
     int victim; /* killed, -1: none */
+    int run_ms; /* how long the whole run may take */
 } s_run_t;
 
 static double s_now(void)
@@ -92,6 +99,7 @@ static bool s_start(s_run_t *r, const char *name, int n, s_how_t how)
     r->name = name;
     r->collectives = how.collectives;
     r->victim = -1;
+    r->run_ms = how.steps > S_STEPS ? S_RUN_MS : S_RUN_SHORT_MS;
     char file[96], ck[PATH_MAX] = "";
     snprintf(file, sizeof file, "%s-ckpt", name);
     if (how.ckpt_interval)
@@ -136,11 +144,12 @@ static bool s_wait(s_run_t *r, uint64_t step, uint64_t gen)
     return false;
 }
 
-/* The coordinator exits 0, then every worker but the victim; reads the logs. */
+/* The coordinator exits 0, then every worker but the victim; reads the logs. A run that does
+ * not end so has its processes killed, so that none of it holds a GPU during the next runs. */
 static bool s_finish(s_run_t *r)
 {
     int st = 0;
-    bool exited = proc_wait(r->coord, S_RUN_MS, &st);
+    bool exited = proc_wait(r->coord, r->run_ms, &st);
     CHECK(exited && proc_exit_code(st) == 0, "%s: the coordinator %s (exit %d)", r->name,
           exited ? "exited" : "still runs", exited ? proc_exit_code(st) : -1);
     bool ok = exited && proc_exit_code(st) == 0;
@@ -153,10 +162,33 @@ static bool s_finish(s_run_t *r)
         ok = ok && gone && proc_exit_code(st) == 0;
         CHECK(!r->collectives || train_util_output_has(r->w[i].proc, "NCCL communicator of"),
               "%s: worker %s never said its NCCL communicator came up", r->name, r->w[i].id);
+        CHECK(!r->collectives || !getenv("SEMOE_EMULATE_HOSTS") ||
+                  train_util_output_has(r->w[i].proc, "the expert rows in two hops"),
+              "%s: worker %s never took two hops (SEMOE_EMULATE_HOSTS=%s)", r->name, r->w[i].id,
+              getenv("SEMOE_EMULATE_HOSTS"));
+    }
+    if (!ok) {
+        if (proc_running(r->coord))
+            proc_kill(r->coord);
+        for (int i = 0; i < r->n; i++)
+            if (i != r->victim && proc_running(r->w[i].proc))
+                proc_kill(r->w[i].proc);
     }
     for (int i = 0; i < r->n; i++)
         ok = train_util_read_log(&r->w[i], r->name) && ok;
     return ok;
+}
+
+/* Whether SEMOE_GPU_EP_PARTS (unset: every part) lists part k. */
+static bool s_part(int k)
+{
+    const char *only = getenv("SEMOE_GPU_EP_PARTS");
+    if (!only || !*only)
+        return true;
+    for (const char *c = only; *c; c++)
+        if (*c - '0' == k && (c == only || c[-1] == ',') && (c[1] == ',' || !c[1]))
+            return true;
+    return false;
 }
 
 /* Every line of every worker of r against the reference's line for its step (steps past the
@@ -257,14 +289,18 @@ int main(void)
         return 77;
     }
     test_init("gpu_ep");
+    proc_init("gpu_ep");
     s_seed = train_util_begin(s_corpus);
+    const char *req = getenv("SEMOE_REQUIRE_GPUS");
+    CHECK(!req || n >= atoi(req), "%d CUDA device(s), SEMOE_REQUIRE_GPUS=%s", n, req);
 
-    /* (0) bf16, experts split between two workers on one GPU, over ZeroMQ */
+    /* (0) bf16, experts split between two workers on one GPU, over ZeroMQ (the reference of
+     * (3) and (4) too) */
     const s_how_t bf16_1gpu = {.steps = S_STEPS, .bf16 = true, .one_gpu = true};
     s_run_t bref, bep;
     bool bok = s_start(&bref, "ref-bf16", 1, bf16_1gpu) && s_finish(&bref);
     CHECK(bok, "the bf16 reference run failed");
-    if (bok && s_start(&bep, "ep-bf16-1gpu", 2, bf16_1gpu) && s_finish(&bep)) {
+    if (bok && s_part(0) && s_start(&bep, "ep-bf16-1gpu", 2, bf16_1gpu) && s_finish(&bep)) {
         s_against(&bep, &bref, S_STEPS, S_TOL_BF16, S_STEPS);
         CHECK(s_rows_moved(&bep), "ep-bf16-1gpu: no rows went to another rank (no expert "
               "parallelism)");
@@ -277,11 +313,13 @@ int main(void)
     s_how_t long_1gpu = bf16_1gpu;
     long_1gpu.steps = S_MID;
     s_run_t blong, bel;
-    bool lok = s_start(&blong, "ref-bf16-long", 1, long_1gpu) && s_finish(&blong);
-    CHECK(lok, "the long bf16 reference run failed");
-    long_1gpu.ckpt_interval = 5;
-    if (lok && s_start(&bel, "crash-bf16-1gpu", 2, long_1gpu))
-        s_crash(&bel, &blong, S_MID, "cuda:0", S_TOL_BF16_LONG, S_STEPS);
+    if (s_part(5)) {
+        bool lok = s_start(&blong, "ref-bf16-long", 1, long_1gpu) && s_finish(&blong);
+        CHECK(lok, "the long bf16 reference run failed");
+        long_1gpu.ckpt_interval = 5;
+        if (lok && s_start(&bel, "crash-bf16-1gpu", 2, long_1gpu))
+            s_crash(&bel, &blong, S_MID, "cuda:0", S_TOL_BF16_LONG, S_STEPS);
+    }
 
     if (n < 2) {
         printf("gpu_ep: (1)-(4) skipped: %d CUDA device, they need 2\n", n);
@@ -293,29 +331,38 @@ int main(void)
     REQUIRE(ok, "the 1-GPU reference run failed");
 
     /* (1) experts split over two GPUs, NCCL */
-    if (s_start(&ep, "ep-2gpu", 2, (s_how_t){.collectives = "nccl", .steps = S_STEPS}) &&
-        s_finish(&ep))
+    int before = test_failures;
+    if (s_part(1) &&
+        s_start(&ep, "ep-2gpu", 2, (s_how_t){.collectives = "nccl", .steps = S_STEPS}) &&
+        s_finish(&ep)) {
         s_against(&ep, &ref, S_STEPS, S_TOL, S_STEPS);
+        CHECK(s_rows_moved(&ep), "ep-2gpu: no rows went to another rank");
+    }
+    if (test_failures > before) {
+        CHECK(false, "(2)-(4) not tried: (1), the first run over NCCL, failed");
+        return test_finish();
+    }
 
     /* (3) bf16, experts split over two GPUs, NCCL */
-    if (bok &&
+    if (bok && s_part(3) &&
         s_start(&bnc, "ep-bf16-2gpu", 2,
                 (s_how_t){.collectives = "nccl", .steps = S_STEPS, .bf16 = true}) &&
         s_finish(&bnc)) {
-        s_against(&bnc, &bref, S_STEPS, S_TOL_BF16, S_STEPS);
+        s_against(&bnc, &bref, S_STEPS, S_TOL_BF16_LONG, S_STEPS);
         CHECK(s_rows_moved(&bnc), "ep-bf16-2gpu: no rows went to another rank");
     }
 
     /* (4) bf16, every expert on both GPUs (data parallel), NCCL */
-    if (bok &&
+    if (bok && s_part(4) &&
         s_start(&bdp, "dp-bf16-2gpu", 2,
                 (s_how_t){.collectives = "nccl", .min_replicas = 2, .steps = S_STEPS,
                           .bf16 = true}) &&
         s_finish(&bdp))
-        s_against(&bdp, &bref, S_STEPS, S_TOL_BF16, S_STEPS);
+        s_against(&bdp, &bref, S_STEPS, S_TOL_BF16_LONG, S_STEPS);
 
     /* (2) a death and a join, NCCL, every expert on both */
-    if (s_start(&el, "crash-2gpu", 2,
+    if (s_part(2) &&
+        s_start(&el, "crash-2gpu", 2,
                 (s_how_t){.collectives = "nccl", .min_replicas = 2, .steps = S_LONG}))
         s_crash(&el, &ref, S_LONG, "cuda:1", S_TOL, S_LONG);
     return test_finish();

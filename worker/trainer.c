@@ -71,6 +71,8 @@ typedef struct {
     worker_plan_t plan;
     bool have_plan;
     bool ready;               /* the generation is set up: steps can run */
+    bool busy;                /* a step began and has not finished (abandoned midway: its
+                               * collectives may still be in flight) */
     bool paused;              /* the ranks agreed to stop at a step boundary (PAUSE) */
     bool want_pause;          /* a PAUSE came: ask the others at the next boundary */
     bool want_stop;           /* a STOP came: checkpoint at the next boundary, then stop */
@@ -219,10 +221,15 @@ static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double s
 static void s_teardown(s_tr_t *self)
 {
     self->ready = false;
-    worker_exchange_destroy(&self->ex);
 #if SEMOE_HAVE_CUDA
+    /* first, so that nothing of it runs on the buffers freed below (a cudaFree would wait for
+     * a collective stuck on a peer): a step abandoned midway aborts it */
+    if (self->busy)
+        gpu_nccl_abort(self->nccl);
     gpu_nccl_destroy(&self->nccl);
 #endif
+    self->busy = false;
+    worker_exchange_destroy(&self->ex);
     comm_destroy(&self->comm);
     free(self->owner);
     free(self->tokens);
@@ -482,7 +489,7 @@ static bool s_poked_b(void *arg)
  * each peer's data endpoint ("tcp://HOST:port"), or SEMOE_EMULATE_HOSTS=k hosts of W/k ranks
  * each in rank order (to check the two hops on one machine). One host, hosts of different
  * sizes, or ranks that disagree (logged): one hop. A collective (one reduce_stats). */
-static void s_hosts(s_tr_t *self)
+static semoe_rc s_hosts(s_tr_t *self)
 {
     const worker_plan_t *p = &self->plan;
     const int W = (int)p->world;
@@ -519,10 +526,15 @@ static void s_hosts(s_tr_t *self)
     semoe_rc rc = self->exf.reduce_stats(self->exf.state, st, 4);
     /* all equal exactly when each value's sum of squares is W times its mean squared */
     bool agree = rc == SEMOE_OK && st[1] * W == st[0] * st[0] && st[3] * W == st[2] * st[2];
-    if (rc != SEMOE_OK || !agree)
-        log_warn("generation %" PRIu64 ": %s: the expert rows in one hop", p->generation,
-                 rc != SEMOE_OK ? semoe_err_msg() : "the ranks do not agree on their hosts "
-                 "(SEMOE_EMULATE_HOSTS set for some only?)");
+    if (rc != SEMOE_OK) { /* some ranks may have the answer: they could take other hops */
+        free(host);
+        return semoe_err(rc, "generation %" PRIu64 ": agreeing on the hosts: %s",
+                         p->generation, semoe_err_msg());
+    }
+    if (!agree)
+        log_warn("generation %" PRIu64 ": the ranks do not agree on their hosts "
+                 "(SEMOE_EMULATE_HOSTS set for some only?): the expert rows in one hop",
+                 p->generation);
     if (H >= 2 && agree) {
         if (worker_exchange_set_hosts(self->ex, host) == SEMOE_OK)
             log_info("generation %" PRIu64 ": %d hosts: the expert rows in two hops",
@@ -532,6 +544,7 @@ static void s_hosts(s_tr_t *self)
                      semoe_err_msg());
     }
     free(host);
+    return SEMOE_OK;
 }
 
 /* The generation's NCCL communicator: the new rank 0 makes the id and hands it to the control
@@ -561,7 +574,7 @@ static semoe_rc s_nccl_setup(s_tr_t *self)
     SEMOE_CHECK(gpu_nccl_new(id, (int)p->rank, (int)p->world, S_COMM_TIMEOUT_MS, s_poked, self,
                              &self->nccl));
     worker_exchange_set_nccl(self->ex, self->nccl); /* the expert rows device to device too */
-    s_hosts(self);
+    SEMOE_CHECK(s_hosts(self));
     log_info("generation %" PRIu64 ": NCCL communicator of %u ranks up (rank %u)",
              p->generation, p->world, p->rank);
     return SEMOE_OK;
@@ -796,6 +809,16 @@ static semoe_rc s_step(s_tr_t *self)
     model_train_report_t rep;
     model_profile_t prof;
     self->t_reduce = 0;
+    if (self->busy) { /* the last step was abandoned midway: what it started is not this one's */
+#if SEMOE_HAVE_CUDA
+        if (self->nccl) /* its collectives may be in flight: the communicator cannot go on */
+            gpu_nccl_abort(self->nccl);
+        memset(self->dense_sent, 0, (size_t)self->n_dense * sizeof *self->dense_sent);
+        self->bg_rc = SEMOE_OK;
+        worker_exchange_sum_replicas_cancel(self->ex);
+#endif
+    }
+    self->busy = true;
     /* what ran since the last step (its evaluation, a checkpoint's copies, the generation's
      * setup) is not this step's */
     model_profile_take(NULL);
@@ -824,6 +847,7 @@ static semoe_rc s_step(s_tr_t *self)
         self->prog.eval_loss = ce;
         self->prog.eval_step = self->step;
     }
+    self->busy = false; /* the collectives are over (the evaluation's too) */
     uint32_t ck = job->train.checkpoint_interval;
     bool checkpoint = job->train.checkpoint_dir[0] && ((ck && self->step % ck == 0) || last);
     self->t_snapshot = -1;
@@ -1064,6 +1088,9 @@ static void s_loop(s_tr_t *self)
         if (rc == SEMOE_OK || rc == SEMOE_ESTOPPED) /* interrupted: the pipe has the news */
             continue;
         bool comm_fault = rc == SEMOE_ETIMEDOUT || rc == SEMOE_EPROTO || rc == SEMOE_EIO;
+#if SEMOE_HAVE_CUDA /* whatever NCCL said, a broken communicator is the generation's fault */
+        comm_fault = comm_fault || (self->nccl && gpu_nccl_broken(self->nccl));
+#endif
         log_error("step %" PRIu64 " of generation %" PRIu64 " abandoned: %s%s", self->step,
                   self->plan.generation, semoe_err_msg(),
                   comm_fault ? "; waiting for the next plan" : "");
