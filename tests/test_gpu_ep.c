@@ -10,6 +10,9 @@
  *       a worker that joins on cuda:0 gets its experts back (split again, a world of 2); every
  *       step's loss within 1e-2 of a 1-worker run of the same length (grad norms over the
  *       first 20 steps: s_against says why), none missing;
+ *   (6) one worker over NCCL (a communicator of one rank: the dense gradients' buckets on its
+ *       background lane, started during backward) gives the losses, eval losses and grad norms
+ *       of one worker over ZeroMQ within 1e-5 (fp32), every step;
  * and with two devices or more:
  *   (1) the job on 2 workers (cuda:0 and cuda:1, train.collectives "nccl": experts split, the
  *       expert rows and the dense gradients over NCCL) gives the losses, eval losses and grad
@@ -321,14 +324,20 @@ int main(void)
             s_crash(&bel, &blong, S_MID, "cuda:0", S_TOL_BF16_LONG, S_STEPS);
     }
 
+    s_run_t ref, ep, el, bnc, bdp, one;
+    bool ok = s_start(&ref, "ref-1gpu", 1, (s_how_t){.steps = S_STEPS}) && s_finish(&ref);
+    REQUIRE(ok, "the 1-GPU reference run failed");
+
+    /* (6) one worker, its collectives through NCCL */
+    if (s_part(6) &&
+        s_start(&one, "nccl-1gpu", 1, (s_how_t){.collectives = "nccl", .steps = S_STEPS}) &&
+        s_finish(&one))
+        s_against(&one, &ref, S_STEPS, S_TOL, S_STEPS);
+
     if (n < 2) {
         printf("gpu_ep: (1)-(4) skipped: %d CUDA device, they need 2\n", n);
         return test_finish();
     }
-
-    s_run_t ref, ep, el, bnc, bdp;
-    bool ok = s_start(&ref, "ref-1gpu", 1, (s_how_t){.steps = S_STEPS}) && s_finish(&ref);
-    REQUIRE(ok, "the 1-GPU reference run failed");
 
     /* (1) experts split over two GPUs, NCCL */
     int before = test_failures;
