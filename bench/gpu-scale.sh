@@ -8,7 +8,12 @@
 # the end of its last step to the end of this one: the whole loop, data and control included),
 # per GPU, the efficiency against one GPU, and MFU (bench_train_gpu's FLOPs per token,
 # 6 (N_active - V D) + 6 L H hd T, over the dense bf16 GEMM rate bench/dense_sustained.py holds
-# on the same machine first). The logs go into $OUT/gpu-scale-files.tgz. From the repo root on the GPU machine (kind nvidia-h200-x2 or larger), after
+# on the same machine first). With 2 GPUs or more, the share of the step's communication hidden
+# behind compute, as the issue defines it: 1 - (step time on n GPUs - step time on 1) /
+# communication time alone, the latter from bench_nccl on the same GPUs at the step's sizes
+# (dp: the all-reduce of every gradient, fp32; ep: the dense gradients' plus 4 all-to-alls a MoE
+# layer of the rows a GPU sends, 32 x 2048 tokens x top-2 x hidden in bf16). The logs go into
+# $OUT/gpu-scale-files.tgz. From the repo root on the GPU machine (kind nvidia-h200-x2 or larger), after
 # ../shared/device/prepare.sh fortunes-min fortunes:
 #   source .device/on-device.sh && SEMOE_COMMIT=<hash> GPUS="1 2" bash bench/gpu-scale.sh
 # MODE=ep (default dp): the experts split over the workers instead (elastic.min_replicas 1,
@@ -33,7 +38,7 @@ echo "== semoe bench/gpu-scale.sh  GPUs ${GPUS:-1 2}  mode $MODE (chunks $CHUNKS
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 [ -d "$build" ] || meson setup "$build" -Dcuda=enabled --buildtype=release >"$out/setup.log" 2>&1 ||
   { tail -30 "$out/setup.log"; exit 1; }
-ninja -C "$build" coordinator/semoe-coordinator worker/semoe-worker >"$out/build.log" 2>&1 ||
+ninja -C "$build" coordinator/semoe-coordinator worker/semoe-worker bench/bench_nccl >"$out/build.log" 2>&1 ||
   { grep -A5 -E "error|FAILED" "$out/build.log" | head -60; exit 1; }
 echo "== built ${SECONDS}s"
 timeout 60 python3 bench/dense_sustained.py --seconds 4 --json "$out/dense.json" | tail -1
@@ -74,14 +79,42 @@ PY
   echo "== $n GPU(s) done, ${SECONDS}s"
   grep -hE " E |NCCL communicator" "$out"/worker-$n-w*.log | head -4
 done
-python3 - "$out" "${GPUS:-1 2}" "$WARM" <<'PY'
+# the communication alone, at the step's sizes (MiB): gradients all-reduced, rows sent a transfer
+read ar_mib a2a_mib < <(python3 -c '
+L, d, f, E, V, H, KV, hd = 8, 2048, 5632, 8, 32000, 16, 4, 128
+dense = 2 * V * d + L * (d * (H + 2 * KV) * hd + H * hd * d + 2 * d + d * E) + d
+experts = L * E * 3 * d * f
+ep = "'"$MODE"'" == "ep"
+print(round(4 * (dense if ep else dense + experts) / 2**20), round(32 * 2048 * 2 * d * 2 / 2**20))')
+for n in ${GPUS:-1 2}; do
+  ((n < 2)) && continue
+  timeout 120 "$build"/bench/bench_nccl --gpus "$n" --only allreduce --mib "$ar_mib" \
+    --json "$out/comm-ar-$n.json" >/dev/null || echo "== bench_nccl allreduce on $n GPUs failed"
+  if [ "$MODE" = ep ]; then
+    timeout 120 "$build"/bench/bench_nccl --gpus "$n" --only alltoall --mib "$a2a_mib" \
+      --json "$out/comm-a2a-$n.json" >/dev/null || echo "== bench_nccl alltoall on $n GPUs failed"
+  fi
+done
+python3 - "$out" "${GPUS:-1 2}" "$WARM" "$MODE" <<'PY'
 import glob, json, os, statistics, sys
-out, gpus, warm = sys.argv[1], [int(x) for x in sys.argv[2].split()], int(sys.argv[3])
+out, gpus, warm, mode = sys.argv[1], [int(x) for x in sys.argv[2].split()], int(sys.argv[3]), sys.argv[4]
 L, d, f, E, k, V, H, KV, hd, T = 8, 2048, 5632, 8, 2, 32000, 16, 4, 128, 2048
 active = 2 * V * d + L * (d * (H + 2 * KV) * hd + H * hd * d + 2 * d + d * E + k * 3 * d * f) + d
 flops_tok = 6 * (active - V * d) + 6 * L * H * hd * T  # bench_train_gpu's: no embedding lookup
 dense = json.load(open(f"{out}/dense.json")).get("tflops") if os.path.exists(f"{out}/dense.json") else None
-rows, base = [], None
+def comm_ms(n):
+    ms = 0.0
+    for what, times in (("ar", 1), ("a2a", 4 * L if mode == "ep" else 0)):
+        if not times:
+            continue
+        p = f"{out}/comm-{what}-{n}.json"
+        got = [json.loads(l) for l in open(p) if l.strip()] if os.path.exists(p) else []
+        ours = [r["ms"] for r in got if r.get("impl") == "semoe"]
+        if not ours:
+            return None
+        ms += times * ours[0]
+    return ms
+rows, base, t1 = [], None, None
 for n in gpus:
     per = {}
     for p in glob.glob(f"{out}/train-{n}-w*.jsonl"):
@@ -97,11 +130,16 @@ for n in gpus:
     t = statistics.median(max(per[s]) for s in steps)
     tok = 32 * n * T / t
     base = base or tok / n
+    t1 = t1 or (t if n == 1 else None)
     mfu = flops_tok * tok / (dense * 1e12 * n) if dense else float("nan")
-    rows.append((n, t, tok, tok / n, tok / n / base, mfu, len(steps)))
+    c = comm_ms(n) if n > 1 else None
+    hidden = 1 - (t - t1) * 1e3 / c if c and t1 else float("nan")
+    rows.append((n, t, tok, tok / n, tok / n / base, mfu, len(steps), c, hidden))
 print(f"\nactive parameters {active / 1e9:.2f} B; dense bf16 held {dense} TFLOP/s a GPU\n")
-print("| GPUs | step s | tokens/s | tokens/s a GPU | efficiency | MFU (held dense) | steps |")
-print("|---|---|---|---|---|---|---|")
-for n, t, tok, tpg, eff, mfu, ns in rows:
-    print(f"| {n} | {t:.3f} | {tok:.0f} | {tpg:.0f} | {100 * eff:.1f}% | {100 * mfu:.1f}% | {ns} |")
+print("| GPUs | step s | tokens/s | tokens/s a GPU | efficiency | MFU (held dense) | steps | comm alone ms | hidden |")
+print("|---|---|---|---|---|---|---|---|---|")
+for n, t, tok, tpg, eff, mfu, ns, c, hid in rows:
+    cs = f"{c:.1f}" if c else "-"
+    hs = f"{100 * hid:.0f}%" if hid == hid else "-"
+    print(f"| {n} | {t:.3f} | {tok:.0f} | {tpg:.0f} | {100 * eff:.1f}% | {100 * mfu:.1f}% | {ns} | {cs} | {hs} |")
 PY

@@ -13,9 +13,12 @@
  * backward follow the previous layer's gradients; timed to the all-to-all's end (the caller's
  * stream does not wait for the lane), against each alone. On one stream it would take both
  * times added up.
- * One JSON line per (collective, size), and --json FILE. */
+ * One JSON line per (collective, size), and --json FILE. --only alltoall|allreduce --mib N: that
+ * collective alone at that size (bench/gpu-scale.sh times a step's gradients so, the
+ * communication a step would spend without overlap). */
 #include <math.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,8 +35,10 @@
 #define S_ITERS 10
 #define S_TIMEOUT 60000
 
-static const size_t s_a2a_mib[] = {4, 32, 128, 512};
-static const size_t s_ar_mib[] = {32, 256, 860};
+static size_t s_a2a_mib[] = {4, 32, 128, 512};
+static size_t s_ar_mib[] = {32, 256, 860};
+static size_t s_n_a2a = 4, s_n_ar = 3;
+static bool s_beside_too = true;
 
 static int s_world;
 static uint8_t s_id[GPU_NCCL_ID_BYTES];
@@ -208,7 +213,7 @@ static void *s_rank_main(void *arg)
         exit(1);
     }
     double n = s_world, fa = (n - 1) / n, fr = 2 * (n - 1) / n;
-    for (size_t s = 0; s < sizeof s_a2a_mib / sizeof s_a2a_mib[0]; s++) {
+    for (size_t s = 0; s < s_n_a2a; s++) {
         s_rows(&x, s_a2a_mib[s] << 20);
         float ours = s_time(s_ours_a2a, &x, x.c), ref = s_time(s_nccl_a2a, &x, x.c);
         if (R->rank == 0) {
@@ -218,7 +223,7 @@ static void *s_rank_main(void *arg)
         R->failed |= ours < 0 || ref < 0;
         s_rows_free(&x);
     }
-    for (size_t s = 0; s < sizeof s_ar_mib / sizeof s_ar_mib[0]; s++) {
+    for (size_t s = 0; s < s_n_ar; s++) {
         size_t total = (s_ar_mib[s] << 20) / sizeof(float);
         s_grads(&x, total);
         float ours = s_time(s_ours_ar, &x, x.c), ref = s_time(s_nccl_ar, &x, x.c);
@@ -228,6 +233,10 @@ static void *s_rank_main(void *arg)
         }
         R->failed |= ours < 0 || ref < 0;
         s_grads_free(&x);
+    }
+    if (!s_beside_too) {
+        gpu_nccl_destroy(&x.c);
+        return NULL;
     }
     s_rows(&x, (size_t)128 << 20);
     s_grads(&x, ((size_t)256 << 20) / sizeof(float));
@@ -254,18 +263,37 @@ static void *s_rank_main(void *arg)
 int main(int argc, char **argv)
 {
     int want = 0;
+    const char *only = NULL;
+    long mib = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--gpus") && i + 1 < argc)
             want = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc)
+            only = argv[++i];
+        else if (!strcmp(argv[i], "--mib") && i + 1 < argc)
+            mib = atol(argv[++i]);
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) {
             if (!(s_json = fopen(argv[++i], "w"))) {
                 perror(argv[i]);
                 return 1;
             }
         } else {
-            fprintf(stderr, "usage: bench_nccl [--gpus N] [--json FILE]\n");
+            fprintf(stderr, "usage: bench_nccl [--gpus N] [--json FILE] "
+                            "[--only alltoall|allreduce --mib N]\n");
             return 2;
         }
+    }
+    if (only) {
+        bool a2a = !strcmp(only, "alltoall");
+        if ((!a2a && strcmp(only, "allreduce")) || mib < 1 || mib > (1L << 20)) {
+            fprintf(stderr, "bench_nccl: --only alltoall|allreduce with --mib 1..%ld\n",
+                    1L << 20);
+            return 2;
+        }
+        s_n_a2a = a2a ? 1 : 0;
+        s_n_ar = a2a ? 0 : 1;
+        s_a2a_mib[0] = s_ar_mib[0] = (size_t)mib;
+        s_beside_too = false;
     }
     int n = gpu_device_count();
     s_world = want > 0 && want < n ? want : n;

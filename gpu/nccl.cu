@@ -575,8 +575,9 @@ semoe_rc s_buckets(gpu_nccl_t *c, float *const *bufs, const size_t *lens, int n,
                 SEMOE_CHECK(s_settle(c, "bucketed all-reduce", c->timeout_ms));
         } else {
             if (!c->bucket || cap > c->bucket_floats) { /* grown for a larger bucket size */
-                if (c->bucket) {
-                    GPU_CHECK(cudaStreamSynchronize(c->st));
+                if (c->bucket) { /* drained first, bounded (a peer may be gone) */
+                    GPU_CHECK(cudaEventRecord(c->done, c->st));
+                    SEMOE_CHECK(s_wait(c, c->timeout_ms));
                     GPU_CHECK(cudaFree(c->bucket));
                     c->bucket = NULL;
                 }
