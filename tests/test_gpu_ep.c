@@ -26,7 +26,10 @@
  *   (3) (0) with the 2 workers on cuda:0 and cuda:1 over NCCL, within the issue's 1e-2;
  *   (4) bf16 on 2 GPUs over NCCL with every expert on both (elastic.min_replicas 2: data
  *       parallel, the replicas' gradient sums started layer by layer during backward) against
- *       (0)'s reference, within 1e-2.
+ *       (0)'s reference, within 1e-2;
+ *   (7) (5) on cuda:0 and cuda:1 over NCCL, the experts split: the survivor's wait on its dead
+ *       peer's rows ends (no hang), it rewinds to the last checkpoint and trains alone, the
+ *       joiner on cuda:1 gets its experts back and a new communicator of two.
  * Every worker of an NCCL run must say that its NCCL communicator came up, and with
  * SEMOE_EMULATE_HOSTS set, that its expert rows go in two hops. When (1) fails, (2)-(4) are
  * not tried (they would fail the same way, each after its timeouts). SEMOE_REQUIRE_GPUS=n makes
@@ -316,15 +319,16 @@ int main(void)
     s_how_t long_1gpu = bf16_1gpu;
     long_1gpu.steps = S_MID;
     s_run_t blong, bel;
-    if (s_part(5)) {
-        bool lok = s_start(&blong, "ref-bf16-long", 1, long_1gpu) && s_finish(&blong);
+    bool lok = false;
+    if (s_part(5) || s_part(7)) {
+        lok = s_start(&blong, "ref-bf16-long", 1, long_1gpu) && s_finish(&blong);
         CHECK(lok, "the long bf16 reference run failed");
         long_1gpu.ckpt_interval = 5;
-        if (lok && s_start(&bel, "crash-bf16-1gpu", 2, long_1gpu))
+        if (lok && s_part(5) && s_start(&bel, "crash-bf16-1gpu", 2, long_1gpu))
             s_crash(&bel, &blong, S_MID, "cuda:0", S_TOL_BF16_LONG, S_STEPS);
     }
 
-    s_run_t ref, ep, el, bnc, bdp, one;
+    s_run_t ref, ep, el, bnc, bdp, one, bcr;
     bool ok = s_start(&ref, "ref-1gpu", 1, (s_how_t){.steps = S_STEPS}) && s_finish(&ref);
     REQUIRE(ok, "the 1-GPU reference run failed");
 
@@ -335,7 +339,7 @@ int main(void)
         s_against(&one, &ref, S_STEPS, S_TOL, S_STEPS);
 
     if (n < 2) {
-        printf("gpu_ep: (1)-(4) skipped: %d CUDA device, they need 2\n", n);
+        printf("gpu_ep: (1)-(4) and (7) skipped: %d CUDA device, they need 2\n", n);
         return test_finish();
     }
 
@@ -348,7 +352,7 @@ int main(void)
         CHECK(s_rows_moved(&ep), "ep-2gpu: no rows went to another rank");
     }
     if (test_failures > before) {
-        CHECK(false, "(2)-(4) not tried: (1), the first run over NCCL, failed");
+        CHECK(false, "(2)-(4) and (7) not tried: (1), the first run over NCCL, failed");
         return test_finish();
     }
 
@@ -368,6 +372,15 @@ int main(void)
                           .bf16 = true}) &&
         s_finish(&bdp))
         s_against(&bdp, &bref, S_STEPS, S_TOL_BF16_LONG, S_STEPS);
+
+    /* (7) a death and a join, NCCL, the experts split: a rewind to the last checkpoint */
+    if (lok && s_part(7)) {
+        s_how_t long_2gpu = long_1gpu; /* its checkpoints every 5 steps */
+        long_2gpu.collectives = "nccl";
+        long_2gpu.one_gpu = false;
+        if (s_start(&bcr, "crash-bf16-2gpu", 2, long_2gpu))
+            s_crash(&bcr, &blong, S_MID, "cuda:1", S_TOL_BF16_LONG, S_STEPS);
+    }
 
     /* (2) a death and a join, NCCL, every expert on both */
     if (s_part(2) &&
