@@ -304,18 +304,21 @@ semoe_rc s_lane(gpu_nccl_t *c, gpu_nccl_t **out)
     return SEMOE_OK;
 }
 
-/* Drops c's lane (aborted: whatever it was running is lost), keeping what it moved. */
-void s_drop_lane(gpu_nccl_t *c)
+/* Takes c's lane off it, its communicator aborted (whatever it was running is lost) and what it
+ * moved kept; NULL if none. The caller frees it (s_free) once c's own work is stopped too: the
+ * lane's stream may wait on the caller's, which may wait on c's. */
+gpu_nccl_t *s_detach_lane(gpu_nccl_t *c)
 {
     gpu_nccl_t *l = c->lane;
     if (!l)
-        return;
+        return NULL;
     c->lane = NULL;
     c->a2a_out += l->a2a_out;
     c->ar_floats += l->ar_floats;
     if (l->comm)
         ncclCommAbort(l->comm);
-    s_free(l);
+    l->comm = NULL;
+    return l;
 }
 
 /* Waits until the work enqueued on c's own stream so far is done (see gpu_nccl_wait). */
@@ -400,7 +403,7 @@ extern "C" semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, in
                              "is out of range, repeated or this rank", c->rank, c->world,
                              exclude[i]);
     }
-    s_drop_lane(c); /* a new one is split from the result when needed */
+    gpu_nccl_t *lane = s_detach_lane(c); /* a new one is split from the result when needed */
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
     c->child = NULL;
@@ -414,7 +417,10 @@ extern "C" semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, in
         c->broken = 1;
     }
     ncclComm_t comm = NULL;
-    SEMOE_CHECK(s_child(c, r, "ncclCommShrink", timeout_ms, &comm));
+    semoe_rc rc = s_child(c, r, "ncclCommShrink", timeout_ms, &comm);
+    if (lane) /* c's work is stopped now */
+        s_free(lane);
+    SEMOE_CHECK(rc);
     int world = c->world - n;
     /* not interruptible: the parent's abort flag or poke, which may be what broke it, would end
      * the shrink at once */
@@ -641,7 +647,7 @@ extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
         c->ar_floats += c->lane->ar_floats;
         gpu_nccl_destroy(&c->lane);
     }
-    s_drop_lane(c); /* a broken or aborting communicator's: aborted */
+    gpu_nccl_t *lane = s_detach_lane(c); /* a broken or aborting communicator's: aborted */
     /* broken or asked to abort: no flush (peers may be gone), straight to the abort */
     ncclResult_t fr = c->broken || c->abort_req.load() ? ncclInvalidUsage
                                                        : ncclCommFinalize(c->comm);
@@ -658,6 +664,8 @@ extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
     }
     if (c->comm)
         ncclCommAbort(c->comm);
+    if (lane)
+        s_free(lane);
     s_free(c);
 }
 
