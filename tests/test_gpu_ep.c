@@ -31,10 +31,11 @@
  *       peer's rows ends (no hang), it rewinds to the last checkpoint and trains alone, the
  *       joiner on cuda:1 gets its experts back and a new communicator of two.
  * Every worker of an NCCL run must say that its NCCL communicator came up, and with
- * SEMOE_EMULATE_HOSTS set, that its expert rows go in two hops. When (1) fails, (2)-(4) are
- * not tried, nor (7) (they would fail the same way, each after its timeouts). SEMOE_REQUIRE_GPUS=n makes
- * fewer than n devices a failure rather than a skip (bench/gpu-nccl.sh sets it), and
- * SEMOE_GPU_EP_PARTS (e.g. "1,3") runs only the parts it lists. */
+ * SEMOE_EMULATE_HOSTS set, that its expert rows go in two hops. When (1) fails, (2)-(4) and
+ * (7) are not tried (they would fail the same way, each after its timeouts).
+ * SEMOE_REQUIRE_GPUS=n makes fewer than n devices a failure rather than a skip
+ * (bench/gpu-nccl.sh sets it), and SEMOE_GPU_EP_PARTS (e.g. "1,3") runs only the parts it
+ * lists. */
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
