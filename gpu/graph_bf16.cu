@@ -621,6 +621,8 @@ extern "C" semoe_rc gpu_graph_bf16_backward(gpu_graph_bf16_t *g, const float *w,
     s_section(GPU_GRAPH_NORM_LOSS);
     const float *xl = g->res + 2 * (size_t)g->L * ND;
     gpu_bf16_rmsnorm_bwd(g->dres, gr + g->norm, g->dln, xl, w + g->norm, g->rstdf, N, D);
+    if (g->ready) /* the final norm and an untied lm_head are final: the head, "layer" L */
+        g->ready(g->ready_arg, g->L);
 
     for (int l = g->L - 1; l >= 0; l--) {
         s_layer_t *ly = &g->layer[l];

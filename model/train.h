@@ -32,8 +32,9 @@ typedef struct {
     /* Called during the step's last backward, with a pass that can (model_pass_t's
      * on_dense_ready: the bf16 graph), once per layer as soon as that layer's dense gradients
      * are final, so that their all-reduce can start while backward goes on (nothing the
-     * backward does later may wait for it); reduce_grads follows as always, for the rest. NULL:
-     * nothing. */
+     * backward does later may wait for it); first with layer num_hidden_layers (the head: the
+     * final norm and an untied lm_head), then the layers from the last to the first;
+     * reduce_grads follows as always, for the rest (the embedding). NULL: nothing. */
     void (*dense_ready)(void *arg, int layer);
     /* The expert exchange for forward and backward; NULL: the local one (every expert held). */
     const model_exchange_f32 *ex;
@@ -102,8 +103,9 @@ typedef struct {
      * micro-batch weight, so that micro-batches accumulate into one slab) */
     semoe_rc (*backward)(void *self, const float *w, float *g, double scale);
     /* Optional (NULL: the pass cannot): from now on, backward calls fn(arg, layer) as soon as
-     * layer `layer`'s dense gradients are final in g (layers from the last to the first; the
-     * embedding, final norm and lm_head are not reported); fn NULL: no more calls. */
+     * layer `layer`'s dense gradients are final in g: num_hidden_layers first (the head: the
+     * final norm and an untied lm_head), then the layers from the last to the first (the
+     * embedding is not reported); fn NULL: no more calls. */
     void (*on_dense_ready)(void *self, void (*fn)(void *arg, int layer), void *arg);
 } model_pass_t;
 

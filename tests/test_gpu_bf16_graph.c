@@ -3,8 +3,11 @@
  * tolerances), with and without a router bias, on two configs (head dims 64 and 128, tied and
  * untied embeddings, top-2 and top-1); then 20 trainer steps (AdamW, warmup and cosine,
  * clipping, two micro-batches) on the CPU and on the GPU through gpu_pass_bf16, loss by loss
- * within 1e-2 (the issue's bound for bf16), the loss falling on both. Skipped (77) without a
- * CUDA device. */
+ * within 1e-2 (the issue's bound for bf16), the loss falling on both. During each backward, the
+ * pass's dense-ready calls (model_pass_t.on_dense_ready, what the trainer starts its all-reduces
+ * on) come once each, the head (num_hidden_layers: final norm, untied lm_head) first, then the
+ * layers from the last, and every dense tensor they report (all but the embedding) is already
+ * bit for bit what the backward ends with. Skipped (77) without a CUDA device. */
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -80,6 +83,55 @@ static void s_config(model_config_t *c, int which)
  * tolerances apply to the first draw that routed identically. Returns false when a draw's
  * run failed. */
 #define S_DRAWS 24
+/* What the dense-ready calls of one backward saw: each dense tensor's gradient when its layer
+ * was reported, and the layers in the order reported. */
+typedef struct {
+    const model_params_t *p;
+    const float *gd; /* the gradient slab on the device */
+    int L;
+    float **seen;    /* per tensor: its gradient at the report (NULL: not reported) */
+    int order[64], n;
+} s_ready_t;
+
+/* The layer a dense tensor's gradient is reported with: the trainer's rule (worker/trainer.c). */
+static int s_ready_layer(const model_param_t *t, int L)
+{
+    return t->layer >= 0 ? t->layer : strcmp(t->name, "model.embed_tokens.weight") ? L : -1;
+}
+
+static void s_on_ready(void *arg, int layer)
+{
+    s_ready_t *r = arg;
+    if (r->n < 64)
+        r->order[r->n] = layer;
+    r->n++;
+    for (size_t i = 0; i < model_params_count(r->p); i++) {
+        const model_param_t *t = model_params_at(r->p, i);
+        if (t->kind == MODEL_PARAM_DENSE && s_ready_layer(t, r->L) == layer && !r->seen[i])
+            r->seen[i] = test_gpu_downf(r->gd + t->offset, t->numel);
+    }
+}
+
+/* The calls came once each, L first and then L-1 .. 0, and what they reported is final. */
+static void s_check_ready(int which, s_ready_t *r, const float *final)
+{
+    bool order = r->n == r->L + 1;
+    for (int k = 0; k < r->n && k < 64 && order; k++)
+        order = r->order[k] == r->L - k;
+    CHECK(order, "config %d: %d dense-ready calls, want %d from the head (%d) down", which,
+          r->n, r->L + 1, r->L);
+    for (size_t i = 0; i < model_params_count(r->p); i++) {
+        const model_param_t *t = model_params_at(r->p, i);
+        if (t->kind != MODEL_PARAM_DENSE || s_ready_layer(t, r->L) < 0)
+            continue;
+        CHECK(r->seen[i], "config %d: %s never reported", which, t->name);
+        CHECK(!r->seen[i] || !memcmp(r->seen[i], final + t->offset, t->numel * sizeof(float)),
+              "config %d: %s reported before its gradient was final", which, t->name);
+        free(r->seen[i]);
+    }
+    free(r->seen);
+}
+
 static bool s_pass_once(int which, int B, int T, bool bias, int draw, bool *same_route)
 {
     model_config_t cfg;
@@ -130,9 +182,13 @@ static bool s_pass_once(int which, int B, int T, bool bias, int draw, bool *same
     gpu_to_host(hl, gpu_graph_bf16_logits(g), N * V * sizeof *hl);
     for (size_t i = 0; i < N * V; i++)
         logits[i] = test_bf16_value(hl[i]);
+    s_ready_t rd = {.p = p, .gd = gd, .L = (int)L,
+                    .seen = calloc(model_params_count(p), sizeof(float *))};
+    gpu_pass_bf16.on_dense_ready(g, s_on_ready, &rd);
     S_NEED(gpu_graph_bf16_backward(g, wd, gd, 1.0) == SEMOE_OK, "bf16 backward: %s",
             semoe_err_msg());
     float *gg = test_gpu_downf(gd, nf);
+    s_check_ready(which, &rd, gg);
 
     double lrel = fabs(lg.loss - lc.loss) / fabs(lc.loss);
     double arel = fabs(lg.aux - lc.aux) / fmax(fabs(lc.aux), 1e-12);

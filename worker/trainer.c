@@ -92,7 +92,8 @@ typedef struct {
     float **dense_bufs;       /* the dense tensors of the gradient slab, for the all-reduce */
     float **dense_host;       /* their host copies when the slab is device memory, else NULL */
     size_t *dense_lens;
-    int32_t *dense_layer;     /* each dense tensor's layer (-1: embedding, norm, lm_head) */
+    int32_t *dense_layer;     /* each dense tensor's layer (the layers' count: the final norm
+                               * and an untied lm_head; -1: the embedding) */
     bool *dense_sent;         /* this step: its all-reduce already started during backward */
     semoe_rc bg_rc;           /* the first error of an all-reduce started during backward */
     char bg_err[256];         /* and its message */
@@ -314,7 +315,8 @@ static void s_dense_ready(void *arg, int layer)
         return;
     semoe_rc rc = s_dense_allreduce(self, layer, false);
     const char *what = "dense gradients";
-    if (rc == SEMOE_OK) { /* its experts' are final too: replicas' sums, where they go so */
+    if (rc == SEMOE_OK && layer < (int)self->job->model.num_hidden_layers) {
+        /* its experts' are final too (the head has none): replicas' sums, where they go so */
         rc = worker_exchange_sum_replicas_layer(self->ex, self->params,
                                                 model_train_grads(self->tr), layer);
         what = "replicated experts' gradients";
@@ -690,7 +692,9 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
         const model_param_t *t = model_params_at(self->params, i);
         if (t->data && t->kind == MODEL_PARAM_DENSE) {
             self->dense_bufs[self->n_dense] = g + t->offset;
-            self->dense_layer[self->n_dense] = t->layer;
+            /* the head's gradients are final first in backward (model_train_hooks_t) */
+            bool head = t->layer < 0 && strcmp(t->name, "model.embed_tokens.weight") != 0;
+            self->dense_layer[self->n_dense] = head ? (int32_t)cfg->num_hidden_layers : t->layer;
             self->dense_lens[self->n_dense++] = (size_t)t->numel;
         }
     }
