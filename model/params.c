@@ -4,10 +4,12 @@
 #include "model/params.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 struct model_params {
     model_config_t cfg;
@@ -267,27 +269,84 @@ static int s_is_norm(const model_param_t *p)
     return p->ndim == 1;
 }
 
+/* A tensor's key for the draws: from the seed and its name. */
+static uint64_t s_init_key(const model_param_t *p, uint64_t seed)
+{
+    return s_mix(seed ^ s_mix(s_name_hash(p->name)));
+}
+
+/* Element idx under key: Box-Muller on two draws at counters 2 idx and 2 idx + 1, so that
+ * element idx alone decides. */
+static float s_init_draw(uint64_t key, double range, uint64_t idx)
+{
+    double u1 = s_unit(key, 2 * idx), u2 = s_unit(key, 2 * idx + 1);
+    double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+    return (float)(z * range);
+}
+
 float model_params_init_value(const model_config_t *cfg, const model_param_t *p, uint64_t seed,
                               uint64_t idx)
 {
     if (s_is_norm(p))
         return 1.0f;
-    uint64_t key = s_mix(seed ^ s_mix(s_name_hash(p->name)));
-    /* Box-Muller on two draws at counters 2 idx and 2 idx + 1: element idx alone decides. */
-    double u1 = s_unit(key, 2 * idx), u2 = s_unit(key, 2 * idx + 1);
-    double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-    return (float)(z * cfg->initializer_range);
+    return s_init_draw(s_init_key(p, seed), cfg->initializer_range, idx);
 }
 
-void model_params_init(model_params_t *self, uint64_t seed)
+/* One thread's share of model_params_init: slice k of n of every held tensor. */
+typedef struct {
+    model_params_t *self;
+    uint64_t seed;
+    int k, n;
+} s_init_part_t;
+
+static void *s_init_part(void *arg)
 {
+    const s_init_part_t *a = arg;
+    model_params_t *self = a->self;
     for (size_t i = 0; i < self->n; i++) {
         model_param_t *p = &self->t[i];
         if (!p->data)
             continue;
-        for (uint64_t k = 0; k < p->numel; k++)
-            p->data[k] = model_params_init_value(&self->cfg, p, seed, k);
+        uint64_t lo = p->numel * (uint64_t)a->k / (uint64_t)a->n;
+        uint64_t hi = p->numel * (uint64_t)(a->k + 1) / (uint64_t)a->n;
+        if (s_is_norm(p)) {
+            for (uint64_t j = lo; j < hi; j++)
+                p->data[j] = 1.0f;
+            continue;
+        }
+        uint64_t key = s_init_key(p, a->seed);
+        double range = self->cfg.initializer_range;
+        for (uint64_t j = lo; j < hi; j++)
+            p->data[j] = s_init_draw(key, range, j);
     }
+    return NULL;
+}
+
+/* Every element is model_params_init_value's, whatever the split: a large model's billions of
+ * draws go on every core (a 2.3 B model took minutes on one, longer than a PLAN may wait). */
+void model_params_init(model_params_t *self, uint64_t seed)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < self->n; i++)
+        total += self->t[i].data ? self->t[i].numel : 0;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int n = total < ((uint64_t)1 << 22) || cores < 2 ? 1 : cores > 64 ? 64 : (int)cores;
+    s_init_part_t parts[64];
+    pthread_t th[64];
+    int started = 0;
+    for (int k = 0; k < n; k++)
+        parts[k] = (s_init_part_t){self, seed, k, n};
+    for (int k = 1; k < n; k++)
+        if (pthread_create(&th[k], NULL, s_init_part, &parts[k]) == 0)
+            started = k;
+        else
+            break;
+    /* slices whose thread did not start run here */
+    for (int k = started + 1; k < n; k++)
+        s_init_part(&parts[k]);
+    s_init_part(&parts[0]);
+    for (int k = 1; k <= started; k++)
+        pthread_join(th[k], NULL);
 }
 
 uint64_t model_params_per_expert(const model_config_t *c)
