@@ -65,12 +65,12 @@ json.dump(job, open(sys.argv[2], "w"), indent=1)
 PY
   ctl="tcp://127.0.0.1:$(port)" st="tcp://127.0.0.1:$(port)" met="127.0.0.1:$(port)"
   # bounded: a worker that dies (out of memory, say) leaves the coordinator waiting for it
-  timeout 240 "$build"/coordinator/semoe-coordinator --config "$out/job-$n.json" --bind "$ctl" \
+  timeout -k 10 240 "$build"/coordinator/semoe-coordinator --config "$out/job-$n.json" --bind "$ctl" \
       --status "$st" --metrics "$met" 2>"$out/coordinator-$n.log" &
   cpid=$!
   pids=()
   for ((i = 0; i < n; i++)); do
-    timeout 240 "$build"/worker/semoe-worker --coordinator "$ctl" --device "cuda:$i" \
+    timeout -k 10 240 "$build"/worker/semoe-worker --coordinator "$ctl" --device "cuda:$i" \
         --id "g$n-w$i" --metrics-log "$out/train-$n-w$i.jsonl" 2>"$out/worker-$n-w$i.log" &
     pids+=($!)
   done
@@ -88,10 +88,10 @@ ep = "'"$MODE"'" == "ep"
 print(round(4 * (dense if ep else dense + experts) / 2**20), round(32 * 2048 * 2 * d * 2 / 2**20))')
 for n in ${GPUS:-1 2}; do
   ((n < 2)) && continue
-  timeout 120 "$build"/bench/bench_nccl --gpus "$n" --only allreduce --mib "$ar_mib" \
+  timeout -k 10 120 "$build"/bench/bench_nccl --gpus "$n" --only allreduce --mib "$ar_mib" \
     --json "$out/comm-ar-$n.json" >/dev/null || echo "== bench_nccl allreduce on $n GPUs failed"
   if [ "$MODE" = ep ]; then
-    timeout 120 "$build"/bench/bench_nccl --gpus "$n" --only alltoall --mib "$a2a_mib" \
+    timeout -k 10 120 "$build"/bench/bench_nccl --gpus "$n" --only alltoall --mib "$a2a_mib" \
       --json "$out/comm-a2a-$n.json" >/dev/null || echo "== bench_nccl alltoall on $n GPUs failed"
   fi
 done
