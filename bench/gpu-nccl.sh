@@ -34,12 +34,16 @@ pack() { # everything but the log and the JSON into one archive
      tar czf gpu-nccl-files.tgz --remove-files -T - 2>/dev/null)
 }
 trap pack EXIT
+# the device tool kills a command at 600 s, before the trap could pack: every step's limit is
+# cut to what is left of BUDGET seconds (default 570)
+BUDGET=${BUDGET:-570}
+lim() { local l=$((BUDGET - SECONDS - ${2:-0})); echo $((l < $1 ? (l > 1 ? l : 1) : $1)); }
 [ -d build-rel ] || meson setup build-rel -Dcuda=enabled --buildtype=release >"$out/setup.log" 2>&1 ||
   { tail -30 "$out/setup.log"; exit 1; }
 ninja -C build-rel >"$out/build.log" 2>&1 || { grep -A6 -E "error|FAILED" "$out/build.log" | head -60; exit 1; }
 echo "== built ${SECONDS}s"
 if has bench; then
-  timeout -k 10 180 build-rel/bench/bench_nccl --json "$out/nccl.json"
+  timeout -k 5 "$(lim 150 10)" build-rel/bench/bench_nccl --json "$out/nccl.json"
   echo "== bench_nccl exited $?, ${SECONDS}s"
   python3 - "$out/nccl.json" <<'PY'
 import json, sys
@@ -75,21 +79,21 @@ if has skew; then
     extra=(); [ $run = balanced ] && extra=(--bias 0 --no-faults)
     echo "== bench_skew $run (${SECONDS}s into the call)"
     mkdir -p "$out/skew-$run"
-    timeout -k 10 230 build-rel/bench/bench_skew "${args[@]}" "${extra[@]}" --dir "$out/skew-$run" \
+    timeout -k 5 "$(lim 230 10)" build-rel/bench/bench_skew "${args[@]}" "${extra[@]}" --dir "$out/skew-$run" \
       --json "$out/skew-$run.json" || echo "== bench_skew $run failed: $?"
   done
 fi
 if has test; then
   # the whole gpu suite (gpu_ep_bf16 and gpu_ep's part (0) run on one GPU too)
-  timeout -k 10 480 meson test -C build-rel --no-rebuild --suite gpu >"$out/test.txt" 2>&1
+  timeout -k 5 "$(lim 420 60)" meson test -C build-rel --no-rebuild --suite gpu >"$out/test.txt" 2>&1
   grep -E "^ *[0-9]+/|^Ok|^Fail" "$out/test.txt"
   cp build-rel/meson-logs/testlog.txt "$out/testlog.txt" 2>/dev/null
   grep -hE "^(rank|abort|survivor|a communicator|[0-9]+ ranks|W=|refusals)|^  [a-z0-9-]+:|FAIL|failed|passed|skipped" \
     "$out/testlog.txt" | head -80
   # the expert exchange in two hops: the GPUs as two emulated hosts, on the parts whose experts
   # are split ((1) and (3)); only if gpu_ep passed as it is (else it would fail the same way)
-  if grep -qE "gpu_ep +OK" "$out/test.txt"; then
-    SEMOE_EMULATE_HOSTS=2 SEMOE_GPU_EP_PARTS=1,3 timeout -k 10 240 meson test -C build-rel --no-rebuild \
+  if grep -qE "gpu_ep +OK" "$out/test.txt" && ((BUDGET - SECONDS > 60)); then
+    SEMOE_EMULATE_HOSTS=2 SEMOE_GPU_EP_PARTS=1,3 timeout -k 5 "$(lim 240 10)" meson test -C build-rel --no-rebuild \
       --suite gpu gpu_ep >"$out/test-2hosts.txt" 2>&1
     grep -E "^ *[0-9]+/" "$out/test-2hosts.txt" | sed 's/$/   (SEMOE_EMULATE_HOSTS=2, parts 1 and 3)/'
     cp build-rel/meson-logs/testlog.txt "$out/testlog-2hosts.txt" 2>/dev/null

@@ -29,6 +29,10 @@ pack() { # everything but the log into one archive: the device tool brings back 
      tar czf gpu-scale-files.tgz --remove-files -T - 2>/dev/null)
 }
 trap pack EXIT
+# the device tool kills a command at 600 s, before the trap could pack: every step's limit is
+# cut to what is left of BUDGET seconds (default 570)
+BUDGET=${BUDGET:-570}
+lim() { local l=$((BUDGET - SECONDS - ${2:-0})); echo $((l < $1 ? (l > 1 ? l : 1) : $1)); }
 export NCCL_NVLS_ENABLE=0
 STEPS=${STEPS:-8}
 MODE=${MODE:-dp}
@@ -41,7 +45,7 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 ninja -C "$build" coordinator/semoe-coordinator worker/semoe-worker bench/bench_nccl >"$out/build.log" 2>&1 ||
   { grep -A5 -E "error|FAILED" "$out/build.log" | head -60; exit 1; }
 echo "== built ${SECONDS}s"
-timeout 60 python3 bench/dense_sustained.py --seconds 4 --json "$out/dense.json" | tail -1
+timeout -k 5 60 python3 bench/dense_sustained.py --seconds 4 --json "$out/dense.json" | tail -1
 
 sys=${SEMOE_DEVICE_SYS:-/tmp/device-sys}
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -65,12 +69,13 @@ json.dump(job, open(sys.argv[2], "w"), indent=1)
 PY
   ctl="tcp://127.0.0.1:$(port)" st="tcp://127.0.0.1:$(port)" met="127.0.0.1:$(port)"
   # bounded: a worker that dies (out of memory, say) leaves the coordinator waiting for it
-  timeout -k 10 240 "$build"/coordinator/semoe-coordinator --config "$out/job-$n.json" --bind "$ctl" \
+  t=$(lim 200 60) # the later runs and bench_nccl keep a minute
+  timeout -k 5 "$t" "$build"/coordinator/semoe-coordinator --config "$out/job-$n.json" --bind "$ctl" \
       --status "$st" --metrics "$met" 2>"$out/coordinator-$n.log" &
   cpid=$!
   pids=()
   for ((i = 0; i < n; i++)); do
-    timeout -k 10 240 "$build"/worker/semoe-worker --coordinator "$ctl" --device "cuda:$i" \
+    timeout -k 5 "$t" "$build"/worker/semoe-worker --coordinator "$ctl" --device "cuda:$i" \
         --id "g$n-w$i" --metrics-log "$out/train-$n-w$i.jsonl" 2>"$out/worker-$n-w$i.log" &
     pids+=($!)
   done
@@ -88,10 +93,10 @@ ep = "'"$MODE"'" == "ep"
 print(round(4 * (dense if ep else dense + experts) / 2**20), round(32 * 2048 * 2 * d * 2 / 2**20))')
 for n in ${GPUS:-1 2}; do
   ((n < 2)) && continue
-  timeout -k 10 120 "$build"/bench/bench_nccl --gpus "$n" --only allreduce --mib "$ar_mib" \
+  timeout -k 5 "$(lim 90 15)" "$build"/bench/bench_nccl --gpus "$n" --only allreduce --mib "$ar_mib" \
     --json "$out/comm-ar-$n.json" >/dev/null || echo "== bench_nccl allreduce on $n GPUs failed"
   if [ "$MODE" = ep ]; then
-    timeout -k 10 120 "$build"/bench/bench_nccl --gpus "$n" --only alltoall --mib "$a2a_mib" \
+    timeout -k 5 "$(lim 90 15)" "$build"/bench/bench_nccl --gpus "$n" --only alltoall --mib "$a2a_mib" \
       --json "$out/comm-a2a-$n.json" >/dev/null || echo "== bench_nccl alltoall on $n GPUs failed"
   fi
 done

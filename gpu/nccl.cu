@@ -202,14 +202,19 @@ gpu_nccl_t *s_wrap(ncclComm_t comm, int timeout_ms)
     return c;
 }
 
+/* Frees c's stream, events and bucket, once its communicator is closed (s_close); a child
+ * that NCCL wrote after a split or shrink was given up on is aborted. */
 void s_free(gpu_nccl_t *c)
 {
+    ncclComm_t late = __atomic_load_n(&c->child, __ATOMIC_ACQUIRE);
+    if (late)
+        ncclCommAbort(late);
+    if (c->bucket)
+        cudaFreeAsync(c->bucket, c->st);
     cudaStreamSynchronize(c->st);
     cudaStreamDestroy(c->st);
     cudaEventDestroy(c->ready);
     cudaEventDestroy(c->done);
-    if (c->bucket)
-        cudaFree(c->bucket);
     delete c;
 }
 
@@ -246,9 +251,11 @@ semoe_rc s_made(ncclComm_t comm, ncclResult_t r, int rank, int world, int timeou
 
 /* After ncclCommSplit or ncclCommShrink on c (r, its result) into c->child: with a non-blocking
  * c, NCCL makes the child on a thread of its own and only writes it there once done, c's state
- * in progress meanwhile. Polls for it, bounded by timeout_ms; a failure breaks c. */
+ * in progress meanwhile. Polls for it, bounded by timeout_ms and, if interruptible, by c's
+ * abort flag and interrupt; the child is the caller's then (c->child cleared). A child written
+ * after a failure is aborted with c (s_free). */
 semoe_rc s_child(gpu_nccl_t *c, ncclResult_t r, const char *what, int timeout_ms,
-                 ncclComm_t *out)
+                 bool interruptible, ncclComm_t *out)
 {
     *out = NULL;
     if (r != ncclSuccess && r != ncclInProgress)
@@ -261,13 +268,17 @@ semoe_rc s_child(gpu_nccl_t *c, ncclResult_t r, const char *what, int timeout_ms
         ncclResult_t q = ncclCommGetAsyncError(c->comm, &st);
         if (q != ncclSuccess)
             st = q;
-        if (got && st != ncclInProgress) {
+        if (got && st != ncclInProgress) { /* its own state, s_made's to poll, says the rest */
+            __atomic_store_n(&c->child, (ncclComm_t)NULL, __ATOMIC_RELEASE);
             *out = got;
             return SEMOE_OK;
         }
         if (st != ncclSuccess && st != ncclInProgress)
             return semoe_err(s_code(st), "nccl rank %d of %d: %s: %s (%s)", c->rank, c->world,
                              what, ncclGetErrorString(st), ncclGetLastError(c->comm));
+        if (interruptible && s_stop(c))
+            return semoe_err(SEMOE_ESTOPPED, "nccl rank %d of %d: %s: aborted", c->rank,
+                             c->world, what);
         if (s_now_ms() - t0 > timeout_ms)
             return semoe_err(SEMOE_ETIMEDOUT, "nccl rank %d of %d: %s: no communicator after "
                              "%d ms", c->rank, c->world, what, timeout_ms);
@@ -292,7 +303,8 @@ semoe_rc s_lane(gpu_nccl_t *c, gpu_nccl_t **out)
     c->child = NULL;
     ncclResult_t r = ncclCommSplit(c->comm, 0, c->rank, &c->child, &cfg);
     ncclComm_t comm = NULL;
-    semoe_rc rc = s_child(c, r, "ncclCommSplit (the background lane)", c->timeout_ms, &comm);
+    semoe_rc rc = s_child(c, r, "ncclCommSplit (the background lane)", c->timeout_ms, true,
+                          &comm);
     if (rc == SEMOE_OK)
         rc = s_made(comm, ncclInProgress, c->rank, c->world, c->timeout_ms,
                     "ncclCommSplit (the background lane)", c->intr, c->intr_arg);
@@ -339,6 +351,13 @@ semoe_rc s_wait(gpu_nccl_t *c, int timeout_ms)
         if (st != ncclSuccess && st != ncclInProgress)
             return s_break(c, s_code(st), "waiting: %s (%s)", ncclGetErrorString(st),
                            ncclGetLastError(c->comm));
+        /* the other of lane and parent may see a dead peer first */
+        gpu_nccl_t *o = c->lane ? c->lane : c->parent;
+        ncclResult_t so = ncclSuccess;
+        if (o && o->comm && !o->broken && ncclCommGetAsyncError(o->comm, &so) == ncclSuccess &&
+            so != ncclSuccess && so != ncclInProgress)
+            return s_break(o, s_code(so), "waiting: %s (%s)", ncclGetErrorString(so),
+                           ncclGetLastError(o->comm));
         if (s_stop(c))
             return s_break(c, SEMOE_ESTOPPED, "waiting: aborted");
         if (s_now_ms() - t0 > timeout_ms)
@@ -417,7 +436,12 @@ extern "C" semoe_rc gpu_nccl_shrink(gpu_nccl_t *c, const int *exclude, int n, in
         c->broken = 1;
     }
     ncclComm_t comm = NULL;
-    semoe_rc rc = s_child(c, r, "ncclCommShrink", timeout_ms, &comm);
+    semoe_rc rc = s_child(c, r, "ncclCommShrink", timeout_ms, false, &comm);
+    if (rc != SEMOE_OK && c->comm) { /* its work may not have been stopped: abort it */
+        ncclCommAbort(c->comm);
+        c->comm = NULL;
+        c->broken = 2;
+    }
     if (lane) /* c's work is stopped now */
         s_free(lane);
     SEMOE_CHECK(rc);
@@ -455,6 +479,7 @@ extern "C" void gpu_nccl_set_interrupt(gpu_nccl_t *c, int (*fn)(void *arg), void
 }
 
 extern "C" int gpu_nccl_broken(const gpu_nccl_t *c) { return c->broken != 0; }
+extern "C" semoe_rc gpu_nccl_fault(const gpu_nccl_t *c) { return c->broken ? c->code : SEMOE_OK; }
 
 extern "C" semoe_rc gpu_nccl_alltoallv(gpu_nccl_t *c, const void *send, const size_t *send_bytes,
                                        const size_t *send_off, void *recv,
@@ -581,13 +606,14 @@ semoe_rc s_buckets(gpu_nccl_t *c, float *const *bufs, const size_t *lens, int n,
                 SEMOE_CHECK(s_settle(c, "bucketed all-reduce", c->timeout_ms));
         } else {
             if (!c->bucket || cap > c->bucket_floats) { /* grown for a larger bucket size */
-                if (c->bucket) { /* drained first, bounded (a peer may be gone) */
-                    GPU_CHECK(cudaEventRecord(c->done, c->st));
-                    SEMOE_CHECK(s_wait(c, c->timeout_ms));
-                    GPU_CHECK(cudaFree(c->bucket));
+                /* stream-ordered: no wait for the device (the other communicator's work may be
+                 * stuck on a dead peer) */
+                if (c->bucket) {
+                    GPU_CHECK(cudaFreeAsync(c->bucket, c->st));
                     c->bucket = NULL;
                 }
-                if (cudaMalloc((void **)&c->bucket, cap * sizeof(float)) != cudaSuccess) {
+                if (cudaMallocAsync((void **)&c->bucket, cap * sizeof(float), c->st) !=
+                    cudaSuccess) {
                     cudaGetLastError();
                     /* buckets may be enqueued already: the ranks no longer match, so break */
                     return s_break(c, SEMOE_ENOMEM, "bucketed all-reduce: a bucket of %zu bytes "
@@ -636,21 +662,15 @@ extern "C" void gpu_nccl_abort(gpu_nccl_t *c)
         c->abort_req.store(1);
 }
 
-extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
+namespace {
+/* Closes c's communicator: a healthy one finalised (its work flushed, at most SETTLE_MS) and
+ * destroyed, a broken one (or one whose finalising fails or does not settle) aborted. */
+void s_close(gpu_nccl_t *c)
 {
-    if (!c_p || !*c_p)
+    if (!c->comm)
         return;
-    gpu_nccl_t *c = *c_p;
-    *c_p = NULL;
-    if (c->lane && !c->broken && !c->abort_req.load()) { /* flushed and finalised first */
-        c->a2a_out += c->lane->a2a_out;
-        c->ar_floats += c->lane->ar_floats;
-        gpu_nccl_destroy(&c->lane);
-    }
-    gpu_nccl_t *lane = s_detach_lane(c); /* a broken or aborting communicator's: aborted */
     /* broken or asked to abort: no flush (peers may be gone), straight to the abort */
-    ncclResult_t fr = c->broken || c->abort_req.load() ? ncclInvalidUsage
-                                                       : ncclCommFinalize(c->comm);
+    ncclResult_t fr = c->broken || s_aborting(c) ? ncclInvalidUsage : ncclCommFinalize(c->comm);
     if (fr == ncclSuccess || fr == ncclInProgress) {
         double t0 = s_now_ms();
         ncclResult_t st = ncclInProgress;
@@ -664,6 +684,26 @@ extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
     }
     if (c->comm)
         ncclCommAbort(c->comm);
+    c->comm = NULL;
+}
+} // namespace
+
+/* The lane's communicator closes first (a broken parent's lane is broken too), then the
+ * parent's; the streams go last, once no work of either can hold them. */
+extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
+{
+    if (!c_p || !*c_p)
+        return;
+    gpu_nccl_t *c = *c_p;
+    *c_p = NULL;
+    gpu_nccl_t *lane = c->lane;
+    c->lane = NULL;
+    if (lane) {
+        if (c->broken || c->abort_req.load())
+            lane->abort_req.store(1);
+        s_close(lane);
+    }
+    s_close(c);
     if (lane)
         s_free(lane);
     s_free(c);

@@ -134,6 +134,9 @@ void gpu_nccl_set_interrupt(gpu_nccl_t *c, int (*fn)(void *arg), void *arg);
 
 /* Whether c is broken (after an error, a timeout or an abort). */
 int gpu_nccl_broken(const gpu_nccl_t *c);
+/* The code c broke with (SEMOE_OK while it is not): SEMOE_ETIMEDOUT, SEMOE_EIO or
+ * SEMOE_ESTOPPED for a peer gone or silent, or an abort; others for a fault of this process. */
+semoe_rc gpu_nccl_fault(const gpu_nccl_t *c);
 
 /* Frees c: a healthy one finalised (its work flushed, at most a few seconds), a broken one
  * aborted. Nulls *c_p; NULL is a no-op. */

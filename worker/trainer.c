@@ -813,15 +813,6 @@ static semoe_rc s_step(s_tr_t *self)
     model_train_report_t rep;
     model_profile_t prof;
     self->t_reduce = 0;
-    if (self->busy) { /* the last step was abandoned midway: what it started is not this one's */
-#if SEMOE_HAVE_CUDA
-        if (self->nccl) /* its collectives may be in flight: the communicator cannot go on */
-            gpu_nccl_abort(self->nccl);
-        memset(self->dense_sent, 0, (size_t)self->n_dense * sizeof *self->dense_sent);
-        self->bg_rc = SEMOE_OK;
-        worker_exchange_sum_replicas_cancel(self->ex);
-#endif
-    }
     self->busy = true;
     /* what ran since the last step (its evaluation, a checkpoint's copies, the generation's
      * setup) is not this step's */
@@ -1084,6 +1075,11 @@ static void s_loop(s_tr_t *self)
     while (!self->terminated) {
         bool train = self->ready && !self->paused && !self->stopped &&
                      self->step < self->job->train.steps;
+#if SEMOE_HAVE_CUDA
+        /* a step abandoned midway over NCCL (a poke: a PLAN is coming) leaves collectives in
+         * flight and the communicator unusable: nothing more until the PLAN tears it down */
+        train = train && !(self->busy && self->nccl);
+#endif
         if (!train || s_pipe_pending(self)) {
             s_on_pipe(self); /* blocks until a command comes */
             continue;
@@ -1092,8 +1088,10 @@ static void s_loop(s_tr_t *self)
         if (rc == SEMOE_OK || rc == SEMOE_ESTOPPED) /* interrupted: the pipe has the news */
             continue;
         bool comm_fault = rc == SEMOE_ETIMEDOUT || rc == SEMOE_EPROTO || rc == SEMOE_EIO;
-#if SEMOE_HAVE_CUDA /* whatever NCCL said, a broken communicator is the generation's fault */
-        comm_fault = comm_fault || (self->nccl && gpu_nccl_broken(self->nccl));
+#if SEMOE_HAVE_CUDA /* a communicator broken by a peer (whatever NCCL called it), or aborted */
+        semoe_rc why = self->nccl ? gpu_nccl_fault(self->nccl) : SEMOE_OK;
+        comm_fault = comm_fault || why == SEMOE_ETIMEDOUT || why == SEMOE_EIO ||
+                     why == SEMOE_ESTOPPED;
 #endif
         log_error("step %" PRIu64 " of generation %" PRIu64 " abandoned: %s%s", self->step,
                   self->plan.generation, semoe_err_msg(),
