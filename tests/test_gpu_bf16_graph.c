@@ -29,7 +29,11 @@
 
 #define S_TOL_LOSS 1e-2  /* losses, and the 20 steps */
 #define S_TOL_LOGITS 2e-2 /* bf16 logits against fp32 */
-#define S_TOL_GRAD 3e-2  /* a gradient tensor, bf16 activations against fp32 */
+#define S_TOL_GRAD 5e-2  /* a gradient tensor, bf16 activations against fp32: over the 76
+                          * same-routing comparisons in the device logs the worst tensor was
+                          * 0.6-3.0e-2 (the largest a small k_proj of one kv head over 24
+                          * tokens, 3.01e-2, failing the 3e-2 this was); a wrong gradient is off
+                          * by far more (0.2-0.6 where one routing differs) */
 #define S_GRAD_FLOOR 1e-4
 
 /* REQUIRE outside main: what later checks depend on ends the test */
