@@ -10,6 +10,13 @@
  *       a worker that joins on cuda:0 gets its experts back (split again, a world of 2); every
  *       step's loss within 1e-2 of a 1-worker run of the same length (grad norms over the
  *       first 20 steps: s_against says why), none missing;
+ *   (8) live rebalancing on GPU workers: (0)'s 2 workers on cuda:0 under a skew the router
+ *       cannot undo (train.router_bias 4 on experts 0 and 1, frozen, no aux loss: every token to
+ *       both, whose first holder takes every routed row), elastic.threshold at its default: the
+ *       coordinator rebalances (a newer generation shows, the experts' state moved between the
+ *       GPU workers, the hot experts replicated), and every step's loss, eval loss and grad norm
+ *       stay within 1e-3 of one worker's under the same skew (replicas split rows, the math is
+ *       the same);
  *   (6) one worker over NCCL (a communicator of one rank: the dense gradients' buckets on its
  *       background lane, started during backward) gives the losses, eval losses and grad norms
  *       of one worker over ZeroMQ within 1e-5 (fp32), every step;
@@ -97,7 +104,11 @@ typedef struct {
     bool bf16;               /* train.precision bf16, in 2 chunks (train.a2a_chunks) */
     bool one_gpu;            /* every worker on cuda:0 (else worker i on cuda:i) */
     int ckpt_interval;       /* 0: no checkpoints; else every so many steps, in the run's dir */
+    bool skew;               /* (8)'s frozen, biased router and live rebalancing */
 } s_how_t;
+
+/* (8): every token to experts 0 and 1 (top-2, a bias of 4 against logits spread ~0.1) */
+static const double s_skew_bias[TRAIN_UTIL_EXPERTS] = {[0] = 4, [1] = 4};
 
 /* Starts the run's coordinator and n workers. */
 static bool s_start(s_run_t *r, const char *name, int n, s_how_t how)
@@ -117,8 +128,16 @@ static bool s_start(s_run_t *r, const char *name, int n, s_how_t how)
                             .checkpoint_interval = how.ckpt_interval, .steps = how.steps,
                             .eval_interval = how.steps > S_STEPS ? 50 : S_EVAL,
                             .expected_workers = n, .min_replicas = how.min_replicas,
-                            .threshold = 1e9, .collectives = how.collectives, .bf16 = how.bf16,
-                            .a2a_chunks = how.bf16 ? 2 : 0};
+                            .threshold = how.skew ? 0 : 1e9, .collectives = how.collectives,
+                            .bf16 = how.bf16, .a2a_chunks = how.bf16 ? 2 : 0};
+    if (how.skew) {
+        job.window = 4;
+        job.patience = 3;
+        job.top_k = 2;
+        job.no_aux = true;
+        job.router_bias = s_skew_bias;
+        job.freeze_router = true;
+    }
     CHECK(train_util_write_job(r->job, &job), "%s: cannot write %s", name, r->job);
     cJSON *st = test_status_start_coordinator(r->job, &r->pp, &r->coord);
     CHECK(st != NULL, "%s: no coordinator answering on its status socket", name);
@@ -329,6 +348,25 @@ int main(void)
         long_1gpu.ckpt_interval = 5;
         if (lok && s_part(5) && s_start(&bel, "crash-bf16-1gpu", 2, long_1gpu))
             s_crash(&bel, &blong, S_MID, "cuda:0", S_TOL_BF16_LONG, S_STEPS);
+    }
+
+    /* (8) live rebalancing between two GPU workers under a skew */
+    if (s_part(8)) {
+        s_how_t skew = {.steps = 30, .bf16 = true, .one_gpu = true, .skew = true};
+        s_run_t sref, srun;
+        if (s_start(&sref, "ref-skew", 1, skew) && s_finish(&sref) &&
+            s_start(&srun, "skew-1gpu", 2, skew) && s_finish(&srun)) {
+            s_against(&srun, &sref, skew.steps, S_TOL_BF16, skew.steps);
+            uint64_t gen = 0;
+            for (int i = 0; i < srun.n; i++)
+                for (int k = 0; k < srun.w[i].n; k++)
+                    gen = srun.w[i].line[k].generation > gen ? srun.w[i].line[k].generation
+                                                              : gen;
+            fprintf(stderr, "  skew-1gpu: trained up to generation %" PRIu64 "\n", gen);
+            CHECK(gen >= 2, "skew-1gpu: no rebalance (every step in generation %" PRIu64 ")",
+                  gen);
+            CHECK(s_rows_moved(&srun), "skew-1gpu: no rows went to another rank");
+        }
     }
 
     s_run_t ref, ep, el, bnc, bdp, one, bcr;
