@@ -166,21 +166,23 @@ static void s_check_model(int which, int B, int Tn, bool with_bias)
     double margin = 0;
     int attempt;
     /* a router bias: fresh values, large against the logits (O(1) here) so that it decides
-     * much of the routing; a backend buffer for each precision */
+     * much of the routing, drawn again with every draw of the weights (two values close at the
+     * top-k boundary would keep every draw's margin small); a backend buffer for each
+     * precision */
     int E = (int)cfg.num_local_experts;
     double bias[64] = {0};
     float biasf[64] = {0};
-    for (int e = 0; with_bias && e < E; e++)
-        biasf[e] = (float)(bias[e] = s_unif(3.0));
     double *bias_be = with_bias ? be->alloc((size_t)E * sizeof(double)) : NULL;
     float *biasf_be = with_bias ? bf->alloc((size_t)E * sizeof(float)) : NULL;
-    if (with_bias) {
-        for (int e = 0; e < E; e++)
-            bias[e] = biasf[e]; /* the float path sees the same values */
-        be->to_device(bias_be, bias, (size_t)E * sizeof(double));
-        bf->to_device(biasf_be, biasf, (size_t)E * sizeof(float));
-    }
     for (attempt = 0; attempt < 50; attempt++) {
+        if (with_bias) {
+            for (int e = 0; e < E; e++) {
+                biasf[e] = (float)s_unif(3.0);
+                bias[e] = biasf[e]; /* the float path sees the same values */
+            }
+            be->to_device(bias_be, bias, (size_t)E * sizeof(double));
+            bf->to_device(biasf_be, biasf, (size_t)E * sizeof(float));
+        }
         model_params_destroy(&p);
         model_acts_destroy_f64(&a);
         model_slab_destroy_f64(be, &w);

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "actors/log.h"
@@ -163,14 +164,21 @@ static void s_json_num(FILE *f, const char *key, double v)
  * expert all-to-alls and the reductions of the loss statistics and of the gradient norm) and
  * the dense gradients' all-reduce (t_allreduce); the rest is the graph's own work and the
  * exchange's packing. t_forward and t_backward are the report's wall-clock phases (they include
- * their ops and exchanges). Evaluation is not in any of them. */
+ * their ops and exchanges). Evaluation is not in any of them. The line is made in memory and
+ * written at once: stdio would cut a line longer than its buffer into two writes, and a reader
+ * between them would see half a line. (A kill -9 can still cut a write at a page boundary:
+ * readers drop a last line without its newline.) */
 static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double seconds,
                            const worker_exchange_traffic_t *tf, const model_profile_t *prof,
                            bool evaluated)
 {
-    FILE *f = self->metrics;
-    if (!f)
+    if (!self->metrics)
         return;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f)
+        f = self->metrics; /* no memory for it: straight to the file */
     const worker_plan_t *pl = &self->plan;
     fprintf(f, "{\"time\":%.3f,\"worker\":\"%s\",\"rank\":%u,\"world\":%u,\"generation\":%" PRIu64
                ",\"step\":%" PRIu64,
@@ -212,7 +220,24 @@ static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double s
     for (uint64_t i = 0; i < pl->batch_hi - pl->batch_lo; i++)
         fprintf(f, "%s%" PRIu64, i ? "," : "", self->sample_ids[i]);
     fprintf(f, "]}\n");
-    fflush(f);
+    if (f == self->metrics) {
+        fflush(f);
+        return;
+    }
+    fclose(f);
+    fflush(self->metrics); /* nothing buffered there: every line goes as below */
+    int fd = fileno(self->metrics);
+    for (size_t off = 0; off < len;) { /* one write but for a short one */
+        ssize_t n = write(fd, buf + off, len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            log_warn("metrics log: %s", n < 0 ? strerror(errno) : "nothing written");
+            break;
+        }
+        off += (size_t)n;
+    }
+    free(buf);
 }
 
 /* --- the generation ------------------------------------------------------------------------- */
