@@ -562,6 +562,13 @@ extern "C" semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs
 extern "C" semoe_rc gpu_nccl_allreduce_buckets_bg(gpu_nccl_t *c, float *const *bufs,
                                                   const size_t *lens, int n, size_t bucket_bytes)
 {
+    static int use_lane = -1; /* SEMOE_NCCL_LANE=0: on c's own stream, after its calls */
+    if (use_lane < 0) {
+        const char *v = getenv("SEMOE_NCCL_LANE");
+        use_lane = !(v && !strcmp(v, "0"));
+    }
+    if (!use_lane)
+        return s_buckets(c, bufs, lens, n, bucket_bytes, false);
     gpu_nccl_t *lane;
     SEMOE_CHECK(s_lane(c, &lane));
     return s_buckets(lane, bufs, lens, n, bucket_bytes, false);

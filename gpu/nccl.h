@@ -108,7 +108,9 @@ semoe_rc gpu_nccl_allreduce_buckets(gpu_nccl_t *c, float *const *bufs, const siz
  * ranks (split from c by the first background call, which every rank makes at the same point)
  * with a stream of its own, so that the calls of c that follow (e.g. the expert rows' all-to-all
  * of the next layer in backward) go beside it rather than after it. Background calls run in
- * order among themselves. A failure of the lane breaks c, and the other way round. */
+ * order among themselves. A failure of the lane breaks c, and the other way round.
+ * SEMOE_NCCL_LANE=0 in the environment (every rank's) keeps them on c's own stream instead,
+ * after the calls before them: no second communicator, no overlap with c's later calls. */
 semoe_rc gpu_nccl_allreduce_buckets_bg(gpu_nccl_t *c, float *const *bufs, const size_t *lens,
                                        int n, size_t bucket_bytes);
 /* Makes the caller's stream wait for everything enqueued on c so far, the background too. */
