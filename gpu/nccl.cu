@@ -705,11 +705,8 @@ extern "C" void gpu_nccl_destroy(gpu_nccl_t **c_p)
     *c_p = NULL;
     gpu_nccl_t *lane = c->lane;
     c->lane = NULL;
-    if (lane) {
-        if (c->broken || c->abort_req.load())
-            lane->abort_req.store(1);
+    if (lane) /* it sees the parent's abort flag, and shares its breaks */
         s_close(lane);
-    }
     s_close(c);
     if (lane)
         s_free(lane);

@@ -462,6 +462,13 @@ float *model_train_grads(model_train_t *tr)
     return tr->g;
 }
 
+int model_train_dense_layer(const model_param_t *t, uint32_t layers)
+{
+    if (t->layer >= 0)
+        return t->layer;
+    return strcmp(t->name, "model.embed_tokens.weight") ? (int)layers : -1;
+}
+
 float *model_train_m(model_train_t *tr)
 {
     return tr->m;

@@ -109,6 +109,11 @@ typedef struct {
     void (*on_dense_ready)(void *self, void (*fn)(void *arg, int layer), void *arg);
 } model_pass_t;
 
+/* The layer a dense tensor of a model of `layers` layers is reported ready with (dense_ready,
+ * on_dense_ready): its own, `layers` for the final norm and an untied lm_head, -1 (never) for
+ * the embedding. */
+int model_train_dense_layer(const model_param_t *t, uint32_t layers);
+
 /* model_train_new with pass (NULL: model/graph.h's). */
 semoe_rc model_train_new_pass(const model_backend_f32_t *be, const model_pass_t *pass,
                               model_params_t *params, const model_job_t *job,

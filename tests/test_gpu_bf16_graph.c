@@ -97,12 +97,6 @@ typedef struct {
     int order[64], n;
 } s_ready_t;
 
-/* The layer a dense tensor's gradient is reported with: the trainer's rule (worker/trainer.c). */
-static int s_ready_layer(const model_param_t *t, int L)
-{
-    return t->layer >= 0 ? t->layer : strcmp(t->name, "model.embed_tokens.weight") ? L : -1;
-}
-
 static void s_on_ready(void *arg, int layer)
 {
     s_ready_t *r = arg;
@@ -111,7 +105,8 @@ static void s_on_ready(void *arg, int layer)
     r->n++;
     for (size_t i = 0; i < model_params_count(r->p); i++) {
         const model_param_t *t = model_params_at(r->p, i);
-        if (t->kind == MODEL_PARAM_DENSE && s_ready_layer(t, r->L) == layer && !r->seen[i])
+        if (t->kind == MODEL_PARAM_DENSE && model_train_dense_layer(t, (uint32_t)r->L) == layer &&
+            !r->seen[i])
             r->seen[i] = test_gpu_downf(r->gd + t->offset, t->numel);
     }
 }
@@ -126,7 +121,7 @@ static void s_check_ready(int which, s_ready_t *r, const float *final)
           r->n, r->L + 1, r->L);
     for (size_t i = 0; i < model_params_count(r->p); i++) {
         const model_param_t *t = model_params_at(r->p, i);
-        if (t->kind != MODEL_PARAM_DENSE || s_ready_layer(t, r->L) < 0)
+        if (t->kind != MODEL_PARAM_DENSE || model_train_dense_layer(t, (uint32_t)r->L) < 0)
             continue;
         CHECK(r->seen[i], "config %d: %s never reported", which, t->name);
         CHECK(!r->seen[i] || !memcmp(r->seen[i], final + t->offset, t->numel * sizeof(float)),

@@ -281,12 +281,12 @@ bool train_util_read_log(train_util_worker_t *w, const char *run)
     w->line = semoe_xcalloc(cap, sizeof *w->line);
     /* a last line without its newline is one a kill -9 cut short (the kernel stops a write at
      * a page boundary once the signal is pending): not a line the worker finished */
-    size_t len = strlen(text);
-    char *end = len ? strrchr(text, '\n') : NULL;
-    if (len && text[len - 1] != '\n') {
+    char *cut = strrchr(text, '\n');
+    cut = cut ? cut + 1 : text;
+    if (*cut) {
         fprintf(stderr, "  %s: %s: its last line was cut short (%zu bytes): dropped\n", run, w->id,
-                (size_t)(text + len - (end ? end + 1 : text)));
-        *(end ? end + 1 : text) = '\0';
+                strlen(cut));
+        *cut = '\0';
     }
     bool ok = true;
     char *save = NULL;

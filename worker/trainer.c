@@ -172,13 +172,11 @@ static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double s
                            const worker_exchange_traffic_t *tf, const model_profile_t *prof,
                            bool evaluated)
 {
-    if (!self->metrics)
-        return;
     char *buf = NULL;
     size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
+    FILE *f = self->metrics ? open_memstream(&buf, &len) : NULL;
     if (!f)
-        f = self->metrics; /* no memory for it: straight to the file */
+        return;
     const worker_plan_t *pl = &self->plan;
     fprintf(f, "{\"time\":%.3f,\"worker\":\"%s\",\"rank\":%u,\"world\":%u,\"generation\":%" PRIu64
                ",\"step\":%" PRIu64,
@@ -220,13 +218,8 @@ static void s_metrics_line(s_tr_t *self, const model_train_report_t *r, double s
     for (uint64_t i = 0; i < pl->batch_hi - pl->batch_lo; i++)
         fprintf(f, "%s%" PRIu64, i ? "," : "", self->sample_ids[i]);
     fprintf(f, "]}\n");
-    if (f == self->metrics) {
-        fflush(f);
-        return;
-    }
     fclose(f);
-    fflush(self->metrics); /* nothing buffered there: every line goes as below */
-    int fd = fileno(self->metrics);
+    int fd = fileno(self->metrics); /* nothing buffered there: every line goes so */
     for (size_t off = 0; off < len;) { /* one write but for a short one */
         ssize_t n = write(fd, buf + off, len - off);
         if (n < 0 && errno == EINTR)
@@ -717,9 +710,7 @@ static semoe_rc s_setup(s_tr_t *self, bool *job_fault)
         const model_param_t *t = model_params_at(self->params, i);
         if (t->data && t->kind == MODEL_PARAM_DENSE) {
             self->dense_bufs[self->n_dense] = g + t->offset;
-            /* the head's gradients are final first in backward (model_train_hooks_t) */
-            bool head = t->layer < 0 && strcmp(t->name, "model.embed_tokens.weight") != 0;
-            self->dense_layer[self->n_dense] = head ? (int32_t)cfg->num_hidden_layers : t->layer;
+            self->dense_layer[self->n_dense] = model_train_dense_layer(t, cfg->num_hidden_layers);
             self->dense_lens[self->n_dense++] = (size_t)t->numel;
         }
     }
